@@ -1,0 +1,1788 @@
+/* moe.h - v0.1.0 - Mixture-of-Experts kernels in one C99 header
+   no warranty implied; use at your own risk. License: end of file (MIT).
+
+   Routing (softmax / sigmoid scores, top-k, group-limited top-k, selection bias,
+   noisy top-k, expert choice, dense and Soft MoE), capacity and token dropping,
+   counting-sort dispatch, grouped expert FFNs, deterministic combine and the
+   load-balancing losses of Switch, GShard, HF/Mixtral, DeepSeek and Shazeer.
+   The semantics follow ROUTING_SPEC.md section by section; this version ships
+   the scalar reference path (the specification every fast kernel is tested
+   against). Before 1.0 the API and struct layouts may change between minor
+   versions.
+
+   USAGE
+     In exactly one C or C++ file:
+         #define MOE_IMPLEMENTATION
+         #include "moe.h"
+     Everywhere else just #include "moe.h". Link with -lm.
+
+   OVERRIDE MACROS (define before the #include that has MOE_IMPLEMENTATION)
+     MOE_STATIC              unset    make every function static (file-local copy)
+     MOEDEF                  extern   linkage of public functions
+     MOE_ASSERT(x)           assert   internal invariants only; never bad input
+     MOE_MALLOC(ctx,size)    malloc   only the *_alloc convenience calls allocate;
+     MOE_FREE(ctx,ptr)       free     define both or neither (ctx is always NULL)
+     MOE_NO_SIMD             unset    build only the scalar reference kernels
+                                      (v0.1 has no SIMD kernels yet)
+
+   EXAMPLE (a Mixtral-style layer; weights are caller-owned, PyTorch layout)
+     moe_config cfg = moe_preset_mixtral();       // softmax, top-2, renormalise
+     cfg.d_model = 64; cfg.d_ff = 128;            // shrink the released shape
+     moe_weights w = {0};                         // C++: moe_weights w = {};
+     w.router = router;                           // [E][D]
+     w.gate = gate; w.up = up; w.down = down;     // [E][F][D] [E][F][D] [E][D][F]
+     size_t bytes;
+     moe_forward_workspace_size(&cfg, T, &bytes);
+     void *ws = malloc(bytes);
+     moe_info info = {0};                         // scalars: drops, aux losses
+     moe_status st = moe_forward(&cfg, &w, x, T, y, &info, ws, bytes);
+     if (st != MOE_STATUS_OK) fprintf(stderr, "%s\n", moe_status_string(st));
+     printf("balance loss %g, dropped %d\n", info.aux_balance, info.dropped_pairs);
+     free(ws);
+   Or let the library allocate:  moe_forward_alloc(&cfg, &w, x, T, y, &info);
+
+   CONTENTS
+     1. Declarations: version, status codes, enums, moe_config, moe_weights,
+        moe_info, then the API in pipeline order:
+        config -> capacity -> routing (moe_route) -> forward -> bias update.
+     2. Implementation (MOE_IMPLEMENTATION): helpers, RNG, scoring, top-k,
+        routing, capacity, aux losses, dispatch, expert GEMM, combine,
+        public functions.
+     3. License.
+
+   CONVENTIONS
+     Dimensions: T tokens, D d_model, F d_ff, E routed experts, K top-k,
+     C per-expert capacity, R router columns (E, or E*P slots for Soft MoE),
+     S routing slots per token (K for top-k, E for expert choice / dense).
+     Weights use PyTorch nn.Linear layout [out][in], row-major, so HF
+     checkpoint tensors are used as they are.
+     One forward call = one routing group: capacity, Expert Choice, Soft MoE
+     and the batch losses see exactly the T tokens of that call.
+
+   NaN / Inf POLICY
+     The router logits are checked after the router GEMM (and the selection
+     bias when it is used). Any NaN or +-Inf there (which is what NaN/Inf in x
+     or in the router weights produce) makes moe_forward / moe_route return
+     MOE_STATUS_NONFINITE without writing y or info. Huge finite logits are
+     fine (softmax subtracts the row max; sigmoid is evaluated stably). Expert
+     weights are not scanned: a NaN there propagates to y as IEEE arithmetic
+     says. A renormalisation whose denominator is 0 (all selected scores
+     underflowed) gives weights 0, not NaN.
+
+   DETERMINISM
+     Same inputs, config and seed give bitwise-identical outputs. Top-k breaks
+     ties towards the lower index; combine sums each token's experts in slot
+     order; random numbers come from a counter-based generator keyed by
+     (cfg.seed, purpose, token, column), so they do not depend on call order.
+
+   REVISION HISTORY (all of it in CHANGELOG.md)
+     0.1.0  (2026-11-23)  reference forward: every routing family of
+                          ROUTING_SPEC, capacity and drops, aux losses.
+*/
+#ifndef MOE_H_INCLUDED
+#define MOE_H_INCLUDED
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+#define MOE_VERSION_STRING "0.1.0"
+
+#ifndef MOEDEF
+#  if defined(MOE_STATIC) && (defined(__GNUC__) || defined(__clang__))
+#    define MOEDEF __attribute__((unused)) static /* no -Wunused-function */
+#  elif defined(MOE_STATIC)
+#    define MOEDEF static
+#  else
+#    define MOEDEF extern
+#  endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------
+   Status codes. Written once; the enum and moe_status_string() are generated
+   from this list. Values are explicit and append-only.                      */
+#define MOE__STATUS_LIST(X) \
+    X(OK,                  0, "ok") \
+    X(NULL_ARGUMENT,       1, "a required pointer argument is NULL") \
+    X(BAD_DIMENSION,       2, "a size is out of range: need T >= 0, d_model, d_ff, num_experts >= 1, shared_d_ff >= 0, slots_per_expert >= 0") \
+    X(BAD_TOP_K,           3, "top_k must satisfy 1 <= top_k <= num_experts (top-k routing)") \
+    X(BAD_GROUPS,          4, "n_group must divide num_experts, 1 <= topk_group <= n_group, group_score_top <= experts per group, and topk_group groups must hold >= top_k experts") \
+    X(BAD_CAPACITY,        5, "capacity must be >= 0 and capacity_factor >= 0 and finite; expert choice needs one of them; dense and Soft MoE take neither") \
+    X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
+    X(BAD_OPTION,          7, "config options conflict (e.g. random/sampled second expert needs top_k == 2; norm_p must be > 0)") \
+    X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
+    X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; info->workspace_required holds the size needed") \
+    X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
+    X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU") \
+    X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
+    X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t")
+
+typedef enum moe_status {
+#define MOE__X(name, value, text) MOE_STATUS_##name = value,
+    MOE__STATUS_LIST(MOE__X)
+#undef MOE__X
+    MOE_STATUS_COUNT
+} moe_status;
+
+/* ---------------------------------------------------------------------------
+   Enums. 0 is always the default.                                          */
+typedef enum moe_score_func {    /* router score from logits z               */
+    MOE_SCORE_SOFTMAX = 0,       /* p = softmax(z) over the E experts        */
+    MOE_SCORE_SIGMOID = 1        /* s = sigmoid(z), DeepSeek-V3              */
+} moe_score_func;
+
+typedef enum moe_routing {
+    MOE_ROUTING_TOPK = 0,          /* token choice: each token picks K experts  */
+    MOE_ROUTING_EXPERT_CHOICE = 1, /* each expert picks its top-C tokens        */
+    MOE_ROUTING_DENSE = 2,         /* every token uses every expert             */
+    MOE_ROUTING_SOFT = 3           /* Soft MoE: experts see mixtures of tokens  */
+} moe_routing;
+
+typedef enum moe_norm {         /* top-k weight normalisation               */
+    MOE_NORM_SUM = 0,           /* w = g / sum(g)  (Mixtral, norm_topk_prob) */
+    MOE_NORM_NONE = 1,          /* w = g           (Switch, Qwen2, V2)       */
+    MOE_NORM_PNORM = 2          /* w = g / ||g||_p (DBRX, p = cfg.norm_p)    */
+} moe_norm;
+
+typedef enum moe_noise {
+    MOE_NOISE_NONE = 0,
+    MOE_NOISE_SHAZEER = 1       /* H = z + N(0,1)*softplus(x.W_noise) + eps, training only */
+} moe_noise;
+
+typedef enum moe_second_expert { /* how top-2 picks / keeps its second expert */
+    MOE_SECOND_GREEDY = 0,       /* second-best score (lingvo default)        */
+    MOE_SECOND_RANDOM = 1,       /* keep it iff U(0,1) < w2 / second_threshold */
+    MOE_SECOND_SAMPLED = 2       /* argmax of z + Gumbel noise (fairseq)      */
+} moe_second_expert;
+
+typedef enum moe_drop_policy {  /* which pairs an over-full expert keeps     */
+    MOE_DROP_POSITION = 0,      /* slot 0 of every token first, then slot 1,
+                                   ..., token order within a slot (GShard)   */
+    MOE_DROP_BPR = 1,           /* as POSITION, tokens ordered by descending
+                                   top-1 score (batch prioritised routing)   */
+    MOE_DROP_WEIGHT = 2         /* each expert keeps its C highest weights
+                                   (Megatron "probs")                        */
+} moe_drop_policy;
+
+typedef enum moe_capacity_formula {  /* C for a group of S tokens, ROUTING_SPEC 1.5 */
+    MOE_CAPACITY_MEGATRON = 0,    /* ceil(cf*S*K/E)  (also GShard's 2S/E at cf=1, K=2) */
+    MOE_CAPACITY_FAIRSEQ_TOP1 = 1,/* floor(cf*ceil(S/E))                         */
+    MOE_CAPACITY_FAIRSEQ_TOP2 = 2,/* 2*ceil(S/E)  (cf ignored)                   */
+    MOE_CAPACITY_DEEPSPEED = 3,   /* max(ceil(cf*S*K/E), 4)  (MoE layer min_capacity) */
+    MOE_CAPACITY_LINGVO = 4,      /* floor(cf*S/E), 0 -> 4, up to a multiple of 4 */
+    MOE_CAPACITY_MESH = 5,        /* max(min(S, floor(cf*S/E)), 4)               */
+    MOE_CAPACITY_FLAXFORMER = 6,  /* max(round_half_even(cf*S/E), 4)             */
+    MOE_CAPACITY_VMOE = 7         /* ceil(cf*S*K/E) up to a multiple of 4        */
+} moe_capacity_formula;
+
+typedef enum moe_balance_loss {  /* load-balancing family, ROUTING_SPEC 1.7    */
+    MOE_BALANCE_TOPK = 0,        /* E*sum_e (c_e/T)*P_e; = K at balance (HF, Switch at K=1) */
+    MOE_BALANCE_TOPK_NORMALIZED = 1, /* E*sum_e (c_e/(K*T))*P_e; = 1 (Megatron, DeepSeek) */
+    MOE_BALANCE_FIRST_CHOICE = 2 /* E*sum_e (c1_e/T)*P_e, slot 0 only (GShard)   */
+} moe_balance_loss;
+
+typedef enum moe_activation {
+    MOE_ACT_SWIGLU = 0,          /* down . (silu(gate.x) * up.x)                 */
+    MOE_ACT_GEGLU = 1,           /* down . (gelu_erf(gate.x) * up.x)             */
+    MOE_ACT_GEGLU_TANH = 2,      /* down . (gelu_tanh(gate.x) * up.x)  (T5 v1.1) */
+    MOE_ACT_RELU = 3,            /* down . relu(gate.x)                          */
+    MOE_ACT_GELU = 4,            /* down . gelu_erf(gate.x)                      */
+    MOE_ACT_GELU_TANH = 5,       /* down . gelu_tanh(gate.x)                     */
+    MOE_ACT_SILU = 6             /* down . silu(gate.x)                          */
+} moe_activation;
+
+typedef enum moe_isa {
+    MOE_ISA_AUTO = 0,            /* best compiled in (v0.1: the reference)      */
+    MOE_ISA_REFERENCE = 1,       /* scalar reference kernels                    */
+    MOE_ISA_AVX2 = 2,
+    MOE_ISA_AVX512 = 3,
+    MOE_ISA_NEON = 4
+} moe_isa;
+
+/* ---------------------------------------------------------------------------
+   moe_config: zero-initialise, set the required fields, and every other field
+   takes the default written in its comment (moe_config_resolve applies them).
+   In C++ write `moe_config cfg = {};`. The presets below fill in the routing
+   fields of published models.                                               */
+typedef struct moe_config {
+    /* --- shape ------------------------------------------------------------ */
+    int32_t num_experts;      /* E, required                                   */
+    int32_t top_k;            /* K, required for top-k routing, 1 <= K <= E;
+                                 ignored by expert choice, dense and Soft MoE  */
+    int32_t d_model;          /* D, required                                   */
+    int32_t d_ff;             /* F, required: routed expert hidden width       */
+    moe_activation activation;/* 0 -> MOE_ACT_SWIGLU (also used by shared)     */
+    int32_t expert_bias;      /* 0 -> no biases; 1: w.gate_bias, up_bias
+                                 (GLU only), down_bias are required            */
+
+    /* --- router scores and selection --------------------------------------- */
+    moe_routing routing;      /* 0 -> MOE_ROUTING_TOPK                         */
+    moe_score_func score;     /* 0 -> MOE_SCORE_SOFTMAX                        */
+    int32_t router_bias;      /* 0 -> none; 1: w.router_bias [E] added to z    */
+    int32_t selection_bias;   /* 0 -> none; 1: w.selection_bias [E] is added to
+                                 the scores for selection only (DeepSeek-V3)   */
+    int32_t n_group;          /* 0 -> 1 (no group limit); experts split into
+                                 n_group contiguous groups of E/n_group        */
+    int32_t topk_group;       /* 0 -> n_group: groups kept per token           */
+    int32_t group_score_top;  /* 0 -> 1: group score = sum of the top-n keys in
+                                 the group; 1 = max (DeepSeek-V2), 2 = V3      */
+    int32_t group_mask_zero;  /* 0 -> experts of dropped groups get key -inf;
+                                 1: key 0.0 (HF 4.x / V2 remote code compat)   */
+    moe_second_expert second_expert; /* 0 -> GREEDY; others need K == 2      */
+    float second_threshold;   /* 0 -> 0.5: RANDOM keeps expert 2 iff U < w2/theta
+                                 (GShard paper: 2*w2 > U; mesh uses 0.2)       */
+
+    /* --- gate weights ------------------------------------------------------ */
+    moe_norm normalize;       /* 0 -> MOE_NORM_SUM over the selected experts   */
+    float norm_p;             /* 0 -> 1.0: p of MOE_NORM_PNORM                 */
+    float norm_eps;           /* 0 -> 0.0 (none): added to the normaliser
+                                 (DeepSeek/Megatron 1e-20, lingvo 1e-9)        */
+    int32_t normalize_after_drop; /* 0 -> normalise before capacity dropping
+                                 (GShard paper); 1: over the kept pairs only
+                                 (fairseq, DeepSpeed), a survivor gets 1.0     */
+    float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5) */
+
+    /* --- training-time randomness (off unless training != 0) --------------- */
+    int32_t training;         /* 0 -> inference: no noise, no jitter           */
+    uint64_t seed;            /* 0 -> 0: key of the counter-based RNG; change it
+                                 every step (and micro-batch) you want fresh noise */
+    moe_noise noise;          /* 0 -> none. SHAZEER needs w.router_noise       */
+    float noise_epsilon;      /* 0 -> 0.0: added to softplus (paper 0, t2t 0.01) */
+    float jitter;             /* 0 -> off: router input x *= U[1-eps, 1+eps]
+                                 (Switch 0.01); only the router sees it        */
+
+    /* --- capacity (top-k and expert choice) --------------------------------- */
+    int32_t capacity;         /* 0 -> none (dropless unless capacity_factor set);
+                                 > 0: C tokens per expert, explicit            */
+    float capacity_factor;    /* 0 -> none; > 0: C from capacity_formula       */
+    moe_capacity_formula capacity_formula; /* 0 -> MEGATRON ceil(cf*T*K/E);
+                                 expert choice always uses K = 1 here          */
+    moe_drop_policy drop_policy; /* 0 -> MOE_DROP_POSITION                    */
+
+    /* --- shared experts and Soft MoE -------------------------------------- */
+    int32_t shared_d_ff;      /* 0 -> no shared expert; Fs: hidden width of the
+                                 always-on shared FFN (N shared experts of width
+                                 F are one FFN of width N*F, as DeepSeek fuses) */
+    int32_t shared_gate;      /* 0 -> ungated; 1: y += sigmoid(x.w.shared_expert_gate)
+                                 * shared(x) (Qwen2-MoE)                       */
+    int32_t slots_per_expert; /* 0 -> 1: P, Soft MoE slots per expert          */
+
+    /* --- auxiliary losses (values in moe_info; coefficients weight aux_total) */
+    moe_balance_loss balance_loss; /* 0 -> MOE_BALANCE_TOPK (HF)                */
+    float balance_coef;       /* 0 -> 0.0: weight of aux_balance in aux_total  */
+    float z_loss_coef;        /* 0 -> 0.0: weight of aux_z (ST-MoE 1e-3)       */
+    float importance_coef;    /* 0 -> 0.0: weight of aux_importance (Shazeer)  */
+    float load_coef;          /* 0 -> 0.0: weight of aux_load (Shazeer)        */
+    float seq_balance_coef;   /* 0 -> 0.0: weight of aux_seq (DeepSeek-V3 1e-4) */
+    int32_t seq_len;          /* 0 -> T: sequence length of the sequence-wise
+                                 loss (tokens are batch-major, t = b*L + s)    */
+
+    moe_isa isa;              /* 0 -> MOE_ISA_AUTO                             */
+} moe_config;
+
+/* ---------------------------------------------------------------------------
+   moe_weights: caller-owned float tensors in PyTorch nn.Linear layout. Only
+   the ones the config uses are read; the others may be NULL.                */
+typedef struct moe_weights {
+    const float *router;          /* [E][D]   z = x . router^T                */
+    const float *router_bias;     /* [E]      cfg.router_bias                 */
+    const float *selection_bias;  /* [E]      cfg.selection_bias (V3 e_score_correction_bias) */
+    const float *router_noise;    /* [E][D]   W_noise of MOE_NOISE_SHAZEER    */
+    const float *gate;            /* [E][F][D] W1 / gate_proj, or W_in of a
+                                     two-matrix FFN; [E][2F][D] when fused    */
+    const float *up;              /* [E][F][D] W3 / up_proj (GLU only; NULL
+                                     when gate_up_fused)                      */
+    const float *down;            /* [E][D][F] W2 / down_proj                 */
+    const float *gate_bias;       /* [E][F]   cfg.expert_bias                 */
+    const float *up_bias;         /* [E][F]                                   */
+    const float *down_bias;       /* [E][D]                                   */
+    int32_t gate_up_fused;        /* 1: gate points at HF 5.x gate_up_proj
+                                     [E][2F][D], gate rows then up rows       */
+    /* shared expert (cfg.shared_d_ff = Fs > 0), same activation as routed   */
+    const float *shared_gate;     /* [Fs][D]                                  */
+    const float *shared_up;       /* [Fs][D]  (GLU only)                      */
+    const float *shared_down;     /* [D][Fs]                                  */
+    const float *shared_gate_bias;/* [Fs]     cfg.expert_bias                 */
+    const float *shared_up_bias;  /* [Fs]                                     */
+    const float *shared_down_bias;/* [D]                                      */
+    const float *shared_expert_gate; /* [D]   cfg.shared_gate (Qwen2 [1][D])  */
+    /* Soft MoE */
+    const float *soft_phi;        /* [E*P][D] slot parameters (row s = slot s%P
+                                     of expert s/P)                           */
+    const float *soft_scale;      /* [1]      learnable logit scale; NULL -> 1 */
+} moe_weights;
+
+/* ---------------------------------------------------------------------------
+   moe_info: what a forward call reports. The scalars are always written on
+   success. Each array pointer is optional (NULL = not wanted) and caller-owned;
+   moe_info_bind() points all of them into one buffer. R = E (Soft MoE: E*P),
+   S = moe_routing_slots(cfg).                                              */
+typedef struct moe_info {
+    float   *logits;          /* [T][R] router logits z (clean, before noise)  */
+    float   *scores;          /* [T][R] softmax p / sigmoid s (of the noisy H
+                                 with Shazeer noise); Soft MoE: combine weights */
+    float   *dispatch;        /* [T][R] Soft MoE dispatch weights (softmax over
+                                 tokens); unused otherwise                     */
+    int32_t *expert;          /* [T][S] expert of each slot, slot 0 best; -1 =
+                                 none (expert choice / rejected 2nd expert)    */
+    float   *weight;          /* [T][S] combine weight; 0 when dropped         */
+    uint8_t *dropped;         /* [T][S] 1 if routed but dropped by capacity    */
+    int32_t *expert_routed;   /* [E] pairs routed to e before capacity         */
+    int32_t *expert_kept;     /* [E] pairs e actually processed                */
+
+    int32_t slots;            /* S                                             */
+    int32_t capacity;         /* C used, 0 = dropless                          */
+    int32_t dropped_pairs;    /* routed (token, slot) pairs dropped by capacity */
+    int32_t dropped_tokens;   /* tokens with no expert at all (output 0)       */
+    float aux_balance;        /* load-balancing loss of cfg.balance_loss, unscaled */
+    float aux_z;              /* router z-loss mean_t LSE(z_t)^2, unscaled     */
+    float aux_importance;     /* Shazeer CV^2(importance), unscaled            */
+    float aux_load;           /* Shazeer CV^2(load), unscaled                  */
+    float aux_seq;            /* DeepSeek-V3 sequence-wise balance, unscaled   */
+    float aux_total;          /* sum of coef * value over the five above       */
+    size_t workspace_required;/* set with MOE_STATUS_WORKSPACE_TOO_SMALL       */
+} moe_info;
+
+/* ---------------------------------------------------------------------------
+   API, in pipeline order. Every function validates its arguments and returns
+   a status; on failure it writes nothing (except info->workspace_required). */
+
+MOEDEF const char *moe_status_string(moe_status status);
+
+/* Check cfg and write it with every default applied to *out (out may be cfg). */
+MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out);
+
+/* Presets: the routing fields of a published model (ROUTING_SPEC 0, 15) with
+   its released shape. Change num_experts / top_k / d_model / d_ff freely.  */
+MOEDEF moe_config moe_preset_mixtral(void);       /* 8x7B: E8 K2, renormalise, HF loss 0.02 */
+MOEDEF moe_config moe_preset_switch(void);        /* Switch-Base-8: top-1, no renorm, ReLU, cf 1.25, jitter, z-loss */
+MOEDEF moe_config moe_preset_gshard(void);        /* top-2, random 2nd expert, C = 2S/E, first-choice loss */
+MOEDEF moe_config moe_preset_shazeer(void);       /* noisy top-4, importance + load CV^2 */
+MOEDEF moe_config moe_preset_qwen2_moe(void);     /* Qwen1.5-MoE-A2.7B: E60 K4, no renorm, gated shared */
+MOEDEF moe_config moe_preset_qwen3_moe(void);     /* Qwen3-30B-A3B: E128 K8, renormalise */
+MOEDEF moe_config moe_preset_olmoe(void);         /* OLMoE-1B-7B: E64 K8, no renorm, z-loss */
+MOEDEF moe_config moe_preset_dbrx(void);          /* E16 K4, p-norm (p = 1) */
+MOEDEF moe_config moe_preset_jamba(void);         /* E16 K2, no renorm */
+MOEDEF moe_config moe_preset_deepseek_v2(void);   /* E160 K6, group-limited greedy (max), x16 */
+MOEDEF moe_config moe_preset_deepseek_v3(void);   /* E256 K8, sigmoid, noaux_tc, bias, x2.5 */
+MOEDEF moe_config moe_preset_expert_choice(void); /* EC-CF2: experts pick 2T/E tokens */
+MOEDEF moe_config moe_preset_soft_moe(void);      /* Soft MoE, 1 slot per expert */
+MOEDEF moe_config moe_preset_dense(void);         /* every expert, softmax weights */
+
+/* Routing slots per token S (K, or E for expert choice and dense, 0 for Soft). */
+MOEDEF int32_t moe_routing_slots(const moe_config *cfg);
+
+/* Capacity of a group of T tokens by one of the published formulas
+   (ROUTING_SPEC 1.5). cf must be > 0 and finite.                           */
+MOEDEF moe_status moe_capacity(moe_capacity_formula formula, int32_t num_tokens,
+                               int32_t num_experts, int32_t top_k,
+                               float capacity_factor, int32_t *out_capacity);
+
+/* Bytes for every moe_info array of a T-token call, and a binder that points
+   them all into one caller buffer of that size (64-byte aligned pieces).    */
+MOEDEF moe_status moe_info_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes);
+MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_info *info,
+                                void *buffer, size_t bytes);
+
+/* Routing alone, from caller-computed logits [T][R] (and, with Shazeer noise,
+   the raw noise logits x.W_noise^T [T][E], else NULL): scores, selection,
+   capacity, weights and aux losses into info. For Soft MoE the logits are
+   the slot logits. The logits already include any router bias; w is read
+   only for selection_bias and may be NULL when the config does not use it. */
+MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                           size_t *out_bytes);
+MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
+                            const float *logits, const float *noise_logits,
+                            int32_t num_tokens, moe_info *info,
+                            void *workspace, size_t workspace_bytes);
+
+/* The whole layer: y[T][D] = sum over slots of weight * expert(x) (+ shared).
+   x: [T][D]. info may be NULL. No allocation; T = 0 is a valid no-op.      */
+MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                             size_t *out_bytes);
+MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
+                              const float *x, int32_t num_tokens, float *y,
+                              moe_info *info, void *workspace, size_t workspace_bytes);
+/* Convenience: allocates the workspace with MOE_MALLOC, runs, frees.        */
+MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
+                                    const float *x, int32_t num_tokens, float *y,
+                                    moe_info *info);
+
+/* Aux-loss-free balancing (DeepSeek-V3): bias[e] += gamma * sign(mean - load[e])
+   with load = tokens routed per expert over the step (e.g. summed
+   info.expert_routed). Call once per training step; gamma = 1e-3 in V3.    */
+MOEDEF moe_status moe_selection_bias_update(int32_t num_experts, const int32_t *load,
+                                            float gamma, float *bias);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_H_INCLUDED */
+
+/* ===========================================================================
+   IMPLEMENTATION
+   =========================================================================== */
+#ifdef MOE_IMPLEMENTATION
+#ifndef MOE_IMPLEMENTATION_INCLUDED
+#define MOE_IMPLEMENTATION_INCLUDED
+
+#include <string.h>
+#include <math.h>
+#include <float.h>
+
+// ----------------------------------------------------------------------------
+// Macro defaults
+
+#ifndef MOE_ASSERT                     /* internal invariants only             */
+#  include <assert.h>
+#  define MOE_ASSERT(x) assert(x)
+#endif
+#if defined(MOE_MALLOC) != defined(MOE_FREE)
+#  error "define both MOE_MALLOC(ctx,size) and MOE_FREE(ctx,ptr), or neither"
+#endif
+#ifndef MOE_MALLOC
+#  include <stdlib.h>
+#  define MOE_MALLOC(ctx, size) ((void)(ctx), malloc(size))
+#  define MOE_FREE(ctx, ptr)    ((void)(ctx), free(ptr))
+#endif
+#ifdef __cplusplus
+#  define MOE_RESTRICT __restrict
+#else
+#  define MOE_RESTRICT restrict
+#endif
+#define MOE__ALIGN 64                  /* every workspace piece starts on a cache line */
+
+// ----------------------------------------------------------------------------
+// Private helpers
+
+static int moe__isfinite(float v) { return v == v && v - v == 0.0f; } /* no -ffast-math tricks */
+
+/* Bump allocator over byte offsets; *ok turns 0 when a size overflows size_t. */
+static size_t moe__reserve(size_t *total, size_t count, size_t elem, int *ok) {
+    size_t off = (*total + (MOE__ALIGN - 1)) & ~(size_t)(MOE__ALIGN - 1);
+    if (off < *total || (elem != 0 && count > ((size_t)-1 - off) / elem)) { *ok = 0; return 0; }
+    *total = off + count * elem;
+    return off;
+}
+
+/* a * b for non-negative sizes, saturating to SIZE_MAX so moe__reserve fails. */
+static size_t moe__mul(size_t a, size_t b) {
+    if (a != 0 && b > (size_t)-1 / a) return (size_t)-1;
+    return a * b;
+}
+
+// ----------------------------------------------------------------------------
+// Counter-based random numbers. Each draw is a pure function of
+// (cfg.seed, purpose, counter), so results never depend on call order or
+// thread count. splitmix64's finaliser on a keyed counter: statistically fine
+// for noise, not cryptographic; part of the reproducibility contract.
+
+enum { MOE__RNG_NOISE = 1, MOE__RNG_JITTER = 2, MOE__RNG_SECOND = 3, MOE__RNG_GUMBEL = 4 };
+
+static uint64_t moe__rng_bits(uint64_t seed, uint64_t purpose, uint64_t counter) {
+    uint64_t z = seed ^ (purpose * 0x9E3779B97F4A7C15ull);
+    z += (counter + 1) * 0xD1B54A32D192ED03ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    z = (z ^ (z >> 32)) * 0xD6E8FEB86659FD93ull;   /* second round: decorrelate adjacent counters */
+    return z ^ (z >> 32);
+}
+/* Uniform in the open interval (0, 1), 53 bits. */
+static double moe__rng_uniform(uint64_t seed, uint64_t purpose, uint64_t counter) {
+    return ((double)(moe__rng_bits(seed, purpose, counter) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+}
+/* Standard normal by Box-Muller from two independent uniforms. */
+static double moe__rng_normal(uint64_t seed, uint64_t purpose, uint64_t counter) {
+    double u1 = moe__rng_uniform(seed, purpose, 2 * counter);
+    double u2 = moe__rng_uniform(seed, purpose, 2 * counter + 1);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+// ----------------------------------------------------------------------------
+// Scalar math: activations, scores
+
+static float moe__sigmoid(float z) {             /* stable for large |z| */
+    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
+    { float e = expf(z); return e / (1.0f + e); }
+}
+static float moe__softplus(float z) { return z > 20.0f ? z : log1pf(expf(z)); }
+static float moe__gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+static float moe__gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+static double moe__normal_cdf(double u) { return 0.5 * erfc(-u * 0.70710678118654752); }
+
+static int moe__act_is_glu(moe_activation a) {
+    return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU || a == MOE_ACT_GEGLU_TANH;
+}
+
+/* h <- act(h) (two-matrix FFN) or act(h) * u (GLU); n elements. */
+static void moe__activate_ref(moe_activation act, float *MOE_RESTRICT h,
+                              const float *MOE_RESTRICT u, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) {
+        float v = h[i], a;
+        switch (act) {
+        case MOE_ACT_SWIGLU: case MOE_ACT_SILU:      a = v * moe__sigmoid(v); break;
+        case MOE_ACT_GEGLU:  case MOE_ACT_GELU:      a = moe__gelu_erf(v); break;
+        case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: a = moe__gelu_tanh(v); break;
+        default:                                     a = v > 0.0f ? v : 0.0f; break; /* RELU */
+        }
+        h[i] = u ? a * u[i] : a;
+    }
+}
+
+/* p = softmax(z) over n entries; pass 1 finds the max so exp never overflows. */
+static void moe__softmax_ref(float *MOE_RESTRICT p, const float *MOE_RESTRICT z, int32_t n) {
+    float m = z[0], sum = 0.0f;
+    int32_t i;
+    for (i = 1; i < n; i++) if (z[i] > m) m = z[i];
+    for (i = 0; i < n; i++) { p[i] = expf(z[i] - m); sum += p[i]; }
+    for (i = 0; i < n; i++) p[i] /= sum;
+}
+
+/* log sum exp of n entries, in double (the z-loss squares it). */
+static double moe__logsumexp(const float *z, int32_t n) {
+    double m = z[0], s = 0.0;
+    int32_t i;
+    for (i = 1; i < n; i++) if (z[i] > m) m = z[i];
+    for (i = 0; i < n; i++) s += exp((double)z[i] - m);
+    return m + log(s);
+}
+
+/* Population CV^2 = var / (mean^2 + 1e-10)  (tensor2tensor cv_squared). */
+static double moe__cv_squared(const double *v, int32_t n) {
+    double mean = 0.0, var = 0.0;
+    int32_t i;
+    if (n <= 1) return 0.0;
+    for (i = 0; i < n; i++) mean += v[i];
+    mean /= n;
+    for (i = 0; i < n; i++) var += (v[i] - mean) * (v[i] - mean);
+    var /= n;
+    return var / (mean * mean + 1e-10);
+}
+
+// ----------------------------------------------------------------------------
+// Top-k and sorting. The rule everywhere (ROUTING_SPEC 1.2): larger value
+// first; on ties the lower index wins.
+
+/* idx[0..k) = indices of the k largest v[0..n), by (value desc, index asc).
+   Insertion into a sorted list of k: an entry moves up only past strictly
+   smaller values, so an earlier (lower) index stays ahead on a tie.       */
+static void moe__topk_ref(const float *v, int32_t n, int32_t k, int32_t *idx) {
+    int32_t i, filled = 0;
+    for (i = 0; i < n; i++) {
+        int32_t p;
+        if (filled == k && !(v[i] > v[idx[k - 1]])) continue;
+        p = filled < k ? filled++ : k - 1;
+        while (p > 0 && v[i] > v[idx[p - 1]]) { idx[p] = idx[p - 1]; p--; }
+        idx[p] = i;
+    }
+}
+
+/* Stable sort of idx[0..n) by key[idx] descending (ties keep their order),
+   bottom-up merge sort with a scratch array of n.                          */
+static void moe__sort_desc(const float *key, int32_t *idx, int32_t *tmp, int32_t n) {
+    int32_t width, i;
+    int32_t *src = idx, *dst = tmp;
+    for (width = 1; width < n; width *= 2) {
+        for (i = 0; i < n; i += 2 * width) {
+            int32_t a = i, amax = i + width < n ? i + width : n;
+            int32_t b = amax, bmax = i + 2 * width < n ? i + 2 * width : n, o = i;
+            while (a < amax && b < bmax) dst[o++] = key[src[b]] > key[src[a]] ? src[b++] : src[a++];
+            while (a < amax) dst[o++] = src[a++];
+            while (b < bmax) dst[o++] = src[b++];
+        }
+        { int32_t *t = src; src = dst; dst = t; }
+    }
+    if (src != idx) memcpy(idx, src, (size_t)n * sizeof(int32_t));
+}
+
+// ----------------------------------------------------------------------------
+// Reference GEMM: the one kernel every expert projection and the router use.
+// Fast ISA kernels (a later release) plug in beside it with this signature.
+
+/* y[i][o] = bias[o] + sum_k x[i][k] * w[o][k]
+   x: [n][n_in]   w: [n_out][n_in] (nn.Linear)   bias: [n_out] or NULL   y: [n][n_out]
+   Sums k in ascending order in float.                                      */
+static void moe__gemm_ref(float *MOE_RESTRICT y, const float *MOE_RESTRICT x,
+                          const float *MOE_RESTRICT w, const float *MOE_RESTRICT bias,
+                          int64_t n, int32_t n_out, int32_t n_in) {
+    int64_t i;
+    int32_t o, k;
+    for (i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * (size_t)n_in;
+        float *yi = y + (size_t)i * (size_t)n_out;
+        for (o = 0; o < n_out; o++) {
+            const float *wo = w + (size_t)o * (size_t)n_in;
+            float acc = 0.0f;
+            for (k = 0; k < n_in; k++) acc += xi[k] * wo[k];
+            yi[o] = bias ? acc + bias[o] : acc;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Config: validation, defaults, presets
+
+static int moe__bad_float(float v, float lo) { return !moe__isfinite(v) || v < lo; }
+
+MOEDEF const char *moe_status_string(moe_status status) {
+    switch (status) {
+#define MOE__X(name, value, text) case MOE_STATUS_##name: return text;
+    MOE__STATUS_LIST(MOE__X)
+#undef MOE__X
+    default: return "unknown moe_status";
+    }
+}
+
+MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
+    moe_config c;
+    int32_t group_size;
+    if (!cfg || !out) return MOE_STATUS_NULL_ARGUMENT;
+    c = *cfg;
+    /* enums first: everything below switches on them */
+    if ((int)c.activation < 0 || (int)c.activation > (int)MOE_ACT_SILU ||
+        (int)c.routing < 0 || (int)c.routing > (int)MOE_ROUTING_SOFT ||
+        (int)c.score < 0 || (int)c.score > (int)MOE_SCORE_SIGMOID ||
+        (int)c.normalize < 0 || (int)c.normalize > (int)MOE_NORM_PNORM ||
+        (int)c.noise < 0 || (int)c.noise > (int)MOE_NOISE_SHAZEER ||
+        (int)c.second_expert < 0 || (int)c.second_expert > (int)MOE_SECOND_SAMPLED ||
+        (int)c.drop_policy < 0 || (int)c.drop_policy > (int)MOE_DROP_WEIGHT ||
+        (int)c.capacity_formula < 0 || (int)c.capacity_formula > (int)MOE_CAPACITY_VMOE ||
+        (int)c.balance_loss < 0 || (int)c.balance_loss > (int)MOE_BALANCE_FIRST_CHOICE ||
+        (int)c.isa < 0 || (int)c.isa > (int)MOE_ISA_NEON)
+        return MOE_STATUS_BAD_ENUM;
+    if (c.num_experts < 1 || c.d_model < 1 || c.d_ff < 1 || c.shared_d_ff < 0 ||
+        c.slots_per_expert < 0 || c.seq_len < 0)
+        return MOE_STATUS_BAD_DIMENSION;
+    if (c.slots_per_expert == 0) c.slots_per_expert = 1;
+    if (c.routing == MOE_ROUTING_TOPK && (c.top_k < 1 || c.top_k > c.num_experts))
+        return MOE_STATUS_BAD_TOP_K;
+
+    /* groups (top-k routing only reads them, but they must be coherent) */
+    if (c.n_group < 0 || c.topk_group < 0 || c.group_score_top < 0) return MOE_STATUS_BAD_GROUPS;
+    if (c.n_group == 0) c.n_group = 1;
+    if (c.num_experts % c.n_group != 0) return MOE_STATUS_BAD_GROUPS;
+    if (c.topk_group == 0) c.topk_group = c.n_group;
+    if (c.group_score_top == 0) c.group_score_top = 1;
+    group_size = c.num_experts / c.n_group;
+    if (c.topk_group > c.n_group || c.group_score_top > group_size) return MOE_STATUS_BAD_GROUPS;
+    if (c.routing == MOE_ROUTING_TOPK && (int64_t)c.topk_group * group_size < c.top_k)
+        return MOE_STATUS_BAD_GROUPS;
+
+    /* capacity */
+    if (c.capacity < 0 || moe__bad_float(c.capacity_factor, 0.0f)) return MOE_STATUS_BAD_CAPACITY;
+    if (c.routing == MOE_ROUTING_EXPERT_CHOICE && c.capacity == 0 && c.capacity_factor == 0.0f)
+        return MOE_STATUS_BAD_CAPACITY;
+    if ((c.routing == MOE_ROUTING_DENSE || c.routing == MOE_ROUTING_SOFT) &&
+        (c.capacity != 0 || c.capacity_factor != 0.0f))
+        return MOE_STATUS_BAD_CAPACITY;
+
+    /* options that only make sense together */
+    if (c.second_expert != MOE_SECOND_GREEDY && (c.routing != MOE_ROUTING_TOPK || c.top_k != 2))
+        return MOE_STATUS_BAD_OPTION;
+    if (c.noise != MOE_NOISE_NONE && c.routing != MOE_ROUTING_TOPK) return MOE_STATUS_BAD_OPTION;
+    if (c.shared_gate && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
+    if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
+    if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
+    if (c.routed_scale == 0.0f) c.routed_scale = 1.0f;
+    if (moe__bad_float(c.norm_p, 0.0f) || (c.normalize == MOE_NORM_PNORM && c.norm_p <= 0.0f) ||
+        moe__bad_float(c.norm_eps, 0.0f) || moe__bad_float(c.second_threshold, 0.0f) ||
+        !moe__isfinite(c.routed_scale) || moe__bad_float(c.noise_epsilon, 0.0f) ||
+        moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f ||
+        !moe__isfinite(c.balance_coef) || !moe__isfinite(c.z_loss_coef) ||
+        !moe__isfinite(c.importance_coef) || !moe__isfinite(c.load_coef) ||
+        !moe__isfinite(c.seq_balance_coef))
+        return MOE_STATUS_BAD_OPTION;
+
+    /* v0.1 compiles only the reference kernels */
+    if (c.isa == MOE_ISA_AUTO) c.isa = MOE_ISA_REFERENCE;
+    if (c.isa != MOE_ISA_REFERENCE) return MOE_STATUS_UNSUPPORTED;
+    *out = c;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF int32_t moe_routing_slots(const moe_config *cfg) {
+    if (!cfg) return 0;
+    switch (cfg->routing) {
+    case MOE_ROUTING_TOPK: return cfg->top_k;
+    case MOE_ROUTING_EXPERT_CHOICE: case MOE_ROUTING_DENSE: return cfg->num_experts;
+    default: return 0;
+    }
+}
+
+/* Presets. Shapes are the released models'; routing fields per ROUTING_SPEC. */
+static moe_config moe__preset(int32_t E, int32_t K, int32_t D, int32_t F) {
+    moe_config c;
+    memset(&c, 0, sizeof c);
+    c.num_experts = E; c.top_k = K; c.d_model = D; c.d_ff = F;
+    return c;
+}
+MOEDEF moe_config moe_preset_mixtral(void) {   /* spec 5: softmax, top-2, renormalise */
+    moe_config c = moe__preset(8, 2, 4096, 14336);
+    c.balance_loss = MOE_BALANCE_TOPK; c.balance_coef = 0.02f;
+    return c;
+}
+MOEDEF moe_config moe_preset_switch(void) {    /* spec 4: top-1, raw p, capacity, jitter */
+    moe_config c = moe__preset(8, 1, 768, 3072);
+    c.activation = MOE_ACT_RELU; c.normalize = MOE_NORM_NONE;
+    c.capacity_factor = 1.25f; c.jitter = 0.01f;
+    c.balance_loss = MOE_BALANCE_TOPK; c.balance_coef = 0.01f; c.z_loss_coef = 0.001f;
+    return c;
+}
+MOEDEF moe_config moe_preset_gshard(void) {    /* spec 3: top-2, random 2nd, C = 2S/E */
+    moe_config c = moe__preset(2048, 2, 1024, 8192);
+    c.activation = MOE_ACT_RELU; c.second_expert = MOE_SECOND_RANDOM; c.second_threshold = 0.5f;
+    c.capacity_factor = 1.0f; c.drop_policy = MOE_DROP_POSITION;
+    c.balance_loss = MOE_BALANCE_FIRST_CHOICE; c.balance_coef = 0.01f;
+    return c;
+}
+MOEDEF moe_config moe_preset_shazeer(void) {   /* spec 2: noisy top-k, t2t epsilon */
+    moe_config c = moe__preset(32, 4, 512, 1024);
+    c.activation = MOE_ACT_RELU; c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 0.01f;
+    c.importance_coef = 0.01f; c.load_coef = 0.01f;
+    return c;
+}
+MOEDEF moe_config moe_preset_qwen2_moe(void) { /* spec 6: no renorm, gated shared expert */
+    moe_config c = moe__preset(60, 4, 2048, 1408);
+    c.normalize = MOE_NORM_NONE; c.shared_d_ff = 5632; c.shared_gate = 1;
+    c.balance_coef = 0.001f;
+    return c;
+}
+MOEDEF moe_config moe_preset_qwen3_moe(void) {
+    moe_config c = moe__preset(128, 8, 2048, 768);
+    c.balance_coef = 0.001f;
+    return c;
+}
+MOEDEF moe_config moe_preset_olmoe(void) {     /* spec 11 */
+    moe_config c = moe__preset(64, 8, 2048, 1024);
+    c.normalize = MOE_NORM_NONE; c.balance_coef = 0.01f; c.z_loss_coef = 0.001f;
+    return c;
+}
+MOEDEF moe_config moe_preset_dbrx(void) {      /* spec 11: w / ||w||_p, p = 1 */
+    moe_config c = moe__preset(16, 4, 6144, 10752);
+    c.normalize = MOE_NORM_PNORM; c.norm_p = 1.0f; c.balance_coef = 0.05f;
+    return c;
+}
+MOEDEF moe_config moe_preset_jamba(void) {     /* spec 11 */
+    moe_config c = moe__preset(16, 2, 4096, 14336);
+    c.normalize = MOE_NORM_NONE; c.balance_coef = 0.001f;
+    return c;
+}
+MOEDEF moe_config moe_preset_deepseek_v2(void) { /* spec 7: group-limited greedy, x16 */
+    moe_config c = moe__preset(160, 6, 5120, 1536);
+    c.normalize = MOE_NORM_NONE; c.n_group = 8; c.topk_group = 3; c.group_score_top = 1;
+    c.routed_scale = 16.0f; c.shared_d_ff = 2 * 1536;
+    c.balance_loss = MOE_BALANCE_TOPK_NORMALIZED; c.balance_coef = 0.001f;
+    return c;
+}
+MOEDEF moe_config moe_preset_deepseek_v3(void) { /* spec 8: sigmoid, noaux_tc */
+    moe_config c = moe__preset(256, 8, 7168, 2048);
+    c.score = MOE_SCORE_SIGMOID; c.selection_bias = 1;
+    c.n_group = 8; c.topk_group = 4; c.group_score_top = 2;
+    c.normalize = MOE_NORM_SUM; c.norm_eps = 1e-20f; c.routed_scale = 2.5f;
+    c.shared_d_ff = 2048; c.seq_balance_coef = 1e-4f;
+    return c;
+}
+MOEDEF moe_config moe_preset_expert_choice(void) { /* spec 9: EC-CF2 */
+    moe_config c = moe__preset(64, 0, 1024, 4096);
+    c.routing = MOE_ROUTING_EXPERT_CHOICE; c.activation = MOE_ACT_GELU;
+    c.normalize = MOE_NORM_NONE; c.capacity_factor = 2.0f;
+    return c;
+}
+MOEDEF moe_config moe_preset_soft_moe(void) {  /* spec 10: Soft MoE S/16, 128 experts */
+    moe_config c = moe__preset(128, 0, 384, 1536);
+    c.routing = MOE_ROUTING_SOFT; c.activation = MOE_ACT_GELU; c.slots_per_expert = 1;
+    return c;
+}
+MOEDEF moe_config moe_preset_dense(void) {
+    moe_config c = moe__preset(8, 0, 1024, 4096);
+    c.routing = MOE_ROUTING_DENSE; c.normalize = MOE_NORM_NONE;
+    return c;
+}
+
+// ----------------------------------------------------------------------------
+// Capacity (ROUTING_SPEC 1.5)
+
+static double moe__round_half_even(double v) {
+    double f = floor(v), d = v - f;
+    if (d > 0.5) return f + 1.0;
+    if (d < 0.5) return f;
+    return fmod(f, 2.0) == 0.0 ? f : f + 1.0;
+}
+static double moe__round_up_to(double v, double m) { return ceil(v / m) * m; }
+
+MOEDEF moe_status moe_capacity(moe_capacity_formula formula, int32_t num_tokens,
+                               int32_t num_experts, int32_t top_k,
+                               float capacity_factor, int32_t *out_capacity) {
+    double S = num_tokens, E = num_experts, K = top_k, cf = capacity_factor, C;
+    if (!out_capacity) return MOE_STATUS_NULL_ARGUMENT;
+    if (num_tokens < 0 || num_experts < 1) return MOE_STATUS_BAD_DIMENSION;
+    if (top_k < 1) return MOE_STATUS_BAD_TOP_K;
+    if (!moe__isfinite(capacity_factor) || capacity_factor <= 0.0f) return MOE_STATUS_BAD_CAPACITY;
+    switch (formula) {
+    case MOE_CAPACITY_MEGATRON:     C = ceil(cf * S * K / E); break;
+    case MOE_CAPACITY_FAIRSEQ_TOP1: C = floor(cf * ceil(S / E)); break;
+    case MOE_CAPACITY_FAIRSEQ_TOP2: C = 2.0 * ceil(S / E); break;
+    case MOE_CAPACITY_DEEPSPEED:    C = fmax(ceil(cf * S * K / E), 4.0); break;
+    case MOE_CAPACITY_LINGVO:       C = floor(cf * S / E);
+                                    C = moe__round_up_to(C == 0.0 ? 4.0 : C, 4.0); break;
+    case MOE_CAPACITY_MESH:         C = fmax(fmin(S, floor(cf * S / E)), 4.0); break;
+    case MOE_CAPACITY_FLAXFORMER:   C = fmax(moe__round_half_even(cf * S / E), 4.0); break;
+    case MOE_CAPACITY_VMOE:         C = fmax(moe__round_up_to(ceil(cf * S * K / E), 4.0), 1.0); break;
+    default: return MOE_STATUS_BAD_ENUM;
+    }
+    *out_capacity = C > 2147483647.0 ? 2147483647 : (int32_t)C;
+    return MOE_STATUS_OK;
+}
+
+/* C of one call from a resolved config; 0 = dropless. Expert choice uses K = 1
+   (k_c = T*c/E) and cannot take more than the T tokens there are.           */
+static int32_t moe__capacity_of(const moe_config *c, int32_t T) {
+    int32_t C = c->capacity;
+    if (C == 0 && c->capacity_factor > 0.0f) {
+        int32_t K = c->routing == MOE_ROUTING_TOPK ? c->top_k : 1;
+        if (moe_capacity(c->capacity_formula, T, c->num_experts, K, c->capacity_factor, &C) != MOE_STATUS_OK)
+            C = 0;   /* unreachable for a resolved config */
+    }
+    if (c->routing == MOE_ROUTING_EXPERT_CHOICE && C > T) C = T;
+    return C;
+}
+
+// ----------------------------------------------------------------------------
+// Workspace layout: one function computes every offset, so the size query and
+// the kernels cannot disagree (miniaudio's _get_heap_size pattern).
+
+typedef struct moe__layout {
+    int32_t R, S, C;      /* router columns, slots per token, capacity        */
+    int64_t N;            /* rows the grouped FFN may see                     */
+    /* routing (moe_route and moe_forward) */
+    size_t scores, dispatch, expert, weight, dropped, routed, kept; /* info arrays */
+    size_t key, order, order_tmp, small_i, small_f, count, imp;      /* scratch */
+    /* forward only */
+    size_t logits, noise_logits, xr, slot_norm;
+    size_t pair_row, offsets, row_token, xg, hg, hu, out, sh_g, sh_u, sh_out;
+    size_t total;         /* bytes, including slack to align the base pointer */
+} moe__layout;
+
+static moe_status moe__plan(const moe_config *c, int32_t T, int forward, moe__layout *L) {
+    size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, D = (size_t)c->d_model;
+    size_t F = (size_t)c->d_ff, Fs = (size_t)c->shared_d_ff, R, S, TR, TS, N, big;
+    int ok = 1, glu = moe__act_is_glu(c->activation);
+    memset(L, 0, sizeof *L);
+    L->R = c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts;
+    L->S = moe_routing_slots(c);
+    L->C = moe__capacity_of(c, T);
+    R = (size_t)L->R; S = (size_t)L->S;
+    TR = moe__mul(nT, R); TS = moe__mul(nT, S);
+    switch (c->routing) {
+    case MOE_ROUTING_TOPK:          N = TS; break;
+    case MOE_ROUTING_EXPERT_CHOICE: N = moe__mul(E, (size_t)L->C); break;
+    case MOE_ROUTING_DENSE:         N = TS; break;
+    default:                        N = R; break;   /* Soft MoE: one row per slot */
+    }
+    L->N = (int64_t)N;
+    big = nT > R ? nT : R;
+    L->scores    = moe__reserve(&t, TR, sizeof(float), &ok);
+    L->dispatch  = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
+    L->expert    = moe__reserve(&t, TS, sizeof(int32_t), &ok);
+    L->weight    = moe__reserve(&t, TS, sizeof(float), &ok);
+    L->dropped   = moe__reserve(&t, TS, sizeof(uint8_t), &ok);
+    L->routed    = moe__reserve(&t, E, sizeof(int32_t), &ok);
+    L->kept      = moe__reserve(&t, E, sizeof(int32_t), &ok);
+    L->key       = moe__reserve(&t, big + R, sizeof(float), &ok);
+    L->order     = moe__reserve(&t, big, sizeof(int32_t), &ok);
+    L->order_tmp = moe__reserve(&t, big, sizeof(int32_t), &ok);
+    L->small_i   = moe__reserve(&t, 2 * E + 2, sizeof(int32_t), &ok);
+    L->small_f   = moe__reserve(&t, 2 * E + 2, sizeof(float), &ok);
+    L->count     = moe__reserve(&t, E, sizeof(int32_t), &ok);
+    L->imp       = moe__reserve(&t, 2 * E, sizeof(double), &ok);
+    if (forward) {
+        int jitter = c->training && c->jitter > 0.0f;
+        L->logits       = moe__reserve(&t, TR, sizeof(float), &ok);
+        L->noise_logits = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0, sizeof(float), &ok);
+        L->xr           = moe__reserve(&t, jitter ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+        L->slot_norm    = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? R : 0, sizeof(float), &ok);
+        L->pair_row     = moe__reserve(&t, TS, sizeof(int64_t), &ok);
+        L->offsets      = moe__reserve(&t, E + 1, sizeof(int64_t), &ok);
+        L->row_token    = moe__reserve(&t, N, sizeof(int32_t), &ok);
+        L->xg           = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+        L->hg           = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
+        L->hu           = moe__reserve(&t, glu ? moe__mul(N, F) : 0, sizeof(float), &ok);
+        L->out          = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+        L->sh_g         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
+        L->sh_u         = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
+        L->sh_out       = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+    }
+    if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
+    L->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
+    return MOE_STATUS_OK;
+}
+
+static unsigned char *moe__align_ptr(void *p) {
+    uintptr_t u = (uintptr_t)p;
+    return (unsigned char *)p + ((MOE__ALIGN - (u % MOE__ALIGN)) % MOE__ALIGN);
+}
+#define MOE__AT(base, off, type) ((type *)(void *)((base) + (off)))
+
+// ----------------------------------------------------------------------------
+// Routing: scores -> selection -> capacity -> gate weights -> aux losses.
+// Results go to a moe_info whose arrays point into the workspace; the public
+// calls copy them out only once everything succeeded.
+
+typedef struct moe__router {
+    const moe_config *c;
+    int32_t T, R, S, C;
+    const float *logits;        /* [T][R]                                     */
+    const float *noise_logits;  /* [T][E] raw x.W_noise (Shazeer) or NULL     */
+    const float *sel_bias;      /* [E] or NULL                                */
+    const float *noise_samples; /* [T][E] N(0,1) draws to use instead of the
+                                   RNG (a test seam for ROUTING_SPEC 2), or NULL */
+    moe_info *res;              /* arrays in the workspace                    */
+    float *key;                 /* scratch: >= max(T, R) + R floats           */
+    int32_t *order, *order_tmp; /* scratch: max(T, R) each                    */
+    int32_t *small_i;           /* scratch: 2E + 2                            */
+    float *small_f;             /* scratch: 2E + 2                            */
+    int32_t *count;             /* scratch: E                                 */
+    double *imp;                /* [2E]: Shazeer importance, then load        */
+} moe__router;
+
+/* Score row: p = softmax(z) or s = sigmoid(z). */
+static void moe__score_row(moe_score_func f, float *out, const float *z, int32_t n) {
+    int32_t i;
+    if (f == MOE_SCORE_SOFTMAX) { moe__softmax_ref(out, z, n); return; }
+    for (i = 0; i < n; i++) out[i] = moe__sigmoid(z[i]);
+}
+
+/* Gate weights of the n selected scores g: w = g / (sum g + eps) (SUM),
+   g (NONE), g / (||g||_p + eps) (PNORM). Entries with keep[j] == 0 are
+   excluded and get 0. A zero normaliser gives zeros, never NaN.           */
+static void moe__normalize(const moe_config *c, const float *g, const uint8_t *keep,
+                           float *w, int32_t n) {
+    double den = 0.0;
+    int32_t j;
+    for (j = 0; j < n; j++) {
+        double v = keep && !keep[j] ? 0.0 : g[j];
+        if (c->normalize == MOE_NORM_PNORM) den += pow(fabs(v), c->norm_p);
+        else den += v;
+    }
+    if (c->normalize == MOE_NORM_PNORM) den = pow(den, 1.0 / c->norm_p);
+    den += c->norm_eps;
+    for (j = 0; j < n; j++) {
+        float v = keep && !keep[j] ? 0.0f : g[j];
+        if (c->normalize == MOE_NORM_NONE) w[j] = v;
+        else w[j] = den > 0.0 ? (float)(v / den) : 0.0f;
+    }
+}
+
+/* Token t of top-k routing: noisy logits, scores, (group-limited) top-k,
+   second-expert policy, pre-capacity weights and the Shazeer statistics.  */
+static void moe__route_token_topk(moe__router *r, int32_t t) {
+    const moe_config *c = r->c;
+    const int32_t E = c->num_experts, K = c->top_k, S = r->S;
+    const float *z = r->logits + (size_t)t * (size_t)E;
+    float *sc = r->res->scores + (size_t)t * (size_t)E;
+    int32_t *idx = r->res->expert + (size_t)t * (size_t)S;
+    float *w = r->res->weight + (size_t)t * (size_t)S;
+    float *H = r->key, *sel = r->key + E, *sigma = r->small_f + E, *g = r->small_f;
+    const int noisy = c->noise == MOE_NOISE_SHAZEER && c->training;
+    int32_t e, j;
+
+    /* pass 1: H = z + N(0,1) * (softplus(x.W_noise) + eps) in training, else z */
+    for (e = 0; e < E; e++) {
+        H[e] = z[e];
+        if (noisy) {
+            const float *rn = r->noise_logits + (size_t)t * (size_t)E;
+            sigma[e] = moe__softplus(rn[e]) + c->noise_epsilon;
+            const uint64_t ctr = (uint64_t)t * (uint64_t)E + (uint64_t)e;
+            H[e] += (r->noise_samples ? r->noise_samples[ctr]
+                                      : (float)moe__rng_normal(c->seed, MOE__RNG_NOISE, ctr)) * sigma[e];
+        }
+    }
+    moe__score_row(c->score, sc, H, E);
+
+    /* pass 2: selection key = score (+ selection bias), group limit */
+    for (e = 0; e < E; e++) sel[e] = sc[e] + (r->sel_bias ? r->sel_bias[e] : 0.0f);
+    if (c->n_group > 1) {
+        const int32_t G = c->n_group, gsz = E / G;
+        int32_t gi, *top = r->small_i, *kept = r->small_i + E;
+        float *gscore = r->small_f;   /* reused: g[] is filled only after this */
+        for (gi = 0; gi < G; gi++) {  /* group score = sum of its top-n keys */
+            moe__topk_ref(sel + gi * gsz, gsz, c->group_score_top, top);
+            gscore[gi] = 0.0f;
+            for (j = 0; j < c->group_score_top; j++) gscore[gi] += sel[gi * gsz + top[j]];
+        }
+        moe__topk_ref(gscore, G, c->topk_group, kept);
+        for (gi = 0; gi < G; gi++) {
+            int keep = 0;
+            for (j = 0; j < c->topk_group; j++) keep |= kept[j] == gi;
+            if (!keep) for (e = gi * gsz; e < (gi + 1) * gsz; e++)
+                sel[e] = c->group_mask_zero ? 0.0f : -INFINITY;
+        }
+    }
+    moe__topk_ref(sel, E, K, idx);
+
+    /* fairseq sampling: the second expert is argmax over e != e1 of z + Gumbel */
+    if (c->second_expert == MOE_SECOND_SAMPLED) {
+        float best = -INFINITY;
+        int32_t arg = -1;
+        for (e = 0; e < E; e++) {
+            double u = moe__rng_uniform(c->seed, MOE__RNG_GUMBEL, (uint64_t)t * (uint64_t)E + (uint64_t)e);
+            float v = z[e] - (float)log(-log(u));
+            if (e == idx[0] || sel[e] == -INFINITY) continue;
+            if (arg < 0 || v > best) { best = v; arg = e; }
+        }
+        if (arg >= 0) idx[1] = arg;   /* always found: the kept groups hold >= 2 experts */
+    }
+
+    /* gate weights from the unbiased scores, normalised over all K slots */
+    for (j = 0; j < K; j++) g[j] = sc[idx[j]];
+    moe__normalize(c, g, NULL, w, K);
+
+    /* GShard random routing: keep expert 2 iff U < w2 / theta; a rejected
+       choice is deleted before capacity positions are counted.            */
+    if (c->second_expert == MOE_SECOND_RANDOM &&
+        !(moe__rng_uniform(c->seed, MOE__RNG_SECOND, (uint64_t)t) < (double)w[1] / c->second_threshold)) {
+        idx[1] = -1;
+        w[1] = 0.0f;
+    }
+    for (j = 0; j < K; j++) {
+        w[j] *= c->routed_scale;
+        if (idx[j] >= 0) r->imp[idx[j]] += w[j];          /* Shazeer importance */
+    }
+
+    /* Shazeer smooth load: P(t,e) = Phi((z_e - threshold) / sigma_e), where the
+       threshold is the K-th largest H excluding e (t2t _prob_in_top_k).    */
+    if (noisy && K < E) {
+        int32_t *top = r->small_i;
+        float thr_in, thr_out;
+        moe__topk_ref(H, E, K + 1, top);
+        thr_in = H[top[K]]; thr_out = H[top[K - 1]];
+        for (e = 0; e < E; e++) {
+            float thr = H[e] > thr_in ? thr_in : thr_out;
+            r->imp[E + e] += moe__normal_cdf(((double)z[e] - thr) / sigma[e]);
+        }
+    }
+}
+
+/* Capacity: mark pairs beyond C per expert as dropped (ROUTING_SPEC 1.6). */
+static void moe__apply_capacity(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, S = r->S, E = c->num_experts, C = r->C;
+    const int32_t *expert = r->res->expert;
+    uint8_t *dropped = r->res->dropped;
+    int32_t t, j, e, i;
+    for (e = 0; e < E; e++) r->count[e] = 0;
+    if (c->drop_policy == MOE_DROP_WEIGHT) {
+        /* each expert keeps its C highest pre-drop weights; ties -> lower token */
+        const float *w = r->res->weight;
+        for (e = 0; e < E; e++) {
+            int32_t n = 0;
+            for (t = 0; t < T; t++)
+                for (j = 0; j < S; j++)
+                    if (expert[(size_t)t * S + j] == e) { r->key[t] = w[(size_t)t * S + j]; r->order[n++] = t; }
+            moe__sort_desc(r->key, r->order, r->order_tmp, n);
+            for (i = C; i < n; i++)
+                for (j = 0; j < S; j++)
+                    if (expert[(size_t)r->order[i] * S + j] == e) dropped[(size_t)r->order[i] * S + j] = 1;
+        }
+        return;
+    }
+    /* POSITION and BPR: slot 0 of every token, then slot 1, ...; within a slot
+       tokens in index order (POSITION) or by descending top-1 score (BPR).   */
+    for (t = 0; t < T; t++) r->order[t] = t;
+    if (c->drop_policy == MOE_DROP_BPR) {
+        for (t = 0; t < T; t++) {
+            e = expert[(size_t)t * S];
+            r->key[t] = e >= 0 ? r->res->scores[(size_t)t * r->R + e] : -INFINITY;
+        }
+        moe__sort_desc(r->key, r->order, r->order_tmp, T);
+    }
+    for (j = 0; j < S; j++)
+        for (i = 0; i < T; i++) {
+            size_t p = (size_t)r->order[i] * S + j;
+            e = expert[p];
+            if (e < 0) continue;
+            if (r->count[e] < C) r->count[e]++;
+            else dropped[p] = 1;
+        }
+}
+
+/* Top-k routing of all tokens, then capacity and the final weights. */
+static void moe__route_topk(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, S = r->S;
+    int32_t t, j;
+    for (t = 0; t < T; t++) moe__route_token_topk(r, t);
+    if (r->C > 0) moe__apply_capacity(r);
+    for (t = 0; t < T; t++) {
+        int32_t *idx = r->res->expert + (size_t)t * S;
+        float *w = r->res->weight + (size_t)t * S;
+        const uint8_t *drop = r->res->dropped + (size_t)t * S;
+        if (c->normalize_after_drop) {   /* renormalise over the surviving pairs */
+            uint8_t *keep = (uint8_t *)(void *)r->small_i;
+            float *g = r->small_f;
+            for (j = 0; j < S; j++) {
+                keep[j] = idx[j] >= 0 && !drop[j];
+                g[j] = idx[j] >= 0 ? r->res->scores[(size_t)t * r->R + idx[j]] : 0.0f;
+            }
+            moe__normalize(c, g, keep, w, S);
+            for (j = 0; j < S; j++) w[j] *= c->routed_scale;
+        } else {
+            for (j = 0; j < S; j++) if (drop[j]) w[j] = 0.0f;
+        }
+    }
+}
+
+/* Expert choice (ROUTING_SPEC 9): each expert takes the C tokens with the
+   largest score in its column; weight = score, no per-token normalisation. */
+static void moe__route_expert_choice(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, E = c->num_experts;
+    int32_t t, e, i;
+    for (t = 0; t < T; t++) {
+        moe__score_row(c->score, r->res->scores + (size_t)t * E, r->logits + (size_t)t * E, E);
+        for (e = 0; e < E; e++) {
+            r->res->expert[(size_t)t * E + e] = -1;
+            r->res->weight[(size_t)t * E + e] = 0.0f;
+        }
+    }
+    for (e = 0; e < E; e++) {
+        for (t = 0; t < T; t++) {
+            r->key[t] = r->res->scores[(size_t)t * E + e] + (r->sel_bias ? r->sel_bias[e] : 0.0f);
+            r->order[t] = t;
+        }
+        moe__sort_desc(r->key, r->order, r->order_tmp, T);
+        for (i = 0; i < r->C; i++) {
+            size_t p = (size_t)r->order[i] * E + e;
+            r->res->expert[p] = e;
+            r->res->weight[p] = r->res->scores[p] * c->routed_scale;
+        }
+    }
+}
+
+/* Dense MoE: every token uses every expert, weights = normalised scores. */
+static void moe__route_dense(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t E = c->num_experts;
+    int32_t t, e;
+    for (t = 0; t < r->T; t++) {
+        float *sc = r->res->scores + (size_t)t * E, *w = r->res->weight + (size_t)t * E;
+        moe__score_row(c->score, sc, r->logits + (size_t)t * E, E);
+        moe__normalize(c, sc, NULL, w, E);
+        for (e = 0; e < E; e++) { r->res->expert[(size_t)t * E + e] = e; w[e] *= c->routed_scale; }
+    }
+}
+
+/* Soft MoE (ROUTING_SPEC 10): combine = softmax over slots (rows), dispatch =
+   softmax over tokens (columns), both of the same logits.                  */
+static void moe__route_soft(moe__router *r) {
+    const int32_t T = r->T, R = r->R;
+    int32_t t, s;
+    for (t = 0; t < T; t++)
+        moe__softmax_ref(r->res->scores + (size_t)t * R, r->logits + (size_t)t * R, R);
+    for (s = 0; s < R; s++) {
+        float m = -INFINITY, sum = 0.0f;
+        for (t = 0; t < T; t++) if (r->logits[(size_t)t * R + s] > m) m = r->logits[(size_t)t * R + s];
+        for (t = 0; t < T; t++) {
+            float v = expf(r->logits[(size_t)t * R + s] - m);
+            r->res->dispatch[(size_t)t * R + s] = v;
+            sum += v;
+        }
+        for (t = 0; t < T; t++) r->res->dispatch[(size_t)t * R + s] /= sum;
+    }
+}
+
+/* Normalised score of (t, e) for the balance losses: p for softmax, s / sum s
+   for sigmoid (DeepSeek-V3's s').                                           */
+static double moe__balance_prob(const moe_config *c, const float *sc_row, int32_t e) {
+    double sum = 0.0;
+    int32_t i;
+    if (c->score == MOE_SCORE_SOFTMAX) return sc_row[e];
+    for (i = 0; i < c->num_experts; i++) sum += sc_row[i];
+    return sum > 0.0 ? sc_row[e] / sum : 0.0;
+}
+
+/* Auxiliary losses (values; ROUTING_SPEC 1.7, 2, 4, 8). */
+static void moe__aux_losses(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k;
+    moe_info *res = r->res;
+    int32_t t, e, j;
+    double z = 0.0, bal = 0.0;
+    if (T == 0) return;
+    if (c->routing != MOE_ROUTING_SOFT) {          /* z-loss: mean LSE^2 */
+        for (t = 0; t < T; t++) { double l = moe__logsumexp(r->logits + (size_t)t * E, E); z += l * l; }
+        res->aux_z = (float)(z / T);
+    }
+    if (c->routing != MOE_ROUTING_TOPK) return;
+
+    /* load balancing: E * sum_e f_e * P_e, counts taken before capacity */
+    for (e = 0; e < E; e++) {
+        double P = 0.0, f = 0.0;
+        for (t = 0; t < T; t++) P += moe__balance_prob(c, res->scores + (size_t)t * E, e);
+        for (t = 0; t < T; t++)
+            for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++)
+                f += res->expert[(size_t)t * S + j] == e;
+        f /= (double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
+        bal += f * (P / T);
+    }
+    res->aux_balance = (float)(E * bal);
+
+    /* DeepSeek-V3 sequence-wise loss: per sequence of L tokens, f from a plain
+       top-K of the unbiased scores (no groups, no bias), P from s' = s/sum s. */
+    {
+        int32_t L = c->seq_len > 0 ? c->seq_len : T, t0, nseq = 0;
+        double total = 0.0;
+        for (t0 = 0; t0 < T; t0 += L) {
+            int32_t n = T - t0 < L ? T - t0 : L;
+            double seq = 0.0;
+            for (e = 0; e < E; e++) r->count[e] = 0;
+            for (t = t0; t < t0 + n; t++) {
+                moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
+                for (j = 0; j < K; j++) r->count[r->small_i[j]]++;
+            }
+            for (e = 0; e < E; e++) {
+                double P = 0.0;
+                for (t = t0; t < t0 + n; t++) P += moe__balance_prob(c, res->scores + (size_t)t * E, e);
+                seq += (double)E / ((double)K * n) * r->count[e] * (P / n);
+            }
+            total += seq;
+            nseq++;
+        }
+        res->aux_seq = (float)(total / nseq);
+    }
+
+    /* Shazeer: CV^2 of importance and of load (smooth when noisy, else counts) */
+    if (!(c->noise == MOE_NOISE_SHAZEER && c->training && K < E))
+        for (e = 0; e < E; e++) r->imp[E + e] = res->expert_routed[e];
+    res->aux_importance = (float)moe__cv_squared(r->imp, E);
+    res->aux_load = (float)moe__cv_squared(r->imp + E, E);
+}
+
+/* The whole routing stage. Arrays of r->res must point into the workspace. */
+static moe_status moe__route(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, S = r->S, E = c->num_experts;
+    moe_info *res = r->res;
+    size_t i, n = (size_t)T * (size_t)r->R;
+    int32_t t, j, e;
+
+    /* NaN/Inf policy: refuse non-finite logits and biases before any output */
+    for (i = 0; i < n; i++) if (!moe__isfinite(r->logits[i])) return MOE_STATUS_NONFINITE;
+    if (r->noise_logits && c->training)
+        for (i = 0; i < (size_t)T * (size_t)E; i++)
+            if (!moe__isfinite(r->noise_logits[i])) return MOE_STATUS_NONFINITE;
+    if (r->sel_bias) for (e = 0; e < E; e++) if (!moe__isfinite(r->sel_bias[e])) return MOE_STATUS_NONFINITE;
+
+    res->slots = S; res->capacity = r->C;
+    res->dropped_pairs = res->dropped_tokens = 0;
+    res->aux_balance = res->aux_z = res->aux_importance = res->aux_load = res->aux_seq = 0.0f;
+    memset(res->dropped, 0, (size_t)T * (size_t)S);
+    for (e = 0; e < 2 * E; e++) r->imp[e] = 0.0;
+
+    switch (c->routing) {
+    case MOE_ROUTING_TOPK:          moe__route_topk(r); break;
+    case MOE_ROUTING_EXPERT_CHOICE: moe__route_expert_choice(r); break;
+    case MOE_ROUTING_DENSE:         moe__route_dense(r); break;
+    default:                        moe__route_soft(r); break;
+    }
+
+    /* per-expert counts and drop statistics */
+    for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = 0;
+    for (t = 0; t < T; t++) {
+        int any = 0;
+        for (j = 0; j < S; j++) {
+            size_t p = (size_t)t * S + j;
+            e = res->expert[p];
+            if (e < 0) continue;
+            res->expert_routed[e]++;
+            if (res->dropped[p]) res->dropped_pairs++;
+            else { res->expert_kept[e]++; any = 1; }
+        }
+        if (!any && c->routing != MOE_ROUTING_SOFT) res->dropped_tokens++;
+    }
+    if (c->routing == MOE_ROUTING_SOFT)
+        for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = c->slots_per_expert;
+    moe__aux_losses(r);
+    res->aux_total = c->balance_coef * res->aux_balance + c->z_loss_coef * res->aux_z +
+                     c->importance_coef * res->aux_importance + c->load_coef * res->aux_load +
+                     c->seq_balance_coef * res->aux_seq;
+    return MOE_STATUS_OK;
+}
+
+// ----------------------------------------------------------------------------
+// Experts: dispatch, grouped FFN, combine
+
+/* One set of experts in nn.Linear layout; expert e's tensors start at
+   e * *_stride elements (the shared expert is a set of one).              */
+typedef struct moe__ffn {
+    const float *gate, *up, *down;                 /* [F][D], [F][D], [D][F] each */
+    const float *gate_bias, *up_bias, *down_bias;  /* [F], [F], [D] each or NULL  */
+    size_t gate_stride, up_stride, down_stride;
+    int32_t D, F;
+    moe_activation act;
+} moe__ffn;
+
+/* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
+   x belong to expert e. This is where the fast kernels plug in.
+     x: [N][D]   hg, hu: [N][F] hidden (hu only for GLU)   out: [N][D]
+     out = down_e . act(gate_e . x + bg) [* (up_e . x + bu)] + bd           */
+static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, const int64_t *off,
+                                     const float *x, float *hg, float *hu, float *out) {
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    int32_t e;
+    for (e = 0; e < num_experts; e++) {
+        const int64_t r0 = off[e], n = off[e + 1] - off[e];
+        float *he = hg + (size_t)r0 * F, *ue = glu ? hu + (size_t)r0 * F : NULL;
+        if (n == 0) continue;
+        moe__gemm_ref(he, x + (size_t)r0 * D, f->gate + (size_t)e * f->gate_stride,
+                      f->gate_bias ? f->gate_bias + (size_t)e * F : NULL, n, f->F, f->D);
+        if (glu)
+            moe__gemm_ref(ue, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
+                          f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F, f->D);
+        moe__activate_ref(f->act, he, ue, (size_t)n * F);
+        moe__gemm_ref(out + (size_t)r0 * D, he, f->down + (size_t)e * f->down_stride,
+                      f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D, f->F);
+    }
+}
+
+/* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
+   Stable: within an expert, rows follow token order. pair_row[t][j] is the
+   row of pair (t, j), or -1 when the pair was not routed or was dropped.  */
+static void moe__dispatch_ref(const moe_info *res, int32_t T, int32_t S, int32_t E,
+                              int64_t *offsets, int64_t *pair_row, int32_t *row_token) {
+    int32_t t, j, e;
+    for (e = 0; e <= E; e++) offsets[e] = 0;
+    for (e = 0; e < E; e++) offsets[e + 1] = offsets[e] + res->expert_kept[e];
+    for (t = 0; t < T; t++)
+        for (j = 0; j < S; j++) {
+            size_t p = (size_t)t * S + j;
+            e = res->expert[p];
+            if (e < 0 || res->dropped[p]) { pair_row[p] = -1; continue; }
+            pair_row[p] = offsets[e]++;          /* offsets[e] runs as a cursor  */
+            row_token[pair_row[p]] = t;
+        }
+    for (e = E; e > 0; e--) offsets[e] = offsets[e - 1];   /* cursors -> starts */
+    offsets[0] = 0;
+}
+
+/* y[t] = sum_j weight[t][j] * out[pair_row[t][j]], slots in order 0..S-1 so the
+   sum is the same on every run. A token with no kept pair gets 0.        */
+static void moe__combine_ref(float *y, const float *out, const float *weight,
+                             const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
+    int32_t t, j, d;
+    for (t = 0; t < T; t++) {
+        float *yt = y + (size_t)t * D;
+        for (d = 0; d < D; d++) yt[d] = 0.0f;
+        for (j = 0; j < S; j++) {
+            const int64_t row = pair_row[(size_t)t * S + j];
+            const float wt = weight[(size_t)t * S + j];
+            if (row < 0) continue;
+            for (d = 0; d < D; d++) yt[d] += wt * out[(size_t)row * D + d];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Public functions
+
+static moe_status moe__check_weights(const moe_config *c, const moe_weights *w) {
+    const int glu = moe__act_is_glu(c->activation);
+    if (c->routing == MOE_ROUTING_SOFT ? !w->soft_phi : !w->router) return MOE_STATUS_MISSING_WEIGHT;
+    if ((c->router_bias && !w->router_bias) || (c->selection_bias && !w->selection_bias) ||
+        (c->noise == MOE_NOISE_SHAZEER && !w->router_noise))
+        return MOE_STATUS_MISSING_WEIGHT;
+    if (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up)) return MOE_STATUS_MISSING_WEIGHT;
+    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
+        return MOE_STATUS_MISSING_WEIGHT;
+    if (c->shared_d_ff > 0) {
+        if (!w->shared_gate || !w->shared_down || (glu && !w->shared_up)) return MOE_STATUS_MISSING_WEIGHT;
+        if (c->expert_bias && (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
+            return MOE_STATUS_MISSING_WEIGHT;
+        if (c->shared_gate && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
+    }
+    return MOE_STATUS_OK;
+}
+
+/* moe_info arrays, in one order shared by moe_info_size and moe_info_bind. */
+typedef struct moe__info_layout {
+    size_t logits, scores, dispatch, expert, weight, dropped, routed, kept, total;
+} moe__info_layout;
+
+static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c, moe__info_layout *L) {
+    size_t t = 0, TR, TS;
+    int ok = 1;
+    moe_status st = moe_config_resolve(cfg, c);
+    if (st != MOE_STATUS_OK) return st;
+    if (T < 0) return MOE_STATUS_BAD_DIMENSION;
+    TR = moe__mul((size_t)T, (size_t)(c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts));
+    TS = moe__mul((size_t)T, (size_t)moe_routing_slots(c));
+    L->logits   = moe__reserve(&t, TR, sizeof(float), &ok);
+    L->scores   = moe__reserve(&t, TR, sizeof(float), &ok);
+    L->dispatch = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
+    L->expert   = moe__reserve(&t, TS, sizeof(int32_t), &ok);
+    L->weight   = moe__reserve(&t, TS, sizeof(float), &ok);
+    L->dropped  = moe__reserve(&t, TS, sizeof(uint8_t), &ok);
+    L->routed   = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
+    L->kept     = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
+    if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
+    L->total = t + MOE__ALIGN;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_info_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+    moe_config c;
+    moe__info_layout L;
+    moe_status st;
+    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    st = moe__info_plan(cfg, num_tokens, &c, &L);
+    if (st == MOE_STATUS_OK) *out_bytes = L.total;
+    return st;
+}
+
+MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_info *info,
+                                void *buffer, size_t bytes) {
+    moe_config c;
+    moe__info_layout L;
+    unsigned char *b;
+    moe_status st;
+    if (!cfg || !info || !buffer) return MOE_STATUS_NULL_ARGUMENT;
+    st = moe__info_plan(cfg, num_tokens, &c, &L);
+    if (st != MOE_STATUS_OK) return st;
+    if (bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    b = moe__align_ptr(buffer);
+    info->logits = MOE__AT(b, L.logits, float);
+    info->scores = MOE__AT(b, L.scores, float);
+    info->dispatch = c.routing == MOE_ROUTING_SOFT ? MOE__AT(b, L.dispatch, float) : NULL;
+    info->expert = MOE__AT(b, L.expert, int32_t);
+    info->weight = MOE__AT(b, L.weight, float);
+    info->dropped = MOE__AT(b, L.dropped, uint8_t);
+    info->expert_routed = MOE__AT(b, L.routed, int32_t);
+    info->expert_kept = MOE__AT(b, L.kept, int32_t);
+    return MOE_STATUS_OK;
+}
+
+/* Point a router's result arrays and scratch into the aligned workspace. */
+static void moe__router_init(moe__router *r, const moe_config *c, const moe__layout *L,
+                             unsigned char *b, int32_t T, moe_info *res) {
+    memset(res, 0, sizeof *res);
+    res->scores = MOE__AT(b, L->scores, float);
+    res->dispatch = MOE__AT(b, L->dispatch, float);
+    res->expert = MOE__AT(b, L->expert, int32_t);
+    res->weight = MOE__AT(b, L->weight, float);
+    res->dropped = MOE__AT(b, L->dropped, uint8_t);
+    res->expert_routed = MOE__AT(b, L->routed, int32_t);
+    res->expert_kept = MOE__AT(b, L->kept, int32_t);
+    memset(r, 0, sizeof *r);
+    r->c = c; r->T = T; r->R = L->R; r->S = L->S; r->C = L->C; r->res = res;
+    r->key = MOE__AT(b, L->key, float);
+    r->order = MOE__AT(b, L->order, int32_t);
+    r->order_tmp = MOE__AT(b, L->order_tmp, int32_t);
+    r->small_i = MOE__AT(b, L->small_i, int32_t);
+    r->small_f = MOE__AT(b, L->small_f, float);
+    r->count = MOE__AT(b, L->count, int32_t);
+    r->imp = MOE__AT(b, L->imp, double);
+}
+
+/* Copy a finished routing result to the caller's info: arrays it asked for,
+   and every scalar.                                                         */
+static void moe__info_export(moe_info *dst, const moe_info *src, const float *logits,
+                             int32_t T, int32_t R, int32_t S, int32_t E) {
+    const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
+    if (dst->logits && TR) memcpy(dst->logits, logits, TR * sizeof(float));
+    if (dst->scores && TR) memcpy(dst->scores, src->scores, TR * sizeof(float));
+    if (dst->dispatch && TR && src->dispatch) memcpy(dst->dispatch, src->dispatch, TR * sizeof(float));
+    if (dst->expert && TS) memcpy(dst->expert, src->expert, TS * sizeof(int32_t));
+    if (dst->weight && TS) memcpy(dst->weight, src->weight, TS * sizeof(float));
+    if (dst->dropped && TS) memcpy(dst->dropped, src->dropped, TS);
+    if (dst->expert_routed) memcpy(dst->expert_routed, src->expert_routed, (size_t)E * sizeof(int32_t));
+    if (dst->expert_kept) memcpy(dst->expert_kept, src->expert_kept, (size_t)E * sizeof(int32_t));
+    dst->slots = src->slots; dst->capacity = src->capacity;
+    dst->dropped_pairs = src->dropped_pairs; dst->dropped_tokens = src->dropped_tokens;
+    dst->aux_balance = src->aux_balance; dst->aux_z = src->aux_z;
+    dst->aux_importance = src->aux_importance; dst->aux_load = src->aux_load;
+    dst->aux_seq = src->aux_seq; dst->aux_total = src->aux_total;
+}
+
+MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                           size_t *out_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe_status st;
+    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
+    if ((st = moe__plan(&c, num_tokens, 0, &L)) != MOE_STATUS_OK) return st;
+    *out_bytes = L.total;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
+                            const float *logits, const float *noise_logits,
+                            int32_t num_tokens, moe_info *info,
+                            void *workspace, size_t workspace_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe__router r;
+    moe_info res;
+    unsigned char *b;
+    moe_status st;
+    const int32_t T = num_tokens;
+    if (!cfg || !info) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (T < 0) return MOE_STATUS_BAD_DIMENSION;
+    if (T > 0 && (!logits || (c.noise == MOE_NOISE_SHAZEER && c.training && !noise_logits)))
+        return MOE_STATUS_NULL_ARGUMENT;
+    if (c.selection_bias && (!w || !w->selection_bias)) return MOE_STATUS_MISSING_WEIGHT;
+    if ((st = moe__plan(&c, T, 0, &L)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    b = moe__align_ptr(workspace);
+    moe__router_init(&r, &c, &L, b, T, &res);
+    r.logits = logits;
+    r.noise_logits = c.noise == MOE_NOISE_SHAZEER ? noise_logits : NULL;
+    r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
+    if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
+    moe__info_export(info, &res, logits, T, L.R, L.S, c.num_experts);
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                             size_t *out_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe_status st;
+    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
+    if ((st = moe__plan(&c, num_tokens, 1, &L)) != MOE_STATUS_OK) return st;
+    *out_bytes = L.total;
+    return MOE_STATUS_OK;
+}
+
+/* Router logits [T][R] (and the Shazeer noise logits [T][E]).
+   Top-k / expert choice / dense: z = xr . router^T (+ router_bias), where xr
+   is x times U[1-eps, 1+eps] per element when training with jitter.
+   Soft MoE: z[t][s] = scale * <x_t, phi_s> / (|x_t| |phi_s|), |v| = sqrt(sum v^2 + 1e-6). */
+static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, const float *x,
+                                   int32_t T, const moe__layout *L, unsigned char *b) {
+    const int32_t D = c->d_model, E = c->num_experts, R = L->R;
+    float *logits = MOE__AT(b, L->logits, float);
+    const float *xr = x;
+    int32_t t, s, d;
+    if (c->routing == MOE_ROUTING_SOFT) {
+        float *norm = MOE__AT(b, L->slot_norm, float);
+        const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
+        for (s = 0; s < R; s++) {
+            float ss = 0.0f;
+            for (d = 0; d < D; d++) ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
+            norm[s] = sqrtf(ss + 1e-6f);
+        }
+        moe__gemm_ref(logits, x, w->soft_phi, NULL, T, R, D);
+        for (t = 0; t < T; t++) {
+            float ss = 0.0f, nx;
+            for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
+            nx = sqrtf(ss + 1e-6f);
+            for (s = 0; s < R; s++) logits[(size_t)t * R + s] = scale * (logits[(size_t)t * R + s] / (nx * norm[s]));
+        }
+        return;
+    }
+    if (c->training && c->jitter > 0.0f) {
+        float *xj = MOE__AT(b, L->xr, float);
+        size_t i, n = (size_t)T * (size_t)D;
+        for (i = 0; i < n; i++)
+            xj[i] = x[i] * (float)(1.0 - c->jitter + 2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
+        xr = xj;
+    }
+    moe__gemm_ref(logits, xr, w->router, c->router_bias ? w->router_bias : NULL, T, E, D);
+    if (c->noise == MOE_NOISE_SHAZEER && c->training)
+        moe__gemm_ref(MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL, T, E, D);
+}
+
+MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
+                              const float *x, int32_t num_tokens, float *y,
+                              moe_info *info, void *workspace, size_t workspace_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe__router r;
+    moe_info res;
+    moe__ffn ffn;
+    unsigned char *b;
+    moe_status st;
+    const int32_t T = num_tokens;
+    int32_t t, d;
+    if (!cfg || !w) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (T < 0) return MOE_STATUS_BAD_DIMENSION;
+    if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__check_weights(&c, w)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, T, 1, &L)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L.total) {
+        if (info) info->workspace_required = L.total;
+        return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    }
+    b = moe__align_ptr(workspace);
+
+    /* 1. router logits, 2. routing (the only step that can refuse the input) */
+    moe__router_logits_ref(&c, w, x, T, &L, b);
+    moe__router_init(&r, &c, &L, b, T, &res);
+    r.logits = MOE__AT(b, L.logits, float);
+    r.noise_logits = c.noise == MOE_NOISE_SHAZEER && c.training ? MOE__AT(b, L.noise_logits, float) : NULL;
+    r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
+    if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
+
+    /* 3. expert inputs in expert-contiguous rows: a gather (token choice) or
+          the dispatch-weighted token mixtures (Soft MoE, P rows per expert)   */
+    {
+        const int32_t E = c.num_experts, D = c.d_model, S = L.S, R = L.R;
+        const int glu = moe__act_is_glu(c.activation);
+        int64_t *offsets = MOE__AT(b, L.offsets, int64_t);
+        int64_t *pair_row = MOE__AT(b, L.pair_row, int64_t);
+        int32_t *row_token = MOE__AT(b, L.row_token, int32_t);
+        float *xg = MOE__AT(b, L.xg, float), *out = MOE__AT(b, L.out, float);
+        int64_t row, nrows;
+        if (c.routing == MOE_ROUTING_SOFT) {
+            int32_t s, e;
+            for (e = 0; e <= E; e++) offsets[e] = (int64_t)e * c.slots_per_expert;
+            for (s = 0; s < R; s++) {
+                float *xs = xg + (size_t)s * D;
+                for (d = 0; d < D; d++) xs[d] = 0.0f;
+                for (t = 0; t < T; t++) {
+                    const float dw = res.dispatch[(size_t)t * R + s];
+                    for (d = 0; d < D; d++) xs[d] += dw * x[(size_t)t * D + d];
+                }
+            }
+        } else {
+            moe__dispatch_ref(&res, T, S, E, offsets, pair_row, row_token);
+            nrows = offsets[E];
+            for (row = 0; row < nrows; row++)
+                memcpy(xg + (size_t)row * D, x + (size_t)row_token[row] * D, (size_t)D * sizeof(float));
+        }
+
+        /* 4. grouped expert FFN */
+        ffn.D = D; ffn.F = c.d_ff; ffn.act = c.activation;
+        ffn.gate = w->gate;
+        ffn.gate_stride = (size_t)(w->gate_up_fused ? 2 : 1) * (size_t)c.d_ff * (size_t)D;
+        ffn.up = w->gate_up_fused ? w->gate + (size_t)c.d_ff * D : w->up;
+        ffn.up_stride = ffn.gate_stride;
+        ffn.down = w->down;
+        ffn.down_stride = (size_t)D * (size_t)c.d_ff;
+        ffn.gate_bias = c.expert_bias ? w->gate_bias : NULL;
+        ffn.up_bias = c.expert_bias ? w->up_bias : NULL;
+        ffn.down_bias = c.expert_bias ? w->down_bias : NULL;
+        if (T > 0)
+            moe__experts_forward_ref(&ffn, E, offsets, xg, MOE__AT(b, L.hg, float),
+                                     glu ? MOE__AT(b, L.hu, float) : NULL, out);
+
+        /* 5. combine in fixed slot order */
+        if (c.routing == MOE_ROUTING_SOFT) {
+            int32_t s;
+            for (t = 0; t < T; t++) {
+                float *yt = y + (size_t)t * D;
+                for (d = 0; d < D; d++) yt[d] = 0.0f;
+                for (s = 0; s < R; s++) {
+                    const float cw = res.scores[(size_t)t * R + s];
+                    for (d = 0; d < D; d++) yt[d] += cw * out[(size_t)s * D + d];
+                }
+            }
+        } else {
+            moe__combine_ref(y, out, res.weight, pair_row, T, S, D);
+        }
+
+        /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
+        if (c.shared_d_ff > 0 && T > 0) {
+            const int64_t sh_off[2] = {0, (int64_t)T};
+            float *sh_out = MOE__AT(b, L.sh_out, float);
+            moe__ffn sh;
+            sh.D = D; sh.F = c.shared_d_ff; sh.act = c.activation;
+            sh.gate = w->shared_gate; sh.up = w->shared_up; sh.down = w->shared_down;
+            sh.gate_stride = sh.up_stride = sh.down_stride = 0;
+            sh.gate_bias = c.expert_bias ? w->shared_gate_bias : NULL;
+            sh.up_bias = c.expert_bias ? w->shared_up_bias : NULL;
+            sh.down_bias = c.expert_bias ? w->shared_down_bias : NULL;
+            moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L.sh_g, float),
+                                     glu ? MOE__AT(b, L.sh_u, float) : NULL, sh_out);
+            for (t = 0; t < T; t++) {
+                float gate = 1.0f;
+                if (c.shared_gate) {
+                    float z = 0.0f;
+                    for (d = 0; d < D; d++) z += x[(size_t)t * D + d] * w->shared_expert_gate[d];
+                    gate = moe__sigmoid(z);
+                }
+                for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
+            }
+        }
+    }
+    if (info) moe__info_export(info, &res, MOE__AT(b, L.logits, float), T, L.R, L.S, c.num_experts);
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
+                                    const float *x, int32_t num_tokens, float *y,
+                                    moe_info *info) {
+    size_t bytes;
+    void *ws;
+    moe_status st = moe_forward_workspace_size(cfg, num_tokens, &bytes);
+    if (st != MOE_STATUS_OK) return st;
+    ws = MOE_MALLOC(NULL, bytes);
+    if (!ws) return MOE_STATUS_OUT_OF_MEMORY;
+    st = moe_forward(cfg, w, x, num_tokens, y, info, ws, bytes);
+    MOE_FREE(NULL, ws);
+    return st;
+}
+
+MOEDEF moe_status moe_selection_bias_update(int32_t num_experts, const int32_t *load,
+                                            float gamma, float *bias) {
+    double mean = 0.0;
+    int32_t e;
+    if (!load || !bias) return MOE_STATUS_NULL_ARGUMENT;
+    if (num_experts < 1) return MOE_STATUS_BAD_DIMENSION;
+    if (!moe__isfinite(gamma) || gamma < 0.0f) return MOE_STATUS_BAD_OPTION;
+    for (e = 0; e < num_experts; e++) mean += load[e];
+    mean /= num_experts;
+    for (e = 0; e < num_experts; e++) {   /* sign(0) = 0: an expert at the mean stays */
+        if (load[e] < mean) bias[e] += gamma;
+        else if (load[e] > mean) bias[e] -= gamma;
+    }
+    return MOE_STATUS_OK;
+}
+
+#endif /* MOE_IMPLEMENTATION_INCLUDED */
+#endif /* MOE_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+MIT License
+
+Copyright (c) 2026 the moe.h authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+*/

@@ -1,0 +1,61 @@
+/* Test runner: the one translation unit that builds moe.h's implementation.
+   Every other tests/test_*.c includes moe.h for declarations only, so the
+   suite also proves two translation units link without duplicate symbols. */
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "moe_test.h"
+#include <stdarg.h>
+
+#define MAX_TESTS 1024
+static struct { const char *suite, *name; moe_test_fn fn; } tests[MAX_TESTS];
+static int num_tests, current_failed, current_skipped;
+
+void moe_test_register(const char *suite, const char *name, moe_test_fn fn) {
+    if (num_tests == MAX_TESTS) { fprintf(stderr, "too many tests\n"); exit(2); }
+    tests[num_tests].suite = suite; tests[num_tests].name = name; tests[num_tests].fn = fn;
+    num_tests++;
+}
+
+void moe_test_fail(const char *file, int line, const char *fmt, ...) {
+    va_list ap;
+    if (current_failed++ >= 8) return;          /* keep a failing test's report short */
+    fprintf(stderr, "  %s:%d: ", file, line);
+    va_start(ap, fmt); vfprintf(stderr, fmt, ap); va_end(ap);
+    fputc('\n', stderr);
+}
+
+void moe_test_skip(const char *why) { current_skipped = 1; printf("  skipped: %s\n", why); }
+
+void moe_test_check_array(const char *file, int line, const char *what, const float *got,
+                          const double *want, size_t n, double atol, double rtol) {
+    size_t i, bad = 0, worst = 0;
+    double worst_excess = 0.0;
+    for (i = 0; i < n; i++) {
+        double err = fabs((double)got[i] - want[i]), lim = atol + rtol * fabs(want[i]);
+        if (!(err <= lim)) {
+            if (!bad || err - lim > worst_excess) { worst = i; worst_excess = err - lim; }
+            bad++;
+        }
+    }
+    if (bad)
+        moe_test_fail(file, line, "%s: %zu of %zu elements off; worst [%zu] = %.9g, want %.9g",
+                      what, bad, n, worst, (double)got[worst], want[worst]);
+}
+
+int main(int argc, char **argv) {
+    int i, passed = 0, failed = 0, skipped = 0;
+    const char *filter = argc > 1 ? argv[1] : NULL;   /* optional substring of suite.name */
+    for (i = 0; i < num_tests; i++) {
+        char full[256];
+        snprintf(full, sizeof full, "%s.%s", tests[i].suite, tests[i].name);
+        if (filter && !strstr(full, filter)) continue;
+        current_failed = 0; current_skipped = 0;
+        tests[i].fn();
+        if (current_failed) { printf("FAIL %s\n", full); failed++; }
+        else if (current_skipped) { printf("skip %s\n", full); skipped++; }
+        else passed++;
+    }
+    if (skipped) printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+    else printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
