@@ -6,6 +6,7 @@ WARN    := -Wall -Wextra -Werror -pedantic
 LDLIBS  := -lm
 BUILD   := build
 PYTHON  ?= python3
+NVCC    ?= nvcc
 
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_HDR := moe.h tests/moe_test.h
@@ -43,6 +44,11 @@ compile-checks: | $(BUILD)
 	$(CC)  -std=c99   $(WARN) -mavx512f -c $(COMPILE_C) -o $(BUILD)/cc_avx512.o
 	$(CXX) -std=c++17 $(WARN) -c $(COMPILE_X) -o $(BUILD)/cxx_default.o
 	$(CXX) -std=c++17 $(WARN) -DMOE_STATIC -c $(COMPILE_X) -o $(BUILD)/cxx_static.o
+	$(CC) -std=c11 $(WARN) -O3 -c $(COMPILE_C) -o $(BUILD)/cc_c11_o3.o
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	    $(NVCC) -std=c++17 --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+	        -c tests/compile/compile_cu.cu -o $(BUILD)/cu_default.o && echo "nvcc .cu check: ok"; \
+	else echo "nvcc not found: skipping the .cu compile check"; fi
 	@echo "compile checks: ok"
 
 # The main demo: a Mixtral-like layer on built-in synthetic weights.

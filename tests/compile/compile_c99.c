@@ -1,6 +1,6 @@
 /* Compile check: moe.h's implementation in a C99 translation unit at -Werror
    (built by `make compile-checks` with default, MOE_STATIC, MOE_NO_SIMD and
-   ISA flags). It must also link: see tests/compile/README in the Makefile.  */
+   ISA flags).                                                               */
 #define MOE_IMPLEMENTATION
 #include "../../moe.h"
 

@@ -8,6 +8,7 @@ int compile_check_cpp() {
     c = moe_preset_deepseek_v3();
     moe_info info = {};
     size_t bytes = 0;
-    (void)info;
-    return static_cast<int>(moe_forward_workspace_size(&c, 16, &bytes));
+    moe_status st = moe_forward_workspace_size(&c, 16, &bytes);
+    if (st != MOE_STATUS_OK) info.workspace_required = bytes;
+    return static_cast<int>(st) + static_cast<int>(info.workspace_required);
 }
