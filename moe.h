@@ -330,10 +330,12 @@ typedef struct moe_info {
     float   *dispatch;        /* [T][R] Soft MoE dispatch weights (softmax over
                                  tokens); unused otherwise                     */
     int32_t *expert;          /* [T][S] expert of each slot, slot 0 best; -1 =
-                                 none (expert choice / rejected 2nd expert)    */
+                                 none (expert choice: not picked)              */
     float   *weight;          /* [T][S] combine weight; 0 when dropped         */
-    uint8_t *dropped;         /* [T][S] 1 if routed but dropped by capacity    */
-    int32_t *expert_routed;   /* [E] pairs routed to e before capacity         */
+    uint8_t *dropped;         /* [T][S] 1: dropped by capacity; 2: second expert
+                                 rejected by random routing (GShard); else 0   */
+    int32_t *expert_routed;   /* [E] pairs routed to e before capacity (random-
+                                 routing rejections excluded)                  */
     int32_t *expert_kept;     /* [E] pairs e actually processed                */
 
     int32_t slots;            /* S                                             */
@@ -476,6 +478,9 @@ static size_t moe__mul(size_t a, size_t b) {
     if (a != 0 && b > (size_t)-1 / a) return (size_t)-1;
     return a * b;
 }
+
+/* moe_info.dropped values */
+enum { MOE__KEPT = 0, MOE__DROPPED = 1, MOE__REJECTED = 2 };
 
 // ----------------------------------------------------------------------------
 // Counter-based random numbers. Each draw is a pure function of
@@ -1051,12 +1056,12 @@ static void moe__route_token_topk(moe__router *r, int32_t t) {
        choice is deleted before capacity positions are counted.            */
     if (c->second_expert == MOE_SECOND_RANDOM &&
         !(moe__rng_uniform(c->seed, MOE__RNG_SECOND, (uint64_t)t) < (double)w[1] / c->second_threshold)) {
-        idx[1] = -1;
+        r->res->dropped[(size_t)t * S + 1] = MOE__REJECTED;   /* idx[1] kept for backward */
         w[1] = 0.0f;
     }
     for (j = 0; j < K; j++) {
         w[j] *= c->routed_scale;
-        if (idx[j] >= 0) r->imp[idx[j]] += w[j];          /* Shazeer importance */
+        r->imp[idx[j]] += w[j];                           /* Shazeer importance */
     }
 
     /* Shazeer smooth load: P(t,e) = Phi((z_e - threshold) / sigma_e), where the
@@ -1088,11 +1093,14 @@ static void moe__apply_capacity(moe__router *r) {
             int32_t n = 0;
             for (t = 0; t < T; t++)
                 for (j = 0; j < S; j++)
-                    if (expert[(size_t)t * S + j] == e) { r->key[t] = w[(size_t)t * S + j]; r->order[n++] = t; }
+                    if (expert[(size_t)t * S + j] == e && !dropped[(size_t)t * S + j]) {
+                        r->key[t] = w[(size_t)t * S + j];
+                        r->order[n++] = t;
+                    }
             moe__sort_desc(r->key, r->order, r->order_tmp, n);
             for (i = C; i < n; i++)
                 for (j = 0; j < S; j++)
-                    if (expert[(size_t)r->order[i] * S + j] == e) dropped[(size_t)r->order[i] * S + j] = 1;
+                    if (expert[(size_t)r->order[i] * S + j] == e) dropped[(size_t)r->order[i] * S + j] = MOE__DROPPED;
         }
         return;
     }
@@ -1110,9 +1118,9 @@ static void moe__apply_capacity(moe__router *r) {
         for (i = 0; i < T; i++) {
             size_t p = (size_t)r->order[i] * S + j;
             e = expert[p];
-            if (e < 0) continue;
+            if (e < 0 || dropped[p]) continue;       /* random-routing rejection */
             if (r->count[e] < C) r->count[e]++;
-            else dropped[p] = 1;
+            else dropped[p] = MOE__DROPPED;
         }
 }
 
@@ -1231,7 +1239,7 @@ static void moe__aux_losses(moe__router *r) {
         for (t = 0; t < T; t++) P += moe__balance_prob(c, res->scores + (size_t)t * E, e);
         for (t = 0; t < T; t++)
             for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++)
-                f += res->expert[(size_t)t * S + j] == e;
+                f += res->expert[(size_t)t * S + j] == e && res->dropped[(size_t)t * S + j] != MOE__REJECTED;
         f /= (double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
         bal += f * (P / T);
     }
@@ -1303,7 +1311,7 @@ static moe_status moe__route(moe__router *r) {
         for (j = 0; j < S; j++) {
             size_t p = (size_t)t * S + j;
             e = res->expert[p];
-            if (e < 0) continue;
+            if (e < 0 || res->dropped[p] == MOE__REJECTED) continue;
             res->expert_routed[e]++;
             if (res->dropped[p]) res->dropped_pairs++;
             else { res->expert_kept[e]++; any = 1; }
