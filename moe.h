@@ -59,6 +59,13 @@
      One forward call = one routing group: capacity, Expert Choice, Soft MoE
      and the batch losses see exactly the T tokens of that call.
 
+   TRAINING
+     Run moe_forward with cfg.training = 1 and an info bound by moe_info_bind,
+     then moe_backward with the same info. Gradient convention (llm.c):
+     parameter gradients ACCUMULATE (+=, zero them per step), the activation
+     gradient dx is OVERWRITTEN. The backward differentiates <dy, y> plus
+     every aux loss times its coefficient (balance_coef, z_loss_coef, ...).
+
    NaN / Inf POLICY
      The router logits are checked after the router GEMM (and the selection
      bias when it is used). Any NaN or +-Inf there (which is what NaN/Inf in x
@@ -121,7 +128,8 @@ extern "C" {
     X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
     X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU") \
     X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
-    X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t")
+    X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
+    X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -283,6 +291,14 @@ typedef struct moe_config {
     int32_t seq_len;          /* 0 -> T: sequence length of the sequence-wise
                                  loss (tokens are batch-major, t = b*L + s)    */
 
+    /* --- backward ------------------------------------------------------------ */
+    int32_t recompute;        /* 0 -> a training forward stores the expert hidden
+                                 activations in moe_info for the backward pass;
+                                 1: store nothing, moe_backward recomputes them
+                                 (less memory, one more expert forward)        */
+    float router_grad_clip;   /* 0 -> off; > 0: each token's router-logit
+                                 gradient dz_t is scaled to L2 norm <= clip     */
+
     moe_isa isa;              /* 0 -> MOE_ISA_AUTO                             */
 } moe_config;
 
@@ -319,6 +335,20 @@ typedef struct moe_weights {
 } moe_weights;
 
 /* ---------------------------------------------------------------------------
+   moe_grads: gradients of the loss with respect to the weights, same names
+   and layouts as moe_weights (gate is [E][2F][D] when w.gate_up_fused).
+   They ACCUMULATE (+=): zero them before the first backward of a step. Any
+   pointer may be NULL: that gradient is not computed. The selection bias has
+   no gradient (its update is moe_selection_bias_update).                    */
+typedef struct moe_grads {
+    float *router, *router_bias, *router_noise;
+    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+    float *shared_gate, *shared_up, *shared_down;
+    float *shared_gate_bias, *shared_up_bias, *shared_down_bias, *shared_expert_gate;
+    float *soft_phi, *soft_scale;
+} moe_grads;
+
+/* ---------------------------------------------------------------------------
    moe_info: what a forward call reports. The scalars are always written on
    success. Each array pointer is optional (NULL = not wanted) and caller-owned;
    moe_info_bind() points all of them into one buffer. R = E (Soft MoE: E*P),
@@ -337,6 +367,16 @@ typedef struct moe_info {
     int32_t *expert_routed;   /* [E] pairs routed to e before capacity (random-
                                  routing rejections excluded)                  */
     int32_t *expert_kept;     /* [E] pairs e actually processed                */
+    /* Training cache (written by a forward with cfg.training = 1 and
+       cfg.recompute = 0, read by moe_backward). Rows are the processed pairs in
+       expert-contiguous order, token order within an expert; N = rows bound
+       (T*K top-k, E*C expert choice, T*E dense, E*P Soft MoE).               */
+    float   *cache_hidden;    /* [N][F] gate pre-activation gate.x + b          */
+    float   *cache_up;        /* [N][F] up projection (GLU activations only)    */
+    float   *cache_out;       /* [N][D] expert outputs, before the gate weight  */
+    float   *cache_shared_hidden; /* [T][Fs] shared expert, same meaning        */
+    float   *cache_shared_up; /* [T][Fs]                                       */
+    float   *cache_shared_out;/* [T][D]                                        */
 
     int32_t slots;            /* S                                             */
     int32_t capacity;         /* C used, 0 = dropless                          */
@@ -415,6 +455,25 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
 MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
                                     const float *x, int32_t num_tokens, float *y,
                                     moe_info *info);
+
+/* Backward pass of the layer for the loss  L = <dy, y> + info.aux_total,
+   i.e. every aux loss enters with its coefficient from cfg. info is the one
+   the training forward (cfg.training = 1, same cfg, x, T and seed) filled; it
+   must have logits, scores, expert, weight, dropped (Soft MoE: scores and
+   dispatch) and, unless cfg.recompute, the cache arrays (moe_info_bind binds
+   all of them). dx [T][D] is OVERWRITTEN; grads ACCUMULATE. dx may be NULL.
+   What is a constant (ROUTING_SPEC 13.4): top-k / group / capacity choices,
+   noise samples, jitter factors, the selection bias and the count vectors f
+   of the balance losses.                                                   */
+MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                              size_t *out_bytes);
+MOEDEF moe_status moe_backward(const moe_config *cfg, const moe_weights *w,
+                               const float *x, int32_t num_tokens, const moe_info *info,
+                               const float *dy, float *dx, const moe_grads *grads,
+                               void *workspace, size_t workspace_bytes);
+MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w,
+                                     const float *x, int32_t num_tokens, const moe_info *info,
+                                     const float *dy, float *dx, const moe_grads *grads);
 
 /* Aux-loss-free balancing (DeepSeek-V3): bias[e] += gamma * sign(mean - load[e])
    with load = tokens routed per expert over the step (e.g. summed
@@ -528,20 +587,40 @@ static int moe__act_is_glu(moe_activation a) {
     return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU || a == MOE_ACT_GEGLU_TANH;
 }
 
-/* h <- act(h) (two-matrix FFN) or act(h) * u (GLU); n elements. */
-static void moe__activate_ref(moe_activation act, float *MOE_RESTRICT h,
+/* act(v) of the FFN's nonlinearity (SiLU, GELU erf / tanh, ReLU). */
+static float moe__act(moe_activation act, float v) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: case MOE_ACT_SILU:          return v * moe__sigmoid(v);
+    case MOE_ACT_GEGLU:  case MOE_ACT_GELU:          return moe__gelu_erf(v);
+    case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: return moe__gelu_tanh(v);
+    default:                                         return v > 0.0f ? v : 0.0f; /* RELU */
+    }
+}
+/* act'(v), ROUTING_SPEC 12:  SiLU' = s(1 + v(1 - s)) with s = sigmoid(v);
+   GELU_erf' = Phi(v) + v phi(v);  GELU_tanh' = (1 + tanh u)/2 + v (1 - tanh^2 u)
+   sqrt(2/pi) (1 + 3 * 0.044715 v^2) / 2;  ReLU' = [v > 0].                   */
+static float moe__act_grad(moe_activation act, float v) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: case MOE_ACT_SILU: {
+        float s = moe__sigmoid(v);
+        return s * (1.0f + v * (1.0f - s));
+    }
+    case MOE_ACT_GEGLU: case MOE_ACT_GELU:
+        return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * 0.39894228040143268f * expf(-0.5f * v * v);
+    case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: {
+        float th = tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v));
+        return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * v * v);
+    }
+    default: return v > 0.0f ? 1.0f : 0.0f;
+    }
+}
+
+/* a = act(h) (two-matrix FFN) or act(h) * u (GLU); n elements. h and u are
+   kept: the backward pass needs the pre-activations.                      */
+static void moe__activate_ref(moe_activation act, float *MOE_RESTRICT a, const float *MOE_RESTRICT h,
                               const float *MOE_RESTRICT u, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++) {
-        float v = h[i], a;
-        switch (act) {
-        case MOE_ACT_SWIGLU: case MOE_ACT_SILU:      a = v * moe__sigmoid(v); break;
-        case MOE_ACT_GEGLU:  case MOE_ACT_GELU:      a = moe__gelu_erf(v); break;
-        case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: a = moe__gelu_tanh(v); break;
-        default:                                     a = v > 0.0f ? v : 0.0f; break; /* RELU */
-        }
-        h[i] = u ? a * u[i] : a;
-    }
+    for (i = 0; i < n; i++) a[i] = u ? moe__act(act, h[i]) * u[i] : moe__act(act, h[i]);
 }
 
 /* p = softmax(z) over n entries; pass 1 finds the max so exp never overflows. */
@@ -669,6 +748,7 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
         c.slots_per_expert < 0 || c.seq_len < 0)
         return MOE_STATUS_BAD_DIMENSION;
     if (c.slots_per_expert == 0) c.slots_per_expert = 1;
+    if ((int64_t)c.num_experts * c.slots_per_expert > INT32_MAX) return MOE_STATUS_BAD_DIMENSION;
     if (c.routing == MOE_ROUTING_TOPK && (c.top_k < 1 || c.top_k > c.num_experts))
         return MOE_STATUS_BAD_TOP_K;
 
@@ -702,7 +782,7 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
     if (moe__bad_float(c.norm_p, 0.0f) || (c.normalize == MOE_NORM_PNORM && c.norm_p <= 0.0f) ||
         moe__bad_float(c.norm_eps, 0.0f) || moe__bad_float(c.second_threshold, 0.0f) ||
         !moe__isfinite(c.routed_scale) || moe__bad_float(c.noise_epsilon, 0.0f) ||
-        moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f ||
+        moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f || moe__bad_float(c.router_grad_clip, 0.0f) ||
         !moe__isfinite(c.balance_coef) || !moe__isfinite(c.z_loss_coef) ||
         !moe__isfinite(c.importance_coef) || !moe__isfinite(c.load_coef) ||
         !moe__isfinite(c.seq_balance_coef))
@@ -831,7 +911,7 @@ MOEDEF moe_status moe_capacity(moe_capacity_formula formula, int32_t num_tokens,
     double S = num_tokens, E = num_experts, K = top_k, cf = capacity_factor, C;
     if (!out_capacity) return MOE_STATUS_NULL_ARGUMENT;
     if (num_tokens < 0 || num_experts < 1) return MOE_STATUS_BAD_DIMENSION;
-    if (top_k < 1) return MOE_STATUS_BAD_TOP_K;
+    if (top_k < 1 || top_k > num_experts) return MOE_STATUS_BAD_TOP_K;
     if (!moe__isfinite(capacity_factor) || capacity_factor <= 0.0f) return MOE_STATUS_BAD_CAPACITY;
     switch (formula) {
     case MOE_CAPACITY_MEGATRON:     C = ceil(cf * S * K / E); break;
@@ -874,11 +954,16 @@ typedef struct moe__layout {
     size_t key, order, order_tmp, small_i, small_f, count, imp;      /* scratch */
     /* forward only */
     size_t logits, noise_logits, xr, slot_norm;
-    size_t pair_row, offsets, row_token, xg, hg, hu, out, sh_g, sh_u, sh_out;
+    size_t pair_row, offsets, row_token, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
+    /* backward only */
+    size_t gw, dout, da, du, dxg, dscore, dz, dsig, dD, sh_dout, sh_da, sh_du, sh_dx, dx, gamma;
+    size_t bw_d, bw_f, bw_u8;   /* router-backward scratch: 6E doubles, 6E floats, 2E bytes */
     size_t total;         /* bytes, including slack to align the base pointer */
 } moe__layout;
 
-static moe_status moe__plan(const moe_config *c, int32_t T, int forward, moe__layout *L) {
+enum { MOE__PLAN_ROUTE = 0, MOE__PLAN_FORWARD = 1, MOE__PLAN_BACKWARD = 2 };
+
+static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layout *L) {
     size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, D = (size_t)c->d_model;
     size_t F = (size_t)c->d_ff, Fs = (size_t)c->shared_d_ff, R, S, TR, TS, N, big;
     int ok = 1, glu = moe__act_is_glu(c->activation);
@@ -910,8 +995,9 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int forward, moe__la
     L->small_f   = moe__reserve(&t, 2 * E + 2, sizeof(float), &ok);
     L->count     = moe__reserve(&t, E, sizeof(int32_t), &ok);
     L->imp       = moe__reserve(&t, 2 * E, sizeof(double), &ok);
-    if (forward) {
-        int jitter = c->training && c->jitter > 0.0f;
+    if (mode >= MOE__PLAN_FORWARD) {
+        /* the backward always rebuilds the router input x * U here */
+        int jitter = (c->training && c->jitter > 0.0f) || mode == MOE__PLAN_BACKWARD;
         L->logits       = moe__reserve(&t, TR, sizeof(float), &ok);
         L->noise_logits = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0, sizeof(float), &ok);
         L->xr           = moe__reserve(&t, jitter ? moe__mul(nT, D) : 0, sizeof(float), &ok);
@@ -922,10 +1008,32 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int forward, moe__la
         L->xg           = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
         L->hg           = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
         L->hu           = moe__reserve(&t, glu ? moe__mul(N, F) : 0, sizeof(float), &ok);
+        L->ha           = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
         L->out          = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
         L->sh_g         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
         L->sh_u         = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
+        L->sh_a         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
         L->sh_out       = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+    }
+    if (mode == MOE__PLAN_BACKWARD) {
+        L->gw      = moe__reserve(&t, TS, sizeof(float), &ok);
+        L->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+        L->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
+        L->du      = moe__reserve(&t, glu ? moe__mul(N, F) : 0, sizeof(float), &ok);
+        L->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+        L->dscore  = moe__reserve(&t, TR, sizeof(float), &ok);
+        L->dz      = moe__reserve(&t, TR, sizeof(float), &ok);
+        L->dsig    = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0, sizeof(float), &ok);
+        L->dD      = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
+        L->sh_dout = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+        L->sh_da   = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
+        L->sh_du   = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
+        L->sh_dx   = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+        L->dx      = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
+        L->gamma   = moe__reserve(&t, nT, sizeof(float), &ok);
+        L->bw_d    = moe__reserve(&t, 6 * E, sizeof(double), &ok);
+        L->bw_f    = moe__reserve(&t, 6 * E, sizeof(float), &ok);
+        L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
     }
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
@@ -1331,7 +1439,8 @@ static moe_status moe__route(moe__router *r) {
 // Experts: dispatch, grouped FFN, combine
 
 /* One set of experts in nn.Linear layout; expert e's tensors start at
-   e * *_stride elements (the shared expert is a set of one).              */
+   e * *_stride elements (the shared expert is a set of one). The same struct
+   describes the gradient tensors (moe_grads), whose pointers it casts back. */
 typedef struct moe__ffn {
     const float *gate, *up, *down;                 /* [F][D], [F][D], [D][F] each */
     const float *gate_bias, *up_bias, *down_bias;  /* [F], [F], [D] each or NULL  */
@@ -1340,44 +1449,74 @@ typedef struct moe__ffn {
     moe_activation act;
 } moe__ffn;
 
+static moe__ffn moe__ffn_make(const moe_config *c, int32_t F, int fused,
+                              const float *gate, const float *up, const float *down,
+                              const float *gb, const float *ub, const float *db, int shared) {
+    moe__ffn f;
+    const size_t D = (size_t)c->d_model;
+    f.D = c->d_model; f.F = F; f.act = c->activation;
+    f.gate_stride = shared ? 0 : (size_t)(fused ? 2 : 1) * (size_t)F * D;
+    f.up_stride = f.gate_stride;
+    f.down_stride = shared ? 0 : D * (size_t)F;
+    f.gate = gate; f.down = down;
+    f.up = fused && gate ? gate + (size_t)F * D : up;   /* HF gate_up_proj: up rows follow */
+    f.gate_bias = c->expert_bias ? gb : NULL;
+    f.up_bias = c->expert_bias ? ub : NULL;
+    f.down_bias = c->expert_bias ? db : NULL;
+    return f;
+}
+static moe__ffn moe__routed_ffn(const moe_config *c, const moe_weights *w) {
+    return moe__ffn_make(c, c->d_ff, w->gate_up_fused, w->gate, w->up, w->down,
+                         w->gate_bias, w->up_bias, w->down_bias, 0);
+}
+static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
+    return moe__ffn_make(c, c->shared_d_ff, 0, w->shared_gate, w->shared_up, w->shared_down,
+                         w->shared_gate_bias, w->shared_up_bias, w->shared_down_bias, 1);
+}
+
 /* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
    x belong to expert e. This is where the fast kernels plug in.
-     x: [N][D]   hg, hu: [N][F] hidden (hu only for GLU)   out: [N][D]
-     out = down_e . act(gate_e . x + bg) [* (up_e . x + bu)] + bd           */
+     x: [N][D]   hg, hu: [N][F] pre-activations (hu only for GLU)
+     ha: [N][F] activation   out: [N][D]
+     hg = gate_e.x + bg;  hu = up_e.x + bu;  ha = act(hg) [* hu];  out = down_e.ha + bd */
 static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, const int64_t *off,
-                                     const float *x, float *hg, float *hu, float *out) {
+                                     const float *x, float *hg, float *hu, float *ha, float *out) {
     const size_t D = (size_t)f->D, F = (size_t)f->F;
     const int glu = moe__act_is_glu(f->act);
     int32_t e;
     for (e = 0; e < num_experts; e++) {
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
-        float *he = hg + (size_t)r0 * F, *ue = glu ? hu + (size_t)r0 * F : NULL;
+        const size_t h0 = (size_t)r0 * F;
         if (n == 0) continue;
-        moe__gemm_ref(he, x + (size_t)r0 * D, f->gate + (size_t)e * f->gate_stride,
+        moe__gemm_ref(hg + h0, x + (size_t)r0 * D, f->gate + (size_t)e * f->gate_stride,
                       f->gate_bias ? f->gate_bias + (size_t)e * F : NULL, n, f->F, f->D);
         if (glu)
-            moe__gemm_ref(ue, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
+            moe__gemm_ref(hu + h0, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
                           f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F, f->D);
-        moe__activate_ref(f->act, he, ue, (size_t)n * F);
-        moe__gemm_ref(out + (size_t)r0 * D, he, f->down + (size_t)e * f->down_stride,
+        moe__activate_ref(f->act, ha + h0, hg + h0, glu ? hu + h0 : NULL, (size_t)n * F);
+        moe__gemm_ref(out + (size_t)r0 * D, ha + h0, f->down + (size_t)e * f->down_stride,
                       f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D, f->F);
     }
 }
 
 /* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
    Stable: within an expert, rows follow token order. pair_row[t][j] is the
-   row of pair (t, j), or -1 when the pair was not routed or was dropped.  */
-static void moe__dispatch_ref(const moe_info *res, int32_t T, int32_t S, int32_t E,
-                              int64_t *offsets, int64_t *pair_row, int32_t *row_token) {
+   row of pair (t, j), or -1 when the pair was not routed, was dropped or was
+   rejected. offsets: [E + 1] row starts.                                   */
+static void moe__dispatch_ref(const int32_t *expert, const uint8_t *dropped, int32_t T, int32_t S,
+                              int32_t E, int64_t *offsets, int64_t *pair_row, int32_t *row_token) {
     int32_t t, j, e;
+    size_t p;
     for (e = 0; e <= E; e++) offsets[e] = 0;
-    for (e = 0; e < E; e++) offsets[e + 1] = offsets[e] + res->expert_kept[e];
-    for (t = 0; t < T; t++)
+    for (p = 0; p < (size_t)T * (size_t)S; p++)            /* pass 1: count */
+        if (expert[p] >= 0 && !dropped[p]) offsets[expert[p] + 1]++;
+    for (e = 0; e < E; e++) offsets[e + 1] += offsets[e];  /* pass 2: prefix sums */
+    for (t = 0; t < T; t++)                                /* pass 3: place, offsets[e] as cursor */
         for (j = 0; j < S; j++) {
-            size_t p = (size_t)t * S + j;
-            e = res->expert[p];
-            if (e < 0 || res->dropped[p]) { pair_row[p] = -1; continue; }
-            pair_row[p] = offsets[e]++;          /* offsets[e] runs as a cursor  */
+            p = (size_t)t * S + j;
+            e = expert[p];
+            if (e < 0 || dropped[p]) { pair_row[p] = -1; continue; }
+            pair_row[p] = offsets[e]++;
             row_token[pair_row[p]] = t;
         }
     for (e = E; e > 0; e--) offsets[e] = offsets[e - 1];   /* cursors -> starts */
@@ -1401,6 +1540,70 @@ static void moe__combine_ref(float *y, const float *out, const float *weight,
     }
 }
 
+/* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
+static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x,
+                                int32_t T, int32_t R, int32_t D) {
+    int32_t s, t, d;
+    for (s = 0; s < R; s++) {
+        float *xsr = xs + (size_t)s * D;
+        for (d = 0; d < D; d++) xsr[d] = 0.0f;
+        for (t = 0; t < T; t++) {
+            const float dw = dispatch[(size_t)t * R + s];
+            for (d = 0; d < D; d++) xsr[d] += dw * x[(size_t)t * D + d];
+        }
+    }
+}
+
+/* Stage 3 of the layer: expert inputs in expert-contiguous rows xg (a gather,
+   or Soft MoE's dispatch mixtures), with offsets, pair_row and row_token.   */
+static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
+                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
+                               const moe__layout *L, unsigned char *b) {
+    const int32_t E = c->num_experts, D = c->d_model;
+    int64_t *offsets = MOE__AT(b, L->offsets, int64_t), row;
+    const int32_t *row_token = MOE__AT(b, L->row_token, int32_t);
+    float *xg = MOE__AT(b, L->xg, float);
+    if (c->routing == MOE_ROUTING_SOFT) {
+        int32_t e;
+        for (e = 0; e <= E; e++) offsets[e] = (int64_t)e * c->slots_per_expert;
+        moe__soft_slots_ref(xg, dispatch, x, T, L->R, D);
+    } else {
+        moe__dispatch_ref(expert, dropped, T, L->S, E, offsets, MOE__AT(b, L->pair_row, int64_t),
+                          MOE__AT(b, L->row_token, int32_t));
+        for (row = 0; row < offsets[E]; row++)
+            memcpy(xg + (size_t)row * D, x + (size_t)row_token[row] * D, (size_t)D * sizeof(float));
+    }
+}
+
+/* Stages 3-4, shared by the forward and the backward's recompute: expert
+   inputs, the grouped FFN, and the shared expert's FFN on every token.     */
+static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
+                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
+                               const moe__layout *L, unsigned char *b) {
+    const int glu = moe__act_is_glu(c->activation);
+    moe__ffn ffn = moe__routed_ffn(c, w);
+    moe__expert_inputs(c, x, T, expert, dropped, dispatch, L, b);
+    moe__experts_forward_ref(&ffn, c->num_experts, MOE__AT(b, L->offsets, int64_t), MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float),
+                             glu ? MOE__AT(b, L->hu, float) : NULL, MOE__AT(b, L->ha, float),
+                             MOE__AT(b, L->out, float));
+    if (c->shared_d_ff > 0) {
+        const int64_t sh_off[2] = {0, (int64_t)T};
+        moe__ffn sh = moe__shared_ffn(c, w);
+        moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L->sh_g, float),
+                                 glu ? MOE__AT(b, L->sh_u, float) : NULL, MOE__AT(b, L->sh_a, float),
+                                 MOE__AT(b, L->sh_out, float));
+    }
+}
+
+/* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
+static float moe__shared_gate_of(const moe_config *c, const moe_weights *w, const float *xt) {
+    float z = 0.0f;
+    int32_t d;
+    if (!c->shared_gate) return 1.0f;
+    for (d = 0; d < c->d_model; d++) z += xt[d] * w->shared_expert_gate[d];
+    return moe__sigmoid(z);
+}
+
 // ----------------------------------------------------------------------------
 // Public functions
 
@@ -1422,19 +1625,26 @@ static moe_status moe__check_weights(const moe_config *c, const moe_weights *w) 
     return MOE_STATUS_OK;
 }
 
-/* moe_info arrays, in one order shared by moe_info_size and moe_info_bind. */
+/* moe_info arrays, in one order shared by moe_info_size and moe_info_bind.
+   The training cache is included when cfg.training and not cfg.recompute. */
 typedef struct moe__info_layout {
-    size_t logits, scores, dispatch, expert, weight, dropped, routed, kept, total;
+    size_t logits, scores, dispatch, expert, weight, dropped, routed, kept;
+    size_t hidden, up, out, sh_hidden, sh_up, sh_out;
+    size_t total;
 } moe__info_layout;
 
 static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c, moe__info_layout *L) {
-    size_t t = 0, TR, TS;
-    int ok = 1;
+    size_t t = 0, TR, TS, N = 0, Ts = 0;
+    int ok = 1, glu;
+    moe__layout P;
     moe_status st = moe_config_resolve(cfg, c);
     if (st != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
-    TR = moe__mul((size_t)T, (size_t)(c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts));
-    TS = moe__mul((size_t)T, (size_t)moe_routing_slots(c));
+    if ((st = moe__plan(c, T, MOE__PLAN_ROUTE, &P)) != MOE_STATUS_OK) return st;
+    glu = moe__act_is_glu(c->activation);
+    TR = moe__mul((size_t)T, (size_t)P.R);
+    TS = moe__mul((size_t)T, (size_t)P.S);
+    if (c->training && !c->recompute) { N = (size_t)P.N; Ts = (size_t)T; }
     L->logits   = moe__reserve(&t, TR, sizeof(float), &ok);
     L->scores   = moe__reserve(&t, TR, sizeof(float), &ok);
     L->dispatch = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
@@ -1443,6 +1653,12 @@ static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c
     L->dropped  = moe__reserve(&t, TS, sizeof(uint8_t), &ok);
     L->routed   = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
     L->kept     = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
+    L->hidden   = moe__reserve(&t, moe__mul(N, (size_t)c->d_ff), sizeof(float), &ok);
+    L->up       = moe__reserve(&t, glu ? moe__mul(N, (size_t)c->d_ff) : 0, sizeof(float), &ok);
+    L->out      = moe__reserve(&t, moe__mul(N, (size_t)c->d_model), sizeof(float), &ok);
+    L->sh_hidden = moe__reserve(&t, moe__mul(Ts, (size_t)c->shared_d_ff), sizeof(float), &ok);
+    L->sh_up    = moe__reserve(&t, glu ? moe__mul(Ts, (size_t)c->shared_d_ff) : 0, sizeof(float), &ok);
+    L->sh_out   = moe__reserve(&t, c->shared_d_ff ? moe__mul(Ts, (size_t)c->d_model) : 0, sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
@@ -1464,11 +1680,14 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
     moe__info_layout L;
     unsigned char *b;
     moe_status st;
+    int cache, glu;
     if (!cfg || !info || !buffer) return MOE_STATUS_NULL_ARGUMENT;
     st = moe__info_plan(cfg, num_tokens, &c, &L);
     if (st != MOE_STATUS_OK) return st;
     if (bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
     b = moe__align_ptr(buffer);
+    cache = c.training && !c.recompute;
+    glu = moe__act_is_glu(c.activation);
     info->logits = MOE__AT(b, L.logits, float);
     info->scores = MOE__AT(b, L.scores, float);
     info->dispatch = c.routing == MOE_ROUTING_SOFT ? MOE__AT(b, L.dispatch, float) : NULL;
@@ -1477,6 +1696,12 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
     info->dropped = MOE__AT(b, L.dropped, uint8_t);
     info->expert_routed = MOE__AT(b, L.routed, int32_t);
     info->expert_kept = MOE__AT(b, L.kept, int32_t);
+    info->cache_hidden = cache ? MOE__AT(b, L.hidden, float) : NULL;
+    info->cache_up = cache && glu ? MOE__AT(b, L.up, float) : NULL;
+    info->cache_out = cache ? MOE__AT(b, L.out, float) : NULL;
+    info->cache_shared_hidden = cache && c.shared_d_ff ? MOE__AT(b, L.sh_hidden, float) : NULL;
+    info->cache_shared_up = cache && c.shared_d_ff && glu ? MOE__AT(b, L.sh_up, float) : NULL;
+    info->cache_shared_out = cache && c.shared_d_ff ? MOE__AT(b, L.sh_out, float) : NULL;
     return MOE_STATUS_OK;
 }
 
@@ -1485,7 +1710,7 @@ static void moe__router_init(moe__router *r, const moe_config *c, const moe__lay
                              unsigned char *b, int32_t T, moe_info *res) {
     memset(res, 0, sizeof *res);
     res->scores = MOE__AT(b, L->scores, float);
-    res->dispatch = MOE__AT(b, L->dispatch, float);
+    res->dispatch = c->routing == MOE_ROUTING_SOFT ? MOE__AT(b, L->dispatch, float) : NULL;
     res->expert = MOE__AT(b, L->expert, int32_t);
     res->weight = MOE__AT(b, L->weight, float);
     res->dropped = MOE__AT(b, L->dropped, uint8_t);
@@ -1522,6 +1747,21 @@ static void moe__info_export(moe_info *dst, const moe_info *src, const float *lo
     dst->aux_seq = src->aux_seq; dst->aux_total = src->aux_total;
 }
 
+/* Copy the expert activations of a training forward into the info cache. */
+static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
+                              const moe__layout *L, unsigned char *b) {
+    const size_t rows = (size_t)MOE__AT(b, L->offsets, int64_t)[c->num_experts];
+    const size_t F = (size_t)c->d_ff, D = (size_t)c->d_model, Fs = (size_t)c->shared_d_ff;
+    const int glu = moe__act_is_glu(c->activation);
+    if (dst->cache_hidden) memcpy(dst->cache_hidden, MOE__AT(b, L->hg, float), rows * F * sizeof(float));
+    if (dst->cache_up && glu) memcpy(dst->cache_up, MOE__AT(b, L->hu, float), rows * F * sizeof(float));
+    if (dst->cache_out) memcpy(dst->cache_out, MOE__AT(b, L->out, float), rows * D * sizeof(float));
+    if (!Fs) return;
+    if (dst->cache_shared_hidden) memcpy(dst->cache_shared_hidden, MOE__AT(b, L->sh_g, float), (size_t)T * Fs * sizeof(float));
+    if (dst->cache_shared_up && glu) memcpy(dst->cache_shared_up, MOE__AT(b, L->sh_u, float), (size_t)T * Fs * sizeof(float));
+    if (dst->cache_shared_out) memcpy(dst->cache_shared_out, MOE__AT(b, L->sh_out, float), (size_t)T * D * sizeof(float));
+}
+
 MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens,
                                            size_t *out_bytes) {
     moe_config c;
@@ -1530,7 +1770,7 @@ MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_to
     if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(&c, num_tokens, 0, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, num_tokens, MOE__PLAN_ROUTE, &L)) != MOE_STATUS_OK) return st;
     *out_bytes = L.total;
     return MOE_STATUS_OK;
 }
@@ -1552,7 +1792,7 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
     if (T > 0 && (!logits || (c.noise == MOE_NOISE_SHAZEER && c.training && !noise_logits)))
         return MOE_STATUS_NULL_ARGUMENT;
     if (c.selection_bias && (!w || !w->selection_bias)) return MOE_STATUS_MISSING_WEIGHT;
-    if ((st = moe__plan(&c, T, 0, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, T, MOE__PLAN_ROUTE, &L)) != MOE_STATUS_OK) return st;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
     b = moe__align_ptr(workspace);
@@ -1573,7 +1813,7 @@ MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_
     if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(&c, num_tokens, 1, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, num_tokens, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
     *out_bytes = L.total;
     return MOE_STATUS_OK;
 }
@@ -1624,17 +1864,16 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     moe__layout L;
     moe__router r;
     moe_info res;
-    moe__ffn ffn;
     unsigned char *b;
     moe_status st;
     const int32_t T = num_tokens;
-    int32_t t, d;
+    int32_t t, d, s;
     if (!cfg || !w) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe__check_weights(&c, w)) != MOE_STATUS_OK) return st;
-    if ((st = moe__plan(&c, T, 1, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) {
         if (info) info->workspace_required = L.total;
@@ -1650,52 +1889,14 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
     if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
 
-    /* 3. expert inputs in expert-contiguous rows: a gather (token choice) or
-          the dispatch-weighted token mixtures (Soft MoE, P rows per expert)   */
+    /* 3-4. expert inputs and the grouped expert FFN (and the shared expert) */
+    moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &L, b);
+
+    /* 5. combine in fixed slot order */
     {
-        const int32_t E = c.num_experts, D = c.d_model, S = L.S, R = L.R;
-        const int glu = moe__act_is_glu(c.activation);
-        int64_t *offsets = MOE__AT(b, L.offsets, int64_t);
-        int64_t *pair_row = MOE__AT(b, L.pair_row, int64_t);
-        int32_t *row_token = MOE__AT(b, L.row_token, int32_t);
-        float *xg = MOE__AT(b, L.xg, float), *out = MOE__AT(b, L.out, float);
-        int64_t row, nrows;
-        if (c.routing == MOE_ROUTING_SOFT) {
-            int32_t s, e;
-            for (e = 0; e <= E; e++) offsets[e] = (int64_t)e * c.slots_per_expert;
-            for (s = 0; s < R; s++) {
-                float *xs = xg + (size_t)s * D;
-                for (d = 0; d < D; d++) xs[d] = 0.0f;
-                for (t = 0; t < T; t++) {
-                    const float dw = res.dispatch[(size_t)t * R + s];
-                    for (d = 0; d < D; d++) xs[d] += dw * x[(size_t)t * D + d];
-                }
-            }
-        } else {
-            moe__dispatch_ref(&res, T, S, E, offsets, pair_row, row_token);
-            nrows = offsets[E];
-            for (row = 0; row < nrows; row++)
-                memcpy(xg + (size_t)row * D, x + (size_t)row_token[row] * D, (size_t)D * sizeof(float));
-        }
-
-        /* 4. grouped expert FFN */
-        ffn.D = D; ffn.F = c.d_ff; ffn.act = c.activation;
-        ffn.gate = w->gate;
-        ffn.gate_stride = (size_t)(w->gate_up_fused ? 2 : 1) * (size_t)c.d_ff * (size_t)D;
-        ffn.up = w->gate_up_fused ? w->gate + (size_t)c.d_ff * D : w->up;
-        ffn.up_stride = ffn.gate_stride;
-        ffn.down = w->down;
-        ffn.down_stride = (size_t)D * (size_t)c.d_ff;
-        ffn.gate_bias = c.expert_bias ? w->gate_bias : NULL;
-        ffn.up_bias = c.expert_bias ? w->up_bias : NULL;
-        ffn.down_bias = c.expert_bias ? w->down_bias : NULL;
-        if (T > 0)
-            moe__experts_forward_ref(&ffn, E, offsets, xg, MOE__AT(b, L.hg, float),
-                                     glu ? MOE__AT(b, L.hu, float) : NULL, out);
-
-        /* 5. combine in fixed slot order */
-        if (c.routing == MOE_ROUTING_SOFT) {
-            int32_t s;
+        const int32_t D = c.d_model, R = L.R;
+        const float *out = MOE__AT(b, L.out, float);
+        if (c.routing == MOE_ROUTING_SOFT) {          /* Y = C . Y~ */
             for (t = 0; t < T; t++) {
                 float *yt = y + (size_t)t * D;
                 for (d = 0; d < D; d++) yt[d] = 0.0f;
@@ -1705,34 +1906,21 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
                 }
             }
         } else {
-            moe__combine_ref(y, out, res.weight, pair_row, T, S, D);
+            moe__combine_ref(y, out, res.weight, MOE__AT(b, L.pair_row, int64_t), T, L.S, D);
         }
-
         /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
-        if (c.shared_d_ff > 0 && T > 0) {
-            const int64_t sh_off[2] = {0, (int64_t)T};
-            float *sh_out = MOE__AT(b, L.sh_out, float);
-            moe__ffn sh;
-            sh.D = D; sh.F = c.shared_d_ff; sh.act = c.activation;
-            sh.gate = w->shared_gate; sh.up = w->shared_up; sh.down = w->shared_down;
-            sh.gate_stride = sh.up_stride = sh.down_stride = 0;
-            sh.gate_bias = c.expert_bias ? w->shared_gate_bias : NULL;
-            sh.up_bias = c.expert_bias ? w->shared_up_bias : NULL;
-            sh.down_bias = c.expert_bias ? w->shared_down_bias : NULL;
-            moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L.sh_g, float),
-                                     glu ? MOE__AT(b, L.sh_u, float) : NULL, sh_out);
+        if (c.shared_d_ff > 0) {
+            const float *sh_out = MOE__AT(b, L.sh_out, float);
             for (t = 0; t < T; t++) {
-                float gate = 1.0f;
-                if (c.shared_gate) {
-                    float z = 0.0f;
-                    for (d = 0; d < D; d++) z += x[(size_t)t * D + d] * w->shared_expert_gate[d];
-                    gate = moe__sigmoid(z);
-                }
+                const float gate = moe__shared_gate_of(&c, w, x + (size_t)t * D);
                 for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
             }
         }
     }
-    if (info) moe__info_export(info, &res, MOE__AT(b, L.logits, float), T, L.R, L.S, c.num_experts);
+    if (info) {
+        moe__info_export(info, &res, MOE__AT(b, L.logits, float), T, L.R, L.S, c.num_experts);
+        if (c.training && !c.recompute) moe__cache_export(info, &c, T, &L, b);
+    }
     return MOE_STATUS_OK;
 }
 
@@ -1746,6 +1934,674 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
     ws = MOE_MALLOC(NULL, bytes);
     if (!ws) return MOE_STATUS_OUT_OF_MEMORY;
     st = moe_forward(cfg, w, x, num_tokens, y, info, ws, bytes);
+    MOE_FREE(NULL, ws);
+    return st;
+}
+
+// ----------------------------------------------------------------------------
+// Backward pass (ROUTING_SPEC 13). Each step is the transpose of its forward
+// twin above; parameter gradients accumulate, dx is overwritten.
+
+/* C[n][m] = A[n][k] . B[k][m]  (B row-major [k][m]; k summed in order).      */
+static void moe__gemm_nn_ref(float *MOE_RESTRICT C, const float *MOE_RESTRICT A,
+                             const float *MOE_RESTRICT B, int64_t n, int32_t k, int32_t m) {
+    int64_t i;
+    int32_t j, l;
+    for (i = 0; i < n; i++) {
+        float *ci = C + (size_t)i * (size_t)m;
+        const float *ai = A + (size_t)i * (size_t)k;
+        for (j = 0; j < m; j++) ci[j] = 0.0f;
+        for (l = 0; l < k; l++) {
+            const float a = ai[l];
+            const float *bl = B + (size_t)l * (size_t)m;
+            for (j = 0; j < m; j++) ci[j] += a * bl[j];
+        }
+    }
+}
+
+/* C[m][p] += sum_i A[i][m] * B[i][p] over the n rows (a weight gradient
+   dW += dY^T X; rows summed in order), and bias[m] += sum_i A[i][m].        */
+static void moe__gemm_tn_acc_ref(float *MOE_RESTRICT C, float *MOE_RESTRICT bias,
+                                 const float *MOE_RESTRICT A, const float *MOE_RESTRICT B,
+                                 int64_t n, int32_t m, int32_t p) {
+    int64_t i;
+    int32_t j, l;
+    for (i = 0; i < n; i++) {
+        const float *ai = A + (size_t)i * (size_t)m, *bi = B + (size_t)i * (size_t)p;
+        for (j = 0; j < m; j++) {
+            float *cj = C ? C + (size_t)j * (size_t)p : NULL;
+            if (bias) bias[j] += ai[j];
+            if (cj) for (l = 0; l < p; l++) cj[l] += ai[j] * bi[l];
+        }
+    }
+}
+
+/* Gradient tensors of one expert set, laid out like moe__ffn. */
+typedef struct moe__ffn_grad {
+    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+} moe__ffn_grad;
+
+/* Backward of moe__experts_forward_ref, rows of each expert at once.
+     da = dout . down_e                       d down_e += dout^T . ha,  d bd += sum dout
+     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
+     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
+     dx = dh . gate_e + du . up_e   (overwritten, [N][D])                      */
+static void moe__experts_backward_ref(const moe__ffn *f, const moe__ffn_grad *g, int32_t num_experts,
+                                      const int64_t *off, const float *x, const float *hg,
+                                      const float *hu, const float *ha, const float *dout,
+                                      float *dh, float *du, float *dx) {
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    int32_t e;
+    for (e = 0; e < num_experts; e++) {
+        const int64_t r0 = off[e], n = off[e + 1] - off[e];
+        const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
+        size_t i;
+        if (n == 0) continue;
+        moe__gemm_nn_ref(dh + h0, dout + x0, f->down + (size_t)e * f->down_stride, n, f->D, f->F);
+        moe__gemm_tn_acc_ref(g->down ? g->down + (size_t)e * f->down_stride : NULL,
+                             g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, ha + h0, n, f->D, f->F);
+        for (i = h0; i < h0 + (size_t)n * F; i++) {     /* through the activation */
+            const float da = dh[i];
+            if (glu) { du[i] = da * moe__act(f->act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(f->act, hg[i]); }
+            else dh[i] = da * moe__act_grad(f->act, hg[i]);
+        }
+        moe__gemm_tn_acc_ref(g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
+                             g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, x + x0, n, f->F, f->D);
+        if (glu)
+            moe__gemm_tn_acc_ref(g->up ? g->up + (size_t)e * f->up_stride : NULL,
+                                 g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, x + x0, n, f->F, f->D);
+        if (!dx) continue;
+        moe__gemm_nn_ref(dx + x0, dh + h0, f->gate + (size_t)e * f->gate_stride, n, f->F, f->D);
+        if (glu) {   /* dx += du . up_e */
+            int64_t r;
+            int32_t k, d;
+            for (r = 0; r < n; r++)
+                for (k = 0; k < f->F; k++) {
+                    const float v = du[h0 + (size_t)r * F + (size_t)k];
+                    const float *ur = f->up + (size_t)e * f->up_stride + (size_t)k * D;
+                    for (d = 0; d < f->D; d++) dx[x0 + (size_t)r * D + (size_t)d] += v * ur[d];
+                }
+        }
+    }
+}
+
+/* Gradient of w_j = r * m_j * g_j / den, den = sum_{q} g + eps (SUM),
+   (sum_{q} |g|^p)^(1/p) + eps (PNORM), or 1 (NONE), with respect to g:
+   dg_m += r m_m dw_m / den - r (sum_j m_j dw_j g_j) / den^2 * dden/dg_m.
+   m: which weights are nonzero, q: which scores form the denominator.    */
+static void moe__normalize_backward(const moe_config *c, const float *g, const uint8_t *m,
+                                    const uint8_t *q, const float *dw, float *dg, int32_t n) {
+    const double r = c->routed_scale;
+    double nrm = 0.0, den, a = 0.0;
+    int32_t j;
+    if (c->normalize == MOE_NORM_NONE) {
+        for (j = 0; j < n; j++) if (m[j]) dg[j] += (float)(r * dw[j]);
+        return;
+    }
+    for (j = 0; j < n; j++) if (q[j]) nrm += c->normalize == MOE_NORM_PNORM ? pow(fabs(g[j]), c->norm_p) : g[j];
+    if (c->normalize == MOE_NORM_PNORM) nrm = pow(nrm, 1.0 / c->norm_p);
+    den = nrm + c->norm_eps;
+    if (!(den > 0.0)) return;                       /* the forward gave zeros */
+    for (j = 0; j < n; j++) if (m[j]) a += (double)dw[j] * g[j];
+    for (j = 0; j < n; j++) {
+        double dden = 0.0, v = m[j] ? r * dw[j] / den : 0.0;
+        if (q[j]) dden = c->normalize == MOE_NORM_PNORM
+                       ? pow(fabs(g[j]), c->norm_p - 1.0) * (g[j] < 0.0f ? -1.0 : 1.0) * pow(nrm, 1.0 - c->norm_p)
+                       : 1.0;
+        dg[j] += (float)(v - r * a / (den * den) * dden);
+    }
+}
+
+/* d CV^2 / d v_i with CV^2 = var / (mean^2 + 1e-10), population variance. */
+static void moe__cv_squared_grad(const double *v, int32_t n, double coef, double *grad) {
+    double mean = 0.0, var = 0.0, den;
+    int32_t i;
+    for (i = 0; i < n; i++) grad[i] = 0.0;
+    if (n <= 1) return;
+    for (i = 0; i < n; i++) mean += v[i];
+    mean /= n;
+    for (i = 0; i < n; i++) var += (v[i] - mean) * (v[i] - mean);
+    var /= n;
+    den = mean * mean + 1e-10;
+    for (i = 0; i < n; i++) grad[i] = coef * (2.0 * (v[i] - mean) / n / den - var * 2.0 * mean / (n * den * den));
+}
+
+/* State the router backward shares between its passes. */
+typedef struct moe__router_bw {
+    const moe_config *c;
+    const moe_info *info;
+    int32_t T, S, K, E;
+    const float *gw;          /* [T][S] dL/d weight (from the combine)          */
+    const float *noise;       /* [T][E] raw noise logits x.W_noise (Shazeer)    */
+    const float *noise_samples; /* test seam as in moe__router, or NULL         */
+    float *dscore;            /* [T][E] dL/d score                              */
+    float *dz, *dsig;         /* [T][E] dL/d logit; dL/d sigma (Shazeer)        */
+    double *val;              /* [2E] Shazeer importance and load values        */
+    double *dval;             /* [2E] their d(coef * CV^2) / d value            */
+    double *fbal, *fseq;      /* [E] each: balance-loss factors                 */
+    uint8_t *m, *q;           /* [S] masks for moe__normalize_backward          */
+    float *g, *dg, *dw, *H, *sigma, *N;   /* [E] scratch each                   */
+    int32_t *top;             /* [E + 1]                                        */
+} moe__router_bw;
+
+/* Noisy logits H = z + N * sigma of token t (Shazeer, training), as drawn by
+   the forward from the same seed.                                          */
+static void moe__noisy_row(const moe__router_bw *B, int32_t t) {
+    int32_t e;
+    for (e = 0; e < B->E; e++) {
+        const uint64_t ctr = (uint64_t)t * (uint64_t)B->E + (uint64_t)e;
+        B->sigma[e] = moe__softplus(B->noise[ctr]) + B->c->noise_epsilon;
+        B->N[e] = B->noise_samples ? B->noise_samples[ctr] : (float)moe__rng_normal(B->c->seed, MOE__RNG_NOISE, ctr);
+        B->H[e] = B->info->logits[ctr] + B->N[e] * B->sigma[e];
+    }
+}
+
+/* Pass 1 of the router backward: the Shazeer importance and smooth-load
+   vectors (recomputed), then d(coef * CV^2)/d value for each.            */
+static void moe__shazeer_grads(moe__router_bw *B) {
+    const moe_config *c = B->c;
+    const int32_t T = B->T, S = B->S, E = B->E, K = B->K;
+    const int smooth = c->noise == MOE_NOISE_SHAZEER && c->training && K < E;
+    double *imp = B->val, *load = B->val + E;
+    int32_t t, j, e;
+    for (e = 0; e < 2 * E; e++) B->val[e] = B->dval[e] = 0.0;
+    if (c->importance_coef == 0.0f && !(smooth && c->load_coef != 0.0f)) return;
+    for (t = 0; t < T; t++) {
+        const float *sc = B->info->scores + (size_t)t * E;
+        const int32_t *idx = B->info->expert + (size_t)t * S;
+        const uint8_t *dr = B->info->dropped + (size_t)t * S;
+        for (j = 0; j < S; j++) B->g[j] = sc[idx[j]];
+        moe__normalize(c, B->g, NULL, B->dw, S);       /* pre-drop weights */
+        for (j = 0; j < S; j++)
+            if (dr[j] != MOE__REJECTED) imp[idx[j]] += (double)B->dw[j] * c->routed_scale;
+        if (smooth) {
+            float thr_in, thr_out;
+            moe__noisy_row(B, t);
+            moe__topk_ref(B->H, E, K + 1, B->top);
+            thr_in = B->H[B->top[K]]; thr_out = B->H[B->top[K - 1]];
+            for (e = 0; e < E; e++) {
+                const float thr = B->H[e] > thr_in ? thr_in : thr_out;
+                load[e] += moe__normal_cdf(((double)B->info->logits[(size_t)t * E + e] - thr) / B->sigma[e]);
+            }
+        }
+    }
+    moe__cv_squared_grad(imp, E, c->importance_coef, B->dval);
+    if (smooth) moe__cv_squared_grad(load, E, c->load_coef, B->dval + E);
+}
+
+/* Per-sequence factor of the sequence-wise loss for the sequence starting at
+   t0 with n tokens: fseq[e] = coef * f_e / (n * nseq), f_e = E/(K n) count_e
+   of a plain top-K of the unbiased scores.                                 */
+static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t nseq) {
+    const int32_t E = B->E, K = B->K;
+    int32_t t, j, e;
+    for (e = 0; e < E; e++) B->fseq[e] = 0.0;
+    for (t = t0; t < t0 + n; t++) {
+        moe__topk_ref(B->info->scores + (size_t)t * E, E, K, B->top);
+        for (j = 0; j < K; j++) B->fseq[B->top[j]] += 1.0;
+    }
+    for (e = 0; e < E; e++)
+        B->fseq[e] = B->c->seq_balance_coef * ((double)E / ((double)K * n) * B->fseq[e]) / ((double)n * nseq);
+}
+
+/* Router backward for top-k, expert-choice and dense routing: combine
+   gradient -> gate weights -> scores -> logits, plus every aux loss.
+   Writes dz [T][E] and, with Shazeer noise, dsig [T][E].                  */
+static void moe__router_backward_ref(moe__router_bw *B) {
+    const moe_config *c = B->c;
+    const moe_info *info = B->info;
+    const int32_t T = B->T, S = B->S, E = B->E, K = B->K;
+    const int topk = c->routing == MOE_ROUTING_TOPK;
+    const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
+    const int32_t L = c->seq_len > 0 ? c->seq_len : T;
+    const int32_t nseq = T > 0 ? (T + L - 1) / L : 0;
+    int32_t t, j, e;
+    memset(B->dz, 0, (size_t)T * E * sizeof(float));
+    if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
+    if (T == 0) return;
+    if (topk) moe__shazeer_grads(B);
+
+    /* balance loss E * sum_e f~_e P_e: dL/d pn[t][e] = coef * E * f~_e / T  */
+    for (e = 0; e < E; e++) B->fbal[e] = 0.0;
+    if (topk && c->balance_coef != 0.0f) {
+        for (t = 0; t < T; t++)
+            for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++) {
+                const size_t p = (size_t)t * S + j;
+                if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
+            }
+        for (e = 0; e < E; e++)
+            B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / T;
+    }
+
+    for (t = 0; t < T; t++) {
+        const float *sc = info->scores + (size_t)t * E, *z = info->logits + (size_t)t * E;
+        float *ds = B->dscore + (size_t)t * E, *dz = B->dz + (size_t)t * E;
+        double dot = 0.0;
+        for (e = 0; e < E; e++) ds[e] = 0.0f;
+
+        /* gate weights -> scores (ROUTING_SPEC 13.2) */
+        if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
+            for (e = 0; e < E; e++)
+                if (info->expert[(size_t)t * E + e] == e) ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
+        } else {
+            const int32_t *idx = info->expert + (size_t)t * S;
+            const uint8_t *dr = info->dropped + (size_t)t * S;
+            for (j = 0; j < S; j++) {
+                B->g[j] = sc[idx[j]];
+                B->dg[j] = 0.0f;
+                B->dw[j] = B->gw[(size_t)t * S + j];
+                B->m[j] = dr[j] == MOE__KEPT;
+                B->q[j] = c->normalize_after_drop ? dr[j] == MOE__KEPT : 1;
+            }
+            moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
+            if (topk && c->importance_coef != 0.0f) {    /* importance uses pre-drop weights */
+                for (j = 0; j < S; j++) {
+                    B->m[j] = dr[j] != MOE__REJECTED;
+                    B->q[j] = 1;
+                    B->dw[j] = B->m[j] ? (float)B->dval[idx[j]] : 0.0f;
+                }
+                moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
+            }
+            for (j = 0; j < S; j++) ds[idx[j]] += B->dg[j];
+        }
+
+        /* balance losses see pn = p (softmax) or s / sum s (sigmoid) */
+        if (topk && (c->balance_coef != 0.0f || c->seq_balance_coef != 0.0f)) {
+            double ssum = 0.0, corr = 0.0;
+            if (c->seq_balance_coef != 0.0f && t % L == 0) moe__seq_factors(B, t, T - t < L ? T - t : L, nseq);
+            for (e = 0; e < E; e++) B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
+            if (c->score == MOE_SCORE_SOFTMAX) {
+                for (e = 0; e < E; e++) ds[e] += B->dw[e];
+            } else {
+                for (e = 0; e < E; e++) ssum += sc[e];
+                if (ssum > 0.0) {
+                    for (e = 0; e < E; e++) corr += B->dw[e] * (sc[e] / ssum);
+                    for (e = 0; e < E; e++) ds[e] += (float)((B->dw[e] - corr) / ssum);
+                }
+            }
+        }
+
+        /* scores -> (noisy) logits */
+        if (c->score == MOE_SCORE_SOFTMAX) {
+            for (e = 0; e < E; e++) dot += (double)ds[e] * sc[e];
+            for (e = 0; e < E; e++) dz[e] = (float)(sc[e] * (ds[e] - dot));
+        } else {
+            for (e = 0; e < E; e++) dz[e] = ds[e] * sc[e] * (1.0f - sc[e]);
+        }
+        if (noisy) {                 /* H = z + N sigma: dsigma = dH * N */
+            float *dsig = B->dsig + (size_t)t * E;
+            moe__noisy_row(B, t);
+            for (e = 0; e < E; e++) dsig[e] = dz[e] * B->N[e];
+            if (K < E && c->load_coef != 0.0f) {
+                /* Load_e = sum_t Phi((z_e - H_k) / sigma_e), H_k the threshold */
+                float thr_in;
+                moe__topk_ref(B->H, E, K + 1, B->top);
+                thr_in = B->H[B->top[K]];
+                for (e = 0; e < E; e++) {
+                    const int32_t k = B->H[e] > thr_in ? B->top[K] : B->top[K - 1];
+                    const double u = ((double)z[e] - B->H[k]) / B->sigma[e];
+                    const double cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
+                    dz[e] += (float)cf;
+                    dsig[e] += (float)(-cf * u);
+                    dz[k] += (float)(-cf);
+                    dsig[k] += (float)(-cf * B->N[k]);
+                }
+            }
+        }
+
+        /* router z-loss on the clean logits: dz += coef 2/T LSE_t softmax(z_t) */
+        if (c->z_loss_coef != 0.0f) {
+            const double lse = moe__logsumexp(z, E);
+            for (e = 0; e < E; e++)
+                dz[e] += (float)(c->z_loss_coef * 2.0 / T * lse * exp((double)z[e] - lse));
+        }
+
+        /* optional clipping of the token's router gradient */
+        if (c->router_grad_clip > 0.0f) {
+            double nrm = 0.0;
+            for (e = 0; e < E; e++) nrm += (double)dz[e] * dz[e];
+            nrm = sqrt(nrm);
+            if (nrm > c->router_grad_clip) {
+                const float k = (float)(c->router_grad_clip / nrm);
+                for (e = 0; e < E; e++) dz[e] *= k;
+                if (noisy) for (e = 0; e < E; e++) B->dsig[(size_t)t * E + e] *= k;
+            }
+        }
+    }
+}
+
+/* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
+static float moe__jitter_factor(const moe_config *c, size_t i) {
+    if (!(c->training && c->jitter > 0.0f)) return 1.0f;
+    return (float)(1.0 - c->jitter + 2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
+}
+
+/* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
+   dx += (dz . W) * U  (U the jitter factors, xr = x * U).                  */
+static void moe__router_gemm_backward_ref(const moe_config *c, const float *x, int32_t T,
+                                          const float *dz, const float *W, float *dW, float *db,
+                                          float *xr, float *dx) {
+    const int32_t D = c->d_model, E = c->num_experts;
+    size_t i, n = (size_t)T * (size_t)D;
+    int32_t t, e, d;
+    for (i = 0; i < n; i++) xr[i] = x[i] * moe__jitter_factor(c, i);
+    if (dW || db) moe__gemm_tn_acc_ref(dW, db, dz, xr, T, E, D);
+    for (t = 0; t < T; t++)
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (e = 0; e < E; e++) acc += dz[(size_t)t * E + e] * W[(size_t)e * D + d];
+            dx[(size_t)t * D + d] += acc * moe__jitter_factor(c, (size_t)t * D + d);
+        }
+}
+
+/* Soft MoE router backward. Forward: q = <x_t, phi_s> / (|x_t| |phi_s|),
+   l = scale q, C = softmax_s(l) (rows), D = softmax_t(l) (columns).
+     dl = C (dC - sum_s C dC) + D (dD - sum_t D dD)
+     dscale += sum dl q
+     dx_t   += scale / |x_t| sum_s dl phi_s/|phi_s| - x_t scale (sum_s dl q) / |x_t|^2
+     dphi_s += scale / |phi_s| sum_t dl x_t/|x_t| - phi_s scale (sum_t dl q) / |phi_s|^2
+   with |v| = sqrt(sum v^2 + 1e-6). dC arrives in dl, dD in dD; q in qbuf.   */
+static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights *w, const moe_grads *gr,
+                                          const moe_info *info, const float *x, int32_t T, int32_t R,
+                                          float *dl, const float *dD, float *qbuf, float *nphi,
+                                          float *nx, float *dx) {
+    const int32_t D = c->d_model;
+    const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
+    const float *C = info->scores, *Dm = info->dispatch;
+    double dscale = 0.0;
+    int32_t t, s, d;
+    for (s = 0; s < R; s++) {
+        float ss = 0.0f;
+        for (d = 0; d < D; d++) ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
+        nphi[s] = sqrtf(ss + 1e-6f);
+    }
+    moe__gemm_ref(qbuf, x, w->soft_phi, NULL, T, R, D);
+    for (t = 0; t < T; t++) {                              /* q and the row softmax */
+        float ss = 0.0f;
+        double rdot = 0.0;
+        for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
+        nx[t] = sqrtf(ss + 1e-6f);
+        for (s = 0; s < R; s++) qbuf[(size_t)t * R + s] /= nx[t] * nphi[s];
+        for (s = 0; s < R; s++) rdot += (double)C[(size_t)t * R + s] * dl[(size_t)t * R + s];
+        for (s = 0; s < R; s++) dl[(size_t)t * R + s] = C[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
+    }
+    for (s = 0; s < R; s++) {                              /* the column softmax */
+        double cdot = 0.0;
+        for (t = 0; t < T; t++) cdot += (double)Dm[(size_t)t * R + s] * dD[(size_t)t * R + s];
+        for (t = 0; t < T; t++) dl[(size_t)t * R + s] += Dm[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
+    }
+    for (t = 0; t < T; t++) {                              /* into x */
+        const float *xt = x + (size_t)t * D;
+        double dq = 0.0;
+        for (s = 0; s < R; s++) dq += (double)dl[(size_t)t * R + s] * qbuf[(size_t)t * R + s];
+        dscale += dq;
+        if (!dx) continue;
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (s = 0; s < R; s++) acc += dl[(size_t)t * R + s] * w->soft_phi[(size_t)s * D + d] / nphi[s];
+            dx[(size_t)t * D + d] += scale / nx[t] * acc - xt[d] * (float)(scale * dq) / (nx[t] * nx[t]);
+        }
+    }
+    if (gr->soft_scale) gr->soft_scale[0] += (float)dscale;
+    if (!gr->soft_phi) return;
+    for (s = 0; s < R; s++) {                              /* into phi */
+        const float *ph = w->soft_phi + (size_t)s * D;
+        double dq = 0.0;
+        for (t = 0; t < T; t++) dq += (double)dl[(size_t)t * R + s] * qbuf[(size_t)t * R + s];
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (t = 0; t < T; t++) acc += dl[(size_t)t * R + s] * x[(size_t)t * D + d] / nx[t];
+            gr->soft_phi[(size_t)s * D + d] += scale / nphi[s] * acc - ph[d] * (float)(scale * dq) / (nphi[s] * nphi[s]);
+        }
+    }
+}
+
+static moe__ffn_grad moe__ffn_grad_make(const moe__ffn *f, float *gate, float *up, float *down,
+                                        float *gb, float *ub, float *db) {
+    moe__ffn_grad g;
+    const int expert_bias = f->gate_bias != NULL;
+    g.gate = gate; g.down = down;
+    g.up = up;
+    g.gate_bias = expert_bias ? gb : NULL;
+    g.up_bias = expert_bias ? ub : NULL;
+    g.down_bias = expert_bias ? db : NULL;
+    return g;
+}
+
+MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                              size_t *out_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe_status st;
+    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
+    if ((st = moe__plan(&c, num_tokens, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
+    *out_bytes = L.total;
+    return MOE_STATUS_OK;
+}
+
+/* Does info hold what moe_backward reads? */
+static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
+    const int glu = moe__act_is_glu(c->activation);
+    if (!info->logits || !info->scores) return MOE_STATUS_MISSING_CACHE;
+    if (c->routing == MOE_ROUTING_SOFT ? !info->dispatch
+                                       : (!info->expert || !info->weight || !info->dropped))
+        return MOE_STATUS_MISSING_CACHE;
+    if (c->recompute) return MOE_STATUS_OK;
+    if (!info->cache_hidden || !info->cache_out || (glu && !info->cache_up)) return MOE_STATUS_MISSING_CACHE;
+    if (c->shared_d_ff > 0 && (!info->cache_shared_hidden || !info->cache_shared_out ||
+                               (glu && !info->cache_shared_up)))
+        return MOE_STATUS_MISSING_CACHE;
+    return MOE_STATUS_OK;
+}
+
+/* The backward with an optional noise seam (tests drive ROUTING_SPEC 2's N). */
+static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, const float *x,
+                                int32_t T, const moe_info *info, const float *dy, float *dx_out,
+                                const moe_grads *gr, void *workspace, size_t workspace_bytes,
+                                const float *noise_samples) {
+    moe_config c;
+    moe__layout L;
+    moe_status st;
+    unsigned char *b;
+    const float *hg, *hu, *out, *sh_g = NULL, *sh_u = NULL, *sh_out = NULL;
+    float *ha, *sh_a = NULL, *dx;
+    int glu;
+    int32_t t, j, d, s, E, D, S, R;
+    if (!cfg || !w || !info || !gr) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (T < 0) return MOE_STATUS_BAD_DIMENSION;
+    if (T > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__check_weights(&c, w)) != MOE_STATUS_OK) return st;
+    if (T > 0 && (st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if (T == 0) return MOE_STATUS_OK;
+    b = moe__align_ptr(workspace);
+    glu = moe__act_is_glu(c.activation);
+    E = c.num_experts; D = c.d_model; S = L.S; R = L.R;
+    dx = MOE__AT(b, L.dx, float);
+
+    /* expert activations: recomputed, or from the cache (ha is cheap to redo) */
+    if (c.recompute) {
+        moe__experts_stage(&c, w, x, T, info->expert, info->dropped, info->dispatch, &L, b);
+        hg = MOE__AT(b, L.hg, float); hu = glu ? MOE__AT(b, L.hu, float) : NULL;
+        out = MOE__AT(b, L.out, float);
+        ha = MOE__AT(b, L.ha, float);
+        if (c.shared_d_ff) {
+            sh_g = MOE__AT(b, L.sh_g, float); sh_u = glu ? MOE__AT(b, L.sh_u, float) : NULL;
+            sh_a = MOE__AT(b, L.sh_a, float); sh_out = MOE__AT(b, L.sh_out, float);
+        }
+    } else {
+        moe__expert_inputs(&c, x, T, info->expert, info->dropped, info->dispatch, &L, b);
+        hg = info->cache_hidden; hu = glu ? info->cache_up : NULL; out = info->cache_out;
+        ha = MOE__AT(b, L.ha, float);
+        moe__activate_ref(c.activation, ha, hg, hu, (size_t)MOE__AT(b, L.offsets, int64_t)[E] * (size_t)c.d_ff);
+        if (c.shared_d_ff) {
+            sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
+            sh_out = info->cache_shared_out;
+            sh_a = MOE__AT(b, L.sh_a, float);
+            moe__activate_ref(c.activation, sh_a, sh_g, sh_u, (size_t)T * (size_t)c.shared_d_ff);
+        }
+    }
+
+    {
+        const int64_t *offsets = MOE__AT(b, L.offsets, int64_t);
+        const int64_t *pair_row = MOE__AT(b, L.pair_row, int64_t);
+        float *gw = MOE__AT(b, L.gw, float), *dout = MOE__AT(b, L.dout, float);
+        float *dxg = MOE__AT(b, L.dxg, float), *dscore = MOE__AT(b, L.dscore, float);
+        moe__ffn ffn = moe__routed_ffn(&c, w);
+        moe__ffn_grad fg = moe__ffn_grad_make(&ffn, gr->gate,
+                                              w->gate_up_fused && gr->gate ? gr->gate + (size_t)c.d_ff * D : gr->up,
+                                              gr->down, gr->gate_bias, gr->up_bias, gr->down_bias);
+
+        /* 1. combine backward: g[t][j] = <dy_t, o>, dout = w dy  (Soft: dC, dY~) */
+        if (c.routing == MOE_ROUTING_SOFT) {
+            memset(dout, 0, (size_t)R * D * sizeof(float));
+            for (t = 0; t < T; t++)
+                for (s = 0; s < R; s++) {
+                    const float cw = info->scores[(size_t)t * R + s];
+                    float acc = 0.0f;
+                    for (d = 0; d < D; d++) {
+                        dout[(size_t)s * D + d] += cw * dy[(size_t)t * D + d];
+                        acc += dy[(size_t)t * D + d] * out[(size_t)s * D + d];
+                    }
+                    dscore[(size_t)t * R + s] = acc;       /* dC */
+                }
+        } else {
+            for (t = 0; t < T; t++)
+                for (j = 0; j < S; j++) {
+                    const size_t p = (size_t)t * S + j;
+                    const int64_t row = pair_row[p];
+                    float acc = 0.0f;
+                    if (row < 0) { gw[p] = 0.0f; continue; }
+                    for (d = 0; d < D; d++) {
+                        acc += dy[(size_t)t * D + d] * out[(size_t)row * D + d];
+                        dout[(size_t)row * D + d] = info->weight[p] * dy[(size_t)t * D + d];
+                    }
+                    gw[p] = acc;
+                }
+        }
+
+        /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
+        moe__experts_backward_ref(&ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, dout,
+                                  MOE__AT(b, L.da, float), glu ? MOE__AT(b, L.du, float) : NULL, dxg);
+
+        /* 3. back to tokens: dx_t = sum_j dxg[row(t, j)] in slot order (Soft: D dX~) */
+        memset(dx, 0, (size_t)T * D * sizeof(float));
+        if (c.routing == MOE_ROUTING_SOFT) {
+            float *dD = MOE__AT(b, L.dD, float);
+            for (t = 0; t < T; t++)
+                for (s = 0; s < R; s++) {
+                    const float dw = info->dispatch[(size_t)t * R + s];
+                    float acc = 0.0f;
+                    for (d = 0; d < D; d++) {
+                        acc += dxg[(size_t)s * D + d] * x[(size_t)t * D + d];
+                        dx[(size_t)t * D + d] += dw * dxg[(size_t)s * D + d];
+                    }
+                    dD[(size_t)t * R + s] = acc;
+                }
+        } else {
+            for (t = 0; t < T; t++)
+                for (j = 0; j < S; j++) {
+                    const int64_t row = pair_row[(size_t)t * S + j];
+                    if (row < 0) continue;
+                    for (d = 0; d < D; d++) dx[(size_t)t * D + d] += dxg[(size_t)row * D + d];
+                }
+        }
+
+        /* 4. shared expert: y += gamma F(x);  dF = gamma dy, dgamma = <dy, F> */
+        if (c.shared_d_ff > 0) {
+            const int64_t sh_off[2] = {0, (int64_t)T};
+            float *sh_dout = MOE__AT(b, L.sh_dout, float), *sh_dx = MOE__AT(b, L.sh_dx, float);
+            moe__ffn sh = moe__shared_ffn(&c, w);
+            moe__ffn_grad sg = moe__ffn_grad_make(&sh, gr->shared_gate, gr->shared_up, gr->shared_down,
+                                                  gr->shared_gate_bias, gr->shared_up_bias, gr->shared_down_bias);
+            for (t = 0; t < T; t++) {
+                const float *xt = x + (size_t)t * D, *dyt = dy + (size_t)t * D;
+                const float gamma = moe__shared_gate_of(&c, w, xt);
+                float dgamma = 0.0f;
+                for (d = 0; d < D; d++) {
+                    sh_dout[(size_t)t * D + d] = gamma * dyt[d];
+                    dgamma += dyt[d] * sh_out[(size_t)t * D + d];
+                }
+                if (c.shared_gate) {           /* gamma = sigmoid(x . w_sg) */
+                    const float dzg = dgamma * gamma * (1.0f - gamma);
+                    for (d = 0; d < D; d++) {
+                        if (gr->shared_expert_gate) gr->shared_expert_gate[d] += dzg * xt[d];
+                        dx[(size_t)t * D + d] += dzg * w->shared_expert_gate[d];
+                    }
+                }
+            }
+            moe__experts_backward_ref(&sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, sh_dout,
+                                      MOE__AT(b, L.sh_da, float), glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx);
+            for (t = 0; t < T; t++)
+                for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
+        }
+
+        /* 5. router: gate weights -> scores -> logits (+ aux losses) -> x, W */
+        if (c.routing == MOE_ROUTING_SOFT) {
+            moe__soft_router_backward_ref(&c, w, gr, info, x, T, R, dscore, MOE__AT(b, L.dD, float),
+                                          MOE__AT(b, L.dz, float), MOE__AT(b, L.slot_norm, float),
+                                          MOE__AT(b, L.gamma, float), dx);
+        } else {
+            moe__router_bw B;
+            const int noisy = c.noise == MOE_NOISE_SHAZEER && c.training;
+            float *xr = MOE__AT(b, L.xr, float);
+            memset(&B, 0, sizeof B);
+            B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E;
+            B.K = c.routing == MOE_ROUTING_TOPK ? c.top_k : E;
+            B.gw = gw; B.noise_samples = noise_samples;
+            B.dscore = dscore; B.dz = MOE__AT(b, L.dz, float);
+            B.dsig = noisy ? MOE__AT(b, L.dsig, float) : NULL;
+            B.val = MOE__AT(b, L.bw_d, double); B.dval = B.val + 2 * E;
+            B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E;
+            B.m = MOE__AT(b, L.bw_u8, uint8_t); B.q = B.m + E;
+            B.g = MOE__AT(b, L.bw_f, float); B.dg = B.g + E; B.dw = B.g + 2 * E;
+            B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
+            B.top = MOE__AT(b, L.small_i, int32_t);
+            if (noisy) {
+                float *noise = MOE__AT(b, L.noise_logits, float);
+                for (t = 0; t < T; t++)     /* raw noise logits of the (jittered) input */
+                    for (d = 0; d < D; d++) xr[(size_t)t * D + d] = x[(size_t)t * D + d] * moe__jitter_factor(&c, (size_t)t * D + d);
+                moe__gemm_ref(noise, xr, w->router_noise, NULL, T, E, D);
+                B.noise = noise;
+            }
+            moe__router_backward_ref(&B);
+            moe__router_gemm_backward_ref(&c, x, T, B.dz, w->router, gr->router,
+                                          c.router_bias ? gr->router_bias : NULL, xr, dx);
+            if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
+                float *dr = B.dsig;
+                for (t = 0; t < T; t++)
+                    for (j = 0; j < E; j++) dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
+                moe__router_gemm_backward_ref(&c, x, T, dr, w->router_noise, gr->router_noise, NULL, xr, dx);
+            }
+        }
+    }
+    if (dx_out) memcpy(dx_out, dx, (size_t)T * D * sizeof(float));
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_backward(const moe_config *cfg, const moe_weights *w,
+                               const float *x, int32_t num_tokens, const moe_info *info,
+                               const float *dy, float *dx, const moe_grads *grads,
+                               void *workspace, size_t workspace_bytes) {
+    return moe__backward(cfg, w, x, num_tokens, info, dy, dx, grads, workspace, workspace_bytes, NULL);
+}
+
+MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w,
+                                     const float *x, int32_t num_tokens, const moe_info *info,
+                                     const float *dy, float *dx, const moe_grads *grads) {
+    size_t bytes;
+    void *ws;
+    moe_status st = moe_backward_workspace_size(cfg, num_tokens, &bytes);
+    if (st != MOE_STATUS_OK) return st;
+    ws = MOE_MALLOC(NULL, bytes);
+    if (!ws) return MOE_STATUS_OUT_OF_MEMORY;
+    st = moe_backward(cfg, w, x, num_tokens, info, dy, dx, grads, ws, bytes);
     MOE_FREE(NULL, ws);
     return st;
 }

@@ -1,0 +1,129 @@
+/* ROUTING_SPEC 2 (Shazeer noisy top-k) worked example. The public API draws
+   its own N(0,1) noise, so this file drives the internal router with the
+   spec's explicit samples N through the moe__router.noise_samples seam.
+   It builds a file-local static copy of the implementation (MOE_STATIC), so
+   it links next to test_main.c's extern copy. */
+#define MOE_STATIC
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "moe_test.h"
+
+/* 2: clean logits z = L (1.4), raw noise logits r, samples N; T = 3, E = 4. */
+static const float spec2_z[12] = {1.0f, 2.0f, 0.5f, -1.0f, 0.2f, -0.3f, 1.5f, 1.0f,
+                                  2.5f, 0.0f, -0.5f, 1.75f};
+static const float spec2_r[12] = {0.0f, -1.0f, 0.5f, 1.0f, 1.0f, 0.0f, -0.5f, 0.2f,
+                                  -2.0f, 0.3f, 0.0f, 0.7f};
+static const float spec2_N[12] = {0.3f, -0.2f, 1.1f, -0.5f, -1.2f, 0.4f, 0.1f, 0.8f,
+                                  0.5f, -0.7f, 0.9f, 1.5f};
+
+typedef struct spec2_out {
+    int32_t expert[6];
+    float weight[6], scores[12];
+    float importance[4], load[4];   /* the router's double accumulators */
+    float aux_importance, aux_load;
+} spec2_out;
+
+/* Resolve the config, plan the routing workspace, run moe__route. */
+static moe_status spec2_route(float noise_epsilon, int training, spec2_out *o) {
+    moe_config c, rc;
+    moe__layout L;
+    moe__router r;
+    moe_info res;
+    void *buf;
+    moe_status st;
+    int i;
+    memset(&c, 0, sizeof c);
+    c.num_experts = 4; c.top_k = 2; c.d_model = 1; c.d_ff = 1;
+    c.noise = MOE_NOISE_SHAZEER; c.training = training; c.noise_epsilon = noise_epsilon;
+    if ((st = moe_config_resolve(&c, &rc)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&rc, 3, 0, &L)) != MOE_STATUS_OK) return st;
+    if (!(buf = malloc(L.total))) return MOE_STATUS_OUT_OF_MEMORY;
+    moe__router_init(&r, &rc, &L, moe__align_ptr(buf), 3, &res);
+    r.logits = spec2_z;
+    r.noise_logits = spec2_r;
+    r.noise_samples = spec2_N;
+    st = moe__route(&r);
+    if (st == MOE_STATUS_OK) {
+        memcpy(o->expert, res.expert, sizeof o->expert);
+        memcpy(o->weight, res.weight, sizeof o->weight);
+        memcpy(o->scores, res.scores, sizeof o->scores);
+        for (i = 0; i < 4; i++) { o->importance[i] = (float)r.imp[i]; o->load[i] = (float)r.imp[4 + i]; }
+        o->aux_importance = res.aux_importance;
+        o->aux_load = res.aux_load;
+    }
+    free(buf);
+    return st;
+}
+
+static void spec2_check_ints(const char *file, int line, const char *what,
+                             const int32_t *got, const int *want, int n) {
+    int i;
+    for (i = 0; i < n; i++)
+        if (got[i] != want[i]) {
+            moe_test_fail(file, line, "%s[%d] = %d, want %d", what, i, (int)got[i], want[i]);
+            return;
+        }
+}
+#define CHECK_INTS(got, want, n) spec2_check_ints(__FILE__, __LINE__, #got, (got), (want), (n))
+
+/* Top-2 of the noisy H, slot order: t0 {1, 2}, t1 {3, 2}, t2 {3, 0}. */
+static const int spec2_expert[6] = {1, 2, 3, 2, 3, 0};
+
+/* 2 paper variant (eps_n = 0): gates G from H (slot order), Importance, smooth
+   Load and their population CV^2. info.scores = softmax(H) over all E is
+   checked against the spec's printed H (softmax taken here in double).     */
+TEST(spec_internal, s2_shazeer_paper) {
+    static const double H[12] = {1.207944, 1.937348, 1.571485, -1.656631,
+                                 -1.375914, -0.022741, 1.547408, 1.638511,
+                                 2.563464, -0.598049, 0.123832, 3.404779};
+    static const double G_want[6] = {0.590459, 0.409541, 0.522760, 0.477240, 0.698742, 0.301258};
+    static const double imp_want[4] = {0.301258, 0.590459, 0.886781, 1.221502};
+    static const double load_want[4] = {1.357280, 0.999466, 1.233025, 1.854852};
+    double p_want[12];
+    spec2_out o;
+    int t, e;
+    for (t = 0; t < 3; t++) {
+        double m = H[t * 4], s = 0.0;
+        for (e = 1; e < 4; e++) if (H[t * 4 + e] > m) m = H[t * 4 + e];
+        for (e = 0; e < 4; e++) s += exp(H[t * 4 + e] - m);
+        for (e = 0; e < 4; e++) p_want[t * 4 + e] = exp(H[t * 4 + e] - m) / s;
+    }
+    CHECK_STATUS(spec2_route(0.0f, 1, &o), MOE_STATUS_OK);
+    CHECK_INTS(o.expert, spec2_expert, 6);
+    CHECK_ARRAY_NEAR(o.weight, G_want, 6, SPEC_ATOL, SPEC_RTOL);
+    CHECK_ARRAY_NEAR(o.scores, p_want, 12, SPEC_ATOL, SPEC_RTOL);
+    CHECK_ARRAY_NEAR(o.importance, imp_want, 4, SPEC_ATOL, SPEC_RTOL);
+    CHECK_ARRAY_NEAR(o.load, load_want, 4, SPEC_ATOL, SPEC_RTOL);
+    CHECK_NEAR(o.aux_importance, 0.207932, SPEC_ATOL, SPEC_RTOL);
+    CHECK_NEAR(o.aux_load, 0.052758, SPEC_ATOL, SPEC_RTOL);
+}
+
+/* 2 tensor2tensor variant (eps_n = 0.01). */
+TEST(spec_internal, s2_shazeer_t2t) {
+    static const double G_want[6] = {0.587312, 0.412688, 0.524506, 0.475494, 0.700843, 0.299157};
+    static const double imp_want[4] = {0.299157, 0.587312, 0.888182, 1.225349};
+    static const double load_want[4] = {1.357824, 0.998441, 1.234164, 1.848618};
+    spec2_out o;
+    CHECK_STATUS(spec2_route(0.01f, 1, &o), MOE_STATUS_OK);
+    CHECK_INTS(o.expert, spec2_expert, 6);
+    CHECK_ARRAY_NEAR(o.weight, G_want, 6, SPEC_ATOL, SPEC_RTOL);
+    CHECK_ARRAY_NEAR(o.importance, imp_want, 4, SPEC_ATOL, SPEC_RTOL);
+    CHECK_ARRAY_NEAR(o.load, load_want, 4, SPEC_ATOL, SPEC_RTOL);
+    CHECK_NEAR(o.aux_importance, 0.211012, SPEC_ATOL, SPEC_RTOL);
+    CHECK_NEAR(o.aux_load, 0.052099, SPEC_ATOL, SPEC_RTOL);
+    /* t2t loss = 0.01 * (CV2(Imp) + CV2(Load)) */
+    CHECK_NEAR(0.01 * ((double)o.aux_importance + o.aux_load), 0.00263111, 1e-8, SPEC_RTOL);
+}
+
+/* 2 at evaluation: no noise, H = z, so the picks are the plain top-2 of L
+   with the Mixtral weights of 5, and Load is the hard count [2, 1, 1, 2]:
+   mean 1.5, population variance 0.25, CV^2 = 0.25 / 2.25 = 1/9.           */
+TEST(spec_internal, s2_shazeer_eval_no_noise) {
+    static const int e_want[6] = {1, 0, 2, 3, 0, 3};
+    static const double w_want[6] = {0.731059, 0.268941, 0.622459, 0.377541, 0.679179, 0.320821};
+    spec2_out o;
+    CHECK_STATUS(spec2_route(0.01f, 0, &o), MOE_STATUS_OK);
+    CHECK_INTS(o.expert, e_want, 6);
+    CHECK_ARRAY_NEAR(o.weight, w_want, 6, SPEC_ATOL, SPEC_RTOL);
+    CHECK_NEAR(o.aux_load, 1.0 / 9.0, SPEC_ATOL, SPEC_RTOL);
+}
