@@ -65,6 +65,17 @@
      parameter gradients ACCUMULATE (+=, zero them per step), the activation
      gradient dx is OVERWRITTEN. The backward differentiates <dy, y> plus
      every aux loss times its coefficient (balance_coef, z_loss_coef, ...).
+     What the forward keeps for it (moe_info_size says the bytes): the
+     routing arrays (logits and scores, 2*T*R floats; expert, weight and
+     dropped, 9*T*S bytes; Soft MoE adds dispatch), and the expert cache of
+     N*(2F + D) floats (N*(F + D) for non-GLU FFNs; N = T*K for top-k), plus
+     T*(2Fs + D) for a shared expert. cfg.recompute = 1 drops the expert
+     cache; moe_backward then reruns the expert FFNs (one more forward's
+     worth of expert FLOPs).
+     Switch / ST-MoE recipe knobs: the router always runs in fp32 (logits,
+     scores, weights and losses are float; the library has no bf16 router),
+     cfg.z_loss_coef is the router z-loss, cfg.jitter the input jitter and
+     cfg.router_grad_clip clips each token's router-logit gradient.
 
    NaN / Inf POLICY
      The router logits are checked after the router GEMM (and the selection
