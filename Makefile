@@ -11,9 +11,9 @@ NVCC    ?= nvcc
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_HDR := moe.h tests/moe_test.h
 
-.PHONY: all test check run golden compile-checks examples clean
+.PHONY: all test check run golden compile-checks examples bench clean
 
-all: $(BUILD)/moe_tests $(BUILD)/mixtral_demo compile-checks
+all: $(BUILD)/moe_tests $(BUILD)/mixtral_demo $(BUILD)/moe_bench compile-checks
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -59,6 +59,14 @@ examples: $(BUILD)/mixtral_demo
 
 run: $(BUILD)/mixtral_demo
 	./$(BUILD)/mixtral_demo
+
+# Benchmarks (bench/RESULTS.md records the figures with their commands).
+$(BUILD)/moe_bench: bench/moe_bench.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ bench/moe_bench.c $(LDLIBS)
+
+bench: $(BUILD)/moe_bench
+	./$(BUILD)/moe_bench 0 16
+	./$(BUILD)/moe_bench 1 16
 
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
 golden:

@@ -1773,17 +1773,21 @@ static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
     if (dst->cache_shared_out) memcpy(dst->cache_shared_out, MOE__AT(b, L->sh_out, float), (size_t)T * D * sizeof(float));
 }
 
-MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens,
-                                           size_t *out_bytes) {
+/* The three workspace size queries: resolve, check T, lay out, report. */
+static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode, size_t *out_bytes) {
     moe_config c;
     moe__layout L;
     moe_status st;
     if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
-    if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(&c, num_tokens, MOE__PLAN_ROUTE, &L)) != MOE_STATUS_OK) return st;
+    if (T < 0) return MOE_STATUS_BAD_DIMENSION;
+    if ((st = moe__plan(&c, T, mode, &L)) != MOE_STATUS_OK) return st;
     *out_bytes = L.total;
     return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+    return moe__workspace_size(cfg, num_tokens, MOE__PLAN_ROUTE, out_bytes);
 }
 
 MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
@@ -1816,17 +1820,8 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
     return MOE_STATUS_OK;
 }
 
-MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens,
-                                             size_t *out_bytes) {
-    moe_config c;
-    moe__layout L;
-    moe_status st;
-    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
-    if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(&c, num_tokens, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
-    *out_bytes = L.total;
-    return MOE_STATUS_OK;
+MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+    return moe__workspace_size(cfg, num_tokens, MOE__PLAN_FORWARD, out_bytes);
 }
 
 /* Router logits [T][R] (and the Shazeer noise logits [T][E]).
@@ -2380,17 +2375,8 @@ static moe__ffn_grad moe__ffn_grad_make(const moe__ffn *f, float *gate, float *u
     return g;
 }
 
-MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens,
-                                              size_t *out_bytes) {
-    moe_config c;
-    moe__layout L;
-    moe_status st;
-    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
-    if (num_tokens < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(&c, num_tokens, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
-    *out_bytes = L.total;
-    return MOE_STATUS_OK;
+MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+    return moe__workspace_size(cfg, num_tokens, MOE__PLAN_BACKWARD, out_bytes);
 }
 
 /* Does info hold what moe_backward reads? */
