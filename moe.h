@@ -140,7 +140,8 @@ extern "C" {
     X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU") \
     X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
-    X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1")
+    X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1") \
+    X(BAD_CACHE,          15, "moe_info holds routing no forward of this config produces (expert index out of range, unknown drop flag, too many rows)")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -2394,6 +2395,23 @@ static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
     return MOE_STATUS_OK;
 }
 
+/* The backward trusts info's routing to index its buffers: check it is one a
+   forward of this config could have produced (indices in range, known drop
+   flags, no more processed rows than the workspace holds).                */
+static moe_status moe__check_routing(const moe_config *c, const moe_info *info, int32_t T,
+                                     const moe__layout *L) {
+    size_t p, n = (size_t)T * (size_t)L->S;
+    int64_t rows = 0;
+    if (c->routing == MOE_ROUTING_SOFT) return MOE_STATUS_OK;
+    for (p = 0; p < n; p++) {
+        const int32_t e = info->expert[p];
+        if (e < -1 || e >= c->num_experts || info->dropped[p] > MOE__REJECTED) return MOE_STATUS_BAD_CACHE;
+        if (e < 0 && c->routing != MOE_ROUTING_EXPERT_CHOICE) return MOE_STATUS_BAD_CACHE;
+        rows += e >= 0 && info->dropped[p] == MOE__KEPT;
+    }
+    return rows > L->N ? MOE_STATUS_BAD_CACHE : MOE_STATUS_OK;
+}
+
 /* The backward with an optional noise seam (tests drive ROUTING_SPEC 2's N). */
 static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, const float *x,
                                 int32_t T, const moe_info *info, const float *dy, float *dx_out,
@@ -2414,6 +2432,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe__check_weights(&c, w)) != MOE_STATUS_OK) return st;
     if (T > 0 && (st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
     if (T == 0) return MOE_STATUS_OK;
