@@ -4,7 +4,10 @@
 Everything runs in float32 on CPU with fixed seeds.  HF cases use the
 transformers 5.x module classes with the eager experts implementation; the
 other cases are plain-torch implementations of ROUTING_SPEC.md, each checked
-first against a worked example of that spec (the PASS lines).
+first against a worked example of that spec (the PASS lines).  Each case
+also records PyTorch autograd gradients of L = sum(dy * y) + the preset's
+coef * aux losses (dy, dx, d_<weight>, balance_coef, z_loss_coef), appended
+after the forward records, which they leave unchanged.
 
 File format (parsed by the C tests):
     # comment lines
@@ -170,6 +173,98 @@ def eager_forward_of(experts):
     fwd = ALL_EXPERTS_FUNCTIONS.get_interface(impl, None)
     assert impl == "eager" and fwd is None, (impl, fwd)
     return type(experts).forward.__wrapped__
+
+
+# --------------------------------------------------------------------------
+# gradients (ROUTING_SPEC §13): autograd of L = sum(dy * y) + coef * aux
+# --------------------------------------------------------------------------
+
+DY_SEED_OFFSET = 100000  # dy has its own generator, so the forward draws are untouched
+
+
+def draw_dy(seed, T, D):
+    gen = torch.Generator().manual_seed(seed + DY_SEED_OFFSET)
+    return torch.randn(T, D, generator=gen)
+
+
+def leaves(*ts):
+    """Fresh leaf copies (same values) that require grad."""
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def grad_of(t, name):
+    assert t.grad is not None, "no gradient reached %s" % name
+    g = t.grad.detach().clone()
+    assert bool(torch.isfinite(g).all()), name
+    return g
+
+
+def grad_comments(seed, loss, constants):
+    return ["gradient records: PyTorch autograd (fp32, CPU) of the scalar",
+            "  L = sum(dy * y) + %s" % loss,
+            "  dy = torch.randn(T, D, generator=torch.Generator().manual_seed(%d))" % (seed + DY_SEED_OFFSET),
+            "  dx = dL/dx; d_<w> = dL/d<w> in the layout of <w>; balance_coef, z_loss_coef: the coefficients",
+            "  constants (no gradient): " + constants]
+
+
+def hf_backward(block, x, dy, aux=None, coef=0.0):
+    """L = sum(dy * block(x)) + coef * aux(router logits), through the HF
+    module's own forward (eager experts); the logits are the ones the block's
+    router produced inside that forward (captured by a hook). Returns y, dx,
+    the logits; parameter gradients are left in .grad."""
+    T, D = x.shape
+    block.zero_grad(set_to_none=True)
+    (xg,) = leaves(x)
+    seen = []
+    hook = block.gate.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    try:
+        y = block(xg.view(1, T, D)).view(T, D)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    loss = (dy * y).sum()
+    if aux is not None:
+        loss = loss + coef * aux(seen[0])
+    loss.backward()
+    return y.detach(), grad_of(xg, "x"), seen[0].detach()
+
+
+def ref_topk_backward(x, W, gate, up, down, idx, weights_of, dy, coef=0.0, shared=None):
+    """Independent plain-torch cross-check of the HF gradients: SwiGLU top-k
+    layer with constant idx, weights_of(logits) -> [T][K], optional HF-form
+    balance loss E * sum_e F_e P_e (F = constant counts / T), optional
+    shared(x) term. Returns dict of gradients."""
+    T, E = x.shape[0], W.shape[0]
+    xs, Ws, gs, us, ds = leaves(x, W, gate, up, down)
+    sh = leaves(*shared[1:]) if shared else []
+    logits = Fn.linear(xs, Ws)
+    w = weights_of(logits)
+    y = torch.zeros(T, x.shape[1])
+    for t in range(T):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            y[t] += w[t, j] * swiglu_ffn(xs[t], gs[e], us[e], ds[e])
+    if shared:
+        y = y + shared[0](xs, *sh)
+    loss = (dy * y).sum()
+    if coef:
+        Fc = Fn.one_hot(idx, E).sum(1).to(torch.float32).mean(0)
+        loss = loss + coef * E * (Fc * torch.softmax(logits, -1).mean(0)).sum()
+    loss.backward()
+    out = dict(dx=xs.grad, d_router=Ws.grad, d_gate=gs.grad, d_up=us.grad, d_down=ds.grad)
+    for name, t in zip(("d_shared_gate", "d_shared_up", "d_shared_down", "d_shared_expert_gate"), sh):
+        out[name] = t.grad
+    return out
+
+
+def check_grads(case, recs, ref, tol=2e-6):
+    got = dict(recs)
+    for name, g in ref.items():
+        a = got[name].reshape(-1)
+        b = g.reshape(-1)
+        assert a.shape == b.shape, (case, name)
+        err = ((a - b).abs() - tol * (1 + b.abs())).max()
+        assert err <= 0, "%s: %s differs from the plain-torch cross-check by %g" % (case, name, float(err))
 
 
 # --------------------------------------------------------------------------
@@ -352,6 +447,69 @@ def self_checks():
     check("deepseek-v3 HF router: idx (sorted by s+b)", idx.gather(1, order).tolist() == exp_idx)
     check("deepseek-v3 HF router: weights", close(w.gather(1, order), exp_w))
 
+    # §13.5 backward worked example, through the plain-torch autograd cross-check
+    # the HF gradients are compared against (ref_topk_backward), and §13.3 / §13.5
+    # aux-loss gradients through the same loss code the golden cases use
+    x = torch.tensor([[0.5, -1.0, 0.25], [1.0, 0.5, -0.5], [-0.75, 0.25, 1.0]])
+    Wg = torch.tensor([[0.2, -0.1, 0.4], [0.5, 0.3, -0.2], [-0.3, 0.6, 0.2], [0.1, -0.4, 0.7]])
+    W1 = torch.tensor([[[((7 * e + 3 * m + 5 * h) % 11 - 5) / 10 for h in range(3)] for m in range(2)]
+                       for e in range(4)])
+    W3 = torch.tensor([[[((5 * e + 2 * m + 3 * h) % 11 - 5) / 10 for h in range(3)] for m in range(2)]
+                       for e in range(4)])
+    W2 = torch.tensor([[[((3 * e + 4 * h + 7 * m) % 11 - 5) / 10 for m in range(2)] for h in range(3)]
+                       for e in range(4)])
+    dy = torch.tensor([[1.0, -0.5, 0.25], [0.0, 1.0, -1.0], [0.5, 0.5, 0.5]])
+    idx = torch.tensor([[3, 0], [1, 0], [2, 3]])
+
+    def renorm(zz):
+        v = torch.softmax(zz, -1).gather(1, idx)
+        return v / v.sum(-1, keepdim=True)
+    g = ref_topk_backward(x, Wg, W1, W3, W2, idx, renorm, dy)
+    check("13.5 backward: dW_g", close(g["d_router"], [
+        [0.002999066, -0.012712171, 0.004185148], [0.002685615, 0.001342808, -0.001342808],
+        [0.000799206, -0.000266402, -0.001065608], [-0.006483888, 0.011635765, -0.001776733]]))
+    check("13.5 backward: dx", close(g["dx"], [
+        [-0.021300137, 0.037065873, 0.004301102], [-0.065687277, -0.044992545, -0.018056352],
+        [0.015749375, -0.015873961, 0.013814184]]))
+    check("13.5 backward: dW1", close(g["d_gate"], [
+        [[0.013548024, 0.004622674, -0.005913477], [0.028875299, 0.018969110, -0.016250234]],
+        [[0.091768618, 0.045884309, -0.045884309], [-0.103282560, -0.051641280, 0.051641280]],
+        [[0.016000743, -0.005333581, -0.021334324], [-0.010972781, 0.003657594, 0.014630374]],
+        [[-0.026397945, 0.033752819, 0.007748405], [0.013143398, -0.021286134, 0.001070971]]]))
+    check("13.5 backward: dW3", close(g["d_up"], [
+        [[0.034447536, 0.005702020, -0.012615069], [-0.022744473, 0.029213251, -0.004861959]],
+        [[-0.011772752, -0.005886376, 0.005886376], [-0.038788744, -0.019394372, 0.019394372]],
+        [[0.002774744, -0.000924915, -0.003699658], [0.005190950, -0.001730317, -0.006921267]],
+        [[0.045863684, -0.091727369, 0.022931842], [0.015057515, -0.028329588, 0.005564771]]]))
+    check("13.5 backward: dW2", close(g["d_down"], [
+        [[0.000614493, 0.005729716], [0.048180864, -0.010188920], [-0.048334487, 0.008756491]],
+        [[0, 0], [-0.006727287, 0.058183116], [0.006727287, -0.058183116]],
+        [[0.004162115, -0.010958673], [0.004162115, -0.010958673], [0.004162115, -0.010958673]],
+        [[-0.019940732, 0.051129508], [0.009970366, -0.017530262], [-0.004985183, 0.016799623]]]))
+    (z,) = leaves(Fn.linear(x, Wg))
+    hf_mixtral.load_balancing_loss_func((z,), 4, 2).backward()
+    check("13.5 HF load-balancing loss gradient", close(z.grad, [
+        [0.039398517, -0.060644735, -0.033282536, 0.054528754],
+        [0.060095377, -0.070321888, -0.030056625, 0.040283136],
+        [0.046763148, -0.027961067, -0.081925728, 0.063123647]]))
+    (z,) = leaves(Fn.linear(x, Wg))
+    switch_route(z, C=100)["z"].backward()
+    check("13.5 z-loss gradient", close(z.grad, [
+        [0.298108225, 0.199827919, 0.109667887, 0.412590919],
+        [0.210212517, 0.467836560, 0.199960331, 0.140909664],
+        [0.262181195, 0.126980794, 0.372052825, 0.353907595]]))
+    (z,) = leaves(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+    p = torch.softmax(z, -1)
+    (0.3 * p[1] - 0.1 * p[0]).backward()
+    check("13.5 raw-softmax dz", close(z.grad, [-0.058388, 0.085070, -0.021815, -0.004868]))
+    (z0,) = leaves(torch.tensor([[0.2, -1.0, 1.5, 0.8, 0.0, -0.4, 2.1, -2.0, 0.3, 1.0, 0.9, -0.6]]))
+    sel = torch.tensor([[9, 4, 3, 10]])
+    v = torch.sigmoid(z0).gather(1, sel)
+    (torch.tensor([[0.1, -0.2, 0.3, 0.05]]) * v / (v.sum() + 1e-20) * 2.5).sum().backward()
+    dz_expect = torch.zeros(12)
+    dz_expect[[3, 4, 9, 10]] = torch.tensor([0.044308, -0.066949, 0.003374, -0.006233])
+    check("13.5 deepseek-v3 sigmoid dz", close(z0.grad[0], dz_expect))
+
 
 # --------------------------------------------------------------------------
 # HF cases
@@ -428,6 +586,24 @@ def case_mixtral(outdir):
             ("x", x), ("router", W), ("gate", gate), ("up", up), ("down", down),
             ("y", y), ("logits", logits), ("expert", idx), ("weight", weights),
             ("aux_balance", float(aux)), ("aux_z", float(auxz))]
+    # gradients: HF block forward + HF load_balancing_loss_func (preset coef 0.02), no z-loss
+    COEF = 0.02
+    dy = draw_dy(seed, T, D)
+    y_g, dx, lg = hf_backward(block, x, dy, lambda z: hf_mixtral.load_balancing_loss_func((z,), E, K), COEF)
+    assert torch.equal(y_g, y) and torch.equal(lg, logits), "autograd forward differs"
+    dgu = grad_of(block.experts.gate_up_proj, "gate_up_proj")
+    grecs = [("dy", dy), ("dx", dx), ("d_router", grad_of(block.gate.weight, "router")),
+             ("d_gate", dgu[:, :F, :].contiguous()), ("d_up", dgu[:, F:, :].contiguous()),
+             ("d_down", grad_of(block.experts.down_proj, "down_proj")),
+             ("balance_coef", COEF), ("z_loss_coef", 0.0)]
+
+    def renorm(z):
+        v = torch.softmax(z, -1).gather(1, idx)
+        return v / v.sum(-1, keepdim=True)
+    check_grads("mixtral", grecs, ref_topk_backward(x, W, gate, up, down, idx, renorm, dy, COEF))
+    desc += grad_comments(seed, "0.02 * aux_balance (HF load_balancing_loss_func; z-loss not in L)",
+                          "top-k indices and the one-hot counts of the HF loss")
+    recs += grecs
     size = write_case(os.path.join(outdir, "mixtral.txt"), header("mixtral", desc, seed), recs)
     return dict(file="mixtral.txt", seed=seed, size=size,
                 router_returned="raw logits (rows sum %s)" % logits.sum(-1)[:2].tolist())
@@ -492,6 +668,29 @@ def case_qwen2(outdir):
             ("shared_expert_gate", seg.reshape(D)),
             ("y", y), ("logits", logits), ("expert", idx), ("weight", weights),
             ("aux_balance", float(aux))]
+    # gradients: HF block forward + HF load_balancing_loss_func (preset coef 0.001)
+    COEF = 0.001
+    dy = draw_dy(seed, T, D)
+    y_g, dx, lg = hf_backward(block, x, dy, lambda z: hf_qwen2.load_balancing_loss_func((z,), E, K), COEF)
+    assert torch.equal(y_g, y) and torch.equal(lg, logits), "autograd forward differs"
+    dgu = grad_of(block.experts.gate_up_proj, "gate_up_proj")
+    grecs = [("dy", dy), ("dx", dx), ("d_router", grad_of(block.gate.weight, "router")),
+             ("d_gate", dgu[:, :F, :].contiguous()), ("d_up", dgu[:, F:, :].contiguous()),
+             ("d_down", grad_of(block.experts.down_proj, "down_proj")),
+             ("d_shared_gate", grad_of(block.shared_expert.gate_proj.weight, "shared gate_proj")),
+             ("d_shared_up", grad_of(block.shared_expert.up_proj.weight, "shared up_proj")),
+             ("d_shared_down", grad_of(block.shared_expert.down_proj.weight, "shared down_proj")),
+             ("d_shared_expert_gate", grad_of(block.shared_expert_gate.weight, "shared_expert_gate").reshape(D)),
+             ("balance_coef", COEF), ("z_loss_coef", 0.0)]
+
+    def gated_shared(xv, g_, u_, d_, w_):
+        return torch.sigmoid(Fn.linear(xv, w_.view(1, -1))) * swiglu_ffn(xv, g_, u_, d_)
+    check_grads("qwen2_moe", grecs, ref_topk_backward(
+        x, W, gate, up, down, idx, lambda z: torch.softmax(z, -1).gather(1, idx), dy, COEF,
+        shared=(gated_shared, sg, su, sd, seg.reshape(D))))
+    desc += grad_comments(seed, "0.001 * aux_balance (HF load_balancing_loss_func)",
+                          "top-k indices and the one-hot counts of the HF loss")
+    recs += grecs
     size = write_case(os.path.join(outdir, "qwen2_moe.txt"), header("qwen2_moe", desc, seed), recs)
     return dict(file="qwen2_moe.txt", seed=seed, size=size)
 
@@ -575,6 +774,29 @@ def case_deepseek_v3(outdir):
             ("gate", gate), ("up", up), ("down", down),
             ("shared_gate", sg), ("shared_up", su), ("shared_down", sd),
             ("y", y), ("logits", logits), ("expert", idx), ("weight", weights)]
+    # gradients: HF block forward, no aux loss (sequence-wise loss not in L)
+    dy = draw_dy(seed, T, D)
+    y_g, dx, lg = hf_backward(block, x, dy)
+    assert torch.equal(y_g, y) and torch.equal(lg, logits), "autograd forward differs"
+    assert block.gate.e_score_correction_bias.grad is None
+    dgu = grad_of(block.experts.gate_up_proj, "gate_up_proj")
+    grecs = [("dy", dy), ("dx", dx), ("d_router", grad_of(block.gate.weight, "router")),
+             ("d_gate", dgu[:, :F, :].contiguous()), ("d_up", dgu[:, F:, :].contiguous()),
+             ("d_down", grad_of(block.experts.down_proj, "down_proj")),
+             ("d_shared_gate", grad_of(block.shared_experts.gate_proj.weight, "shared gate_proj")),
+             ("d_shared_up", grad_of(block.shared_experts.up_proj.weight, "shared up_proj")),
+             ("d_shared_down", grad_of(block.shared_experts.down_proj.weight, "shared down_proj")),
+             ("balance_coef", 0.0), ("z_loss_coef", 0.0)]
+
+    def sig_norm(z):
+        v = torch.sigmoid(z).gather(1, idx)
+        return v / (v.sum(-1, keepdim=True) + 1e-20) * RSF
+    check_grads("deepseek_v3", grecs, ref_topk_backward(
+        x, W, gate, up, down, idx, sig_norm, dy,
+        shared=(lambda xv, g_, u_, d_: swiglu_ffn(xv, g_, u_, d_), sg, su, sd)))
+    desc += grad_comments(seed, "0 (no aux loss)",
+                          "group and top-k selection, e_score_correction_bias (no gradient)")
+    recs += grecs
     size = write_case(os.path.join(outdir, "deepseek_v3.txt"), header("deepseek_v3", desc, seed), recs)
     return dict(file="deepseek_v3.txt", seed=seed, size=size, bias_changed_tokens=changed,
                 unbiased_sel=[r0["idx"][t].tolist() for t in changed],
@@ -603,11 +825,15 @@ def case_switch(outdir):
             return None
         return x, W, gate, down, logits, r
 
+    def layer(x, r, gate, down):
+        y = torch.zeros(T, D)
+        for t in range(T):
+            e = int(r["e"][t])
+            y[t] = r["w"][t] * relu_ffn(x[t], gate[e], down[e])
+        return y
+
     seed, (x, W, gate, down, logits, r) = find_seed(4000, draw)
-    y = torch.zeros(T, D)
-    for t in range(T):
-        e = int(r["e"][t])
-        y[t] = r["w"][t] * relu_ffn(x[t], gate[e], down[e])
+    y = layer(x, r, gate, down)
     ndrop = int((~r["keep"]).sum())
     desc = ["case: Switch top-1 (ROUTING_SPEC §4), plain torch",
             "p = softmax(x.router^T) fp32; expert = argmax p; weight = raw p[expert] (no renormalisation)",
@@ -621,6 +847,22 @@ def case_switch(outdir):
             ("y", y), ("logits", logits), ("expert", r["e"].view(T, 1)), ("weight", r["w"].view(T, 1)),
             ("dropped", (~r["keep"]).long().view(T, 1)),
             ("aux_balance", float(r["aux"])), ("aux_z", float(r["z"]))]
+    # gradients: the same torch forward on leaf copies. Autograd sees the
+    # argmax, positions, keep mask and f (bincount) as constants; gradient
+    # flows through the gathered p of kept tokens, P = mean p and the LSE.
+    BC, ZC = 0.01, 0.001
+    dy = draw_dy(seed, T, D)
+    xs, Ws, gs, ds = leaves(x, W, gate, down)
+    rg = switch_route(Fn.linear(xs, Ws), C)
+    assert torch.equal(rg["e"], r["e"]) and torch.equal(rg["keep"], r["keep"])
+    yg = layer(xs, rg, gs, ds)
+    assert torch.equal(yg.detach(), y) and torch.equal(rg["aux"].detach(), r["aux"]) and torch.equal(rg["z"].detach(), r["z"])
+    ((dy * yg).sum() + BC * rg["aux"] + ZC * rg["z"]).backward()
+    desc += grad_comments(seed, "0.01 * aux_balance + 0.001 * aux_z (Switch preset)",
+                          "argmax, positions, capacity mask, f")
+    recs += [("dy", dy), ("dx", grad_of(xs, "x")), ("d_router", grad_of(Ws, "router")),
+             ("d_gate", grad_of(gs, "gate")), ("d_down", grad_of(ds, "down")),
+             ("balance_coef", BC), ("z_loss_coef", ZC)]
     size = write_case(os.path.join(outdir, "switch.txt"), header("switch", desc, seed), recs)
     return dict(file="switch.txt", seed=seed, size=size, dropped=ndrop)
 
@@ -643,12 +885,16 @@ def case_gshard(outdir):
             return None
         return x, W, gate, up, down, logits, r
 
+    def layer(x, r, gate, up, down):
+        y = torch.zeros(T, D)
+        for t in range(T):
+            for j in range(K):
+                e = int(r["idx"][t, j])
+                y[t] += r["w"][t, j] * swiglu_ffn(x[t], gate[e], up[e], down[e])
+        return y
+
     seed, (x, W, gate, up, down, logits, r) = find_seed(5000, draw)
-    y = torch.zeros(T, D)
-    for t in range(T):
-        for j in range(K):
-            e = int(r["idx"][t, j])
-            y[t] += r["w"][t, j] * swiglu_ffn(x[t], gate[e], up[e], down[e])
+    y = layer(x, r, gate, up, down)
     dropped = (~r["keep"]).long()
     desc = ["case: GShard top-2 (ROUTING_SPEC §3), plain torch",
             "g = softmax fp32; e1 = argmax g; e2 = argmax of g without e1 (greedy)",
@@ -663,6 +909,22 @@ def case_gshard(outdir):
             ("x", x), ("router", W), ("gate", gate), ("up", up), ("down", down),
             ("y", y), ("logits", logits), ("expert", r["idx"]), ("weight", r["w"]),
             ("dropped", dropped), ("aux_balance", float(r["aux"]))]
+    # gradients: the same torch forward on leaf copies. Constants: e1, e2,
+    # positions, keep masks, f1. The normalisation runs before dropping, so a
+    # survivor's weight g_i / (g1 + g2) also sends gradient to the dropped g.
+    BC = 0.01
+    dy = draw_dy(seed, T, D)
+    xs, Ws, gs, us, ds = leaves(x, W, gate, up, down)
+    rg = gshard_route(Fn.linear(xs, Ws), C)
+    assert torch.equal(rg["idx"], r["idx"]) and torch.equal(rg["keep"], r["keep"])
+    yg = layer(xs, rg, gs, us, ds)
+    assert torch.equal(yg.detach(), y) and torch.equal(rg["aux"].detach(), r["aux"])
+    ((dy * yg).sum() + BC * rg["aux"]).backward()
+    desc += grad_comments(seed, "0.01 * aux_balance (GShard preset)",
+                          "e1, e2, positions, capacity masks, f1")
+    recs += [("dy", dy), ("dx", grad_of(xs, "x")), ("d_router", grad_of(Ws, "router")),
+             ("d_gate", grad_of(gs, "gate")), ("d_up", grad_of(us, "up")), ("d_down", grad_of(ds, "down")),
+             ("balance_coef", BC), ("z_loss_coef", 0.0)]
     size = write_case(os.path.join(outdir, "gshard.txt"), header("gshard", desc, seed), recs)
     return dict(file="gshard.txt", seed=seed, size=size,
                 dropped_first=int(dropped[:, 0].sum()), dropped_second=int(dropped[:, 1].sum()))
@@ -685,13 +947,17 @@ def case_expert_choice(outdir):
             return None
         return x, W, gate, down, logits
 
+    def layer(x, combine, gate, down):
+        y = torch.zeros(T, D)
+        for t in range(T):
+            for e in range(E):
+                if combine[t, e] != 0:
+                    y[t] += combine[t, e] * gelu_ffn(x[t], gate[e], down[e])
+        return y
+
     seed, (x, W, gate, down, logits) = find_seed(6000, draw)
     S, combine, picks = expert_choice_route(logits, cap)
-    y = torch.zeros(T, D)
-    for t in range(T):
-        for e in range(E):
-            if combine[t, e] != 0:
-                y[t] += combine[t, e] * gelu_ffn(x[t], gate[e], down[e])
+    y = layer(x, combine, gate, down)
     per_tok = (combine != 0).sum(1).tolist()
     desc = ["case: Expert Choice (ROUTING_SPEC §9), plain torch",
             "S = softmax over experts per token; capacity = T*c/E with c = %d; expert e takes the" % c,
@@ -701,6 +967,20 @@ def case_expert_choice(outdir):
     recs = [("T", T), ("D", D), ("F", F), ("E", E), ("K", 0), ("capacity", cap),
             ("x", x), ("router", W), ("gate", gate), ("down", down),
             ("y", y), ("logits", logits), ("combine", combine)]
+    # gradients: the same torch forward on leaf copies; the picks are constants,
+    # the chosen S values carry gradient (to every logit of the token through
+    # the softmax denominator). No aux loss.
+    dy = draw_dy(seed, T, D)
+    xs, Ws, gs, ds = leaves(x, W, gate, down)
+    _, cg, picks_g = expert_choice_route(Fn.linear(xs, Ws), cap)
+    assert picks_g == picks
+    yg = layer(xs, cg, gs, ds)
+    assert torch.equal(yg.detach(), y)
+    (dy * yg).sum().backward()
+    desc += grad_comments(seed, "0 (no aux loss)", "each expert's top-capacity token picks")
+    recs += [("dy", dy), ("dx", grad_of(xs, "x")), ("d_router", grad_of(Ws, "router")),
+             ("d_gate", grad_of(gs, "gate")), ("d_down", grad_of(ds, "down")),
+             ("balance_coef", 0.0), ("z_loss_coef", 0.0)]
     size = write_case(os.path.join(outdir, "expert_choice.txt"), header("expert_choice", desc, seed), recs)
     return dict(file="expert_choice.txt", seed=seed, size=size, experts_per_token=per_tok)
 
@@ -729,6 +1009,20 @@ def case_soft_moe(outdir):
     recs = [("T", T), ("D", D), ("F", F), ("E", E), ("K", 0), ("P", P), ("soft_scale", scale),
             ("x", x), ("soft_phi", phi), ("gate", gate), ("down", down),
             ("y", r["Y"]), ("logits", logits), ("combine", r["combine"]), ("dispatch", r["dispatch"])]
+    # gradients: everything is differentiable, soft_scale included (a leaf
+    # holding float32(scale); the forward multiplies by the same float32).
+    dy = draw_dy(seed, T, D)
+    xs, ps, gs, ds, ss = leaves(x, phi, gate, down, torch.tensor([scale]))
+    lg = ss * (l2norm_rows(xs) @ l2norm_rows(ps).t())
+    assert torch.equal(lg.detach(), logits)
+    rg = soft_moe_apply(lg, xs, [(lambda v, e=e: gelu_ffn(v, gs[e], ds[e])) for e in range(E)], P)
+    assert torch.equal(rg["Y"].detach(), r["Y"])
+    (dy * rg["Y"]).sum().backward()
+    desc += grad_comments(seed, "0 (no aux loss)", "none (dense, fully differentiable)")
+    recs += [("dy", dy), ("dx", grad_of(xs, "x")), ("d_soft_phi", grad_of(ps, "soft_phi")),
+             ("d_soft_scale", grad_of(ss, "soft_scale")),
+             ("d_gate", grad_of(gs, "gate")), ("d_down", grad_of(ds, "down")),
+             ("balance_coef", 0.0), ("z_loss_coef", 0.0)]
     size = write_case(os.path.join(outdir, "soft_moe.txt"), header("soft_moe", desc, seed, selection=False), recs)
     return dict(file="soft_moe.txt", seed=seed, size=size)
 
