@@ -1,13 +1,13 @@
-/* moe.h - v0.1.0 - Mixture-of-Experts kernels in one C99 header
+/* moe.h - v0.2.0 - Mixture-of-Experts kernels in one C99 header
    no warranty implied; use at your own risk. License: end of file (MIT).
 
    Routing (softmax / sigmoid scores, top-k, group-limited top-k, selection bias,
    noisy top-k, expert choice, dense and Soft MoE), capacity and token dropping,
    counting-sort dispatch, grouped expert FFNs, deterministic combine and the
-   load-balancing losses of Switch, GShard, HF/Mixtral, DeepSeek and Shazeer.
-   The semantics follow ROUTING_SPEC.md section by section; this version ships
-   the scalar reference path (the specification every fast kernel is tested
-   against). Before 1.0 the API and struct layouts may change between minor
+   load-balancing losses of Switch, GShard, HF/Mixtral, DeepSeek and Shazeer,
+   and the backward pass of all of it. The semantics follow ROUTING_SPEC.md
+   section by section; this version ships the scalar reference path (the
+   specification every fast kernel is tested against). Before 1.0 the API and struct layouts may change between minor
    versions.
 
    USAGE
@@ -43,11 +43,12 @@
 
    CONTENTS
      1. Declarations: version, status codes, enums, moe_config, moe_weights,
-        moe_info, then the API in pipeline order:
-        config -> capacity -> routing (moe_route) -> forward -> bias update.
+        moe_grads, moe_info, then the API in pipeline order:
+        config -> capacity -> routing (moe_route) -> forward -> backward ->
+        bias update.
      2. Implementation (MOE_IMPLEMENTATION): helpers, RNG, scoring, top-k,
         routing, capacity, aux losses, dispatch, expert GEMM, combine,
-        public functions.
+        public functions, then the backward pass in the same order reversed.
      3. License.
 
    CONVENTIONS
@@ -94,6 +95,9 @@
      (cfg.seed, purpose, token, column), so they do not depend on call order.
 
    REVISION HISTORY (all of it in CHANGELOG.md)
+     0.2.0  (2026-11-23)  moe_backward: gradients of x, router, experts, shared
+                          expert, Soft MoE slots, through every aux loss;
+                          training cache or recompute; MOE_STATUS_BAD_CACHE.
      0.1.0  (2026-11-23)  reference forward: every routing family of
                           ROUTING_SPEC, capacity and drops, aux losses.
 */
@@ -104,9 +108,9 @@
 #include <stdint.h>
 
 #define MOE_VERSION_MAJOR 0
-#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_MINOR 2
 #define MOE_VERSION_PATCH 0
-#define MOE_VERSION_STRING "0.1.0"
+#define MOE_VERSION_STRING "0.2.0"
 
 #ifndef MOEDEF
 #  if defined(MOE_STATIC) && (defined(__GNUC__) || defined(__clang__))
