@@ -145,7 +145,8 @@ extern "C" {
     X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
     X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1") \
-    X(BAD_CACHE,          15, "moe_info holds routing no forward of this config produces (expert index out of range, unknown drop flag, too many rows)")
+    X(BAD_CACHE,          15, "moe_info holds routing no forward of this config produces (expert index out of range, unknown drop flag, too many rows)") \
+    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -228,6 +229,12 @@ typedef enum moe_isa {
     MOE_ISA_AVX512 = 3,
     MOE_ISA_NEON = 4
 } moe_isa;
+
+/* Threading hook: run task(arg, i) for every i in [0, num_tasks), in any
+   order and on any threads, and return when all are done. Tasks are
+   independent and write disjoint outputs.                                  */
+typedef void (*moe_task_fn)(void *arg, int32_t task);
+typedef void (*moe_parallel_for_fn)(void *user, int32_t num_tasks, moe_task_fn task, void *arg);
 
 /* ---------------------------------------------------------------------------
    moe_config: zero-initialise, set the required fields, and every other field
@@ -315,7 +322,15 @@ typedef struct moe_config {
     float router_grad_clip;   /* 0 -> off; > 0: each token's router-logit
                                  gradient dz_t is scaled to L2 norm <= clip     */
 
-    moe_isa isa;              /* 0 -> MOE_ISA_AUTO                             */
+    /* --- kernels and threads --------------------------------------------- */
+    moe_isa isa;              /* 0 -> MOE_ISA_AUTO: the SIMD ISA this file was
+                                 compiled for (-mavx512f, -mavx2 -mfma, NEON),
+                                 else the reference; REFERENCE forces scalar   */
+    moe_parallel_for_fn parallel_for; /* 0 -> OpenMP when compiled with
+                                 -fopenmp, else serial. Results are bitwise the
+                                 same for any thread count                    */
+    void *parallel_user;      /* 0 -> NULL: first argument of parallel_for     */
+    int32_t num_threads;      /* 0 -> OpenMP's default; 1 = serial (OpenMP only) */
 } moe_config;
 
 /* ---------------------------------------------------------------------------
@@ -348,6 +363,11 @@ typedef struct moe_weights {
     const float *soft_phi;        /* [E*P][D] slot parameters (row s = slot s%P
                                      of expert s/P)                           */
     const float *soft_scale;      /* [1]      learnable logit scale; NULL -> 1 */
+    /* moe_pack_weights output: the routed and shared expert matrices in the
+       SIMD kernels' panel order. When set (and the ISA is not REFERENCE) the
+       forward reads experts from here only: gate/up/down may then be NULL.
+       The backward always needs gate/up/down.                               */
+    const void *packed;
 } moe_weights;
 
 /* ---------------------------------------------------------------------------
@@ -433,6 +453,16 @@ MOEDEF moe_config moe_preset_expert_choice(void); /* EC-CF2: experts pick 2T/E t
 MOEDEF moe_config moe_preset_soft_moe(void);      /* Soft MoE, 1 slot per expert */
 MOEDEF moe_config moe_preset_dense(void);         /* every expert, softmax weights */
 
+/* Packing (for the SIMD forward): moe_pack_size gives the bytes of the packed
+   expert weights; moe_pack_weights writes them (routed and shared experts,
+   from w.gate/up/down and the shared tensors). Pack once for inference, or
+   after every optimiser step when training (one pass over the weights). The
+   layout belongs to this build's vector width: pack and run with the same
+   compiled header (moe_forward checks it: MOE_STATUS_BAD_PACKED).          */
+MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes);
+MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
+                                   void *packed, size_t bytes);
+
 /* Routing slots per token S (K, or E for expert choice and dense, 0 for Soft). */
 MOEDEF int32_t moe_routing_slots(const moe_config *cfg);
 
@@ -512,6 +542,9 @@ MOEDEF moe_status moe_selection_bias_update(int32_t num_experts, const int32_t *
 #include <string.h>
 #include <math.h>
 #include <float.h>
+#ifdef _OPENMP
+#  include <omp.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // Macro defaults
@@ -729,6 +762,226 @@ static void moe__gemm_ref(float *MOE_RESTRICT y, const float *MOE_RESTRICT x,
     }
 }
 
+/* The strided GEMM every other product is written in (backward, packed
+   forward): C[i][j] (+)= sum_k A[i*a_rs + k*a_cs] * B[k*ldb + j] for i < m,
+   j0 <= j < j1, k ascending. A is read element by element (broadcast), B and C
+   by rows, so one kernel serves x.W^T on packed weights, dh.W, dW += dh^T.x.  */
+static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
+                           const float *A, size_t a_rs, size_t a_cs,
+                           const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+    int64_t i, k;
+    int32_t j;
+    for (i = 0; i < m; i++) {
+        float *ci = C + (size_t)i * ldc;
+        for (j = j0; j < j1; j++) {
+            float acc = accumulate ? ci[j] : 0.0f;
+            for (k = 0; k < K; k++) acc += A[(size_t)i * a_rs + (size_t)k * a_cs] * B[(size_t)k * ldb + (size_t)j];
+            ci[j] = acc;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// SIMD: one vector ISA per build, chosen at compile time (STYLE 7). Each has
+// the same five primitives; the micro-kernel below is written once on them.
+//   AVX-512 (-mavx512f): 16 floats, 12x32 register tile
+//   AVX2 + FMA (-mavx2 -mfma): 8 floats, 6x16 tile
+//   NEON (aarch64): 4 floats, 8x8 tile
+
+#if !defined(MOE_NO_SIMD) && defined(__AVX512F__)
+#  include <immintrin.h>
+#  define MOE__SIMD_ISA MOE_ISA_AVX512
+#  define MOE__HAS_SIMD 1
+#  define MOE__VL 16
+#  define MOE__MR 12
+typedef __m512 moe__vf;
+static moe__vf moe__v_load(const float *p) { return _mm512_loadu_ps(p); }
+static void moe__v_store(float *p, moe__vf v) { _mm512_storeu_ps(p, v); }
+static moe__vf moe__v_set1(float a) { return _mm512_set1_ps(a); }
+static moe__vf moe__v_zero(void) { return _mm512_setzero_ps(); }
+static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm512_fmadd_ps(a, b, c); }
+static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
+#elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+#  include <immintrin.h>
+#  define MOE__SIMD_ISA MOE_ISA_AVX2
+#  define MOE__HAS_SIMD 1
+#  define MOE__VL 8
+#  define MOE__MR 6
+typedef __m256 moe__vf;
+static moe__vf moe__v_load(const float *p) { return _mm256_loadu_ps(p); }
+static void moe__v_store(float *p, moe__vf v) { _mm256_storeu_ps(p, v); }
+static moe__vf moe__v_set1(float a) { return _mm256_set1_ps(a); }
+static moe__vf moe__v_zero(void) { return _mm256_setzero_ps(); }
+static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm256_fmadd_ps(a, b, c); }
+static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
+#elif !defined(MOE_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
+#  include <arm_neon.h>
+#  define MOE__SIMD_ISA MOE_ISA_NEON
+#  define MOE__HAS_SIMD 1
+#  define MOE__VL 4
+#  define MOE__MR 8
+typedef float32x4_t moe__vf;
+static moe__vf moe__v_load(const float *p) { return vld1q_f32(p); }
+static void moe__v_store(float *p, moe__vf v) { vst1q_f32(p, v); }
+static moe__vf moe__v_set1(float a) { return vdupq_n_f32(a); }
+static moe__vf moe__v_zero(void) { return vdupq_n_f32(0.0f); }
+static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return vfmaq_f32(c, a, b); }
+static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
+#else
+#  define MOE__SIMD_ISA MOE_ISA_REFERENCE
+#  define MOE__HAS_SIMD 0
+#  define MOE__VL 4          /* layout constant of the packed format only */
+#endif
+#define MOE__NR (2 * MOE__VL) /* register tile width: two vectors           */
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define MOE__UNROLL _Pragma("GCC unroll 16")
+#else
+#  define MOE__UNROLL
+#endif
+
+#if MOE__HAS_SIMD
+/* Micro-kernel (variant 1 of bench/moe_bench.c): an MR x NR tile of C in
+   registers, one rank-1 update per k: two vector loads of B, MR broadcasts of
+   A, 2*MR FMAs. Rows i >= mr recompute row mr-1 and are not stored, so one
+   unrolled body serves every row count. Each C element sums k in ascending
+   order, like the reference (results differ by FMA rounding only).         */
+static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
+                           const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+    moe__vf c0[MOE__MR], c1[MOE__MR];
+    const float *a[MOE__MR];
+    int64_t k;
+    int32_t i;
+    MOE__UNROLL
+    for (i = 0; i < MOE__MR; i++) {
+        a[i] = A + (size_t)(i < mr ? i : mr - 1) * a_rs;
+        c0[i] = moe__v_zero();
+        c1[i] = moe__v_zero();
+    }
+    for (k = 0; k < K; k++) {
+        const float *bk = B + (size_t)k * ldb;
+        const moe__vf b0 = moe__v_load(bk), b1 = moe__v_load(bk + MOE__VL);
+        const size_t ak = (size_t)k * a_cs;
+        MOE__UNROLL
+        for (i = 0; i < MOE__MR; i++) {
+            const moe__vf av = moe__v_set1(a[i][ak]);
+            c0[i] = moe__v_fma(av, b0, c0[i]);
+            c1[i] = moe__v_fma(av, b1, c1[i]);
+        }
+    }
+    for (i = 0; i < mr; i++) {
+        float *ci = C + (size_t)i * ldc;
+        if (accumulate) {
+            c0[i] = moe__v_add(c0[i], moe__v_load(ci));
+            c1[i] = moe__v_add(c1[i], moe__v_load(ci + MOE__VL));
+        }
+        moe__v_store(ci, c0[i]);
+        moe__v_store(ci + MOE__VL, c1[i]);
+    }
+}
+
+/* moe__sgemm_ref's contract on the micro-kernel: full NR-wide column tiles in
+   registers, the ragged right edge (j1 - j0 not a multiple of NR) by the
+   reference loop. With accumulate the sum is C + (sum over k), one rounding
+   later than the reference's running sum: same tolerance class.           */
+static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
+                            const float *A, size_t a_rs, size_t a_cs,
+                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+    int64_t i;
+    int32_t j = j0;
+    for (; j + MOE__NR <= j1; j += MOE__NR)
+        for (i = 0; i < m; i += MOE__MR)
+            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), K, A + (size_t)i * a_rs, a_rs, a_cs,
+                           B + j, ldb, C + (size_t)i * ldc + j, ldc, accumulate);
+    if (j < j1) moe__sgemm_ref(m, j, j1, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+#endif
+
+typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t K,
+                              const float *A, size_t a_rs, size_t a_cs,
+                              const float *B, size_t ldb, float *C, size_t ldc, int accumulate);
+
+/* The GEMM of a resolved config's ISA. */
+static moe__sgemm_fn moe__pick_sgemm(const moe_config *c) {
+#if MOE__HAS_SIMD
+    if (c->isa == MOE__SIMD_ISA) return moe__sgemm_simd;
+#endif
+    (void)c;
+    return moe__sgemm_ref;
+}
+
+// ----------------------------------------------------------------------------
+// Threads: the library cuts work into a flat list of independent tasks and
+// hands it to cfg.parallel_for (the caller's pool), or to OpenMP when built
+// with -fopenmp, or runs it serially. Every task writes its own outputs and
+// sums in a fixed order, so results never depend on the thread count.
+
+static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, void *arg) {
+    int32_t i;
+    if (n <= 0) return;
+    if (c->parallel_for) { c->parallel_for(c->parallel_user, n, fn, arg); return; }
+#ifdef _OPENMP
+    if (n > 1 && c->num_threads != 1) {
+        const int nt = c->num_threads > 0 ? c->num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (i = 0; i < n; i++) fn(arg, i);
+        return;
+    }
+#endif
+    for (i = 0; i < n; i++) fn(arg, i);
+}
+
+/* One GEMM (moe__sgemm_fn contract) split into row blocks x column chunks. */
+typedef struct moe__gemm_job {
+    moe__sgemm_fn fn;
+    int64_t m, K;
+    int32_t N, rb, cb, n_cb;          /* row block, column chunk, chunks per row block */
+    const float *A; size_t a_rs, a_cs;
+    const float *B; size_t ldb;
+    float *C; size_t ldc;
+    int accumulate;
+} moe__gemm_job;
+
+static void moe__gemm_task(void *arg, int32_t task) {
+    const moe__gemm_job *g = (const moe__gemm_job *)arg;
+    const int64_t i0 = (int64_t)(task / g->n_cb) * g->rb;
+    const int32_t j0 = (task % g->n_cb) * g->cb;
+    const int64_t m = g->m - i0 < g->rb ? g->m - i0 : g->rb;
+    const int32_t j1 = g->N - j0 < g->cb ? g->N : j0 + g->cb;
+    g->fn(m, j0, j1, g->K, g->A + (size_t)i0 * g->a_rs, g->a_rs, g->a_cs, g->B, g->ldb,
+          g->C + (size_t)i0 * g->ldc, g->ldc, g->accumulate);
+}
+
+/* C[m][N] (+)= A . B over the whole matrix, in parallel tasks of about
+   MOE__TASK_FLOPS each (column chunks a multiple of the tile width).       */
+#define MOE__TASK_FLOPS 4000000.0
+static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
+                      const float *A, size_t a_rs, size_t a_cs, const float *B, size_t ldb,
+                      float *C, size_t ldc, int accumulate) {
+    moe__gemm_job g;
+    double tile_flops;
+    int64_t n_rb;
+    if (m <= 0 || N <= 0) return;
+    g.fn = moe__pick_sgemm(c);
+    g.m = m; g.K = K; g.N = N;
+    g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
+    g.accumulate = accumulate;
+    if (K == 0) {            /* empty sum: C = 0 (or unchanged) */
+        int64_t i;
+        if (!accumulate) for (i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
+        return;
+    }
+    /* blocks: whole tile rows, columns in NR multiples, ~TASK_FLOPS each */
+    tile_flops = 2.0 * (double)K * MOE__NR;
+    g.rb = (int32_t)(m < 64 ? m : 64);
+    g.cb = (int32_t)(MOE__TASK_FLOPS / (tile_flops * g.rb)) * MOE__NR;
+    if (g.cb < MOE__NR) g.cb = MOE__NR;
+    if (g.cb > N) g.cb = N;
+    g.n_cb = (N + g.cb - 1) / g.cb;
+    n_rb = (m + g.rb - 1) / g.rb;
+    moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g);
+}
+
 // ----------------------------------------------------------------------------
 // Config: validation, defaults, presets
 
@@ -804,9 +1057,10 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
         !moe__isfinite(c.seq_balance_coef))
         return MOE_STATUS_BAD_OPTION;
 
-    /* v0.1 compiles only the reference kernels */
-    if (c.isa == MOE_ISA_AUTO) c.isa = MOE_ISA_REFERENCE;
-    if (c.isa != MOE_ISA_REFERENCE) return MOE_STATUS_UNSUPPORTED;
+    /* the reference and the one SIMD ISA this file was compiled for */
+    if (c.isa == MOE_ISA_AUTO) c.isa = MOE__SIMD_ISA;
+    if (c.isa != MOE_ISA_REFERENCE && c.isa != MOE__SIMD_ISA) return MOE_STATUS_UNSUPPORTED;
+    if (c.num_threads < 0) return MOE_STATUS_BAD_OPTION;
     *out = c;
     return MOE_STATUS_OK;
 }
@@ -971,9 +1225,11 @@ typedef struct moe__layout {
     /* forward only */
     size_t logits, noise_logits, xr, slot_norm;
     size_t pair_row, offsets, row_token, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
+    size_t tiles, sh_tiles, task_off, task_panels, router_t, pack;   /* SIMD forward only */
     /* backward only */
     size_t gw, dout, da, du, dxg, dscore, dz, dsig, dD, sh_dout, sh_da, sh_du, sh_dx, dx, gamma;
     size_t bw_d, bw_f, bw_u8;   /* router-backward scratch: 6E doubles, 6E floats, 2E bytes */
+    size_t tmp_td;              /* [T][D] */
     size_t total;         /* bytes, including slack to align the base pointer */
 } moe__layout;
 
@@ -1030,6 +1286,20 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->sh_u         = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
         L->sh_a         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
         L->sh_out       = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+        if (c->isa != MOE_ISA_REFERENCE) {
+            /* packed-panel tile results: N x (panels * NR), the wider stage */
+            const size_t fc = glu ? MOE__VL : MOE__NR, p2 = (D + MOE__NR - 1) / MOE__NR;
+            const size_t p1 = (F + fc - 1) / fc, p1s = (Fs + fc - 1) / fc;
+            const size_t e_pad = (E + MOE__NR - 1) / MOE__NR * MOE__NR;
+            L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR), sizeof(float), &ok);
+            L->sh_tiles    = moe__reserve(&t, Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0, sizeof(float), &ok);
+            L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
+            L->task_panels = moe__reserve(&t, E + 1, sizeof(int32_t), &ok);
+            L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
+            /* one expert's panels, for weights that come unpacked */
+            L->pack        = moe__reserve(&t, moe__mul(D, (p1 > p1s ? p1 : p1s) * MOE__NR) +
+                                              moe__mul(p2 * MOE__NR, F > Fs ? F : Fs), sizeof(float), &ok);
+        }
     }
     if (mode == MOE__PLAN_BACKWARD) {
         L->gw      = moe__reserve(&t, TS, sizeof(float), &ok);
@@ -1050,6 +1320,7 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->bw_d    = moe__reserve(&t, 6 * E, sizeof(double), &ok);
         L->bw_f    = moe__reserve(&t, 6 * E, sizeof(float), &ok);
         L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
+        L->tmp_td  = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
     }
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
@@ -1490,6 +1761,184 @@ static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
                          w->shared_gate_bias, w->shared_up_bias, w->shared_down_bias, 1);
 }
 
+// ----------------------------------------------------------------------------
+// Packed weights (moe_pack_weights): every expert matrix transposed into
+// panels of NR output columns, K rows each, contiguous, so the micro-kernel
+// streams one panel front to back (decode reads weights at bandwidth; large
+// batches reuse a panel from L2 across row blocks). The GLU gate and up
+// projections are interleaved VL columns at a time, so one tile holds gate
+// and up of the same VL hidden units and the activation is fused into the
+// tile's epilogue:  ha = act(gate.x + bg) * (up.x + bu).
+//   header (64 bytes) | per routed expert: w13 panels, w2 panels |
+//   shared expert: w13 panels, w2 panels
+
+typedef struct moe__pack_header {
+    char magic[8];                   /* "moe.pk1\0"                           */
+    uint32_t vl, num_experts, d_model, d_ff, shared_d_ff, glu;
+    uint64_t bytes;
+} moe__pack_header;
+
+/* Panel geometry of one FFN of hidden width F. */
+typedef struct moe__pack_geom {
+    int32_t p1, p2;           /* panels of w13 (over F) and of w2 (over D)    */
+    int32_t f_cols;           /* hidden units per w13 panel: VL (GLU) or NR   */
+    size_t w13, w2;           /* floats per expert of each                    */
+} moe__pack_geom;
+
+static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
+    moe__pack_geom g;
+    const int glu = moe__act_is_glu(c->activation);
+    g.f_cols = glu ? MOE__VL : MOE__NR;
+    g.p1 = (F + g.f_cols - 1) / g.f_cols;
+    g.p2 = (c->d_model + MOE__NR - 1) / MOE__NR;
+    g.w13 = (size_t)g.p1 * (size_t)c->d_model * MOE__NR;
+    g.w2 = (size_t)g.p2 * (size_t)F * MOE__NR;
+    return g;
+}
+
+/* Float offsets of the pieces, and the total bytes. */
+typedef struct moe__pack_layout {
+    moe__pack_geom routed, shared;
+    size_t experts, shared_off, bytes;
+} moe__pack_layout;
+
+static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *P) {
+    const double E = c->num_experts;
+    double total;
+    P->routed = moe__pack_geometry(c, c->d_ff);
+    P->shared = moe__pack_geometry(c, c->shared_d_ff > 0 ? c->shared_d_ff : 1);
+    P->experts = 64 / sizeof(float);
+    total = (double)P->experts + E * ((double)P->routed.w13 + (double)P->routed.w2) +
+            (c->shared_d_ff > 0 ? (double)P->shared.w13 + (double)P->shared.w2 : 0.0);
+    if (total * sizeof(float) > (double)((size_t)-1 / 2)) return MOE_STATUS_SIZE_OVERFLOW;
+    P->shared_off = P->experts + (size_t)c->num_experts * (P->routed.w13 + P->routed.w2);
+    P->bytes = (P->shared_off + (c->shared_d_ff > 0 ? P->shared.w13 + P->shared.w2 : 0)) * sizeof(float);
+    return MOE_STATUS_OK;
+}
+
+/* Was packed made by moe_pack_weights for this config and vector width? */
+static int moe__pack_check(const moe_config *c, const void *packed) {
+    moe__pack_header h;
+    moe__pack_layout P;
+    if (!packed || (uintptr_t)packed % sizeof(float) != 0) return 0;
+    memcpy(&h, packed, sizeof h);
+    return memcmp(h.magic, "moe.pk1", 8) == 0 && h.vl == MOE__VL &&
+           h.num_experts == (uint32_t)c->num_experts && h.d_model == (uint32_t)c->d_model &&
+           h.d_ff == (uint32_t)c->d_ff && h.shared_d_ff == (uint32_t)c->shared_d_ff &&
+           h.glu == (uint32_t)moe__act_is_glu(c->activation) &&
+           moe__pack_plan(c, &P) == MOE_STATUS_OK && h.bytes == P.bytes;
+}
+
+#if MOE__HAS_SIMD
+/* One stage of a packed expert set over expert-contiguous rows, as a flat
+   task list: expert x row block x run of panels.
+   stage 1: S = x . w13 panels, then per hidden unit (the fused epilogue)
+            hg = S_gate + bg, hu = S_up + bu, ha = act(hg) [* hu]
+   stage 2: S = ha . w2 panels, out = S + bd                                */
+typedef struct moe__packed_job {
+    const moe_config *c;
+    const moe__pack_geom *g;
+    int stage, glu;
+    int32_t F, D, n_sets;
+    const float *panels;            /* expert 0's w13 panels                 */
+    size_t set_stride;              /* floats from one expert's panels to the next */
+    const int64_t *off;             /* [n_sets + 1] row offsets              */
+    const float *x;                 /* [N][D]                                */
+    float *hg, *hu, *ha, *out;      /* [N][F], [N][F], [N][F], [N][D]        */
+    float *S;                       /* [N][ldS] tile results                 */
+    size_t ldS;
+    const float *gate_bias, *up_bias, *down_bias;   /* per expert F, F, D, or NULL */
+    int64_t *task_off;              /* [n_sets + 1]                          */
+    int32_t *panels_per_task;       /* [n_sets]                              */
+} moe__packed_job;
+
+#define MOE__ROW_BLOCK (4 * MOE__MR)
+
+static void moe__packed_task(void *arg, int32_t task) {
+    const moe__packed_job *J = (const moe__packed_job *)arg;
+    const int32_t P = J->stage == 1 ? J->g->p1 : J->g->p2;
+    const int64_t K = J->stage == 1 ? J->D : J->F;
+    int32_t lo = 0, hi = J->n_sets, e, p, p0, p1, tb, n_tb;
+    int64_t local, rb, r0, nr, i, r;
+    while (hi - lo > 1) {                    /* expert of this task */
+        const int32_t mid = (lo + hi) / 2;
+        if (J->task_off[mid] <= task) lo = mid; else hi = mid;
+    }
+    e = lo;
+    local = task - J->task_off[e];
+    tb = J->panels_per_task[e];
+    n_tb = (P + tb - 1) / tb;
+    rb = local / n_tb;
+    p0 = (int32_t)(local % n_tb) * tb;
+    p1 = p0 + tb < P ? p0 + tb : P;
+    r0 = J->off[e] + rb * MOE__ROW_BLOCK;
+    nr = J->off[e + 1] - r0 < MOE__ROW_BLOCK ? J->off[e + 1] - r0 : MOE__ROW_BLOCK;
+    {
+        const float *w = J->panels + (size_t)e * J->set_stride + (J->stage == 1 ? 0 : J->g->w13);
+        const float *A = J->stage == 1 ? J->x : J->ha;
+        const size_t lda = J->stage == 1 ? (size_t)J->D : (size_t)J->F;
+        for (p = p0; p < p1; p++)
+            for (i = 0; i < nr; i += MOE__MR)
+                moe__tile_simd((int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR), K, A + (size_t)(r0 + i) * lda, lda, 1,
+                               w + (size_t)p * (size_t)K * MOE__NR, MOE__NR,
+                               J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR, J->ldS, 0);
+    }
+    /* epilogue on this task's rows and panels */
+    for (r = r0; r < r0 + nr; r++) {
+        const float *Sr = J->S + (size_t)r * J->ldS;
+        if (J->stage == 1) {
+            const int32_t fc = J->g->f_cols, f_end = p1 * fc < J->F ? p1 * fc : J->F;
+            const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
+            const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
+            int32_t f;
+            for (f = p0 * fc; f < f_end; f++) {
+                const int32_t pp = f / fc, v = f % fc;
+                const size_t o = (size_t)r * J->F + (size_t)f;
+                const float gv = Sr[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
+                J->hg[o] = gv;
+                if (J->glu) {
+                    const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
+                    J->hu[o] = uv;
+                    J->ha[o] = moe__act(J->c->activation, gv) * uv;
+                } else {
+                    J->ha[o] = moe__act(J->c->activation, gv);
+                }
+            }
+        } else {
+            const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D;
+            const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
+            int32_t d;
+            for (d = p0 * MOE__NR; d < d_end; d++)
+                J->out[(size_t)r * J->D + (size_t)d] = Sr[d] + (bd ? bd[d] : 0.0f);
+        }
+    }
+}
+
+/* Run both stages of a packed set: tasks of about MOE__TASK_FLOPS. */
+static void moe__packed_ffn(moe__packed_job *J) {
+    int stage;
+    for (stage = 1; stage <= 2; stage++) {
+        const int32_t P = stage == 1 ? J->g->p1 : J->g->p2;
+        const double K = stage == 1 ? J->D : J->F;
+        int32_t e;
+        J->stage = stage;
+        J->task_off[0] = 0;
+        for (e = 0; e < J->n_sets; e++) {
+            const int64_t n = J->off[e + 1] - J->off[e];
+            const int64_t n_rb = (n + MOE__ROW_BLOCK - 1) / MOE__ROW_BLOCK;
+            const double rows = n < MOE__ROW_BLOCK ? (double)n : MOE__ROW_BLOCK;
+            int32_t tb = rows > 0 ? (int32_t)(MOE__TASK_FLOPS / (2.0 * rows * K * MOE__NR)) : P;
+            if (tb < 1) tb = 1;
+            if (tb > P) tb = P;
+            J->panels_per_task[e] = tb;
+            J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
+        }
+        moe__parallel_for(J->c, (int32_t)J->task_off[J->n_sets], moe__packed_task, J);
+    }
+}
+#endif
+
+
 /* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
    x belong to expert e. This is where the fast kernels plug in.
      x: [N][D]   hg, hu: [N][F] pre-activations (hu only for GLU)
@@ -1591,24 +2040,114 @@ static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
     }
 }
 
+/* Pack panels [p0, p1) of expert e's w13 (panels < g->p1) and w2 (the rest). */
+typedef struct moe__pack_job {
+    const moe__ffn *f;
+    const moe__pack_geom *g;
+    int glu;
+    int32_t e;
+    float *dst;
+} moe__pack_job;
+
+static void moe__pack_task(void *arg, int32_t task) {
+    const moe__pack_job *J = (const moe__pack_job *)arg;
+    const moe__ffn *f = J->f;
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const float *gate = f->gate + (size_t)J->e * f->gate_stride;
+    const float *up = J->glu ? f->up + (size_t)J->e * f->up_stride : NULL;
+    const float *down = f->down + (size_t)J->e * f->down_stride;
+    size_t k, v;
+    if (task < J->g->p1) {                       /* w13 panel: [D][NR] */
+        const size_t p = (size_t)task;
+        float *dst = J->dst + p * D * MOE__NR;
+        for (k = 0; k < D; k++)
+            for (v = 0; v < MOE__NR; v++) {
+                const size_t col = J->glu ? p * MOE__VL + v % MOE__VL : p * MOE__NR + v;
+                const float *src = J->glu && v >= MOE__VL ? up : gate;
+                dst[k * MOE__NR + v] = col < F ? src[col * D + k] : 0.0f;
+            }
+    } else {                                     /* w2 panel: [F][NR] */
+        const size_t p = (size_t)(task - J->g->p1);
+        float *dst = J->dst + J->g->w13 + p * F * MOE__NR;
+        for (k = 0; k < F; k++)
+            for (v = 0; v < MOE__NR; v++) {
+                const size_t col = p * MOE__NR + v;
+                dst[k * MOE__NR + v] = col < D ? down[col * F + k] : 0.0f;
+            }
+    }
+}
+
+#if MOE__HAS_SIMD
+/* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
+   each expert with rows is packed into the workspace first (one extra pass
+   over its weights), then run.                                             */
+static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const float *packed_set,
+                              int32_t n_sets, const int64_t *off, const float *x,
+                              float *hg, float *hu, float *ha, float *out, float *S,
+                              const moe__layout *L, unsigned char *b) {
+    const moe__pack_geom g = moe__pack_geometry(c, f->F);
+    moe__packed_job J;
+    memset(&J, 0, sizeof J);
+    J.c = c; J.g = &g; J.glu = moe__act_is_glu(c->activation);
+    J.F = f->F; J.D = f->D;
+    J.x = x; J.hg = hg; J.hu = hu; J.ha = ha; J.out = out; J.S = S;
+    J.ldS = (size_t)(g.p1 > g.p2 ? g.p1 : g.p2) * MOE__NR;
+    J.task_off = MOE__AT(b, L->task_off, int64_t);
+    J.panels_per_task = MOE__AT(b, L->task_panels, int32_t);
+    if (packed_set) {
+        J.panels = packed_set; J.set_stride = g.w13 + g.w2; J.n_sets = n_sets; J.off = off;
+        J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
+        moe__packed_ffn(&J);
+    } else {
+        moe__pack_job P;
+        int32_t e;
+        P.f = f; P.g = &g; P.glu = J.glu; P.dst = MOE__AT(b, L->pack, float);
+        J.panels = P.dst; J.set_stride = 0; J.n_sets = 1;
+        for (e = 0; e < n_sets; e++) {
+            if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
+            P.e = e;
+            moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &P);
+            J.off = off + e;
+            J.gate_bias = f->gate_bias ? f->gate_bias + (size_t)e * (size_t)f->F : NULL;
+            J.up_bias = f->up_bias ? f->up_bias + (size_t)e * (size_t)f->F : NULL;
+            J.down_bias = f->down_bias ? f->down_bias + (size_t)e * (size_t)f->D : NULL;
+            moe__packed_ffn(&J);
+        }
+    }
+}
+#endif
+
 /* Stages 3-4, shared by the forward and the backward's recompute: expert
    inputs, the grouped FFN, and the shared expert's FFN on every token.     */
 static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
                                const int32_t *expert, const uint8_t *dropped, const float *dispatch,
                                const moe__layout *L, unsigned char *b) {
     const int glu = moe__act_is_glu(c->activation);
-    moe__ffn ffn = moe__routed_ffn(c, w);
+    const int64_t *offsets = MOE__AT(b, L->offsets, int64_t);
+    const int64_t sh_off[2] = {0, (int64_t)T};
+    const moe__ffn ffn = moe__routed_ffn(c, w), sh = moe__shared_ffn(c, w);
+    float *hu = glu ? MOE__AT(b, L->hu, float) : NULL, *sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
     moe__expert_inputs(c, x, T, expert, dropped, dispatch, L, b);
-    moe__experts_forward_ref(&ffn, c->num_experts, MOE__AT(b, L->offsets, int64_t), MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float),
-                             glu ? MOE__AT(b, L->hu, float) : NULL, MOE__AT(b, L->ha, float),
-                             MOE__AT(b, L->out, float));
-    if (c->shared_d_ff > 0) {
-        const int64_t sh_off[2] = {0, (int64_t)T};
-        moe__ffn sh = moe__shared_ffn(c, w);
-        moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L->sh_g, float),
-                                 glu ? MOE__AT(b, L->sh_u, float) : NULL, MOE__AT(b, L->sh_a, float),
-                                 MOE__AT(b, L->sh_out, float));
+#if MOE__HAS_SIMD
+    if (c->isa != MOE_ISA_REFERENCE) {
+        moe__pack_layout P;
+        const float *packed = w->packed ? (const float *)w->packed : NULL;
+        moe__pack_plan(c, &P);
+        moe__experts_simd(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
+                          MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
+                          MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float), MOE__AT(b, L->tiles, float), L, b);
+        if (c->shared_d_ff > 0)
+            moe__experts_simd(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
+                              MOE__AT(b, L->sh_g, float), sh_u, MOE__AT(b, L->sh_a, float),
+                              MOE__AT(b, L->sh_out, float), MOE__AT(b, L->sh_tiles, float), L, b);
+        return;
     }
+#endif
+    moe__experts_forward_ref(&ffn, c->num_experts, offsets, MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float),
+                             hu, MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float));
+    if (c->shared_d_ff > 0)
+        moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L->sh_g, float), sh_u,
+                                 MOE__AT(b, L->sh_a, float), MOE__AT(b, L->sh_out, float));
 }
 
 /* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
@@ -1623,17 +2162,19 @@ static float moe__shared_gate_of(const moe_config *c, const moe_weights *w, cons
 // ----------------------------------------------------------------------------
 // Public functions
 
-static moe_status moe__check_weights(const moe_config *c, const moe_weights *w) {
+/* Weights the config needs. packed: the forward reads the expert matrices
+   from w.packed (SIMD ISA), so w.gate/up/down may be NULL.                 */
+static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, int packed) {
     const int glu = moe__act_is_glu(c->activation);
     if (c->routing == MOE_ROUTING_SOFT ? !w->soft_phi : !w->router) return MOE_STATUS_MISSING_WEIGHT;
     if ((c->router_bias && !w->router_bias) || (c->selection_bias && !w->selection_bias) ||
         (c->noise == MOE_NOISE_SHAZEER && !w->router_noise))
         return MOE_STATUS_MISSING_WEIGHT;
-    if (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up)) return MOE_STATUS_MISSING_WEIGHT;
+    if (!packed && (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up))) return MOE_STATUS_MISSING_WEIGHT;
     if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
         return MOE_STATUS_MISSING_WEIGHT;
     if (c->shared_d_ff > 0) {
-        if (!w->shared_gate || !w->shared_down || (glu && !w->shared_up)) return MOE_STATUS_MISSING_WEIGHT;
+        if (!packed && (!w->shared_gate || !w->shared_down || (glu && !w->shared_up))) return MOE_STATUS_MISSING_WEIGHT;
         if (c->expert_bias && (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
             return MOE_STATUS_MISSING_WEIGHT;
         if (c->shared_gate && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
@@ -1778,6 +2319,53 @@ static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
     if (dst->cache_shared_out) memcpy(dst->cache_shared_out, MOE__AT(b, L->sh_out, float), (size_t)T * D * sizeof(float));
 }
 
+MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes) {
+    moe_config c;
+    moe__pack_layout P;
+    moe_status st;
+    if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if ((st = moe__pack_plan(&c, &P)) != MOE_STATUS_OK) return st;
+    *out_bytes = P.bytes;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
+                                   void *packed, size_t bytes) {
+    moe_config c;
+    moe__pack_layout P;
+    moe__pack_header h;
+    moe_status st;
+    moe__ffn f[2];
+    int32_t set, e;
+    if (!cfg || !w || !packed) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
+    if ((st = moe__pack_plan(&c, &P)) != MOE_STATUS_OK) return st;
+    if (bytes < P.bytes) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if ((uintptr_t)packed % sizeof(float) != 0) return MOE_STATUS_BAD_PACKED;
+    f[0] = moe__routed_ffn(&c, w);
+    f[1] = moe__shared_ffn(&c, w);
+    for (set = 0; set < (c.shared_d_ff > 0 ? 2 : 1); set++) {
+        moe__pack_job J;
+        J.f = &f[set];
+        J.g = set ? &P.shared : &P.routed;
+        J.glu = moe__act_is_glu(c.activation);
+        for (e = 0; e < (set ? 1 : c.num_experts); e++) {
+            J.e = e;
+            J.dst = (float *)packed + (set ? P.shared_off : P.experts + (size_t)e * (P.routed.w13 + P.routed.w2));
+            moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J);
+        }
+    }
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, "moe.pk1", 8);
+    h.vl = MOE__VL; h.num_experts = (uint32_t)c.num_experts; h.d_model = (uint32_t)c.d_model;
+    h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
+    h.glu = (uint32_t)moe__act_is_glu(c.activation); h.bytes = P.bytes;
+    memcpy(packed, &h, sizeof h);
+    return MOE_STATUS_OK;
+}
+
 /* The three workspace size queries: resolve, check T, lay out, report. */
 static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode, size_t *out_bytes) {
     moe_config c;
@@ -1829,6 +2417,26 @@ MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_FORWARD, out_bytes);
 }
 
+/* y[T][E] = x . W^T + bias for a small W [E][D] (the router): on a SIMD ISA
+   W is transposed into the workspace ([D][E_pad]) so the parallel GEMM can
+   stream it; the reference computes moe__gemm_ref.                        */
+static void moe__linear(const moe_config *c, float *y, const float *x, const float *W, const float *bias,
+                        int32_t T, int32_t E, int32_t D, const moe__layout *L, unsigned char *b) {
+    if (c->isa != MOE_ISA_REFERENCE) {
+        const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
+        float *Wt = MOE__AT(b, L->router_t, float);
+        int32_t e, d, t;
+        for (e = 0; e < E; e++)
+            for (d = 0; d < D; d++) Wt[(size_t)d * ld + (size_t)e] = W[(size_t)e * D + d];
+        moe__gemm(c, T, E, D, x, (size_t)D, 1, Wt, ld, y, (size_t)E, 0);
+        if (bias)
+            for (t = 0; t < T; t++)
+                for (e = 0; e < E; e++) y[(size_t)t * E + e] += bias[e];
+        return;
+    }
+    moe__gemm_ref(y, x, W, bias, T, E, D);
+}
+
 /* Router logits [T][R] (and the Shazeer noise logits [T][E]).
    Top-k / expert choice / dense: z = xr . router^T (+ router_bias), where xr
    is x times U[1-eps, 1+eps] per element when training with jitter.
@@ -1863,9 +2471,9 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
             xj[i] = x[i] * (float)(1.0 - c->jitter + 2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
         xr = xj;
     }
-    moe__gemm_ref(logits, xr, w->router, c->router_bias ? w->router_bias : NULL, T, E, D);
+    moe__linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL, T, E, D, L, b);
     if (c->noise == MOE_NOISE_SHAZEER && c->training)
-        moe__gemm_ref(MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL, T, E, D);
+        moe__linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL, T, E, D, L, b);
 }
 
 MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
@@ -1879,11 +2487,14 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     moe_status st;
     const int32_t T = num_tokens;
     int32_t t, d, s;
+    int forward_packed;
     if (!cfg || !w) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe__check_weights(&c, w)) != MOE_STATUS_OK) return st;
+    forward_packed = w->packed != NULL && c.isa != MOE_ISA_REFERENCE;
+    if (forward_packed && !moe__pack_check(&c, w->packed)) return MOE_STATUS_BAD_PACKED;
+    if ((st = moe__check_weights(&c, w, forward_packed)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) {
@@ -1953,87 +2564,60 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
 // Backward pass (ROUTING_SPEC 13). Each step is the transpose of its forward
 // twin above; parameter gradients accumulate, dx is overwritten.
 
-/* C[n][m] = A[n][k] . B[k][m]  (B row-major [k][m]; k summed in order).      */
-static void moe__gemm_nn_ref(float *MOE_RESTRICT C, const float *MOE_RESTRICT A,
-                             const float *MOE_RESTRICT B, int64_t n, int32_t k, int32_t m) {
-    int64_t i;
-    int32_t j, l;
-    for (i = 0; i < n; i++) {
-        float *ci = C + (size_t)i * (size_t)m;
-        const float *ai = A + (size_t)i * (size_t)k;
-        for (j = 0; j < m; j++) ci[j] = 0.0f;
-        for (l = 0; l < k; l++) {
-            const float a = ai[l];
-            const float *bl = B + (size_t)l * (size_t)m;
-            for (j = 0; j < m; j++) ci[j] += a * bl[j];
-        }
-    }
-}
-
-/* C[m][p] += sum_i A[i][m] * B[i][p] over the n rows (a weight gradient
-   dW += dY^T X; rows summed in order), and bias[m] += sum_i A[i][m].        */
-static void moe__gemm_tn_acc_ref(float *MOE_RESTRICT C, float *MOE_RESTRICT bias,
-                                 const float *MOE_RESTRICT A, const float *MOE_RESTRICT B,
-                                 int64_t n, int32_t m, int32_t p) {
-    int64_t i;
-    int32_t j, l;
-    for (i = 0; i < n; i++) {
-        const float *ai = A + (size_t)i * (size_t)m, *bi = B + (size_t)i * (size_t)p;
-        for (j = 0; j < m; j++) {
-            float *cj = C ? C + (size_t)j * (size_t)p : NULL;
-            if (bias) bias[j] += ai[j];
-            if (cj) for (l = 0; l < p; l++) cj[l] += ai[j] * bi[l];
-        }
-    }
-}
-
 /* Gradient tensors of one expert set, laid out like moe__ffn. */
 typedef struct moe__ffn_grad {
     float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
 } moe__ffn_grad;
 
-/* Backward of moe__experts_forward_ref, rows of each expert at once.
+/* bias[j] += sum over n rows of A[i][j] (row stride lda): bias gradients. */
+static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, size_t lda) {
+    int64_t i;
+    int32_t j;
+    if (!bias) return;
+    for (i = 0; i < n; i++)
+        for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
+}
+
+/* Backward of the expert FFNs, rows of each expert at once; every product is
+   one strided GEMM (moe__gemm: the ISA's kernel, in parallel tasks).
      da = dout . down_e                       d down_e += dout^T . ha,  d bd += sum dout
      GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
      d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
      dx = dh . gate_e + du . up_e   (overwritten, [N][D])                      */
-static void moe__experts_backward_ref(const moe__ffn *f, const moe__ffn_grad *g, int32_t num_experts,
-                                      const int64_t *off, const float *x, const float *hg,
-                                      const float *hu, const float *ha, const float *dout,
-                                      float *dh, float *du, float *dx) {
+static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
+                                  int32_t num_experts, const int64_t *off, const float *x,
+                                  const float *hg, const float *hu, const float *ha,
+                                  const float *dout, float *dh, float *du, float *dx) {
     const size_t D = (size_t)f->D, F = (size_t)f->F;
     const int glu = moe__act_is_glu(f->act);
     int32_t e;
     for (e = 0; e < num_experts; e++) {
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
         const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
+        const float *w_gate = f->gate + (size_t)e * f->gate_stride, *w_up = glu ? f->up + (size_t)e * f->up_stride : NULL;
+        const float *w_down = f->down + (size_t)e * f->down_stride;
         size_t i;
         if (n == 0) continue;
-        moe__gemm_nn_ref(dh + h0, dout + x0, f->down + (size_t)e * f->down_stride, n, f->D, f->F);
-        moe__gemm_tn_acc_ref(g->down ? g->down + (size_t)e * f->down_stride : NULL,
-                             g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, ha + h0, n, f->D, f->F);
+        /* da[n][F] = dout[n][D] . down[D][F];  d down[D][F] += dout^T . ha */
+        moe__gemm(c, n, f->F, f->D, dout + x0, D, 1, w_down, F, dh + h0, F, 0);
+        if (g->down) moe__gemm(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1);
+        moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
         for (i = h0; i < h0 + (size_t)n * F; i++) {     /* through the activation */
             const float da = dh[i];
             if (glu) { du[i] = da * moe__act(f->act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(f->act, hg[i]); }
             else dh[i] = da * moe__act_grad(f->act, hg[i]);
         }
-        moe__gemm_tn_acc_ref(g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
-                             g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, x + x0, n, f->F, f->D);
-        if (glu)
-            moe__gemm_tn_acc_ref(g->up ? g->up + (size_t)e * f->up_stride : NULL,
-                                 g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, x + x0, n, f->F, f->D);
-        if (!dx) continue;
-        moe__gemm_nn_ref(dx + x0, dh + h0, f->gate + (size_t)e * f->gate_stride, n, f->F, f->D);
-        if (glu) {   /* dx += du . up_e */
-            int64_t r;
-            int32_t k, d;
-            for (r = 0; r < n; r++)
-                for (k = 0; k < f->F; k++) {
-                    const float v = du[h0 + (size_t)r * F + (size_t)k];
-                    const float *ur = f->up + (size_t)e * f->up_stride + (size_t)k * D;
-                    for (d = 0; d < f->D; d++) dx[x0 + (size_t)r * D + (size_t)d] += v * ur[d];
-                }
+        /* d gate[F][D] += dh^T . x,  d up += du^T . x */
+        if (g->gate) moe__gemm(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D, g->gate + (size_t)e * f->gate_stride, D, 1);
+        moe__sum_rows(g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, n, f->F, F);
+        if (glu) {
+            if (g->up) moe__gemm(c, f->F, f->D, n, du + h0, 1, F, x + x0, D, g->up + (size_t)e * f->up_stride, D, 1);
+            moe__sum_rows(g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, n, f->F, F);
         }
+        /* dx[n][D] = dh . gate[F][D] (+ du . up) */
+        if (!dx) continue;
+        moe__gemm(c, n, f->D, f->F, dh + h0, F, 1, w_gate, D, dx + x0, D, 0);
+        if (glu) moe__gemm(c, n, f->D, f->F, du + h0, F, 1, w_up, D, dx + x0, D, 1);
     }
 }
 
@@ -2289,21 +2873,18 @@ static float moe__jitter_factor(const moe_config *c, size_t i) {
 }
 
 /* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
-   dx += (dz . W) * U  (U the jitter factors, xr = x * U).                  */
-static void moe__router_gemm_backward_ref(const moe_config *c, const float *x, int32_t T,
-                                          const float *dz, const float *W, float *dW, float *db,
-                                          float *xr, float *dx) {
+   dx += (dz . W) * U  (U the jitter factors, xr = x * U). tmp: [T][D].   */
+static void moe__router_gemm_backward(const moe_config *c, const float *x, int32_t T,
+                                      const float *dz, const float *W, float *dW, float *db,
+                                      float *xr, float *tmp, float *dx) {
     const int32_t D = c->d_model, E = c->num_experts;
+    const int jitter = c->training && c->jitter > 0.0f;
     size_t i, n = (size_t)T * (size_t)D;
-    int32_t t, e, d;
-    for (i = 0; i < n; i++) xr[i] = x[i] * moe__jitter_factor(c, i);
-    if (dW || db) moe__gemm_tn_acc_ref(dW, db, dz, xr, T, E, D);
-    for (t = 0; t < T; t++)
-        for (d = 0; d < D; d++) {
-            float acc = 0.0f;
-            for (e = 0; e < E; e++) acc += dz[(size_t)t * E + e] * W[(size_t)e * D + d];
-            dx[(size_t)t * D + d] += acc * moe__jitter_factor(c, (size_t)t * D + d);
-        }
+    for (i = 0; i < n; i++) xr[i] = jitter ? x[i] * moe__jitter_factor(c, i) : x[i];
+    if (dW) moe__gemm(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1);
+    moe__sum_rows(db, dz, T, E, (size_t)E);
+    moe__gemm(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0);
+    for (i = 0; i < n; i++) dx[i] += jitter ? tmp[i] * moe__jitter_factor(c, i) : tmp[i];
 }
 
 /* Soft MoE router backward. Forward: q = <x_t, phi_s> / (|x_t| |phi_s|),
@@ -2433,7 +3014,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe__check_weights(&c, w)) != MOE_STATUS_OK) return st;
+    if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
     if (T > 0 && (st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
     if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;
@@ -2507,7 +3088,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         }
 
         /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
-        moe__experts_backward_ref(&ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, dout,
+        moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, dout,
                                   MOE__AT(b, L.da, float), glu ? MOE__AT(b, L.du, float) : NULL, dxg);
 
         /* 3. back to tokens: dx_t = sum_j dxg[row(t, j)] in slot order (Soft: D dX~) */
@@ -2556,7 +3137,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                     }
                 }
             }
-            moe__experts_backward_ref(&sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, sh_dout,
+            moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, sh_dout,
                                       MOE__AT(b, L.sh_da, float), glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx);
             for (t = 0; t < T; t++)
                 for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
@@ -2591,13 +3172,14 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                 B.noise = noise;
             }
             moe__router_backward_ref(&B);
-            moe__router_gemm_backward_ref(&c, x, T, B.dz, w->router, gr->router,
-                                          c.router_bias ? gr->router_bias : NULL, xr, dx);
+            moe__router_gemm_backward(&c, x, T, B.dz, w->router, gr->router,
+                                      c.router_bias ? gr->router_bias : NULL, xr, MOE__AT(b, L.tmp_td, float), dx);
             if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
                 float *dr = B.dsig;
                 for (t = 0; t < T; t++)
                     for (j = 0; j < E; j++) dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
-                moe__router_gemm_backward_ref(&c, x, T, dr, w->router_noise, gr->router_noise, NULL, xr, dx);
+                moe__router_gemm_backward(&c, x, T, dr, w->router_noise, gr->router_noise, NULL, xr,
+                                          MOE__AT(b, L.tmp_td, float), dx);
             }
         }
     }
