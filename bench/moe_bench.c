@@ -1,7 +1,10 @@
 /* bench/moe_bench.c -- MoE layer forward / forward+backward timings, CPU.
    build: make bench        run: ./build/moe_bench [variant] [max_T]
-   variant 0: moe.h reference forward (moe__gemm_ref; the spec of later kernels)
+   variant 0: moe.h reference forward (cfg.isa = MOE_ISA_REFERENCE)
    variant 1: moe.h reference forward + backward (training cache, recompute = 0)
+   variant 2: SIMD forward on packed weights (moe_pack_weights once)      <- moe.h
+   variant 3: SIMD forward on unpacked weights (each used expert packed per call)
+   variant 4: SIMD forward (packed) + backward
    Shapes (2 threads are the target machine; the reference path is serial):
      mixtral-mini   D=1024 F=3584 E=8  K=2 SwiGLU, softmax, renormalised
      deepseek-mini  D=1024 F=512  E=64 K=6 SwiGLU, softmax, greedy
@@ -48,11 +51,21 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T) {
     size_t fb = 0, bb = 0, ib = 0;
     void *fws, *bws = NULL, *ibuf;
     int r, e;
-    cfg.training = variant == 1;
+    const int backward = variant == 1 || variant == 4;
+    void *packed = NULL;
+    cfg.training = backward;
+    if (variant <= 1) cfg.isa = MOE_ISA_REFERENCE;
     w.router = tensor((size_t)E * D, 0.03f);
     w.gate = tensor((size_t)E * F * D, 0.03f); w.up = tensor((size_t)E * F * D, 0.03f);
     w.down = tensor((size_t)E * D * F, 0.03f);
-    if (variant == 1) {
+    if (variant == 2 || variant == 4) {
+        size_t pb = 0;
+        moe_pack_size(&cfg, &pb);
+        packed = malloc(pb);
+        if (moe_pack_weights(&cfg, &w, packed, pb) != MOE_STATUS_OK) { fprintf(stderr, "pack failed\n"); exit(1); }
+        w.packed = packed;
+    }
+    if (backward) {
         g.router = tensor((size_t)E * D, 0.0f);
         g.gate = tensor((size_t)E * F * D, 0.0f); g.up = tensor((size_t)E * F * D, 0.0f);
         g.down = tensor((size_t)E * D * F, 0.0f);
@@ -66,19 +79,19 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T) {
     for (r = -1; r < runs; r++) {
         double t0 = now();
         moe_status st = moe_forward(&cfg, &w, x, T, y, &info, fws, fb);
-        if (st == MOE_STATUS_OK && variant == 1) st = moe_backward(&cfg, &w, x, T, &info, dy, dx, &g, bws, bb);
+        if (st == MOE_STATUS_OK && backward) st = moe_backward(&cfg, &w, x, T, &info, dy, dx, &g, bws, bb);
         if (st != MOE_STATUS_OK) { fprintf(stderr, "%s\n", moe_status_string(st)); exit(1); }
         if (r >= 0) times[r] = now() - t0;
     }
     qsort(times, (size_t)runs, sizeof(double), cmp);
     flops = 2.0 * T * D * E;
     for (e = 0; e < E; e++) flops += 6.0 * info.expert_kept[e] * D * F;
-    if (variant == 1) flops *= 3.0;
+    if (backward) flops *= 3.0;
     printf("%-14s %5d  %d  %10.2f  %9.2f-%-9.2f %7.2f\n", name, T, variant, 1e3 * times[runs / 2],
            1e3 * times[0], 1e3 * times[runs - 1], flops / times[runs / 2] * 1e-9);
     free(x); free(y); free(dy); free(dx); free(fws); free(bws); free(ibuf);
     free((void *)w.router); free((void *)w.gate); free((void *)w.up); free((void *)w.down);
-    free(g.router); free(g.gate); free(g.up); free(g.down);
+    free(g.router); free(g.gate); free(g.up); free(g.down); free(packed);
 }
 
 int main(int argc, char **argv) {
@@ -89,8 +102,11 @@ int main(int argc, char **argv) {
     mixtral.d_model = 1024; mixtral.d_ff = 3584;
     deepseek.num_experts = 64; deepseek.top_k = 6; deepseek.d_model = 1024; deepseek.d_ff = 512;
     deepseek.normalize = MOE_NORM_NONE;
-    printf("moe.h %s bench, variant %d (%s)\n", MOE_VERSION_STRING, variant,
-           variant ? "reference forward+backward" : "reference forward");
+    static const char *names[5] = {"reference forward", "reference forward+backward",
+                                   "SIMD forward, packed", "SIMD forward, unpacked",
+                                   "SIMD forward (packed) + backward"};
+    if (variant < 0 || variant > 4) { fprintf(stderr, "variant 0..4\n"); return 2; }
+    printf("moe.h %s bench, variant %d (%s)\n", MOE_VERSION_STRING, variant, names[variant]);
     printf("%-14s %5s  %s  %10s  %-19s %7s\n", "shape", "T", "v", "median ms", "min-max ms", "GFLOP/s");
     for (i = 0; i < sizeof Ts / sizeof Ts[0] && Ts[i] <= max_T; i++) {
         run_shape("mixtral-mini", mixtral, variant, Ts[i]);
