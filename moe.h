@@ -841,20 +841,26 @@ static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
 #endif
 
 #if MOE__HAS_SIMD
-/* Micro-kernel (variant 1 of bench/moe_bench.c): an MR x NR tile of C in
-   registers, one rank-1 update per k: two vector loads of B, MR broadcasts of
-   A, 2*MR FMAs. Rows i >= mr recompute row mr-1 and are not stored, so one
-   unrolled body serves every row count. Each C element sums k in ascending
-   order, like the reference (results differ by FMA rounding only).         */
-static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
-                           const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+#if defined(__GNUC__) || defined(__clang__)
+#  define MOE__INLINE static inline __attribute__((always_inline))
+#else
+#  define MOE__INLINE static inline
+#endif
+/* Micro-kernel (bench/moe_bench.c variants 2-4): an mr x NR tile of C in
+   registers, one rank-1 update per k: two vector loads of B, mr broadcasts
+   of A, 2*mr FMAs. mr is a compile-time constant in each instance below, so
+   a one-token (decode) tile does one row of work, not MR. Each C element
+   sums k in ascending order, like the reference (results differ by FMA
+   rounding only).                                                          */
+MOE__INLINE void moe__tile_body(const int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
+                                const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     moe__vf c0[MOE__MR], c1[MOE__MR];
     const float *a[MOE__MR];
     int64_t k;
     int32_t i;
     MOE__UNROLL
-    for (i = 0; i < MOE__MR; i++) {
-        a[i] = A + (size_t)(i < mr ? i : mr - 1) * a_rs;
+    for (i = 0; i < mr; i++) {
+        a[i] = A + (size_t)i * a_rs;
         c0[i] = moe__v_zero();
         c1[i] = moe__v_zero();
     }
@@ -863,12 +869,13 @@ static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, s
         const moe__vf b0 = moe__v_load(bk), b1 = moe__v_load(bk + MOE__VL);
         const size_t ak = (size_t)k * a_cs;
         MOE__UNROLL
-        for (i = 0; i < MOE__MR; i++) {
+        for (i = 0; i < mr; i++) {
             const moe__vf av = moe__v_set1(a[i][ak]);
             c0[i] = moe__v_fma(av, b0, c0[i]);
             c1[i] = moe__v_fma(av, b1, c1[i]);
         }
     }
+    MOE__UNROLL
     for (i = 0; i < mr; i++) {
         float *ci = C + (size_t)i * ldc;
         if (accumulate) {
@@ -878,6 +885,24 @@ static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, s
         moe__v_store(ci, c0[i]);
         moe__v_store(ci + MOE__VL, c1[i]);
     }
+}
+
+/* One instance per row count 1..MR (MR <= 12 on every ISA here). */
+static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
+                           const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+#define MOE__TILE_CASE(n) case n: moe__tile_body(n, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate); break;
+    switch (mr) {
+    MOE__TILE_CASE(1) MOE__TILE_CASE(2) MOE__TILE_CASE(3) MOE__TILE_CASE(4)
+    MOE__TILE_CASE(5) MOE__TILE_CASE(6)
+#if MOE__MR > 6
+    MOE__TILE_CASE(7) MOE__TILE_CASE(8)
+#endif
+#if MOE__MR > 8
+    MOE__TILE_CASE(9) MOE__TILE_CASE(10) MOE__TILE_CASE(11) MOE__TILE_CASE(12)
+#endif
+    default: MOE_ASSERT(0);
+    }
+#undef MOE__TILE_CASE
 }
 
 /* moe__sgemm_ref's contract on the micro-kernel: full NR-wide column tiles in
