@@ -21,7 +21,7 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks examples bench clean test-neon train-demo
+.PHONY: all test check run golden compile-checks examples bench bench-peers clean test-neon train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -108,6 +108,10 @@ $(BUILD)/moe_bench: bench/moe_bench.c moe.h | $(BUILD)
 bench: $(BUILD)/moe_bench
 	./$(BUILD)/moe_bench 2 1024
 	./$(BUILD)/moe_bench 4 128
+
+# moe.h and the peers (OpenBLAS per-expert loop, PyTorch) in one run
+bench-peers:
+	bench/run_bench.sh 1024 $(BUILD)/bench.json
 
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
 golden:
