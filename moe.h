@@ -287,6 +287,12 @@ typedef struct moe_config {
     float noise_epsilon;      /* 0 -> 0.0: added to softplus (paper 0, t2t 0.01) */
     float jitter;             /* 0 -> off: router input x *= U[1-eps, 1+eps]
                                  (Switch 0.01); only the router sees it        */
+    float router_noise_std;   /* 0 -> off: warm-up noise, top-k routing scores
+                                 z + N(0, std^2); schedule it per step (e.g.
+                                 only for the first steps) to avoid early collapse */
+    float expert_dropout;     /* 0 -> off: dropout rate on the routed experts'
+                                 hidden activations (inverted: kept units x
+                                 1/(1-p)); Switch fine-tunes with ~0.4 there   */
 
     /* --- capacity (top-k and expert choice) --------------------------------- */
     int32_t capacity;         /* 0 -> none (dropless unless capacity_factor set);
@@ -452,6 +458,11 @@ MOEDEF moe_config moe_preset_deepseek_v3(void);   /* E256 K8, sigmoid, noaux_tc,
 MOEDEF moe_config moe_preset_expert_choice(void); /* EC-CF2: experts pick 2T/E tokens */
 MOEDEF moe_config moe_preset_soft_moe(void);      /* Soft MoE, 1 slot per expert */
 MOEDEF moe_config moe_preset_dense(void);         /* every expert, softmax weights */
+MOEDEF moe_config moe_preset_glam(void);          /* GLaM: top-2 of 64 GEGLU experts (every
+                                                     other layer of the model is MoE) */
+MOEDEF moe_config moe_preset_topk_softmax(void);  /* "top-k of the logits, then softmax over
+                                                     those k" (Mixtral paper): the same
+                                                     weights as softmax -> top-k -> renormalise */
 
 /* Packing (for the SIMD forward): moe_pack_size gives the bytes of the packed
    expert weights; moe_pack_weights writes them (routed and shared experts,
@@ -462,6 +473,24 @@ MOEDEF moe_config moe_preset_dense(void);         /* every expert, softmax weigh
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes);
 MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
                                    void *packed, size_t bytes);
+
+/* Deterministic initialisation of a layer's tensors from a seed: every
+   tensor of `params` (moe_grads names and layouts; NULL ones are skipped)
+   gets its own stream, and every expert its own part of it, so experts start
+   different. Biases start at 0, the Soft MoE scale at 1.
+     MOE_INIT_XAVIER:  uniform(-a, a), a = sqrt(6 / (fan_in + fan_out))
+     MOE_INIT_SWITCH:  normal, std = sqrt(0.1 / fan_in), truncated at 2 std
+                       (Switch Transformer's scaled-down init)            */
+typedef enum moe_init_scheme { MOE_INIT_XAVIER = 0, MOE_INIT_SWITCH = 1 } moe_init_scheme;
+MOEDEF moe_status moe_init_weights(const moe_config *cfg, moe_init_scheme scheme, uint64_t seed,
+                                   const moe_grads *params);
+
+/* Gradient helpers: zero every tensor of g (before a step's backwards), and
+   scale them all by min(1, max_norm / ||g||_2) over the whole layer (global
+   norm clipping); *out_norm (may be NULL) gets the norm before clipping.   */
+MOEDEF moe_status moe_grads_zero(const moe_config *cfg, const moe_grads *g);
+MOEDEF moe_status moe_grads_clip_norm(const moe_config *cfg, const moe_grads *g, float max_norm,
+                                      float *out_norm);
 
 /* Routing slots per token S (K, or E for expert choice and dense, 0 for Soft). */
 MOEDEF int32_t moe_routing_slots(const moe_config *cfg);
@@ -596,7 +625,8 @@ enum { MOE__KEPT = 0, MOE__DROPPED = 1, MOE__REJECTED = 2 };
 // thread count. splitmix64's finaliser on a keyed counter: statistically fine
 // for noise, not cryptographic; part of the reproducibility contract.
 
-enum { MOE__RNG_NOISE = 1, MOE__RNG_JITTER = 2, MOE__RNG_SECOND = 3, MOE__RNG_GUMBEL = 4 };
+enum { MOE__RNG_NOISE = 1, MOE__RNG_JITTER = 2, MOE__RNG_SECOND = 3, MOE__RNG_GUMBEL = 4,
+       MOE__RNG_WARMUP = 5, MOE__RNG_DROPOUT = 6, MOE__RNG_INIT = 16 /* + tensor */ };
 
 static uint64_t moe__rng_bits(uint64_t seed, uint64_t purpose, uint64_t counter) {
     uint64_t z = seed ^ (purpose * 0x9E3779B97F4A7C15ull);
@@ -1068,7 +1098,8 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
     /* options that only make sense together */
     if (c.second_expert != MOE_SECOND_GREEDY && (c.routing != MOE_ROUTING_TOPK || c.top_k != 2))
         return MOE_STATUS_BAD_OPTION;
-    if (c.noise != MOE_NOISE_NONE && c.routing != MOE_ROUTING_TOPK) return MOE_STATUS_BAD_OPTION;
+    if ((c.noise != MOE_NOISE_NONE || c.router_noise_std > 0.0f) && c.routing != MOE_ROUTING_TOPK)
+        return MOE_STATUS_BAD_OPTION;
     if (c.shared_gate && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
     if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
     if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
@@ -1077,6 +1108,8 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
         moe__bad_float(c.norm_eps, 0.0f) || moe__bad_float(c.second_threshold, 0.0f) ||
         !moe__isfinite(c.routed_scale) || moe__bad_float(c.noise_epsilon, 0.0f) ||
         moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f || moe__bad_float(c.router_grad_clip, 0.0f) ||
+        moe__bad_float(c.router_noise_std, 0.0f) || moe__bad_float(c.expert_dropout, 0.0f) ||
+        c.expert_dropout >= 1.0f ||
         !moe__isfinite(c.balance_coef) || !moe__isfinite(c.z_loss_coef) ||
         !moe__isfinite(c.importance_coef) || !moe__isfinite(c.load_coef) ||
         !moe__isfinite(c.seq_balance_coef))
@@ -1183,6 +1216,16 @@ MOEDEF moe_config moe_preset_soft_moe(void) {  /* spec 10: Soft MoE S/16, 128 ex
     c.routing = MOE_ROUTING_SOFT; c.activation = MOE_ACT_GELU; c.slots_per_expert = 1;
     return c;
 }
+MOEDEF moe_config moe_preset_glam(void) {      /* GLaM 64B/64E: D 8192, F 32768 */
+    moe_config c = moe__preset(64, 2, 8192, 32768);
+    c.activation = MOE_ACT_GEGLU; c.balance_coef = 0.01f;
+    return c;
+}
+MOEDEF moe_config moe_preset_topk_softmax(void) {
+    /* softmax over the k kept logits = p_j / sum of the kept p (spec 5): the
+       renormalised top-k of moe_preset_mixtral, with Mixtral's shape */
+    return moe_preset_mixtral();
+}
 MOEDEF moe_config moe_preset_dense(void) {
     moe_config c = moe__preset(8, 0, 1024, 4096);
     c.routing = MOE_ROUTING_DENSE; c.normalize = MOE_NORM_NONE;
@@ -1249,7 +1292,7 @@ typedef struct moe__layout {
     size_t key, order, order_tmp, small_i, small_f, count, imp;      /* scratch */
     /* forward only */
     size_t logits, noise_logits, xr, slot_norm;
-    size_t pair_row, offsets, row_token, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
+    size_t pair_row, offsets, row_pair, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
     size_t tiles, sh_tiles, task_off, task_panels, router_t, pack;   /* SIMD forward only */
     /* backward only */
     size_t gw, dout, da, du, dxg, dscore, dz, dsig, dD, sh_dout, sh_da, sh_du, sh_dx, dx, gamma;
@@ -1301,7 +1344,7 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->slot_norm    = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? R : 0, sizeof(float), &ok);
         L->pair_row     = moe__reserve(&t, TS, sizeof(int64_t), &ok);
         L->offsets      = moe__reserve(&t, E + 1, sizeof(int64_t), &ok);
-        L->row_token    = moe__reserve(&t, N, sizeof(int32_t), &ok);
+        L->row_pair     = moe__reserve(&t, N, sizeof(int64_t), &ok);
         L->xg           = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
         L->hg           = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
         L->hu           = moe__reserve(&t, glu ? moe__mul(N, F) : 0, sizeof(float), &ok);
@@ -1408,6 +1451,28 @@ static void moe__normalize(const moe_config *c, const float *g, const uint8_t *k
     }
 }
 
+/* Logits of token t as top-k routing scores them (training only adds noise):
+     H = z + N(0,1) * sigma, sigma = softplus(x.W_noise) + eps   (Shazeer, cfg.noise)
+           + N'(0,1) * cfg.router_noise_std                      (warm-up noise)
+   sigma and the Shazeer draws N come back for the Shazeer losses and the
+   backward. Every draw is a pure function of (seed, t, e).                */
+static void moe__noisy_logits(const moe_config *c, int32_t t, const float *z, const float *noise_row,
+                              const float *noise_samples, float *H, float *sigma, float *N) {
+    const int32_t E = c->num_experts;
+    const int warm = c->training && c->router_noise_std > 0.0f;
+    int32_t e;
+    for (e = 0; e < E; e++) {
+        const uint64_t ctr = (uint64_t)t * (uint64_t)E + (uint64_t)e;
+        H[e] = z[e];
+        if (noise_row) {
+            sigma[e] = moe__softplus(noise_row[e]) + c->noise_epsilon;
+            N[e] = noise_samples ? noise_samples[ctr] : (float)moe__rng_normal(c->seed, MOE__RNG_NOISE, ctr);
+            H[e] += N[e] * sigma[e];
+        }
+        if (warm) H[e] += c->router_noise_std * (float)moe__rng_normal(c->seed, MOE__RNG_WARMUP, ctr);
+    }
+}
+
 /* Token t of top-k routing: noisy logits, scores, (group-limited) top-k,
    second-expert policy, pre-capacity weights and the Shazeer statistics.  */
 static void moe__route_token_topk(moe__router *r, int32_t t) {
@@ -1421,17 +1486,9 @@ static void moe__route_token_topk(moe__router *r, int32_t t) {
     const int noisy = c->noise == MOE_NOISE_SHAZEER && c->training;
     int32_t e, j;
 
-    /* pass 1: H = z + N(0,1) * (softplus(x.W_noise) + eps) in training, else z */
-    for (e = 0; e < E; e++) {
-        H[e] = z[e];
-        if (noisy) {
-            const float *rn = r->noise_logits + (size_t)t * (size_t)E;
-            sigma[e] = moe__softplus(rn[e]) + c->noise_epsilon;
-            const uint64_t ctr = (uint64_t)t * (uint64_t)E + (uint64_t)e;
-            H[e] += (r->noise_samples ? r->noise_samples[ctr]
-                                      : (float)moe__rng_normal(c->seed, MOE__RNG_NOISE, ctr)) * sigma[e];
-        }
-    }
+    /* pass 1: the (noisy) logits H and their scores */
+    moe__noisy_logits(c, t, z, noisy ? r->noise_logits + (size_t)t * (size_t)E : NULL,
+                      r->noise_samples, H, sigma, sel /* scratch for the draws */);
     moe__score_row(c->score, sc, H, E);
 
     /* pass 2: selection key = score (+ selection bias), group limit */
@@ -1759,7 +1816,28 @@ typedef struct moe__ffn {
     size_t gate_stride, up_stride, down_stride;
     int32_t D, F;
     moe_activation act;
+    const moe_config *dropout;   /* non-NULL: expert dropout on (routed experts, training) */
+    const int64_t *row_key;      /* row -> dropout key (the pair t*S + j); NULL: the row */
 } moe__ffn;
+
+/* Inverted expert dropout (cfg.expert_dropout = p, training): hidden unit f of
+   the row processing pair `key` is kept with probability 1 - p and scaled by
+   1/(1 - p). A pure function of (seed, key, f): the backward regenerates the
+   forward's mask, and it does not depend on row order or threads.         */
+static float moe__dropout_scale(const moe_config *c, uint64_t key, int32_t f) {
+    const double u = moe__rng_uniform(c->seed, MOE__RNG_DROPOUT, key * (uint64_t)c->d_ff + (uint64_t)f);
+    return u < c->expert_dropout ? 0.0f : 1.0f / (1.0f - c->expert_dropout);
+}
+/* h[r][u] *= mask for rows [r0, r1) and units [u0, u1) (row stride F). */
+static void moe__dropout_apply(const moe__ffn *f, float *h, int64_t r0, int64_t r1, int32_t u0, int32_t u1) {
+    int64_t r;
+    int32_t u;
+    if (!f->dropout) return;
+    for (r = r0; r < r1; r++) {
+        const uint64_t key = f->row_key ? (uint64_t)f->row_key[r] : (uint64_t)r;
+        for (u = u0; u < u1; u++) h[(size_t)r * (size_t)f->F + (size_t)u] *= moe__dropout_scale(f->dropout, key, u);
+    }
+}
 
 static moe__ffn moe__ffn_make(const moe_config *c, int32_t F, int fused,
                               const float *gate, const float *up, const float *down,
@@ -1775,11 +1853,22 @@ static moe__ffn moe__ffn_make(const moe_config *c, int32_t F, int fused,
     f.gate_bias = c->expert_bias ? gb : NULL;
     f.up_bias = c->expert_bias ? ub : NULL;
     f.down_bias = c->expert_bias ? db : NULL;
+    f.dropout = NULL; f.row_key = NULL;
     return f;
 }
 static moe__ffn moe__routed_ffn(const moe_config *c, const moe_weights *w) {
     return moe__ffn_make(c, c->d_ff, w->gate_up_fused, w->gate, w->up, w->down,
                          w->gate_bias, w->up_bias, w->down_bias, 0);
+}
+/* The routed experts as a training layer sees them: with expert dropout
+   keyed by the pair each row processes (Soft MoE: by the slot).           */
+static moe__ffn moe__routed_ffn_train(const moe_config *c, const moe_weights *w, const int64_t *row_pair) {
+    moe__ffn f = moe__routed_ffn(c, w);
+    if (c->training && c->expert_dropout > 0.0f) {
+        f.dropout = c;
+        f.row_key = c->routing == MOE_ROUTING_SOFT ? NULL : row_pair;
+    }
+    return f;
 }
 static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
     return moe__ffn_make(c, c->shared_d_ff, 0, w->shared_gate, w->shared_up, w->shared_down,
@@ -1862,6 +1951,7 @@ static int moe__pack_check(const moe_config *c, const void *packed) {
    stage 2: S = ha . w2 panels, out = S + bd                                */
 typedef struct moe__packed_job {
     const moe_config *c;
+    const moe__ffn *f;              /* activation, dropout                   */
     const moe__pack_geom *g;
     int stage, glu;
     int32_t F, D, n_sets;
@@ -1929,6 +2019,7 @@ static void moe__packed_task(void *arg, int32_t task) {
                     J->ha[o] = moe__act(J->c->activation, gv);
                 }
             }
+            moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
         } else {
             const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D;
             const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
@@ -1984,6 +2075,7 @@ static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, con
             moe__gemm_ref(hu + h0, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
                           f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F, f->D);
         moe__activate_ref(f->act, ha + h0, hg + h0, glu ? hu + h0 : NULL, (size_t)n * F);
+        moe__dropout_apply(f, ha, r0, r0 + n, 0, f->F);
         moe__gemm_ref(out + (size_t)r0 * D, ha + h0, f->down + (size_t)e * f->down_stride,
                       f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D, f->F);
     }
@@ -1992,9 +2084,10 @@ static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, con
 /* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
    Stable: within an expert, rows follow token order. pair_row[t][j] is the
    row of pair (t, j), or -1 when the pair was not routed, was dropped or was
-   rejected. offsets: [E + 1] row starts.                                   */
+   rejected; row_pair is the inverse (row -> t * S + j). offsets: [E + 1] row
+   starts.                                                                  */
 static void moe__dispatch_ref(const int32_t *expert, const uint8_t *dropped, int32_t T, int32_t S,
-                              int32_t E, int64_t *offsets, int64_t *pair_row, int32_t *row_token) {
+                              int32_t E, int64_t *offsets, int64_t *pair_row, int64_t *row_pair) {
     int32_t t, j, e;
     size_t p;
     for (e = 0; e <= E; e++) offsets[e] = 0;
@@ -2007,7 +2100,7 @@ static void moe__dispatch_ref(const int32_t *expert, const uint8_t *dropped, int
             e = expert[p];
             if (e < 0 || dropped[p]) { pair_row[p] = -1; continue; }
             pair_row[p] = offsets[e]++;
-            row_token[pair_row[p]] = t;
+            row_pair[pair_row[p]] = (int64_t)p;
         }
     for (e = E; e > 0; e--) offsets[e] = offsets[e - 1];   /* cursors -> starts */
     offsets[0] = 0;
@@ -2045,13 +2138,13 @@ static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x
 }
 
 /* Stage 3 of the layer: expert inputs in expert-contiguous rows xg (a gather,
-   or Soft MoE's dispatch mixtures), with offsets, pair_row and row_token.   */
+   or Soft MoE's dispatch mixtures), with offsets, pair_row and row_pair.    */
 static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
                                const int32_t *expert, const uint8_t *dropped, const float *dispatch,
                                const moe__layout *L, unsigned char *b) {
     const int32_t E = c->num_experts, D = c->d_model;
     int64_t *offsets = MOE__AT(b, L->offsets, int64_t), row;
-    const int32_t *row_token = MOE__AT(b, L->row_token, int32_t);
+    const int64_t *row_pair = MOE__AT(b, L->row_pair, int64_t);
     float *xg = MOE__AT(b, L->xg, float);
     if (c->routing == MOE_ROUTING_SOFT) {
         int32_t e;
@@ -2059,9 +2152,9 @@ static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
         moe__soft_slots_ref(xg, dispatch, x, T, L->R, D);
     } else {
         moe__dispatch_ref(expert, dropped, T, L->S, E, offsets, MOE__AT(b, L->pair_row, int64_t),
-                          MOE__AT(b, L->row_token, int32_t));
+                          MOE__AT(b, L->row_pair, int64_t));
         for (row = 0; row < offsets[E]; row++)
-            memcpy(xg + (size_t)row * D, x + (size_t)row_token[row] * D, (size_t)D * sizeof(float));
+            memcpy(xg + (size_t)row * D, x + (size_t)(row_pair[row] / L->S) * D, (size_t)D * sizeof(float));
     }
 }
 
@@ -2113,7 +2206,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const floa
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     moe__packed_job J;
     memset(&J, 0, sizeof J);
-    J.c = c; J.g = &g; J.glu = moe__act_is_glu(c->activation);
+    J.c = c; J.f = f; J.g = &g; J.glu = moe__act_is_glu(c->activation);
     J.F = f->F; J.D = f->D;
     J.x = x; J.hg = hg; J.hu = hu; J.ha = ha; J.out = out; J.S = S;
     J.ldS = (size_t)(g.p1 > g.p2 ? g.p1 : g.p2) * MOE__NR;
@@ -2150,7 +2243,7 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
     const int glu = moe__act_is_glu(c->activation);
     const int64_t *offsets = MOE__AT(b, L->offsets, int64_t);
     const int64_t sh_off[2] = {0, (int64_t)T};
-    const moe__ffn ffn = moe__routed_ffn(c, w), sh = moe__shared_ffn(c, w);
+    const moe__ffn ffn = moe__routed_ffn_train(c, w, MOE__AT(b, L->row_pair, int64_t)), sh = moe__shared_ffn(c, w);
     float *hu = glu ? MOE__AT(b, L->hu, float) : NULL, *sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
     moe__expert_inputs(c, x, T, expert, dropped, dispatch, L, b);
 #if MOE__HAS_SIMD
@@ -2627,6 +2720,7 @@ static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const 
         moe__gemm(c, n, f->F, f->D, dout + x0, D, 1, w_down, F, dh + h0, F, 0);
         if (g->down) moe__gemm(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1);
         moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
+        moe__dropout_apply(f, dh, r0, r0 + n, 0, f->F);  /* through the dropout mask */
         for (i = h0; i < h0 + (size_t)n * F; i++) {     /* through the activation */
             const float da = dh[i];
             if (glu) { du[i] = da * moe__act(f->act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(f->act, hg[i]); }
@@ -2705,16 +2799,11 @@ typedef struct moe__router_bw {
     int32_t *top;             /* [E + 1]                                        */
 } moe__router_bw;
 
-/* Noisy logits H = z + N * sigma of token t (Shazeer, training), as drawn by
-   the forward from the same seed.                                          */
+/* Noisy logits H = z + N * sigma (+ warm-up noise) of token t (Shazeer,
+   training), as the forward drew them from the same seed.                  */
 static void moe__noisy_row(const moe__router_bw *B, int32_t t) {
-    int32_t e;
-    for (e = 0; e < B->E; e++) {
-        const uint64_t ctr = (uint64_t)t * (uint64_t)B->E + (uint64_t)e;
-        B->sigma[e] = moe__softplus(B->noise[ctr]) + B->c->noise_epsilon;
-        B->N[e] = B->noise_samples ? B->noise_samples[ctr] : (float)moe__rng_normal(B->c->seed, MOE__RNG_NOISE, ctr);
-        B->H[e] = B->info->logits[ctr] + B->N[e] * B->sigma[e];
-    }
+    const size_t row = (size_t)t * (size_t)B->E;
+    moe__noisy_logits(B->c, t, B->info->logits + row, B->noise + row, B->noise_samples, B->H, B->sigma, B->N);
 }
 
 /* Pass 1 of the router backward: the Shazeer importance and smooth-load
@@ -3065,7 +3154,12 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         moe__expert_inputs(&c, x, T, info->expert, info->dropped, info->dispatch, &L, b);
         hg = info->cache_hidden; hu = glu ? info->cache_up : NULL; out = info->cache_out;
         ha = MOE__AT(b, L.ha, float);
-        moe__activate_ref(c.activation, ha, hg, hu, (size_t)MOE__AT(b, L.offsets, int64_t)[E] * (size_t)c.d_ff);
+        {
+            const moe__ffn f = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
+            const int64_t rows = MOE__AT(b, L.offsets, int64_t)[E];
+            moe__activate_ref(c.activation, ha, hg, hu, (size_t)rows * (size_t)c.d_ff);
+            moe__dropout_apply(&f, ha, 0, rows, 0, c.d_ff);    /* the forward's mask */
+        }
         if (c.shared_d_ff) {
             sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
             sh_out = info->cache_shared_out;
@@ -3079,7 +3173,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         const int64_t *pair_row = MOE__AT(b, L.pair_row, int64_t);
         float *gw = MOE__AT(b, L.gw, float), *dout = MOE__AT(b, L.dout, float);
         float *dxg = MOE__AT(b, L.dxg, float), *dscore = MOE__AT(b, L.dscore, float);
-        moe__ffn ffn = moe__routed_ffn(&c, w);
+        moe__ffn ffn = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
         moe__ffn_grad fg = moe__ffn_grad_make(&ffn, gr->gate,
                                               w->gate_up_fused && gr->gate ? gr->gate + (size_t)c.d_ff * D : gr->up,
                                               gr->down, gr->gate_bias, gr->up_bias, gr->down_bias);
@@ -3231,6 +3325,113 @@ MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w
     st = moe_backward(cfg, w, x, num_tokens, info, dy, dx, grads, ws, bytes);
     MOE_FREE(NULL, ws);
     return st;
+}
+
+// ----------------------------------------------------------------------------
+// Training helpers: initialisation and gradient utilities
+
+/* The tensors of a moe_grads-shaped set with their sizes and fans. */
+typedef struct moe__tensor { float *p; size_t n, per_expert; double fan_in, fan_out; int bias; } moe__tensor;
+
+static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor *t) {
+    const double D = c->d_model, F = c->d_ff, Fs = c->shared_d_ff, E = c->num_experts;
+    const size_t R = (size_t)c->num_experts * (size_t)c->slots_per_expert;
+    const int glu = moe__act_is_glu(c->activation);
+    int32_t n = 0;
+#define MOE__T(ptr, count, per, fi, fo, isb) \
+    do { t[n].p = (ptr); t[n].n = (size_t)(count); t[n].per_expert = (size_t)(per); \
+         t[n].fan_in = (fi); t[n].fan_out = (fo); t[n].bias = (isb); n++; } while (0)
+    MOE__T(g->router, E * D, D, D, E, 0);
+    MOE__T(g->router_bias, E, 1, D, E, 1);
+    MOE__T(g->router_noise, E * D, D, D, E, 0);
+    MOE__T(g->gate, E * F * D, F * D, D, F, 0);   /* unfused layout */
+    MOE__T(glu ? g->up : NULL, E * F * D, F * D, D, F, 0);
+    MOE__T(g->down, E * D * F, D * F, F, D, 0);
+    MOE__T(g->gate_bias, E * F, F, D, F, 1);
+    MOE__T(glu ? g->up_bias : NULL, E * F, F, D, F, 1);
+    MOE__T(g->down_bias, E * D, D, F, D, 1);
+    MOE__T(Fs > 0 ? g->shared_gate : NULL, Fs * D, Fs * D, D, Fs, 0);
+    MOE__T(Fs > 0 && glu ? g->shared_up : NULL, Fs * D, Fs * D, D, Fs, 0);
+    MOE__T(Fs > 0 ? g->shared_down : NULL, D * Fs, D * Fs, Fs, D, 0);
+    MOE__T(Fs > 0 ? g->shared_gate_bias : NULL, Fs, Fs, D, Fs, 1);
+    MOE__T(Fs > 0 && glu ? g->shared_up_bias : NULL, Fs, Fs, D, Fs, 1);
+    MOE__T(Fs > 0 ? g->shared_down_bias : NULL, D, D, Fs, D, 1);
+    MOE__T(c->shared_gate ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
+    MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_phi : NULL, (double)R * D, D, D, (double)R, 0);
+    MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_scale : NULL, 1, 1, 1, 1, 2);
+#undef MOE__T
+    return n;
+}
+
+MOEDEF moe_status moe_init_weights(const moe_config *cfg, moe_init_scheme scheme, uint64_t seed,
+                                   const moe_grads *params) {
+    moe_config c;
+    moe__tensor t[20];
+    moe_status st;
+    int32_t n, k;
+    if (!cfg || !params) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if ((int)scheme < 0 || (int)scheme > (int)MOE_INIT_SWITCH) return MOE_STATUS_BAD_ENUM;
+    n = moe__tensors(&c, params, t);
+    for (k = 0; k < n; k++) {
+        size_t i;
+        if (!t[k].p) continue;
+        for (i = 0; i < t[k].n; i++) {
+            /* stream: (seed, tensor k); counter: expert index then element, so
+               expert e's values do not depend on how many experts there are */
+            const uint64_t e = i / t[k].per_expert, j = i % t[k].per_expert;
+            const uint64_t ctr = (e << 40) + j;
+            double v;
+            if (t[k].bias) { t[k].p[i] = t[k].bias == 2 ? 1.0f : 0.0f; continue; }
+            if (scheme == MOE_INIT_XAVIER) {
+                const double a = sqrt(6.0 / (t[k].fan_in + t[k].fan_out));
+                v = a * (2.0 * moe__rng_uniform(seed, MOE__RNG_INIT + (uint64_t)k, ctr) - 1.0);
+            } else {
+                uint64_t draw = 0;
+                do v = moe__rng_normal(seed, MOE__RNG_INIT + (uint64_t)k, (ctr << 4) + draw++);
+                while (fabs(v) > 2.0 && draw < 16);
+                v *= sqrt(0.1 / t[k].fan_in);
+            }
+            t[k].p[i] = (float)v;
+        }
+    }
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_grads_zero(const moe_config *cfg, const moe_grads *g) {
+    moe_config c;
+    moe__tensor t[20];
+    moe_status st;
+    int32_t n, k;
+    if (!cfg || !g) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    n = moe__tensors(&c, g, t);
+    for (k = 0; k < n; k++) if (t[k].p) memset(t[k].p, 0, t[k].n * sizeof(float));
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_grads_clip_norm(const moe_config *cfg, const moe_grads *g, float max_norm,
+                                      float *out_norm) {
+    moe_config c;
+    moe__tensor t[20];
+    moe_status st;
+    double sum = 0.0, norm;
+    int32_t n, k;
+    size_t i;
+    if (!cfg || !g) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (!moe__isfinite(max_norm) || max_norm <= 0.0f) return MOE_STATUS_BAD_OPTION;
+    n = moe__tensors(&c, g, t);
+    for (k = 0; k < n; k++)
+        if (t[k].p) for (i = 0; i < t[k].n; i++) sum += (double)t[k].p[i] * t[k].p[i];
+    norm = sqrt(sum);
+    if (out_norm) *out_norm = (float)norm;
+    if (norm > max_norm) {
+        const float scale = (float)(max_norm / norm);
+        for (k = 0; k < n; k++)
+            if (t[k].p) for (i = 0; i < t[k].n; i++) t[k].p[i] *= scale;
+    }
+    return MOE_STATUS_OK;
 }
 
 MOEDEF moe_status moe_selection_bias_update(int32_t num_experts, const int32_t *load,

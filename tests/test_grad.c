@@ -1024,3 +1024,27 @@ TEST(grad, router_grad_clip_per_token) {
     for (e = 0; e < E; e++) CHECK_NEAR(b.g[GT_ROUTER_BIAS][e], want[e], 1e-6 * hi, 1e-5);
     gp_free(&b);
 }
+
+/* Expert dropout: the mask is a function of the seed, so the layer is smooth
+   in every weight for a fixed seed; its gradient passes through the same
+   mask (routed experts; the soft variant keys the mask by slot).           */
+TEST(grad, expert_dropout) {
+    moe_config c = base_cfg(6, 2, 6, 4);
+    c.expert_dropout = 0.3f; c.seed = 5; c.balance_coef = 0.1f; c.shared_d_ff = 3;
+    run_grad(&c, 9, 81, "expert dropout");
+    c.recompute = 1;
+    run_grad(&c, 9, 82, "expert dropout, recompute");
+    c = base_cfg(4, 2, 6, 4);
+    c.routing = MOE_ROUTING_SOFT; c.top_k = 0; c.slots_per_expert = 2; c.expert_dropout = 0.25f;
+    run_grad(&c, 7, 83, "expert dropout, Soft MoE");
+}
+
+/* Warm-up router noise: additive, so d/dz is unchanged; the noise is drawn
+   from the seed, so finite differences see a fixed function.             */
+TEST(grad, warmup_router_noise) {
+    moe_config c = base_cfg(6, 2, 6, 4);
+    c.router_noise_std = 0.5f; c.seed = 9; c.balance_coef = 0.1f; c.z_loss_coef = 0.05f;
+    run_grad(&c, 9, 84, "warm-up noise");
+    c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 0.01f; c.importance_coef = 0.5f; c.load_coef = 0.5f;
+    run_grad(&c, 9, 85, "warm-up noise + Shazeer");
+}
