@@ -986,6 +986,20 @@ static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, vo
     for (i = 0; i < n; i++) fn(arg, i);
 }
 
+/* fn(arg, r0, r1) over [0, n) in blocks of `block` rows, as parallel tasks. */
+typedef void (*moe__range_fn)(void *arg, int64_t r0, int64_t r1);
+typedef struct moe__range_job { moe__range_fn fn; void *arg; int64_t n, block; } moe__range_job;
+static void moe__range_task(void *arg, int32_t task) {
+    const moe__range_job *j = (const moe__range_job *)arg;
+    const int64_t r0 = (int64_t)task * j->block;
+    j->fn(j->arg, r0, r0 + j->block < j->n ? r0 + j->block : j->n);
+}
+static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn, void *arg) {
+    moe__range_job j;
+    j.fn = fn; j.arg = arg; j.n = n; j.block = block;
+    if (n > 0) moe__parallel_for(c, (int32_t)((n + block - 1) / block), moe__range_task, &j);
+}
+
 /* One GEMM (moe__sgemm_fn contract) split into row blocks x column chunks. */
 typedef struct moe__gemm_job {
     moe__sgemm_fn fn;
@@ -2107,11 +2121,23 @@ static void moe__dispatch_ref(const int32_t *expert, const uint8_t *dropped, int
 }
 
 /* y[t] = sum_j weight[t][j] * out[pair_row[t][j]], slots in order 0..S-1 so the
-   sum is the same on every run. A token with no kept pair gets 0.        */
-static void moe__combine_ref(float *y, const float *out, const float *weight,
-                             const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
-    int32_t t, j, d;
-    for (t = 0; t < T; t++) {
+   sum is the same on every run (each token pulls its own results: no
+   atomics, any thread count). A token with no kept pair gets 0.          */
+typedef struct moe__combine_job {
+    float *y;
+    const float *out, *weight;
+    const int64_t *pair_row;
+    int32_t S, D;
+} moe__combine_job;
+static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__combine_job *J = (const moe__combine_job *)arg;
+    float *y = J->y;
+    const float *out = J->out, *weight = J->weight;
+    const int64_t *pair_row = J->pair_row;
+    const int32_t S = J->S, D = J->D;
+    int64_t t;
+    int32_t j, d;
+    for (t = t0; t < t1; t++) {
         float *yt = y + (size_t)t * D;
         for (d = 0; d < D; d++) yt[d] = 0.0f;
         for (j = 0; j < S; j++) {
@@ -2121,6 +2147,12 @@ static void moe__combine_ref(float *y, const float *out, const float *weight,
             for (d = 0; d < D; d++) yt[d] += wt * out[(size_t)row * D + d];
         }
     }
+}
+static void moe__combine(const moe_config *c, float *y, const float *out, const float *weight,
+                         const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
+    moe__combine_job J;
+    J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
+    moe__parallel_rows(c, T, 64, moe__combine_rows, &J);
 }
 
 /* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
@@ -2137,13 +2169,21 @@ static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x
     }
 }
 
+typedef struct moe__gather_job { float *xg; const float *x; const int64_t *row_pair; int32_t S, D; } moe__gather_job;
+static void moe__gather_rows(void *arg, int64_t r0, int64_t r1) {
+    const moe__gather_job *J = (const moe__gather_job *)arg;
+    int64_t r;
+    for (r = r0; r < r1; r++)
+        memcpy(J->xg + (size_t)r * J->D, J->x + (size_t)(J->row_pair[r] / J->S) * J->D, (size_t)J->D * sizeof(float));
+}
+
 /* Stage 3 of the layer: expert inputs in expert-contiguous rows xg (a gather,
    or Soft MoE's dispatch mixtures), with offsets, pair_row and row_pair.    */
 static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
                                const int32_t *expert, const uint8_t *dropped, const float *dispatch,
                                const moe__layout *L, unsigned char *b) {
     const int32_t E = c->num_experts, D = c->d_model;
-    int64_t *offsets = MOE__AT(b, L->offsets, int64_t), row;
+    int64_t *offsets = MOE__AT(b, L->offsets, int64_t);
     const int64_t *row_pair = MOE__AT(b, L->row_pair, int64_t);
     float *xg = MOE__AT(b, L->xg, float);
     if (c->routing == MOE_ROUTING_SOFT) {
@@ -2153,8 +2193,9 @@ static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
     } else {
         moe__dispatch_ref(expert, dropped, T, L->S, E, offsets, MOE__AT(b, L->pair_row, int64_t),
                           MOE__AT(b, L->row_pair, int64_t));
-        for (row = 0; row < offsets[E]; row++)
-            memcpy(xg + (size_t)row * D, x + (size_t)(row_pair[row] / L->S) * D, (size_t)D * sizeof(float));
+        moe__gather_job J;
+        J.xg = xg; J.x = x; J.row_pair = row_pair; J.S = L->S; J.D = D;
+        moe__parallel_rows(c, offsets[E], 256, moe__gather_rows, &J);
     }
 }
 
@@ -2646,7 +2687,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
                 }
             }
         } else {
-            moe__combine_ref(y, out, res.weight, MOE__AT(b, L.pair_row, int64_t), T, L.S, D);
+            moe__combine(&c, y, out, res.weight, MOE__AT(b, L.pair_row, int64_t), T, L.S, D);
         }
         /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
         if (c.shared_d_ff > 0) {
