@@ -332,6 +332,9 @@ typedef struct moe_config {
     moe_isa isa;              /* 0 -> MOE_ISA_AUTO: the SIMD ISA this file was
                                  compiled for (-mavx512f, -mavx2 -mfma, NEON),
                                  else the reference; REFERENCE forces scalar   */
+    int32_t pack_bf16;        /* 0 -> moe_pack_weights stores fp32 panels; 1:
+                                 bf16 (round to nearest even), half the bytes a
+                                 decode step reads; products and sums in fp32 */
     moe_parallel_for_fn parallel_for; /* 0 -> OpenMP when compiled with
                                  -fopenmp, else serial. Results are bitwise the
                                  same for any thread count                    */
@@ -831,6 +834,9 @@ static moe__vf moe__v_set1(float a) { return _mm512_set1_ps(a); }
 static moe__vf moe__v_zero(void) { return _mm512_setzero_ps(); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm512_fmadd_ps(a, b, c); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
+static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high half */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p)), 16));
+}
 #elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
 #  include <immintrin.h>
 #  define MOE__SIMD_ISA MOE_ISA_AVX2
@@ -844,6 +850,9 @@ static moe__vf moe__v_set1(float a) { return _mm256_set1_ps(a); }
 static moe__vf moe__v_zero(void) { return _mm256_setzero_ps(); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm256_fmadd_ps(a, b, c); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
+static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high half */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)), 16));
+}
 #elif !defined(MOE_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
 #  include <arm_neon.h>
 #  define MOE__SIMD_ISA MOE_ISA_NEON
@@ -857,6 +866,7 @@ static moe__vf moe__v_set1(float a) { return vdupq_n_f32(a); }
 static moe__vf moe__v_zero(void) { return vdupq_n_f32(0.0f); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return vfmaq_f32(c, a, b); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
+static moe__vf moe__v_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 #else
 #  define MOE__SIMD_ISA MOE_ISA_REFERENCE
 #  define MOE__HAS_SIMD 0
@@ -882,8 +892,8 @@ static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
    a one-token (decode) tile does one row of work, not MR. Each C element
    sums k in ascending order, like the reference (results differ by FMA
    rounding only).                                                          */
-MOE__INLINE void moe__tile_body(const int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
-                                const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, const float *A, size_t a_rs,
+                                size_t a_cs, const void *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     moe__vf c0[MOE__MR], c1[MOE__MR];
     const float *a[MOE__MR];
     int64_t k;
@@ -895,8 +905,10 @@ MOE__INLINE void moe__tile_body(const int32_t mr, int64_t K, const float *A, siz
         c1[i] = moe__v_zero();
     }
     for (k = 0; k < K; k++) {
-        const float *bk = B + (size_t)k * ldb;
-        const moe__vf b0 = moe__v_load(bk), b1 = moe__v_load(bk + MOE__VL);
+        const size_t bk = (size_t)k * ldb;
+        const moe__vf b0 = bf16 ? moe__v_load_bf16((const uint16_t *)B + bk) : moe__v_load((const float *)B + bk);
+        const moe__vf b1 = bf16 ? moe__v_load_bf16((const uint16_t *)B + bk + MOE__VL)
+                                : moe__v_load((const float *)B + bk + MOE__VL);
         const size_t ak = (size_t)k * a_cs;
         MOE__UNROLL
         for (i = 0; i < mr; i++) {
@@ -917,23 +929,32 @@ MOE__INLINE void moe__tile_body(const int32_t mr, int64_t K, const float *A, siz
     }
 }
 
-/* One instance per row count 1..MR (MR <= 12 on every ISA here). */
+/* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
+   type: fp32, or bf16 (packed panels; widened to fp32 on load, so the sums
+   are fp32 products of bf16-rounded weights).                            */
+#define MOE__TILE_CASE(n, t) case n: moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate); break;
+#if MOE__MR > 8
+#  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
+     MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
+     MOE__TILE_CASE(9, t) MOE__TILE_CASE(10, t) MOE__TILE_CASE(11, t) MOE__TILE_CASE(12, t) default: MOE_ASSERT(0); }
+#elif MOE__MR > 6
+#  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
+     MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
+     default: MOE_ASSERT(0); }
+#else
+#  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
+     MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) default: MOE_ASSERT(0); }
+#endif
 static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
-#define MOE__TILE_CASE(n) case n: moe__tile_body(n, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate); break;
-    switch (mr) {
-    MOE__TILE_CASE(1) MOE__TILE_CASE(2) MOE__TILE_CASE(3) MOE__TILE_CASE(4)
-    MOE__TILE_CASE(5) MOE__TILE_CASE(6)
-#if MOE__MR > 6
-    MOE__TILE_CASE(7) MOE__TILE_CASE(8)
-#endif
-#if MOE__MR > 8
-    MOE__TILE_CASE(9) MOE__TILE_CASE(10) MOE__TILE_CASE(11) MOE__TILE_CASE(12)
-#endif
-    default: MOE_ASSERT(0);
-    }
-#undef MOE__TILE_CASE
+    MOE__TILE_SWITCH(0)
 }
+static void moe__tile_simd_bf16(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
+                                const uint16_t *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+    MOE__TILE_SWITCH(1)
+}
+#undef MOE__TILE_SWITCH
+#undef MOE__TILE_CASE
 
 /* moe__sgemm_ref's contract on the micro-kernel: full NR-wide column tiles in
    registers, the ragged right edge (j1 - j0 not a multiple of NR) by the
@@ -1902,7 +1923,7 @@ static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
 
 typedef struct moe__pack_header {
     char magic[8];                   /* "moe.pk1\0"                           */
-    uint32_t vl, num_experts, d_model, d_ff, shared_d_ff, glu;
+    uint32_t vl, num_experts, d_model, d_ff, shared_d_ff, glu, bf16, pad;
     uint64_t bytes;
 } moe__pack_header;
 
@@ -1910,7 +1931,7 @@ typedef struct moe__pack_header {
 typedef struct moe__pack_geom {
     int32_t p1, p2;           /* panels of w13 (over F) and of w2 (over D)    */
     int32_t f_cols;           /* hidden units per w13 panel: VL (GLU) or NR   */
-    size_t w13, w2;           /* floats per expert of each                    */
+    size_t w13, w2;           /* elements per expert of each                  */
 } moe__pack_geom;
 
 static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
@@ -1924,10 +1945,11 @@ static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
     return g;
 }
 
-/* Float offsets of the pieces, and the total bytes. */
+/* Byte offsets of the pieces (elements are fp32, or bf16 with cfg.pack_bf16). */
 typedef struct moe__pack_layout {
     moe__pack_geom routed, shared;
-    size_t experts, shared_off, bytes;
+    size_t esize;             /* bytes per element                            */
+    size_t experts, expert_stride, shared_off, bytes;
 } moe__pack_layout;
 
 static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *P) {
@@ -1935,13 +1957,24 @@ static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *P) {
     double total;
     P->routed = moe__pack_geometry(c, c->d_ff);
     P->shared = moe__pack_geometry(c, c->shared_d_ff > 0 ? c->shared_d_ff : 1);
-    P->experts = 64 / sizeof(float);
-    total = (double)P->experts + E * ((double)P->routed.w13 + (double)P->routed.w2) +
-            (c->shared_d_ff > 0 ? (double)P->shared.w13 + (double)P->shared.w2 : 0.0);
-    if (total * sizeof(float) > (double)((size_t)-1 / 2)) return MOE_STATUS_SIZE_OVERFLOW;
-    P->shared_off = P->experts + (size_t)c->num_experts * (P->routed.w13 + P->routed.w2);
-    P->bytes = (P->shared_off + (c->shared_d_ff > 0 ? P->shared.w13 + P->shared.w2 : 0)) * sizeof(float);
+    P->esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
+    P->experts = 64;
+    total = 64.0 + (E * ((double)P->routed.w13 + (double)P->routed.w2) +
+                    (c->shared_d_ff > 0 ? (double)P->shared.w13 + (double)P->shared.w2 : 0.0)) * (double)P->esize;
+    if (total > (double)((size_t)-1 / 2)) return MOE_STATUS_SIZE_OVERFLOW;
+    P->expert_stride = (P->routed.w13 + P->routed.w2) * P->esize;
+    P->shared_off = P->experts + (size_t)c->num_experts * P->expert_stride;
+    P->bytes = P->shared_off + (c->shared_d_ff > 0 ? (P->shared.w13 + P->shared.w2) * P->esize : 0);
     return MOE_STATUS_OK;
+}
+
+/* fp32 -> bf16, round to nearest even (NaN stays a quiet NaN). */
+static uint16_t moe__bf16_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }
 
 /* Was packed made by moe_pack_weights for this config and vector width? */
@@ -1953,7 +1986,7 @@ static int moe__pack_check(const moe_config *c, const void *packed) {
     return memcmp(h.magic, "moe.pk1", 8) == 0 && h.vl == MOE__VL &&
            h.num_experts == (uint32_t)c->num_experts && h.d_model == (uint32_t)c->d_model &&
            h.d_ff == (uint32_t)c->d_ff && h.shared_d_ff == (uint32_t)c->shared_d_ff &&
-           h.glu == (uint32_t)moe__act_is_glu(c->activation) &&
+           h.glu == (uint32_t)moe__act_is_glu(c->activation) && h.bf16 == (uint32_t)(c->pack_bf16 != 0) &&
            moe__pack_plan(c, &P) == MOE_STATUS_OK && h.bytes == P.bytes;
 }
 
@@ -1969,8 +2002,8 @@ typedef struct moe__packed_job {
     const moe__pack_geom *g;
     int stage, glu;
     int32_t F, D, n_sets;
-    const float *panels;            /* expert 0's w13 panels                 */
-    size_t set_stride;              /* floats from one expert's panels to the next */
+    const unsigned char *panels;    /* expert 0's w13 panels                 */
+    size_t set_stride, esize;       /* bytes from one expert's panels to the next; per element */
     const int64_t *off;             /* [n_sets + 1] row offsets              */
     const float *x;                 /* [N][D]                                */
     float *hg, *hu, *ha, *out;      /* [N][F], [N][F], [N][F], [N][D]        */
@@ -2003,14 +2036,20 @@ static void moe__packed_task(void *arg, int32_t task) {
     r0 = J->off[e] + rb * MOE__ROW_BLOCK;
     nr = J->off[e + 1] - r0 < MOE__ROW_BLOCK ? J->off[e + 1] - r0 : MOE__ROW_BLOCK;
     {
-        const float *w = J->panels + (size_t)e * J->set_stride + (J->stage == 1 ? 0 : J->g->w13);
+        const unsigned char *w = J->panels + (size_t)e * J->set_stride + (J->stage == 1 ? 0 : J->g->w13 * J->esize);
         const float *A = J->stage == 1 ? J->x : J->ha;
         const size_t lda = J->stage == 1 ? (size_t)J->D : (size_t)J->F;
-        for (p = p0; p < p1; p++)
-            for (i = 0; i < nr; i += MOE__MR)
-                moe__tile_simd((int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR), K, A + (size_t)(r0 + i) * lda, lda, 1,
-                               w + (size_t)p * (size_t)K * MOE__NR, MOE__NR,
-                               J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR, J->ldS, 0);
+        for (p = p0; p < p1; p++) {
+            const void *panel = w + (size_t)p * (size_t)K * MOE__NR * J->esize;
+            for (i = 0; i < nr; i += MOE__MR) {
+                const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
+                float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
+                if (J->esize == sizeof(uint16_t))
+                    moe__tile_simd_bf16(mr, K, A + (size_t)(r0 + i) * lda, lda, 1, (const uint16_t *)panel, MOE__NR, C, J->ldS, 0);
+                else
+                    moe__tile_simd(mr, K, A + (size_t)(r0 + i) * lda, lda, 1, (const float *)panel, MOE__NR, C, J->ldS, 0);
+            }
+        }
     }
     /* epilogue on this task's rows and panels */
     for (r = r0; r < r0 + nr; r++) {
@@ -2203,10 +2242,15 @@ static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
 typedef struct moe__pack_job {
     const moe__ffn *f;
     const moe__pack_geom *g;
-    int glu;
+    int glu, bf16;
     int32_t e;
-    float *dst;
+    void *dst;                 /* this expert's panels: fp32, or bf16 (RNE) */
 } moe__pack_job;
+
+static void moe__pack_put(const moe__pack_job *J, size_t i, float v) {
+    if (J->bf16) ((uint16_t *)J->dst)[i] = moe__bf16_of(v);
+    else ((float *)J->dst)[i] = v;
+}
 
 static void moe__pack_task(void *arg, int32_t task) {
     const moe__pack_job *J = (const moe__pack_job *)arg;
@@ -2217,21 +2261,19 @@ static void moe__pack_task(void *arg, int32_t task) {
     const float *down = f->down + (size_t)J->e * f->down_stride;
     size_t k, v;
     if (task < J->g->p1) {                       /* w13 panel: [D][NR] */
-        const size_t p = (size_t)task;
-        float *dst = J->dst + p * D * MOE__NR;
+        const size_t p = (size_t)task, o = p * D * MOE__NR;
         for (k = 0; k < D; k++)
             for (v = 0; v < MOE__NR; v++) {
                 const size_t col = J->glu ? p * MOE__VL + v % MOE__VL : p * MOE__NR + v;
                 const float *src = J->glu && v >= MOE__VL ? up : gate;
-                dst[k * MOE__NR + v] = col < F ? src[col * D + k] : 0.0f;
+                moe__pack_put(J, o + k * MOE__NR + v, col < F ? src[col * D + k] : 0.0f);
             }
     } else {                                     /* w2 panel: [F][NR] */
-        const size_t p = (size_t)(task - J->g->p1);
-        float *dst = J->dst + J->g->w13 + p * F * MOE__NR;
+        const size_t p = (size_t)(task - J->g->p1), o = J->g->w13 + p * F * MOE__NR;
         for (k = 0; k < F; k++)
             for (v = 0; v < MOE__NR; v++) {
                 const size_t col = p * MOE__NR + v;
-                dst[k * MOE__NR + v] = col < D ? down[col * F + k] : 0.0f;
+                moe__pack_put(J, o + k * MOE__NR + v, col < D ? down[col * F + k] : 0.0f);
             }
     }
 }
@@ -2240,7 +2282,7 @@ static void moe__pack_task(void *arg, int32_t task) {
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
    over its weights), then run.                                             */
-static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const float *packed_set,
+static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsigned char *packed_set,
                               int32_t n_sets, const int64_t *off, const float *x,
                               float *hg, float *hu, float *ha, float *out, float *S,
                               const moe__layout *L, unsigned char *b) {
@@ -2254,14 +2296,15 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const floa
     J.task_off = MOE__AT(b, L->task_off, int64_t);
     J.panels_per_task = MOE__AT(b, L->task_panels, int32_t);
     if (packed_set) {
-        J.panels = packed_set; J.set_stride = g.w13 + g.w2; J.n_sets = n_sets; J.off = off;
+        J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
+        J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize; J.n_sets = n_sets; J.off = off;
         J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
         moe__packed_ffn(&J);
     } else {
         moe__pack_job P;
         int32_t e;
-        P.f = f; P.g = &g; P.glu = J.glu; P.dst = MOE__AT(b, L->pack, float);
-        J.panels = P.dst; J.set_stride = 0; J.n_sets = 1;
+        P.f = f; P.g = &g; P.glu = J.glu; P.bf16 = 0; P.dst = MOE__AT(b, L->pack, float);
+        J.panels = (const unsigned char *)P.dst; J.set_stride = 0; J.esize = sizeof(float); J.n_sets = 1;
         for (e = 0; e < n_sets; e++) {
             if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
             P.e = e;
@@ -2290,7 +2333,7 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
 #if MOE__HAS_SIMD
     if (c->isa != MOE_ISA_REFERENCE) {
         moe__pack_layout P;
-        const float *packed = w->packed ? (const float *)w->packed : NULL;
+        const unsigned char *packed = (const unsigned char *)w->packed;
         moe__pack_plan(c, &P);
         moe__experts_simd(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
                           MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
@@ -2510,9 +2553,10 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
         J.f = &f[set];
         J.g = set ? &P.shared : &P.routed;
         J.glu = moe__act_is_glu(c.activation);
+        J.bf16 = c.pack_bf16 != 0;
         for (e = 0; e < (set ? 1 : c.num_experts); e++) {
             J.e = e;
-            J.dst = (float *)packed + (set ? P.shared_off : P.experts + (size_t)e * (P.routed.w13 + P.routed.w2));
+            J.dst = (unsigned char *)packed + (set ? P.shared_off : P.experts + (size_t)e * P.expert_stride);
             moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J);
         }
     }
@@ -2520,7 +2564,8 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     memcpy(h.magic, "moe.pk1", 8);
     h.vl = MOE__VL; h.num_experts = (uint32_t)c.num_experts; h.d_model = (uint32_t)c.d_model;
     h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
-    h.glu = (uint32_t)moe__act_is_glu(c.activation); h.bytes = P.bytes;
+    h.glu = (uint32_t)moe__act_is_glu(c.activation); h.bf16 = (uint32_t)(c.pack_bf16 != 0);
+    h.bytes = P.bytes;
     memcpy(packed, &h, sizeof h);
     return MOE_STATUS_OK;
 }

@@ -5,6 +5,7 @@
    variant 2: SIMD forward on packed weights (moe_pack_weights once)      <- moe.h
    variant 3: SIMD forward on unpacked weights (each used expert packed per call)
    variant 4: SIMD forward (packed) + backward
+   variant 6: SIMD forward on packed bf16 weights (cfg.pack_bf16)
    variant 5: OpenBLAS per-expert loop (peer; sgemm, or sgemv for one token;
               routing by moe_route), built with -DMOE_BENCH_OPENBLAS -lopenblas
    Output: a table, and with a third argument one JSON object per row
@@ -119,7 +120,8 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, FILE
     w.router = tensor((size_t)E * D, 0.03f);
     w.gate = tensor((size_t)E * F * D, 0.03f); w.up = tensor((size_t)E * F * D, 0.03f);
     w.down = tensor((size_t)E * D * F, 0.03f);
-    if (variant == 2 || variant == 4) {
+    if (variant == 6) cfg.pack_bf16 = 1;
+    if (variant == 2 || variant == 4 || variant == 6) {
         size_t pb = 0;
         moe_pack_size(&cfg, &pb);
         packed = malloc(pb);
@@ -173,7 +175,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, FILE
     }
     if (backward) flops *= 3.0;
     /* weight bytes a forward must read at least: the router and every used expert */
-    bytes_touched = 4.0 * ((double)E * D + 3.0 * used * D * F);
+    bytes_touched = 4.0 * E * D + (variant == 6 ? 2.0 : 4.0) * 3.0 * used * D * F;
     printf("%-14s %5d  %d  %10.2f  %9.2f-%-9.2f %7.2f %7.2f\n", name, T, variant, 1e3 * times[runs / 2],
            1e3 * times[0], 1e3 * times[runs - 1], flops / times[runs / 2] * 1e-9,
            bytes_touched / times[runs / 2] * 1e-9);
@@ -201,13 +203,14 @@ int main(int argc, char **argv) {
     mixtral.d_model = 1024; mixtral.d_ff = 3584;
     deepseek.num_experts = 64; deepseek.top_k = 6; deepseek.d_model = 1024; deepseek.d_ff = 512;
     deepseek.normalize = MOE_NORM_NONE;
-    static const char *names[6] = {"reference forward", "reference forward+backward",
+    static const char *names[7] = {"reference forward", "reference forward+backward",
                                    "SIMD forward, packed", "SIMD forward, unpacked",
-                                   "SIMD forward (packed) + backward", "OpenBLAS per-expert loop"};
+                                   "SIMD forward (packed) + backward", "OpenBLAS per-expert loop",
+                                   "SIMD forward, packed bf16"};
 #ifndef MOE_BENCH_OPENBLAS
     if (variant == 5) { fprintf(stderr, "variant 5 needs -DMOE_BENCH_OPENBLAS -lopenblas\n"); return 2; }
 #endif
-    if (variant < 0 || variant > 5) { fprintf(stderr, "variant 0..5\n"); return 2; }
+    if (variant < 0 || variant > 6) { fprintf(stderr, "variant 0..6\n"); return 2; }
     printf("moe.h %s bench, variant %d (%s)\n", MOE_VERSION_STRING, variant, names[variant]);
     printf("%-14s %5s  %s  %10s  %-19s %7s %7s\n", "shape", "T", "v", "median ms", "min-max ms", "GFLOP/s", "GB/s");
     for (i = 0; i < sizeof Ts / sizeof Ts[0] && Ts[i] <= max_T; i++) {

@@ -16,7 +16,7 @@ cc -std=c99 -O2 $flags -fopenmp -DMOE_BENCH_OPENBLAS -o build/moe_bench_peers be
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE   # the environment pins Haswell kernels: halves OpenBLAS
 export OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2
 echo "# $(date -u +%F) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) | flags: $flags -fopenmp"
-for v in 2 3 5; do ./build/moe_bench_peers $v "$max_T" "$json"; done
+for v in 2 6 3 5; do ./build/moe_bench_peers $v "$max_T" "$json"; done
 ./build/moe_bench_peers 4 "$((max_T < 128 ? max_T : 128))" "$json"
 OMP_WAIT_POLICY=PASSIVE python3 bench/torch_bench.py "$max_T" "$json"
 echo "# rows: $json"

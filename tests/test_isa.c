@@ -317,3 +317,65 @@ TEST(isa, pack_api_errors) {
     free(pk);
     isa_layer_free(&L);
 }
+
+/* fp32 -> bf16 -> fp32, round to nearest even (the packer's rounding). */
+static float isa_bf16_round(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* bf16 panels (cfg.pack_bf16): the SIMD forward equals the reference run on
+   the bf16-rounded weights, within the fp32 tolerance, since the kernel
+   widens each weight exactly and sums in fp32; and it is close to the fp32
+   layer within bf16's 2^-8 relative weight error.                         */
+TEST(isa, bf16_packed_forward) {
+    moe_config c = isa_config(6, 2, 37, 45, MOE_ACT_SWIGLU), r;
+    isa_layer L;
+    moe_weights rounded;
+    float *gate, *up, *down, *sh_gate, *sh_up, *sh_down, *y_bf, *y_ref, *y_f32;
+    const size_t E = 6, D = 37, F = 45, Fs = 11, T = 29;
+    size_t i, bytes = 0;
+    void *pk;
+    c.shared_d_ff = (int32_t)Fs;
+    moe_config_resolve(&c, &r);
+    if (r.isa == MOE_ISA_REFERENCE) SKIP("no SIMD ISA in this build");
+    isa_layer_make(&L, c, (int32_t)T, 51);
+    gate = (float *)malloc(E * F * D * sizeof(float)); up = (float *)malloc(E * F * D * sizeof(float));
+    down = (float *)malloc(E * D * F * sizeof(float));
+    sh_gate = (float *)malloc(Fs * D * sizeof(float)); sh_up = (float *)malloc(Fs * D * sizeof(float));
+    sh_down = (float *)malloc(D * Fs * sizeof(float));
+    for (i = 0; i < E * F * D; i++) { gate[i] = isa_bf16_round(L.w.gate[i]); up[i] = isa_bf16_round(L.w.up[i]); down[i] = isa_bf16_round(L.w.down[i]); }
+    for (i = 0; i < Fs * D; i++) { sh_gate[i] = isa_bf16_round(L.w.shared_gate[i]); sh_up[i] = isa_bf16_round(L.w.shared_up[i]); sh_down[i] = isa_bf16_round(L.w.shared_down[i]); }
+    rounded = L.w;
+    rounded.gate = gate; rounded.up = up; rounded.down = down;
+    rounded.shared_gate = sh_gate; rounded.shared_up = sh_up; rounded.shared_down = sh_down;
+    y_bf = (float *)malloc(T * D * sizeof(float)); y_ref = (float *)malloc(T * D * sizeof(float));
+    y_f32 = (float *)malloc(T * D * sizeof(float));
+    c.pack_bf16 = 1;
+    CHECK_STATUS(moe_pack_size(&c, &bytes), MOE_STATUS_OK);
+    pk = malloc(bytes);
+    CHECK_STATUS(moe_pack_weights(&c, &L.w, pk, bytes), MOE_STATUS_OK);
+    {
+        moe_weights w = L.w;
+        moe_config f32 = c;
+        w.packed = pk;
+        CHECK_STATUS(moe_forward_alloc(&c, &w, L.x, (int32_t)T, y_bf, NULL), MOE_STATUS_OK);
+        f32.pack_bf16 = 0;                       /* a bf16 blob under an fp32 config */
+        CHECK_STATUS(moe_forward_alloc(&f32, &w, L.x, (int32_t)T, y_f32, NULL), MOE_STATUS_BAD_PACKED);
+    }
+    c.isa = MOE_ISA_REFERENCE;
+    CHECK_STATUS(moe_forward_alloc(&c, &rounded, L.x, (int32_t)T, y_ref, NULL), MOE_STATUS_OK);
+    isa_check_close("y bf16 vs reference on rounded weights", y_bf, y_ref, T * D);
+    CHECK_STATUS(moe_forward_alloc(&c, &L.w, L.x, (int32_t)T, y_f32, NULL), MOE_STATUS_OK);
+    {
+        const double scale = isa_scale(y_f32, T * D);
+        for (i = 0; i < T * D; i++) CHECK(fabs((double)y_bf[i] - y_f32[i]) <= 2e-2 * scale);
+    }
+    free(pk); free(gate); free(up); free(down); free(sh_gate); free(sh_up); free(sh_down);
+    free(y_bf); free(y_ref); free(y_f32);
+    isa_layer_free(&L);
+}
