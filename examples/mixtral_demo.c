@@ -1,10 +1,11 @@
 /* mixtral_demo.c -- moe.h's main demo (`make run`): a Mixtral-like MoE layer
    (softmax router, top-2 of 8 SwiGLU experts, renormalised) on built-in
    synthetic weights and tokens. Prints the per-expert load as a histogram,
-   the aux losses, dropped tokens when a capacity factor is set, the time and
-   GFLOP/s of the reference path.
+   the aux losses, dropped tokens when a capacity factor is set, and the time
+   and GFLOP/s of the reference kernels next to the SIMD kernels on packed
+   fp32 and bf16 weights (the ISA the compiler flags select).
 
-   build: cc -std=c99 -O2 -o mixtral_demo examples/mixtral_demo.c -lm
+   build: cc -std=c99 -O2 -mavx2 -mfma -fopenmp -o mixtral_demo examples/mixtral_demo.c -lm
    run:   ./mixtral_demo [T] [d_model] [d_ff] [experts] [top_k]
           defaults: T=128, D=512, F=1792, E=8, K=2                            */
 #define _POSIX_C_SOURCE 199309L
@@ -59,7 +60,7 @@ int main(int argc, char **argv) {
     size_t ws_bytes, info_bytes;
     moe_status st;
     double times[7], flops;
-    int32_t E, K, D, F, t, d, run;
+    int32_t E, K, D, F, t, d, run, variant;
     const int runs = 7;
 
     cfg.d_model = argc > 2 ? atoi(argv[2]) : 512;
@@ -97,27 +98,51 @@ int main(int argc, char **argv) {
     info_buf = malloc(info_bytes);
     moe_info_bind(&cfg, T, &info, info_buf, info_bytes);
 
-    printf("moe.h %s demo: Mixtral-like layer, T=%d D=%d F=%d E=%d K=%d, SwiGLU, reference path\n",
-           MOE_VERSION_STRING, (int)T, (int)D, (int)F, (int)E, (int)K);
+    {
+        moe_config r;
+        static const char *isa_names[5] = {"auto", "reference", "AVX2+FMA", "AVX-512", "NEON"};
+        moe_config_resolve(&cfg, &r);
+        printf("moe.h %s demo: Mixtral-like layer, T=%d D=%d F=%d E=%d K=%d, SwiGLU, kernels: %s\n",
+               MOE_VERSION_STRING, (int)T, (int)D, (int)F, (int)E, (int)K, isa_names[r.isa]);
+    }
     printf("workspace %.1f MiB\n\n", ws_bytes / 1048576.0);
 
-    for (run = 0; run < runs; run++) {
-        double t0 = now_seconds();
-        st = moe_forward(&cfg, &w, x, T, y, &info, ws, ws_bytes);
-        times[run] = now_seconds() - t0;
-        if (st != MOE_STATUS_OK) { fprintf(stderr, "moe_forward: %s\n", moe_status_string(st)); return 1; }
+    printf("  %-26s %10s  %-17s %8s\n", "kernels", "median ms", "min-max ms", "GFLOP/s");
+    for (variant = 0; variant < 3; variant++) {
+        moe_config vc = cfg;
+        moe_weights vw = w;
+        void *packed = NULL;
+        size_t pb = 0;
+        static const char *names[3] = {"reference (scalar)", "SIMD, packed fp32", "SIMD, packed bf16"};
+        if (variant == 0) vc.isa = MOE_ISA_REFERENCE;
+        if (variant == 2) vc.pack_bf16 = 1;
+        if (variant > 0) {
+            moe_config r;
+            moe_config_resolve(&vc, &r);
+            if (r.isa == MOE_ISA_REFERENCE) break;          /* built without SIMD flags */
+            moe_pack_size(&vc, &pb);
+            packed = malloc(pb);
+            moe_pack_weights(&vc, &vw, packed, pb);
+            vw.packed = packed;
+        }
+        for (run = 0; run < runs; run++) {
+            double t0 = now_seconds();
+            st = moe_forward(&vc, &vw, x, T, y, &info, ws, ws_bytes);
+            times[run] = now_seconds() - t0;
+            if (st != MOE_STATUS_OK) { fprintf(stderr, "moe_forward: %s\n", moe_status_string(st)); return 1; }
+        }
+        free(packed);
+        qsort(times, runs, sizeof(double), cmp_double);
+        /* router GEMM + three D x F GEMMs (gate, up, down) per processed pair */
+        flops = 2.0 * T * D * E;
+        for (d = 0; d < E; d++) flops += 6.0 * info.expert_kept[d] * D * F;
+        printf("  %-26s %10.2f  %7.2f-%-9.2f %8.2f\n", names[variant], 1e3 * times[runs / 2],
+               1e3 * times[0], 1e3 * times[runs - 1], flops / times[runs / 2] * 1e-9);
     }
-    qsort(times, runs, sizeof(double), cmp_double);
-    printf("dropless (Mixtral):\n");
+    printf("\ndropless (Mixtral):\n");
     print_load(&info, E, T, K);
-    printf("  aux: balance (HF, = K at balance) %.4f, z-loss %.4f, total %.6f\n",
+    printf("  aux: balance (HF, = K at balance) %.4f, z-loss %.4f, total %.6f\n\n",
            info.aux_balance, info.aux_z, info.aux_total);
-    /* router GEMM + three D x F GEMMs (gate, up, down) per processed pair */
-    flops = 2.0 * T * D * E;
-    for (d = 0; d < E; d++) flops += 6.0 * info.expert_kept[d] * D * F;
-    printf("  time median %.2f ms (min %.2f, max %.2f over %d runs), %.2f GFLOP/s\n\n",
-           1e3 * times[runs / 2], 1e3 * times[0], 1e3 * times[runs - 1], runs,
-           flops / times[runs / 2] * 1e-9);
 
     /* the same layer with a capacity: C = ceil(1.0 * T * K / E) */
     cfg.capacity_factor = 1.0f;
