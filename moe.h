@@ -992,9 +992,14 @@ static moe__sgemm_fn moe__pick_sgemm(const moe_config *c) {
 // with -fopenmp, or runs it serially. Every task writes its own outputs and
 // sums in a fixed order, so results never depend on the thread count.
 
-static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, void *arg) {
+/* work: the list's cost in flops (or element moves); below MOE__PARALLEL_MIN
+   it runs on the calling thread, where waking a pool would cost more than
+   the work (measured: a T=16 layer took 100x longer on a busy machine). */
+#define MOE__PARALLEL_MIN 2.0e6
+static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, void *arg, double work) {
     int32_t i;
     if (n <= 0) return;
+    if (work < MOE__PARALLEL_MIN) { for (i = 0; i < n; i++) fn(arg, i); return; }
     if (c->parallel_for) { c->parallel_for(c->parallel_user, n, fn, arg); return; }
 #ifdef _OPENMP
     if (n > 1 && c->num_threads != 1) {
@@ -1015,10 +1020,11 @@ static void moe__range_task(void *arg, int32_t task) {
     const int64_t r0 = (int64_t)task * j->block;
     j->fn(j->arg, r0, r0 + j->block < j->n ? r0 + j->block : j->n);
 }
-static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn, void *arg) {
+static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn, void *arg,
+                               double work) {
     moe__range_job j;
     j.fn = fn; j.arg = arg; j.n = n; j.block = block;
-    if (n > 0) moe__parallel_for(c, (int32_t)((n + block - 1) / block), moe__range_task, &j);
+    if (n > 0) moe__parallel_for(c, (int32_t)((n + block - 1) / block), moe__range_task, &j, work);
 }
 
 /* One GEMM (moe__sgemm_fn contract) split into row blocks x column chunks. */
@@ -1069,7 +1075,7 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
     if (g.cb > N) g.cb = N;
     g.n_cb = (N + g.cb - 1) / g.cb;
     n_rb = (m + g.rb - 1) / g.rb;
-    moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g);
+    moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g, 2.0 * (double)m * N * (double)K);
 }
 
 // ----------------------------------------------------------------------------
@@ -2102,7 +2108,8 @@ static void moe__packed_ffn(moe__packed_job *J) {
             J->panels_per_task[e] = tb;
             J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
         }
-        moe__parallel_for(J->c, (int32_t)J->task_off[J->n_sets], moe__packed_task, J);
+        moe__parallel_for(J->c, (int32_t)J->task_off[J->n_sets], moe__packed_task, J,
+                          2.0 * (double)(J->off[J->n_sets] - J->off[0]) * K * P * MOE__NR);
     }
 }
 #endif
@@ -2191,7 +2198,7 @@ static void moe__combine(const moe_config *c, float *y, const float *out, const 
                          const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
     moe__combine_job J;
     J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
-    moe__parallel_rows(c, T, 64, moe__combine_rows, &J);
+    moe__parallel_rows(c, T, 64, moe__combine_rows, &J, 2.0 * (double)T * S * D);
 }
 
 /* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
@@ -2234,7 +2241,7 @@ static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
                           MOE__AT(b, L->row_pair, int64_t));
         moe__gather_job J;
         J.xg = xg; J.x = x; J.row_pair = row_pair; J.S = L->S; J.D = D;
-        moe__parallel_rows(c, offsets[E], 256, moe__gather_rows, &J);
+        moe__parallel_rows(c, offsets[E], 256, moe__gather_rows, &J, (double)offsets[E] * D);
     }
 }
 
@@ -2308,7 +2315,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsi
         for (e = 0; e < n_sets; e++) {
             if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
             P.e = e;
-            moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &P);
+            moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &P, (double)(g.w13 + g.w2));
             J.off = off + e;
             J.gate_bias = f->gate_bias ? f->gate_bias + (size_t)e * (size_t)f->F : NULL;
             J.up_bias = f->up_bias ? f->up_bias + (size_t)e * (size_t)f->F : NULL;
@@ -2557,7 +2564,7 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
         for (e = 0; e < (set ? 1 : c.num_experts); e++) {
             J.e = e;
             J.dst = (unsigned char *)packed + (set ? P.shared_off : P.experts + (size_t)e * P.expert_stride);
-            moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J);
+            moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J, (double)(J.g->w13 + J.g->w2));
         }
     }
     memset(&h, 0, sizeof h);
