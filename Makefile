@@ -21,7 +21,7 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks examples bench bench-peers clean test-neon train-demo
+.PHONY: all test check run golden compile-checks examples run-examples tour-svgs bench bench-peers clean test-neon train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -96,7 +96,29 @@ $(BUILD)/train_balance: examples/train_balance.c moe.h | $(BUILD)
 train-demo: $(BUILD)/train_balance
 	./$(BUILD)/train_balance $(BUILD)
 
-examples: $(BUILD)/mixtral_demo $(BUILD)/train_balance
+# Teaching examples. moe_transformer_layer exits 1 if its gradient check
+# fails; tour exits 1 if a number disagrees with ROUTING_SPEC (it writes its
+# SVGs into build/; docs/ holds the committed copies: make tour-svgs).
+$(BUILD)/moe_transformer_layer: examples/moe_transformer_layer.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/moe_transformer_layer.c $(LDLIBS)
+
+$(BUILD)/glam_block: examples/glam_block.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 $(SIMD_FLAGS) -o $@ examples/glam_block.c $(LDLIBS)
+
+$(BUILD)/tour: examples/tour.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/tour.c $(LDLIBS)
+
+EXAMPLES := $(BUILD)/mixtral_demo $(BUILD)/train_balance $(BUILD)/moe_transformer_layer \
+            $(BUILD)/glam_block $(BUILD)/tour
+examples: $(EXAMPLES)
+
+run-examples: examples
+	./$(BUILD)/moe_transformer_layer
+	./$(BUILD)/glam_block
+	./$(BUILD)/tour $(BUILD)
+
+tour-svgs: $(BUILD)/tour
+	./$(BUILD)/tour docs
 
 run: $(BUILD)/mixtral_demo
 	./$(BUILD)/mixtral_demo
@@ -120,3 +142,141 @@ golden:
 
 clean:
 	rm -rf $(BUILD)
+
+# --- hardening (issue 8) ---
+# check-valgrind    the suites under valgrind memcheck (leaks included); `make check`
+#                   runs it after its own ASan + UBSan suites
+# check-tsan        the suites under ThreadSanitizer (no OpenMP: libgomp is not
+#                   instrumented; the suite's own pthreads exercise the tasks)
+# compile-matrix    gcc/clang x C99/C11/C++17 x -O0/-O3 and the variants, -Werror
+# fuzz              libFuzzer harness tests/fuzz/fuzz_moe.c for FUZZ_SECONDS
+# test-fuzz-corpus  the seed corpus (and build/fuzz-corpus) replayed under gcc ASan + UBSan
+# test-big          > 2^31-element arrays (~8.2 GiB RSS, ~1 min; not in the default suite)
+CLANG        ?= clang
+CLANGXX      ?= clang++
+MATRIX_GCC   ?= gcc
+MATRIX_GXX   ?= g++
+AARCH64_CC   ?= aarch64-linux-gnu-gcc
+VALGRIND     ?= valgrind
+FUZZ_SECONDS ?= 60
+MATRIX_JOBS  ?= 2
+HOST_SIMD    := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),))
+
+.PHONY: check-valgrind check-tsan compile-matrix matrix-objs matrix-extra fuzz fuzz-seeds \
+        test-fuzz-corpus test-big
+
+check: check-valgrind
+
+# valgrind runs the reference and AVX2 suites (valgrind has no AVX-512).
+VG := $(VALGRIND) -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect
+check-valgrind: $(BUILD)/moe_tests $(if $(HOST_AVX2),$(BUILD)/moe_tests_avx2,)
+	tests/run_suites.sh "$(VG) ../$(BUILD)/moe_tests" \
+	    $(if $(HOST_AVX2),"OMP_NUM_THREADS=2 $(VG) ../$(BUILD)/moe_tests_avx2",)
+
+$(BUILD)/moe_tests_tsan: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O1 -g -fsanitize=thread -o $@ $(TEST_SRC) $(LDLIBS) -pthread
+
+$(BUILD)/moe_tests_tsan_simd: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O1 -g $(HOST_SIMD) -fsanitize=thread -o $@ $(TEST_SRC) $(LDLIBS) -pthread
+
+check-tsan: $(BUILD)/moe_tests_tsan $(if $(HOST_SIMD),$(BUILD)/moe_tests_tsan_simd,)
+	TSAN_OPTIONS="halt_on_error=1" tests/run_suites.sh ../$(BUILD)/moe_tests_tsan \
+	    $(if $(HOST_SIMD),../$(BUILD)/moe_tests_tsan_simd,)
+
+# Compile matrix: compile only (-c), each object depends on moe.h, run with
+# -j$(MATRIX_JOBS). Full grid {gcc, clang} x {c99, c11, c++17} x {-O0, -O3};
+# MOE_STATIC and MOE_NO_SIMD at -O0 (preprocessor variants), the ISA flags at
+# -O3 (where the vector code is optimised and warned about), each for C99 and
+# C++17 with both compilers; aarch64 (NEON) cross at -O0/-O3; the .cu file.
+# nvcc gets no -pedantic: its generated host code uses GCC line markers.
+# MATRIX_XFAIL: objects that fail for a known reason in moe.h (reported with
+# issue 8); they print XFAIL instead of failing the build, XPASS once fixed.
+MATRIX := $(BUILD)/matrix
+MATRIX_XFAIL ?= gxx-cxx17-O3-avx512bf16
+MATRIX_OBJS :=
+# $(1) name, $(2) compiler, $(3) flags, $(4) source
+define matrix_obj
+MATRIX_OBJS += $(MATRIX)/$(1).o
+$(MATRIX)/$(1).o: $(4) moe.h
+	@mkdir -p $(MATRIX)
+	@if $(2) $(3) $(WARN) -c $(4) -o $$@.tmp 2> $(MATRIX)/$(1).log; then \
+	    mv $$@.tmp $$@; \
+	    if echo " $(MATRIX_XFAIL) " | grep -q " $(1) "; then echo "XPASS $(1): remove it from MATRIX_XFAIL"; \
+	    else echo "ok    $(1): $(2) $(3)"; fi; \
+	elif echo " $(MATRIX_XFAIL) " | grep -q " $(1) "; then \
+	    echo "XFAIL $(1): $(2) $(3) (known moe.h issue; log: $(MATRIX)/$(1).log)"; touch $$@; \
+	else cat $(MATRIX)/$(1).log; echo "FAIL  $(1): $(2) $(3)"; exit 1; fi
+endef
+$(foreach o,O0 O3, \
+  $(foreach s,c99 c11, \
+    $(eval $(call matrix_obj,gcc-$(s)-$(o),$(MATRIX_GCC),-std=$(s) -$(o),$(COMPILE_C))) \
+    $(eval $(call matrix_obj,clang-$(s)-$(o),$(CLANG),-std=$(s) -$(o),$(COMPILE_C)))) \
+  $(eval $(call matrix_obj,gxx-cxx17-$(o),$(MATRIX_GXX),-std=c++17 -$(o),$(COMPILE_X))) \
+  $(eval $(call matrix_obj,clangxx-cxx17-$(o),$(CLANGXX),-std=c++17 -$(o),$(COMPILE_X))))
+# variant name:flags (+ for a space):optimisation
+MATRIX_VARIANTS := static:-DMOE_STATIC:O0 nosimd:-DMOE_NO_SIMD:O0 avx2:-mavx2+-mfma:O3 \
+                   avx512bf16:-mavx512f+-mavx512bf16:O3
+$(foreach v,$(MATRIX_VARIANTS), \
+  $(eval mv_name := $(word 1,$(subst :, ,$(v)))) \
+  $(eval mv_flags := $(subst +, ,$(word 2,$(subst :, ,$(v))))) \
+  $(eval mv_opt := $(word 3,$(subst :, ,$(v)))) \
+  $(eval $(call matrix_obj,gcc-c99-$(mv_opt)-$(mv_name),$(MATRIX_GCC),-std=c99 -$(mv_opt) $(mv_flags),$(COMPILE_C))) \
+  $(eval $(call matrix_obj,clang-c99-$(mv_opt)-$(mv_name),$(CLANG),-std=c99 -$(mv_opt) $(mv_flags),$(COMPILE_C))) \
+  $(eval $(call matrix_obj,gxx-cxx17-$(mv_opt)-$(mv_name),$(MATRIX_GXX),-std=c++17 -$(mv_opt) $(mv_flags),$(COMPILE_X))) \
+  $(eval $(call matrix_obj,clangxx-cxx17-$(mv_opt)-$(mv_name),$(CLANGXX),-std=c++17 -$(mv_opt) $(mv_flags),$(COMPILE_X))))
+
+# aarch64 and nvcc are skipped (with a message) when the tool is missing.
+matrix-extra:
+	@mkdir -p $(MATRIX)
+	@if command -v $(AARCH64_CC) >/dev/null 2>&1; then \
+	    for o in O0 O3; do $(AARCH64_CC) -std=c99 -$$o $(WARN) -c $(COMPILE_C) -o $(MATRIX)/aarch64-c99-$$o.o || exit 1; \
+	        echo "ok    aarch64-c99-$$o: $(AARCH64_CC) -std=c99 -$$o"; done; \
+	else echo "SKIP  aarch64: $(AARCH64_CC) not found (apt-get install gcc-aarch64-linux-gnu)"; fi
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	    $(NVCC) -std=c++17 --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+	        -c tests/compile/compile_cu.cu -o $(MATRIX)/nvcc-cxx17.o || exit 1; \
+	    echo "ok    nvcc-cxx17: $(NVCC) -std=c++17"; \
+	else echo "SKIP  nvcc: $(NVCC) not found"; fi
+
+matrix-objs: $(MATRIX_OBJS) matrix-extra
+
+compile-matrix:
+	@$(MAKE) --no-print-directory -j$(MATRIX_JOBS) matrix-objs
+	@echo "compile matrix: ok"
+
+# Fuzzing. The harness is built for the host's SIMD ISA, so every input runs
+# the reference and the SIMD kernels and compares them.
+FUZZ_SRC   := tests/fuzz/fuzz_moe.c
+FUZZ_FLAGS := -std=c99 $(WARN) -O1 -g $(HOST_SIMD) -fno-sanitize-recover=all -fno-omit-frame-pointer
+$(BUILD)/fuzz_moe: $(FUZZ_SRC) moe.h | $(BUILD)
+	$(CLANG) $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined -o $@ $(FUZZ_SRC) $(LDLIBS) -pthread
+
+fuzz: $(BUILD)/fuzz_moe
+	@mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-crashes
+	@echo "fuzzing $(FUZZ_SECONDS) s (log $(BUILD)/fuzz.log, new inputs in $(BUILD)/fuzz-corpus)"
+	@./$(BUILD)/fuzz_moe -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	    -artifact_prefix=$(BUILD)/fuzz-crashes/ $(BUILD)/fuzz-corpus tests/fuzz/corpus > $(BUILD)/fuzz.log 2>&1; \
+	rc=$$?; \
+	if [ $$rc -ne 0 ]; then tail -n 60 $(BUILD)/fuzz.log; \
+	    echo "fuzz: FAILED; the input is in $(BUILD)/fuzz-crashes (replay: make $(BUILD)/fuzz_replay && ./$(BUILD)/fuzz_replay FILE)"; \
+	else grep -E '^(Done|stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added)' $(BUILD)/fuzz.log; \
+	    echo "fuzz: ok"; fi; \
+	exit $$rc
+
+$(BUILD)/fuzz_replay: $(FUZZ_SRC) moe.h | $(BUILD)
+	$(CC) $(FUZZ_FLAGS) -DFUZZ_STANDALONE -fsanitize=address,undefined -o $@ $(FUZZ_SRC) $(LDLIBS) -pthread
+
+test-fuzz-corpus: $(BUILD)/fuzz_replay
+	./$(BUILD)/fuzz_replay tests/fuzz/corpus $(wildcard $(BUILD)/fuzz-corpus)
+
+# Rewrite the seed corpus (after changing the input layout of fuzz_moe.c).
+fuzz-seeds: $(BUILD)/fuzz_replay
+	rm -f tests/fuzz/corpus/*
+	./$(BUILD)/fuzz_replay --make-seeds tests/fuzz/corpus
+
+$(BUILD)/test_big: tests/big/test_big.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 $(SIMD_FLAGS) -o $@ tests/big/test_big.c $(LDLIBS)
+
+test-big: $(BUILD)/test_big
+	@if [ -x /usr/bin/time ]; then /usr/bin/time -f "test-big: %e s, peak RSS %M KiB" ./$(BUILD)/test_big; \
+	else ./$(BUILD)/test_big; fi
