@@ -1,4 +1,4 @@
-/* moe.h - v0.2.0 - Mixture-of-Experts kernels in one C99 header
+/* moe.h - v0.3.0 - Mixture-of-Experts kernels in one C99 header
    no warranty implied; use at your own risk. License: end of file (MIT).
 
    Routing (softmax / sigmoid scores, top-k, group-limited top-k, selection bias,
@@ -6,8 +6,11 @@
    counting-sort dispatch, grouped expert FFNs, deterministic combine and the
    load-balancing losses of Switch, GShard, HF/Mixtral, DeepSeek and Shazeer,
    and the backward pass of all of it. The semantics follow ROUTING_SPEC.md
-   section by section; this version ships the scalar reference path (the
-   specification every fast kernel is tested against). Before 1.0 the API and struct layouts may change between minor
+   section by section. Every kernel has a plain scalar reference (the
+   specification) and one SIMD twin chosen at compile time (AVX-512, AVX2+FMA
+   or NEON), tested against it; work is cut into task lists that OpenMP or
+   your own thread pool runs, with bitwise-identical results for any thread
+   count. Before 1.0 the API and struct layouts may change between minor
    versions.
 
    USAGE
@@ -23,7 +26,8 @@
      MOE_MALLOC(ctx,size)    malloc   only the *_alloc convenience calls allocate;
      MOE_FREE(ctx,ptr)       free     define both or neither (ctx is always NULL)
      MOE_NO_SIMD             unset    build only the scalar reference kernels
-                                      (v0.1 has no SIMD kernels yet)
+     (compiler flags)                 -mavx512f / -mavx2 -mfma / aarch64 select
+                                      the SIMD kernels; -fopenmp the threads
 
    EXAMPLE (a Mixtral-style layer; weights are caller-owned, PyTorch layout)
      moe_config cfg = moe_preset_mixtral();       // softmax, top-2, renormalise
@@ -44,11 +48,14 @@
    CONTENTS
      1. Declarations: version, status codes, enums, moe_config, moe_weights,
         moe_grads, moe_info, then the API in pipeline order:
-        config -> capacity -> routing (moe_route) -> forward -> backward ->
-        bias update.
-     2. Implementation (MOE_IMPLEMENTATION): helpers, RNG, scoring, top-k,
-        routing, capacity, aux losses, dispatch, expert GEMM, combine,
-        public functions, then the backward pass in the same order reversed.
+        config -> packing -> capacity -> routing (moe_route) -> forward ->
+        backward -> training helpers -> bias update.
+     2. Implementation (MOE_IMPLEMENTATION): helpers, RNG, activations,
+        top-k, the reference GEMMs, the SIMD micro-kernel and threads,
+        config, workspace layout, routing, aux losses, dispatch, packed
+        panels, expert FFNs, combine, public functions, the backward pass,
+        training helpers.
+     TOUR: docs/TOUR.md walks through all of it with worked numbers.
      3. License.
 
    CONVENTIONS
@@ -95,6 +102,11 @@
      (cfg.seed, purpose, token, column), so they do not depend on call order.
 
    REVISION HISTORY (all of it in CHANGELOG.md)
+     0.3.0  (2026-11-23)  SIMD micro-kernel (AVX-512/AVX2/NEON), packed fp32 /
+                          bf16 expert panels with fused GLU epilogue, threads
+                          via OpenMP or cfg.parallel_for; training aids:
+                          moe_init_weights, warm-up noise, expert dropout,
+                          gradient zero/clip helpers, GLaM preset.
      0.2.0  (2026-11-23)  moe_backward: gradients of x, router, experts, shared
                           expert, Soft MoE slots, through every aux loss;
                           training cache or recompute; MOE_STATUS_BAD_CACHE.
@@ -108,9 +120,9 @@
 #include <stdint.h>
 
 #define MOE_VERSION_MAJOR 0
-#define MOE_VERSION_MINOR 2
+#define MOE_VERSION_MINOR 3
 #define MOE_VERSION_PATCH 0
-#define MOE_VERSION_STRING "0.2.0"
+#define MOE_VERSION_STRING "0.3.0"
 
 #ifndef MOEDEF
 #  if defined(MOE_STATIC) && (defined(__GNUC__) || defined(__clang__))
