@@ -173,7 +173,8 @@ HOST_SIMD    := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLA
 .PHONY: check-valgrind check-tsan compile-matrix matrix-objs matrix-extra fuzz fuzz-seeds \
         test-fuzz-corpus test-big
 
-check: check-valgrind
+# check-valgrind is run on its own (make check-valgrind); folding it into check
+# waits on a full-length valgrind CI run being timed.
 
 # valgrind runs the reference and the AVX2 suite side by side (valgrind has no
 # AVX-512). The AVX2 one with OMP_NUM_THREADS=1: valgrind serialises threads

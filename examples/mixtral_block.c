@@ -5,6 +5,9 @@
        h = x + Attention(RMSNorm(x) * g1)           (pre-norm, residual)
        y = h + MoE(RMSNorm(h) * g2)                 (moe_forward / moe_backward)
 
+   build: cc -std=c99 -O2 -o mixtral_block examples/mixtral_block.c -lm
+   run:   ./mixtral_block            (~20 ms; exit status 0 = gradients check)
+
    Attention is causal multi-head self-attention with rotary position
    embeddings (RoPE), no KV groups, no biases, no dropout; the MoE FFN is
    moe_preset_mixtral(): softmax router, top-2, renormalised, SwiGLU experts,
@@ -24,10 +27,10 @@
    Coordinates whose perturbation changes some token's top-2 experts (L has
    a jump there) are skipped and replaced. Measured (gcc 12 / clang, -O0 to
    -O3, ASan): 7.8e-4 with the default seed (no skips); at most 6.1e-3 over
-   seeds 1..40 (-DSEED=n).
-
-   build: cc -std=c99 -O2 -o mixtral_block examples/mixtral_block.c -lm
-   run:   ./mixtral_block        (about 0.1 s)                               */
+   seeds 1..40 (-DSEED=n), of which 39 pass: seed 3 draws a token whose
+   2nd and 3rd experts are nearly tied, so every perturbation upstream of
+   the router flips its routing and some tensors get no usable coordinate
+   (reported as FAIL rather than silently checking less).                 */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include <math.h>
@@ -288,7 +291,7 @@ static void block_backward(const block *bk, acts *a, const float *dy, block *g, 
 
 /* Deterministic synthetic numbers: uniform(-a, a) from a 64-bit LCG. */
 #ifndef SEED
-#define SEED 19                /* synthetic weights and inputs (any seed works; 19: no skips) */
+#define SEED 19                /* synthetic weights and inputs (19: no coordinate skipped) */
 #endif
 static uint64_t rng = SEED;
 static uint64_t next_bits(void) {

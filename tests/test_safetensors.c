@@ -14,7 +14,8 @@
    module, and widening bf16 / f16 to f32 is exact, so both sides compute the
    same fp32 function of the same fp32 numbers; a looser bound would hide a
    wrong conversion (one bf16 ulp is 2^-8 relative, 400x this bound).
-   Measured worst err / bound over the six files: 0.24.
+   Measured worst err / bound over the six files: 0.24 (reference
+   kernels), 0.32 (AVX2 + FMA).
 
    Bad files: every malformed input gives its st_status and a message, never
    a crash; then a deterministic fuzz (2000 mutations of two golden files:
@@ -727,13 +728,15 @@ static unsigned char *fz_mutate(unsigned char *b, size_t *len) {
 
 TEST(safetensors, fuzz_parser) {
     static const char *const files[2] = {"ref/mixtral_bf16.safetensors", "ref/deepseek_v3_f16.safetensors"};
-    int counts[ST_ERR_ARGUMENT + 1] = {0}, loaded = 0, distinct = 0, fi, iter, k;
+    int counts[ST_ERR_ARGUMENT + 1] = {0}, loaded = 0, distinct = 0, fi, iter, k, iters = 1000;
+    const char *env = getenv("ST_FUZZ_ITERS");          /* longer runs by hand: mutations per file */
+    if (env && atoi(env) > 0) iters = atoi(env);
     fz_state = 20261123u;
     for (fi = 0; fi < 2; fi++) {
         size_t base_len;
         unsigned char *base = read_all(files[fi], &base_len);
         if (!base) { moe_test_fail(__FILE__, __LINE__, "cannot read %s", files[fi]); continue; }
-        for (iter = 0; iter < 1000; iter++) {
+        for (iter = 0; iter < iters; iter++) {
             size_t len = base_len;
             unsigned char *b = (unsigned char *)malloc(len);
             int n = 1 + (int)fz_below(3);
