@@ -403,6 +403,11 @@ typedef struct moe_grads {
     float *shared_gate, *shared_up, *shared_down;
     float *shared_gate_bias, *shared_up_bias, *shared_down_bias, *shared_expert_gate;
     float *soft_phi, *soft_scale;
+    int32_t gate_up_fused;    /* 1: gate is [E][2F][D] (gate rows, then up rows)
+                                 and up is unused. moe_init_weights,
+                                 moe_grads_zero and moe_grads_clip_norm read the
+                                 layout from here; moe_backward takes it from
+                                 w.gate_up_fused                              */
 } moe_grads;
 
 /* ---------------------------------------------------------------------------
@@ -3449,8 +3454,9 @@ static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor
     MOE__T(g->router, E * D, D, D, E, 0);
     MOE__T(g->router_bias, E, 1, D, E, 1);
     MOE__T(g->router_noise, E * D, D, D, E, 0);
-    MOE__T(g->gate, E * F * D, F * D, D, F, 0);   /* unfused layout */
-    MOE__T(glu ? g->up : NULL, E * F * D, F * D, D, F, 0);
+    /* fused GLU: gate is [E][2F][D], one stream per expert covering both halves */
+    MOE__T(g->gate, E * (glu && g->gate_up_fused ? 2 : 1) * F * D, (glu && g->gate_up_fused ? 2 : 1) * F * D, D, F, 0);
+    MOE__T(glu && !g->gate_up_fused ? g->up : NULL, E * F * D, F * D, D, F, 0);
     MOE__T(g->down, E * D * F, D * F, F, D, 0);
     MOE__T(g->gate_bias, E * F, F, D, F, 1);
     MOE__T(glu ? g->up_bias : NULL, E * F, F, D, F, 1);

@@ -4,8 +4,10 @@
    Bad-input statuses are in test_misuse.c; this file is about valid calls
    with awkward numbers: overflow to Inf, ties, huge and denormal values,
    K = E, E = 1, tokens no expert takes, and capacity far below demand.
-   Three known moe.h bugs found by the fuzzer have tests here that build only
-   with -DMOE_TEST_KNOWN_BUGS (they fail until moe.h is fixed). */
+   Known moe.h bugs found by the fuzzer have tests here that build only with
+   -DMOE_TEST_KNOWN_BUGS (they fail until moe.h is fixed; two of them need
+   the sanitizers: build the suite as `make check` does, plus -mavx2 -mfma
+   for the packed one). */
 #include "../moe.h"
 #include "moe_test.h"
 #include <float.h>
@@ -579,6 +581,71 @@ TEST(edge, known_bug_aux_total_nan_with_zero_coefs) {
     L.x[0] = 1.0f; L.router[0] = 1e20f; L.router[1] = -1e20f;
     CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
     CHECK(L.info.aux_total == L.info.aux_total);
+    edge_free(&L);
+}
+
+/* moe_grads_zero / moe_grads_clip_norm ignore w.gate_up_fused: the fused gate
+   gradient is [E][2F][D] (moe_grads' comment) but only E*F*D floats are
+   zeroed, measured and clipped. */
+TEST(edge, known_bug_grads_helpers_fused_layout) {
+    enum { E = 2, D = 3, F = 4 };
+    moe_config c = cfg(E, 1, D, F);
+    float gate[E * 2 * F * D], down[E * D * F], norm = 0.0f;
+    moe_grads g;
+    size_t i;
+    memset(&g, 0, sizeof g);
+    for (i = 0; i < E * 2 * F * D; i++) gate[i] = 1.0f;
+    memset(down, 0, sizeof down);
+    g.gate = gate; g.down = down;          /* up lives in gate when fused */
+    CHECK_STATUS(moe_grads_clip_norm(&c, &g, 1e9f, &norm), MOE_STATUS_OK);
+    CHECK_NEAR(norm, sqrt((double)E * 2 * F * D), 1e-5, 1e-6);
+    CHECK_STATUS(moe_grads_zero(&c, &g), MOE_STATUS_OK);
+    for (i = 0; i < E * 2 * F * D; i++) CHECK(gate[i] == 0.0f);
+}
+
+/* cfg.seq_len = INT32_MAX is valid (one sequence), but the router backward
+   computes T + seq_len - 1 in int32: signed overflow (UBSan reports it). */
+TEST(edge, known_bug_seq_len_int32_overflow) {
+    moe_config c = cfg(2, 1, 2, 2);
+    edge L;
+    egrad G;
+    c.training = 1; c.seq_len = 2147483647; c.seq_balance_coef = 0.01f;
+    edge_init(&L, &c, 3, 150);
+    CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
+    egrad_init(&G, &L, 151);
+    CHECK_STATUS(edge_backward(&L, &G), MOE_STATUS_OK);
+    egrad_free(&G);
+    edge_free(&L);
+}
+
+/* moe_backward with recompute on a SIMD build reruns the experts from
+   w.packed without the check moe_forward makes: a blob packed for a smaller
+   d_ff is read out of bounds (ASan) instead of giving MOE_STATUS_BAD_PACKED
+   (or being ignored, as the cached backward ignores it). */
+TEST(edge, known_bug_backward_unchecked_packed) {
+    moe_config c = cfg(2, 1, 16, 16), small, r;
+    edge L, S;
+    egrad G;
+    size_t bytes = 0;
+    void *blob;
+    moe_status st;
+    c.training = 1; c.recompute = 1;
+    CHECK_STATUS(moe_config_resolve(&c, &r), MOE_STATUS_OK);
+    if (r.isa == MOE_ISA_REFERENCE) SKIP("no SIMD ISA in this build");
+    small = c; small.d_ff = 1;
+    edge_init(&L, &c, 4, 160);
+    edge_init(&S, &small, 4, 161);
+    CHECK_STATUS(moe_pack_size(&small, &bytes), MOE_STATUS_OK);
+    blob = malloc(bytes);
+    CHECK_STATUS(moe_pack_weights(&small, &S.w, blob, bytes), MOE_STATUS_OK);
+    CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
+    L.w.packed = blob;
+    egrad_init(&G, &L, 162);
+    st = edge_backward(&L, &G);
+    CHECK(st == MOE_STATUS_BAD_PACKED || st == MOE_STATUS_OK);
+    egrad_free(&G);
+    free(blob);
+    edge_free(&S);
     edge_free(&L);
 }
 #endif

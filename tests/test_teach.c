@@ -159,3 +159,22 @@ TEST(teach, glam_and_topk_softmax_presets) {
     }
     free(ws);
 }
+
+/* The helpers honour the fused [E][2F][D] gate_up layout: zeroing and
+   clipping reach the up half, and init fills it.                          */
+TEST(teach, helpers_fused_gate_up) {
+    static float gate_up[TE * 2 * TF * TD];
+    moe_config c = teach_cfg();
+    moe_grads g;
+    float norm = 0.0f;
+    size_t i;
+    memset(&g, 0, sizeof g);
+    g.gate = gate_up; g.gate_up_fused = 1;
+    CHECK_STATUS(moe_init_weights(&c, MOE_INIT_XAVIER, 5, &g), MOE_STATUS_OK);
+    CHECK(gate_up[TE * 2 * TF * TD - 1] != 0.0f && gate_up[TF * TD] != 0.0f);   /* up halves filled */
+    for (i = 0; i < TE * 2 * TF * TD; i++) gate_up[i] = 1.0f;
+    CHECK_STATUS(moe_grads_clip_norm(&c, &g, 1e9f, &norm), MOE_STATUS_OK);
+    CHECK_NEAR(norm, sqrt((double)TE * 2 * TF * TD), 0.0, 1e-6);
+    CHECK_STATUS(moe_grads_zero(&c, &g), MOE_STATUS_OK);
+    for (i = 0; i < TE * 2 * TF * TD; i++) CHECK(gate_up[i] == 0.0f);
+}
