@@ -823,10 +823,11 @@ static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
     int32_t j;
     for (i = 0; i < m; i++) {
         float *ci = C + (size_t)i * ldc;
-        for (j = j0; j < j1; j++) {
-            float acc = accumulate ? ci[j] : 0.0f;
-            for (k = 0; k < K; k++) acc += A[(size_t)i * a_rs + (size_t)k * a_cs] * B[(size_t)k * ldb + (size_t)j];
-            ci[j] = acc;
+        if (!accumulate) for (j = j0; j < j1; j++) ci[j] = 0.0f;
+        for (k = 0; k < K; k++) {   /* row of B at a time: C[i][j] still sums k in order */
+            const float a = A[(size_t)i * a_rs + (size_t)k * a_cs];
+            const float *bk = B + (size_t)k * ldb;
+            for (j = j0; j < j1; j++) ci[j] += a * bk[j];
         }
     }
 }
@@ -3097,14 +3098,12 @@ static float moe__jitter_factor(const moe_config *c, size_t i) {
 }
 
 /* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
-   dx += (dz . W) * U  (U the jitter factors, xr = x * U). tmp: [T][D].   */
-static void moe__router_gemm_backward(const moe_config *c, const float *x, int32_t T,
-                                      const float *dz, const float *W, float *dW, float *db,
-                                      float *xr, float *tmp, float *dx) {
+   dx += (dz . W) * U  (U the jitter factors, xr = x * U given). tmp: [T][D]. */
+static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz, const float *W,
+                                      float *dW, float *db, const float *xr, float *tmp, float *dx) {
     const int32_t D = c->d_model, E = c->num_experts;
     const int jitter = c->training && c->jitter > 0.0f;
     size_t i, n = (size_t)T * (size_t)D;
-    for (i = 0; i < n; i++) xr[i] = jitter ? x[i] * moe__jitter_factor(c, i) : x[i];
     if (dW) moe__gemm(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1);
     moe__sum_rows(db, dz, T, E, (size_t)E);
     moe__gemm(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0);
@@ -3381,6 +3380,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             moe__router_bw B;
             const int noisy = c.noise == MOE_NOISE_SHAZEER && c.training;
             float *xr = MOE__AT(b, L.xr, float);
+            size_t i;
             memset(&B, 0, sizeof B);
             B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E;
             B.K = c.routing == MOE_ROUTING_TOPK ? c.top_k : E;
@@ -3393,21 +3393,21 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             B.g = MOE__AT(b, L.bw_f, float); B.dg = B.g + E; B.dw = B.g + 2 * E;
             B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
             B.top = MOE__AT(b, L.small_i, int32_t);
-            if (noisy) {
+            /* the router input the forward saw (x * jitter), built once */
+            for (i = 0; i < (size_t)T * (size_t)D; i++) xr[i] = x[i] * moe__jitter_factor(&c, i);
+            if (noisy) {   /* raw noise logits, by the forward's own GEMM */
                 float *noise = MOE__AT(b, L.noise_logits, float);
-                for (t = 0; t < T; t++)     /* raw noise logits of the (jittered) input */
-                    for (d = 0; d < D; d++) xr[(size_t)t * D + d] = x[(size_t)t * D + d] * moe__jitter_factor(&c, (size_t)t * D + d);
-                moe__gemm_ref(noise, xr, w->router_noise, NULL, T, E, D);
+                moe__linear(&c, noise, xr, w->router_noise, NULL, T, E, D, &L, b);
                 B.noise = noise;
             }
             moe__router_backward_ref(&B);
-            moe__router_gemm_backward(&c, x, T, B.dz, w->router, gr->router,
+            moe__router_gemm_backward(&c, T, B.dz, w->router, gr->router,
                                       c.router_bias ? gr->router_bias : NULL, xr, MOE__AT(b, L.tmp_td, float), dx);
             if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
                 float *dr = B.dsig;
                 for (t = 0; t < T; t++)
                     for (j = 0; j < E; j++) dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
-                moe__router_gemm_backward(&c, x, T, dr, w->router_noise, gr->router_noise, NULL, xr,
+                moe__router_gemm_backward(&c, T, dr, w->router_noise, gr->router_noise, NULL, xr,
                                           MOE__AT(b, L.tmp_td, float), dx);
             }
         }
