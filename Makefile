@@ -167,6 +167,8 @@ MATRIX_GXX   ?= g++
 AARCH64_CC   ?= aarch64-linux-gnu-gcc
 VALGRIND     ?= valgrind
 FUZZ_SECONDS ?= 60
+# libFuzzer seed: a fixed one makes a CI run repeatable (given the same speed)
+FUZZ_SEED ?= 1
 MATRIX_JOBS  ?= 2
 HOST_SIMD    := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),))
 
@@ -289,7 +291,7 @@ $(BUILD)/fuzz_moe: $(FUZZ_SRC) moe.h | $(BUILD)
 fuzz: $(BUILD)/fuzz_moe
 	@mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-crashes
 	@echo "fuzzing $(FUZZ_SECONDS) s (log $(BUILD)/fuzz.log, new inputs in $(BUILD)/fuzz-corpus)"
-	@./$(BUILD)/fuzz_moe -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	@./$(BUILD)/fuzz_moe -seed=$(FUZZ_SEED) -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 	    -artifact_prefix=$(BUILD)/fuzz-crashes/ $(BUILD)/fuzz-corpus tests/fuzz/corpus > $(BUILD)/fuzz.log 2>&1; \
 	rc=$$?; \
 	if [ $$rc -ne 0 ]; then tail -n 60 $(BUILD)/fuzz.log; \
