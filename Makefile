@@ -229,7 +229,7 @@ tsan-simd: $(BUILD)/moe_tests_tsan_simd
 # MATRIX_XFAIL: objects that fail for a known reason in moe.h (reported with
 # issue 8); they print XFAIL instead of failing the build, XPASS once fixed.
 MATRIX := $(BUILD)/matrix
-MATRIX_XFAIL ?= gxx-cxx17-O3-avx512bf16
+MATRIX_XFAIL ?=
 MATRIX_OBJS :=
 # $(1) name, $(2) compiler, $(3) flags, $(4) source
 define matrix_obj

@@ -1,4 +1,4 @@
-/* moe.h - v0.3.0 - Mixture-of-Experts kernels in one C99 header
+/* moe.h - v0.3.1 - Mixture-of-Experts kernels in one C99 header
    no warranty implied; use at your own risk. License: end of file (MIT).
 
    Routing (softmax / sigmoid scores, top-k, group-limited top-k, selection bias,
@@ -102,6 +102,10 @@
      (cfg.seed, purpose, token, column), so they do not depend on call order.
 
    REVISION HISTORY (all of it in CHANGELOG.md)
+     0.3.1  (2026-11-23)  fuzzer-found fixes: finite router gradients for
+                          denormal sigmoid scores and for Shazeer sigma = 0,
+                          seq_len near INT32_MAX, aux_total with an overflowed
+                          but unused loss, backward recompute checks w.packed.
      0.3.0  (2026-11-23)  SIMD micro-kernel (AVX-512/AVX2/NEON), packed fp32 /
                           bf16 expert panels with fused GLU epilogue, threads
                           via OpenMP or cfg.parallel_for; training aids:
@@ -121,8 +125,8 @@
 
 #define MOE_VERSION_MAJOR 0
 #define MOE_VERSION_MINOR 3
-#define MOE_VERSION_PATCH 0
-#define MOE_VERSION_STRING "0.3.0"
+#define MOE_VERSION_PATCH 1
+#define MOE_VERSION_STRING "0.3.1"
 
 #ifndef MOEDEF
 #  if defined(MOE_STATIC) && (defined(__GNUC__) || defined(__clang__))
@@ -681,6 +685,13 @@ static float moe__gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
 }
 static double moe__normal_cdf(double u) { return 0.5 * erfc(-u * 0.70710678118654752); }
+/* Shazeer's smooth load term Phi(diff / sigma). sigma = 0 (noise_epsilon 0
+   and softplus underflowed) is the noiseless limit, a step: 1 above the
+   threshold, 0 below, 1/2 on a tie (not 0/0 = NaN); its gradient is 0.   */
+static double moe__load_prob(double diff, double sigma) {
+    if (sigma > 0.0) return moe__normal_cdf(diff / sigma);
+    return diff > 0.0 ? 1.0 : diff < 0.0 ? 0.0 : 0.5;
+}
 
 static int moe__act_is_glu(moe_activation a) {
     return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU || a == MOE_ACT_GEGLU_TANH;
@@ -853,7 +864,11 @@ static moe__vf moe__v_zero(void) { return _mm512_setzero_ps(); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm512_fmadd_ps(a, b, c); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
 static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high half */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p)), 16));
+    /* zero-masked forms: GCC 12's unmasked ones start from an "undefined"
+       register that g++ -O3 reports as maybe-uninitialized */
+    const __mmask16 all = (__mmask16)0xFFFF;
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(const void *)p);
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
 }
 #elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
 #  include <immintrin.h>
@@ -1355,7 +1370,7 @@ typedef struct moe__layout {
     size_t tiles, sh_tiles, task_off, task_panels, router_t, pack;   /* SIMD forward only */
     /* backward only */
     size_t gw, dout, da, du, dxg, dscore, dz, dsig, dD, sh_dout, sh_da, sh_du, sh_dx, dx, gamma;
-    size_t bw_d, bw_f, bw_u8;   /* router-backward scratch: 6E doubles, 6E floats, 2E bytes */
+    size_t bw_d, bw_f, bw_u8;   /* router-backward scratch: 8E doubles, 6E floats, 2E bytes */
     size_t tmp_td;              /* [T][D] */
     size_t total;         /* bytes, including slack to align the base pointer */
 } moe__layout;
@@ -1444,7 +1459,7 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->sh_dx   = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
         L->dx      = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
         L->gamma   = moe__reserve(&t, nT, sizeof(float), &ok);
-        L->bw_d    = moe__reserve(&t, 6 * E, sizeof(double), &ok);
+        L->bw_d    = moe__reserve(&t, 8 * E, sizeof(double), &ok);
         L->bw_f    = moe__reserve(&t, 6 * E, sizeof(float), &ok);
         L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
         L->tmp_td  = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
@@ -1609,7 +1624,7 @@ static void moe__route_token_topk(moe__router *r, int32_t t) {
         thr_in = H[top[K]]; thr_out = H[top[K - 1]];
         for (e = 0; e < E; e++) {
             float thr = H[e] > thr_in ? thr_in : thr_out;
-            r->imp[E + e] += moe__normal_cdf(((double)z[e] - thr) / sigma[e]);
+            r->imp[E + e] += moe__load_prob((double)z[e] - thr, sigma[e]);
         }
     }
 }
@@ -1784,9 +1799,10 @@ static void moe__aux_losses(moe__router *r) {
     /* DeepSeek-V3 sequence-wise loss: per sequence of L tokens, f from a plain
        top-K of the unbiased scores (no groups, no bias), P from s' = s/sum s. */
     {
-        int32_t L = c->seq_len > 0 ? c->seq_len : T, t0, nseq = 0;
+        const int32_t L = c->seq_len > 0 ? c->seq_len : T;
+        int32_t t0, nseq = 0;
         double total = 0.0;
-        for (t0 = 0; t0 < T; t0 += L) {
+        for (t0 = 0; t0 < T; t0 = T - t0 > L ? t0 + L : T) {   /* no t0 + L past INT32_MAX */
             int32_t n = T - t0 < L ? T - t0 : L;
             double seq = 0.0;
             for (e = 0; e < E; e++) r->count[e] = 0;
@@ -1857,9 +1873,14 @@ static moe_status moe__route(moe__router *r) {
     if (c->routing == MOE_ROUTING_SOFT)
         for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = c->slots_per_expert;
     moe__aux_losses(r);
-    res->aux_total = c->balance_coef * res->aux_balance + c->z_loss_coef * res->aux_z +
-                     c->importance_coef * res->aux_importance + c->load_coef * res->aux_load +
-                     c->seq_balance_coef * res->aux_seq;
+    {   /* a loss switched off (coef 0) adds nothing, even an overflowed one
+           (0 * Inf would be NaN; aux_z overflows for logits ~1e20) */
+        const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef, c->seq_balance_coef};
+        const float val[5] = {res->aux_balance, res->aux_z, res->aux_importance, res->aux_load, res->aux_seq};
+        float total = 0.0f;
+        for (e = 0; e < 5; e++) if (coef[e] != 0.0f) total += coef[e] * val[e];
+        res->aux_total = total;
+    }
     return MOE_STATUS_OK;
 }
 
@@ -2856,12 +2877,12 @@ static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const 
    dg_m += r m_m dw_m / den - r (sum_j m_j dw_j g_j) / den^2 * dden/dg_m.
    m: which weights are nonzero, q: which scores form the denominator.    */
 static void moe__normalize_backward(const moe_config *c, const float *g, const uint8_t *m,
-                                    const uint8_t *q, const float *dw, float *dg, int32_t n) {
+                                    const uint8_t *q, const float *dw, double *dg, int32_t n) {
     const double r = c->routed_scale;
     double nrm = 0.0, den, a = 0.0;
     int32_t j;
     if (c->normalize == MOE_NORM_NONE) {
-        for (j = 0; j < n; j++) if (m[j]) dg[j] += (float)(r * dw[j]);
+        for (j = 0; j < n; j++) if (m[j]) dg[j] += r * dw[j];
         return;
     }
     for (j = 0; j < n; j++) if (q[j]) nrm += c->normalize == MOE_NORM_PNORM ? pow(fabs(g[j]), c->norm_p) : g[j];
@@ -2874,7 +2895,7 @@ static void moe__normalize_backward(const moe_config *c, const float *g, const u
         if (q[j]) dden = c->normalize == MOE_NORM_PNORM
                        ? pow(fabs(g[j]), c->norm_p - 1.0) * (g[j] < 0.0f ? -1.0 : 1.0) * pow(nrm, 1.0 - c->norm_p)
                        : 1.0;
-        dg[j] += (float)(v - r * a / (den * den) * dden);
+        dg[j] += v - r * a / (den * den) * dden;
     }
 }
 
@@ -2900,13 +2921,16 @@ typedef struct moe__router_bw {
     const float *gw;          /* [T][S] dL/d weight (from the combine)          */
     const float *noise;       /* [T][E] raw noise logits x.W_noise (Shazeer)    */
     const float *noise_samples; /* test seam as in moe__router, or NULL         */
-    float *dscore;            /* [T][E] dL/d score                              */
     float *dz, *dsig;         /* [T][E] dL/d logit; dL/d sigma (Shazeer)        */
     double *val;              /* [2E] Shazeer importance and load values        */
     double *dval;             /* [2E] their d(coef * CV^2) / d value            */
     double *fbal, *fseq;      /* [E] each: balance-loss factors                 */
+    /* dL/d score of one token and dL/d its S gate scores, in double: with
+       sigmoid scores summing to a denormal, a division by that sum overflows
+       float before the s (1 - s) that brings it back (ROUTING_SPEC 13.2)  */
+    double *ds, *dg;          /* [E] each                                       */
     uint8_t *m, *q;           /* [S] masks for moe__normalize_backward          */
-    float *g, *dg, *dw, *H, *sigma, *N;   /* [E] scratch each                   */
+    float *g, *dw, *H, *sigma, *N;   /* [E] scratch each                        */
     int32_t *top;             /* [E + 1]                                        */
 } moe__router_bw;
 
@@ -2942,7 +2966,7 @@ static void moe__shazeer_grads(moe__router_bw *B) {
             thr_in = B->H[B->top[K]]; thr_out = B->H[B->top[K - 1]];
             for (e = 0; e < E; e++) {
                 const float thr = B->H[e] > thr_in ? thr_in : thr_out;
-                load[e] += moe__normal_cdf(((double)B->info->logits[(size_t)t * E + e] - thr) / B->sigma[e]);
+                load[e] += moe__load_prob((double)B->info->logits[(size_t)t * E + e] - thr, B->sigma[e]);
             }
         }
     }
@@ -2975,7 +2999,7 @@ static void moe__router_backward_ref(moe__router_bw *B) {
     const int topk = c->routing == MOE_ROUTING_TOPK;
     const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
     const int32_t L = c->seq_len > 0 ? c->seq_len : T;
-    const int32_t nseq = T > 0 ? (T + L - 1) / L : 0;
+    const int32_t nseq = T > 0 ? 1 + (T - 1) / L : 0;   /* no T + L - 1: L may be near INT32_MAX */
     int32_t t, j, e;
     memset(B->dz, 0, (size_t)T * E * sizeof(float));
     if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
@@ -2996,9 +3020,9 @@ static void moe__router_backward_ref(moe__router_bw *B) {
 
     for (t = 0; t < T; t++) {
         const float *sc = info->scores + (size_t)t * E, *z = info->logits + (size_t)t * E;
-        float *ds = B->dscore + (size_t)t * E, *dz = B->dz + (size_t)t * E;
-        double dot = 0.0;
-        for (e = 0; e < E; e++) ds[e] = 0.0f;
+        double *ds = B->ds, dot = 0.0;
+        float *dz = B->dz + (size_t)t * E;
+        for (e = 0; e < E; e++) ds[e] = 0.0;
 
         /* gate weights -> scores (ROUTING_SPEC 13.2) */
         if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
@@ -3009,7 +3033,7 @@ static void moe__router_backward_ref(moe__router_bw *B) {
             const uint8_t *dr = info->dropped + (size_t)t * S;
             for (j = 0; j < S; j++) {
                 B->g[j] = sc[idx[j]];
-                B->dg[j] = 0.0f;
+                B->dg[j] = 0.0;
                 B->dw[j] = B->gw[(size_t)t * S + j];
                 B->m[j] = dr[j] == MOE__KEPT;
                 B->q[j] = c->normalize_after_drop ? dr[j] == MOE__KEPT : 1;
@@ -3037,17 +3061,17 @@ static void moe__router_backward_ref(moe__router_bw *B) {
                 for (e = 0; e < E; e++) ssum += sc[e];
                 if (ssum > 0.0) {
                     for (e = 0; e < E; e++) corr += B->dw[e] * (sc[e] / ssum);
-                    for (e = 0; e < E; e++) ds[e] += (float)((B->dw[e] - corr) / ssum);
+                    for (e = 0; e < E; e++) ds[e] += (B->dw[e] - corr) / ssum;
                 }
             }
         }
 
         /* scores -> (noisy) logits */
         if (c->score == MOE_SCORE_SOFTMAX) {
-            for (e = 0; e < E; e++) dot += (double)ds[e] * sc[e];
+            for (e = 0; e < E; e++) dot += ds[e] * sc[e];
             for (e = 0; e < E; e++) dz[e] = (float)(sc[e] * (ds[e] - dot));
         } else {
-            for (e = 0; e < E; e++) dz[e] = ds[e] * sc[e] * (1.0f - sc[e]);
+            for (e = 0; e < E; e++) dz[e] = (float)(ds[e] * sc[e] * (1.0 - sc[e]));
         }
         if (noisy) {                 /* H = z + N sigma: dsigma = dH * N */
             float *dsig = B->dsig + (size_t)t * E;
@@ -3060,8 +3084,10 @@ static void moe__router_backward_ref(moe__router_bw *B) {
                 thr_in = B->H[B->top[K]];
                 for (e = 0; e < E; e++) {
                     const int32_t k = B->H[e] > thr_in ? B->top[K] : B->top[K - 1];
-                    const double u = ((double)z[e] - B->H[k]) / B->sigma[e];
-                    const double cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
+                    double u, cf;
+                    if (!(B->sigma[e] > 0.0f)) continue;     /* a step: no gradient */
+                    u = ((double)z[e] - B->H[k]) / B->sigma[e];
+                    cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
                     dz[e] += (float)cf;
                     dsig[e] += (float)(-cf * u);
                     dz[k] += (float)(-cf);
@@ -3238,6 +3264,10 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
+    /* recompute reruns the forward's expert FFNs, from w.packed where the
+       forward would: the same check as moe_forward's */
+    if (c.recompute && w->packed && c.isa != MOE_ISA_REFERENCE && !moe__pack_check(&c, w->packed))
+        return MOE_STATUS_BAD_PACKED;
     if (T > 0 && (st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
     if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;
@@ -3385,12 +3415,12 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E;
             B.K = c.routing == MOE_ROUTING_TOPK ? c.top_k : E;
             B.gw = gw; B.noise_samples = noise_samples;
-            B.dscore = dscore; B.dz = MOE__AT(b, L.dz, float);
+            B.dz = MOE__AT(b, L.dz, float);
             B.dsig = noisy ? MOE__AT(b, L.dsig, float) : NULL;
             B.val = MOE__AT(b, L.bw_d, double); B.dval = B.val + 2 * E;
-            B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E;
+            B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E; B.ds = B.val + 6 * E; B.dg = B.val + 7 * E;
             B.m = MOE__AT(b, L.bw_u8, uint8_t); B.q = B.m + E;
-            B.g = MOE__AT(b, L.bw_f, float); B.dg = B.g + E; B.dw = B.g + 2 * E;
+            B.g = MOE__AT(b, L.bw_f, float); B.dw = B.g + 2 * E;
             B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
             B.top = MOE__AT(b, L.small_i, int32_t);
             /* the router input the forward saw (x * jitter), built once */
@@ -3454,8 +3484,9 @@ static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor
     MOE__T(g->router, E * D, D, D, E, 0);
     MOE__T(g->router_bias, E, 1, D, E, 1);
     MOE__T(g->router_noise, E * D, D, D, E, 0);
-    /* fused GLU: gate is [E][2F][D], one stream per expert covering both halves */
-    MOE__T(g->gate, E * (glu && g->gate_up_fused ? 2 : 1) * F * D, (glu && g->gate_up_fused ? 2 : 1) * F * D, D, F, 0);
+    /* fused: gate is [E][2F][D] (the layer reads it with that stride whatever
+       the activation), one stream per expert covering both halves */
+    MOE__T(g->gate, E * (g->gate_up_fused ? 2 : 1) * F * D, (g->gate_up_fused ? 2 : 1) * F * D, D, F, 0);
     MOE__T(glu && !g->gate_up_fused ? g->up : NULL, E * F * D, F * D, D, F, 0);
     MOE__T(g->down, E * D * F, D * F, F, D, 0);
     MOE__T(g->gate_bias, E * F, F, D, F, 1);

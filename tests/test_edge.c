@@ -4,10 +4,9 @@
    Bad-input statuses are in test_misuse.c; this file is about valid calls
    with awkward numbers: overflow to Inf, ties, huge and denormal values,
    K = E, E = 1, tokens no expert takes, and capacity far below demand.
-   Known moe.h bugs found by the fuzzer have tests here that build only with
-   -DMOE_TEST_KNOWN_BUGS (they fail until moe.h is fixed; two of them need
-   the sanitizers: build the suite as `make check` does, plus -mavx2 -mfma
-   for the packed one). */
+   The last tests are regressions of moe.h bugs the fuzzer found (fixed in
+   0.3.1); two of them need the sanitizers to fail (`make check` runs them
+   so), the packed one a SIMD build. */
 #include "../moe.h"
 #include "moe_test.h"
 #include <float.h>
@@ -526,13 +525,12 @@ TEST(edge, tokens_far_beyond_capacity) {
     }
 }
 
-/* --- known bugs (fail until moe.h is fixed; build with -DMOE_TEST_KNOWN_BUGS) ------- */
-#ifdef MOE_TEST_KNOWN_BUGS
+/* --- regressions of fixed bugs ------------------------------------------------------ */
 /* Sigmoid scores that are denormal (logits about -93) with SUM renormalisation:
    the forward is fine (weights ~0.73 / 0.27) and the true gradient is finite
-   (|d y / d z| < 1), but the backward divides by the score sum in float and
-   returns Inf / NaN router and x gradients. */
-TEST(edge, known_bug_denormal_sigmoid_backward) {
+   (|d y / d z| < 1); the backward divided by the score sum in float and
+   returned Inf / NaN router and x gradients. */
+TEST(edge, regress_denormal_sigmoid_backward) {
     moe_config c = cfg(2, 2, 1, 1);
     edge L;
     egrad G;
@@ -550,9 +548,9 @@ TEST(edge, known_bug_denormal_sigmoid_backward) {
 }
 
 /* Shazeer noise with noise_epsilon = 0 (the paper's value) and noise logits
-   below about -104: softplus underflows, sigma = 0, and the smooth load is
-   0/0: aux_load and aux_total are NaN (tied logits) and the backward is NaN. */
-TEST(edge, known_bug_shazeer_zero_sigma) {
+   below about -104: softplus underflows, sigma = 0; the smooth load was 0/0
+   (aux_load, aux_total and the backward NaN on tied logits), now the step. */
+TEST(edge, regress_shazeer_zero_sigma) {
     moe_config c = cfg(4, 2, 1, 1);
     edge L;
     egrad G;
@@ -572,9 +570,9 @@ TEST(edge, known_bug_shazeer_zero_sigma) {
     edge_free(&L);
 }
 
-/* Logits of +-1e20 (finite): aux_z = mean LSE^2 ~ 1e40 overflows to +Inf and,
-   with every coefficient 0 (the default), aux_total = 0 * Inf = NaN. */
-TEST(edge, known_bug_aux_total_nan_with_zero_coefs) {
+/* Logits of +-1e20 (finite): aux_z = mean LSE^2 ~ 1e40 overflows to +Inf;
+   with every coefficient 0 (the default) aux_total was 0 * Inf = NaN. */
+TEST(edge, regress_aux_total_nan_with_zero_coefs) {
     moe_config c = cfg(2, 1, 1, 1);
     edge L;
     edge_init(&L, &c, 1, 140);
@@ -584,10 +582,10 @@ TEST(edge, known_bug_aux_total_nan_with_zero_coefs) {
     edge_free(&L);
 }
 
-/* moe_grads_zero / moe_grads_clip_norm ignore w.gate_up_fused: the fused gate
-   gradient is [E][2F][D] (moe_grads' comment) but only E*F*D floats are
-   zeroed, measured and clipped. */
-TEST(edge, known_bug_grads_helpers_fused_layout) {
+/* moe_grads_zero / moe_grads_clip_norm with moe_grads.gate_up_fused: the
+   fused gate gradient is [E][2F][D]; all of it is measured, clipped and
+   zeroed (they once saw E*F*D floats only). */
+TEST(edge, regress_grads_helpers_fused_layout) {
     enum { E = 2, D = 3, F = 4 };
     moe_config c = cfg(E, 1, D, F);
     float gate[E * 2 * F * D], down[E * D * F], norm = 0.0f;
@@ -597,15 +595,16 @@ TEST(edge, known_bug_grads_helpers_fused_layout) {
     for (i = 0; i < E * 2 * F * D; i++) gate[i] = 1.0f;
     memset(down, 0, sizeof down);
     g.gate = gate; g.down = down;          /* up lives in gate when fused */
+    g.gate_up_fused = 1;
     CHECK_STATUS(moe_grads_clip_norm(&c, &g, 1e9f, &norm), MOE_STATUS_OK);
     CHECK_NEAR(norm, sqrt((double)E * 2 * F * D), 1e-5, 1e-6);
     CHECK_STATUS(moe_grads_zero(&c, &g), MOE_STATUS_OK);
     for (i = 0; i < E * 2 * F * D; i++) CHECK(gate[i] == 0.0f);
 }
 
-/* cfg.seq_len = INT32_MAX is valid (one sequence), but the router backward
-   computes T + seq_len - 1 in int32: signed overflow (UBSan reports it). */
-TEST(edge, known_bug_seq_len_int32_overflow) {
+/* cfg.seq_len = INT32_MAX is valid (one sequence); the router backward once
+   computed T + seq_len - 1 in int32: signed overflow (UBSan). */
+TEST(edge, regress_seq_len_int32_overflow) {
     moe_config c = cfg(2, 1, 2, 2);
     edge L;
     egrad G;
@@ -619,10 +618,9 @@ TEST(edge, known_bug_seq_len_int32_overflow) {
 }
 
 /* moe_backward with recompute on a SIMD build reruns the experts from
-   w.packed without the check moe_forward makes: a blob packed for a smaller
-   d_ff is read out of bounds (ASan) instead of giving MOE_STATUS_BAD_PACKED
-   (or being ignored, as the cached backward ignores it). */
-TEST(edge, known_bug_backward_unchecked_packed) {
+   w.packed: a blob packed for a smaller d_ff gives MOE_STATUS_BAD_PACKED
+   (it was read out of bounds without the check moe_forward makes). */
+TEST(edge, regress_backward_unchecked_packed) {
     moe_config c = cfg(2, 1, 16, 16), small, r;
     edge L, S;
     egrad G;
@@ -642,10 +640,10 @@ TEST(edge, known_bug_backward_unchecked_packed) {
     L.w.packed = blob;
     egrad_init(&G, &L, 162);
     st = edge_backward(&L, &G);
-    CHECK(st == MOE_STATUS_BAD_PACKED || st == MOE_STATUS_OK);
+    CHECK_STATUS(st, MOE_STATUS_BAD_PACKED);
     egrad_free(&G);
     free(blob);
     edge_free(&S);
     edge_free(&L);
 }
-#endif
+

@@ -86,55 +86,8 @@ enum { MAX_T = 64, MAX_E = 16, MAX_D = 32, MAX_F = 32, MAX_FS = 32, MAX_P = 3 };
    association (accumulating GEMMs add C once at the end): 10x the forward's. */
 #define ISA_GRAD_ATOL_REL 1e-3
 #define ISA_GRAD_RTOL 1e-3
-/* Known moe.h bug 3: moe_backward with cfg.recompute = 1 on a SIMD build
-   reruns the expert FFNs from w.packed without the check moe_forward does
-   (MOE_STATUS_BAD_PACKED): a blob packed for another shape is read out of
-   bounds. While FUZZ_KNOWN_BACKWARD_PACKED is 1 that call is not made. */
-#ifndef FUZZ_KNOWN_BACKWARD_PACKED
-#define FUZZ_KNOWN_BACKWARD_PACKED 1
-#endif
-/* Known moe.h bug 5: moe_grads_clip_norm / moe_grads_zero / moe_init_weights
-   take only cfg and the moe_grads, so they assume the unfused layout: with
-   w.gate_up_fused the gate gradient is [E][2F][D] (moe_grads' own comment)
-   and they see its first E*F*D floats only (norm, clip, zero, init of half
-   the tensor). While FUZZ_KNOWN_GRADS_FUSED is 1 they are not checked on
-   fused layers. */
-#ifndef FUZZ_KNOWN_GRADS_FUSED
-#define FUZZ_KNOWN_GRADS_FUSED 1
-#endif
-/* Known moe.h bug 4: the router backward computes (T + seq_len - 1) in
-   int32: cfg.seq_len near INT32_MAX (valid) overflows (UBSan). While
-   FUZZ_KNOWN_SEQLEN_OVERFLOW is 1 the largest decoded seq_len is
-   INT32_MAX - MAX_T instead of INT32_MAX. */
-#ifndef FUZZ_KNOWN_SEQLEN_OVERFLOW
-#define FUZZ_KNOWN_SEQLEN_OVERFLOW 1
-#endif
-
-/* Known moe.h bug (reported with issue 8, reproducer in the hardening
-   report): with sigmoid scores, the backward of the gate-weight
-   normalisation and of the sigmoid balance losses divides by the sum of the
-   scores in float before multiplying by s (1 - s); when that sum is tiny
-   (logits below about -87, denormal scores) the intermediate overflows to
-   Inf and dz / dx / d_router become Inf or NaN although the true gradient
-   is finite. While FUZZ_KNOWN_SIGMOID_UNDERFLOW is 1, the gradient
-   finiteness property (P3) is not asserted for inputs where some token's
-   sigmoid score sums fall below SIGMOID_TINY; set it to 0 once moe.h is
-   fixed. */
-#ifndef FUZZ_KNOWN_SIGMOID_UNDERFLOW
-#define FUZZ_KNOWN_SIGMOID_UNDERFLOW 1
-#endif
-#define SIGMOID_TINY 1e-20
-/* Known moe.h bug 2: Shazeer noise with noise_epsilon = 0 (the paper's
-   value) and a noise logit x.W_noise below about -87: softplus underflows,
-   sigma = 0, and the smooth load divides by it: aux_load (and so aux_total,
-   even with load_coef = 0) is NaN on tied logits, and the backward's load
-   term is NaN. While FUZZ_KNOWN_SHAZEER_ZERO_SIGMA is 1, finiteness of the
-   aux values and gradients is not asserted when some noise logit can fall
-   below NOISE_LOGIT_LOW. */
-#ifndef FUZZ_KNOWN_SHAZEER_ZERO_SIGMA
-#define FUZZ_KNOWN_SHAZEER_ZERO_SIGMA 1
-#endif
-#define NOISE_LOGIT_LOW (-80.0)
+/* Inputs that once exposed moe.h bugs (fixed in 0.3.1) or harness false
+   alarms stay in the seed corpus as tests/fuzz/corpus/regress_*. */
 
 /* --- byte reader ----------------------------------------------------------- */
 
@@ -448,7 +401,7 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
         c->slots_per_expert = h[H_P] >= 240 ? -1 : h[H_P] % (MAX_P + 1);
         if (h[H_SEQLEN] >= 240) c->seq_len = -1;
         else if (h[H_SEQLEN] >= 232)   /* near the int32 limit: valid, one sequence */
-            c->seq_len = (FUZZ_KNOWN_SEQLEN_OVERFLOW ? 2147483647 - MAX_T : 2147483647) - (h[H_SEQLEN] & 1);
+            c->seq_len = 2147483647 - (h[H_SEQLEN] & 1);
         else c->seq_len = h[H_SEQLEN] % (k->T > 0 ? k->T + 2 : 2);
         c->shared_gate = (h[H_FLAGS] & F_SHARED_GATE) && (c->shared_d_ff > 0 || h[H_FS] >= 230);
     }
@@ -777,6 +730,7 @@ static void grads_alloc(gradbuf *b, const fcase *k) {
     slot[15] = &b->g.shared_expert_gate; slot[16] = &b->g.soft_phi; slot[17] = &b->g.soft_scale;
     for (i = 0; i < NG; i++) { b->p[i] = (float *)xcalloc(b->n[i], sizeof(float)); *slot[i] = b->p[i]; }
     if (k->fused) b->g.up = NULL;
+    b->g.gate_up_fused = k->fused;   /* the helpers then see the whole [E][2F][D] gate */
     b->ndx = k->Tn * D;
     b->dx = (float *)xmalloc(b->ndx * sizeof(float));
     if (b->ndx) memset(b->dx, 0x7f, b->ndx * sizeof(float));   /* overwritten on OK */
@@ -927,44 +881,6 @@ static void check_routing(const fcase *k, const moe_config *rc, const moe_info *
 static int info_scalars_finite(const moe_info *in) {
     return finite_f(in->aux_balance) && finite_f(in->aux_z) && finite_f(in->aux_importance) &&
            finite_f(in->aux_load) && finite_f(in->aux_seq) && finite_f(in->aux_total);
-}
-
-/* Does the known sigmoid-underflow bug apply (see FUZZ_KNOWN_SIGMOID_UNDERFLOW)? */
-static int sigmoid_underflow(const moe_config *rc, const moe_info *in, int32_t T) {
-    const int32_t E = rc->num_experts, S = moe_routing_slots(rc);
-    int32_t t, j, e;
-    if (!FUZZ_KNOWN_SIGMOID_UNDERFLOW || rc->score != MOE_SCORE_SIGMOID || rc->routing == MOE_ROUTING_SOFT) return 0;
-    for (t = 0; t < T; t++) {
-        double all = 0.0, sel = 0.0;
-        for (e = 0; e < E; e++) all += in->scores[(size_t)t * E + e];
-        for (j = 0; j < S; j++) {
-            e = in->expert[(size_t)t * S + j];
-            if (e >= 0) sel += in->scores[(size_t)t * E + e];
-        }
-        if (all < SIGMOID_TINY || sel < SIGMOID_TINY) return 1;
-    }
-    return 0;
-}
-
-/* Does the known zero-sigma bug apply (see FUZZ_KNOWN_SHAZEER_ZERO_SIGMA)?
-   A lower bound of every noise logit, jitter included. */
-static int shazeer_zero_sigma(const fcase *k, const moe_config *rc) {
-    const size_t D = k->D, E = k->E;
-    const double j = rc->training ? rc->jitter : 0.0;
-    size_t t, e, d;
-    if (!FUZZ_KNOWN_SHAZEER_ZERO_SIGMA || rc->noise != MOE_NOISE_SHAZEER || !rc->training ||
-        rc->noise_epsilon != 0.0f)
-        return 0;
-    for (t = 0; t < k->Tn; t++)
-        for (e = 0; e < E; e++) {
-            double lo = 0.0;
-            for (d = 0; d < D; d++) {
-                const double p = (double)k->t[X_X][t * D + d] * (double)k->t[X_RNOISE][e * D + d];
-                lo += p < 0.0 ? p * (1.0 + j) : p * (1.0 - j);
-            }
-            if (lo < NOISE_LOGIT_LOW) return 1;
-        }
-    return 0;
 }
 
 /* The router inputs a successful call must have found finite (P3). */
@@ -1277,7 +1193,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
             REQUIRE(all_finite(ref.y, ny));
             REQUIRE(all_finite(in->scores, ref.ib.TR) && all_finite(in->weight, ref.ib.TS));
             REQUIRE(!ref.ib.soft || all_finite(in->dispatch, ref.ib.TR));
-            if (!shazeer_zero_sigma(k, &rc)) REQUIRE(info_scalars_finite(in));
+            REQUIRE(info_scalars_finite(in));
         }
         /* P4: a second run on a workspace full of other garbage */
         again.y = (float *)xmalloc(ny * sizeof(float));
@@ -1336,7 +1252,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
             else REQUIRE(st == MOE_STATUS_MISSING_CACHE);
             if (st == MOE_STATUS_OK) {
                 have_bwd = 1;
-                if (!k->special && !sigmoid_underflow(&rc, &bound, k->T) && !shazeer_zero_sigma(k, &rc))
+                if (!k->special)
                     REQUIRE(grads_finite(&gref));
                 /* determinism: other garbage in the workspace */
                 grads_alloc(&g2, k);
@@ -1347,7 +1263,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
                 grads_alloc(&g2, k);
                 REQUIRE(moe_backward_alloc(&c, &k->w, k->t[X_X], k->T, &bound, k->t[X_DY], g2.dx, &g2.g) == MOE_STATUS_OK);
                 REQUIRE(grads_same(&gref, &g2));
-                if (!(FUZZ_KNOWN_GRADS_FUSED && k->fused)) grad_helpers(k, &c, &g2);
+                grad_helpers(k, &c, &g2);
                 grads_free(&g2);
                 /* the separately allocated info of the first forward */
                 grads_alloc(&g2, k);
@@ -1461,7 +1377,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
             REQUIRE(moe_backward_workspace_size(&ci, k->T, &bneed) == MOE_STATUS_OK);
             grads_alloc(&gi, k);
             REQUIRE(bwd(k, &ci, &bi, &gi, bneed, 0x00) == MOE_STATUS_OK);
-            if (!k->special && !sigmoid_underflow(&rci, &bi, k->T) && !shazeer_zero_sigma(k, &rci))
+            if (!k->special)
                 REQUIRE(grads_finite(&gi));
             if (all_same && grads_finite(&gref) && grads_finite(&gi) && !relu_ambiguous(&rci, &bi, k->T) &&
                 !relu_ambiguous(&rc, &bound, k->T)) {
@@ -1474,8 +1390,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
             grads_free(&g2);
             /* w.packed: the backward reads the plain tensors (recompute: the
                panels, which hold the same numbers) */
-            if (k->pack_mode != PK_NONE && k->missing < 0 &&
-                !(FUZZ_KNOWN_BACKWARD_PACKED && k->pack_mode == PK_BAD && rci.recompute)) {
+            if (k->pack_mode != PK_NONE && k->missing < 0) {
                 moe_status st;
                 grads_alloc(&g2, k);
                 st = bwd_w(k, &k->wp, &ci, &bi, &g2, bneed, 0x88);
@@ -1681,21 +1596,21 @@ static int make_seeds(const char *dir) {
     s.h[H_MODE] = VC_SPECIAL; s.h[H_SCORE] = 1; poke(&s, X_X, 2, V_HUGE); poke(&s, X_DOWN, 0, V_NAN);
     s.h[H_FLAGS] = F_TRAINING;
     bad |= write_seed(dir, &s);
-    /* the known moe.h bugs (FUZZ_KNOWN_*): denormal sigmoid scores, Shazeer
-       noise with sigma = 0, a backward that reads an unchecked w.packed;
-       build with -DFUZZ_KNOWN_...=0 to see them */
-    seed_base(&s, "known_sigmoid_underflow", 3, 2, 2, 24, 3);
+    /* regressions of fixed moe.h bugs: denormal sigmoid scores, Shazeer
+       noise with sigma = 0, a backward that read an unchecked w.packed,
+       seq_len near INT32_MAX */
+    seed_base(&s, "regress_sigmoid_underflow", 3, 2, 2, 24, 3);
     s.h[H_SCORE] = 1; s.h[H_FLAGS] = F_TRAINING;
     s.fills[2 * X_X] = 1; s.fills[2 * X_X + 1] = 4 << 2;             /* x = 4       */
     s.fills[2 * X_ROUTER] = 1; s.fills[2 * X_ROUTER + 1] = 2 << 2;   /* router = -1 */
     bad |= write_seed(dir, &s);
-    seed_base(&s, "known_backward_stale_packed", 6, 3, 1, 8, 6);   /* bug 3: recompute + w.packed of d_ff 5 */
+    seed_base(&s, "regress_backward_stale_packed", 6, 3, 1, 8, 6);   /* recompute + w.packed of d_ff 5 */
     s.h[H_FLAGS] = F_TRAINING | F_RECOMPUTE; s.h[H_PACK] = PK_BAD | 8;
     bad |= write_seed(dir, &s);
-    seed_base(&s, "known_seq_len_overflow", 4, 4, 2, 4, 3);   /* bug 4: seq_len near INT32_MAX */
+    seed_base(&s, "regress_seq_len_overflow", 4, 4, 2, 4, 3);   /* seq_len near INT32_MAX */
     s.h[H_FLAGS] = F_TRAINING; s.h[H_SEQLEN] = 232; s.h[H_CAP] = 232; s.h[H_SEQ] = 2;
     bad |= write_seed(dir, &s);
-    seed_base(&s, "known_shazeer_zero_sigma", 4, 4, 2, 8, 3);
+    seed_base(&s, "regress_shazeer_zero_sigma", 4, 4, 2, 8, 3);
     s.h[H_NOISE] = 1; s.h[H_LOAD] = 4; s.h[H_FLAGS] = F_TRAINING;
     s.fills[2 * X_X] = 1; s.fills[2 * X_X + 1] = 4 << 2;             /* x = 4             */
     s.fills[2 * X_RNOISE] = 1; s.fills[2 * X_RNOISE + 1] = 5 << 2;   /* router_noise = -4 */
