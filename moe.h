@@ -1358,12 +1358,29 @@ static int32_t moe__capacity_of(const moe_config *c, int32_t T) {
 // Workspace layout: one function computes every offset, so the size query and
 // the kernels cannot disagree (miniaudio's _get_heap_size pattern).
 
+/* Top-k routing runs token chunks as parallel tasks. The chunking depends on
+   T only (at most MOE__ROUTE_CHUNKS chunks of >= MOE__ROUTE_MIN_TOKENS), and
+   the per-chunk Shazeer sums are added in chunk order: the same bits for
+   any thread count. A chunk's scratch, in doubles: imp [2E], then the
+   token's key [2E], small_f [2E + 2] (floats) and small_i [2E + 2] (int32). */
+#define MOE__ROUTE_CHUNKS 32
+#define MOE__ROUTE_MIN_TOKENS 32
+static int32_t moe__route_nchunk(size_t T) {
+    const size_t n = (T + MOE__ROUTE_MIN_TOKENS - 1) / MOE__ROUTE_MIN_TOKENS;
+    return (int32_t)(n < MOE__ROUTE_CHUNKS ? n : MOE__ROUTE_CHUNKS);
+}
+static size_t moe__route_chunk_doubles(int32_t E) {
+    const size_t e = (size_t)(E > 0 ? E : 0);
+    return 2 * e + (2 * e + (2 * e + 2) + (2 * e + 2) + 1) / 2;   /* 4-byte items, rounded up */
+}
+
 typedef struct moe__layout {
     int32_t R, S, C;      /* router columns, slots per token, capacity        */
     int64_t N;            /* rows the grouped FFN may see                     */
     /* routing (moe_route and moe_forward) */
     size_t scores, dispatch, expert, weight, dropped, routed, kept; /* info arrays */
     size_t key, order, order_tmp, small_i, small_f, count, imp;      /* scratch */
+    size_t route_chunks;  /* per-chunk scratch of the token-parallel top-k    */
     /* forward only */
     size_t logits, noise_logits, xr, slot_norm;
     size_t pair_row, offsets, row_pair, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
@@ -1409,6 +1426,8 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
     L->small_f   = moe__reserve(&t, 2 * E + 2, sizeof(float), &ok);
     L->count     = moe__reserve(&t, E, sizeof(int32_t), &ok);
     L->imp       = moe__reserve(&t, 2 * E, sizeof(double), &ok);
+    L->route_chunks = moe__reserve(&t, (size_t)moe__route_nchunk(nT) * moe__route_chunk_doubles(E),
+                                   sizeof(double), &ok);
     if (mode >= MOE__PLAN_FORWARD) {
         /* the backward always rebuilds the router input x * U here */
         int jitter = (c->training && c->jitter > 0.0f) || mode == MOE__PLAN_BACKWARD;
@@ -1495,7 +1514,15 @@ typedef struct moe__router {
     float *small_f;             /* scratch: 2E + 2                            */
     int32_t *count;             /* scratch: E                                 */
     double *imp;                /* [2E]: Shazeer importance, then load        */
+    double *chunks;             /* token-chunk scratch (moe__route_nchunk)    */
 } moe__router;
+
+/* The scratch one token's top-k routing writes (one set per token chunk). */
+typedef struct moe__token_scratch {
+    float *key, *small_f;       /* [2E], [2E + 2]                             */
+    int32_t *small_i;           /* [2E + 2]                                   */
+    double *imp;                /* [2E]: this chunk's importance and load     */
+} moe__token_scratch;
 
 /* Score row: p = softmax(z) or s = sigmoid(z). */
 static void moe__score_row(moe_score_func f, float *out, const float *z, int32_t n) {
@@ -1549,14 +1576,14 @@ static void moe__noisy_logits(const moe_config *c, int32_t t, const float *z, co
 
 /* Token t of top-k routing: noisy logits, scores, (group-limited) top-k,
    second-expert policy, pre-capacity weights and the Shazeer statistics.  */
-static void moe__route_token_topk(moe__router *r, int32_t t) {
+static void moe__route_token_topk(const moe__router *r, const moe__token_scratch *x, int32_t t) {
     const moe_config *c = r->c;
     const int32_t E = c->num_experts, K = c->top_k, S = r->S;
     const float *z = r->logits + (size_t)t * (size_t)E;
     float *sc = r->res->scores + (size_t)t * (size_t)E;
     int32_t *idx = r->res->expert + (size_t)t * (size_t)S;
     float *w = r->res->weight + (size_t)t * (size_t)S;
-    float *H = r->key, *sel = r->key + E, *sigma = r->small_f + E, *g = r->small_f;
+    float *H = x->key, *sel = x->key + E, *sigma = x->small_f + E, *g = x->small_f;
     const int noisy = c->noise == MOE_NOISE_SHAZEER && c->training;
     int32_t e, j;
 
@@ -1569,8 +1596,8 @@ static void moe__route_token_topk(moe__router *r, int32_t t) {
     for (e = 0; e < E; e++) sel[e] = sc[e] + (r->sel_bias ? r->sel_bias[e] : 0.0f);
     if (c->n_group > 1) {
         const int32_t G = c->n_group, gsz = E / G;
-        int32_t gi, *top = r->small_i, *kept = r->small_i + E;
-        float *gscore = r->small_f;   /* reused: g[] is filled only after this */
+        int32_t gi, *top = x->small_i, *kept = x->small_i + E;
+        float *gscore = x->small_f;   /* reused: g[] is filled only after this */
         for (gi = 0; gi < G; gi++) {  /* group score = sum of its top-n keys */
             moe__topk_ref(sel + gi * gsz, gsz, c->group_score_top, top);
             gscore[gi] = 0.0f;
@@ -1612,19 +1639,19 @@ static void moe__route_token_topk(moe__router *r, int32_t t) {
     }
     for (j = 0; j < K; j++) {
         w[j] *= c->routed_scale;
-        r->imp[idx[j]] += w[j];                           /* Shazeer importance */
+        x->imp[idx[j]] += w[j];                           /* Shazeer importance */
     }
 
     /* Shazeer smooth load: P(t,e) = Phi((z_e - threshold) / sigma_e), where the
        threshold is the K-th largest H excluding e (t2t _prob_in_top_k).    */
     if (noisy && K < E) {
-        int32_t *top = r->small_i;
+        int32_t *top = x->small_i;
         float thr_in, thr_out;
         moe__topk_ref(H, E, K + 1, top);
         thr_in = H[top[K]]; thr_out = H[top[K - 1]];
         for (e = 0; e < E; e++) {
             float thr = H[e] > thr_in ? thr_in : thr_out;
-            r->imp[E + e] += moe__load_prob((double)z[e] - thr, sigma[e]);
+            x->imp[E + e] += moe__load_prob((double)z[e] - thr, sigma[e]);
         }
     }
 }
@@ -1675,12 +1702,37 @@ static void moe__apply_capacity(moe__router *r) {
         }
 }
 
-/* Top-k routing of all tokens, then capacity and the final weights. */
+static moe__token_scratch moe__token_scratch_of(const moe__router *r, int32_t chunk) {
+    const int32_t E = r->c->num_experts;
+    double *base = r->chunks + (size_t)chunk * moe__route_chunk_doubles(E);
+    moe__token_scratch x;
+    x.imp = base;
+    x.key = (float *)(void *)(base + 2 * (size_t)E);
+    x.small_f = x.key + 2 * (size_t)E;
+    x.small_i = (int32_t *)(void *)(x.small_f + 2 * (size_t)E + 2);
+    return x;
+}
+static void moe__route_chunk_task(void *arg, int32_t chunk) {
+    const moe__router *r = (const moe__router *)arg;
+    const int32_t n = moe__route_nchunk((size_t)r->T), E = r->c->num_experts;
+    const int32_t t0 = (int32_t)((int64_t)r->T * chunk / n), t1 = (int32_t)((int64_t)r->T * (chunk + 1) / n);
+    const moe__token_scratch x = moe__token_scratch_of(r, chunk);
+    int32_t t, e;
+    for (e = 0; e < 2 * E; e++) x.imp[e] = 0.0;
+    for (t = t0; t < t1; t++) moe__route_token_topk(r, &x, t);
+}
+
+/* Top-k routing of all tokens (token chunks in parallel), then capacity and
+   the final weights. */
 static void moe__route_topk(moe__router *r) {
     const moe_config *c = r->c;
-    const int32_t T = r->T, S = r->S;
-    int32_t t, j;
-    for (t = 0; t < T; t++) moe__route_token_topk(r, t);
+    const int32_t T = r->T, S = r->S, E = c->num_experts, nchunk = moe__route_nchunk((size_t)T);
+    int32_t t, j, q, e;
+    moe__parallel_for(c, nchunk, moe__route_chunk_task, r, (double)T * E * (8.0 + c->top_k));
+    for (q = 0; q < nchunk; q++) {          /* Shazeer sums in chunk order */
+        const double *imp = moe__token_scratch_of(r, q).imp;
+        for (e = 0; e < 2 * E; e++) r->imp[e] += imp[e];
+    }
     if (r->C > 0) moe__apply_capacity(r);
     for (t = 0; t < T; t++) {
         int32_t *idx = r->res->expert + (size_t)t * S;
@@ -2530,6 +2582,7 @@ static void moe__router_init(moe__router *r, const moe_config *c, const moe__lay
     r->small_f = MOE__AT(b, L->small_f, float);
     r->count = MOE__AT(b, L->count, int32_t);
     r->imp = MOE__AT(b, L->imp, double);
+    r->chunks = MOE__AT(b, L->route_chunks, double);
 }
 
 /* Copy a finished routing result to the caller's info: arrays it asked for,

@@ -250,3 +250,56 @@ TEST(determinism, random_routing_independent_of_batch_size) {
         free(x2); free(y1); free(y2); tlayer_free(&L);
     }
 }
+
+/* Token-parallel top-k routing (moe__route_topk runs token chunks as tasks):
+   a batch big enough to go parallel gives the same routing, Shazeer
+   importance / load and output bitwise, whether the chunks run serially, in
+   reverse order through cfg.parallel_for, or on the default pool. */
+static void reverse_pool(void *user, int32_t n, moe_task_fn fn, void *arg) {
+    int32_t i;
+    (void)user;
+    for (i = n - 1; i >= 0; i--) fn(arg, i);
+}
+TEST(determinism, parallel_routing_any_schedule) {
+    enum { BT = 4096, BE = 64, BK = 6, BD = 4, BF = 2 };
+    moe_config c;
+    moe_weights w;
+    moe_info in[3];
+    void *ib[3];
+    float *y[3];
+    float *x, *router, *noise, *gate, *up, *down;
+    uint32_t s = 4242u;
+    size_t ibytes = 0;
+    int k;
+    memset(&c, 0, sizeof c);
+    c.num_experts = BE; c.top_k = BK; c.d_model = BD; c.d_ff = BF;
+    c.training = 1; c.seed = 99u; c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 0.01f;
+    c.importance_coef = 0.1f; c.load_coef = 0.1f; c.balance_coef = 0.01f; c.capacity_factor = 0.5f;
+    x = rnd((size_t)BT * BD, &s); router = rnd((size_t)BE * BD, &s); noise = rnd((size_t)BE * BD, &s);
+    gate = rnd((size_t)BE * BF * BD, &s); up = rnd((size_t)BE * BF * BD, &s); down = rnd((size_t)BE * BD * BF, &s);
+    memset(&w, 0, sizeof w);
+    w.router = router; w.router_noise = noise; w.gate = gate; w.up = up; w.down = down;
+    CHECK_STATUS(moe_info_size(&c, BT, &ibytes), MOE_STATUS_OK);
+    for (k = 0; k < 3; k++) {
+        moe_config ck = c;
+        if (k == 0) ck.num_threads = 1;
+        if (k == 1) ck.parallel_for = reverse_pool;
+        y[k] = (float *)malloc((size_t)BT * BD * sizeof(float));
+        ib[k] = malloc(ibytes);
+        memset(&in[k], 0, sizeof in[k]);
+        CHECK_STATUS(moe_info_bind(&ck, BT, &in[k], ib[k], ibytes), MOE_STATUS_OK);
+        CHECK_STATUS(moe_forward_alloc(&ck, &w, x, BT, y[k], &in[k]), MOE_STATUS_OK);
+    }
+    CHECK(in[0].aux_importance > 0.0f && in[0].aux_load > 0.0f && in[0].dropped_pairs > 0);
+    for (k = 1; k < 3; k++) {
+        CHECK(memcmp(y[0], y[k], (size_t)BT * BD * sizeof(float)) == 0);
+        CHECK(memcmp(in[0].expert, in[k].expert, (size_t)BT * BK * sizeof(int32_t)) == 0);
+        CHECK(memcmp(in[0].weight, in[k].weight, (size_t)BT * BK * sizeof(float)) == 0);
+        CHECK(memcmp(in[0].dropped, in[k].dropped, (size_t)BT * BK) == 0);
+        CHECK(memcmp(&in[0].aux_importance, &in[k].aux_importance, sizeof(float)) == 0);
+        CHECK(memcmp(&in[0].aux_load, &in[k].aux_load, sizeof(float)) == 0);
+        CHECK(memcmp(&in[0].aux_total, &in[k].aux_total, sizeof(float)) == 0);
+    }
+    for (k = 0; k < 3; k++) { free(y[k]); free(ib[k]); }
+    free(x); free(router); free(noise); free(gate); free(up); free(down);
+}
