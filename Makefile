@@ -143,6 +143,12 @@ bench: $(BUILD)/moe_bench
 bench-peers:
 	bench/run_bench.sh 1024 $(BUILD)/bench.json
 
+# roofline SVG of that JSON (python3 stdlib): build/roofline.svg
+.PHONY: bench-plot
+bench-plot:
+	@test -f $(BUILD)/bench.json || { echo "no $(BUILD)/bench.json: run make bench-peers first"; exit 1; }
+	$(PYTHON) bench/plot_roofline.py $(BUILD)/bench.json $(BUILD)/roofline.svg
+
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
 golden:
 	$(PYTHON) -m pip install -q -r tests/ref/requirements.txt
