@@ -909,8 +909,10 @@ static moe__vf moe__v_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u3
 
 #if defined(__GNUC__) || defined(__clang__)
 #  define MOE__UNROLL _Pragma("GCC unroll 16")
+#  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% on AVX2 (loop overhead) */
 #else
 #  define MOE__UNROLL
+#  define MOE__UNROLL_K
 #endif
 
 #if MOE__HAS_SIMD
@@ -937,6 +939,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, con
         c0[i] = moe__v_zero();
         c1[i] = moe__v_zero();
     }
+    MOE__UNROLL_K
     for (k = 0; k < K; k++) {
         const size_t bk = (size_t)k * ldb;
         const moe__vf b0 = bf16 ? moe__v_load_bf16((const uint16_t *)B + bk) : moe__v_load((const float *)B + bk);
@@ -2111,7 +2114,7 @@ typedef struct moe__packed_job {
     int32_t *panels_per_task;       /* [n_sets]                              */
 } moe__packed_job;
 
-#define MOE__ROW_BLOCK (4 * MOE__MR)
+#define MOE__ROW_BLOCK (12 * MOE__MR)   /* rows per task: B panels are streamed once per block (memory-bound below ~100 rows) */
 
 static void moe__packed_task(void *arg, int32_t task) {
     const moe__packed_job *J = (const moe__packed_job *)arg;
