@@ -298,6 +298,13 @@ TEST(ep, bitwise_drop_policies) {       /* BPR, weight, normalize after drop, GS
     ep_check(&c, 33, 2, 0, 0);
 }
 
+TEST(ep, bitwise_importance_load) {     /* Shazeer importance and load CV^2, without noise */
+    moe_config c = ep_small(moe_preset_mixtral(), 8, 2);
+    c.importance_coef = 0.1f; c.load_coef = 0.1f; c.balance_coef = 0.0f;
+    ep_check(&c, 37, 2, 0, 1);
+    ep_check(&c, 37, 4, 0, 0);
+}
+
 TEST(ep, bitwise_training_extras) {     /* expert dropout, warm-up noise, biases, GELU */
     moe_config c = ep_small(moe_preset_mixtral(), 4, 2);
     c.expert_dropout = 0.3f; c.router_noise_std = 0.5f; c.router_bias = 1; c.expert_bias = 1;
