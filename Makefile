@@ -131,6 +131,28 @@ tour-svgs: $(BUILD)/tour
 run: $(BUILD)/mixtral_demo
 	./$(BUILD)/mixtral_demo
 
+# Expert parallelism over MPI (examples/moe_mpi.c, Open MPI): test-mpi runs
+# the bitwise check against moe_forward/moe_backward on 1, 2 and 4 ranks
+# (last line "N passed, N failed"); bench-mpi times a mid-size layer
+# (SIMD kernels, one thread per rank) on the same rank counts.
+MPICC  ?= mpicc
+MPIRUN ?= mpirun --oversubscribe --allow-run-as-root
+MPI_BENCH ?= 512 1024 8 2 512 9
+$(BUILD)/moe_mpi: examples/moe_mpi.c moe.h | $(BUILD)
+	$(MPICC) -std=c99 $(WARN) -O2 -o $@ examples/moe_mpi.c $(LDLIBS)
+
+$(BUILD)/moe_mpi_bench: examples/moe_mpi.c moe.h | $(BUILD)
+	$(MPICC) -std=c99 $(WARN) -O2 $(HOST_SIMD) -o $@ examples/moe_mpi.c $(LDLIBS)
+
+test-mpi: $(BUILD)/moe_mpi
+	tests/run_suites.sh "$(MPIRUN) -np 1 ../$(BUILD)/moe_mpi" "$(MPIRUN) -np 2 ../$(BUILD)/moe_mpi" \
+	    "$(MPIRUN) -np 4 ../$(BUILD)/moe_mpi"
+
+bench-mpi: $(BUILD)/moe_mpi_bench
+	for p in 1 2 4; do $(MPIRUN) -np $$p ./$(BUILD)/moe_mpi_bench --bench $(MPI_BENCH) || exit 1; done
+
+.PHONY: test-mpi bench-mpi
+
 # Benchmarks (bench/RESULTS.md records the figures with their commands).
 $(BUILD)/moe_bench: bench/moe_bench.c moe.h | $(BUILD)
 	$(CC) -std=c99 $(WARN) -O2 $(SIMD_FLAGS) -o $@ bench/moe_bench.c $(LDLIBS)

@@ -49,12 +49,12 @@
      1. Declarations: version, status codes, enums, moe_config, moe_weights,
         moe_grads, moe_info, then the API in pipeline order:
         config -> packing -> capacity -> routing (moe_route) -> forward ->
-        backward -> training helpers -> bias update.
+        backward -> expert parallelism (moe_ep_*) -> bias update.
      2. Implementation (MOE_IMPLEMENTATION): helpers, RNG, activations,
         top-k, the reference GEMMs, the SIMD micro-kernel and threads,
         config, workspace layout, routing, aux losses, dispatch, packed
         panels, expert FFNs, combine, public functions, the backward pass,
-        training helpers.
+        the expert-parallel plan, training helpers.
      TOUR: docs/TOUR.md walks through all of it with worked numbers.
      3. License.
 
@@ -84,6 +84,20 @@
      scores, weights and losses are float; the library has no bf16 router),
      cfg.z_loss_coef is the router z-loss, cfg.jitter the input jitter and
      cfg.router_grad_clip clips each token's router-logit gradient.
+
+   EXPERT PARALLELISM (moe_ep_*; no MPI or NCCL inside)
+     P ranks, each with a contiguous slice of the T tokens and E/P experts.
+     moe_ep_route gives a rank its per-owner pair counts and a small vector
+     of statistics to sum over ranks; moe_ep_pack fills the send buffers
+     (pairs grouped by owner rank, then by token and slot); the owner's
+     moe_ep_expert_forward applies capacity over ALL pairs of its experts
+     (same C, same drop policy as one process over the T tokens) and runs
+     them; moe_ep_combine sums the returned rows per token in slot order.
+     The backward mirrors it (moe_ep_pack_backward, moe_ep_expert_backward,
+     moe_ep_combine_backward). Top-k routing only; with the reference ISA
+     the result is bitwise moe_forward / moe_backward on all T tokens (see
+     the section's comment for the one ordering rule). examples/moe_mpi.c
+     is an MPI transport.
 
    NaN / Inf POLICY
      The router logits are checked after the router GEMM (and the selection
@@ -162,7 +176,9 @@ extern "C" {
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
     X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1") \
     X(BAD_CACHE,          15, "moe_info holds routing no forward of this config produces (expert index out of range, unknown drop flag, too many rows)") \
-    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width")
+    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width") \
+    X(EP_UNSUPPORTED,     17, "the expert-parallel plan (moe_ep_*) supports top-k routing only, without Shazeer noise or a shared expert") \
+    X(BAD_PLAN,           18, "expert-parallel plan mismatch: need 0 <= rank < num_ranks dividing num_experts, the rank's token slice inside num_tokens (sequence-loss sequences inside one slice), and pairs/counts as moe_ep_route and moe_ep_pack produced them")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -574,6 +590,135 @@ MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w
                                      const float *x, int32_t num_tokens, const moe_info *info,
                                      const float *dy, float *dx, const moe_grads *grads);
 
+/* ---------------------------------------------------------------------------
+   Expert parallelism (EP): P ranks, each owning a contiguous slice of the T
+   tokens of a routing group (rank order = token order) and E/P experts
+   (rank r owns experts [r*E/P, (r+1)*E/P)). These calls compute what a
+   transport (MPI, NCCL, sockets) needs; moe.h itself sends nothing. Top-k
+   routing only (no Shazeer noise, no shared expert: MOE_STATUS_EP_UNSUPPORTED);
+   every drop policy, normalize_after_drop, selection bias, groups, jitter,
+   random second expert and expert dropout work, keyed by global token
+   indices so the result is the one-process result. Per layer and rank:
+     source side (its tokens)                 owner side (its experts)
+     moe_ep_route   -> send_counts[P], stats
+        (exchange counts: all-to-all; sum stats over ranks: allreduce)
+     moe_ep_pack    -> pairs + rows, grouped by owner rank
+        ------------------ all-to-all-v ------------------>
+                                              moe_ep_expert_forward: capacity
+                                              over ALL pairs of its experts,
+                                              expert FFNs -> out rows, dropped
+        <----------------- all-to-all-v (same counts, reversed)
+     moe_ep_combine -> y, final routing in info, aux losses (global)
+   Backward: moe_ep_pack_backward (dout rows) -> moe_ep_expert_backward
+   (expert weight gradients stay on the owner; dx rows) -> moe_ep_combine_backward
+   (dx, router gradients of this rank's tokens: sum them over ranks).
+   Send order: pairs grouped by owner rank; within a rank by (token, slot).
+   Counts are pairs. Sizes per layer: T*K rows of D floats each way. With
+   cfg.isa = MOE_ISA_REFERENCE, y, dx and the expert gradients are bitwise the
+   one-process moe_forward / moe_backward; router gradients are too when the
+   ranks' partial sums are chained in rank order (rank r adds its tokens onto
+   rank r-1's result); aux-loss values agree to float rounding (the stats
+   are double sums in another order).                                      */
+typedef struct moe_ep_plan {
+    int32_t num_ranks;        /* P >= 1, must divide num_experts              */
+    int32_t rank;             /* this rank, 0 <= rank < P                     */
+    int32_t num_tokens;       /* T of the whole routing group (all ranks);
+                                 capacity and aux losses are computed over it */
+    int32_t token_offset;     /* global index of this rank's first token      */
+    int32_t local_tokens;     /* T_r: this rank's tokens [offset, offset + T_r) */
+} moe_ep_plan;
+
+/* What the owner of an expert is told about one routed (token, slot) pair. */
+typedef struct moe_ep_pair {
+    int64_t token;            /* global token index t                         */
+    int32_t slot;             /* j in 0..K-1 (0 = best)                       */
+    int32_t expert;           /* global expert index                          */
+    float   weight;           /* gate weight before capacity (routed_scale in) */
+    float   priority;         /* the token's top-1 score (BPR drop order)     */
+} moe_ep_pair;
+
+/* Number of doubles in the statistics vector that every rank fills with its
+   partial sums (moe_ep_route) and that must be SUMMED over ranks (allreduce)
+   before moe_ep_combine / moe_ep_combine_backward. Its first E entries are
+   the pairs routed to each expert before capacity (the global load, e.g.
+   for moe_selection_bias_update).                                         */
+MOEDEF moe_status moe_ep_stats_count(const moe_config *cfg, int32_t *out_count);
+
+/* Workspace of the source-side calls (route, combine, combine_backward) for
+   this rank's T_r tokens.                                                 */
+MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
+                                        size_t *out_bytes);
+
+/* Router and selection of this rank's tokens x [T_r][D]: info (arrays for
+   T_r tokens; logits, scores, expert, weight, dropped required) gets the
+   routing with PRE-capacity weights; send_counts [P] the pairs for each
+   owner rank; stats [moe_ep_stats_count] this rank's partial sums.         */
+MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, const moe_ep_plan *plan,
+                               const float *x, moe_info *info, int32_t *send_counts, double *stats,
+                               void *workspace, size_t workspace_bytes);
+
+/* Gather the send buffers in send order: pairs [n_send] and token rows
+   send_rows [n_send][D], n_send = sum of send_counts (checked against info). */
+MOEDEF moe_status moe_ep_pack(const moe_config *cfg, const moe_ep_plan *plan, const float *x,
+                              const moe_info *info, const int32_t *send_counts,
+                              moe_ep_pair *send_pairs, float *send_rows);
+
+/* Owner side. w holds this rank's E/P experts only (gate/up [E/P][F][D],
+   down [E/P][D][F], biases likewise; router unused; w.packed ignored).
+   pairs/x: the num_recv received pairs and rows as the all-to-all delivers
+   them (source ranks in rank order). One workspace size serves forward and
+   backward.                                                               */
+MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
+                                               int32_t num_recv, size_t *out_bytes);
+/* Capacity over all pairs of the owned experts (C of the global T, the
+   config's drop policy), then the expert FFNs. out [num_recv][D] in arrival
+   order (a dropped pair's row is 0), dropped [num_recv] (1 = dropped): send
+   both back. cache_hidden / cache_up ([num_recv][F] each, up for GLU only)
+   may be NULL; if given, the backward reads activations from them instead of
+   recomputing.                                                            */
+MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights *w,
+                                        const moe_ep_plan *plan, const moe_ep_pair *pairs,
+                                        const float *x, int32_t num_recv, float *out, uint8_t *dropped,
+                                        float *cache_hidden, float *cache_up,
+                                        void *workspace, size_t workspace_bytes);
+
+/* Source side, after the return exchange: ret_out [n_send][D] and
+   ret_dropped [n_send] in send order, stats summed over all ranks. Turns
+   info into the final routing of this rank's tokens (dropped flags, final
+   weights, renormalised if normalize_after_drop; counts over its tokens; aux
+   losses of the whole group) and writes y [T_r][D], slots summed in order.
+   Call once per moe_ep_route.                                             */
+MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan, const double *stats,
+                                 const float *ret_out, const uint8_t *ret_dropped, moe_info *info,
+                                 float *y, void *workspace, size_t workspace_bytes);
+
+/* Backward, source side: send_dout [n_send][D] = weight * dy_t per pair, in
+   send order (0 for dropped pairs), to the owners (the forward's counts).  */
+MOEDEF moe_status moe_ep_pack_backward(const moe_config *cfg, const moe_ep_plan *plan,
+                                       const moe_info *info, const float *dy, float *send_dout);
+
+/* Backward, owner side: pairs, x, num_recv, dropped and the caches as in (and
+   from) moe_ep_expert_forward, dout [num_recv][D] received. grads: this
+   rank's experts' gradients (gate, up, down, biases; layout of w) ACCUMULATE;
+   dx [num_recv][D] is OVERWRITTEN (0 for dropped pairs): send it back.    */
+MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weights *w,
+                                         const moe_ep_plan *plan, const moe_ep_pair *pairs,
+                                         const float *x, int32_t num_recv, const uint8_t *dropped,
+                                         const float *cache_hidden, const float *cache_up,
+                                         const float *dout, float *dx, const moe_grads *grads,
+                                         void *workspace, size_t workspace_bytes);
+
+/* Backward, source side, last step: w needs the router (and router_bias);
+   info, stats and ret_out as in moe_ep_combine, ret_dx [n_send][D] from the
+   owners. dx [T_r][D] is OVERWRITTEN (may be NULL); grads->router and
+   ->router_bias ACCUMULATE this rank's tokens in token order (sum them over
+   ranks; expert tensors of grads are not touched).                        */
+MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weights *w,
+                                          const moe_ep_plan *plan, const float *x,
+                                          const moe_info *info, const double *stats, const float *dy,
+                                          const float *ret_out, const float *ret_dx, float *dx,
+                                          const moe_grads *grads, void *workspace, size_t workspace_bytes);
+
 /* Aux-loss-free balancing (DeepSeek-V3): bias[e] += gamma * sign(mean - load[e])
    with load = tokens routed per expert over the step (e.g. summed
    info.expert_routed). Call once per training step; gamma = 1e-3 in V3.    */
@@ -642,6 +787,17 @@ static size_t moe__mul(size_t a, size_t b) {
 
 /* moe_info.dropped values */
 enum { MOE__KEPT = 0, MOE__DROPPED = 1, MOE__REJECTED = 2 };
+
+/* Expert-parallel statistics vector (moe_ep_stats_count doubles, summed over
+   ranks): six [E] blocks, then two scalars.                               */
+enum { MOE__EPS_ROUTED = 0,  /* pairs routed to e before capacity (not rejected) */
+       MOE__EPS_FIRST = 1,   /* slot-0 pairs routed to e                         */
+       MOE__EPS_P = 2,       /* sum_t of the balance-loss probability of e       */
+       MOE__EPS_SEQC = 3,    /* plain top-K counts (sequence loss, one sequence) */
+       MOE__EPS_IMP = 4,     /* Shazeer importance as the forward sums it        */
+       MOE__EPS_IMPG = 5,    /* importance as the backward recomputes it         */
+       MOE__EPS_VECS = 6 };  /* then [6E] sum_t LSE(z_t)^2, [6E+1] sum of the
+                                sequence losses of whole local sequences        */
 
 // ----------------------------------------------------------------------------
 // Counter-based random numbers. Each draw is a pure function of
@@ -1510,6 +1666,8 @@ typedef struct moe__router {
     const float *sel_bias;      /* [E] or NULL                                */
     const float *noise_samples; /* [T][E] N(0,1) draws to use instead of the
                                    RNG (a test seam for ROUTING_SPEC 2), or NULL */
+    int32_t t0;                 /* global index of token 0 (expert parallel):
+                                   random draws are keyed by global tokens    */
     moe_info *res;              /* arrays in the workspace                    */
     float *key;                 /* scratch: >= max(T, R) + R floats           */
     int32_t *order, *order_tmp; /* scratch: max(T, R) each                    */
@@ -1588,10 +1746,11 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
     float *w = r->res->weight + (size_t)t * (size_t)S;
     float *H = x->key, *sel = x->key + E, *sigma = x->small_f + E, *g = x->small_f;
     const int noisy = c->noise == MOE_NOISE_SHAZEER && c->training;
+    const int32_t tg = r->t0 + t;   /* RNG key: the global token */
     int32_t e, j;
 
     /* pass 1: the (noisy) logits H and their scores */
-    moe__noisy_logits(c, t, z, noisy ? r->noise_logits + (size_t)t * (size_t)E : NULL,
+    moe__noisy_logits(c, tg, z, noisy ? r->noise_logits + (size_t)t * (size_t)E : NULL,
                       r->noise_samples, H, sigma, sel /* scratch for the draws */);
     moe__score_row(c->score, sc, H, E);
 
@@ -1621,7 +1780,7 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
         float best = -INFINITY;
         int32_t arg = -1;
         for (e = 0; e < E; e++) {
-            double u = moe__rng_uniform(c->seed, MOE__RNG_GUMBEL, (uint64_t)t * (uint64_t)E + (uint64_t)e);
+            double u = moe__rng_uniform(c->seed, MOE__RNG_GUMBEL, (uint64_t)tg * (uint64_t)E + (uint64_t)e);
             float v = z[e] - (float)log(-log(u));
             if (e == idx[0] || sel[e] == -INFINITY) continue;
             if (arg < 0 || v > best) { best = v; arg = e; }
@@ -1636,7 +1795,7 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
     /* GShard random routing: keep expert 2 iff U < w2 / theta; a rejected
        choice is deleted before capacity positions are counted.            */
     if (c->second_expert == MOE_SECOND_RANDOM &&
-        !(moe__rng_uniform(c->seed, MOE__RNG_SECOND, (uint64_t)t) < (double)w[1] / c->second_threshold)) {
+        !(moe__rng_uniform(c->seed, MOE__RNG_SECOND, (uint64_t)tg) < (double)w[1] / c->second_threshold)) {
         r->res->dropped[(size_t)t * S + 1] = MOE__REJECTED;   /* idx[1] kept for backward */
         w[1] = 0.0f;
     }
@@ -1725,17 +1884,25 @@ static void moe__route_chunk_task(void *arg, int32_t chunk) {
     for (t = t0; t < t1; t++) moe__route_token_topk(r, &x, t);
 }
 
-/* Top-k routing of all tokens (token chunks in parallel), then capacity and
-   the final weights. */
-static void moe__route_topk(moe__router *r) {
+/* Top-k selection and pre-capacity weights of every token, token chunks
+   in parallel; the chunks' Shazeer sums are added to r->imp in chunk order. */
+static void moe__route_tokens_topk(moe__router *r) {
     const moe_config *c = r->c;
-    const int32_t T = r->T, S = r->S, E = c->num_experts, nchunk = moe__route_nchunk((size_t)T);
-    int32_t t, j, q, e;
+    const int32_t T = r->T, E = c->num_experts, nchunk = moe__route_nchunk((size_t)T);
+    int32_t q, e;
     moe__parallel_for(c, nchunk, moe__route_chunk_task, r, (double)T * E * (8.0 + c->top_k));
-    for (q = 0; q < nchunk; q++) {          /* Shazeer sums in chunk order */
+    for (q = 0; q < nchunk; q++) {
         const double *imp = moe__token_scratch_of(r, q).imp;
         for (e = 0; e < 2 * E; e++) r->imp[e] += imp[e];
     }
+}
+
+/* Top-k routing of all tokens, then capacity and the final weights. */
+static void moe__route_topk(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, S = r->S;
+    int32_t t, j;
+    moe__route_tokens_topk(r);
     if (r->C > 0) moe__apply_capacity(r);
     for (t = 0; t < T; t++) {
         int32_t *idx = r->res->expert + (size_t)t * S;
@@ -2974,6 +3141,10 @@ typedef struct moe__router_bw {
     const moe_config *c;
     const moe_info *info;
     int32_t T, S, K, E;
+    int32_t T_all, t0;        /* tokens of the routing group and the global
+                                 index of token 0 (T and 0 in one process)      */
+    const double *stats;      /* expert parallel: the summed moe_ep statistics
+                                 (global counts); NULL in one process           */
     const float *gw;          /* [T][S] dL/d weight (from the combine)          */
     const float *noise;       /* [T][E] raw noise logits x.W_noise (Shazeer)    */
     const float *noise_samples; /* test seam as in moe__router, or NULL         */
@@ -3007,7 +3178,9 @@ static void moe__shazeer_grads(moe__router_bw *B) {
     int32_t t, j, e;
     for (e = 0; e < 2 * E; e++) B->val[e] = B->dval[e] = 0.0;
     if (c->importance_coef == 0.0f && !(smooth && c->load_coef != 0.0f)) return;
-    for (t = 0; t < T; t++) {
+    if (B->stats)   /* expert parallel (never noisy): importance of all ranks */
+        for (e = 0; e < E; e++) imp[e] = B->stats[MOE__EPS_IMPG * E + e];
+    else for (t = 0; t < T; t++) {
         const float *sc = B->info->scores + (size_t)t * E;
         const int32_t *idx = B->info->expert + (size_t)t * S;
         const uint8_t *dr = B->info->dropped + (size_t)t * S;
@@ -3037,7 +3210,9 @@ static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t n
     const int32_t E = B->E, K = B->K;
     int32_t t, j, e;
     for (e = 0; e < E; e++) B->fseq[e] = 0.0;
-    for (t = t0; t < t0 + n; t++) {
+    if (B->stats && n == B->T_all)   /* expert parallel, one sequence: all ranks' counts */
+        for (e = 0; e < E; e++) B->fseq[e] = B->stats[MOE__EPS_SEQC * E + e];
+    else for (t = t0; t < t0 + n; t++) {
         moe__topk_ref(B->info->scores + (size_t)t * E, E, K, B->top);
         for (j = 0; j < K; j++) B->fseq[B->top[j]] += 1.0;
     }
@@ -3054,8 +3229,9 @@ static void moe__router_backward_ref(moe__router_bw *B) {
     const int32_t T = B->T, S = B->S, E = B->E, K = B->K;
     const int topk = c->routing == MOE_ROUTING_TOPK;
     const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
-    const int32_t L = c->seq_len > 0 ? c->seq_len : T;
-    const int32_t nseq = T > 0 ? 1 + (T - 1) / L : 0;   /* no T + L - 1: L may be near INT32_MAX */
+    const int32_t Ta = B->T_all;     /* losses normalise by the whole group */
+    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
+    const int32_t nseq = Ta > 0 ? 1 + (Ta - 1) / L : 0;   /* no Ta + L - 1: L may be near INT32_MAX */
     int32_t t, j, e;
     memset(B->dz, 0, (size_t)T * E * sizeof(float));
     if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
@@ -3065,13 +3241,16 @@ static void moe__router_backward_ref(moe__router_bw *B) {
     /* balance loss E * sum_e f~_e P_e: dL/d pn[t][e] = coef * E * f~_e / T  */
     for (e = 0; e < E; e++) B->fbal[e] = 0.0;
     if (topk && c->balance_coef != 0.0f) {
-        for (t = 0; t < T; t++)
+        if (B->stats)   /* expert parallel: the pair counts of all ranks */
+            for (e = 0; e < E; e++)
+                B->fbal[e] = B->stats[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+        else for (t = 0; t < T; t++)
             for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++) {
                 const size_t p = (size_t)t * S + j;
                 if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
             }
         for (e = 0; e < E; e++)
-            B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / T;
+            B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
     }
 
     for (t = 0; t < T; t++) {
@@ -3109,7 +3288,10 @@ static void moe__router_backward_ref(moe__router_bw *B) {
         /* balance losses see pn = p (softmax) or s / sum s (sigmoid) */
         if (topk && (c->balance_coef != 0.0f || c->seq_balance_coef != 0.0f)) {
             double ssum = 0.0, corr = 0.0;
-            if (c->seq_balance_coef != 0.0f && t % L == 0) moe__seq_factors(B, t, T - t < L ? T - t : L, nseq);
+            if (c->seq_balance_coef != 0.0f && (t == 0 || (B->t0 + t) % L == 0)) {
+                const int32_t g0 = (B->t0 + t) / L * L;   /* global start of t's sequence */
+                moe__seq_factors(B, t, Ta - g0 < L ? Ta - g0 : L, nseq);
+            }
             for (e = 0; e < E; e++) B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
             if (c->score == MOE_SCORE_SOFTMAX) {
                 for (e = 0; e < E; e++) ds[e] += B->dw[e];
@@ -3156,7 +3338,7 @@ static void moe__router_backward_ref(moe__router_bw *B) {
         if (c->z_loss_coef != 0.0f) {
             const double lse = moe__logsumexp(z, E);
             for (e = 0; e < E; e++)
-                dz[e] += (float)(c->z_loss_coef * 2.0 / T * lse * exp((double)z[e] - lse));
+                dz[e] += (float)(c->z_loss_coef * 2.0 / Ta * lse * exp((double)z[e] - lse));
         }
 
         /* optional clipping of the token's router gradient */
@@ -3468,7 +3650,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             float *xr = MOE__AT(b, L.xr, float);
             size_t i;
             memset(&B, 0, sizeof B);
-            B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E;
+            B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E; B.T_all = T;
             B.K = c.routing == MOE_ROUTING_TOPK ? c.top_k : E;
             B.gw = gw; B.noise_samples = noise_samples;
             B.dz = MOE__AT(b, L.dz, float);
@@ -3521,6 +3703,745 @@ MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w
     st = moe_backward(cfg, w, x, num_tokens, info, dy, dx, grads, ws, bytes);
     MOE_FREE(NULL, ws);
     return st;
+}
+
+// ----------------------------------------------------------------------------
+// Expert parallelism: the plan calls. No transport here: each call fills or
+// reads the buffers one exchange step moves. The owner of an expert sees
+// every pair routed to it with its global token and slot, so capacity and
+// dropping are decided exactly as in one process over all T tokens.
+
+/* Resolve cfg and check the plan; c gets the resolved config. */
+static moe_status moe__ep_check(const moe_config *cfg, const moe_ep_plan *p, moe_config *c) {
+    moe_status st;
+    if (!cfg || !p) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, c)) != MOE_STATUS_OK) return st;
+    if (c->routing != MOE_ROUTING_TOPK || c->noise != MOE_NOISE_NONE || c->shared_d_ff > 0)
+        return MOE_STATUS_EP_UNSUPPORTED;
+    if (p->num_ranks < 1 || p->rank < 0 || p->rank >= p->num_ranks || c->num_experts % p->num_ranks != 0)
+        return MOE_STATUS_BAD_PLAN;
+    if (p->num_tokens < 0 || p->token_offset < 0 || p->local_tokens < 0 ||
+        p->local_tokens > p->num_tokens - p->token_offset)
+        return MOE_STATUS_BAD_PLAN;
+    /* several sequences (sequence-wise loss): none may straddle two ranks */
+    if (c->seq_len > 0 && c->seq_len < p->num_tokens &&
+        (p->token_offset % c->seq_len != 0 ||
+         (p->local_tokens % c->seq_len != 0 && p->token_offset + p->local_tokens != p->num_tokens)))
+        return MOE_STATUS_BAD_PLAN;
+    return MOE_STATUS_OK;
+}
+
+/* The source side reads these info arrays; check they exist and hold a
+   routing this config can produce.                                        */
+static moe_status moe__ep_check_info(const moe_config *c, const moe_info *info, int32_t Tr) {
+    size_t p, n = (size_t)Tr * (size_t)c->top_k;
+    if (!info->logits || !info->scores || !info->expert || !info->weight || !info->dropped)
+        return MOE_STATUS_MISSING_CACHE;
+    for (p = 0; p < n; p++)
+        if (info->expert[p] < 0 || info->expert[p] >= c->num_experts || info->dropped[p] > MOE__REJECTED)
+            return MOE_STATUS_BAD_CACHE;
+    return MOE_STATUS_OK;
+}
+
+/* Send order: owner rank q = 0..P-1, then (token, slot). pair_row[p] = the
+   pair's index in the send buffer, -1 if it is not sent (rejected by random
+   routing). One pass per rank over the metadata, so no scratch is needed.
+   Returns the number of pairs sent.                                        */
+static int64_t moe__ep_send_index(const moe_config *c, const moe_ep_plan *pl, const moe_info *info,
+                                  int64_t *pair_row) {
+    const size_t n = (size_t)pl->local_tokens * (size_t)c->top_k;
+    const int32_t per = c->num_experts / pl->num_ranks;
+    int64_t s = 0;
+    int32_t q;
+    size_t p;
+    for (p = 0; p < n; p++) pair_row[p] = -1;
+    for (q = 0; q < pl->num_ranks; q++)
+        for (p = 0; p < n; p++)
+            if (info->dropped[p] != MOE__REJECTED && info->expert[p] / per == q) pair_row[p] = s++;
+    return s;
+}
+
+/* Source-side workspace: the routing scratch of moe__plan for T_r tokens,
+   then logits, router input, the send index and the router backward's pieces. */
+static moe_status moe__ep_src_plan(const moe_config *c, const moe_ep_plan *pl, moe__layout *L) {
+    const size_t Tr = (size_t)pl->local_tokens, E = (size_t)c->num_experts, D = (size_t)c->d_model;
+    size_t t, TS, TE, TD;
+    int ok = 1;
+    moe_status st = moe__plan(c, pl->local_tokens, MOE__PLAN_ROUTE, L);
+    if (st != MOE_STATUS_OK) return st;
+    t = L->total - MOE__ALIGN;
+    TS = moe__mul(Tr, (size_t)L->S); TE = moe__mul(Tr, E); TD = moe__mul(Tr, D);
+    L->logits   = moe__reserve(&t, TE, sizeof(float), &ok);
+    L->xr       = moe__reserve(&t, TD, sizeof(float), &ok);
+    L->router_t = moe__reserve(&t, c->isa != MOE_ISA_REFERENCE ? moe__mul(D, (E + MOE__NR - 1) / MOE__NR * MOE__NR) : 0,
+                               sizeof(float), &ok);
+    L->pair_row = moe__reserve(&t, TS, sizeof(int64_t), &ok);
+    L->gw       = moe__reserve(&t, TS, sizeof(float), &ok);
+    L->dz       = moe__reserve(&t, TE, sizeof(float), &ok);
+    L->bw_d     = moe__reserve(&t, 8 * E, sizeof(double), &ok);   /* as moe__plan's */
+    L->bw_f     = moe__reserve(&t, 6 * E, sizeof(float), &ok);
+    L->bw_u8    = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
+    L->tmp_td   = moe__reserve(&t, TD, sizeof(float), &ok);
+    L->dx       = moe__reserve(&t, TD, sizeof(float), &ok);
+    if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
+    L->total = t + MOE__ALIGN;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_stats_count(const moe_config *cfg, int32_t *out_count) {
+    moe_config c;
+    moe_status st;
+    if (!cfg || !out_count) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (c.routing != MOE_ROUTING_TOPK || c.noise != MOE_NOISE_NONE || c.shared_d_ff > 0)
+        return MOE_STATUS_EP_UNSUPPORTED;
+    if (c.num_experts > (INT32_MAX - 2) / MOE__EPS_VECS) return MOE_STATUS_SIZE_OVERFLOW;
+    *out_count = MOE__EPS_VECS * c.num_experts + 2;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan *plan, size_t *out_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe_status st;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    *out_bytes = L.total;
+    return MOE_STATUS_OK;
+}
+
+/* This rank's partial sums of everything the aux losses (and their
+   gradients) take over the whole group; moe__aux_losses' formulas, split. */
+static void moe__ep_stats_local(const moe_config *c, const moe_ep_plan *pl, moe__router *r, double *st) {
+    const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k, Ta = pl->num_tokens;
+    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
+    const moe_info *res = r->res;
+    double *routed = st + MOE__EPS_ROUTED * E, *first = st + MOE__EPS_FIRST * E, *P = st + MOE__EPS_P * E;
+    double *seqc = st + MOE__EPS_SEQC * E, *impg = st + MOE__EPS_IMPG * E;
+    int32_t t, j, e;
+    memset(st, 0, ((size_t)MOE__EPS_VECS * (size_t)E + 2) * sizeof(double));
+    for (t = 0; t < T; t++) {
+        const size_t p0 = (size_t)t * S;
+        float *g = r->small_f, *w = r->small_f + E;
+        for (j = 0; j < S; j++) {
+            if (res->dropped[p0 + j] == MOE__REJECTED) continue;
+            routed[res->expert[p0 + j]] += 1.0;
+            if (j == 0) first[res->expert[p0 + j]] += 1.0;
+        }
+        /* importance as moe__shazeer_grads recomputes it (pre-drop weights) */
+        for (j = 0; j < S; j++) g[j] = res->scores[(size_t)t * E + res->expert[p0 + j]];
+        moe__normalize(c, g, NULL, w, S);
+        for (j = 0; j < S; j++)
+            if (res->dropped[p0 + j] != MOE__REJECTED) impg[res->expert[p0 + j]] += (double)w[j] * c->routed_scale;
+        { const double l = moe__logsumexp(r->logits + (size_t)t * E, E); st[MOE__EPS_VECS * E] += l * l; }
+    }
+    for (e = 0; e < E; e++)
+        for (t = 0; t < T; t++) P[e] += moe__balance_prob(c, res->scores + (size_t)t * E, e);
+    for (e = 0; e < E; e++) st[MOE__EPS_IMP * E + e] = r->imp[e];
+    if (L >= Ta) {   /* one sequence over all ranks: counts are summed */
+        for (t = 0; t < T; t++) {
+            moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
+            for (j = 0; j < K; j++) seqc[r->small_i[j]] += 1.0;
+        }
+    } else {         /* whole sequences inside this slice (moe__ep_check) */
+        int32_t s0;
+        for (s0 = 0; s0 < T; s0 += L) {
+            const int32_t n = T - s0 < L ? T - s0 : L;
+            double seq = 0.0;
+            for (e = 0; e < E; e++) r->count[e] = 0;
+            for (t = s0; t < s0 + n; t++) {
+                moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
+                for (j = 0; j < K; j++) r->count[r->small_i[j]]++;
+            }
+            for (e = 0; e < E; e++) {
+                double Pe = 0.0;
+                for (t = s0; t < s0 + n; t++) Pe += moe__balance_prob(c, res->scores + (size_t)t * E, e);
+                seq += (double)E / ((double)K * n) * r->count[e] * (Pe / n);
+            }
+            st[MOE__EPS_VECS * E + 1] += seq;
+        }
+    }
+}
+
+/* Aux-loss values of the group from the summed statistics. */
+static void moe__ep_aux(const moe_config *c, int32_t Ta, const double *st, moe_info *res) {
+    const int32_t E = c->num_experts, K = c->top_k;
+    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
+    double bal = 0.0;
+    int32_t e;
+    res->aux_balance = res->aux_z = res->aux_importance = res->aux_load = res->aux_seq = 0.0f;
+    if (Ta > 0) {
+        res->aux_z = (float)(st[MOE__EPS_VECS * E] / Ta);
+        for (e = 0; e < E; e++) {
+            double f = st[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+            f /= (double)Ta * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
+            bal += f * (st[MOE__EPS_P * E + e] / Ta);
+        }
+        res->aux_balance = (float)(E * bal);
+        if (L >= Ta) {
+            double seq = 0.0;
+            for (e = 0; e < E; e++)
+                seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] * (st[MOE__EPS_P * E + e] / Ta);
+            res->aux_seq = (float)seq;
+        } else {
+            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / ((Ta + L - 1) / L));
+        }
+        res->aux_importance = (float)moe__cv_squared(st + MOE__EPS_IMP * E, E);
+        res->aux_load = (float)moe__cv_squared(st + MOE__EPS_ROUTED * E, E);
+    }
+    res->aux_total = c->balance_coef * res->aux_balance + c->z_loss_coef * res->aux_z +
+                     c->importance_coef * res->aux_importance + c->load_coef * res->aux_load +
+                     c->seq_balance_coef * res->aux_seq;
+}
+
+MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, const moe_ep_plan *plan,
+                               const float *x, moe_info *info, int32_t *send_counts, double *stats,
+                               void *workspace, size_t workspace_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe__router r;
+    moe_info res;
+    unsigned char *b;
+    moe_status st;
+    float *logits;
+    const float *xr;
+    int32_t Tr, E, D, S, per, q, e;
+    size_t i, n, TS;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!w || !info || !send_counts || !stats) return MOE_STATUS_NULL_ARGUMENT;
+    Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
+    if (Tr > 0 && !x) return MOE_STATUS_NULL_ARGUMENT;
+    if (!info->logits || !info->scores || !info->expert || !info->weight || !info->dropped)
+        return MOE_STATUS_MISSING_CACHE;
+    if (!w->router || (c.router_bias && !w->router_bias) || (c.selection_bias && !w->selection_bias))
+        return MOE_STATUS_MISSING_WEIGHT;
+    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    b = moe__align_ptr(workspace);
+    n = (size_t)Tr * (size_t)E; TS = (size_t)Tr * (size_t)S;
+
+    /* 1. router logits of this rank's tokens; jitter keyed by global element */
+    logits = MOE__AT(b, L.logits, float);
+    xr = x;
+    if (c.training && c.jitter > 0.0f) {
+        float *xj = MOE__AT(b, L.xr, float);
+        const size_t off = (size_t)plan->token_offset * (size_t)D;
+        for (i = 0; i < (size_t)Tr * (size_t)D; i++) xj[i] = x[i] * moe__jitter_factor(&c, off + i);
+        xr = xj;
+    }
+    if (Tr > 0) moe__linear(&c, logits, xr, w->router, c.router_bias ? w->router_bias : NULL, Tr, E, D, &L, b);
+
+    /* 2. NaN/Inf policy, as moe__route */
+    for (i = 0; i < n; i++) if (!moe__isfinite(logits[i])) return MOE_STATUS_NONFINITE;
+    if (c.selection_bias) for (e = 0; e < E; e++) if (!moe__isfinite(w->selection_bias[e])) return MOE_STATUS_NONFINITE;
+
+    /* 3. selection and pre-capacity weights; capacity is the owners' job */
+    moe__router_init(&r, &c, &L, b, Tr, &res);
+    r.logits = logits;
+    r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
+    r.t0 = plan->token_offset;
+    r.C = 0;
+    if (TS) memset(res.dropped, 0, TS);
+    for (e = 0; e < 2 * E; e++) r.imp[e] = 0.0;
+    moe__route_tokens_topk(&r);
+    for (e = 0; e < E; e++) res.expert_routed[e] = 0;
+    for (i = 0; i < TS; i++) if (res.dropped[i] != MOE__REJECTED) res.expert_routed[res.expert[i]]++;
+    for (e = 0; e < E; e++) res.expert_kept[e] = res.expert_routed[e];   /* until the owners decide */
+    res.slots = S;
+    res.capacity = moe__capacity_of(&c, plan->num_tokens);
+
+    /* 4. counts per owner rank, 5. this rank's statistics */
+    per = E / plan->num_ranks;
+    for (q = 0; q < plan->num_ranks; q++) send_counts[q] = 0;
+    for (i = 0; i < TS; i++) if (res.dropped[i] != MOE__REJECTED) send_counts[res.expert[i] / per]++;
+    moe__ep_stats_local(&c, plan, &r, stats);
+    moe__info_export(info, &res, logits, Tr, E, S, E);
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_pack(const moe_config *cfg, const moe_ep_plan *plan, const float *x,
+                              const moe_info *info, const int32_t *send_counts,
+                              moe_ep_pair *send_pairs, float *send_rows) {
+    moe_config c;
+    moe_status st;
+    size_t p, n;
+    int64_t s = 0, total = 0;
+    int32_t q, per, S, D;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!info || !send_counts) return MOE_STATUS_NULL_ARGUMENT;
+    if (plan->local_tokens > 0 && !x) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__ep_check_info(&c, info, plan->local_tokens)) != MOE_STATUS_OK) return st;
+    S = c.top_k; D = c.d_model; per = c.num_experts / plan->num_ranks;
+    n = (size_t)plan->local_tokens * (size_t)S;
+    /* the counts must be this info's: one counting pass per rank first */
+    for (q = 0; q < plan->num_ranks; q++) {
+        int64_t cnt = 0;
+        for (p = 0; p < n; p++) cnt += info->dropped[p] != MOE__REJECTED && info->expert[p] / per == q;
+        if (cnt != send_counts[q]) return MOE_STATUS_BAD_PLAN;
+        total += cnt;
+    }
+    if (total > 0 && (!send_pairs || !send_rows)) return MOE_STATUS_NULL_ARGUMENT;
+    for (q = 0; q < plan->num_ranks; q++)
+        for (p = 0; p < n; p++) {
+            const int32_t e = info->expert[p], t = (int32_t)(p / (size_t)S), j = (int32_t)(p % (size_t)S);
+            moe_ep_pair *pr;
+            if (info->dropped[p] == MOE__REJECTED || e / per != q) continue;
+            pr = send_pairs + s;
+            pr->token = (int64_t)plan->token_offset + t;
+            pr->slot = j;
+            pr->expert = e;
+            pr->weight = info->weight[p];
+            pr->priority = info->scores[(size_t)t * c.num_experts + info->expert[(size_t)t * S]];
+            memcpy(send_rows + (size_t)s * D, x + (size_t)t * D, (size_t)D * sizeof(float));
+            s++;
+        }
+    return MOE_STATUS_OK;
+}
+
+/* The owner's experts as a config of E/P experts, one slot, no capacity:
+   moe__plan then lays out an expert-side workspace for num_recv rows, and
+   the grouped FFN kernels run on it unchanged.                            */
+static moe_config moe__ep_local_config(const moe_config *c, const moe_ep_plan *pl) {
+    moe_config l = *c;
+    l.num_experts = c->num_experts / pl->num_ranks;
+    l.top_k = 1; l.capacity = 0; l.capacity_factor = 0.0f;
+    l.n_group = 1; l.topk_group = 1; l.group_score_top = 1;
+    l.second_expert = MOE_SECOND_GREEDY; l.selection_bias = 0; l.jitter = 0.0f;
+    return l;
+}
+
+typedef struct moe__ep_layout {
+    moe__layout L;            /* the forward layout of the local config      */
+    size_t row_key;           /* int64_t[N] row -> global pair t*K + j (dropout) */
+    size_t dout, da, du, dxg; /* backward: [N][D], [N][F], [N][F], [N][D]    */
+    size_t total;
+} moe__ep_layout;
+
+static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__ep_layout *X) {
+    const size_t N = (size_t)n, D = (size_t)cl->d_model, F = (size_t)cl->d_ff;
+    size_t t;
+    int ok = 1;
+    moe_status st = moe__plan(cl, n, MOE__PLAN_FORWARD, &X->L);
+    if (st != MOE_STATUS_OK) return st;
+    t = X->L.total - MOE__ALIGN;
+    X->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
+    X->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    X->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
+    X->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0, sizeof(float), &ok);
+    X->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
+    X->total = t + MOE__ALIGN;
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
+                                               int32_t num_recv, size_t *out_bytes) {
+    moe_config c, cl;
+    moe__ep_layout X;
+    moe_status st;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if (num_recv < 0) return MOE_STATUS_BAD_DIMENSION;
+    cl = moe__ep_local_config(&c, plan);
+    if ((st = moe__ep_expert_plan(&cl, num_recv, &X)) != MOE_STATUS_OK) return st;
+    *out_bytes = X.total;
+    return MOE_STATUS_OK;
+}
+
+/* Everything the owner calls check: weights of its experts, the received
+   pairs (owned experts, valid slots and tokens, arriving in strictly
+   increasing (token, slot) order, which contiguous rank slices give).     */
+static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl, const moe_weights *w,
+                                      const moe_ep_pair *pairs, const float *x, int32_t n) {
+    const int glu = moe__act_is_glu(c->activation);
+    const int32_t per = c->num_experts / pl->num_ranks, e0 = pl->rank * per;
+    int32_t r;
+    if (!w) return MOE_STATUS_NULL_ARGUMENT;
+    if (n < 0) return MOE_STATUS_BAD_DIMENSION;
+    if (n > 0 && (!pairs || !x)) return MOE_STATUS_NULL_ARGUMENT;
+    if (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up)) return MOE_STATUS_MISSING_WEIGHT;
+    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias))) return MOE_STATUS_MISSING_WEIGHT;
+    for (r = 0; r < n; r++) {
+        const moe_ep_pair *p = pairs + r;
+        if (p->expert < e0 || p->expert >= e0 + per || p->slot < 0 || p->slot >= c->top_k ||
+            p->token < 0 || p->token >= pl->num_tokens)
+            return MOE_STATUS_BAD_PLAN;
+        if (r > 0 && (p->token < pairs[r - 1].token ||
+                      (p->token == pairs[r - 1].token && p->slot <= pairs[r - 1].slot)))
+            return MOE_STATUS_BAD_PLAN;
+    }
+    return MOE_STATUS_OK;
+}
+
+/* Capacity on the owner (ROUTING_SPEC 1.6), the one-process rule restricted
+   to the pairs of the owned experts, which it sees in (token, slot) order:
+     POSITION: slot 0 of every token first, then slot 1, ...; BPR: tokens by
+     descending top-1 score (stable); WEIGHT: each expert keeps its C
+     highest weights, ties to the lower token.
+   expert[r]: local expert of pair r; drop[r] set to 1 beyond C.            */
+static void moe__ep_capacity(const moe_config *c, int32_t C, int32_t El, const moe_ep_pair *pairs, int32_t n,
+                             const int32_t *expert, uint8_t *drop, float *key, int32_t *order,
+                             int32_t *tmp, int32_t *count) {
+    int32_t r, i, j, e;
+    for (e = 0; e < El; e++) count[e] = 0;
+    if (c->drop_policy == MOE_DROP_WEIGHT) {
+        for (e = 0; e < El; e++) {
+            int32_t m = 0;
+            for (r = 0; r < n; r++)
+                if (expert[r] == e) { key[r] = pairs[r].weight; order[m++] = r; }
+            moe__sort_desc(key, order, tmp, m);
+            for (i = C; i < m; i++) drop[order[i]] = MOE__DROPPED;
+        }
+        return;
+    }
+    for (r = 0; r < n; r++) { order[r] = r; key[r] = pairs[r].priority; }
+    if (c->drop_policy == MOE_DROP_BPR) moe__sort_desc(key, order, tmp, n);
+    for (j = 0; j < c->top_k; j++)
+        for (i = 0; i < n; i++) {
+            r = order[i];
+            if (pairs[r].slot != j) continue;
+            if (count[expert[r]] < C) count[expert[r]]++;
+            else drop[r] = MOE__DROPPED;
+        }
+}
+
+/* Owner rows: local experts and drops of the received pairs, the counting
+   sort into expert-contiguous rows (token order within an expert, as in one
+   process), dropout keys and the gathered inputs xg.                      */
+static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const moe_ep_plan *pl,
+                               const moe_ep_pair *pairs, const float *x, int32_t n, const uint8_t *dropped_in,
+                               const moe__ep_layout *X, unsigned char *b) {
+    const moe__layout *L = &X->L;
+    const int32_t El = cl->num_experts, e0 = pl->rank * El, D = c->d_model;
+    int32_t *expert = MOE__AT(b, L->expert, int32_t);
+    uint8_t *drop = MOE__AT(b, L->dropped, uint8_t);
+    int64_t *offsets = MOE__AT(b, L->offsets, int64_t), *row_pair = MOE__AT(b, L->row_pair, int64_t);
+    int64_t *row_key = MOE__AT(b, X->row_key, int64_t);
+    float *xg = MOE__AT(b, L->xg, float);
+    int64_t row;
+    int32_t r;
+    for (r = 0; r < n; r++) { expert[r] = pairs[r].expert - e0; drop[r] = dropped_in ? dropped_in[r] : 0; }
+    if (!dropped_in) {
+        const int32_t C = moe__capacity_of(c, pl->num_tokens);
+        if (C > 0)
+            moe__ep_capacity(c, C, El, pairs, n, expert, drop, MOE__AT(b, L->key, float),
+                             MOE__AT(b, L->order, int32_t), MOE__AT(b, L->order_tmp, int32_t),
+                             MOE__AT(b, L->count, int32_t));
+    }
+    moe__dispatch_ref(expert, drop, n, 1, El, offsets, MOE__AT(b, L->pair_row, int64_t), row_pair);
+    for (row = 0; row < offsets[El]; row++) {
+        const moe_ep_pair *p = pairs + row_pair[row];
+        row_key[row] = p->token * c->top_k + p->slot;
+        memcpy(xg + (size_t)row * D, x + (size_t)row_pair[row] * D, (size_t)D * sizeof(float));
+    }
+}
+
+/* The owner's routed FFN, with expert dropout keyed by the global pair. */
+static moe__ffn moe__ep_ffn(const moe_config *cl, const moe_weights *w, const moe__ep_layout *X, unsigned char *b) {
+    moe__ffn f = moe__routed_ffn(cl, w);
+    if (cl->training && cl->expert_dropout > 0.0f) { f.dropout = cl; f.row_key = MOE__AT(b, X->row_key, int64_t); }
+    return f;
+}
+
+/* Expert FFN forward over the owner's rows (the ISA's kernels). */
+static void moe__ep_owner_ffn(const moe_config *cl, const moe__ffn *f, const moe__ep_layout *X, unsigned char *b) {
+    const moe__layout *L = &X->L;
+    float *hu = moe__act_is_glu(cl->activation) ? MOE__AT(b, L->hu, float) : NULL;
+#if MOE__HAS_SIMD
+    if (cl->isa != MOE_ISA_REFERENCE) {
+        moe__experts_simd(cl, f, NULL, cl->num_experts, MOE__AT(b, L->offsets, int64_t), MOE__AT(b, L->xg, float),
+                          MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
+                          MOE__AT(b, L->tiles, float), L, b);
+        return;
+    }
+#endif
+    moe__experts_forward_ref(f, cl->num_experts, MOE__AT(b, L->offsets, int64_t), MOE__AT(b, L->xg, float),
+                             MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float));
+}
+
+MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights *w,
+                                        const moe_ep_plan *plan, const moe_ep_pair *pairs,
+                                        const float *x, int32_t num_recv, float *out, uint8_t *dropped,
+                                        float *cache_hidden, float *cache_up,
+                                        void *workspace, size_t workspace_bytes) {
+    moe_config c, cl;
+    moe__ep_layout X;
+    moe__ffn f;
+    unsigned char *b;
+    moe_status st;
+    const int32_t n = num_recv;
+    int64_t rows;
+    int32_t r, D, F;
+    const int64_t *pair_row;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_check_owner(&c, plan, w, pairs, x, n)) != MOE_STATUS_OK) return st;
+    if (n > 0 && (!out || !dropped)) return MOE_STATUS_NULL_ARGUMENT;
+    cl = moe__ep_local_config(&c, plan);
+    if ((st = moe__ep_expert_plan(&cl, n, &X)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < X.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if (n == 0) return MOE_STATUS_OK;
+    b = moe__align_ptr(workspace);
+    D = c.d_model; F = c.d_ff;
+    moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, NULL, &X, b);
+    f = moe__ep_ffn(&cl, w, &X, b);
+    moe__ep_owner_ffn(&cl, &f, &X, b);
+    /* results back in arrival order; a dropped pair gets a zero row */
+    pair_row = MOE__AT(b, X.L.pair_row, int64_t);
+    for (r = 0; r < n; r++) {
+        const int64_t row = pair_row[r];
+        dropped[r] = row < 0 ? (uint8_t)MOE__DROPPED : (uint8_t)MOE__KEPT;
+        if (row < 0) memset(out + (size_t)r * D, 0, (size_t)D * sizeof(float));
+        else memcpy(out + (size_t)r * D, MOE__AT(b, X.L.out, float) + (size_t)row * D, (size_t)D * sizeof(float));
+    }
+    rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
+    if (cache_hidden) memcpy(cache_hidden, MOE__AT(b, X.L.hg, float), (size_t)rows * F * sizeof(float));
+    if (cache_up && moe__act_is_glu(c.activation))
+        memcpy(cache_up, MOE__AT(b, X.L.hu, float), (size_t)rows * F * sizeof(float));
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan, const double *stats,
+                                 const float *ret_out, const uint8_t *ret_dropped, moe_info *info,
+                                 float *y, void *workspace, size_t workspace_bytes) {
+    moe_config c;
+    moe__layout L;
+    unsigned char *b;
+    moe_status st;
+    int64_t *pair_row, nsent, s;
+    int32_t Tr, E, D, S, t, j, d, e;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!info || !stats) return MOE_STATUS_NULL_ARGUMENT;
+    Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
+    if (Tr > 0 && !y) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__ep_check_info(&c, info, Tr)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    b = moe__align_ptr(workspace);
+    pair_row = MOE__AT(b, L.pair_row, int64_t);
+    nsent = moe__ep_send_index(&c, plan, info, pair_row);
+    if (nsent > 0 && (!ret_out || !ret_dropped)) return MOE_STATUS_NULL_ARGUMENT;
+    for (s = 0; s < nsent; s++) if (ret_dropped[s] > MOE__DROPPED) return MOE_STATUS_BAD_CACHE;
+
+    for (t = 0; t < Tr; t++) {
+        int32_t *idx = info->expert + (size_t)t * S;
+        float *wt = info->weight + (size_t)t * S;
+        uint8_t *drop = info->dropped + (size_t)t * S;
+        float *yt = y + (size_t)t * D;
+        /* 1. the owners' capacity decisions, 2. final weights (moe__route_topk) */
+        for (j = 0; j < S; j++) {
+            s = pair_row[(size_t)t * S + j];
+            if (s >= 0 && ret_dropped[s]) drop[j] = MOE__DROPPED;
+        }
+        if (c.normalize_after_drop) {
+            uint8_t *keep = MOE__AT(b, L.small_i, uint8_t);
+            float *g = MOE__AT(b, L.small_f, float);
+            for (j = 0; j < S; j++) {
+                keep[j] = !drop[j];
+                g[j] = info->scores[(size_t)t * E + idx[j]];
+            }
+            moe__normalize(&c, g, keep, wt, S);
+            for (j = 0; j < S; j++) wt[j] *= c.routed_scale;
+        } else {
+            for (j = 0; j < S; j++) if (drop[j]) wt[j] = 0.0f;
+        }
+        /* 3. y_t = sum of the kept slots in slot order (moe__combine_rows) */
+        for (d = 0; d < D; d++) yt[d] = 0.0f;
+        for (j = 0; j < S; j++) {
+            const float *o;
+            s = pair_row[(size_t)t * S + j];
+            if (s < 0 || drop[j]) continue;
+            o = ret_out + (size_t)s * D;
+            for (d = 0; d < D; d++) yt[d] += wt[j] * o[d];
+        }
+    }
+    /* 4. counts over this rank's tokens; aux losses of the whole group */
+    info->dropped_pairs = info->dropped_tokens = 0;
+    if (info->expert_routed) for (e = 0; e < E; e++) info->expert_routed[e] = 0;
+    if (info->expert_kept) for (e = 0; e < E; e++) info->expert_kept[e] = 0;
+    for (t = 0; t < Tr; t++) {
+        int any = 0;
+        for (j = 0; j < S; j++) {
+            const size_t p = (size_t)t * S + j;
+            e = info->expert[p];
+            if (info->dropped[p] == MOE__REJECTED) continue;
+            if (info->expert_routed) info->expert_routed[e]++;
+            if (info->dropped[p]) info->dropped_pairs++;
+            else { if (info->expert_kept) info->expert_kept[e]++; any = 1; }
+        }
+        if (!any) info->dropped_tokens++;
+    }
+    info->slots = S;
+    info->capacity = moe__capacity_of(&c, plan->num_tokens);
+    moe__ep_aux(&c, plan->num_tokens, stats, info);
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_pack_backward(const moe_config *cfg, const moe_ep_plan *plan,
+                                       const moe_info *info, const float *dy, float *send_dout) {
+    moe_config c;
+    moe_status st;
+    size_t p, n;
+    int64_t s = 0;
+    int32_t q, per, S, D, d;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!info) return MOE_STATUS_NULL_ARGUMENT;
+    if (plan->local_tokens > 0 && !dy) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__ep_check_info(&c, info, plan->local_tokens)) != MOE_STATUS_OK) return st;
+    S = c.top_k; D = c.d_model; per = c.num_experts / plan->num_ranks;
+    n = (size_t)plan->local_tokens * (size_t)S;
+    for (p = 0; p < n; p++) s += info->dropped[p] != MOE__REJECTED;
+    if (s > 0 && !send_dout) return MOE_STATUS_NULL_ARGUMENT;
+    s = 0;
+    for (q = 0; q < plan->num_ranks; q++)    /* moe_ep_pack's order */
+        for (p = 0; p < n; p++) {
+            const float *dyt = dy + (p / (size_t)S) * (size_t)D;
+            float *o;
+            if (info->dropped[p] == MOE__REJECTED || info->expert[p] / per != q) continue;
+            o = send_dout + (size_t)(s++) * D;
+            if (info->dropped[p]) { memset(o, 0, (size_t)D * sizeof(float)); continue; }
+            for (d = 0; d < D; d++) o[d] = info->weight[p] * dyt[d];   /* dout = w dy */
+        }
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weights *w,
+                                         const moe_ep_plan *plan, const moe_ep_pair *pairs,
+                                         const float *x, int32_t num_recv, const uint8_t *dropped,
+                                         const float *cache_hidden, const float *cache_up,
+                                         const float *dout, float *dx, const moe_grads *grads,
+                                         void *workspace, size_t workspace_bytes) {
+    moe_config c, cl;
+    moe__ep_layout X;
+    moe__ffn f;
+    moe__ffn_grad g;
+    unsigned char *b;
+    moe_status st;
+    const int32_t n = num_recv;
+    const float *hg, *hu;
+    float *ha;
+    int64_t rows, row;
+    const int64_t *row_pair, *pair_row;
+    int32_t r, D, F, glu, cached;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!grads) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe__ep_check_owner(&c, plan, w, pairs, x, n)) != MOE_STATUS_OK) return st;
+    glu = moe__act_is_glu(c.activation);
+    if (n > 0 && (!dropped || !dout || !dx)) return MOE_STATUS_NULL_ARGUMENT;
+    cached = cache_hidden != NULL;
+    if (cached && glu && !cache_up) return MOE_STATUS_MISSING_CACHE;
+    for (r = 0; r < n; r++) if (dropped[r] > MOE__DROPPED) return MOE_STATUS_BAD_CACHE;
+    cl = moe__ep_local_config(&c, plan);
+    if ((st = moe__ep_expert_plan(&cl, n, &X)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < X.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if (n == 0) return MOE_STATUS_OK;
+    b = moe__align_ptr(workspace);
+    D = c.d_model; F = c.d_ff;
+
+    /* the forward's rows (its drop decisions), activations cached or redone */
+    moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, dropped, &X, b);
+    f = moe__ep_ffn(&cl, w, &X, b);
+    rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
+    ha = MOE__AT(b, X.L.ha, float);
+    if (cached) {
+        hg = cache_hidden; hu = glu ? cache_up : NULL;
+        moe__activate_ref(c.activation, ha, hg, hu, (size_t)rows * (size_t)F);
+        moe__dropout_apply(&f, ha, 0, rows, 0, F);
+    } else {
+        moe__ep_owner_ffn(&cl, &f, &X, b);
+        hg = MOE__AT(b, X.L.hg, float); hu = glu ? MOE__AT(b, X.L.hu, float) : NULL;
+    }
+    row_pair = MOE__AT(b, X.L.row_pair, int64_t);
+    for (row = 0; row < rows; row++)
+        memcpy(MOE__AT(b, X.dout, float) + (size_t)row * D, dout + (size_t)row_pair[row] * D, (size_t)D * sizeof(float));
+
+    /* the grouped expert backward of one process, on the owned experts */
+    g = moe__ffn_grad_make(&f, grads->gate, w->gate_up_fused && grads->gate ? grads->gate + (size_t)F * D : grads->up,
+                           grads->down, grads->gate_bias, grads->up_bias, grads->down_bias);
+    moe__experts_backward(&cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t), MOE__AT(b, X.L.xg, float),
+                          hg, hu, ha, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
+                          glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float));
+    pair_row = MOE__AT(b, X.L.pair_row, int64_t);
+    for (r = 0; r < n; r++) {
+        row = pair_row[r];
+        if (row < 0) memset(dx + (size_t)r * D, 0, (size_t)D * sizeof(float));
+        else memcpy(dx + (size_t)r * D, MOE__AT(b, X.dxg, float) + (size_t)row * D, (size_t)D * sizeof(float));
+    }
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weights *w,
+                                          const moe_ep_plan *plan, const float *x,
+                                          const moe_info *info, const double *stats, const float *dy,
+                                          const float *ret_out, const float *ret_dx, float *dx_out,
+                                          const moe_grads *grads, void *workspace, size_t workspace_bytes) {
+    moe_config c;
+    moe__layout L;
+    moe__router_bw B;
+    unsigned char *b;
+    moe_status st;
+    int64_t *pair_row, nsent, s;
+    float *gw, *dx, *xr, *tmp;
+    int32_t Tr, E, D, S, t, j, d;
+    size_t i, nTD, off;
+    if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    if (!w || !info || !stats || !grads) return MOE_STATUS_NULL_ARGUMENT;
+    Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
+    if (Tr > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
+    if (!w->router) return MOE_STATUS_MISSING_WEIGHT;
+    if ((st = moe__ep_check_info(&c, info, Tr)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    b = moe__align_ptr(workspace);
+    pair_row = MOE__AT(b, L.pair_row, int64_t);
+    nsent = moe__ep_send_index(&c, plan, info, pair_row);
+    if (nsent > 0 && (!ret_out || !ret_dx)) return MOE_STATUS_NULL_ARGUMENT;
+    if (Tr == 0) return MOE_STATUS_OK;
+    gw = MOE__AT(b, L.gw, float); dx = MOE__AT(b, L.dx, float);
+    xr = MOE__AT(b, L.xr, float); tmp = MOE__AT(b, L.tmp_td, float);
+    nTD = (size_t)Tr * (size_t)D;
+    off = (size_t)plan->token_offset * (size_t)D;
+
+    /* 1. combine backward: g = <dy_t, out>, 3. dx_t = sum of the kept slots' rows */
+    memset(dx, 0, nTD * sizeof(float));
+    for (t = 0; t < Tr; t++)
+        for (j = 0; j < S; j++) {
+            const size_t p = (size_t)t * S + j;
+            float acc = 0.0f;
+            s = pair_row[p];
+            if (s < 0 || info->dropped[p]) { gw[p] = 0.0f; continue; }
+            for (d = 0; d < D; d++) acc += dy[(size_t)t * D + d] * ret_out[(size_t)s * D + d];
+            gw[p] = acc;
+            for (d = 0; d < D; d++) dx[(size_t)t * D + d] += ret_dx[(size_t)s * D + d];
+        }
+
+    /* 5. router backward with the group's statistics, as in moe__backward */
+    memset(&B, 0, sizeof B);
+    B.c = &c; B.info = info; B.T = Tr; B.S = S; B.E = E; B.K = S;
+    B.T_all = plan->num_tokens; B.t0 = plan->token_offset; B.stats = stats;
+    B.gw = gw; B.dz = MOE__AT(b, L.dz, float);
+    B.val = MOE__AT(b, L.bw_d, double); B.dval = B.val + 2 * E;
+    B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E; B.ds = B.val + 6 * E; B.dg = B.val + 7 * E;
+    B.m = MOE__AT(b, L.bw_u8, uint8_t); B.q = B.m + E;
+    B.g = MOE__AT(b, L.bw_f, float); B.dw = B.g + 2 * E;
+    B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
+    B.top = MOE__AT(b, L.small_i, int32_t);
+    for (i = 0; i < nTD; i++) xr[i] = x[i] * moe__jitter_factor(&c, off + i);
+    moe__router_backward_ref(&B);
+    /* router GEMM backward (moe__router_gemm_backward, jitter keyed globally):
+       dW += dz^T xr over this rank's tokens in order, db += sum dz, dx += (dz W) U */
+    if (grads->router) moe__gemm(&c, E, D, Tr, B.dz, 1, (size_t)E, xr, (size_t)D, grads->router, (size_t)D, 1);
+    moe__sum_rows(c.router_bias ? grads->router_bias : NULL, B.dz, Tr, E, (size_t)E);
+    moe__gemm(&c, Tr, D, E, B.dz, (size_t)E, 1, w->router, (size_t)D, tmp, (size_t)D, 0);
+    for (i = 0; i < nTD; i++)
+        dx[i] += c.training && c.jitter > 0.0f ? tmp[i] * moe__jitter_factor(&c, off + i) : tmp[i];
+    if (dx_out) memcpy(dx_out, dx, nTD * sizeof(float));
+    return MOE_STATUS_OK;
 }
 
 // ----------------------------------------------------------------------------
