@@ -4293,9 +4293,10 @@ MOEDEF moe_status moe_ep_pack_backward(const moe_config *cfg, const moe_ep_plan 
     if ((st = moe__ep_check_info(&c, info, plan->local_tokens)) != MOE_STATUS_OK) return st;
     S = c.top_k; D = c.d_model; per = c.num_experts / plan->num_ranks;
     n = (size_t)plan->local_tokens * (size_t)S;
-    for (p = 0; p < n; p++) s += info->dropped[p] != MOE__REJECTED;
-    if (s > 0 && !send_dout) return MOE_STATUS_NULL_ARGUMENT;
-    s = 0;
+    /* any row to send? (a loop with an exit: clang 14 -O3 -mavx512f crashes
+       vectorising the counting form of it) */
+    for (p = 0; p < n; p++) if (info->dropped[p] != MOE__REJECTED) break;
+    if (p < n && !send_dout) return MOE_STATUS_NULL_ARGUMENT;
     for (q = 0; q < plan->num_ranks; q++)    /* moe_ep_pack's order */
         for (p = 0; p < n; p++) {
             const float *dyt = dy + (p / (size_t)S) * (size_t)D;
