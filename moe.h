@@ -1993,6 +1993,27 @@ static double moe__balance_prob(const moe_config *c, const float *sc_row, int32_
 }
 
 /* Auxiliary losses (values; ROUTING_SPEC 1.7, 2, 4, 8). */
+/* DeepSeek-V3 sequence-wise loss of the n tokens from t0: f from a plain
+   top-K of the unbiased scores (no groups, no bias), P from s' = s/sum s. */
+static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
+    const moe_config *c = r->c;
+    const int32_t E = c->num_experts, K = c->top_k;
+    const float *sc = r->res->scores;
+    double seq = 0.0;
+    int32_t t, j, e;
+    for (e = 0; e < E; e++) r->count[e] = 0;
+    for (t = t0; t < t0 + n; t++) {
+        moe__topk_ref(sc + (size_t)t * E, E, K, r->small_i);
+        for (j = 0; j < K; j++) r->count[r->small_i[j]]++;
+    }
+    for (e = 0; e < E; e++) {
+        double P = 0.0;
+        for (t = t0; t < t0 + n; t++) P += moe__balance_prob(c, sc + (size_t)t * E, e);
+        seq += (double)E / ((double)K * n) * r->count[e] * (P / n);
+    }
+    return seq;
+}
+
 static void moe__aux_losses(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k;
@@ -2025,19 +2046,8 @@ static void moe__aux_losses(moe__router *r) {
         int32_t t0, nseq = 0;
         double total = 0.0;
         for (t0 = 0; t0 < T; t0 = T - t0 > L ? t0 + L : T) {   /* no t0 + L past INT32_MAX */
-            int32_t n = T - t0 < L ? T - t0 : L;
-            double seq = 0.0;
-            for (e = 0; e < E; e++) r->count[e] = 0;
-            for (t = t0; t < t0 + n; t++) {
-                moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
-                for (j = 0; j < K; j++) r->count[r->small_i[j]]++;
-            }
-            for (e = 0; e < E; e++) {
-                double P = 0.0;
-                for (t = t0; t < t0 + n; t++) P += moe__balance_prob(c, res->scores + (size_t)t * E, e);
-                seq += (double)E / ((double)K * n) * r->count[e] * (P / n);
-            }
-            total += seq;
+            const int32_t n = T - t0 < L ? T - t0 : L;
+            total += moe__seq_loss_of(r, t0, n);
             nseq++;
         }
         res->aux_seq = (float)(total / nseq);
@@ -3846,21 +3856,8 @@ static void moe__ep_stats_local(const moe_config *c, const moe_ep_plan *pl, moe_
         }
     } else {         /* whole sequences inside this slice (moe__ep_check) */
         int32_t s0;
-        for (s0 = 0; s0 < T; s0 += L) {
-            const int32_t n = T - s0 < L ? T - s0 : L;
-            double seq = 0.0;
-            for (e = 0; e < E; e++) r->count[e] = 0;
-            for (t = s0; t < s0 + n; t++) {
-                moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
-                for (j = 0; j < K; j++) r->count[r->small_i[j]]++;
-            }
-            for (e = 0; e < E; e++) {
-                double Pe = 0.0;
-                for (t = s0; t < s0 + n; t++) Pe += moe__balance_prob(c, res->scores + (size_t)t * E, e);
-                seq += (double)E / ((double)K * n) * r->count[e] * (Pe / n);
-            }
-            st[MOE__EPS_VECS * E + 1] += seq;
-        }
+        for (s0 = 0; s0 < T; s0 = T - s0 > L ? s0 + L : T)
+            st[MOE__EPS_VECS * E + 1] += moe__seq_loss_of(r, s0, T - s0 < L ? T - s0 : L);
     }
 }
 
