@@ -1001,7 +1001,8 @@ static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
 
 // ----------------------------------------------------------------------------
 // SIMD: one vector ISA per build, chosen at compile time (STYLE 7). Each has
-// the same five primitives; the micro-kernel below is written once on them.
+// the same primitives; the micro-kernel and the vector sigmoid below are
+// written once on them.
 //   AVX-512 (-mavx512f): 16 floats, 12x32 register tile
 //   AVX2 + FMA (-mavx2 -mfma): 8 floats, 6x16 tile
 //   NEON (aarch64): 4 floats, 8x8 tile
@@ -1026,6 +1027,22 @@ static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high
     const __m256i h = _mm256_loadu_si256((const __m256i *)(const void *)p);
     return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
 }
+static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm512_mul_ps(a, b); }
+static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm512_div_ps(a, b); }
+static moe__vf moe__v_neg_abs(moe__vf a) {               /* -|a|: set the sign bit */
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000u)));
+}
+static moe__vf moe__v_round(moe__vf a) {
+    return _mm512_maskz_roundscale_ps((__mmask16)0xFFFF, a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
+    const __mmask16 all = (__mmask16)0xFFFF;
+    const __m512i e = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, e, 23));
+}
+static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, c, _CMP_LT_OQ), b, a);
+}
 #elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
 #  include <immintrin.h>
 #  define MOE__SIMD_ISA MOE_ISA_AVX2
@@ -1042,6 +1059,16 @@ static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
 static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high half */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)), 16));
 }
+static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm256_mul_ps(a, b); }
+static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm256_div_ps(a, b); }
+static moe__vf moe__v_neg_abs(moe__vf a) { return _mm256_or_ps(a, _mm256_set1_ps(-0.0f)); }   /* -|a| */
+static moe__vf moe__v_round(moe__vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, c, _CMP_LT_OQ));
+}
 #elif !defined(MOE_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
 #  include <arm_neon.h>
 #  define MOE__SIMD_ISA MOE_ISA_NEON
@@ -1056,10 +1083,21 @@ static moe__vf moe__v_zero(void) { return vdupq_n_f32(0.0f); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return vfmaq_f32(c, a, b); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
 static moe__vf moe__v_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return vmulq_f32(a, b); }
+static moe__vf moe__v_div(moe__vf a, moe__vf b) { return vdivq_f32(a, b); }
+static moe__vf moe__v_neg_abs(moe__vf a) { return vnegq_f32(vabsq_f32(a)); }
+static moe__vf moe__v_round(moe__vf a) { return vrndnq_f32(a); }
+static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
+    return vbslq_f32(vcltq_f32(x, c), a, b);
+}
 #else
 #  define MOE__SIMD_ISA MOE_ISA_REFERENCE
 #  define MOE__HAS_SIMD 0
 #  define MOE__VL 4          /* layout constant of the packed format only */
+#  define MOE__MR 1          /* no micro-kernel: workspace sizes only */
 #endif
 #define MOE__NR (2 * MOE__VL) /* register tile width: two vectors           */
 
@@ -1147,6 +1185,101 @@ static void moe__tile_simd_bf16(int32_t mr, int64_t K, const float *A, size_t a_
 }
 #undef MOE__TILE_SWITCH
 #undef MOE__TILE_CASE
+
+/* e^x for x <= 0 (the -|z| of moe__v_sigmoid), as Cephes' expf: x = n ln2 + r,
+   |r| <= ln2/2, e^r by a degree-6 polynomial (about 1 ulp), times 2^n.
+   Below ln(FLT_MIN) it returns 0 where expf gives a denormal (1 + e and
+   e / (1 + e) do not see the difference); NaN stays NaN.                  */
+MOE__INLINE moe__vf moe__v_exp_nonpos(moe__vf x) {
+    const moe__vf n = moe__v_round(moe__v_mul(x, moe__v_set1(1.44269504088896341f)));
+    const moe__vf r = moe__v_fma(n, moe__v_set1(2.12194440e-4f), moe__v_fma(n, moe__v_set1(-0.693359375f), x));
+    moe__vf p = moe__v_set1(1.9875691500e-4f);
+    p = moe__v_fma(p, r, moe__v_set1(1.3981999507e-3f));
+    p = moe__v_fma(p, r, moe__v_set1(8.3334519073e-3f));
+    p = moe__v_fma(p, r, moe__v_set1(4.1665795894e-2f));
+    p = moe__v_fma(p, r, moe__v_set1(1.6666665459e-1f));
+    p = moe__v_fma(p, r, moe__v_set1(5.0000001201e-1f));
+    p = moe__v_fma(moe__v_mul(p, r), r, moe__v_add(r, moe__v_set1(1.0f)));
+    return moe__v_select_lt(x, moe__v_set1(-87.33654475f), moe__v_zero(), moe__v_mul(p, moe__v_pow2i(n)));
+}
+
+/* moe__sigmoid on a vector: 1 / (1 + e^-z) for z >= 0, e^z / (1 + e^z) below,
+   so the exponential never overflows; +-Inf and NaN come out as there.     */
+MOE__INLINE moe__vf moe__v_sigmoid(moe__vf z) {
+    const moe__vf one = moe__v_set1(1.0f), e = moe__v_exp_nonpos(moe__v_neg_abs(z));
+    const moe__vf s = moe__v_div(one, moe__v_add(one, e));
+    return moe__v_select_lt(z, moe__v_zero(), moe__v_mul(e, s), s);
+}
+
+/* Activations with a vector form here: the SiLU family (SiLU, SwiGLU), the
+   one whose expf dominates the epilogue. GELU stays on the scalar code.    */
+static int moe__act_has_simd(moe_activation a) { return a == MOE_ACT_SILU || a == MOE_ACT_SWIGLU; }
+#endif
+
+/* act(v) as an ISA path computes it (simd): the SiLU family through the
+   vector sigmoid, lane 0 for a single value, so an element gets the same
+   bits in the forward's epilogue, the backward's rebuild of ha from the
+   cache and the recompute, wherever it sits in a vector.                  */
+static float moe__act_isa(moe_activation act, int simd, float v) {
+#if MOE__HAS_SIMD
+    if (simd && moe__act_has_simd(act)) {
+        float lanes[MOE__VL];
+        moe__v_store(lanes, moe__v_sigmoid(moe__v_set1(v)));
+        return v * lanes[0];
+    }
+#else
+    (void)simd;
+#endif
+    return moe__act(act, v);
+}
+
+/* a = act(h) (two-matrix FFN) or act(h) * u (GLU) over n elements, as
+   moe__activate_ref; simd: as the ISA path computes it (moe__act_isa).    */
+static void moe__activate(moe_activation act, int simd, float *MOE_RESTRICT a, const float *MOE_RESTRICT h,
+                          const float *MOE_RESTRICT u, size_t n) {
+    size_t i = 0;
+#if MOE__HAS_SIMD
+    if (simd && moe__act_has_simd(act))
+        for (; i + MOE__VL <= n; i += MOE__VL) {
+            const moe__vf v = moe__v_load(h + i), av = moe__v_mul(v, moe__v_sigmoid(v));
+            moe__v_store(a + i, u ? moe__v_mul(av, moe__v_load(u + i)) : av);
+        }
+#endif
+    for (; i < n; i++) a[i] = u ? moe__act_isa(act, simd, h[i]) * u[i] : moe__act_isa(act, simd, h[i]);
+}
+
+/* Activation backward over elements [i0, i1) (moe__act_grad's formulas):
+   GLU: du = da act(hg), dh = da hu act'(hg);  else dh = da act'(hg).
+   dh holds da on entry. simd: the vector sigmoid where moe__act_has_simd.  */
+static void moe__act_backward(moe_activation act, int simd, float *dh, float *du, const float *hg,
+                              const float *hu, size_t i0, size_t i1) {
+    const int glu = moe__act_is_glu(act);
+    size_t i = i0;
+#if MOE__HAS_SIMD
+    if (simd && moe__act_has_simd(act)) {
+        const moe__vf one = moe__v_set1(1.0f);
+        for (; i + MOE__VL <= i1; i += MOE__VL) {
+            const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
+            /* act' = s (1 + v (1 - s)) */
+            const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one), one));
+            if (glu) {
+                moe__v_store(du + i, moe__v_mul(da, moe__v_mul(v, s)));
+                moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, moe__v_load(hu + i)), grad));
+            } else {
+                moe__v_store(dh + i, moe__v_mul(da, grad));
+            }
+        }
+    }
+#else
+    (void)simd;
+#endif
+    for (; i < i1; i++) {
+        const float da = dh[i];
+        if (glu) { du[i] = da * moe__act(act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(act, hg[i]); }
+        else dh[i] = da * moe__act_grad(act, hg[i]);
+    }
+}
+#if MOE__HAS_SIMD
 
 /* moe__sgemm_ref's contract on the micro-kernel: full NR-wide column tiles in
    registers, the ragged right edge (j1 - j0 not a multiple of NR) by the
@@ -1268,6 +1401,163 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
     g.n_cb = (N + g.cb - 1) / g.cb;
     n_rb = (m + g.rb - 1) / g.rb;
     moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g, 2.0 * (double)m * N * (double)K);
+}
+
+/* The same product on packed copies (GotoBLAS / BLIS): A is copied into
+   MR-row tiles stored k-major, B into NR-column panels, both zero-padded, so
+   the micro-kernel reads both front to back whatever the caller's strides.
+   Unpacked, the backward's operands are slow: a transposed activation gives
+   one useful float per cache line, and rows of a [D][F] weight 4 KiB apart
+   all map to one L1 set. Each task then sweeps its panels in KC-deep blocks,
+   a B block (KC x NR) staying in L1 while the task's row tiles pass over
+   it. Every C element is summed by one task, k ascending, KC at a time:
+   the result does not depend on the thread count.                          */
+#define MOE__KC 256
+#if MOE__HAS_SIMD
+static size_t moe__gemm_pack_floats(int64_t m, int64_t N, int64_t K) {
+    return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR + (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
+                    (size_t)K);
+}
+
+typedef struct moe__gemm_pp {
+    int64_t m, K;
+    int32_t N, n_tiles, n_panels, tiles_per_task, panels_per_task, n_pc;
+    const float *A; size_t a_rs, a_cs;
+    const float *B; size_t ldb;
+    float *C; size_t ldc;
+    float *Ap, *Bp;                 /* [n_tiles][K][MR], [n_panels][K][NR] */
+    int accumulate;
+} moe__gemm_pp;
+
+/* mr rows of K elements (strides a_rs, a_cs) -> one k-major tile
+   dst[k][MR], rows past mr zero.                                          */
+static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a_cs, int32_t mr, int64_t K) {
+    int64_t k;
+    int32_t i;
+    if (a_cs == 1) {                 /* rows contiguous: read along rows */
+        for (i = 0; i < MOE__MR; i++)
+            for (k = 0; k < K; k++) dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k] : 0.0f;
+    } else {
+        for (k = 0; k < K; k++)
+            for (i = 0; i < MOE__MR; i++)
+                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k * a_cs] : 0.0f;
+    }
+}
+
+static void moe__pack_a_task(void *arg, int32_t t) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    const int64_t i0 = (int64_t)t * MOE__MR;
+    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->K, g->A + (size_t)i0 * g->a_rs, g->a_rs, g->a_cs,
+                     (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR), g->K);
+}
+
+/* B in blocks of 16 rows: 16 read streams, and 16 x NR contiguous floats
+   written per panel (a panel at a time would read one line per 4 KiB page). */
+#define MOE__PACK_B_ROWS 16
+static void moe__pack_b_task(void *arg, int32_t task) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS, k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
+    int64_t k;
+    int32_t p, j;
+    for (p = 0; p < g->n_panels; p++) {
+        const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
+        float *dst = g->Bp + (size_t)p * MOE__NR * (size_t)g->K;
+        for (k = k0; k < k1; k++) {
+            const float *row = g->B + (size_t)k * g->ldb + (size_t)j0;
+            float *d = dst + (size_t)k * MOE__NR;
+            for (j = 0; j < nr; j++) d[j] = row[j];
+            for (; j < MOE__NR; j++) d[j] = 0.0f;
+        }
+    }
+}
+
+static void moe__gemm_pp_task(void *arg, int32_t task) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    const int32_t t0 = (task / g->n_pc) * g->tiles_per_task, p0 = (task % g->n_pc) * g->panels_per_task;
+    const int32_t t1 = t0 + g->tiles_per_task < g->n_tiles ? t0 + g->tiles_per_task : g->n_tiles;
+    const int32_t p1 = p0 + g->panels_per_task < g->n_panels ? p0 + g->panels_per_task : g->n_panels;
+    const size_t K = (size_t)g->K;
+    size_t k0;
+    int32_t p, t, i, j;
+    for (k0 = 0; k0 < K; k0 += MOE__KC) {
+        const int64_t kc = K - k0 < MOE__KC ? (int64_t)(K - k0) : MOE__KC;
+        const int acc = g->accumulate || k0 > 0;
+        for (p = p0; p < p1; p++) {
+            const float *bp = g->Bp + ((size_t)p * K + k0) * MOE__NR;
+            const int32_t nr = g->N - p * MOE__NR < MOE__NR ? g->N - p * MOE__NR : MOE__NR;
+            for (t = t0; t < t1; t++) {
+                const float *ap = g->Ap + ((size_t)t * K + k0) * MOE__MR;
+                const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR ? g->m - (int64_t)t * MOE__MR : MOE__MR);
+                float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
+                if (nr == MOE__NR) {
+                    moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, cp, g->ldc, acc);
+                } else {             /* ragged right edge: through a full tile */
+                    float tile[MOE__MR * MOE__NR];
+                    for (i = 0; i < mr; i++)
+                        for (j = 0; j < MOE__NR; j++) tile[i * MOE__NR + j] = acc && j < nr ? cp[(size_t)i * g->ldc + (size_t)j] : 0.0f;
+                    moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, tile, MOE__NR, 1);
+                    for (i = 0; i < mr; i++)
+                        for (j = 0; j < nr; j++) cp[(size_t)i * g->ldc + (size_t)j] = tile[i * MOE__NR + j];
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* moe__gemm through packed copies in pack (moe__gemm_pack_floats(m, N, K)
+   floats) when the SIMD kernel runs and the product reuses each packed
+   element enough to pay for the copy; else moe__gemm.                     */
+static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t K,
+                             const float *A, size_t a_rs, size_t a_cs, const float *B, size_t ldb,
+                             float *C, size_t ldc, int accumulate, float *pack) {
+#if MOE__HAS_SIMD
+    if (pack && c->isa == MOE__SIMD_ISA && m >= 2 * MOE__MR && N >= 2 * MOE__NR && K >= 16) {
+        moe__gemm_pp g;
+        const double flops = 2.0 * (double)m * N * (double)K;
+        int32_t n_rt;
+        g.m = m; g.N = N; g.K = K;
+        g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
+        g.accumulate = accumulate;
+        g.n_tiles = (int32_t)((m + MOE__MR - 1) / MOE__MR);
+        g.n_panels = (N + MOE__NR - 1) / MOE__NR;
+        g.Ap = pack;
+        g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
+        /* tasks: 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
+           (each A block serves 16 B blocks before the next is fetched), fewer
+           panels when that leaves under 8 tasks for the threads             */
+        g.tiles_per_task = g.n_tiles < 12 ? g.n_tiles : 12;
+        n_rt = (g.n_tiles + g.tiles_per_task - 1) / g.tiles_per_task;
+        g.panels_per_task = g.n_panels < 16 ? g.n_panels : 16;
+        while (g.panels_per_task > 1 && n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
+            g.panels_per_task /= 2;
+        g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
+        moe__parallel_for(c, g.n_tiles, moe__pack_a_task, &g, flops);
+        moe__parallel_for(c, (int32_t)((K + MOE__PACK_B_ROWS - 1) / MOE__PACK_B_ROWS), moe__pack_b_task, &g, flops);
+        moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
+        return;
+    }
+#endif
+    (void)pack;
+    moe__gemm(c, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+
+/* Packed-operand scratch (floats) for moe__experts_backward on an FFN of
+   width F over at most n rows: the largest of its four GEMM shapes.        */
+static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F) {
+#if MOE__HAS_SIMD
+    const int64_t D = c->d_model, Fi = (int64_t)F, ni = (int64_t)(n < (size_t)INT64_MAX / 2 ? n : (size_t)INT64_MAX / 2);
+    const size_t s[4] = {moe__gemm_pack_floats(ni, Fi, D), moe__gemm_pack_floats(D, Fi, ni),
+                         moe__gemm_pack_floats(Fi, D, ni), moe__gemm_pack_floats(ni, D, Fi)};
+    size_t m = 0;
+    int i;
+    if (c->isa == MOE_ISA_REFERENCE) return 0;
+    for (i = 0; i < 4; i++) m = s[i] > m ? s[i] : m;
+    return m;
+#else
+    (void)c; (void)n; (void)F;
+    return 0;
+#endif
 }
 
 // ----------------------------------------------------------------------------
@@ -1544,10 +1834,12 @@ typedef struct moe__layout {
     size_t logits, noise_logits, xr, slot_norm;
     size_t pair_row, offsets, row_pair, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
     size_t tiles, sh_tiles, task_off, task_panels, router_t, pack;   /* SIMD forward only */
+    size_t tile_off, apack;                                           /* SIMD forward only */
     /* backward only */
     size_t gw, dout, da, du, dxg, dscore, dz, dsig, dD, sh_dout, sh_da, sh_du, sh_dx, dx, gamma;
     size_t bw_d, bw_f, bw_u8;   /* router-backward scratch: 8E doubles, 6E floats, 2E bytes */
     size_t tmp_td;              /* [T][D] */
+    size_t gemm_pack;           /* packed GEMM operands of the expert backward (SIMD) */
     size_t total;         /* bytes, including slack to align the base pointer */
 } moe__layout;
 
@@ -1616,6 +1908,10 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
             L->task_panels = moe__reserve(&t, E + 1, sizeof(int32_t), &ok);
             L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
+            /* A as k-major MR-row tiles: each expert's last tile padded */
+            L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
+            L->apack       = moe__reserve(&t, moe__mul(N + E * MOE__MR > nT + MOE__MR ? N + E * MOE__MR : nT + MOE__MR,
+                                                       D > F && D > Fs ? D : (F > Fs ? F : Fs)), sizeof(float), &ok);
             /* one expert's panels, for weights that come unpacked */
             L->pack        = moe__reserve(&t, moe__mul(D, (p1 > p1s ? p1 : p1s) * MOE__NR) +
                                               moe__mul(p2 * MOE__NR, F > Fs ? F : Fs), sizeof(float), &ok);
@@ -1641,6 +1937,10 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->bw_f    = moe__reserve(&t, 6 * E, sizeof(float), &ok);
         L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
         L->tmp_td  = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
+        {
+            const size_t routed = moe__backward_pack_floats(c, N, F), shared = Fs ? moe__backward_pack_floats(c, nT, Fs) : 0;
+            L->gemm_pack = moe__reserve(&t, routed > shared ? routed : shared, sizeof(float), &ok);
+        }
     }
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
@@ -2289,6 +2589,8 @@ typedef struct moe__packed_job {
     const float *gate_bias, *up_bias, *down_bias;   /* per expert F, F, D, or NULL */
     int64_t *task_off;              /* [n_sets + 1]                          */
     int32_t *panels_per_task;       /* [n_sets]                              */
+    int64_t *tile_off;              /* [n_sets + 1] first MR-row tile of each set */
+    float *Ap;                      /* the stage's A rows as k-major MR tiles */
 } moe__packed_job;
 
 #define MOE__ROW_BLOCK (12 * MOE__MR)   /* rows per task: B panels are streamed once per block (memory-bound below ~100 rows) */
@@ -2314,17 +2616,17 @@ static void moe__packed_task(void *arg, int32_t task) {
     nr = J->off[e + 1] - r0 < MOE__ROW_BLOCK ? J->off[e + 1] - r0 : MOE__ROW_BLOCK;
     {
         const unsigned char *w = J->panels + (size_t)e * J->set_stride + (J->stage == 1 ? 0 : J->g->w13 * J->esize);
-        const float *A = J->stage == 1 ? J->x : J->ha;
-        const size_t lda = J->stage == 1 ? (size_t)J->D : (size_t)J->F;
+        const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) * MOE__MR * (size_t)K;
         for (p = p0; p < p1; p++) {
             const void *panel = w + (size_t)p * (size_t)K * MOE__NR * J->esize;
             for (i = 0; i < nr; i += MOE__MR) {
                 const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
+                const float *a = A + (size_t)i * (size_t)K;      /* tile i / MR, MR * K floats each */
                 float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
                 if (J->esize == sizeof(uint16_t))
-                    moe__tile_simd_bf16(mr, K, A + (size_t)(r0 + i) * lda, lda, 1, (const uint16_t *)panel, MOE__NR, C, J->ldS, 0);
+                    moe__tile_simd_bf16(mr, K, a, 1, MOE__MR, (const uint16_t *)panel, MOE__NR, C, J->ldS, 0);
                 else
-                    moe__tile_simd(mr, K, A + (size_t)(r0 + i) * lda, lda, 1, (const float *)panel, MOE__NR, C, J->ldS, 0);
+                    moe__tile_simd(mr, K, a, 1, MOE__MR, (const float *)panel, MOE__NR, C, J->ldS, 0);
             }
         }
     }
@@ -2335,8 +2637,29 @@ static void moe__packed_task(void *arg, int32_t task) {
             const int32_t fc = J->g->f_cols, f_end = p1 * fc < J->F ? p1 * fc : J->F;
             const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
             const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
-            int32_t f;
-            for (f = p0 * fc; f < f_end; f++) {
+            int32_t f = p0 * fc;
+            if (moe__act_has_simd(J->c->activation))    /* whole panels on vectors */
+                for (; f + fc <= f_end; f += fc) {
+                    const float *sp = Sr + (size_t)(f / fc) * MOE__NR;
+                    const size_t o = (size_t)r * J->F + (size_t)f;
+                    int32_t q;
+                    if (J->glu) {                        /* gate lanes, then up lanes */
+                        moe__vf gv = moe__v_load(sp), uv = moe__v_load(sp + MOE__VL);
+                        if (bg) gv = moe__v_add(gv, moe__v_load(bg + f));
+                        if (bu) uv = moe__v_add(uv, moe__v_load(bu + f));
+                        moe__v_store(J->hg + o, gv);
+                        moe__v_store(J->hu + o, uv);
+                        moe__v_store(J->ha + o, moe__v_mul(moe__v_mul(gv, moe__v_sigmoid(gv)), uv));
+                    } else {
+                        for (q = 0; q < fc; q += MOE__VL) {
+                            moe__vf gv = moe__v_load(sp + q);
+                            if (bg) gv = moe__v_add(gv, moe__v_load(bg + f + q));
+                            moe__v_store(J->hg + o + (size_t)q, gv);
+                            moe__v_store(J->ha + o + (size_t)q, moe__v_mul(gv, moe__v_sigmoid(gv)));
+                        }
+                    }
+                }
+            for (; f < f_end; f++) {
                 const int32_t pp = f / fc, v = f % fc;
                 const size_t o = (size_t)r * J->F + (size_t)f;
                 const float gv = Sr[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
@@ -2344,9 +2667,9 @@ static void moe__packed_task(void *arg, int32_t task) {
                 if (J->glu) {
                     const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
                     J->hu[o] = uv;
-                    J->ha[o] = moe__act(J->c->activation, gv) * uv;
+                    J->ha[o] = moe__act_isa(J->c->activation, 1, gv) * uv;
                 } else {
-                    J->ha[o] = moe__act(J->c->activation, gv);
+                    J->ha[o] = moe__act_isa(J->c->activation, 1, gv);
                 }
             }
             moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
@@ -2360,14 +2683,37 @@ static void moe__packed_task(void *arg, int32_t task) {
     }
 }
 
+/* Tile t of the stage's A (x rows, or ha rows in stage 2) into J->Ap: the
+   micro-kernel then reads A front to back, not MR rows a row stride apart. */
+static void moe__packed_a_task(void *arg, int32_t t) {
+    const moe__packed_job *J = (const moe__packed_job *)arg;
+    const int64_t K = J->stage == 1 ? J->D : J->F;
+    int32_t lo = 0, hi = J->n_sets;
+    int64_t r0, left;
+    while (hi - lo > 1) {                    /* set of this tile */
+        const int32_t mid = (lo + hi) / 2;
+        if (J->tile_off[mid] <= t) lo = mid; else hi = mid;
+    }
+    r0 = J->off[lo] + (t - J->tile_off[lo]) * MOE__MR;
+    left = J->off[lo + 1] - r0;
+    moe__pack_a_tile(J->Ap + (size_t)t * MOE__MR * (size_t)K,
+                     (J->stage == 1 ? J->x : J->ha) + (size_t)r0 * (size_t)K, (size_t)K, 1,
+                     (int32_t)(left < MOE__MR ? left : MOE__MR), K);
+}
+
 /* Run both stages of a packed set: tasks of about MOE__TASK_FLOPS. */
 static void moe__packed_ffn(moe__packed_job *J) {
     int stage;
+    int32_t e;
+    J->tile_off[0] = 0;
+    for (e = 0; e < J->n_sets; e++)
+        J->tile_off[e + 1] = J->tile_off[e] + (J->off[e + 1] - J->off[e] + MOE__MR - 1) / MOE__MR;
     for (stage = 1; stage <= 2; stage++) {
         const int32_t P = stage == 1 ? J->g->p1 : J->g->p2;
         const double K = stage == 1 ? J->D : J->F;
-        int32_t e;
         J->stage = stage;
+        moe__parallel_for(J->c, (int32_t)J->tile_off[J->n_sets], moe__packed_a_task, J,
+                          2.0 * (double)(J->off[J->n_sets] - J->off[0]) * K * P * MOE__NR);
         J->task_off[0] = 0;
         for (e = 0; e < J->n_sets; e++) {
             const int64_t n = J->off[e + 1] - J->off[e];
@@ -2573,6 +2919,8 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsi
     J.ldS = (size_t)(g.p1 > g.p2 ? g.p1 : g.p2) * MOE__NR;
     J.task_off = MOE__AT(b, L->task_off, int64_t);
     J.panels_per_task = MOE__AT(b, L->task_panels, int32_t);
+    J.tile_off = MOE__AT(b, L->tile_off, int64_t);
+    J.Ap = MOE__AT(b, L->apack, float);
     if (packed_set) {
         J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
         J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize; J.n_sets = n_sets; J.off = off;
@@ -3062,46 +3410,63 @@ static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, siz
 }
 
 /* Backward of the expert FFNs, rows of each expert at once; every product is
-   one strided GEMM (moe__gemm: the ISA's kernel, in parallel tasks).
+   one GEMM on the ISA's kernel in parallel tasks (moe__gemm_packed: through
+   packed copies in pack, when given and the product is big enough).
      da = dout . down_e                       d down_e += dout^T . ha,  d bd += sum dout
      GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
      d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
      dx = dh . gate_e + du . up_e   (overwritten, [N][D])                      */
+/* Activation backward of rows [r0, r1) of an expert set, as parallel tasks. */
+typedef struct moe__act_bw_job {
+    const moe__ffn *f;
+    int simd;
+    int64_t base;                   /* first row of the set */
+    float *dh, *du;
+    const float *hg, *hu;
+} moe__act_bw_job;
+static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
+    const moe__act_bw_job *j = (const moe__act_bw_job *)arg;
+    const size_t F = (size_t)j->f->F;
+    r0 += j->base; r1 += j->base;
+    moe__dropout_apply(j->f, j->dh, r0, r1, 0, j->f->F);  /* through the dropout mask */
+    moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, (size_t)r0 * F, (size_t)r1 * F);
+}
+
 static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
                                   int32_t num_experts, const int64_t *off, const float *x,
                                   const float *hg, const float *hu, const float *ha,
-                                  const float *dout, float *dh, float *du, float *dx) {
+                                  const float *dout, float *dh, float *du, float *dx, float *pack) {
     const size_t D = (size_t)f->D, F = (size_t)f->F;
     const int glu = moe__act_is_glu(f->act);
+    moe__act_bw_job aj;
     int32_t e;
     for (e = 0; e < num_experts; e++) {
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
         const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
-        const float *w_gate = f->gate + (size_t)e * f->gate_stride, *w_up = glu ? f->up + (size_t)e * f->up_stride : NULL;
-        const float *w_down = f->down + (size_t)e * f->down_stride;
-        size_t i;
         if (n == 0) continue;
         /* da[n][F] = dout[n][D] . down[D][F];  d down[D][F] += dout^T . ha */
-        moe__gemm(c, n, f->F, f->D, dout + x0, D, 1, w_down, F, dh + h0, F, 0);
-        if (g->down) moe__gemm(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1);
+        moe__gemm_packed(c, n, f->F, f->D, dout + x0, D, 1, f->down + (size_t)e * f->down_stride, F, dh + h0, F, 0, pack);
+        if (g->down) moe__gemm_packed(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1, pack);
         moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
-        moe__dropout_apply(f, dh, r0, r0 + n, 0, f->F);  /* through the dropout mask */
-        for (i = h0; i < h0 + (size_t)n * F; i++) {     /* through the activation */
-            const float da = dh[i];
-            if (glu) { du[i] = da * moe__act(f->act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(f->act, hg[i]); }
-            else dh[i] = da * moe__act_grad(f->act, hg[i]);
-        }
+    }
+    /* through the dropout mask and the activation, every row at once */
+    aj.f = f; aj.simd = c->isa != MOE_ISA_REFERENCE; aj.base = off[0]; aj.dh = dh; aj.du = du; aj.hg = hg; aj.hu = hu;
+    moe__parallel_rows(c, off[num_experts] - off[0], 256, moe__act_bw_rows, &aj, 20.0 * (double)(off[num_experts] - off[0]) * (double)F);
+    for (e = 0; e < num_experts; e++) {
+        const int64_t r0 = off[e], n = off[e + 1] - off[e];
+        const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
+        if (n == 0) continue;
         /* d gate[F][D] += dh^T . x,  d up += du^T . x */
-        if (g->gate) moe__gemm(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D, g->gate + (size_t)e * f->gate_stride, D, 1);
+        if (g->gate) moe__gemm_packed(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D, g->gate + (size_t)e * f->gate_stride, D, 1, pack);
         moe__sum_rows(g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, n, f->F, F);
         if (glu) {
-            if (g->up) moe__gemm(c, f->F, f->D, n, du + h0, 1, F, x + x0, D, g->up + (size_t)e * f->up_stride, D, 1);
+            if (g->up) moe__gemm_packed(c, f->F, f->D, n, du + h0, 1, F, x + x0, D, g->up + (size_t)e * f->up_stride, D, 1, pack);
             moe__sum_rows(g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, n, f->F, F);
         }
         /* dx[n][D] = dh . gate[F][D] (+ du . up) */
         if (!dx) continue;
-        moe__gemm(c, n, f->D, f->F, dh + h0, F, 1, w_gate, D, dx + x0, D, 0);
-        if (glu) moe__gemm(c, n, f->D, f->F, du + h0, F, 1, w_up, D, dx + x0, D, 1);
+        moe__gemm_packed(c, n, f->D, f->F, dh + h0, F, 1, f->gate + (size_t)e * f->gate_stride, D, dx + x0, D, 0, pack);
+        if (glu) moe__gemm_packed(c, n, f->D, f->F, du + h0, F, 1, f->up + (size_t)e * f->up_stride, D, dx + x0, D, 1, pack);
     }
 }
 
@@ -3544,14 +3909,14 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         {
             const moe__ffn f = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
             const int64_t rows = MOE__AT(b, L.offsets, int64_t)[E];
-            moe__activate_ref(c.activation, ha, hg, hu, (size_t)rows * (size_t)c.d_ff);
+            moe__activate(c.activation, c.isa != MOE_ISA_REFERENCE, ha, hg, hu, (size_t)rows * (size_t)c.d_ff);
             moe__dropout_apply(&f, ha, 0, rows, 0, c.d_ff);    /* the forward's mask */
         }
         if (c.shared_d_ff) {
             sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
             sh_out = info->cache_shared_out;
             sh_a = MOE__AT(b, L.sh_a, float);
-            moe__activate_ref(c.activation, sh_a, sh_g, sh_u, (size_t)T * (size_t)c.shared_d_ff);
+            moe__activate(c.activation, c.isa != MOE_ISA_REFERENCE, sh_a, sh_g, sh_u, (size_t)T * (size_t)c.shared_d_ff);
         }
     }
 
@@ -3595,7 +3960,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
 
         /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
         moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, dout,
-                                  MOE__AT(b, L.da, float), glu ? MOE__AT(b, L.du, float) : NULL, dxg);
+                                  MOE__AT(b, L.da, float), glu ? MOE__AT(b, L.du, float) : NULL, dxg,
+                                  MOE__AT(b, L.gemm_pack, float));
 
         /* 3. back to tokens: dx_t = sum_j dxg[row(t, j)] in slot order (Soft: D dX~) */
         memset(dx, 0, (size_t)T * D * sizeof(float));
@@ -3644,7 +4010,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                 }
             }
             moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, sh_dout,
-                                      MOE__AT(b, L.sh_da, float), glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx);
+                                      MOE__AT(b, L.sh_da, float), glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx,
+                                      MOE__AT(b, L.gemm_pack, float));
             for (t = 0; t < T; t++)
                 for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
         }
@@ -4013,6 +4380,7 @@ typedef struct moe__ep_layout {
     moe__layout L;            /* the forward layout of the local config      */
     size_t row_key;           /* int64_t[N] row -> global pair t*K + j (dropout) */
     size_t dout, da, du, dxg; /* backward: [N][D], [N][F], [N][F], [N][D]    */
+    size_t gemm_pack;         /* packed GEMM operands of the backward (SIMD) */
     size_t total;
 } moe__ep_layout;
 
@@ -4028,6 +4396,7 @@ static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__ep_l
     X->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
     X->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0, sizeof(float), &ok);
     X->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    X->gemm_pack = moe__reserve(&t, moe__backward_pack_floats(cl, N, F), sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     X->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
@@ -4347,7 +4716,7 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     ha = MOE__AT(b, X.L.ha, float);
     if (cached) {
         hg = cache_hidden; hu = glu ? cache_up : NULL;
-        moe__activate_ref(c.activation, ha, hg, hu, (size_t)rows * (size_t)F);
+        moe__activate(c.activation, c.isa != MOE_ISA_REFERENCE, ha, hg, hu, (size_t)rows * (size_t)F);
         moe__dropout_apply(&f, ha, 0, rows, 0, F);
     } else {
         moe__ep_owner_ffn(&cl, &f, &X, b);
@@ -4362,7 +4731,8 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
                            grads->down, grads->gate_bias, grads->up_bias, grads->down_bias);
     moe__experts_backward(&cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t), MOE__AT(b, X.L.xg, float),
                           hg, hu, ha, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
-                          glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float));
+                          glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float),
+                          MOE__AT(b, X.gemm_pack, float));
     pair_row = MOE__AT(b, X.L.pair_row, int64_t);
     for (r = 0; r < n; r++) {
         row = pair_row[r];

@@ -24,6 +24,8 @@
                 on 1 thread, and a warning when the two do not scale (busy box)
      read bw    sum of a 1 GiB array (>> L3), first-touched by the same
                 threads, GB/s
+   Environment: MOE_BENCH_T=n runs only T = n, MOE_BENCH_SHAPE=name only that
+   shape (quick experiments; the recorded runs use neither).
    Each row: median and min-max of N timed runs after one warm-up, warm caches;
      GFLOP/s  the FLOPs actually done (router + 3 GEMMs per processed pair +
               shared expert; forward+backward counts 3x the forward)
@@ -446,7 +448,8 @@ int main(int argc, char **argv) {
     const int Ts[] = {1, 16, 128, 1024};
     moe_config shapes[3];
     static const char *const shape_names[3] = {"mixtral-mini", "deepseek-mini", "qwen-mini"};
-    int variants[16], nv = 0, i, s;
+    int variants[16], nv = 0, i, s, only_T;
+    const char *only_shape;
     size_t k;
     ceilings cl;
     const char *p = vlist;
@@ -472,13 +475,18 @@ int main(int argc, char **argv) {
     shapes[2] = moe_preset_qwen2_moe();   /* E60 K4, no renorm, sigmoid-gated shared expert */
     shapes[2].d_model = 1024; shapes[2].d_ff = 384; shapes[2].shared_d_ff = 4 * 384;
     cl = measure_ceilings(json);
+    only_T = getenv("MOE_BENCH_T") ? atoi(getenv("MOE_BENCH_T")) : 0;
+    only_shape = getenv("MOE_BENCH_SHAPE");
     for (i = 0; i < nv; i++) {
         const int v = variants[i];
         printf("moe.h %s bench, variant %d (%s)\n", MOE_VERSION_STRING, v, variant_names[v]);
         printf("%-14s %5s  %s  %10s  %-19s %7s %7s %6s %6s\n", "shape", "T", "v", "median ms", "min-max ms",
                "GFLOP/s", "GB/s", "%peak", "%bw");
         for (k = 0; k < sizeof Ts / sizeof Ts[0] && Ts[k] <= max_T; k++)
-            for (s = 0; s < 3; s++) run_shape(shape_names[s], shapes[s], v, Ts[k], &cl, json);
+            for (s = 0; s < 3; s++) {
+                if ((only_T && Ts[k] != only_T) || (only_shape && strcmp(only_shape, shape_names[s]) != 0)) continue;
+                run_shape(shape_names[s], shapes[s], v, Ts[k], &cl, json);
+            }
     }
     if (json) fclose(json);
     return 0;

@@ -207,6 +207,15 @@ TEST(isa, odd_shapes_match_reference) {
     isa_compare(isa_config(1, 1, 16, 32, MOE_ACT_GELU), 5, 102);         /* E = 1 */
 }
 
+/* Shapes that take every backward GEMM through the packed path with more
+   than one KC = 256 block of k: the inner dimension is D (da), the rows of
+   an expert (weight gradients) or F (dx); ragged tiles on both edges.     */
+TEST(isa, blocked_gemm_matches_reference) {
+    isa_compare(isa_config(1, 1, 270, 40, MOE_ACT_SWIGLU), 300, 11);   /* k = D, k = rows > 256 */
+    isa_compare(isa_config(2, 2, 40, 260, MOE_ACT_SILU), 20, 12);       /* k = F > 256, no GLU */
+    isa_compare(isa_config(2, 1, 33, 70, MOE_ACT_GELU), 13, 13);        /* scalar activation */
+}
+
 /* T = 1000: long expert row blocks, tails of every kind, many tasks. */
 TEST(isa, large_batch_matches_reference) {
     moe_config c = isa_config(8, 2, 37, 70, MOE_ACT_SWIGLU);
@@ -270,6 +279,34 @@ TEST(isa, bitwise_identical_across_threads) {
     }
     isa_run_free(&one); isa_run_free(&two);
     isa_layer_free(&L);
+}
+
+/* recompute = 1 redoes the expert FFNs on the ISA path; recompute = 0
+   rebuilds ha from the cached pre-activations. Both must give the bits of
+   the forward's epilogue (vector sigmoid on whole panels, its lane 0 on the
+   ragged ones): F = 40 has both on every vector width.                    */
+TEST(isa, recompute_bitwise_on_simd) {
+    moe_activation acts[2] = {MOE_ACT_SWIGLU, MOE_ACT_SILU};
+    int a, i;
+    for (a = 0; a < 2; a++) {
+        moe_config c = isa_config(4, 2, 33, 40, acts[a]);
+        isa_layer L;
+        isa_run cached, redone;
+        c.shared_d_ff = 20;
+        isa_layer_make(&L, c, 63, 41 + (uint32_t)a);
+        isa_run_layer(&L, MOE_ISA_AUTO, 1, 0, &cached);
+        L.c.recompute = 1;
+        isa_run_layer(&L, MOE_ISA_AUTO, 1, 0, &redone);
+        CHECK_STATUS(cached.st, MOE_STATUS_OK);
+        CHECK_STATUS(redone.st, MOE_STATUS_OK);
+        CHECK(memcmp(cached.dx, redone.dx, (size_t)63 * 33 * sizeof(float)) == 0);
+        for (i = 0; i < 7; i++) {
+            const size_t n = isa_grad_len(&c, i);
+            CHECK(n == 0 || memcmp(cached.grads[i], redone.grads[i], n * sizeof(float)) == 0);
+        }
+        isa_run_free(&cached); isa_run_free(&redone);
+        isa_layer_free(&L);
+    }
 }
 
 /* Packed and unpacked weights run the same panels: bitwise the same y. */

@@ -127,3 +127,66 @@ TEST(spec_internal, s2_shazeer_eval_no_noise) {
     CHECK_ARRAY_NEAR(o.weight, w_want, 6, SPEC_ATOL, SPEC_RTOL);
     CHECK_NEAR(o.aux_load, 1.0 / 9.0, SPEC_ATOL, SPEC_RTOL);
 }
+
+#if MOE__HAS_SIMD
+/* The vector sigmoid of the SiLU epilogue against moe__sigmoid: a few ulp
+   on finite inputs (Cephes exp polynomial), the same value class on every
+   input, the denormal and overflow ranges and the non-finite ones included. */
+TEST(spec_internal, vector_sigmoid_matches_scalar) {
+    float z[MOE__VL], out[MOE__VL];
+    const float special[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 87.0f, -87.0f, 87.4f, -87.4f, 88.8f, -88.8f,
+                             -103.0f, -104.0f, 1e30f, -1e30f, 3.4e38f, -3.4e38f};
+    double worst = 0.0;
+    int n = 0, i, j;
+    for (i = -20000; i <= 20000 + (int)(sizeof special / sizeof special[0]) + 3; i += MOE__VL) {
+        for (j = 0; j < MOE__VL; j++) {
+            const int k = i + j;
+            if (k <= 20000) z[j] = (float)k * 0.0061f;       /* -122 .. 122 */
+            else if (k - 20001 < (int)(sizeof special / sizeof special[0])) z[j] = special[k - 20001];
+            else z[j] = k % 3 == 0 ? INFINITY : k % 3 == 1 ? -INFINITY : NAN;
+        }
+        moe__v_store(out, moe__v_sigmoid(moe__v_load(z)));
+        for (j = 0; j < MOE__VL; j++) {
+            const float want = moe__sigmoid(z[j]);
+            CHECK(isnan(out[j]) == isnan(want));
+            CHECK(isinf(out[j]) == isinf(want));
+            if (moe__isfinite(want)) {
+                const double err = fabs((double)out[j] - want);
+                const double rel = err / (fabs(want) > 1e-30 ? fabs(want) : 1e-30);
+                if (fabs(want) >= 1.1754944e-38 && rel > worst) worst = rel;
+                CHECK(err <= 4e-7 * fabs(want) || err < 1.2e-38);   /* below FLT_MIN: flushed to 0 */
+            }
+            n++;
+        }
+    }
+    CHECK(n > 40000);
+    CHECK(worst < 4e-7);
+}
+
+/* moe__act_backward: the vector path (SiLU, SwiGLU) against the scalar one
+   it shares formulas with; lengths off the vector width; Inf and NaN land
+   where the scalar ones do.                                                */
+TEST(spec_internal, vector_act_backward_matches_scalar) {
+    enum { N = 77 };
+    float hg[N], hu[N], dh_v[N], du_v[N], dh_s[N], du_s[N];
+    int a, i;
+    for (a = 0; a < 2; a++) {
+        const moe_activation act = a ? MOE_ACT_SWIGLU : MOE_ACT_SILU;
+        for (i = 0; i < N; i++) {
+            hg[i] = (float)((i * 37) % 41 - 20) * 0.7f;
+            hu[i] = (float)((i * 11) % 13 - 6) * 0.3f;
+            dh_v[i] = dh_s[i] = (float)((i * 5) % 9 - 4) * 0.25f;
+        }
+        hg[3] = INFINITY; hg[4] = -INFINITY; hg[5] = NAN; hg[6] = -95.0f; hg[7] = 95.0f;
+        memset(du_v, 0, sizeof du_v); memset(du_s, 0, sizeof du_s);
+        moe__act_backward(act, 1, dh_v, du_v, hg, hu, 2, N);   /* unaligned start, ragged end */
+        moe__act_backward(act, 0, dh_s, du_s, hg, hu, 2, N);
+        for (i = 0; i < N; i++) {
+            CHECK(isnan(dh_v[i]) == isnan(dh_s[i]) && isnan(du_v[i]) == isnan(du_s[i]));
+            if (moe__isfinite(dh_s[i])) CHECK(fabs(dh_v[i] - dh_s[i]) <= 1e-6f * (1.0f + fabsf(dh_s[i])));
+            if (moe__isfinite(du_s[i])) CHECK(fabs(du_v[i] - du_s[i]) <= 1e-6f * (1.0f + fabsf(du_s[i])));
+        }
+        CHECK(dh_v[0] == dh_s[0] && du_v[1] == 0.0f);           /* outside [2, N): untouched */
+    }
+}
+#endif
