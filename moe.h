@@ -3860,6 +3860,62 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
 }
 
 /* The backward with an optional noise seam (tests drive ROUTING_SPEC 2's N). */
+/* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
+   token's pairs own distinct rows, so tokens are independent tasks).
+   ha: ha = act(hg) [* hu] then the forward's dropout mask, rows [r0, r1).
+   combine: gw[t][j] = <dy_t, out[row]>, dout[row] = w[t][j] dy_t.
+   gather: dx_t = sum_j dxg[row(t, j)], slots in order.                   */
+typedef struct moe__bw_rows_job {
+    const moe__ffn *f;
+    int simd;
+    const float *hg, *hu, *dy, *out, *weight, *dxg;
+    float *ha, *gw, *dout, *dx;
+    const int64_t *pair_row;
+    int32_t S, D;
+} moe__bw_rows_job;
+static void moe__bw_ha_rows(void *arg, int64_t r0, int64_t r1) {
+    const moe__bw_rows_job *j = (const moe__bw_rows_job *)arg;
+    const size_t F = (size_t)j->f->F;
+    moe__activate(j->f->act, j->simd, j->ha + (size_t)r0 * F, j->hg + (size_t)r0 * F,
+                  j->hu ? j->hu + (size_t)r0 * F : NULL, (size_t)(r1 - r0) * F);
+    moe__dropout_apply(j->f, j->ha, r0, r1, 0, j->f->F);
+}
+static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
+    const size_t D = (size_t)J->D;
+    int64_t t;
+    int32_t j;
+    size_t d;
+    for (t = t0; t < t1; t++)
+        for (j = 0; j < J->S; j++) {
+            const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
+            const int64_t row = J->pair_row[p];
+            const float *dyt = J->dy + (size_t)t * D, *o = J->out + (size_t)row * D;
+            float *dr = J->dout + (size_t)row * D, acc = 0.0f;
+            if (row < 0) { J->gw[p] = 0.0f; continue; }
+            for (d = 0; d < D; d++) {
+                acc += dyt[d] * o[d];
+                dr[d] = J->weight[p] * dyt[d];
+            }
+            J->gw[p] = acc;
+        }
+}
+static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
+    const size_t D = (size_t)J->D;
+    int64_t t;
+    int32_t j;
+    size_t d;
+    for (t = t0; t < t1; t++)
+        for (j = 0; j < J->S; j++) {
+            const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
+            const float *g = J->dxg + (size_t)row * D;
+            float *dxt = J->dx + (size_t)t * D;
+            if (row < 0) continue;
+            for (d = 0; d < D; d++) dxt[d] += g[d];
+        }
+}
+
 static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, const float *x,
                                 int32_t T, const moe_info *info, const float *dy, float *dx_out,
                                 const moe_grads *gr, void *workspace, size_t workspace_bytes,
@@ -3906,17 +3962,21 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         moe__expert_inputs(&c, x, T, info->expert, info->dropped, info->dispatch, &L, b);
         hg = info->cache_hidden; hu = glu ? info->cache_up : NULL; out = info->cache_out;
         ha = MOE__AT(b, L.ha, float);
-        {
+        {                                   /* and the forward's dropout mask */
             const moe__ffn f = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
             const int64_t rows = MOE__AT(b, L.offsets, int64_t)[E];
-            moe__activate(c.activation, c.isa != MOE_ISA_REFERENCE, ha, hg, hu, (size_t)rows * (size_t)c.d_ff);
-            moe__dropout_apply(&f, ha, 0, rows, 0, c.d_ff);    /* the forward's mask */
-        }
-        if (c.shared_d_ff) {
-            sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
-            sh_out = info->cache_shared_out;
-            sh_a = MOE__AT(b, L.sh_a, float);
-            moe__activate(c.activation, c.isa != MOE_ISA_REFERENCE, sh_a, sh_g, sh_u, (size_t)T * (size_t)c.shared_d_ff);
+            moe__bw_rows_job J;
+            memset(&J, 0, sizeof J);
+            J.f = &f; J.simd = c.isa != MOE_ISA_REFERENCE; J.ha = ha; J.hg = hg; J.hu = hu;
+            moe__parallel_rows(&c, rows, 256, moe__bw_ha_rows, &J, 20.0 * (double)rows * c.d_ff);
+            if (c.shared_d_ff) {
+                const moe__ffn sf = moe__shared_ffn(&c, w);
+                sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
+                sh_out = info->cache_shared_out;
+                sh_a = MOE__AT(b, L.sh_a, float);
+                J.f = &sf; J.ha = sh_a; J.hg = sh_g; J.hu = sh_u;
+                moe__parallel_rows(&c, T, 256, moe__bw_ha_rows, &J, 20.0 * (double)T * c.shared_d_ff);
+            }
         }
     }
 
@@ -3944,18 +4004,11 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                     dscore[(size_t)t * R + s] = acc;       /* dC */
                 }
         } else {
-            for (t = 0; t < T; t++)
-                for (j = 0; j < S; j++) {
-                    const size_t p = (size_t)t * S + j;
-                    const int64_t row = pair_row[p];
-                    float acc = 0.0f;
-                    if (row < 0) { gw[p] = 0.0f; continue; }
-                    for (d = 0; d < D; d++) {
-                        acc += dy[(size_t)t * D + d] * out[(size_t)row * D + d];
-                        dout[(size_t)row * D + d] = info->weight[p] * dy[(size_t)t * D + d];
-                    }
-                    gw[p] = acc;
-                }
+            moe__bw_rows_job J;
+            memset(&J, 0, sizeof J);
+            J.dy = dy; J.out = out; J.weight = info->weight; J.gw = gw; J.dout = dout;
+            J.pair_row = pair_row; J.S = S; J.D = D;
+            moe__parallel_rows(&c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * S * D);
         }
 
         /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
@@ -3978,12 +4031,10 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                     dD[(size_t)t * R + s] = acc;
                 }
         } else {
-            for (t = 0; t < T; t++)
-                for (j = 0; j < S; j++) {
-                    const int64_t row = pair_row[(size_t)t * S + j];
-                    if (row < 0) continue;
-                    for (d = 0; d < D; d++) dx[(size_t)t * D + d] += dxg[(size_t)row * D + d];
-                }
+            moe__bw_rows_job J;
+            memset(&J, 0, sizeof J);
+            J.dxg = dxg; J.dx = dx; J.pair_row = pair_row; J.S = S; J.D = D;
+            moe__parallel_rows(&c, T, 32, moe__bw_gather_rows, &J, (double)T * S * D);
         }
 
         /* 4. shared expert: y += gamma F(x);  dF = gamma dy, dgamma = <dy, F> */
