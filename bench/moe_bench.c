@@ -24,6 +24,8 @@
                 on 1 thread, and a warning when the two do not scale (busy box)
      read bw    sum of a 1 GiB array (>> L3), first-touched by the same
                 threads, GB/s
+     sgemm      (OpenBLAS builds) one 2048^3 cblas_sgemm, GFLOP/s: the rate
+                a tuned BLAS gets here, for the T=1024 target
    Environment: MOE_BENCH_T=n runs only T = n, MOE_BENCH_SHAPE=name only that
    shape (quick experiments; the recorded runs use neither).
    Each row: median and min-max of N timed runs after one warm-up, warm caches;
@@ -128,7 +130,7 @@ static int thread_id(void) {
 }
 
 /* ---- machine ceilings ---------------------------------------------------- */
-typedef struct ceilings { double peak_gflops, peak1_gflops, read_gbs; int threads; } ceilings;
+typedef struct ceilings { double peak_gflops, peak1_gflops, read_gbs, sgemm_gflops; int threads; } ceilings;
 static volatile float sink;   /* keeps the ceiling loops' results alive */
 
 /* 12 independent FMA chains per thread: enough to cover latency x ports
@@ -209,14 +211,46 @@ static double read_bw(int nt) {
     return (double)chunk * nt * sizeof(float) / best * 1e-9;
 }
 
+#ifdef MOE_BENCH_OPENBLAS
+/* OpenBLAS's own rate on one big square sgemm (n = 2048, best of 5): what a
+   tuned BLAS gets from this machine, the yardstick of the T=1024 target. */
+static double blas_sgemm_rate(void) {
+    const int n = 2048;
+    float *a = (float *)malloc((size_t)n * n * sizeof(float)), *b = (float *)malloc((size_t)n * n * sizeof(float));
+    float *c = (float *)calloc((size_t)n * n, sizeof(float));
+    double best = 1e30;
+    size_t i;
+    int rep;
+    /* not tensor(): its random stream makes the shapes' data, which must not
+       depend on whether this ceiling ran (the peer check compares routings) */
+    for (i = 0; i < (size_t)n * n; i++) { a[i] = (float)(i % 97) * 1e-3f; b[i] = (float)(i % 89) * 1e-3f; }
+    for (rep = 0; rep < 6; rep++) {   /* the first one warms up */
+        const double t0 = now();
+        double dt;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        dt = now() - t0;
+        if (rep > 0 && dt < best) best = dt;
+    }
+    sink = c[12345];
+    free(a); free(b); free(c);
+    return 2.0 * n * (double)n * n / best * 1e-9;
+}
+#endif
+
 static ceilings measure_ceilings(FILE *json) {
     ceilings c;
     c.threads = num_threads();
     c.peak1_gflops = fma_peak(1);
     c.peak_gflops = c.threads > 1 ? fma_peak(c.threads) : c.peak1_gflops;
     c.read_gbs = read_bw(c.threads);
+    c.sgemm_gflops = 0.0;
     printf("# ceilings (measured now, %d threads): FMA peak %.1f GFLOP/s (%s, %d floats; 1 thread %.1f), "
            "read %.1f GB/s (sum of 1 GiB)\n", c.threads, c.peak_gflops, ISA_NAME, VW, c.peak1_gflops, c.read_gbs);
+#ifdef MOE_BENCH_OPENBLAS
+    c.sgemm_gflops = blas_sgemm_rate();
+    printf("# OpenBLAS sgemm 2048^3 (same threads): %.1f GFLOP/s = %.1f %% of the FMA peak\n", c.sgemm_gflops,
+           100.0 * c.sgemm_gflops / c.peak_gflops);
+#endif
     /* FMA throughput scales with cores; if it does not, another job holds one and
        every figure of this run (ceilings and rows) is suspect */
     if (c.peak_gflops < 0.8 * c.threads * c.peak1_gflops)
@@ -225,8 +259,9 @@ static ceilings measure_ceilings(FILE *json) {
     if (json)
         fprintf(json, "{\"type\": \"ceiling\", \"threads\": %d, \"isa\": \"%s\", \"vector_floats\": %d, "
                       "\"peak_gflops\": %.3f, \"peak_1thread_gflops\": %.3f, \"read_gbs\": %.3f, "
-                      "\"read_bytes\": %lu}\n",
-                c.threads, ISA_NAME, VW, c.peak_gflops, c.peak1_gflops, c.read_gbs, (unsigned long)BW_BYTES);
+                      "\"read_bytes\": %lu, \"blas_sgemm_gflops\": %.3f}\n",
+                c.threads, ISA_NAME, VW, c.peak_gflops, c.peak1_gflops, c.read_gbs, (unsigned long)BW_BYTES,
+                c.sgemm_gflops);
     return c;
 }
 
