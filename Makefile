@@ -171,6 +171,13 @@ bench-plot:
 	@test -f $(BUILD)/bench.json || { echo "no $(BUILD)/bench.json: run make bench-peers first"; exit 1; }
 	$(PYTHON) bench/plot_roofline.py $(BUILD)/bench.json $(BUILD)/roofline.svg
 
+# docs/TOUR.md cites moe.h by line: tour-lines renumbers, tour-check (CI) fails if stale
+.PHONY: tour-lines tour-check
+tour-lines:
+	$(PYTHON) docs/tour_lines.py
+tour-check:
+	$(PYTHON) docs/tour_lines.py --check
+
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
 golden:
 	$(PYTHON) -m pip install -q -r tests/ref/requirements.txt
