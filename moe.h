@@ -1471,6 +1471,13 @@ static void moe__pack_b_task(void *arg, int32_t task) {
     }
 }
 
+/* One task list for both copies: A tiles first, then B row blocks. */
+static void moe__pack_ab_task(void *arg, int32_t task) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    if (task < g->n_tiles) moe__pack_a_task(arg, task);
+    else moe__pack_b_task(arg, task - g->n_tiles);
+}
+
 static void moe__gemm_pp_task(void *arg, int32_t task) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
     const int32_t t0 = (task / g->n_pc) * g->tiles_per_task, p0 = (task % g->n_pc) * g->panels_per_task;
@@ -1532,8 +1539,8 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         while (g.panels_per_task > 1 && n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
             g.panels_per_task /= 2;
         g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
-        moe__parallel_for(c, g.n_tiles, moe__pack_a_task, &g, flops);
-        moe__parallel_for(c, (int32_t)((K + MOE__PACK_B_ROWS - 1) / MOE__PACK_B_ROWS), moe__pack_b_task, &g, flops);
+        moe__parallel_for(c, g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) / MOE__PACK_B_ROWS), moe__pack_ab_task,
+                          &g, flops);
         moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
         return;
     }
