@@ -1530,10 +1530,11 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         g.n_panels = (N + MOE__NR - 1) / MOE__NR;
         g.Ap = pack;
         g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
-        /* tasks: 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
+        /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
            (each A block serves 16 B blocks before the next is fetched), fewer
            panels when that leaves under 8 tasks for the threads             */
-        g.tiles_per_task = g.n_tiles < 12 ? g.n_tiles : 12;
+        n_rt = (g.n_tiles + 11) / 12;                       /* row blocks of <= 12 tiles, even */
+        g.tiles_per_task = (g.n_tiles + n_rt - 1) / n_rt;
         n_rt = (g.n_tiles + g.tiles_per_task - 1) / g.tiles_per_task;
         g.panels_per_task = g.n_panels < 16 ? g.n_panels : 16;
         while (g.panels_per_task > 1 && n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
