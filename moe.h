@@ -579,7 +579,10 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
    all of them). dx [T][D] is OVERWRITTEN; grads ACCUMULATE. dx may be NULL.
    What is a constant (ROUTING_SPEC 13.4): top-k / group / capacity choices,
    noise samples, jitter factors, the selection bias and the count vectors f
-   of the balance losses.                                                   */
+   of the balance losses. On a SIMD ISA the workspace also holds packed
+   copies of one GEMM's operands, read by the kernels in tile order: about
+   (m + n) k floats for the largest m x n x k product of the expert backward
+   (from the routed rows N, D and F: at most (D + F) N, (N + F) D, (N + D) F). */
 MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens,
                                               size_t *out_bytes);
 MOEDEF moe_status moe_backward(const moe_config *cfg, const moe_weights *w,
