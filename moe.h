@@ -1948,9 +1948,15 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->bw_f    = moe__reserve(&t, 6 * E, sizeof(float), &ok);
         L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
         L->tmp_td  = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
-        {
+        {   /* the largest of the expert, shared-expert and router GEMMs */
             const size_t routed = moe__backward_pack_floats(c, N, F), shared = Fs ? moe__backward_pack_floats(c, nT, Fs) : 0;
-            L->gemm_pack = moe__reserve(&t, routed > shared ? routed : shared, sizeof(float), &ok);
+            size_t most = routed > shared ? routed : shared;
+#if MOE__HAS_SIMD
+            const size_t r1 = moe__gemm_pack_floats((int64_t)E, (int64_t)D, (int64_t)nT);
+            const size_t r2 = moe__gemm_pack_floats((int64_t)nT, (int64_t)D, (int64_t)E);
+            if (c->isa != MOE_ISA_REFERENCE) most = most > r1 ? (most > r2 ? most : r2) : (r1 > r2 ? r1 : r2);
+#endif
+            L->gemm_pack = moe__reserve(&t, most, sizeof(float), &ok);
         }
     }
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
@@ -3754,13 +3760,13 @@ static float moe__jitter_factor(const moe_config *c, size_t i) {
 /* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
    dx += (dz . W) * U  (U the jitter factors, xr = x * U given). tmp: [T][D]. */
 static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz, const float *W,
-                                      float *dW, float *db, const float *xr, float *tmp, float *dx) {
+                                      float *dW, float *db, const float *xr, float *tmp, float *dx, float *pack) {
     const int32_t D = c->d_model, E = c->num_experts;
     const int jitter = c->training && c->jitter > 0.0f;
     size_t i, n = (size_t)T * (size_t)D;
-    if (dW) moe__gemm(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1);
+    if (dW) moe__gemm_packed(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
     moe__sum_rows(db, dz, T, E, (size_t)E);
-    moe__gemm(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0);
+    moe__gemm_packed(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
     for (i = 0; i < n; i++) dx[i] += jitter ? tmp[i] * moe__jitter_factor(c, i) : tmp[i];
 }
 
@@ -4113,13 +4119,14 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             }
             moe__router_backward_ref(&B);
             moe__router_gemm_backward(&c, T, B.dz, w->router, gr->router,
-                                      c.router_bias ? gr->router_bias : NULL, xr, MOE__AT(b, L.tmp_td, float), dx);
+                                      c.router_bias ? gr->router_bias : NULL, xr, MOE__AT(b, L.tmp_td, float), dx,
+                                      MOE__AT(b, L.gemm_pack, float));
             if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
                 float *dr = B.dsig;
                 for (t = 0; t < T; t++)
                     for (j = 0; j < E; j++) dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
                 moe__router_gemm_backward(&c, T, dr, w->router_noise, gr->router_noise, NULL, xr,
-                                          MOE__AT(b, L.tmp_td, float), dx);
+                                          MOE__AT(b, L.tmp_td, float), dx, MOE__AT(b, L.gemm_pack, float));
             }
         }
     }

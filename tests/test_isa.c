@@ -209,11 +209,13 @@ TEST(isa, odd_shapes_match_reference) {
 
 /* Shapes that take every backward GEMM through the packed path with more
    than one KC = 256 block of k: the inner dimension is D (da), the rows of
-   an expert (weight gradients) or F (dx); ragged tiles on both edges.     */
+   an expert (weight gradients) or F (dx); ragged tiles on both edges; and
+   with E >= 16 the router's two GEMMs (m = E rows, k = E).                */
 TEST(isa, blocked_gemm_matches_reference) {
     isa_compare(isa_config(1, 1, 270, 40, MOE_ACT_SWIGLU), 300, 11);   /* k = D, k = rows > 256 */
     isa_compare(isa_config(2, 2, 40, 260, MOE_ACT_SILU), 20, 12);       /* k = F > 256, no GLU */
     isa_compare(isa_config(2, 1, 33, 70, MOE_ACT_GELU), 13, 13);        /* scalar activation */
+    isa_compare(isa_config(20, 3, 40, 24, MOE_ACT_SWIGLU), 100, 14);    /* router GEMMs: E >= 16 */
 }
 
 /* T = 1000: long expert row blocks, tails of every kind, many tasks. */
