@@ -3430,13 +3430,6 @@ static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, siz
         for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
 }
 
-/* Backward of the expert FFNs, rows of each expert at once; every product is
-   one GEMM on the ISA's kernel in parallel tasks (moe__gemm_packed: through
-   packed copies in pack, when given and the product is big enough).
-     da = dout . down_e                       d down_e += dout^T . ha,  d bd += sum dout
-     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
-     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
-     dx = dh . gate_e + du . up_e   (overwritten, [N][D])                      */
 /* Activation backward of rows [r0, r1) of an expert set, as parallel tasks. */
 typedef struct moe__act_bw_job {
     const moe__ffn *f;
@@ -3453,6 +3446,13 @@ static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
     moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, (size_t)r0 * F, (size_t)r1 * F);
 }
 
+/* Backward of the expert FFNs, rows of each expert at once; every product is
+   one GEMM on the ISA's kernel in parallel tasks (moe__gemm_packed: through
+   packed copies in pack, when given and the product is big enough).
+     da = dout . down_e                       d down_e += dout^T . ha,  d bd += sum dout
+     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
+     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
+     dx = dh . gate_e + du . up_e   (overwritten, [N][D])                      */
 static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
                                   int32_t num_experts, const int64_t *off, const float *x,
                                   const float *hg, const float *hu, const float *ha,
@@ -3880,7 +3880,6 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
     return rows > L->N ? MOE_STATUS_BAD_CACHE : MOE_STATUS_OK;
 }
 
-/* The backward with an optional noise seam (tests drive ROUTING_SPEC 2's N). */
 /* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
    token's pairs own distinct rows, so tokens are independent tasks).
    ha: ha = act(hg) [* hu] then the forward's dropout mask, rows [r0, r1).
@@ -3911,9 +3910,11 @@ static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
         for (j = 0; j < J->S; j++) {
             const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
             const int64_t row = J->pair_row[p];
-            const float *dyt = J->dy + (size_t)t * D, *o = J->out + (size_t)row * D;
-            float *dr = J->dout + (size_t)row * D, acc = 0.0f;
+            const float *dyt = J->dy + (size_t)t * D, *o;
+            float *dr, acc = 0.0f;
             if (row < 0) { J->gw[p] = 0.0f; continue; }
+            o = J->out + (size_t)row * D;
+            dr = J->dout + (size_t)row * D;
             for (d = 0; d < D; d++) {
                 acc += dyt[d] * o[d];
                 dr[d] = J->weight[p] * dyt[d];
@@ -3930,13 +3931,13 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
     for (t = t0; t < t1; t++)
         for (j = 0; j < J->S; j++) {
             const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
-            const float *g = J->dxg + (size_t)row * D;
             float *dxt = J->dx + (size_t)t * D;
             if (row < 0) continue;
-            for (d = 0; d < D; d++) dxt[d] += g[d];
+            for (d = 0; d < D; d++) dxt[d] += J->dxg[(size_t)row * D + d];
         }
 }
 
+/* The backward with an optional noise seam (tests drive ROUTING_SPEC 2's N). */
 static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, const float *x,
                                 int32_t T, const moe_info *info, const float *dy, float *dx_out,
                                 const moe_grads *gr, void *workspace, size_t workspace_bytes,
