@@ -2743,6 +2743,10 @@ static void moe__packed_ffn(moe__packed_job *J) {
             int32_t tb = rows > 0 ? (int32_t)(MOE__TASK_FLOPS / (2.0 * rows * K * MOE__NR)) : P;
             if (tb < 1) tb = 1;
             if (tb > P) tb = P;
+            /* a few rows (decode) stream the weights: a set as one or two tasks would
+               leave threads idle (a shared expert's stage 2 was one task), so at
+               least 4 runs of panels per set                                     */
+            if (n < MOE__MR && tb > (P + 3) / 4) tb = (P + 3) / 4;
             J->panels_per_task[e] = tb;
             J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
         }
