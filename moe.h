@@ -1952,9 +1952,12 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             const size_t routed = moe__backward_pack_floats(c, N, F), shared = Fs ? moe__backward_pack_floats(c, nT, Fs) : 0;
             size_t most = routed > shared ? routed : shared;
 #if MOE__HAS_SIMD
-            const size_t r1 = moe__gemm_pack_floats((int64_t)E, (int64_t)D, (int64_t)nT);
-            const size_t r2 = moe__gemm_pack_floats((int64_t)nT, (int64_t)D, (int64_t)E);
-            if (c->isa != MOE_ISA_REFERENCE) most = most > r1 ? (most > r2 ? most : r2) : (r1 > r2 ? r1 : r2);
+            if (c->isa != MOE_ISA_REFERENCE) {
+                const size_t r1 = moe__gemm_pack_floats((int64_t)E, (int64_t)D, (int64_t)nT);   /* dW_router */
+                const size_t r2 = moe__gemm_pack_floats((int64_t)nT, (int64_t)D, (int64_t)E);   /* dz . W */
+                if (r1 > most) most = r1;
+                if (r2 > most) most = r2;
+            }
 #endif
             L->gemm_pack = moe__reserve(&t, most, sizeof(float), &ok);
         }
@@ -4494,6 +4497,31 @@ MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_
     return MOE_STATUS_OK;
 }
 
+/* The owner calls' workspace: local config, layout, size check, aligned base
+   (*b = NULL with n = 0: nothing to do).                                  */
+static moe_status moe__ep_expert_workspace(const moe_config *c, const moe_ep_plan *plan, int32_t n,
+                                           void *workspace, size_t workspace_bytes,
+                                           moe_config *cl, moe__ep_layout *X, unsigned char **b) {
+    moe_status st;
+    *cl = moe__ep_local_config(c, plan);
+    *b = NULL;
+    if ((st = moe__ep_expert_plan(cl, n, X)) != MOE_STATUS_OK) return st;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < X->total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if (n > 0) *b = moe__align_ptr(workspace);
+    return MOE_STATUS_OK;
+}
+
+/* Rows back in arrival order: dst[r] = src row of pair r, zeros for a
+   dropped pair (pair_row < 0).                                            */
+static void moe__ep_rows_back(const int64_t *pair_row, int32_t n, int32_t D, const float *src, float *dst) {
+    int32_t r;
+    for (r = 0; r < n; r++) {
+        if (pair_row[r] < 0) memset(dst + (size_t)r * D, 0, (size_t)D * sizeof(float));
+        else memcpy(dst + (size_t)r * D, src + (size_t)pair_row[r] * D, (size_t)D * sizeof(float));
+    }
+}
+
 /* Everything the owner calls check: weights of its experts, the received
    pairs (owned experts, valid slots and tokens, arriving in strictly
    increasing (token, slot) order, which contiguous rank slices give).     */
@@ -4622,24 +4650,16 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if ((st = moe__ep_check_owner(&c, plan, w, pairs, x, n)) != MOE_STATUS_OK) return st;
     if (n > 0 && (!out || !dropped)) return MOE_STATUS_NULL_ARGUMENT;
-    cl = moe__ep_local_config(&c, plan);
-    if ((st = moe__ep_expert_plan(&cl, n, &X)) != MOE_STATUS_OK) return st;
-    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < X.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    if (n == 0) return MOE_STATUS_OK;
-    b = moe__align_ptr(workspace);
+    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X, &b)) != MOE_STATUS_OK) return st;
+    if (!b) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
     moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, NULL, &X, b);
     f = moe__ep_ffn(&cl, w, &X, b);
     moe__ep_owner_ffn(&cl, &f, &X, b);
     /* results back in arrival order; a dropped pair gets a zero row */
     pair_row = MOE__AT(b, X.L.pair_row, int64_t);
-    for (r = 0; r < n; r++) {
-        const int64_t row = pair_row[r];
-        dropped[r] = row < 0 ? (uint8_t)MOE__DROPPED : (uint8_t)MOE__KEPT;
-        if (row < 0) memset(out + (size_t)r * D, 0, (size_t)D * sizeof(float));
-        else memcpy(out + (size_t)r * D, MOE__AT(b, X.L.out, float) + (size_t)row * D, (size_t)D * sizeof(float));
-    }
+    for (r = 0; r < n; r++) dropped[r] = pair_row[r] < 0 ? (uint8_t)MOE__DROPPED : (uint8_t)MOE__KEPT;
+    moe__ep_rows_back(pair_row, n, D, MOE__AT(b, X.L.out, float), out);
     rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
     if (cache_hidden) memcpy(cache_hidden, MOE__AT(b, X.L.hg, float), (size_t)rows * F * sizeof(float));
     if (cache_up && moe__act_is_glu(c.activation))
@@ -4769,7 +4789,7 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     const float *hg, *hu;
     float *ha;
     int64_t rows, row;
-    const int64_t *row_pair, *pair_row;
+    const int64_t *row_pair;
     int32_t r, D, F, glu, cached;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!grads) return MOE_STATUS_NULL_ARGUMENT;
@@ -4779,12 +4799,8 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     cached = cache_hidden != NULL;
     if (cached && glu && !cache_up) return MOE_STATUS_MISSING_CACHE;
     for (r = 0; r < n; r++) if (dropped[r] > MOE__DROPPED) return MOE_STATUS_BAD_CACHE;
-    cl = moe__ep_local_config(&c, plan);
-    if ((st = moe__ep_expert_plan(&cl, n, &X)) != MOE_STATUS_OK) return st;
-    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < X.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    if (n == 0) return MOE_STATUS_OK;
-    b = moe__align_ptr(workspace);
+    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X, &b)) != MOE_STATUS_OK) return st;
+    if (!b) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
 
     /* the forward's rows (its drop decisions), activations cached or redone */
@@ -4811,12 +4827,7 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
                           hg, hu, ha, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
                           glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float),
                           MOE__AT(b, X.gemm_pack, float));
-    pair_row = MOE__AT(b, X.L.pair_row, int64_t);
-    for (r = 0; r < n; r++) {
-        row = pair_row[r];
-        if (row < 0) memset(dx + (size_t)r * D, 0, (size_t)D * sizeof(float));
-        else memcpy(dx + (size_t)r * D, MOE__AT(b, X.dxg, float) + (size_t)row * D, (size_t)D * sizeof(float));
-    }
+    moe__ep_rows_back(MOE__AT(b, X.L.pair_row, int64_t), n, D, MOE__AT(b, X.dxg, float), dx);
     return MOE_STATUS_OK;
 }
 
