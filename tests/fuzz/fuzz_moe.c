@@ -1076,34 +1076,40 @@ static void perturbed_free(fcase *kp) {
     for (i = 0; i < NT; i++) free(kp->t[i]);
 }
 
+/* One perturbed reference forward (seed): y and the info it fills (ib,
+   freed by the caller). 1 when it succeeded with the reference's routing;
+   0 otherwise (a near-tie: the case is not compared).                     */
+static int perturbed_forward(const fcase *k, const moe_config *c, const moe_config *rc, const moe_info *rinfo,
+                             uint32_t seed, fcase *kp, float *y, moe_info *pi, void **ib) {
+    const size_t TS = k->Tn * (size_t)moe_routing_slots(rc);
+    size_t ibn = 0, need = 0;
+    perturb_case(k, kp, seed);
+    REQUIRE(moe_info_size(c, k->T, &ibn) == MOE_STATUS_OK);
+    *ib = xmalloc(ibn);
+    memset(pi, 0, sizeof *pi);
+    REQUIRE(moe_info_bind(c, k->T, pi, *ib, ibn) == MOE_STATUS_OK);
+    REQUIRE(moe_forward_workspace_size(c, k->T, &need) == MOE_STATUS_OK);
+    return fwd(kp, c, y, pi, need, 0x00) == MOE_STATUS_OK && rc->routing != MOE_ROUTING_SOFT &&
+           same_bytes(pi->expert, rinfo->expert, TS * sizeof(int32_t)) && same_bytes(pi->dropped, rinfo->dropped, TS);
+}
+
 /* Largest |perturbed - reference| per gradient tensor (env[NG] is dx), or 0
    when a perturbation changed the routing or the status. */
 static int grad_envelope(const fcase *k, const moe_config *c, const moe_config *rc, const moe_info *rinfo,
                          const gradbuf *gref, double *env) {
-    const size_t TS = k->Tn * (size_t)moe_routing_slots(rc);
     int run, q;
     for (q = 0; q <= NG; q++) env[q] = 0.0;
     for (run = 0; run < PERTURB_RUNS; run++) {
         fcase kp;
         gradbuf gp;
-        size_t ibn = 0, need = 0, bneed = 0;
+        size_t bneed = 0;
         void *ib;
         moe_info pi;
         float *y = (float *)xmalloc(k->Tn * k->D * sizeof(float));
-        int ok;
-        perturb_case(k, &kp, 0x9e37u + (uint32_t)run);
-        REQUIRE(moe_info_size(c, k->T, &ibn) == MOE_STATUS_OK);
-        ib = xmalloc(ibn);
-        memset(&pi, 0, sizeof pi);
-        REQUIRE(moe_info_bind(c, k->T, &pi, ib, ibn) == MOE_STATUS_OK);
-        REQUIRE(moe_forward_workspace_size(c, k->T, &need) == MOE_STATUS_OK);
+        int ok = perturbed_forward(k, c, rc, rinfo, 0x9e37u + (uint32_t)run, &kp, y, &pi, &ib);
         REQUIRE(moe_backward_workspace_size(c, k->T, &bneed) == MOE_STATUS_OK);
         grads_alloc(&gp, k);
-        ok = fwd(&kp, c, y, &pi, need, 0x00) == MOE_STATUS_OK &&
-             rc->routing != MOE_ROUTING_SOFT &&
-             same_bytes(pi.expert, rinfo->expert, TS * sizeof(int32_t)) &&
-             same_bytes(pi.dropped, rinfo->dropped, TS) &&
-             bwd(&kp, c, &pi, &gp, bneed, 0x00) == MOE_STATUS_OK && grads_finite(&gp);
+        ok = ok && bwd(&kp, c, &pi, &gp, bneed, 0x00) == MOE_STATUS_OK && grads_finite(&gp);
         if (ok) {
             for (q = 0; q <= NG; q++) {
                 const float *a = q < NG ? gp.p[q] : gp.dx, *b = q < NG ? gref->p[q] : gref->dx;
@@ -1133,23 +1139,16 @@ static int grad_envelope(const fcase *k, const moe_config *c, const moe_config *
    of y is 0, so no y-scaled tolerance is left). 0: routing changed.       */
 static int y_envelope(const fcase *k, const moe_config *c, const moe_config *rc, const moe_info *rinfo,
                       const float *yref, double *env) {
-    const size_t TS = k->Tn * (size_t)moe_routing_slots(rc), ny = k->Tn * k->D;
+    const size_t ny = k->Tn * k->D;
     int run, ok = 1;
     *env = 0.0;
     for (run = 0; run < PERTURB_RUNS && ok; run++) {
         fcase kp;
-        size_t ibn = 0, need = 0, j;
         void *ib;
         moe_info pi;
+        size_t j;
         float *y = (float *)xmalloc(ny * sizeof(float));
-        perturb_case(k, &kp, 0x7f4au + (uint32_t)run);
-        REQUIRE(moe_info_size(c, k->T, &ibn) == MOE_STATUS_OK);
-        ib = xmalloc(ibn);
-        memset(&pi, 0, sizeof pi);
-        REQUIRE(moe_info_bind(c, k->T, &pi, ib, ibn) == MOE_STATUS_OK);
-        REQUIRE(moe_forward_workspace_size(c, k->T, &need) == MOE_STATUS_OK);
-        ok = fwd(&kp, c, y, &pi, need, 0x00) == MOE_STATUS_OK && rc->routing != MOE_ROUTING_SOFT &&
-             same_bytes(pi.expert, rinfo->expert, TS * sizeof(int32_t)) && same_bytes(pi.dropped, rinfo->dropped, TS);
+        ok = perturbed_forward(k, c, rc, rinfo, 0x7f4au + (uint32_t)run, &kp, y, &pi, &ib);
         for (j = 0; ok && j < ny; j++) {
             const double e = fabs((double)y[j] - (double)yref[j]);
             if (e == e && e > *env) *env = e;
