@@ -1105,9 +1105,11 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #define MOE__NR (2 * MOE__VL) /* register tile width: two vectors           */
 
 #if defined(__GNUC__) || defined(__clang__)
+#  define MOE__PREFETCH(p) __builtin_prefetch(p)
 #  define MOE__UNROLL _Pragma("GCC unroll 16")
 #  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% on AVX2 (loop overhead) */
 #else
+#  define MOE__PREFETCH(p) ((void)0)
 #  define MOE__UNROLL
 #  define MOE__UNROLL_K
 #endif
@@ -1416,6 +1418,7 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
    it. Every C element is summed by one task, k ascending, KC at a time:
    the result does not depend on the thread count.                          */
 #define MOE__KC 256
+#define MOE__FEW_ROWS 288    /* a KC-deep A block of them (288 KiB) stays in L2 */
 #if MOE__HAS_SIMD
 static size_t moe__gemm_pack_floats(int64_t m, int64_t N, int64_t K) {
     return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR + (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
@@ -1430,6 +1433,7 @@ typedef struct moe__gemm_pp {
     float *C; size_t ldc;
     float *Ap, *Bp;                 /* [n_tiles][K][MR], [n_panels][K][NR] */
     int accumulate;
+    int b_in_task;                  /* tasks pack their own B blocks (one row block) */
 } moe__gemm_pp;
 
 /* mr rows of K elements (strides a_rs, a_cs) -> one k-major tile
@@ -1457,21 +1461,43 @@ static void moe__pack_a_task(void *arg, int32_t t) {
 /* B in blocks of 16 rows: 16 read streams, and 16 x NR contiguous floats
    written per panel (a panel at a time would read one line per 4 KiB page). */
 #define MOE__PACK_B_ROWS 16
+/* Rows [k0, k1) of B's panel p -> dst[k1 - k0][NR], columns past N zero. */
+static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int64_t k0, int64_t k1) {
+    const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
+    int64_t k;
+    int32_t j;
+    for (k = k0; k < k1; k++, dst += MOE__NR) {
+        const float *row = g->B + (size_t)k * g->ldb + (size_t)j0;
+        if (nr == MOE__NR) {
+            moe__v_store(dst, moe__v_load(row));
+            moe__v_store(dst + MOE__VL, moe__v_load(row + MOE__VL));
+            continue;
+        }
+        for (j = 0; j < nr; j++) dst[j] = row[j];
+        for (; j < MOE__NR; j++) dst[j] = 0.0f;
+    }
+}
+/* Rows [k0, k0 + kc) of panels [p0, p1) -> dst[p1 - p0][kc][NR]: a task's
+   own B block. Row by row (the run's columns of a row are adjacent), with
+   rows MOE__PREFETCH_ROWS ahead requested: B's rows are often a page apart. */
+#define MOE__PREFETCH_ROWS 16
+static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32_t p1, int64_t k0, int64_t kc) {
+    int64_t k;
+    int32_t p, j;
+    for (k = k0; k < k0 + kc; k++) {
+        if (k + MOE__PREFETCH_ROWS < g->K)
+            for (j = p0 * MOE__NR; j < p1 * MOE__NR && j < g->N; j += 64 / (int32_t)sizeof(float))
+                MOE__PREFETCH(g->B + (size_t)(k + MOE__PREFETCH_ROWS) * g->ldb + (size_t)j);
+        for (p = p0; p < p1; p++)
+            moe__pack_b_block(dst + ((size_t)(p - p0) * (size_t)kc + (size_t)(k - k0)) * MOE__NR, g, p, k, k + 1);
+    }
+}
 static void moe__pack_b_task(void *arg, int32_t task) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
     const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS, k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
-    int64_t k;
-    int32_t p, j;
-    for (p = 0; p < g->n_panels; p++) {
-        const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
-        float *dst = g->Bp + (size_t)p * MOE__NR * (size_t)g->K;
-        for (k = k0; k < k1; k++) {
-            const float *row = g->B + (size_t)k * g->ldb + (size_t)j0;
-            float *d = dst + (size_t)k * MOE__NR;
-            for (j = 0; j < nr; j++) d[j] = row[j];
-            for (; j < MOE__NR; j++) d[j] = 0.0f;
-        }
-    }
+    int32_t p;
+    for (p = 0; p < g->n_panels; p++)
+        moe__pack_b_block(g->Bp + ((size_t)p * (size_t)g->K + (size_t)k0) * MOE__NR, g, p, k0, k1);
 }
 
 /* One task list for both copies: A tiles first, then B row blocks. */
@@ -1492,13 +1518,26 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
     for (k0 = 0; k0 < K; k0 += MOE__KC) {
         const int64_t kc = K - k0 < MOE__KC ? (int64_t)(K - k0) : MOE__KC;
         const int acc = g->accumulate || k0 > 0;
+        float *slot = g->Bp + (size_t)p0 * (K < MOE__KC ? K : MOE__KC) * MOE__NR;
+        if (g->b_in_task) moe__pack_b_run(slot, g, p0, p1, (int64_t)k0, kc);
         for (p = p0; p < p1; p++) {
-            const float *bp = g->Bp + ((size_t)p * K + k0) * MOE__NR;
+            float *bp = g->Bp + ((size_t)p * K + k0) * MOE__NR;
             const int32_t nr = g->N - p * MOE__NR < MOE__NR ? g->N - p * MOE__NR : MOE__NR;
+            if (g->b_in_task) bp = slot + (size_t)(p - p0) * (size_t)kc * MOE__NR;
             for (t = t0; t < t1; t++) {
                 const float *ap = g->Ap + ((size_t)t * K + k0) * MOE__MR;
                 const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR ? g->m - (int64_t)t * MOE__MR : MOE__MR);
                 float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
+                /* A weight gradient's C (accumulate, many row tiles) is in memory
+                   and read only after the tile's k loop: fetch the next tile's
+                   rows now (its dW GEMMs 15-30 % faster).                    */
+                if (g->accumulate && !g->b_in_task && k0 == 0 && t + 1 < t1) {
+                    const int64_t r = (int64_t)(t + 1) * MOE__MR;
+                    for (i = 0; i < MOE__MR && r + i < g->m; i++) {
+                        MOE__PREFETCH(cp + (size_t)(MOE__MR + i) * g->ldc);
+                        MOE__PREFETCH(cp + (size_t)(MOE__MR + i) * g->ldc + (size_t)(nr - 1));
+                    }
+                }
                 if (nr == MOE__NR) {
                     moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, cp, g->ldc, acc);
                 } else {             /* ragged right edge: through a full tile */
@@ -1535,16 +1574,23 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
         /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
            (each A block serves 16 B blocks before the next is fetched), fewer
-           panels when that leaves under 8 tasks for the threads             */
-        n_rt = (g.n_tiles + 11) / 12;                       /* row blocks of <= 12 tiles, even */
+           panels when that leaves under 8 tasks for the threads. Up to
+           MOE__FEW_ROWS rows (an expert's rows times a weight: da, dx) are
+           one row block: each B block is then used by one task only, which
+           packs it into its own slot right before its tiles pass over it,
+           instead of a separate pass writing all of B out to memory and
+           reading it back (da and dx of deepseek-mini and qwen-mini's
+           experts: 5-15 % faster).                                         */
+        g.b_in_task = m <= MOE__FEW_ROWS;
+        n_rt = g.b_in_task ? 1 : (g.n_tiles + 11) / 12;     /* row blocks of <= 12 tiles, even */
         g.tiles_per_task = (g.n_tiles + n_rt - 1) / n_rt;
         n_rt = (g.n_tiles + g.tiles_per_task - 1) / g.tiles_per_task;
         g.panels_per_task = g.n_panels < 16 ? g.n_panels : 16;
         while (g.panels_per_task > 1 && n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
             g.panels_per_task /= 2;
         g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
-        moe__parallel_for(c, g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) / MOE__PACK_B_ROWS), moe__pack_ab_task,
-                          &g, flops);
+        moe__parallel_for(c, g.b_in_task ? g.n_tiles : g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) / MOE__PACK_B_ROWS),
+                          moe__pack_ab_task, &g, flops);
         moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
         return;
     }

@@ -210,9 +210,15 @@ TEST(isa, odd_shapes_match_reference) {
 /* Shapes that take every backward GEMM through the packed path with more
    than one KC = 256 block of k: the inner dimension is D (da), the rows of
    an expert (weight gradients) or F (dx); ragged tiles on both edges; and
-   with E >= 16 the router's two GEMMs (m = E rows, k = E).                */
+   with E >= 16 the router's two GEMMs (m = E rows, k = E). Both ways of
+   packing B: up to MOE__FEW_ROWS = 288 rows each task packs its own B
+   blocks (T = 100 below: da with k = D = 270 > 256), above it one pass
+   packs all of B first (T = 300's da; D = 301's weight gradients, whose C
+   tiles are prefetched, with a ragged last tile).                         */
 TEST(isa, blocked_gemm_matches_reference) {
     isa_compare(isa_config(1, 1, 270, 40, MOE_ACT_SWIGLU), 300, 11);   /* k = D, k = rows > 256 */
+    isa_compare(isa_config(1, 1, 270, 40, MOE_ACT_SWIGLU), 100, 15);   /* few tiles, k = D > 256 */
+    isa_compare(isa_config(2, 2, 301, 24, MOE_ACT_SWIGLU), 40, 16);    /* m = D > 288 rows, accumulate */
     isa_compare(isa_config(2, 2, 40, 260, MOE_ACT_SILU), 20, 12);       /* k = F > 256, no GLU */
     isa_compare(isa_config(2, 1, 33, 70, MOE_ACT_GELU), 13, 13);        /* scalar activation */
     isa_compare(isa_config(20, 3, 40, 24, MOE_ACT_SWIGLU), 100, 14);    /* router GEMMs: E >= 16 */
