@@ -2744,7 +2744,7 @@ static void moe__packed_task(void *arg, int32_t task) {
                 const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
                 const float *a = A + (size_t)i * (size_t)K;      /* tile i / MR, MR * K floats each */
                 float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
-                if (i == 0 && mr == MOE__MR && p + 1 < P && nr > MOE__MR)   /* more tiles follow */
+                if (i == 0 && mr == MOE__MR && p + 1 < p1 && nr > MOE__MR)   /* this task's next panel */
                     moe__tile_simd_next(K, a, panel, J->esize == sizeof(uint16_t), C, J->ldS,
                                         (const unsigned char *)panel + (size_t)K * MOE__NR * J->esize);
                 else if (J->esize == sizeof(uint16_t))
@@ -2844,7 +2844,7 @@ static void moe__packed_ffn(moe__packed_job *J) {
             const int64_t n_rb = (n + MOE__ROW_BLOCK - 1) / MOE__ROW_BLOCK;
             const double rows = n < MOE__ROW_BLOCK ? (double)n : MOE__ROW_BLOCK;
             int32_t tb = rows > 0 ? (int32_t)(MOE__TASK_FLOPS / (2.0 * rows * K * MOE__NR)) : P;
-            if (tb < 1) tb = 1;
+            if (tb < 2) tb = 2;     /* a task's first tile prefetches its next panel */
             if (tb > P) tb = P;
             /* a few rows (decode) stream the weights: a set as one or two tasks would
                leave threads idle (a shared expert's stage 2 was one task), so at
