@@ -2744,13 +2744,18 @@ static void moe__packed_task(void *arg, int32_t task) {
                 const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
                 const float *a = A + (size_t)i * (size_t)K;      /* tile i / MR, MR * K floats each */
                 float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
+                size_t ldc = J->ldS;
+                if (J->stage == 2 && (p + 1) * MOE__NR <= J->D) {   /* a whole panel of out: straight there */
+                    C = J->out + (size_t)(r0 + i) * (size_t)J->D + (size_t)p * MOE__NR;
+                    ldc = (size_t)J->D;
+                }
                 if (i == 0 && mr == MOE__MR && p + 1 < p1 && nr > MOE__MR)   /* this task's next panel */
-                    moe__tile_simd_next(K, a, panel, J->esize == sizeof(uint16_t), C, J->ldS,
+                    moe__tile_simd_next(K, a, panel, J->esize == sizeof(uint16_t), C, ldc,
                                         (const unsigned char *)panel + (size_t)K * MOE__NR * J->esize);
                 else if (J->esize == sizeof(uint16_t))
-                    moe__tile_simd_bf16(mr, K, a, 1, MOE__MR, (const uint16_t *)panel, MOE__NR, C, J->ldS, 0);
+                    moe__tile_simd_bf16(mr, K, a, 1, MOE__MR, (const uint16_t *)panel, MOE__NR, C, ldc, 0);
                 else
-                    moe__tile_simd(mr, K, a, 1, MOE__MR, (const float *)panel, MOE__NR, C, J->ldS, 0);
+                    moe__tile_simd(mr, K, a, 1, MOE__MR, (const float *)panel, MOE__NR, C, ldc, 0);
             }
         }
     }
@@ -2798,11 +2803,13 @@ static void moe__packed_task(void *arg, int32_t task) {
             }
             moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
         } else {
-            const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D;
+            const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
             const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
+            float *o = J->out + (size_t)r * J->D;
             int32_t d;
-            for (d = p0 * MOE__NR; d < d_end; d++)
-                J->out[(size_t)r * J->D + (size_t)d] = Sr[d] + (bd ? bd[d] : 0.0f);
+            for (d = p0 * MOE__NR; d < d_end && d < d_full; d++)   /* whole panels: in out already */
+                if (bd) o[d] += bd[d];
+            for (; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
         }
     }
 }
