@@ -1256,26 +1256,13 @@ static float moe__act_isa(moe_activation act, int simd, float v) {
     return moe__act(act, v);
 }
 
-/* a = act(h) (two-matrix FFN) or act(h) * u (GLU) over n elements, as
-   moe__activate_ref; simd: as the ISA path computes it (moe__act_isa).    */
-static void moe__activate(moe_activation act, int simd, float *MOE_RESTRICT a, const float *MOE_RESTRICT h,
-                          const float *MOE_RESTRICT u, size_t n) {
-    size_t i = 0;
-#if MOE__HAS_SIMD
-    if (simd && moe__act_has_simd(act))
-        for (; i + MOE__VL <= n; i += MOE__VL) {
-            const moe__vf v = moe__v_load(h + i), av = moe__v_mul(v, moe__v_sigmoid(v));
-            moe__v_store(a + i, u ? moe__v_mul(av, moe__v_load(u + i)) : av);
-        }
-#endif
-    for (; i < n; i++) a[i] = u ? moe__act_isa(act, simd, h[i]) * u[i] : moe__act_isa(act, simd, h[i]);
-}
-
 /* Activation backward over elements [i0, i1) (moe__act_grad's formulas):
    GLU: du = da act(hg), dh = da hu act'(hg);  else dh = da act'(hg).
-   dh holds da on entry. simd: the vector sigmoid where moe__act_has_simd.  */
+   dh holds da on entry. simd: the vector sigmoid where moe__act_has_simd.
+   ha (or NULL): also rebuild the activation act(hg) [* hu] from a training
+   cache, in the forward's bits (moe__act_isa), while hg, hu pass by anyway. */
 static void moe__act_backward(moe_activation act, int simd, float *dh, float *du, const float *hg,
-                              const float *hu, size_t i0, size_t i1) {
+                              const float *hu, float *ha, size_t i0, size_t i1) {
     const int glu = moe__act_is_glu(act);
     size_t i = i0;
 #if MOE__HAS_SIMD
@@ -1283,21 +1270,24 @@ static void moe__act_backward(moe_activation act, int simd, float *dh, float *du
         const moe__vf one = moe__v_set1(1.0f);
         for (; i + MOE__VL <= i1; i += MOE__VL) {
             const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
+            const moe__vf a = moe__v_mul(v, s);
             /* act' = s (1 + v (1 - s)) */
             const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one), one));
             if (glu) {
-                moe__v_store(du + i, moe__v_mul(da, moe__v_mul(v, s)));
-                moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, moe__v_load(hu + i)), grad));
+                const moe__vf u = moe__v_load(hu + i);
+                if (ha) moe__v_store(ha + i, moe__v_mul(a, u));
+                moe__v_store(du + i, moe__v_mul(da, a));
+                moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, u), grad));
             } else {
+                if (ha) moe__v_store(ha + i, a);
                 moe__v_store(dh + i, moe__v_mul(da, grad));
             }
         }
     }
-#else
-    (void)simd;
 #endif
     for (; i < i1; i++) {
         const float da = dh[i];
+        if (ha) ha[i] = glu ? moe__act_isa(act, simd, hg[i]) * hu[i] : moe__act_isa(act, simd, hg[i]);
         if (glu) { du[i] = da * moe__act(act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(act, hg[i]); }
         else dh[i] = da * moe__act_grad(act, hg[i]);
     }
@@ -3544,12 +3534,13 @@ static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, siz
         for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
 }
 
-/* Activation backward of rows [r0, r1) of an expert set, as parallel tasks. */
+/* Activation backward of rows [r0, r1) of an expert set, as parallel tasks
+   (and ha rebuilt from the cache, when ha is set).                         */
 typedef struct moe__act_bw_job {
     const moe__ffn *f;
     int simd;
     int64_t base;                   /* first row of the set */
-    float *dh, *du;
+    float *dh, *du, *ha;
     const float *hg, *hu;
 } moe__act_bw_job;
 static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
@@ -3557,19 +3548,23 @@ static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
     const size_t F = (size_t)j->f->F;
     r0 += j->base; r1 += j->base;
     moe__dropout_apply(j->f, j->dh, r0, r1, 0, j->f->F);  /* through the dropout mask */
-    moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, (size_t)r0 * F, (size_t)r1 * F);
+    moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, j->ha, (size_t)r0 * F, (size_t)r1 * F);
+    if (j->ha) moe__dropout_apply(j->f, j->ha, r0, r1, 0, j->f->F);  /* the forward's mask on ha */
 }
 
 /* Backward of the expert FFNs, rows of each expert at once; every product is
    one GEMM on the ISA's kernel in parallel tasks (moe__gemm_packed: through
    packed copies in pack, when given and the product is big enough).
-     da = dout . down_e                       d down_e += dout^T . ha,  d bd += sum dout
+     da = dout . down_e                       d bd += sum dout
      GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
+     d down_e += dout^T . ha
      d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
-     dx = dh . gate_e + du . up_e   (overwritten, [N][D])                      */
+     dx = dh . gate_e + du . up_e   (overwritten, [N][D])
+   rebuild_ha: hg and hu come from a training cache and ha is written by the
+   activation pass (one pass over them instead of two), before d down_e.    */
 static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
                                   int32_t num_experts, const int64_t *off, const float *x,
-                                  const float *hg, const float *hu, const float *ha,
+                                  const float *hg, const float *hu, float *ha, int rebuild_ha,
                                   const float *dout, float *dh, float *du, float *dx, float *pack) {
     const size_t D = (size_t)f->D, F = (size_t)f->F;
     const int glu = moe__act_is_glu(f->act);
@@ -3579,18 +3574,20 @@ static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const 
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
         const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
         if (n == 0) continue;
-        /* da[n][F] = dout[n][D] . down[D][F];  d down[D][F] += dout^T . ha */
+        /* da[n][F] = dout[n][D] . down[D][F] */
         moe__gemm_packed(c, n, f->F, f->D, dout + x0, D, 1, f->down + (size_t)e * f->down_stride, F, dh + h0, F, 0, pack);
-        if (g->down) moe__gemm_packed(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1, pack);
         moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
     }
     /* through the dropout mask and the activation, every row at once */
     aj.f = f; aj.simd = c->isa != MOE_ISA_REFERENCE; aj.base = off[0]; aj.dh = dh; aj.du = du; aj.hg = hg; aj.hu = hu;
+    aj.ha = rebuild_ha ? ha : NULL;
     moe__parallel_rows(c, off[num_experts] - off[0], 256, moe__act_bw_rows, &aj, 20.0 * (double)(off[num_experts] - off[0]) * (double)F);
     for (e = 0; e < num_experts; e++) {
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
         const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
         if (n == 0) continue;
+        /* d down[D][F] += dout^T . ha */
+        if (g->down) moe__gemm_packed(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1, pack);
         /* d gate[F][D] += dh^T . x,  d up += du^T . x */
         if (g->gate) moe__gemm_packed(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D, g->gate + (size_t)e * f->gate_stride, D, 1, pack);
         moe__sum_rows(g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, n, f->F, F);
@@ -3996,24 +3993,14 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
 
 /* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
    token's pairs own distinct rows, so tokens are independent tasks).
-   ha: ha = act(hg) [* hu] then the forward's dropout mask, rows [r0, r1).
    combine: gw[t][j] = <dy_t, out[row]>, dout[row] = w[t][j] dy_t.
    gather: dx_t = sum_j dxg[row(t, j)], slots in order.                   */
 typedef struct moe__bw_rows_job {
-    const moe__ffn *f;
-    int simd;
-    const float *hg, *hu, *dy, *out, *weight, *dxg;
-    float *ha, *gw, *dout, *dx;
+    const float *dy, *out, *weight, *dxg;
+    float *gw, *dout, *dx;
     const int64_t *pair_row;
     int32_t S, D;
 } moe__bw_rows_job;
-static void moe__bw_ha_rows(void *arg, int64_t r0, int64_t r1) {
-    const moe__bw_rows_job *j = (const moe__bw_rows_job *)arg;
-    const size_t F = (size_t)j->f->F;
-    moe__activate(j->f->act, j->simd, j->ha + (size_t)r0 * F, j->hg + (size_t)r0 * F,
-                  j->hu ? j->hu + (size_t)r0 * F : NULL, (size_t)(r1 - r0) * F);
-    moe__dropout_apply(j->f, j->ha, r0, r1, 0, j->f->F);
-}
 static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
     const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
     const size_t D = (size_t)J->D;
@@ -4097,22 +4084,11 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     } else {
         moe__expert_inputs(&c, x, T, info->expert, info->dropped, info->dispatch, &L, b);
         hg = info->cache_hidden; hu = glu ? info->cache_up : NULL; out = info->cache_out;
-        ha = MOE__AT(b, L.ha, float);
-        {                                   /* and the forward's dropout mask */
-            const moe__ffn f = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
-            const int64_t rows = MOE__AT(b, L.offsets, int64_t)[E];
-            moe__bw_rows_job J;
-            memset(&J, 0, sizeof J);
-            J.f = &f; J.simd = c.isa != MOE_ISA_REFERENCE; J.ha = ha; J.hg = hg; J.hu = hu;
-            moe__parallel_rows(&c, rows, 256, moe__bw_ha_rows, &J, 20.0 * (double)rows * c.d_ff);
-            if (c.shared_d_ff) {
-                const moe__ffn sf = moe__shared_ffn(&c, w);
-                sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
-                sh_out = info->cache_shared_out;
-                sh_a = MOE__AT(b, L.sh_a, float);
-                J.f = &sf; J.ha = sh_a; J.hg = sh_g; J.hu = sh_u;
-                moe__parallel_rows(&c, T, 256, moe__bw_ha_rows, &J, 20.0 * (double)T * c.shared_d_ff);
-            }
+        ha = MOE__AT(b, L.ha, float);   /* rebuilt by moe__experts_backward's activation pass */
+        if (c.shared_d_ff) {
+            sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
+            sh_out = info->cache_shared_out;
+            sh_a = MOE__AT(b, L.sh_a, float);
         }
     }
 
@@ -4148,7 +4124,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         }
 
         /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
-        moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, dout,
+        moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, !c.recompute, dout,
                                   MOE__AT(b, L.da, float), glu ? MOE__AT(b, L.du, float) : NULL, dxg,
                                   MOE__AT(b, L.gemm_pack, float));
 
@@ -4196,7 +4172,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                     }
                 }
             }
-            moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, sh_dout,
+            moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, !c.recompute, sh_dout,
                                       MOE__AT(b, L.sh_da, float), glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx,
                                       MOE__AT(b, L.gemm_pack, float));
             for (t = 0; t < T; t++)
@@ -4915,10 +4891,8 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     f = moe__ep_ffn(&cl, w, &X, b);
     rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
     ha = MOE__AT(b, X.L.ha, float);
-    if (cached) {
+    if (cached) {   /* ha: rebuilt by moe__experts_backward's activation pass */
         hg = cache_hidden; hu = glu ? cache_up : NULL;
-        moe__activate(c.activation, c.isa != MOE_ISA_REFERENCE, ha, hg, hu, (size_t)rows * (size_t)F);
-        moe__dropout_apply(&f, ha, 0, rows, 0, F);
     } else {
         moe__ep_owner_ffn(&cl, &f, &X, b);
         hg = MOE__AT(b, X.L.hg, float); hu = glu ? MOE__AT(b, X.L.hu, float) : NULL;
@@ -4931,7 +4905,7 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     g = moe__ffn_grad_make(&f, grads->gate, w->gate_up_fused && grads->gate ? grads->gate + (size_t)F * D : grads->up,
                            grads->down, grads->gate_bias, grads->up_bias, grads->down_bias);
     moe__experts_backward(&cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t), MOE__AT(b, X.L.xg, float),
-                          hg, hu, ha, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
+                          hg, hu, ha, cached, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
                           glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float),
                           MOE__AT(b, X.gemm_pack, float));
     moe__ep_rows_back(MOE__AT(b, X.L.pair_row, int64_t), n, D, MOE__AT(b, X.dxg, float), dx);

@@ -165,10 +165,11 @@ TEST(spec_internal, vector_sigmoid_matches_scalar) {
 
 /* moe__act_backward: the vector path (SiLU, SwiGLU) against the scalar one
    it shares formulas with; lengths off the vector width; Inf and NaN land
-   where the scalar ones do.                                                */
+   where the scalar ones do. The ha it rebuilds from a cache has the
+   forward epilogue's bits (moe__act_isa) in vector lanes and tail alike.   */
 TEST(spec_internal, vector_act_backward_matches_scalar) {
     enum { N = 77 };
-    float hg[N], hu[N], dh_v[N], du_v[N], dh_s[N], du_s[N];
+    float hg[N], hu[N], dh_v[N], du_v[N], dh_s[N], du_s[N], ha[N];
     int a, i;
     for (a = 0; a < 2; a++) {
         const moe_activation act = a ? MOE_ACT_SWIGLU : MOE_ACT_SILU;
@@ -179,8 +180,12 @@ TEST(spec_internal, vector_act_backward_matches_scalar) {
         }
         hg[3] = INFINITY; hg[4] = -INFINITY; hg[5] = NAN; hg[6] = -95.0f; hg[7] = 95.0f;
         memset(du_v, 0, sizeof du_v); memset(du_s, 0, sizeof du_s);
-        moe__act_backward(act, 1, dh_v, du_v, hg, hu, 2, N);   /* unaligned start, ragged end */
-        moe__act_backward(act, 0, dh_s, du_s, hg, hu, 2, N);
+        moe__act_backward(act, 1, dh_v, du_v, hg, hu, ha, 2, N);   /* unaligned start, ragged end */
+        moe__act_backward(act, 0, dh_s, du_s, hg, hu, NULL, 2, N);
+        for (i = 2; i < N; i++) {
+            const float want = a ? moe__act_isa(act, 1, hg[i]) * hu[i] : moe__act_isa(act, 1, hg[i]);
+            CHECK(isnan(want) ? isnan(ha[i]) : memcmp(&ha[i], &want, sizeof want) == 0);
+        }
         for (i = 0; i < N; i++) {
             CHECK(isnan(dh_v[i]) == isnan(dh_s[i]) && isnan(du_v[i]) == isnan(du_s[i]));
             if (moe__isfinite(dh_s[i])) CHECK(fabs(dh_v[i] - dh_s[i]) <= 1e-6f * (1.0f + fabsf(dh_s[i])));
