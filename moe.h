@@ -1127,14 +1127,14 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
    of A, 2*mr FMAs. mr is a compile-time constant in each instance below, so
    a one-token (decode) tile does one row of work, not MR. Each C element
    sums k in ascending order, like the reference (results differ by FMA
-   rounding only). pf (a constant too): prefetch row k of the packed panel
-   at next on the way.                                                      */
+   rounding only). pf (a constant too): on the way, prefetch pf_rows rows
+   of a packed panel from next, one every pf_every k steps.                */
 MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, const float *A, size_t a_rs,
                                 size_t a_cs, const void *B, size_t ldb, float *C, size_t ldc, int accumulate,
-                                const int pf, const char *next) {
+                                const int pf, const char *next, int64_t pf_rows, int64_t pf_every) {
     moe__vf c0[MOE__MR], c1[MOE__MR];
     const float *a[MOE__MR];
-    int64_t k;
+    int64_t k, pf_k = 0;
     int32_t i;
     MOE__UNROLL
     for (i = 0; i < mr; i++) {
@@ -1149,10 +1149,11 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, con
         const moe__vf b1 = bf16 ? moe__v_load_bf16((const uint16_t *)B + bk + MOE__VL)
                                 : moe__v_load((const float *)B + bk + MOE__VL);
         const size_t ak = (size_t)k * a_cs;
-        if (pf) {            /* row k of the next panel, towards L2 */
+        if (pf && k == pf_k && pf_rows > 0) {    /* a row of the next panel, towards L2 */
             const size_t row = MOE__NR * (bf16 ? sizeof(uint16_t) : sizeof(float));
             size_t o;
-            for (o = 0; o < row; o += 64) MOE__PREFETCH_L2(next + (size_t)k * row + o);
+            for (o = 0; o < row; o += 64) MOE__PREFETCH_L2(next + o);
+            next += row; pf_rows--; pf_k += pf_every;
         }
         MOE__UNROLL
         for (i = 0; i < mr; i++) {
@@ -1176,7 +1177,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, con
 /* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
    type: fp32, or bf16 (packed panels; widened to fp32 on load, so the sums
    are fp32 products of bf16-rounded weights).                            */
-#define MOE__TILE_CASE(n, t) case n: moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL); break;
+#define MOE__TILE_CASE(n, t) case n: moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
 #if MOE__MR > 8
 #  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
      MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
@@ -1197,14 +1198,14 @@ static void moe__tile_simd_bf16(int32_t mr, int64_t K, const float *A, size_t a_
                                 const uint16_t *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     MOE__TILE_SWITCH(1)
 }
-/* A full tile on a packed panel (fp32 or bf16) that also prefetches the
-   next panel, one row per k: the first of a row block's tiles on a panel
-   brings in the panel after it, which the weights' first pass would
-   otherwise wait for (T = 128 forward: about 5 % faster).                */
+/* A full tile on a packed panel (fp32 or bf16) that also prefetches rows of
+   the next panel: each of a row block's n full tiles on a panel brings in
+   its 1/n of the panel after it, one row every n k steps, so the weights'
+   first pass (from memory) does not wait and the requests stay spread out. */
 static void moe__tile_simd_next(int64_t K, const float *A, const void *B, int bf16, float *C, size_t ldc,
-                                const void *next) {
-    if (bf16) moe__tile_body(MOE__MR, 1, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next);
-    else moe__tile_body(MOE__MR, 0, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next);
+                                const void *next, int64_t rows, int64_t every) {
+    if (bf16) moe__tile_body(MOE__MR, 1, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+    else moe__tile_body(MOE__MR, 0, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
 }
 #undef MOE__TILE_SWITCH
 #undef MOE__TILE_CASE
@@ -2739,13 +2740,16 @@ static void moe__packed_task(void *arg, int32_t task) {
                     C = J->out + (size_t)(r0 + i) * (size_t)J->D + (size_t)p * MOE__NR;
                     ldc = (size_t)J->D;
                 }
-                if (i == 0 && mr == MOE__MR && p + 1 < p1 && nr > MOE__MR)   /* this task's next panel */
+                if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {   /* this task's next panel, 1/n each */
+                    const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n, k1 = K * (t + 1) / n;
                     moe__tile_simd_next(K, a, panel, J->esize == sizeof(uint16_t), C, ldc,
-                                        (const unsigned char *)panel + (size_t)K * MOE__NR * J->esize);
-                else if (J->esize == sizeof(uint16_t))
+                                        (const unsigned char *)panel + ((size_t)K + (size_t)k0) * MOE__NR * J->esize,
+                                        k1 - k0, n);
+                } else if (J->esize == sizeof(uint16_t)) {
                     moe__tile_simd_bf16(mr, K, a, 1, MOE__MR, (const uint16_t *)panel, MOE__NR, C, ldc, 0);
-                else
+                } else {
                     moe__tile_simd(mr, K, a, 1, MOE__MR, (const float *)panel, MOE__NR, C, ldc, 0);
+                }
             }
         }
     }
