@@ -1293,6 +1293,58 @@ static void moe__act_backward(moe_activation act, int simd, float *dh, float *du
         else dh[i] = da * moe__act_grad(act, hg[i]);
     }
 }
+/* Row helpers of the combine, its backward and the gather to tokens. simd:
+   on vectors. y += w x is a multiply then an add, as the scalar loop, so
+   both give the same bits; the dot product on vectors keeps 2 VL partial
+   sums added in lane order at the end: fixed, whatever the thread count. */
+static void moe__add_scaled(float *y, const float *x, float w, size_t n, int simd) {
+    size_t i = 0;
+#if MOE__HAS_SIMD
+    if (simd) {
+        const moe__vf wv = moe__v_set1(w);
+        for (; i + MOE__VL <= n; i += MOE__VL)
+            moe__v_store(y + i, moe__v_add(moe__v_load(y + i), moe__v_mul(wv, moe__v_load(x + i))));
+    }
+#else
+    (void)simd;
+#endif
+    for (; i < n; i++) y[i] += w * x[i];
+}
+static void moe__scaled(float *y, const float *x, float w, size_t n, int simd) {   /* y = w x */
+    size_t i = 0;
+#if MOE__HAS_SIMD
+    if (simd) {
+        const moe__vf wv = moe__v_set1(w);
+        for (; i + MOE__VL <= n; i += MOE__VL) moe__v_store(y + i, moe__v_mul(wv, moe__v_load(x + i)));
+    }
+#else
+    (void)simd;
+#endif
+    for (; i < n; i++) y[i] = w * x[i];
+}
+static float moe__dot(const float *a, const float *b, size_t n, int simd) {
+    float acc = 0.0f;
+    size_t i = 0;
+#if MOE__HAS_SIMD
+    if (simd && n >= MOE__NR) {
+        float lanes[MOE__NR];
+        moe__vf s0 = moe__v_zero(), s1 = moe__v_zero();
+        int32_t l;
+        for (; i + MOE__NR <= n; i += MOE__NR) {
+            s0 = moe__v_fma(moe__v_load(a + i), moe__v_load(b + i), s0);
+            s1 = moe__v_fma(moe__v_load(a + i + MOE__VL), moe__v_load(b + i + MOE__VL), s1);
+        }
+        moe__v_store(lanes, s0);
+        moe__v_store(lanes + MOE__VL, s1);
+        for (l = 0; l < MOE__NR; l++) acc += lanes[l];
+    }
+#else
+    (void)simd;
+#endif
+    for (; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
 #if MOE__HAS_SIMD
 
 /* The ragged right edge, nr < NR columns from j, on the micro-kernel too:
@@ -2920,6 +2972,7 @@ typedef struct moe__combine_job {
     const float *out, *weight;
     const int64_t *pair_row;
     int32_t S, D;
+    int simd;
 } moe__combine_job;
 static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
     const moe__combine_job *J = (const moe__combine_job *)arg;
@@ -2934,9 +2987,8 @@ static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
         for (d = 0; d < D; d++) yt[d] = 0.0f;
         for (j = 0; j < S; j++) {
             const int64_t row = pair_row[(size_t)t * S + j];
-            const float wt = weight[(size_t)t * S + j];
             if (row < 0) continue;
-            for (d = 0; d < D; d++) yt[d] += wt * out[(size_t)row * D + d];
+            moe__add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, J->simd);
         }
     }
 }
@@ -2944,6 +2996,7 @@ static void moe__combine(const moe_config *c, float *y, const float *out, const 
                          const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
     moe__combine_job J;
     J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
+    J.simd = c->isa != MOE_ISA_REFERENCE;
     moe__parallel_rows(c, T, 64, moe__combine_rows, &J, 2.0 * (double)T * S * D);
 }
 
@@ -4004,27 +4057,21 @@ typedef struct moe__bw_rows_job {
     float *gw, *dout, *dx;
     const int64_t *pair_row;
     int32_t S, D;
+    int simd;                       /* moe__dot / moe__add_scaled on vectors */
 } moe__bw_rows_job;
 static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
     const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
     const size_t D = (size_t)J->D;
     int64_t t;
     int32_t j;
-    size_t d;
     for (t = t0; t < t1; t++)
         for (j = 0; j < J->S; j++) {
             const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
             const int64_t row = J->pair_row[p];
-            const float *dyt = J->dy + (size_t)t * D, *o;
-            float *dr, acc = 0.0f;
+            const float *dyt = J->dy + (size_t)t * D;
             if (row < 0) { J->gw[p] = 0.0f; continue; }
-            o = J->out + (size_t)row * D;
-            dr = J->dout + (size_t)row * D;
-            for (d = 0; d < D; d++) {
-                acc += dyt[d] * o[d];
-                dr[d] = J->weight[p] * dyt[d];
-            }
-            J->gw[p] = acc;
+            moe__scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, J->simd);
+            J->gw[p] = moe__dot(dyt, J->out + (size_t)row * D, D, J->simd);
         }
 }
 static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
@@ -4032,13 +4079,10 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
     const size_t D = (size_t)J->D;
     int64_t t;
     int32_t j;
-    size_t d;
     for (t = t0; t < t1; t++)
         for (j = 0; j < J->S; j++) {
             const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
-            float *dxt = J->dx + (size_t)t * D;
-            if (row < 0) continue;
-            for (d = 0; d < D; d++) dxt[d] += J->dxg[(size_t)row * D + d];
+            if (row >= 0) moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, J->simd);
         }
 }
 
@@ -4123,7 +4167,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             moe__bw_rows_job J;
             memset(&J, 0, sizeof J);
             J.dy = dy; J.out = out; J.weight = info->weight; J.gw = gw; J.dout = dout;
-            J.pair_row = pair_row; J.S = S; J.D = D;
+            J.pair_row = pair_row; J.S = S; J.D = D; J.simd = c.isa != MOE_ISA_REFERENCE;
             moe__parallel_rows(&c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * S * D);
         }
 
@@ -4149,7 +4193,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         } else {
             moe__bw_rows_job J;
             memset(&J, 0, sizeof J);
-            J.dxg = dxg; J.dx = dx; J.pair_row = pair_row; J.S = S; J.D = D;
+            J.dxg = dxg; J.dx = dx; J.pair_row = pair_row; J.S = S; J.D = D; J.simd = c.isa != MOE_ISA_REFERENCE;
             moe__parallel_rows(&c, T, 32, moe__bw_gather_rows, &J, (double)T * S * D);
         }
 
@@ -4928,7 +4972,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     moe_status st;
     int64_t *pair_row, nsent, s;
     float *gw, *dx, *xr, *tmp;
-    int32_t Tr, E, D, S, t, j, d;
+    int32_t Tr, E, D, S, t, j;
     size_t i, nTD, off;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!w || !info || !stats || !grads) return MOE_STATUS_NULL_ARGUMENT;
@@ -4954,12 +4998,11 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     for (t = 0; t < Tr; t++)
         for (j = 0; j < S; j++) {
             const size_t p = (size_t)t * S + j;
-            float acc = 0.0f;
+            const int simd = c.isa != MOE_ISA_REFERENCE;   /* as moe__bw_combine_rows, bit for bit */
             s = pair_row[p];
             if (s < 0 || info->dropped[p]) { gw[p] = 0.0f; continue; }
-            for (d = 0; d < D; d++) acc += dy[(size_t)t * D + d] * ret_out[(size_t)s * D + d];
-            gw[p] = acc;
-            for (d = 0; d < D; d++) dx[(size_t)t * D + d] += ret_dx[(size_t)s * D + d];
+            gw[p] = moe__dot(dy + (size_t)t * D, ret_out + (size_t)s * D, (size_t)D, simd);
+            moe__add_scaled(dx + (size_t)t * D, ret_dx + (size_t)s * D, 1.0f, (size_t)D, simd);
         }
 
     /* 5. router backward with the group's statistics, as in moe__backward */
