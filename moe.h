@@ -3935,7 +3935,8 @@ static void moe__router_gemm_backward(const moe_config *c, int32_t T, const floa
     if (dW) moe__gemm_packed(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
     moe__sum_rows(db, dz, T, E, (size_t)E);
     moe__gemm_packed(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
-    for (i = 0; i < n; i++) dx[i] += jitter ? tmp[i] * moe__jitter_factor(c, i) : tmp[i];
+    if (!jitter) moe__add_scaled(dx, tmp, 1.0f, n, c->isa != MOE_ISA_REFERENCE);
+    else for (i = 0; i < n; i++) dx[i] += tmp[i] * moe__jitter_factor(c, i);
 }
 
 /* Soft MoE router backward. Forward: q = <x_t, phi_s> / (|x_t| |phi_s|),
@@ -4235,7 +4236,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         } else {
             moe__router_bw B;
             const int noisy = c.noise == MOE_NOISE_SHAZEER && c.training;
-            float *xr = MOE__AT(b, L.xr, float);
+            const float *xr = x;
             size_t i;
             memset(&B, 0, sizeof B);
             B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E; B.T_all = T;
@@ -4250,7 +4251,11 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
             B.top = MOE__AT(b, L.small_i, int32_t);
             /* the router input the forward saw (x * jitter), built once */
-            for (i = 0; i < (size_t)T * (size_t)D; i++) xr[i] = x[i] * moe__jitter_factor(&c, i);
+            if (c.training && c.jitter > 0.0f) {
+                float *xj = MOE__AT(b, L.xr, float);
+                for (i = 0; i < (size_t)T * (size_t)D; i++) xj[i] = x[i] * moe__jitter_factor(&c, i);
+                xr = xj;
+            }
             if (noisy) {   /* raw noise logits, by the forward's own GEMM */
                 float *noise = MOE__AT(b, L.noise_logits, float);
                 moe__linear(&c, noise, xr, w->router_noise, NULL, T, E, D, &L, b);
