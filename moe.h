@@ -2852,10 +2852,10 @@ static void moe__packed_task(void *arg, int32_t task) {
             const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
             const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
             float *o = J->out + (size_t)r * J->D;
-            int32_t d;
-            for (d = p0 * MOE__NR; d < d_end && d < d_full; d++)   /* whole panels: in out already */
-                if (bd) o[d] += bd[d];
-            for (; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
+            int32_t d = p0 * MOE__NR;
+            const int32_t d_mid = d_end < d_full ? d_end : d_full;   /* whole panels: in out already */
+            if (bd) for (; d < d_mid; d++) o[d] += bd[d];
+            for (d = d > d_mid ? d : d_mid; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
         }
     }
 }
@@ -2897,7 +2897,7 @@ static void moe__packed_ffn(moe__packed_job *J) {
             const int64_t n_rb = (n + MOE__ROW_BLOCK - 1) / MOE__ROW_BLOCK;
             const double rows = n < MOE__ROW_BLOCK ? (double)n : MOE__ROW_BLOCK;
             int32_t tb = rows > 0 ? (int32_t)(MOE__TASK_FLOPS / (2.0 * rows * K * MOE__NR)) : P;
-            if (tb < 2) tb = 2;     /* a task's first tile prefetches its next panel */
+            if (tb < 2) tb = 2;     /* a task's tiles prefetch its next panel */
             if (tb > P) tb = P;
             /* a few rows (decode) stream the weights: a set as one or two tasks would
                leave threads idle (a shared expert's stage 2 was one task), so at
