@@ -21,7 +21,7 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks examples run-examples vit-demo tour-svgs bench bench-peers clean test-neon train-demo
+.PHONY: all test check run golden compile-checks examples run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -52,6 +52,16 @@ $(BUILD)/moe_tests_neon: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
 
 test-neon: $(BUILD)/moe_tests_neon
 	tests/run_suites.sh "qemu-aarch64 ../$(BUILD)/moe_tests_neon"
+
+# AVX-512 + AVX512-BF16: the suite linked statically and run on an emulated
+# Cooper Lake CPU (Bochs, booting Debian's kernel): tests/emu/avx512.sh.
+# EMU_FILTER=a,b,... runs only the suites whose names contain one of those.
+$(BUILD)/moe_tests_avx512_static: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
+	$(CC) -std=c99 $(WARN) $(CFLAGS) $(AVX512_FLAGS) -fopenmp -static -o $@ $(TEST_SRC) $(LDLIBS) -pthread \
+	    2> $@.log || { cat $@.log; exit 1; }
+
+test-avx512-emu:
+	tests/run_suites.sh "emu/avx512.sh"
 
 # The same suite under AddressSanitizer + UndefinedBehaviorSanitizer.
 $(BUILD)/moe_tests_san: $(TEST_SRC) $(TEST_HDR) | $(BUILD)

@@ -42,13 +42,26 @@ void moe_test_check_array(const char *file, int line, const char *what, const fl
                       what, bad, n, worst, (double)got[worst], want[worst]);
 }
 
+/* Does "suite.name" contain one of filter's comma-separated substrings? */
+static int test_selected(const char *full, const char *filter) {
+    while (filter) {
+        const char *comma = strchr(filter, ',');
+        const size_t n = comma ? (size_t)(comma - filter) : strlen(filter);
+        const char *p;
+        for (p = full; n > 0 && strlen(p) >= n; p++)
+            if (strncmp(p, filter, n) == 0) return 1;
+        filter = comma ? comma + 1 : NULL;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int i, passed = 0, failed = 0, skipped = 0;
-    const char *filter = argc > 1 ? argv[1] : NULL;   /* optional substring of suite.name */
+    const char *filter = argc > 1 ? argv[1] : NULL;   /* optional: substrings of suite.name, a,b,... */
     for (i = 0; i < num_tests; i++) {
         char full[256];
         snprintf(full, sizeof full, "%s.%s", tests[i].suite, tests[i].name);
-        if (filter && !strstr(full, filter)) continue;
+        if (filter && !test_selected(full, filter)) continue;
         current_failed = 0; current_skipped = 0;
         tests[i].fn();
         if (current_failed) { printf("FAIL %s\n", full); failed++; }
