@@ -366,7 +366,13 @@ typedef struct moe_config {
                                  else the reference; REFERENCE forces scalar   */
     int32_t pack_bf16;        /* 0 -> moe_pack_weights stores fp32 panels; 1:
                                  bf16 (round to nearest even), half the bytes a
-                                 decode step reads; products and sums in fp32 */
+                                 decode step reads; products and sums in fp32.
+                                 2: bf16 panels, and the packed expert GEMMs
+                                 also round their inputs (x, the hidden
+                                 activation) to bf16: bf16 x bf16 products
+                                 summed in fp32, VDPBF16PS when compiled with
+                                 -mavx512bf16 (same blob as 1; fp32 activations
+                                 everywhere else)                             */
     moe_parallel_for_fn parallel_for; /* 0 -> OpenMP when compiled with
                                  -fopenmp, else serial. Results are bitwise the
                                  same for any thread count                    */
@@ -1023,12 +1029,19 @@ static moe__vf moe__v_set1(float a) { return _mm512_set1_ps(a); }
 static moe__vf moe__v_zero(void) { return _mm512_setzero_ps(); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm512_fmadd_ps(a, b, c); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
-static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high half */
-    /* zero-masked forms: GCC 12's unmasked ones start from an "undefined"
-       register that g++ -O3 reports as maybe-uninitialized */
-    const __mmask16 all = (__mmask16)0xFFFF;
-    const __m256i h = _mm256_loadu_si256((const __m256i *)(const void *)p);
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
+/* A row pair of a bf16 panel holds column j's weights for k and k + 1 in
+   one 32-bit word, k in the low half: lo widens the k row (a shift), hi the
+   k + 1 row (a mask). Each loads the pair itself, so the kernel need not
+   hold both rows' vectors at once (AVX2's 6x16 tile has no registers to
+   spare; see MOE__OPAQUE).
+   (Zero-masked forms: GCC 12's unmasked ones start from an "undefined"
+   register that g++ -O3 reports as maybe-uninitialized.)                  */
+static moe__vf moe__v_bf16_lo(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32((__mmask16)0xFFFF, _mm512_loadu_si512((const void *)p), 16));
+}
+static moe__vf moe__v_bf16_hi(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_maskz_and_epi32((__mmask16)0xFFFF, _mm512_loadu_si512((const void *)p),
+                                                      _mm512_set1_epi32((int)0xffff0000u)));
 }
 static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm512_mul_ps(a, b); }
 static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm512_div_ps(a, b); }
@@ -1059,8 +1072,11 @@ static moe__vf moe__v_set1(float a) { return _mm256_set1_ps(a); }
 static moe__vf moe__v_zero(void) { return _mm256_setzero_ps(); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm256_fmadd_ps(a, b, c); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
-static moe__vf moe__v_load_bf16(const uint16_t *p) {   /* bf16 -> fp32: the high half */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)), 16));
+static moe__vf moe__v_bf16_lo(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16));
+}
+static moe__vf moe__v_bf16_hi(const uint16_t *p) {   /* shifts: no mask register */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16), 16));
 }
 static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm256_mul_ps(a, b); }
 static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm256_div_ps(a, b); }
@@ -1085,7 +1101,12 @@ static moe__vf moe__v_set1(float a) { return vdupq_n_f32(a); }
 static moe__vf moe__v_zero(void) { return vdupq_n_f32(0.0f); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return vfmaq_f32(c, a, b); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
-static moe__vf moe__v_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static moe__vf moe__v_bf16_lo(const uint16_t *p) {
+    return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32((const uint32_t *)(const void *)p), 16));
+}
+static moe__vf moe__v_bf16_hi(const uint16_t *p) {
+    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32((const uint32_t *)(const void *)p), vdupq_n_u32(0xffff0000u)));
+}
 static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return vmulq_f32(a, b); }
 static moe__vf moe__v_div(moe__vf a, moe__vf b) { return vdivq_f32(a, b); }
 static moe__vf moe__v_neg_abs(moe__vf a) { return vnegq_f32(vabsq_f32(a)); }
@@ -1109,11 +1130,15 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #  define MOE__PREFETCH_L2(p) __builtin_prefetch(p, 0, 2)
 #  define MOE__UNROLL _Pragma("GCC unroll 16")
 #  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% on AVX2 (loop overhead) */
+/* z keeps its value (0), but the compiler no longer knows it: p + z is then
+   loaded again, not taken from a register the compiler would have to keep */
+#  define MOE__OPAQUE(z) __asm__("" : "+r"(z))
 #else
 #  define MOE__PREFETCH(p) ((void)0)
 #  define MOE__PREFETCH_L2(p) ((void)0)
 #  define MOE__UNROLL
 #  define MOE__UNROLL_K
+#  define MOE__OPAQUE(z) ((void)0)
 #endif
 
 #if MOE__HAS_SIMD
@@ -1122,20 +1147,55 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #else
 #  define MOE__INLINE static inline
 #endif
+/* What a micro-kernel tile reads as B (and A):
+     MOE__B_F32   fp32 rows [K][NR]
+     MOE__B_BF16  bf16 row pairs [K/2][NR][2] (moe__v_bf16_lo/hi), widened
+                  to fp32 exactly: fp32 products of bf16 weights
+     MOE__B_DOT   bf16 row pairs, and A as bf16 pairs too (one 32-bit word per
+                  row and pair of k): VDPBF16PS, 2 k steps per instruction.
+                  AVX512-BF16 builds only (cfg.pack_bf16 = 2).              */
+#define MOE__B_F32 0
+#define MOE__B_BF16 1
+#define MOE__B_DOT 2
+#if defined(__AVX512BF16__) && MOE__SIMD_ISA == MOE_ISA_AVX512
+#  define MOE__HAS_BF16_DOT 1
+#else
+#  define MOE__HAS_BF16_DOT 0
+#endif
+
+/* C tile rows += a(., k) * (b0 | b1): one rank-1 update. */
+MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, const float *const *a, size_t ak,
+                                 moe__vf b0, moe__vf b1) {
+    int32_t i;
+    MOE__UNROLL
+    for (i = 0; i < mr; i++) {
+        const moe__vf av = moe__v_set1(a[i][ak]);
+        c0[i] = moe__v_fma(av, b0, c0[i]);
+        c1[i] = moe__v_fma(av, b1, c1[i]);
+    }
+}
+
 /* Micro-kernel (bench/moe_bench.c variants 2-4): an mr x NR tile of C in
    registers, one rank-1 update per k: two vector loads of B, mr broadcasts
    of A, 2*mr FMAs. mr is a compile-time constant in each instance below, so
    a one-token (decode) tile does one row of work, not MR. Each C element
    sums k in ascending order, like the reference (results differ by FMA
-   rounding only). pf (a constant too): on the way, prefetch pf_rows rows
-   of a packed panel from next, one every pf_every k steps.                */
-MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, const float *A, size_t a_rs,
+   rounding only; MOE__B_DOT adds each pair k+1 first, as VDPBF16PS does).
+   pf (a constant too): on the way, prefetch pf_rows rows of a packed panel
+   from next, one every pf_every k steps.                                  */
+MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, const float *A, size_t a_rs,
                                 size_t a_cs, const void *B, size_t ldb, float *C, size_t ldc, int accumulate,
                                 const int pf, const char *next, int64_t pf_rows, int64_t pf_every) {
     moe__vf c0[MOE__MR], c1[MOE__MR];
     const float *a[MOE__MR];
+    const int64_t step = kind == MOE__B_F32 ? 1 : 2;
+    /* MOE__B_DOT: an odd K's last pair runs whole (A's and the panel's k + 1 are 0) */
+    const int64_t k_end = kind == MOE__B_DOT ? K + (K & 1) : K;
+    const size_t row = MOE__NR * (kind == MOE__B_F32 ? sizeof(float) : sizeof(uint16_t));
+    size_t again = 0;       /* hi loads the pair again in a tall tile: no spills */
     int64_t k, pf_k = 0;
     int32_t i;
+    if (2 * mr > MOE__MR) MOE__OPAQUE(again);
     MOE__UNROLL
     for (i = 0; i < mr; i++) {
         a[i] = A + (size_t)i * a_rs;
@@ -1143,24 +1203,39 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, con
         c1[i] = moe__v_zero();
     }
     MOE__UNROLL_K
-    for (k = 0; k < K; k++) {
-        const size_t bk = (size_t)k * ldb;
-        const moe__vf b0 = bf16 ? moe__v_load_bf16((const uint16_t *)B + bk) : moe__v_load((const float *)B + bk);
-        const moe__vf b1 = bf16 ? moe__v_load_bf16((const uint16_t *)B + bk + MOE__VL)
-                                : moe__v_load((const float *)B + bk + MOE__VL);
-        const size_t ak = (size_t)k * a_cs;
-        if (pf && k == pf_k && pf_rows > 0) {    /* a row of the next panel, towards L2 */
-            const size_t row = MOE__NR * (bf16 ? sizeof(uint16_t) : sizeof(float));
+    for (k = 0; k + step <= k_end; k += step) {
+        const size_t bk = (size_t)k * ldb;      /* a row pair of NR columns is 2 * NR bf16 */
+        if (pf && k >= pf_k && pf_rows > 0) {   /* a row of the next panel, towards L2 */
             size_t o;
             for (o = 0; o < row; o += 64) MOE__PREFETCH_L2(next + o);
             next += row; pf_rows--; pf_k += pf_every;
         }
-        MOE__UNROLL
-        for (i = 0; i < mr; i++) {
-            const moe__vf av = moe__v_set1(a[i][ak]);
-            c0[i] = moe__v_fma(av, b0, c0[i]);
-            c1[i] = moe__v_fma(av, b1, c1[i]);
+        if (kind == MOE__B_F32) {
+            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_load((const float *)B + bk),
+                            moe__v_load((const float *)B + bk + MOE__VL));
+        } else if (kind == MOE__B_BF16) {
+            const uint16_t *bp = (const uint16_t *)B + bk;
+            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp), moe__v_bf16_lo(bp + 2 * MOE__VL));
+            moe__tile_rank1(mr, c0, c1, a, (size_t)(k + 1) * a_cs, moe__v_bf16_hi(bp + again),
+                            moe__v_bf16_hi(bp + again + 2 * MOE__VL));
         }
+#if MOE__HAS_BF16_DOT
+        else {                                  /* A: [K/2][a_cs] words, row i at i * a_rs */
+            const __m512i w0 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk));
+            const __m512i w1 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk + 2 * MOE__VL));
+            const uint32_t *ap = (const uint32_t *)(const void *)A + (size_t)(k / 2) * a_cs;
+            MOE__UNROLL
+            for (i = 0; i < mr; i++) {
+                const __m512i av = _mm512_set1_epi32((int)ap[(size_t)i * a_rs]);
+                c0[i] = _mm512_dpbf16_ps(c0[i], (__m512bh)av, (__m512bh)w0);
+                c1[i] = _mm512_dpbf16_ps(c1[i], (__m512bh)av, (__m512bh)w1);
+            }
+        }
+#endif
+    }
+    if (kind == MOE__B_BF16 && k < K) {        /* odd K: the last pair's k half */
+        const uint16_t *bp = (const uint16_t *)B + (size_t)k * ldb;
+        moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp), moe__v_bf16_lo(bp + 2 * MOE__VL));
     }
     MOE__UNROLL
     for (i = 0; i < mr; i++) {
@@ -1175,8 +1250,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, con
 }
 
 /* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
-   type: fp32, or bf16 (packed panels; widened to fp32 on load, so the sums
-   are fp32 products of bf16-rounded weights).                            */
+   kind (MOE__B_*).                                                        */
 #define MOE__TILE_CASE(n, t) case n: moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
 #if MOE__MR > 8
 #  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
@@ -1192,20 +1266,34 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int bf16, int64_t K, con
 #endif
 static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
-    MOE__TILE_SWITCH(0)
+    MOE__TILE_SWITCH(MOE__B_F32)
 }
-static void moe__tile_simd_bf16(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
-                                const uint16_t *B, size_t ldb, float *C, size_t ldc, int accumulate) {
-    MOE__TILE_SWITCH(1)
+/* A tile of a packed expert (moe__packed_task): A in MR-row k-major tiles,
+   B a packed panel of the given kind.                                    */
+static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *A, const void *B,
+                                  float *C, size_t ldc) {
+    const size_t a_rs = 1, a_cs = MOE__MR, ldb = MOE__NR;
+    const int accumulate = 0;
+    if (kind == MOE__B_F32) MOE__TILE_SWITCH(MOE__B_F32)
+#if MOE__HAS_BF16_DOT
+    else if (kind == MOE__B_DOT) MOE__TILE_SWITCH(MOE__B_DOT)
+#endif
+    else MOE__TILE_SWITCH(MOE__B_BF16)
 }
-/* A full tile on a packed panel (fp32 or bf16) that also prefetches rows of
-   the next panel: each of a row block's n full tiles on a panel brings in
-   its 1/n of the panel after it, one row every n k steps, so the weights'
-   first pass (from memory) does not wait and the requests stay spread out. */
-static void moe__tile_simd_next(int64_t K, const float *A, const void *B, int bf16, float *C, size_t ldc,
+/* A full tile on a packed panel that also prefetches rows of the next
+   panel: each of a row block's n full tiles on a panel brings in its 1/n of
+   the panel after it, one row every n k steps, so the weights' first pass
+   (from memory) does not wait and the requests stay spread out.           */
+static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C, size_t ldc,
                                 const void *next, int64_t rows, int64_t every) {
-    if (bf16) moe__tile_body(MOE__MR, 1, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
-    else moe__tile_body(MOE__MR, 0, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+    if (kind == MOE__B_F32)
+        moe__tile_body(MOE__MR, MOE__B_F32, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+#if MOE__HAS_BF16_DOT
+    else if (kind == MOE__B_DOT)
+        moe__tile_body(MOE__MR, MOE__B_DOT, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+#endif
+    else
+        moe__tile_body(MOE__MR, MOE__B_BF16, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
 }
 #undef MOE__TILE_SWITCH
 #undef MOE__TILE_CASE
@@ -1792,7 +1880,7 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
     /* the reference and the one SIMD ISA this file was compiled for */
     if (c.isa == MOE_ISA_AUTO) c.isa = MOE__SIMD_ISA;
     if (c.isa != MOE_ISA_REFERENCE && c.isa != MOE__SIMD_ISA) return MOE_STATUS_UNSUPPORTED;
-    if (c.num_threads < 0) return MOE_STATUS_BAD_OPTION;
+    if (c.num_threads < 0 || c.pack_bf16 < 0 || c.pack_bf16 > 2) return MOE_STATUS_BAD_OPTION;
     *out = c;
     return MOE_STATUS_OK;
 }
@@ -2063,9 +2151,9 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
             L->apack       = moe__reserve(&t, moe__mul(N + E * MOE__MR > nT + MOE__MR ? N + E * MOE__MR : nT + MOE__MR,
                                                        D > F && D > Fs ? D : (F > Fs ? F : Fs)), sizeof(float), &ok);
-            /* one expert's panels, for weights that come unpacked */
-            L->pack        = moe__reserve(&t, moe__mul(D, (p1 > p1s ? p1 : p1s) * MOE__NR) +
-                                              moe__mul(p2 * MOE__NR, F > Fs ? F : Fs), sizeof(float), &ok);
+            /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
+            L->pack        = moe__reserve(&t, moe__mul(D + (D & 1), (p1 > p1s ? p1 : p1s) * MOE__NR) +
+                                              moe__mul(p2 * MOE__NR, (F > Fs ? F : Fs) + 1), sizeof(float), &ok);
         }
     }
     if (mode == MOE__PLAN_BACKWARD) {
@@ -2659,15 +2747,18 @@ static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
 //   shared expert: w13 panels, w2 panels
 
 typedef struct moe__pack_header {
-    char magic[8];                   /* "moe.pk1\0"                           */
+    char magic[8];                   /* "moe.pk2\0"                           */
     uint32_t vl, num_experts, d_model, d_ff, shared_d_ff, glu, bf16, pad;
     uint64_t bytes;
 } moe__pack_header;
 
-/* Panel geometry of one FFN of hidden width F. */
+/* Panel geometry of one FFN of hidden width F. A panel has an even number
+   of rows (k), the last one zero when K is odd: bf16 panels store rows in
+   pairs (moe__v_bf16_lo/hi), fp32 panels keep the same offsets.      */
 typedef struct moe__pack_geom {
     int32_t p1, p2;           /* panels of w13 (over F) and of w2 (over D)    */
     int32_t f_cols;           /* hidden units per w13 panel: VL (GLU) or NR   */
+    size_t k1, k2;            /* rows per w13 panel (D rounded up to even), per w2 panel (F) */
     size_t w13, w2;           /* elements per expert of each                  */
 } moe__pack_geom;
 
@@ -2677,8 +2768,10 @@ static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
     g.f_cols = glu ? MOE__VL : MOE__NR;
     g.p1 = (F + g.f_cols - 1) / g.f_cols;
     g.p2 = (c->d_model + MOE__NR - 1) / MOE__NR;
-    g.w13 = (size_t)g.p1 * (size_t)c->d_model * MOE__NR;
-    g.w2 = (size_t)g.p2 * (size_t)F * MOE__NR;
+    g.k1 = (size_t)c->d_model + (size_t)(c->d_model & 1);
+    g.k2 = (size_t)F + (size_t)(F & 1);
+    g.w13 = (size_t)g.p1 * g.k1 * MOE__NR;
+    g.w2 = (size_t)g.p2 * g.k2 * MOE__NR;
     return g;
 }
 
@@ -2720,7 +2813,7 @@ static int moe__pack_check(const moe_config *c, const void *packed) {
     moe__pack_layout P;
     if (!packed || (uintptr_t)packed % sizeof(float) != 0) return 0;
     memcpy(&h, packed, sizeof h);
-    return memcmp(h.magic, "moe.pk1", 8) == 0 && h.vl == MOE__VL &&
+    return memcmp(h.magic, "moe.pk2", 8) == 0 && h.vl == MOE__VL &&
            h.num_experts == (uint32_t)c->num_experts && h.d_model == (uint32_t)c->d_model &&
            h.d_ff == (uint32_t)c->d_ff && h.shared_d_ff == (uint32_t)c->shared_d_ff &&
            h.glu == (uint32_t)moe__act_is_glu(c->activation) && h.bf16 == (uint32_t)(c->pack_bf16 != 0) &&
@@ -2741,6 +2834,7 @@ typedef struct moe__packed_job {
     int32_t F, D, n_sets;
     const unsigned char *panels;    /* expert 0's w13 panels                 */
     size_t set_stride, esize;       /* bytes from one expert's panels to the next; per element */
+    int kind;                       /* MOE__B_*: what the tiles read         */
     const int64_t *off;             /* [n_sets + 1] row offsets              */
     const float *x;                 /* [N][D]                                */
     float *hg, *hu, *ha, *out;      /* [N][F], [N][F], [N][F], [N][D]        */
@@ -2781,8 +2875,9 @@ static void moe__packed_task(void *arg, int32_t task) {
     {
         const unsigned char *w = J->panels + (size_t)e * J->set_stride + (J->stage == 1 ? 0 : J->g->w13 * J->esize);
         const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) * MOE__MR * (size_t)K;
+        const size_t rows = J->stage == 1 ? J->g->k1 : J->g->k2;   /* K rounded up to even */
         for (p = p0; p < p1; p++) {
-            const void *panel = w + (size_t)p * (size_t)K * MOE__NR * J->esize;
+            const void *panel = w + (size_t)p * rows * MOE__NR * J->esize;
             for (i = 0; i < nr; i += MOE__MR) {
                 const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
                 const float *a = A + (size_t)i * (size_t)K;      /* tile i / MR, MR * K floats each */
@@ -2794,13 +2889,11 @@ static void moe__packed_task(void *arg, int32_t task) {
                 }
                 if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {   /* this task's next panel, 1/n each */
                     const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n, k1 = K * (t + 1) / n;
-                    moe__tile_simd_next(K, a, panel, J->esize == sizeof(uint16_t), C, ldc,
-                                        (const unsigned char *)panel + ((size_t)K + (size_t)k0) * MOE__NR * J->esize,
+                    moe__tile_simd_next(J->kind, K, a, panel, C, ldc,
+                                        (const unsigned char *)panel + (rows + (size_t)k0) * MOE__NR * J->esize,
                                         k1 - k0, n);
-                } else if (J->esize == sizeof(uint16_t)) {
-                    moe__tile_simd_bf16(mr, K, a, 1, MOE__MR, (const uint16_t *)panel, MOE__NR, C, ldc, 0);
                 } else {
-                    moe__tile_simd(mr, K, a, 1, MOE__MR, (const float *)panel, MOE__NR, C, ldc, 0);
+                    moe__tile_simd_packed(J->kind, mr, K, a, panel, C, ldc);
                 }
             }
         }
@@ -2860,6 +2953,14 @@ static void moe__packed_task(void *arg, int32_t task) {
     }
 }
 
+/* v rounded to bf16 (nearest even), as a float. */
+static float moe__bf16_float(float v) {
+    const uint32_t u = (uint32_t)moe__bf16_of(v) << 16;
+    float r;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
+
 /* Tile t of the stage's A (x rows, or ha rows in stage 2) into J->Ap: the
    micro-kernel then reads A front to back, not MR rows a row stride apart. */
 static void moe__packed_a_task(void *arg, int32_t t) {
@@ -2873,9 +2974,28 @@ static void moe__packed_a_task(void *arg, int32_t t) {
     }
     r0 = J->off[lo] + (t - J->tile_off[lo]) * MOE__MR;
     left = J->off[lo + 1] - r0;
-    moe__pack_a_tile(J->Ap + (size_t)t * MOE__MR * (size_t)K,
-                     (J->stage == 1 ? J->x : J->ha) + (size_t)r0 * (size_t)K, (size_t)K, 1,
-                     (int32_t)(left < MOE__MR ? left : MOE__MR), K);
+    {
+        float *dst = J->Ap + (size_t)t * MOE__MR * (size_t)K;
+        const float *src = (J->stage == 1 ? J->x : J->ha) + (size_t)r0 * (size_t)K;
+        const int32_t mr = (int32_t)(left < MOE__MR ? left : MOE__MR);
+        size_t i, n = (size_t)MOE__MR * (size_t)K;
+        if (J->kind == MOE__B_DOT) {         /* bf16 pairs: [K/2][MR] words, k in the low half */
+            uint32_t *d32 = (uint32_t *)(void *)dst;
+            int64_t k;
+            int32_t r;
+            for (k = 0; k < K; k += 2)
+                for (r = 0; r < MOE__MR; r++) {
+                    const float *a = src + (size_t)r * (size_t)K;
+                    const uint32_t lo = r < mr ? moe__bf16_of(a[k]) : 0u;
+                    const uint32_t hi = r < mr && k + 1 < K ? moe__bf16_of(a[k + 1]) : 0u;
+                    d32[(size_t)(k / 2) * MOE__MR + (size_t)r] = lo | hi << 16;
+                }
+            return;
+        }
+        moe__pack_a_tile(dst, src, (size_t)K, 1, mr, K);
+        if (J->kind == MOE__B_BF16 && J->c->pack_bf16 == 2)   /* bf16 activations without VDPBF16PS */
+            for (i = 0; i < n; i++) dst[i] = moe__bf16_float(dst[i]);
+    }
 }
 
 /* Run both stages of a packed set: tasks of about MOE__TASK_FLOPS. */
@@ -3053,9 +3173,11 @@ typedef struct moe__pack_job {
     void *dst;                 /* this expert's panels: fp32, or bf16 (RNE) */
 } moe__pack_job;
 
-static void moe__pack_put(const moe__pack_job *J, size_t i, float v) {
-    if (J->bf16) ((uint16_t *)J->dst)[i] = moe__bf16_of(v);
-    else ((float *)J->dst)[i] = v;
+/* Element (k, v) of the panel at o: fp32 rows [k][NR], or bf16 row pairs
+   [k/2][NR][2] (k + 1 beside k, for moe__v_bf16_lo/hi and VDPBF16PS). */
+static void moe__pack_put(const moe__pack_job *J, size_t o, size_t k, size_t v, float x) {
+    if (J->bf16) ((uint16_t *)J->dst)[o + (k & ~(size_t)1) * MOE__NR + 2 * v + (k & 1)] = moe__bf16_of(x);
+    else ((float *)J->dst)[o + k * MOE__NR + v] = x;
 }
 
 static void moe__pack_task(void *arg, int32_t task) {
@@ -3066,20 +3188,20 @@ static void moe__pack_task(void *arg, int32_t task) {
     const float *up = J->glu ? f->up + (size_t)J->e * f->up_stride : NULL;
     const float *down = f->down + (size_t)J->e * f->down_stride;
     size_t k, v;
-    if (task < J->g->p1) {                       /* w13 panel: [D][NR] */
-        const size_t p = (size_t)task, o = p * D * MOE__NR;
-        for (k = 0; k < D; k++)
+    if (task < J->g->p1) {                       /* w13 panel: [D][NR], D even */
+        const size_t p = (size_t)task, o = p * J->g->k1 * MOE__NR;
+        for (k = 0; k < J->g->k1; k++)
             for (v = 0; v < MOE__NR; v++) {
                 const size_t col = J->glu ? p * MOE__VL + v % MOE__VL : p * MOE__NR + v;
                 const float *src = J->glu && v >= MOE__VL ? up : gate;
-                moe__pack_put(J, o + k * MOE__NR + v, col < F ? src[col * D + k] : 0.0f);
+                moe__pack_put(J, o, k, v, col < F && k < D ? src[col * D + k] : 0.0f);
             }
-    } else {                                     /* w2 panel: [F][NR] */
-        const size_t p = (size_t)(task - J->g->p1), o = J->g->w13 + p * F * MOE__NR;
-        for (k = 0; k < F; k++)
+    } else {                                     /* w2 panel: [F][NR], F even */
+        const size_t p = (size_t)(task - J->g->p1), o = J->g->w13 + p * J->g->k2 * MOE__NR;
+        for (k = 0; k < J->g->k2; k++)
             for (v = 0; v < MOE__NR; v++) {
                 const size_t col = p * MOE__NR + v;
-                moe__pack_put(J, o + k * MOE__NR + v, col < D ? down[col * F + k] : 0.0f);
+                moe__pack_put(J, o, k, v, col < D && k < F ? down[col * F + k] : 0.0f);
             }
     }
 }
@@ -3105,6 +3227,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsi
     J.Ap = MOE__AT(b, L->apack, float);
     if (packed_set) {
         J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
+        J.kind = !c->pack_bf16 ? MOE__B_F32 : c->pack_bf16 == 2 && MOE__HAS_BF16_DOT ? MOE__B_DOT : MOE__B_BF16;
         J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize; J.n_sets = n_sets; J.off = off;
         J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
         moe__packed_ffn(&J);
@@ -3113,6 +3236,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsi
         int32_t e;
         P.f = f; P.g = &g; P.glu = J.glu; P.bf16 = 0; P.dst = MOE__AT(b, L->pack, float);
         J.panels = (const unsigned char *)P.dst; J.set_stride = 0; J.esize = sizeof(float); J.n_sets = 1;
+        J.kind = MOE__B_F32;
         for (e = 0; e < n_sets; e++) {
             if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
             P.e = e;
@@ -3370,7 +3494,7 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
         }
     }
     memset(&h, 0, sizeof h);
-    memcpy(h.magic, "moe.pk1", 8);
+    memcpy(h.magic, "moe.pk2", 8);
     h.vl = MOE__VL; h.num_experts = (uint32_t)c.num_experts; h.d_model = (uint32_t)c.d_model;
     h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
     h.glu = (uint32_t)moe__act_is_glu(c.activation); h.bf16 = (uint32_t)(c.pack_bf16 != 0);

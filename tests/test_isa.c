@@ -373,15 +373,86 @@ static float isa_bf16_round(float v) {
     return v;
 }
 
+/* bf16 activations (cfg.pack_bf16 = 2) against exact arithmetic. The inputs
+   are chosen so that every fp32 sum in the first GEMM is exact: weights m/16
+   (|m| <= 3: bf16 already), x = +-(1 + j/1024) / 2 or / 4 (11 significant
+   bits, so rounding x to bf16 changes it), D = 37 terms. Then the hidden
+   activation relu(gate.x) is the same in every kernel order, and so is its
+   bf16 rounding; the second GEMM is compared with a 1e-5 tolerance, far
+   below one bf16 step of an activation (2^-9 relative). With 1 (weights
+   only) the same layer must match the unrounded activations. E = 1 (routing
+   weight 1), no biases; D and F are odd (each panel's last row pair is half
+   zero), 29 rows make full and ragged tiles over several panels.          */
+TEST(isa, bf16_activations_exact) {
+    enum { D = 37, F = 45, T = 29 };
+    moe_config c = isa_config(1, 1, D, F, MOE_ACT_RELU), r;
+    moe_weights w;
+    static float x[T * D], gate[F * D], down[D * F], router[D], y[T * D], rx[T * D];
+    static double want[T * D];
+    double ha[F], scale;
+    size_t i, bytes = 0;
+    int mode, t, f, d, k, changed = 0;
+    void *pk;
+    moe_config_resolve(&c, &r);
+    if (r.isa == MOE_ISA_REFERENCE) SKIP("no SIMD ISA in this build");
+    isa_seed = 77;
+    for (i = 0; i < (size_t)T * D; i++) {
+        const float j = (float)(int)((isa_uniform() + 0.5f) * 1024.0f);   /* 0..1023 */
+        x[i] = (isa_uniform() < 0.0f ? -1.0f : 1.0f) * (1.0f + j / 1024.0f) * (isa_uniform() < 0.0f ? 0.25f : 0.5f);
+        changed += isa_bf16_round(x[i]) != x[i];
+    }
+    for (i = 0; i < (size_t)F * D; i++) gate[i] = (float)(int)lround(isa_uniform() * 6.0f) / 16.0f;
+    for (i = 0; i < (size_t)D * F; i++) down[i] = (float)(int)lround(isa_uniform() * 6.0f) / 16.0f;
+    for (i = 0; i < (size_t)D; i++) router[i] = isa_uniform();
+    CHECK(changed > T * D / 2);                  /* most x are not bf16 numbers */
+    memset(&w, 0, sizeof w);
+    w.router = router; w.gate = gate; w.down = down;
+    for (mode = 1; mode <= 2; mode++) {
+        for (i = 0; i < (size_t)T * D; i++) rx[i] = mode == 2 ? isa_bf16_round(x[i]) : x[i];
+        for (t = 0; t < T; t++) {
+            for (f = 0; f < F; f++) {
+                double hg = 0.0;                 /* exact: <= 21 significant bits */
+                for (k = 0; k < D; k++) hg += (double)rx[t * D + k] * gate[f * D + k];
+                ha[f] = hg > 0.0 ? hg : 0.0;
+                if (mode == 2) ha[f] = isa_bf16_round((float)ha[f]);
+            }
+            for (d = 0; d < D; d++) {
+                double s = 0.0;
+                for (f = 0; f < F; f++) s += ha[f] * down[d * F + f];
+                want[t * D + d] = s;
+            }
+        }
+        c.pack_bf16 = mode;
+        CHECK_STATUS(moe_pack_size(&c, &bytes), MOE_STATUS_OK);
+        pk = malloc(bytes);
+        CHECK_STATUS(moe_pack_weights(&c, &w, pk, bytes), MOE_STATUS_OK);
+        w.packed = pk;
+        CHECK_STATUS(moe_forward_alloc(&c, &w, x, T, y, NULL), MOE_STATUS_OK);
+        w.packed = NULL;
+        scale = 1e-3;
+        for (i = 0; i < (size_t)T * D; i++) if (fabs(want[i]) > scale) scale = fabs(want[i]);
+        for (i = 0; i < (size_t)T * D; i++)
+            if (fabs((double)y[i] - want[i]) > 1e-5 * scale) {
+                moe_test_fail(__FILE__, __LINE__, "pack_bf16 = %d: y[%d] = %.9g, want %.9g", mode, (int)i,
+                              (double)y[i], want[i]);
+                break;
+            }
+        free(pk);
+    }
+    c.pack_bf16 = 3;
+    CHECK_STATUS(moe_pack_size(&c, &bytes), MOE_STATUS_BAD_OPTION);
+}
+
 /* bf16 panels (cfg.pack_bf16): the SIMD forward equals the reference run on
    the bf16-rounded weights, within the fp32 tolerance, since the kernel
    widens each weight exactly and sums in fp32; and it is close to the fp32
-   layer within bf16's 2^-8 relative weight error.                         */
+   layer within bf16's 2^-8 relative weight error. The same blob with
+   pack_bf16 = 2 (activations rounded too) stays within 3e-2 of it.       */
 TEST(isa, bf16_packed_forward) {
     moe_config c = isa_config(6, 2, 37, 45, MOE_ACT_SWIGLU), r;
     isa_layer L;
     moe_weights rounded;
-    float *gate, *up, *down, *sh_gate, *sh_up, *sh_down, *y_bf, *y_ref, *y_f32;
+    float *gate, *up, *down, *sh_gate, *sh_up, *sh_down, *y_bf, *y_ref, *y_f32, *y_act;
     const size_t E = 6, D = 37, F = 45, Fs = 11, T = 29;
     size_t i, bytes = 0;
     void *pk;
@@ -399,7 +470,7 @@ TEST(isa, bf16_packed_forward) {
     rounded.gate = gate; rounded.up = up; rounded.down = down;
     rounded.shared_gate = sh_gate; rounded.shared_up = sh_up; rounded.shared_down = sh_down;
     y_bf = (float *)malloc(T * D * sizeof(float)); y_ref = (float *)malloc(T * D * sizeof(float));
-    y_f32 = (float *)malloc(T * D * sizeof(float));
+    y_f32 = (float *)malloc(T * D * sizeof(float)); y_act = (float *)malloc(T * D * sizeof(float));
     c.pack_bf16 = 1;
     CHECK_STATUS(moe_pack_size(&c, &bytes), MOE_STATUS_OK);
     pk = malloc(bytes);
@@ -411,6 +482,8 @@ TEST(isa, bf16_packed_forward) {
         CHECK_STATUS(moe_forward_alloc(&c, &w, L.x, (int32_t)T, y_bf, NULL), MOE_STATUS_OK);
         f32.pack_bf16 = 0;                       /* a bf16 blob under an fp32 config */
         CHECK_STATUS(moe_forward_alloc(&f32, &w, L.x, (int32_t)T, y_f32, NULL), MOE_STATUS_BAD_PACKED);
+        f32.pack_bf16 = 2;                       /* the same blob, bf16 activations too */
+        CHECK_STATUS(moe_forward_alloc(&f32, &w, L.x, (int32_t)T, y_act, NULL), MOE_STATUS_OK);
     }
     c.isa = MOE_ISA_REFERENCE;
     CHECK_STATUS(moe_forward_alloc(&c, &rounded, L.x, (int32_t)T, y_ref, NULL), MOE_STATUS_OK);
@@ -418,9 +491,15 @@ TEST(isa, bf16_packed_forward) {
     CHECK_STATUS(moe_forward_alloc(&c, &L.w, L.x, (int32_t)T, y_f32, NULL), MOE_STATUS_OK);
     {
         const double scale = isa_scale(y_f32, T * D);
+        size_t moved = 0;
         for (i = 0; i < T * D; i++) CHECK(fabs((double)y_bf[i] - y_f32[i]) <= 2e-2 * scale);
+        for (i = 0; i < T * D; i++) {            /* GLU and shared expert with pack_bf16 = 2 */
+            CHECK(fabs((double)y_act[i] - y_f32[i]) <= 3e-2 * scale);
+            moved += y_act[i] != y_bf[i];
+        }
+        CHECK(moved > T * D / 2);                /* the activations were rounded */
     }
     free(pk); free(gate); free(up); free(down); free(sh_gate); free(sh_up); free(sh_down);
-    free(y_bf); free(y_ref); free(y_f32);
+    free(y_bf); free(y_ref); free(y_f32); free(y_act);
     isa_layer_free(&L);
 }
