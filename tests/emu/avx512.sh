@@ -5,14 +5,15 @@
 # runs AVX-512. Bochs does: it emulates every instruction in software. Bochs 3.0
 # (Debian trixie's source, checked by SHA-256) is built here with AVX-512 (EVEX)
 # support, its Skylake-X model patched to Cooper Lake (Skylake-X + AVX512_BF16,
-# tests/emu/bochs-cooperlake.patch; Bochs's Tiger Lake and Sapphire Rapids
-# models have BF16 but hang Debian's kernel at boot). It boots Debian's kernel
+# tests/emu/bochs-cooperlake.patch: Bochs's Sapphire Rapids model has BF16
+# but hangs Debian's kernel early in boot, as its Tiger Lake does). It boots Debian's kernel
 # from a CD image whose initramfs holds the suite, compiled statically with
 # -mavx512f -mavx512bf16, and tests/emu/init.c, which runs it and powers off.
 #
 # Emulation checks correctness only: Bochs is ~100x slower than the host and
-# keeps no cache or pipeline timing. A run takes about 4 minutes (1.5 to boot)
-# plus 3 minutes to build Bochs the first time. Everything lands in build/emu.
+# keeps no cache or pipeline timing. The whole suite takes about 10 minutes
+# (mostly the train and vit suites; EMU_FILTER=isa about 1.5), plus 3 minutes
+# to build Bochs the first time. Everything lands in build/emu.
 #
 # Prints the suite's output (its last line is "N passed, N failed") and exits
 # with the suite's status. EMU_FILTER=a,b,... runs only the tests whose
@@ -105,7 +106,7 @@ error: action=ignore
 info: action=ignore
 EOF
 rm -f "$EMU/serial.txt"
-echo "emu: booting the emulated AVX-512 machine (~4 min)" >&2
+echo "emu: booting the emulated AVX-512 machine (the whole suite: ~10 min)" >&2
 timeout "$TIMEOUT" "$BOCHS" -q -f "$EMU/bochsrc" > "$EMU/bochs.out" 2>&1 || true
 [ -f "$EMU/serial.txt" ] || die "the guest wrote nothing to its serial port (see $EMU/bochs.out)"
 # the guest's console: drop kernel lines ("[  t] ...") and carriage returns
