@@ -44,6 +44,7 @@ void moe_test_check_array(const char *file, int line, const char *what, const fl
 
 /* Does "suite.name" contain one of filter's comma-separated substrings? */
 static int test_selected(const char *full, const char *filter) {
+    if (*filter == '\0') return 1;                   /* "" selects all, as strstr did */
     while (filter) {
         const char *comma = strchr(filter, ',');
         const size_t n = comma ? (size_t)(comma - filter) : strlen(filter);
