@@ -60,8 +60,8 @@ if [ ! -f "$EMU/vmlinuz" ]; then
     pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
     [ -n "$pkg" ] || die "apt-cache knows no linux-image-amd64 (run apt-get update)"
     rm -rf "$EMU/kernel" && mkdir -p "$EMU/kernel"
-    (cd "$EMU/kernel" && apt-get download "$pkg" > /dev/null 2>&1 && dpkg-deb -x ./*.deb root) || die "could not fetch $pkg"
-    cp "$EMU"/kernel/root/boot/vmlinuz-* "$EMU/vmlinuz"
+    (cd "$EMU/kernel" && apt-get download "$pkg" > /dev/null 2>&1 && dpkg-deb -x ./*.deb unpacked) || die "could not fetch $pkg"
+    cp "$EMU"/kernel/unpacked/boot/vmlinuz-* "$EMU/vmlinuz"
     rm -rf "$EMU/kernel"
 fi
 
