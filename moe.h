@@ -1385,30 +1385,20 @@ static void moe__act_backward(moe_activation act, int simd, float *dh, float *du
    on vectors. y += w x is a multiply then an add, as the scalar loop, so
    both give the same bits; the dot product on vectors keeps 2 VL partial
    sums added in lane order at the end: fixed, whatever the thread count. */
-static void moe__add_scaled(float *y, const float *x, float w, size_t n, int simd) {
-    size_t i = 0;
+static void moe__add_scaled(float *y, const float *x, float w, size_t n, int accumulate, int simd) {
+    size_t i = 0;                        /* y = w x, or y += w x with accumulate */
 #if MOE__HAS_SIMD
     if (simd) {
         const moe__vf wv = moe__v_set1(w);
-        for (; i + MOE__VL <= n; i += MOE__VL)
-            moe__v_store(y + i, moe__v_add(moe__v_load(y + i), moe__v_mul(wv, moe__v_load(x + i))));
+        for (; i + MOE__VL <= n; i += MOE__VL) {
+            const moe__vf v = moe__v_mul(wv, moe__v_load(x + i));
+            moe__v_store(y + i, accumulate ? moe__v_add(moe__v_load(y + i), v) : v);
+        }
     }
 #else
     (void)simd;
 #endif
-    for (; i < n; i++) y[i] += w * x[i];
-}
-static void moe__scaled(float *y, const float *x, float w, size_t n, int simd) {   /* y = w x */
-    size_t i = 0;
-#if MOE__HAS_SIMD
-    if (simd) {
-        const moe__vf wv = moe__v_set1(w);
-        for (; i + MOE__VL <= n; i += MOE__VL) moe__v_store(y + i, moe__v_mul(wv, moe__v_load(x + i)));
-    }
-#else
-    (void)simd;
-#endif
-    for (; i < n; i++) y[i] = w * x[i];
+    for (; i < n; i++) y[i] = accumulate ? y[i] + w * x[i] : w * x[i];
 }
 static float moe__dot(const float *a, const float *b, size_t n, int simd) {
     float acc = 0.0f;
@@ -3108,7 +3098,7 @@ static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
         for (j = 0; j < S; j++) {
             const int64_t row = pair_row[(size_t)t * S + j];
             if (row < 0) continue;
-            moe__add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, J->simd);
+            moe__add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, 1, J->simd);
         }
     }
 }
@@ -4059,7 +4049,7 @@ static void moe__router_gemm_backward(const moe_config *c, int32_t T, const floa
     if (dW) moe__gemm_packed(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
     moe__sum_rows(db, dz, T, E, (size_t)E);
     moe__gemm_packed(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
-    if (!jitter) moe__add_scaled(dx, tmp, 1.0f, n, c->isa != MOE_ISA_REFERENCE);
+    if (!jitter) moe__add_scaled(dx, tmp, 1.0f, n, 1, c->isa != MOE_ISA_REFERENCE);
     else for (i = 0; i < n; i++) dx[i] += tmp[i] * moe__jitter_factor(c, i);
 }
 
@@ -4195,7 +4185,7 @@ static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
             const int64_t row = J->pair_row[p];
             const float *dyt = J->dy + (size_t)t * D;
             if (row < 0) { J->gw[p] = 0.0f; continue; }
-            moe__scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, J->simd);
+            moe__add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0, J->simd);
             J->gw[p] = moe__dot(dyt, J->out + (size_t)row * D, D, J->simd);
         }
 }
@@ -4207,7 +4197,7 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
     for (t = t0; t < t1; t++)
         for (j = 0; j < J->S; j++) {
             const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
-            if (row >= 0) moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, J->simd);
+            if (row >= 0) moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, 1, J->simd);
         }
 }
 
@@ -5131,7 +5121,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
             s = pair_row[p];
             if (s < 0 || info->dropped[p]) { gw[p] = 0.0f; continue; }
             gw[p] = moe__dot(dy + (size_t)t * D, ret_out + (size_t)s * D, (size_t)D, simd);
-            moe__add_scaled(dx + (size_t)t * D, ret_dx + (size_t)s * D, 1.0f, (size_t)D, simd);
+            moe__add_scaled(dx + (size_t)t * D, ret_dx + (size_t)s * D, 1.0f, (size_t)D, 1, simd);
         }
 
     /* 5. router backward with the group's statistics, as in moe__backward */
