@@ -3015,8 +3015,9 @@ static void moe__packed_ffn(moe__packed_job *J) {
             if (tb > P) tb = P;
             /* a few rows (decode) stream the weights: a set as one or two tasks would
                leave threads idle (a shared expert's stage 2 was one task), so at
-               least 4 runs of panels per set                                     */
-            if (n < MOE__MR && tb > (P + 3) / 4) tb = (P + 3) / 4;
+               least 8 runs of panels per set (4: T=1 about 1.02x slower, a thread
+               held up on a busy host left more of the stream to the other)       */
+            if (n < MOE__MR && tb > (P + 7) / 8) tb = (P + 7) / 8;
             J->panels_per_task[e] = tb;
             J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
         }
