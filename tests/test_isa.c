@@ -232,8 +232,9 @@ TEST(isa, large_batch_matches_reference) {
 
 /* A packed row block of more than MR rows whose panels span several tasks
    (moe__packed_task: tasks of MOE__PACKED_TASK_FLOPS), in both stages: one
-   expert, a full 144-row block (stage 1: 3 tasks of its 53 panels, stage 2:
-   2 of 9, the last ragged, D = 136) and a second block of 16 rows.
+   expert, a full 144-row block and a second block of 16 rows. AVX2: stage 1
+   in 3 tasks of its 53 panels, stage 2 in 2 of 9, the last ragged (D = 136);
+   AVX-512 (27 and 5 panels) and NEON (106 and 17) split both stages too.
    SIMD builds only: the reference has no packed tasks.                   */
 TEST(isa, packed_tasks_split_panels) {
     moe_config c = isa_config(1, 1, 136, 424, MOE_ACT_SWIGLU), r;
