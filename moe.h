@@ -1268,17 +1268,20 @@ static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, s
                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     MOE__TILE_SWITCH(MOE__B_F32)
 }
+/* X(kind) with kind a compile-time MOE__B_* constant: one instance per kind. */
+#if MOE__HAS_BF16_DOT
+#  define MOE__KIND_SWITCH(kind, X) \
+     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else if ((kind) == MOE__B_DOT) { X(MOE__B_DOT) } else { X(MOE__B_BF16) }
+#else
+#  define MOE__KIND_SWITCH(kind, X) if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else { X(MOE__B_BF16) }
+#endif
 /* A tile of a packed expert (moe__packed_task): A in MR-row k-major tiles,
    B a packed panel of the given kind.                                    */
 static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *A, const void *B,
                                   float *C, size_t ldc) {
     const size_t a_rs = 1, a_cs = MOE__MR, ldb = MOE__NR;
     const int accumulate = 0;
-    if (kind == MOE__B_F32) MOE__TILE_SWITCH(MOE__B_F32)
-#if MOE__HAS_BF16_DOT
-    else if (kind == MOE__B_DOT) MOE__TILE_SWITCH(MOE__B_DOT)
-#endif
-    else MOE__TILE_SWITCH(MOE__B_BF16)
+    MOE__KIND_SWITCH(kind, MOE__TILE_SWITCH)
 }
 /* A full tile on a packed panel that also prefetches rows of the next
    panel: each of a row block's n full tiles on a panel brings in its 1/n of
@@ -1286,15 +1289,11 @@ static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *
    (from memory) does not wait and the requests stay spread out.           */
 static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C, size_t ldc,
                                 const void *next, int64_t rows, int64_t every) {
-    if (kind == MOE__B_F32)
-        moe__tile_body(MOE__MR, MOE__B_F32, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
-#if MOE__HAS_BF16_DOT
-    else if (kind == MOE__B_DOT)
-        moe__tile_body(MOE__MR, MOE__B_DOT, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
-#endif
-    else
-        moe__tile_body(MOE__MR, MOE__B_BF16, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+    MOE__KIND_SWITCH(kind, MOE__TILE_NEXT)
+#undef MOE__TILE_NEXT
 }
+#undef MOE__KIND_SWITCH
 #undef MOE__TILE_SWITCH
 #undef MOE__TILE_CASE
 
