@@ -171,14 +171,15 @@ extern "C" {
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
     X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; info->workspace_required holds the size needed") \
     X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
-    X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU") \
+    X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU, or packing weights for the reference ISA (only SIMD kernels read w.packed)") \
     X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
     X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1") \
-    X(BAD_CACHE,          15, "moe_info holds routing no forward of this config produces (expert index out of range, unknown drop flag, too many rows)") \
-    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width") \
+    X(BAD_CACHE,          15, "moe_info is not the cache of a training forward of this config and T, or its routing arrays changed since (or hold routing no forward produces)") \
+    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width, or w.packed_bytes is smaller than the blob") \
     X(EP_UNSUPPORTED,     17, "the expert-parallel plan (moe_ep_*) supports top-k routing only, without Shazeer noise or a shared expert") \
-    X(BAD_PLAN,           18, "expert-parallel plan mismatch: need 0 <= rank < num_ranks dividing num_experts, the rank's token slice inside num_tokens (sequence-loss sequences inside one slice), and pairs/counts as moe_ep_route and moe_ep_pack produced them")
+    X(BAD_PLAN,           18, "expert-parallel plan mismatch: need 0 <= rank < num_ranks dividing num_experts, the rank's token slice inside num_tokens (sequence-loss sequences inside one slice), and pairs/counts as moe_ep_route and moe_ep_pack produced them") \
+    X(ALIASING,           19, "an output buffer overlaps an input, another output, the workspace or the moe_info arrays (only y == x in moe_forward and dx == dy or dx == x in moe_backward may share memory)")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -415,6 +416,8 @@ typedef struct moe_weights {
        forward reads experts from here only: gate/up/down may then be NULL.
        The backward always needs gate/up/down.                               */
     const void *packed;
+    size_t packed_bytes;          /* bytes readable at packed (>= what
+                                     moe_pack_size said); required with it    */
 } moe_weights;
 
 /* ---------------------------------------------------------------------------
@@ -477,6 +480,14 @@ typedef struct moe_info {
     float aux_seq;            /* DeepSeek-V3 sequence-wise balance, unscaled   */
     float aux_total;          /* sum of coef * value over the five above       */
     size_t workspace_required;/* set with MOE_STATUS_WORKSPACE_TOO_SMALL       */
+    /* What the arrays hold, for moe_backward: every call that fills them
+       (and moe_info_bind) rewrites this stamp. A training forward records its
+       T, a fingerprint of its config and a checksum of the routing arrays it
+       wrote; any other call clears it. moe_backward runs only on the stamp of
+       a training forward of its own config and T, with the arrays unchanged. */
+    int32_t cache_tokens;     /* T of that training forward                    */
+    uint64_t cache_config;    /* fingerprint of its config; 0: no cache        */
+    uint64_t cache_check;     /* checksum of its routing arrays                */
 } moe_info;
 
 /* ---------------------------------------------------------------------------
@@ -515,7 +526,10 @@ MOEDEF moe_config moe_preset_topk_softmax(void);  /* "top-k of the logits, then 
    from w.gate/up/down and the shared tensors). Pack once for inference, or
    after every optimiser step when training (one pass over the weights). The
    layout belongs to this build's vector width: pack and run with the same
-   compiled header (moe_forward checks it: MOE_STATUS_BAD_PACKED).          */
+   compiled header (moe_forward checks it: MOE_STATUS_BAD_PACKED), and set
+   w.packed_bytes with w.packed. Only the SIMD kernels read panels, so
+   packing for the reference ISA (cfg.isa, or a build without SIMD flags)
+   returns MOE_STATUS_UNSUPPORTED instead of a blob no forward would use.   */
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes);
 MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
                                    void *packed, size_t bytes);
@@ -566,7 +580,10 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
                             void *workspace, size_t workspace_bytes);
 
 /* The whole layer: y[T][D] = sum over slots of weight * expert(x) (+ shared).
-   x: [T][D]. info may be NULL. No allocation; T = 0 is a valid no-op.      */
+   x: [T][D]. info may be NULL. No allocation. T = 0 is a valid no-op that
+   needs no workspace (it may be NULL) and reports an empty routing in info.
+   In place: y may be x. No other output (y, info arrays, the workspace) may
+   overlap any buffer of the call: MOE_STATUS_ALIASING, nothing written.   */
 MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens,
                                              size_t *out_bytes);
 MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
@@ -582,7 +599,14 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
    the training forward (cfg.training = 1, same cfg, x, T and seed) filled; it
    must have logits, scores, expert, weight, dropped (Soft MoE: scores and
    dispatch) and, unless cfg.recompute, the cache arrays (moe_info_bind binds
-   all of them). dx [T][D] is OVERWRITTEN; grads ACCUMULATE. dx may be NULL.
+   all of them). Its stamp is checked first: an info no training forward
+   filled is MOE_STATUS_MISSING_CACHE; one from another T or config (fields
+   other than isa, threads, pool, pack_bf16 and router_grad_clip), or whose
+   routing arrays were rewritten since (e.g. by an evaluation forward
+   through the same info or buffer), is MOE_STATUS_BAD_CACHE. dx [T][D] is
+   OVERWRITTEN; grads ACCUMULATE. dx may be NULL, or x or dy (in place); no
+   other pair of the call's buffers may overlap where one is written
+   (grads, dx, workspace): MOE_STATUS_ALIASING. T = 0 needs no workspace.
    What is a constant (ROUTING_SPEC 13.4): top-k / group / capacity choices,
    noise samples, jitter factors, the selection bias and the count vectors f
    of the balance losses. On a SIMD ISA the workspace also holds packed
@@ -2060,7 +2084,7 @@ typedef struct moe__layout {
     size_t route_chunks;  /* per-chunk scratch of the token-parallel top-k    */
     /* forward only */
     size_t logits, noise_logits, xr, slot_norm;
-    size_t pair_row, offsets, row_pair, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out;
+    size_t pair_row, offsets, row_pair, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out, sh_gamma;
     size_t tiles, sh_tiles, task_off, task_panels, router_t, pack;   /* SIMD forward only */
     size_t tile_off, apack;                                           /* SIMD forward only */
     /* backward only */
@@ -2126,6 +2150,7 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->sh_u         = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
         L->sh_a         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
         L->sh_out       = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
+        L->sh_gamma     = moe__reserve(&t, c->shared_gate ? nT : 0, sizeof(float), &ok);
         if (c->isa != MOE_ISA_REFERENCE) {
             /* packed-panel tile results: N x (panels * NR), the wider stage */
             const size_t fc = glu ? MOE__VL : MOE__NR, p2 = (D + MOE__NR - 1) / MOE__NR;
@@ -2796,13 +2821,14 @@ static uint16_t moe__bf16_of(float v) {
     return (uint16_t)(u >> 16);
 }
 
-/* Was packed made by moe_pack_weights for this config and vector width? */
-static int moe__pack_check(const moe_config *c, const void *packed) {
+/* Was w.packed made by moe_pack_weights for this config and vector width,
+   and does w.packed_bytes hold all of it? (the header is read only then) */
+static int moe__pack_check(const moe_config *c, const moe_weights *w) {
     moe__pack_header h;
     moe__pack_layout P;
-    if (!packed || (uintptr_t)packed % sizeof(float) != 0) return 0;
-    memcpy(&h, packed, sizeof h);
-    return memcmp(h.magic, "moe.pk2", 8) == 0 && h.vl == MOE__VL &&
+    if (!w->packed || (uintptr_t)w->packed % sizeof(float) != 0 || w->packed_bytes < sizeof h) return 0;
+    memcpy(&h, w->packed, sizeof h);
+    return memcmp(h.magic, "moe.pk2", 8) == 0 && h.vl == MOE__VL && h.bytes <= w->packed_bytes &&
            h.num_experts == (uint32_t)c->num_experts && h.d_model == (uint32_t)c->d_model &&
            h.d_ff == (uint32_t)c->d_ff && h.shared_d_ff == (uint32_t)c->shared_d_ff &&
            h.glu == (uint32_t)moe__act_is_glu(c->activation) && h.bf16 == (uint32_t)(c->pack_bf16 != 0) &&
@@ -3290,6 +3316,121 @@ static float moe__shared_gate_of(const moe_config *c, const moe_weights *w, cons
 // ----------------------------------------------------------------------------
 // Public functions
 
+/* Buffer overlap (MOE_STATUS_ALIASING). A call lists the caller buffers it
+   reads and writes as byte spans; two may share bytes only if neither is
+   written. An allowed in-place pair (y == x) is listed once, as written.  */
+#define MOE__MAX_SPANS 64
+typedef struct moe__spans {
+    struct { uintptr_t lo, hi; int written; } s[MOE__MAX_SPANS];
+    int n;
+} moe__spans;
+
+static void moe__span(moe__spans *S, const void *p, size_t count, size_t elem, int written) {
+    const uintptr_t lo = (uintptr_t)p;
+    size_t bytes = moe__mul(count, elem);
+    if (!p || bytes == 0) return;
+    MOE_ASSERT(S->n < MOE__MAX_SPANS);
+    if (bytes > (size_t)(UINTPTR_MAX - lo)) bytes = (size_t)(UINTPTR_MAX - lo);
+    S->s[S->n].lo = lo; S->s[S->n].hi = lo + bytes; S->s[S->n].written = written;
+    S->n++;
+}
+
+static int moe__spans_overlap(const moe__spans *S) {
+    int i, j;
+    for (i = 0; i < S->n; i++)
+        for (j = i + 1; j < S->n; j++)
+            if ((S->s[i].written || S->s[j].written) &&
+                S->s[i].lo < S->s[j].hi && S->s[j].lo < S->s[i].hi)
+                return 1;
+    return 0;
+}
+
+/* The tensors of a moe_grads-shaped set with their sizes and fans. */
+typedef struct moe__tensor { float *p; size_t n, per_expert; double fan_in, fan_out; int bias; } moe__tensor;
+
+static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor *t) {
+    const double D = c->d_model, F = c->d_ff, Fs = c->shared_d_ff, E = c->num_experts;
+    const size_t R = (size_t)c->num_experts * (size_t)c->slots_per_expert;
+    const int glu = moe__act_is_glu(c->activation);
+    int32_t n = 0;
+#define MOE__T(ptr, count, per, fi, fo, isb) \
+    do { t[n].p = (ptr); t[n].n = (size_t)(count); t[n].per_expert = (size_t)(per); \
+         t[n].fan_in = (fi); t[n].fan_out = (fo); t[n].bias = (isb); n++; } while (0)
+    MOE__T(g->router, E * D, D, D, E, 0);
+    MOE__T(g->router_bias, E, 1, D, E, 1);
+    MOE__T(g->router_noise, E * D, D, D, E, 0);
+    /* fused: gate is [E][2F][D] (the layer reads it with that stride whatever
+       the activation), one stream per expert covering both halves */
+    MOE__T(g->gate, E * (g->gate_up_fused ? 2 : 1) * F * D, (g->gate_up_fused ? 2 : 1) * F * D, D, F, 0);
+    MOE__T(glu && !g->gate_up_fused ? g->up : NULL, E * F * D, F * D, D, F, 0);
+    MOE__T(g->down, E * D * F, D * F, F, D, 0);
+    MOE__T(g->gate_bias, E * F, F, D, F, 1);
+    MOE__T(glu ? g->up_bias : NULL, E * F, F, D, F, 1);
+    MOE__T(g->down_bias, E * D, D, F, D, 1);
+    MOE__T(Fs > 0 ? g->shared_gate : NULL, Fs * D, Fs * D, D, Fs, 0);
+    MOE__T(Fs > 0 && glu ? g->shared_up : NULL, Fs * D, Fs * D, D, Fs, 0);
+    MOE__T(Fs > 0 ? g->shared_down : NULL, D * Fs, D * Fs, Fs, D, 0);
+    MOE__T(Fs > 0 ? g->shared_gate_bias : NULL, Fs, Fs, D, Fs, 1);
+    MOE__T(Fs > 0 && glu ? g->shared_up_bias : NULL, Fs, Fs, D, Fs, 1);
+    MOE__T(Fs > 0 ? g->shared_down_bias : NULL, D, D, Fs, D, 1);
+    MOE__T(c->shared_gate ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
+    MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_phi : NULL, (double)R * D, D, D, (double)R, 0);
+    MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_scale : NULL, 1, 1, 1, 1, 2);
+#undef MOE__T
+    return n;
+}
+
+/* Spans of the weight (written: gradient) tensors a call of this config
+   reads (writes), in moe_grads form. experts = 0 leaves out the routed and
+   shared expert matrices (a forward that reads them from w.packed).       */
+static void moe__tensor_spans(moe__spans *S, const moe_config *c, const moe_grads *g, int experts,
+                              int written) {
+    moe__tensor t[20];
+    moe_grads u = *g;
+    int32_t n, k;
+    if (!c->router_bias) u.router_bias = NULL;
+    if (c->noise != MOE_NOISE_SHAZEER) u.router_noise = NULL;
+    if (c->routing == MOE_ROUTING_SOFT) u.router = NULL;
+    if (!c->expert_bias) {
+        u.gate_bias = u.up_bias = u.down_bias = NULL;
+        u.shared_gate_bias = u.shared_up_bias = u.shared_down_bias = NULL;
+    }
+    if (!experts) {   /* the biases are still read from w */
+        u.gate = u.up = u.down = NULL;
+        u.shared_gate = u.shared_up = u.shared_down = NULL;
+    }
+    n = moe__tensors(c, &u, t);
+    for (k = 0; k < n; k++) moe__span(S, t[k].p, t[k].n, sizeof(float), written);
+}
+
+/* moe_weights seen as a moe_grads (read only: the casts never write). */
+static moe_grads moe__weights_as_grads(const moe_weights *w) {
+    moe_grads g;
+    memset(&g, 0, sizeof g);
+    g.router = (float *)w->router; g.router_bias = (float *)w->router_bias;
+    g.router_noise = (float *)w->router_noise;
+    g.gate = (float *)w->gate; g.up = (float *)w->up; g.down = (float *)w->down;
+    g.gate_bias = (float *)w->gate_bias; g.up_bias = (float *)w->up_bias;
+    g.down_bias = (float *)w->down_bias;
+    g.shared_gate = (float *)w->shared_gate; g.shared_up = (float *)w->shared_up;
+    g.shared_down = (float *)w->shared_down; g.shared_gate_bias = (float *)w->shared_gate_bias;
+    g.shared_up_bias = (float *)w->shared_up_bias;
+    g.shared_down_bias = (float *)w->shared_down_bias;
+    g.shared_expert_gate = (float *)w->shared_expert_gate;
+    g.soft_phi = (float *)w->soft_phi; g.soft_scale = (float *)w->soft_scale;
+    g.gate_up_fused = w->gate_up_fused;
+    return g;
+}
+
+/* Everything a forward (or moe_pack_weights, experts only) reads of w. */
+static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weights *w,
+                              int experts) {
+    const moe_grads g = moe__weights_as_grads(w);
+    moe__tensor_spans(S, c, &g, experts, 0);
+    if (c->selection_bias) moe__span(S, w->selection_bias, (size_t)c->num_experts, sizeof(float), 0);
+    if (!experts) moe__span(S, w->packed, w->packed_bytes, 1, 0);
+}
+
 /* Weights the config needs. packed: the forward reads the expert matrices
    from w.packed (SIMD ISA), so w.gate/up/down may be NULL.                 */
 static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, int packed) {
@@ -3308,6 +3449,11 @@ static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, 
         if (c->shared_gate && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
     }
     return MOE_STATUS_OK;
+}
+
+/* The info's arrays hold no training forward's cache (moe_info.cache_*). */
+static void moe__unstamp(moe_info *info) {
+    info->cache_tokens = 0; info->cache_config = 0; info->cache_check = 0;
 }
 
 /* moe_info arrays, in one order shared by moe_info_size and moe_info_bind.
@@ -3387,6 +3533,7 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
     info->cache_shared_hidden = cache && c.shared_d_ff ? MOE__AT(b, L.sh_hidden, float) : NULL;
     info->cache_shared_up = cache && c.shared_d_ff && glu ? MOE__AT(b, L.sh_up, float) : NULL;
     info->cache_shared_out = cache && c.shared_d_ff ? MOE__AT(b, L.sh_out, float) : NULL;
+    moe__unstamp(info);
     return MOE_STATUS_OK;
 }
 
@@ -3414,7 +3561,7 @@ static void moe__router_init(moe__router *r, const moe_config *c, const moe__lay
 }
 
 /* Copy a finished routing result to the caller's info: arrays it asked for,
-   and every scalar.                                                         */
+   and every scalar (and no cache stamp: a training forward adds it).        */
 static void moe__info_export(moe_info *dst, const moe_info *src, const float *logits,
                              int32_t T, int32_t R, int32_t S, int32_t E) {
     const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
@@ -3431,6 +3578,105 @@ static void moe__info_export(moe_info *dst, const moe_info *src, const float *lo
     dst->aux_balance = src->aux_balance; dst->aux_z = src->aux_z;
     dst->aux_importance = src->aux_importance; dst->aux_load = src->aux_load;
     dst->aux_seq = src->aux_seq; dst->aux_total = src->aux_total;
+    moe__unstamp(dst);
+}
+
+/* A call on T = 0 tokens routes nothing and needs no workspace: info gets
+   what moe__route reports for an empty batch (Soft MoE: P slots an expert). */
+static void moe__info_no_tokens(moe_info *info, const moe_config *c) {
+    const int32_t per = c->routing == MOE_ROUTING_SOFT ? c->slots_per_expert : 0;
+    int32_t e;
+    for (e = 0; e < c->num_experts; e++) {
+        if (info->expert_routed) info->expert_routed[e] = per;
+        if (info->expert_kept) info->expert_kept[e] = per;
+    }
+    info->slots = moe_routing_slots(c);
+    info->capacity = moe__capacity_of(c, 0);
+    info->dropped_pairs = info->dropped_tokens = 0;
+    info->aux_balance = info->aux_z = info->aux_importance = info->aux_load = 0.0f;
+    info->aux_seq = info->aux_total = 0.0f;
+    moe__unstamp(info);
+}
+
+/* Spans of the info arrays a call writes (forward, route) or reads
+   (backward): the routing arrays, the counts, and the N-row training cache
+   (cache: 1 when cfg.training and not cfg.recompute).                    */
+static void moe__info_spans(moe__spans *S, const moe_config *c, const moe_info *info, int32_t T,
+                            const moe__layout *L, int counts, int cache, int written) {
+    const size_t TR = (size_t)T * (size_t)L->R, TS = (size_t)T * (size_t)L->S;
+    const size_t N = (size_t)L->N, F = (size_t)c->d_ff, D = (size_t)c->d_model;
+    const size_t Ts = c->shared_d_ff > 0 ? (size_t)T : 0, Fs = (size_t)c->shared_d_ff;
+    const int glu = moe__act_is_glu(c->activation);
+    moe__span(S, info->logits, TR, sizeof(float), written);
+    moe__span(S, info->scores, TR, sizeof(float), written);
+    moe__span(S, c->routing == MOE_ROUTING_SOFT ? info->dispatch : NULL, TR, sizeof(float), written);
+    moe__span(S, info->expert, TS, sizeof(int32_t), written);
+    moe__span(S, info->weight, TS, sizeof(float), written);
+    moe__span(S, info->dropped, TS, sizeof(uint8_t), written);
+    if (counts) {
+        moe__span(S, info->expert_routed, (size_t)c->num_experts, sizeof(int32_t), written);
+        moe__span(S, info->expert_kept, (size_t)c->num_experts, sizeof(int32_t), written);
+    }
+    if (!cache) return;
+    moe__span(S, info->cache_hidden, N * F, sizeof(float), written);
+    moe__span(S, glu ? info->cache_up : NULL, N * F, sizeof(float), written);
+    moe__span(S, info->cache_out, N * D, sizeof(float), written);
+    moe__span(S, info->cache_shared_hidden, Ts * Fs, sizeof(float), written);
+    moe__span(S, glu ? info->cache_shared_up : NULL, Ts * Fs, sizeof(float), written);
+    moe__span(S, info->cache_shared_out, Ts * D, sizeof(float), written);
+}
+
+/* The training-cache stamp (moe_info.cache_*). moe__hash is one step of an
+   order-dependent 64-bit hash (splitmix64's finaliser): a fingerprint, not
+   a random number.                                                        */
+static uint64_t moe__hash(uint64_t h, uint64_t v) {
+    uint64_t z = (h + 0x9E3779B97F4A7C15ull) ^ v;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static uint64_t moe__hash_bytes(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = (const unsigned char *)p;
+    uint64_t v;
+    size_t i = 0;
+    if (p) {
+        for (; i + 8 <= n; i += 8) { memcpy(&v, b + i, 8); h = moe__hash(h, v); }
+        if (i < n) { v = 0; memcpy(&v, b + i, n - i); h = moe__hash(h, v); }
+    }
+    return moe__hash(h, p ? (uint64_t)n : ~(uint64_t)0);
+}
+
+/* Every resolved config field that shapes a training forward's routing or
+   cache: all but isa, the threads and pool, pack_bf16 (the backward runs
+   on the fp32 tensors) and router_grad_clip (read by the backward only).  */
+static uint64_t moe__config_key(const moe_config *c) {
+    const int64_t i[] = {c->num_experts, c->top_k, c->d_model, c->d_ff, c->activation,
+                         c->expert_bias, c->routing, c->score, c->router_bias, c->selection_bias,
+                         c->n_group, c->topk_group, c->group_score_top, c->group_mask_zero,
+                         c->second_expert, c->normalize, c->normalize_after_drop, c->training,
+                         c->noise, c->capacity, c->capacity_formula, c->drop_policy,
+                         c->shared_d_ff, c->shared_gate, c->slots_per_expert, c->balance_loss,
+                         c->seq_len, c->recompute};
+    const float f[] = {c->second_threshold, c->norm_p, c->norm_eps, c->routed_scale,
+                       c->noise_epsilon, c->jitter, c->router_noise_std, c->expert_dropout,
+                       c->capacity_factor, c->balance_coef, c->z_loss_coef, c->importance_coef,
+                       c->load_coef, c->seq_balance_coef};
+    uint64_t h = moe__hash_bytes(c->seed, i, sizeof i);
+    h = moe__hash_bytes(h, f, sizeof f);
+    return h ? h : 1;   /* 0 means "no cache" */
+}
+
+/* Checksum of the routing arrays the backward reads (T and the config are
+   checked first, so the extents are the ones the forward wrote).          */
+static uint64_t moe__routing_check(const moe_config *c, const moe_info *info, int32_t T,
+                                   int32_t R, int32_t S) {
+    const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
+    uint64_t h = moe__hash_bytes(0, info->logits, TR * sizeof(float));
+    h = moe__hash_bytes(h, info->scores, TR * sizeof(float));
+    if (c->routing == MOE_ROUTING_SOFT) return moe__hash_bytes(h, info->dispatch, TR * sizeof(float));
+    h = moe__hash_bytes(h, info->expert, TS * sizeof(int32_t));
+    h = moe__hash_bytes(h, info->weight, TS * sizeof(float));
+    return moe__hash_bytes(h, info->dropped, TS);
 }
 
 /* Copy the expert activations of a training forward into the info cache. */
@@ -3469,10 +3715,18 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     int32_t set, e;
     if (!cfg || !w || !packed) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if (c.isa == MOE_ISA_REFERENCE) return MOE_STATUS_UNSUPPORTED;   /* no forward reads panels */
     if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
     if ((st = moe__pack_plan(&c, &P)) != MOE_STATUS_OK) return st;
     if (bytes < P.bytes) return MOE_STATUS_WORKSPACE_TOO_SMALL;
     if ((uintptr_t)packed % sizeof(float) != 0) return MOE_STATUS_BAD_PACKED;
+    {
+        moe__spans sp;
+        sp.n = 0;
+        moe__span(&sp, packed, P.bytes, 1, 1);
+        moe__weight_spans(&sp, &c, w, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     f[0] = moe__routed_ffn(&c, w);
     f[1] = moe__shared_ffn(&c, w);
     for (set = 0; set < (c.shared_d_ff > 0 ? 2 : 1); set++) {
@@ -3532,6 +3786,18 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
         return MOE_STATUS_NULL_ARGUMENT;
     if (c.selection_bias && (!w || !w->selection_bias)) return MOE_STATUS_MISSING_WEIGHT;
     if ((st = moe__plan(&c, T, MOE__PLAN_ROUTE, &L)) != MOE_STATUS_OK) return st;
+    {
+        moe__spans sp;
+        sp.n = 0;
+        moe__span(&sp, logits, (size_t)T * (size_t)L.R, sizeof(float), 0);
+        if (c.noise == MOE_NOISE_SHAZEER)
+            moe__span(&sp, noise_logits, (size_t)T * (size_t)c.num_experts, sizeof(float), 0);
+        if (c.selection_bias) moe__span(&sp, w->selection_bias, (size_t)c.num_experts, sizeof(float), 0);
+        moe__info_spans(&sp, &c, info, T, &L, 1, 0, 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+    if (T == 0) { moe__info_no_tokens(info, &c); return MOE_STATUS_OK; }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
     b = moe__align_ptr(workspace);
@@ -3624,9 +3890,21 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
     forward_packed = w->packed != NULL && c.isa != MOE_ISA_REFERENCE;
-    if (forward_packed && !moe__pack_check(&c, w->packed)) return MOE_STATUS_BAD_PACKED;
+    if (forward_packed && !moe__pack_check(&c, w)) return MOE_STATUS_BAD_PACKED;
     if ((st = moe__check_weights(&c, w, forward_packed)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
+    {   /* y may be x; nothing else written may overlap anything */
+        moe__spans sp;
+        const size_t TD = (size_t)T * (size_t)c.d_model;
+        sp.n = 0;
+        moe__span(&sp, y, TD, sizeof(float), 1);
+        if (x != y) moe__span(&sp, x, TD, sizeof(float), 0);
+        moe__weight_spans(&sp, &c, w, !forward_packed);
+        if (info) moe__info_spans(&sp, &c, info, T, &L, 1, c.training && !c.recompute, 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+    if (T == 0) { if (info) moe__info_no_tokens(info, &c); return MOE_STATUS_OK; }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) {
         if (info) info->workspace_required = L.total;
@@ -3642,8 +3920,12 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
     if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
 
-    /* 3-4. expert inputs and the grouped expert FFN (and the shared expert) */
+    /* 3-4. expert inputs and the grouped expert FFN (and the shared expert);
+       the shared gates too: the last reads of x, since y may be x */
     moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &L, b);
+    if (c.shared_gate)
+        for (t = 0; t < T; t++)
+            MOE__AT(b, L.sh_gamma, float)[t] = moe__shared_gate_of(&c, w, x + (size_t)t * c.d_model);
 
     /* 5. combine in fixed slot order */
     {
@@ -3665,7 +3947,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
         if (c.shared_d_ff > 0) {
             const float *sh_out = MOE__AT(b, L.sh_out, float);
             for (t = 0; t < T; t++) {
-                const float gate = moe__shared_gate_of(&c, w, x + (size_t)t * D);
+                const float gate = c.shared_gate ? MOE__AT(b, L.sh_gamma, float)[t] : 1.0f;
                 for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
             }
         }
@@ -3673,6 +3955,11 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     if (info) {
         moe__info_export(info, &res, MOE__AT(b, L.logits, float), T, L.R, L.S, c.num_experts);
         if (c.training && !c.recompute) moe__cache_export(info, &c, T, &L, b);
+        if (c.training) {   /* what moe_backward will check */
+            info->cache_tokens = T;
+            info->cache_config = moe__config_key(&c);
+            info->cache_check = moe__routing_check(&c, info, T, L.R, L.S);
+        }
     }
     return MOE_STATUS_OK;
 }
@@ -4138,6 +4425,7 @@ MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num
 /* Does info hold what moe_backward reads? */
 static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
     const int glu = moe__act_is_glu(c->activation);
+    if (info->cache_config == 0) return MOE_STATUS_MISSING_CACHE;   /* no training forward */
     if (!info->logits || !info->scores) return MOE_STATUS_MISSING_CACHE;
     if (c->routing == MOE_ROUTING_SOFT ? !info->dispatch
                                        : (!info->expert || !info->weight || !info->dropped))
@@ -4225,14 +4513,33 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
     /* recompute reruns the forward's expert FFNs, from w.packed where the
        forward would: the same check as moe_forward's */
-    if (c.recompute && w->packed && c.isa != MOE_ISA_REFERENCE && !moe__pack_check(&c, w->packed))
+    if (c.recompute && w->packed && c.isa != MOE_ISA_REFERENCE && !moe__pack_check(&c, w))
         return MOE_STATUS_BAD_PACKED;
-    if (T > 0 && (st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
+    if (T == 0) return MOE_STATUS_OK;   /* nothing to read or write */
+    if ((st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
+    /* the stamp before any array is read: extents of another T or config
+       would be read out of bounds */
+    if (info->cache_tokens != T || info->cache_config != moe__config_key(&c) ||
+        info->cache_check != moe__routing_check(&c, info, T, L.R, L.S))
+        return MOE_STATUS_BAD_CACHE;
     if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;
+    {   /* dx may be x or dy (it is written last); nothing else may overlap */
+        moe__spans sp;
+        const size_t TD = (size_t)T * (size_t)c.d_model;
+        sp.n = 0;
+        moe__span(&sp, x, TD, sizeof(float), 0);
+        moe__span(&sp, dy, TD, sizeof(float), 0);
+        if (dx_out != x && dx_out != dy) moe__span(&sp, dx_out, TD, sizeof(float), 1);
+        moe__weight_spans(&sp, &c, w, 1);
+        if (c.recompute && c.isa != MOE_ISA_REFERENCE) moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
+        moe__tensor_spans(&sp, &c, gr, 1, 1);
+        moe__info_spans(&sp, &c, info, T, &L, 0, !c.recompute, 0);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    if (T == 0) return MOE_STATUS_OK;
     b = moe__align_ptr(workspace);
     glu = moe__act_is_glu(c.activation);
     E = c.num_experts; D = c.d_model; S = L.S; R = L.R;
@@ -4994,6 +5301,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
     }
     info->slots = S;
     info->capacity = moe__capacity_of(&c, plan->num_tokens);
+    moe__unstamp(info);
     moe__ep_aux(&c, plan->num_tokens, stats, info);
     return MOE_STATUS_OK;
 }
@@ -5154,41 +5462,6 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
 
 // ----------------------------------------------------------------------------
 // Training helpers: initialisation and gradient utilities
-
-/* The tensors of a moe_grads-shaped set with their sizes and fans. */
-typedef struct moe__tensor { float *p; size_t n, per_expert; double fan_in, fan_out; int bias; } moe__tensor;
-
-static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor *t) {
-    const double D = c->d_model, F = c->d_ff, Fs = c->shared_d_ff, E = c->num_experts;
-    const size_t R = (size_t)c->num_experts * (size_t)c->slots_per_expert;
-    const int glu = moe__act_is_glu(c->activation);
-    int32_t n = 0;
-#define MOE__T(ptr, count, per, fi, fo, isb) \
-    do { t[n].p = (ptr); t[n].n = (size_t)(count); t[n].per_expert = (size_t)(per); \
-         t[n].fan_in = (fi); t[n].fan_out = (fo); t[n].bias = (isb); n++; } while (0)
-    MOE__T(g->router, E * D, D, D, E, 0);
-    MOE__T(g->router_bias, E, 1, D, E, 1);
-    MOE__T(g->router_noise, E * D, D, D, E, 0);
-    /* fused: gate is [E][2F][D] (the layer reads it with that stride whatever
-       the activation), one stream per expert covering both halves */
-    MOE__T(g->gate, E * (g->gate_up_fused ? 2 : 1) * F * D, (g->gate_up_fused ? 2 : 1) * F * D, D, F, 0);
-    MOE__T(glu && !g->gate_up_fused ? g->up : NULL, E * F * D, F * D, D, F, 0);
-    MOE__T(g->down, E * D * F, D * F, F, D, 0);
-    MOE__T(g->gate_bias, E * F, F, D, F, 1);
-    MOE__T(glu ? g->up_bias : NULL, E * F, F, D, F, 1);
-    MOE__T(g->down_bias, E * D, D, F, D, 1);
-    MOE__T(Fs > 0 ? g->shared_gate : NULL, Fs * D, Fs * D, D, Fs, 0);
-    MOE__T(Fs > 0 && glu ? g->shared_up : NULL, Fs * D, Fs * D, D, Fs, 0);
-    MOE__T(Fs > 0 ? g->shared_down : NULL, D * Fs, D * Fs, Fs, D, 0);
-    MOE__T(Fs > 0 ? g->shared_gate_bias : NULL, Fs, Fs, D, Fs, 1);
-    MOE__T(Fs > 0 && glu ? g->shared_up_bias : NULL, Fs, Fs, D, Fs, 1);
-    MOE__T(Fs > 0 ? g->shared_down_bias : NULL, D, D, Fs, D, 1);
-    MOE__T(c->shared_gate ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
-    MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_phi : NULL, (double)R * D, D, D, (double)R, 0);
-    MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_scale : NULL, 1, 1, 1, 1, 2);
-#undef MOE__T
-    return n;
-}
 
 MOEDEF moe_status moe_init_weights(const moe_config *cfg, moe_init_scheme scheme, uint64_t seed,
                                    const moe_grads *params) {

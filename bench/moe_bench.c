@@ -369,6 +369,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
         packed = malloc(pb);
         if (moe_pack_weights(&cfg, &w, packed, pb) != MOE_STATUS_OK) { fprintf(stderr, "pack failed\n"); exit(1); }
         w.packed = packed;
+        w.packed_bytes = pb;
     }
     if (backward) {
         g.router = tensor((size_t)E * D, 0.0f);

@@ -97,7 +97,10 @@ static void ffn_init(ffn_layer *f, int32_t experts, int32_t top_k, int32_t d_ff,
     moe_config_resolve(&f->cfg, &resolved);
     if (resolved.isa != MOE_ISA_REFERENCE && moe_pack_size(&f->cfg, &pack_bytes) == MOE_STATUS_OK) {
         f->packed = xmalloc(pack_bytes);        /* once, as for inference */
-        if (moe_pack_weights(&f->cfg, &f->w, f->packed, pack_bytes) == MOE_STATUS_OK) f->w.packed = f->packed;
+        if (moe_pack_weights(&f->cfg, &f->w, f->packed, pack_bytes) == MOE_STATUS_OK) {
+            f->w.packed = f->packed;
+            f->w.packed_bytes = pack_bytes;
+        }
     }
     moe_forward_workspace_size(&f->cfg, T, &f->ws_bytes);
     f->ws = xmalloc(f->ws_bytes);

@@ -124,6 +124,7 @@ int main(int argc, char **argv) {
             packed = malloc(pb);
             moe_pack_weights(&vc, &vw, packed, pb);
             vw.packed = packed;
+            vw.packed_bytes = pb;
         }
         for (run = 0; run < runs; run++) {
             double t0 = now_seconds();

@@ -638,6 +638,7 @@ TEST(edge, regress_backward_unchecked_packed) {
     CHECK_STATUS(moe_pack_weights(&small, &S.w, blob, bytes), MOE_STATUS_OK);
     CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
     L.w.packed = blob;
+    L.w.packed_bytes = bytes;
     egrad_init(&G, &L, 162);
     st = edge_backward(&L, &G);
     CHECK_STATUS(st, MOE_STATUS_BAD_PACKED);

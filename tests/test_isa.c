@@ -114,10 +114,17 @@ static void isa_run_layer(const isa_layer *L, moe_isa isa, int packed, int threa
     R->grads[5] = (float *)calloc((size_t)c.shared_d_ff * D + 1, sizeof(float));
     R->grads[6] = (float *)calloc(E * (size_t)(c.slots_per_expert ? c.slots_per_expert : 1) * D, sizeof(float));
     if (packed) {
+        moe_config r;
         CHECK_STATUS(moe_pack_size(&c, &bytes), MOE_STATUS_OK);
         pk = malloc(bytes);
-        CHECK_STATUS(moe_pack_weights(&c, &w, pk, bytes), MOE_STATUS_OK);
-        w.packed = pk;
+        moe_config_resolve(&c, &r);
+        if (r.isa == MOE_ISA_REFERENCE) {   /* no kernel here reads panels */
+            CHECK_STATUS(moe_pack_weights(&c, &w, pk, bytes), MOE_STATUS_UNSUPPORTED);
+        } else {
+            CHECK_STATUS(moe_pack_weights(&c, &w, pk, bytes), MOE_STATUS_OK);
+            w.packed = pk;
+            w.packed_bytes = bytes;
+        }
     }
     moe_info_size(&c, L->T, &bytes);
     R->info_buf = malloc(bytes);
@@ -357,12 +364,19 @@ TEST(isa, pack_api_errors) {
     CHECK_STATUS(moe_pack_size(&c, NULL), MOE_STATUS_NULL_ARGUMENT);
     CHECK_STATUS(moe_pack_size(&c, &bytes), MOE_STATUS_OK);
     pk = malloc(bytes);
+    moe_config_resolve(&c, &r);
+    if (r.isa == MOE_ISA_REFERENCE) {
+        free(pk);
+        isa_layer_free(&L);
+        SKIP("no SIMD ISA in this build (packing is refused: alias.pack_reference_refused)");
+    }
     CHECK_STATUS(moe_pack_weights(&c, &L.w, pk, bytes - 1), MOE_STATUS_WORKSPACE_TOO_SMALL);
     CHECK_STATUS(moe_pack_weights(&c, &L.w, NULL, bytes), MOE_STATUS_NULL_ARGUMENT);
     CHECK_STATUS(moe_pack_weights(&c, NULL, pk, bytes), MOE_STATUS_NULL_ARGUMENT);
     CHECK_STATUS(moe_pack_weights(&c, &L.w, pk, bytes), MOE_STATUS_OK);
     other = c; other.d_ff = 13;                      /* a different shape */
     L.w.packed = pk;
+    L.w.packed_bytes = bytes;
     moe_config_resolve(&c, &r);
     if (r.isa != MOE_ISA_REFERENCE) {
         CHECK_STATUS(moe_forward_alloc(&other, &L.w, L.x, 3, y, NULL), MOE_STATUS_BAD_PACKED);
@@ -440,6 +454,7 @@ TEST(isa, bf16_activations_exact) {
         pk = malloc(bytes);
         CHECK_STATUS(moe_pack_weights(&c, &w, pk, bytes), MOE_STATUS_OK);
         w.packed = pk;
+        w.packed_bytes = bytes;
         CHECK_STATUS(moe_forward_alloc(&c, &w, x, T, y, NULL), MOE_STATUS_OK);
         w.packed = NULL;
         scale = 1e-3;
@@ -492,6 +507,7 @@ TEST(isa, bf16_packed_forward) {
         moe_weights w = L.w;
         moe_config f32 = c;
         w.packed = pk;
+        w.packed_bytes = bytes;
         CHECK_STATUS(moe_forward_alloc(&c, &w, L.x, (int32_t)T, y_bf, NULL), MOE_STATUS_OK);
         f32.pack_bf16 = 0;                       /* a bf16 blob under an fp32 config */
         CHECK_STATUS(moe_forward_alloc(&f32, &w, L.x, (int32_t)T, y_f32, NULL), MOE_STATUS_BAD_PACKED);

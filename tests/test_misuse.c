@@ -1201,12 +1201,12 @@ TEST(misuse, backward_missing_cache) {
                 moe_test_fail(__FILE__, __LINE__, "routing %d, array %d NULL: not MISSING_CACHE", r, (int)k);
             CHECK(g_untouched(&gb));
         }
-        plain = c; plain.training = 0;   /* info bound without the cache */
+        plain = c; plain.recompute = 1;   /* info bound without the cache */
         buf2 = train_forward(&plain, &f->w, &bad);
         garm(&gb);
         CHECK_STATUS(bwd(&c, &f->w, f->x, FT, &bad, f->x, gb.dx + GUARD, &gb.g), MOE_STATUS_MISSING_CACHE);
         CHECK(g_untouched(&gb));
-        plain.training = 1; plain.recompute = 1;   /* recompute: the routing arrays suffice */
+        /* recompute: the routing arrays suffice */
         CHECK_STATUS(bwd(&plain, &f->w, f->x, FT, &bad, f->x, gb.dx + GUARD, &gb.g), MOE_STATUS_OK);
         CHECK(g_guards_ok(&gb, FT * FD));
         free(buf); free(buf2);

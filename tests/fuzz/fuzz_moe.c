@@ -542,8 +542,10 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
         int garbage = k->pack_mode == PK_BAD && !(h[H_PACK] & 8);
         if (k->pack_mode == PK_BAD && !garbage)   /* packed for another shape, smaller when possible */
             pc.d_ff = c->d_ff > 1 ? c->d_ff - 1 : c->d_ff + 1;
-        pc.isa = MOE_ISA_REFERENCE;
-        if (moe_pack_size(&pc, &bytes) == MOE_STATUS_OK) {
+        pc.isa = MOE_ISA_AUTO;   /* packing for the reference ISA is refused */
+        if (MOE__SIMD_ISA == MOE_ISA_REFERENCE)   /* no panels without SIMD kernels */
+            k->pack_mode = PK_NONE;
+        else if (moe_pack_size(&pc, &bytes) == MOE_STATUS_OK) {
             REQUIRE(bytes >= 64);
             k->packed = xmalloc(bytes);
             if (garbage) {
@@ -570,6 +572,7 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
                 free(gate2); free(up2); free(down2);
             }
             k->wp.packed = k->packed;
+            k->wp.packed_bytes = bytes;
             if (k->pack_mode == PK_ONLY) {
                 k->wp.gate = k->wp.up = k->wp.down = NULL;
                 k->wp.shared_gate = k->wp.shared_up = k->wp.shared_down = NULL;
