@@ -4526,6 +4526,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;
     {   /* dx may be x or dy (it is written last); nothing else may overlap */
         moe__spans sp;
+        moe_grads gu;
         const size_t TD = (size_t)T * (size_t)c.d_model;
         sp.n = 0;
         moe__span(&sp, x, TD, sizeof(float), 0);
@@ -4533,7 +4534,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         if (dx_out != x && dx_out != dy) moe__span(&sp, dx_out, TD, sizeof(float), 1);
         moe__weight_spans(&sp, &c, w, 1);
         if (c.recompute && c.isa != MOE_ISA_REFERENCE) moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
-        moe__tensor_spans(&sp, &c, gr, 1, 1);
+        gu = *gr; gu.gate_up_fused = w->gate_up_fused;   /* the layout the backward writes */
+        moe__tensor_spans(&sp, &c, &gu, 1, 1);
         moe__info_spans(&sp, &c, info, T, &L, 0, !c.recompute, 0);
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
@@ -4782,6 +4784,37 @@ static int64_t moe__ep_send_index(const moe_config *c, const moe_ep_plan *pl, co
 
 /* Source-side workspace: the routing scratch of moe__plan for T_r tokens,
    then logits, router input, the send index and the router backward's pieces. */
+/* Pairs a rank sends (those not rejected by random routing): n_send. */
+static size_t moe__ep_sent(const moe_config *c, const moe_ep_plan *pl, const moe_info *info) {
+    const size_t n = (size_t)pl->local_tokens * (size_t)c->top_k;
+    size_t p, s = 0;
+    for (p = 0; p < n; p++) s += info->dropped[p] != MOE__REJECTED;
+    return s;
+}
+
+/* Overlap spans of the EP calls (no in-place form: every output must be
+   apart from every other buffer). The source side's routing arrays; the
+   router tensors; the owner's expert tensors (weights, or written grads). */
+static void moe__ep_info_spans(moe__spans *S, const moe_config *c, const moe_info *info,
+                               int32_t Tr, int counts, int written) {
+    moe__layout L;
+    memset(&L, 0, sizeof L);
+    L.R = c->num_experts; L.S = c->top_k;
+    moe__info_spans(S, c, info, Tr, &L, counts, 0, written);
+}
+static void moe__ep_router_spans(moe__spans *S, const moe_config *c, const float *router,
+                                 const float *router_bias, const float *selection_bias, int written) {
+    const size_t E = (size_t)c->num_experts;
+    moe__span(S, router, E * (size_t)c->d_model, sizeof(float), written);
+    if (c->router_bias) moe__span(S, router_bias, E, sizeof(float), written);
+    if (c->selection_bias) moe__span(S, selection_bias, E, sizeof(float), written);
+}
+static void moe__ep_expert_spans(moe__spans *S, const moe_config *cl, const moe_grads *g, int written) {
+    moe_grads u = *g;
+    u.router = u.router_bias = u.router_noise = NULL;
+    moe__tensor_spans(S, cl, &u, 1, written);
+}
+
 static moe_status moe__ep_src_plan(const moe_config *c, const moe_ep_plan *pl, moe__layout *L) {
     const size_t Tr = (size_t)pl->local_tokens, E = (size_t)c->num_experts, D = (size_t)c->d_model;
     size_t t, TS, TE, TD;
@@ -4923,6 +4956,17 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     if (!w->router || (c.router_bias && !w->router_bias) || (c.selection_bias && !w->selection_bias))
         return MOE_STATUS_MISSING_WEIGHT;
     if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    {
+        moe__spans sp;
+        sp.n = 0;
+        moe__span(&sp, x, (size_t)Tr * (size_t)D, sizeof(float), 0);
+        moe__ep_router_spans(&sp, &c, w->router, w->router_bias, w->selection_bias, 0);
+        moe__ep_info_spans(&sp, &c, info, Tr, 1, 1);
+        moe__span(&sp, send_counts, (size_t)plan->num_ranks, sizeof(int32_t), 1);
+        moe__span(&sp, stats, (size_t)MOE__EPS_VECS * (size_t)E + 2, sizeof(double), 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
     b = moe__align_ptr(workspace);
@@ -4989,6 +5033,16 @@ MOEDEF moe_status moe_ep_pack(const moe_config *cfg, const moe_ep_plan *plan, co
         total += cnt;
     }
     if (total > 0 && (!send_pairs || !send_rows)) return MOE_STATUS_NULL_ARGUMENT;
+    {
+        moe__spans sp;
+        sp.n = 0;
+        moe__span(&sp, x, (size_t)plan->local_tokens * (size_t)D, sizeof(float), 0);
+        moe__ep_info_spans(&sp, &c, info, plan->local_tokens, 0, 0);
+        moe__span(&sp, send_counts, (size_t)plan->num_ranks, sizeof(int32_t), 0);
+        moe__span(&sp, send_pairs, (size_t)total, sizeof(moe_ep_pair), 1);
+        moe__span(&sp, send_rows, (size_t)total * (size_t)D, sizeof(float), 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     for (q = 0; q < plan->num_ranks; q++)
         for (p = 0; p < n; p++) {
             const int32_t e = info->expert[p], t = (int32_t)(p / (size_t)S), j = (int32_t)(p % (size_t)S);
@@ -5211,6 +5265,22 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if ((st = moe__ep_check_owner(&c, plan, w, pairs, x, n)) != MOE_STATUS_OK) return st;
     if (n > 0 && (!out || !dropped)) return MOE_STATUS_NULL_ARGUMENT;
+    {
+        moe__spans sp;
+        const moe_grads wg = moe__weights_as_grads(w);
+        const size_t nD = (size_t)n * (size_t)c.d_model, nF = (size_t)n * (size_t)c.d_ff;
+        cl = moe__ep_local_config(&c, plan);
+        sp.n = 0;
+        moe__span(&sp, pairs, (size_t)n, sizeof(moe_ep_pair), 0);
+        moe__span(&sp, x, nD, sizeof(float), 0);
+        moe__ep_expert_spans(&sp, &cl, &wg, 0);
+        moe__span(&sp, out, nD, sizeof(float), 1);
+        moe__span(&sp, dropped, (size_t)n, 1, 1);
+        moe__span(&sp, cache_hidden, nF, sizeof(float), 1);
+        if (moe__act_is_glu(c.activation)) moe__span(&sp, cache_up, nF, sizeof(float), 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X, &b)) != MOE_STATUS_OK) return st;
     if (!b) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
@@ -5243,6 +5313,18 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
     if (Tr > 0 && !y) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe__ep_check_info(&c, info, Tr)) != MOE_STATUS_OK) return st;
     if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    {
+        moe__spans sp;
+        const size_t sent = moe__ep_sent(&c, plan, info);
+        sp.n = 0;
+        moe__span(&sp, stats, (size_t)MOE__EPS_VECS * (size_t)E + 2, sizeof(double), 0);
+        moe__span(&sp, ret_out, sent * (size_t)D, sizeof(float), 0);
+        moe__span(&sp, ret_dropped, sent, 1, 0);
+        moe__ep_info_spans(&sp, &c, info, Tr, 1, 1);   /* rewritten in place */
+        moe__span(&sp, y, (size_t)Tr * (size_t)D, sizeof(float), 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
     b = moe__align_ptr(workspace);
@@ -5323,6 +5405,14 @@ MOEDEF moe_status moe_ep_pack_backward(const moe_config *cfg, const moe_ep_plan 
        vectorising the counting form of it) */
     for (p = 0; p < n; p++) if (info->dropped[p] != MOE__REJECTED) break;
     if (p < n && !send_dout) return MOE_STATUS_NULL_ARGUMENT;
+    {
+        moe__spans sp;
+        sp.n = 0;
+        moe__span(&sp, dy, (size_t)plan->local_tokens * (size_t)D, sizeof(float), 0);
+        moe__ep_info_spans(&sp, &c, info, plan->local_tokens, 0, 0);
+        moe__span(&sp, send_dout, moe__ep_sent(&c, plan, info) * (size_t)D, sizeof(float), 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     for (q = 0; q < plan->num_ranks; q++)    /* moe_ep_pack's order */
         for (p = 0; p < n; p++) {
             const float *dyt = dy + (p / (size_t)S) * (size_t)D;
@@ -5361,6 +5451,26 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     cached = cache_hidden != NULL;
     if (cached && glu && !cache_up) return MOE_STATUS_MISSING_CACHE;
     for (r = 0; r < n; r++) if (dropped[r] > MOE__DROPPED) return MOE_STATUS_BAD_CACHE;
+    {
+        moe__spans sp;
+        const moe_grads wg = moe__weights_as_grads(w);
+        moe_grads gu;
+        const size_t nD = (size_t)n * (size_t)c.d_model, nF = (size_t)n * (size_t)c.d_ff;
+        cl = moe__ep_local_config(&c, plan);
+        sp.n = 0;
+        moe__span(&sp, pairs, (size_t)n, sizeof(moe_ep_pair), 0);
+        moe__span(&sp, x, nD, sizeof(float), 0);
+        moe__span(&sp, dropped, (size_t)n, 1, 0);
+        moe__span(&sp, cache_hidden, nF, sizeof(float), 0);
+        if (glu) moe__span(&sp, cache_up, nF, sizeof(float), 0);
+        moe__span(&sp, dout, nD, sizeof(float), 0);
+        moe__ep_expert_spans(&sp, &cl, &wg, 0);
+        moe__span(&sp, dx, nD, sizeof(float), 1);
+        gu = *grads; gu.gate_up_fused = w->gate_up_fused;
+        moe__ep_expert_spans(&sp, &cl, &gu, 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X, &b)) != MOE_STATUS_OK) return st;
     if (!b) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
@@ -5412,6 +5522,22 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     if (!w->router) return MOE_STATUS_MISSING_WEIGHT;
     if ((st = moe__ep_check_info(&c, info, Tr)) != MOE_STATUS_OK) return st;
     if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    {
+        moe__spans sp;
+        const size_t TD = (size_t)Tr * (size_t)D, sentD = moe__ep_sent(&c, plan, info) * (size_t)D;
+        sp.n = 0;
+        moe__span(&sp, x, TD, sizeof(float), 0);
+        moe__span(&sp, dy, TD, sizeof(float), 0);
+        moe__ep_info_spans(&sp, &c, info, Tr, 0, 0);
+        moe__span(&sp, stats, (size_t)MOE__EPS_VECS * (size_t)E + 2, sizeof(double), 0);
+        moe__span(&sp, ret_out, sentD, sizeof(float), 0);
+        moe__span(&sp, ret_dx, sentD, sizeof(float), 0);
+        moe__ep_router_spans(&sp, &c, w->router, w->router_bias, w->selection_bias, 0);
+        moe__span(&sp, dx_out, TD, sizeof(float), 1);
+        moe__ep_router_spans(&sp, &c, grads->router, grads->router_bias, NULL, 1);
+        moe__span(&sp, workspace, workspace_bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
     b = moe__align_ptr(workspace);

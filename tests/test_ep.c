@@ -561,3 +561,60 @@ TEST(ep, combine_bad_arguments) {
                                          f->ws, bytes), MOE_STATUS_OK);
     free(f);
 }
+
+/* The EP calls have no in-place form: an output overlapping any other buffer
+   of the call is MOE_STATUS_ALIASING (issue 15), checked before anything is
+   written; the same calls with apart buffers succeed. */
+TEST(ep, overlaps_refused) {
+    ep_fx *f = (ep_fx *)calloc(1, sizeof *f);
+    size_t bytes, wsx = 0;
+    moe_ep_pair pairs[6];
+    float rows[24], out[24], dy[12], y[12], groute[16];
+    uint8_t drop[6];
+    moe_info bad;
+    moe_grads g;
+    int32_t n0, n1, i;
+    ep_fx_init(f);
+    for (i = 0; i < 12; i++) dy[i] = 0.5f;
+    memset(&g, 0, sizeof g);
+    memset(groute, 0, sizeof groute);
+    moe_ep_workspace_size(&f->c, &f->plan, &bytes);
+    bad = f->info; bad.scores = f->logits;
+    CHECK_STATUS(moe_ep_route(&f->c, &f->w, &f->plan, f->x, &bad, f->counts, f->stats, f->ws, bytes),
+                 MOE_STATUS_ALIASING);
+    CHECK_STATUS(moe_ep_route(&f->c, &f->w, &f->plan, f->x, &f->info, f->counts, f->stats,
+                              f->logits, bytes), MOE_STATUS_ALIASING);
+    CHECK_STATUS(moe_ep_route(&f->c, &f->w, &f->plan, f->x, &f->info, f->counts, f->stats, f->ws, bytes),
+                 MOE_STATUS_OK);
+    CHECK_STATUS(moe_ep_pack(&f->c, &f->plan, f->x, &f->info, f->counts, pairs, f->x),
+                 MOE_STATUS_ALIASING);
+    CHECK_STATUS(moe_ep_pack(&f->c, &f->plan, f->x, &f->info, f->counts, pairs, rows), MOE_STATUS_OK);
+    /* this rank (1) as the owner of its pairs: the second group */
+    n0 = f->counts[0]; n1 = f->counts[1];
+    CHECK_STATUS(moe_ep_expert_workspace_size(&f->c, &f->plan, n1, &wsx), MOE_STATUS_OK);
+    CHECK(wsx <= sizeof f->ws);
+    CHECK_STATUS(moe_ep_expert_forward(&f->c, &f->w, &f->plan, pairs + n0, rows + 4 * n0, n1,
+                                       rows + 4 * n0, drop, NULL, NULL, f->ws, wsx),
+                 MOE_STATUS_ALIASING);
+    CHECK_STATUS(moe_ep_expert_forward(&f->c, &f->w, &f->plan, pairs + n0, rows + 4 * n0, n1,
+                                       out, (uint8_t *)out, NULL, NULL, f->ws, wsx),
+                 MOE_STATUS_ALIASING);
+    CHECK_STATUS(moe_ep_expert_forward(&f->c, &f->w, &f->plan, pairs + n0, rows + 4 * n0, n1,
+                                       out, drop, NULL, NULL, f->ws, wsx), MOE_STATUS_OK);
+    CHECK_STATUS(moe_ep_expert_backward(&f->c, &f->w, &f->plan, pairs + n0, rows + 4 * n0, n1, drop,
+                                        NULL, NULL, out, out, &g, f->ws, wsx), MOE_STATUS_ALIASING);
+    /* source side: every pair's rows and flags back (the values do not matter here) */
+    memset(drop, 0, sizeof drop);
+    CHECK_STATUS(moe_ep_combine(&f->c, &f->plan, f->stats, rows, drop, &f->info, rows, f->ws, bytes),
+                 MOE_STATUS_ALIASING);
+    CHECK_STATUS(moe_ep_combine(&f->c, &f->plan, f->stats, rows, drop, &f->info, y, f->ws, bytes),
+                 MOE_STATUS_OK);
+    CHECK_STATUS(moe_ep_pack_backward(&f->c, &f->plan, &f->info, dy, dy), MOE_STATUS_ALIASING);
+    g.router = (float *)f->router;
+    CHECK_STATUS(moe_ep_combine_backward(&f->c, &f->w, &f->plan, f->x, &f->info, f->stats, dy, rows,
+                                         out, y, &g, f->ws, bytes), MOE_STATUS_ALIASING);
+    g.router = groute;
+    CHECK_STATUS(moe_ep_combine_backward(&f->c, &f->w, &f->plan, f->x, &f->info, f->stats, dy, rows,
+                                         rows, y, &g, f->ws, bytes), MOE_STATUS_OK);
+    free(f);
+}
