@@ -601,7 +601,8 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
    dispatch) and, unless cfg.recompute, the cache arrays (moe_info_bind binds
    all of them). Its stamp is checked first: an info no training forward
    filled is MOE_STATUS_MISSING_CACHE; one from another T or config (fields
-   other than isa, threads, pool, pack_bf16 and router_grad_clip), or whose
+   other than isa, threads, pool, pack_bf16 and router_grad_clip; a recompute
+   backward also takes the info of a forward that kept the cache), or whose
    routing arrays were rewritten since (e.g. by an evaluation forward
    through the same info or buffer), is MOE_STATUS_BAD_CACHE. dx [T][D] is
    OVERWRITTEN; grads ACCUMULATE. dx may be NULL, or x or dy (in place); no
@@ -3666,6 +3667,14 @@ static uint64_t moe__config_key(const moe_config *c) {
     return h ? h : 1;   /* 0 means "no cache" */
 }
 
+/* Does a forward of fingerprint key serve a backward of c? Its own config,
+   or, for a recompute backward, the same config with the cache kept.     */
+static int moe__cache_config_ok(const moe_config *c, uint64_t key) {
+    moe_config kept = *c;
+    kept.recompute = 0;
+    return key == moe__config_key(c) || (c->recompute && key == moe__config_key(&kept));
+}
+
 /* Checksum of the routing arrays the backward reads (T and the config are
    checked first, so the extents are the ones the forward wrote).          */
 static uint64_t moe__routing_check(const moe_config *c, const moe_info *info, int32_t T,
@@ -4520,7 +4529,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
     /* the stamp before any array is read: extents of another T or config
        would be read out of bounds */
-    if (info->cache_tokens != T || info->cache_config != moe__config_key(&c) ||
+    if (info->cache_tokens != T || !moe__cache_config_ok(&c, info->cache_config) ||
         info->cache_check != moe__routing_check(&c, info, T, L.R, L.S))
         return MOE_STATUS_BAD_CACHE;
     if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;

@@ -328,7 +328,8 @@ TEST(contract, backward_other_config_or_t) {
 }
 
 /* Kernel choices are not part of the cache: a SIMD forward's info serves a
-   reference backward, another thread count, or a gradient clip. */
+   reference backward, another thread count, or a gradient clip; and a
+   recompute backward runs on the info of a forward that kept its cache. */
 TEST(contract, backward_kernel_fields_free) {
     moe_config c = moe_preset_mixtral(), cb;
     clayer L;
@@ -345,6 +346,8 @@ TEST(contract, backward_kernel_fields_free) {
     cb = c; cb.isa = MOE_ISA_REFERENCE; cb.num_threads = 1; cb.router_grad_clip = 0.5f;
     cb.pack_bf16 = 1;
     CHECK_STATUS(moe_backward_alloc(&cb, &L.w, L.x, CT, &info, dy, dx, &g), MOE_STATUS_OK);
+    cb.recompute = 1;   /* a recompute backward may ignore a kept cache */
+    CHECK_STATUS(moe_backward_alloc(&cb, &L.w, L.x, CT, &info, dy, dx, &g), MOE_STATUS_OK);
     cl_grads_free(&g);
     free(y); free(dy); free(dx); free(ibuf);
     cl_free(&L);
@@ -355,11 +358,12 @@ TEST(contract, backward_kernel_fields_free) {
    (MISSING_CACHE; 0.3.1: OK, off by 0.66), so does moe_info_bind; a forward
    through another info bound to the same buffer is seen by the checksum
    (BAD_CACHE); an evaluation forward alone never made one (0.3.1: OK, off by
-   0.48). A forward with info = NULL leaves the cache as it was. */
+   0.48), nor does a recompute forward fill the activation cache bound for
+   it. A forward with info = NULL leaves the cache as it was. */
 TEST(contract, stale_cache) {
     int k;
-    for (k = 0; k < 6; k++) {
-        moe_config c = moe_preset_switch(), ev;
+    for (k = 0; k < 7; k++) {
+        moe_config c = moe_preset_switch(), ev, rc;
         clayer L;
         moe_info info, other;
         void *ibuf;
@@ -371,11 +375,13 @@ TEST(contract, stale_cache) {
         size_t i;
         c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1;
         ev = c; ev.training = 0;
+        rc = c; rc.recompute = 1;
         cl_make(&L, c, CT, 10);
         for (i = 0; i < TD; i++) { dy[i] = 1.0f; xb[i] = -L.x[i]; }   /* batch B */
         g = cl_grads(&L);
         cl_bind(&c, CT, &info, &ibuf);
-        CHECK_STATUS(moe_forward_alloc(k == 3 ? &ev : &c, &L.w, L.x, CT, y, &info), MOE_STATUS_OK);
+        CHECK_STATUS(moe_forward_alloc(k == 3 ? &ev : k == 6 ? &rc : &c, &L.w, L.x, CT, y, &info),
+                     MOE_STATUS_OK);
         switch (k) {
         case 0:
             CHECK_STATUS(moe_forward_alloc(&ev, &L.w, xb, CT, y, &info), MOE_STATUS_OK);
@@ -395,7 +401,8 @@ TEST(contract, stale_cache) {
             break;
         case 3: want = MOE_STATUS_MISSING_CACHE; break;   /* never a training forward */
         case 4: CHECK_STATUS(moe_forward_alloc(&ev, &L.w, xb, CT, y, NULL), MOE_STATUS_OK); break;
-        default: info.weight[0] += 1.0f; want = MOE_STATUS_BAD_CACHE; break;   /* edited */
+        case 5: info.weight[0] += 1.0f; want = MOE_STATUS_BAD_CACHE; break;   /* edited */
+        default: want = MOE_STATUS_BAD_CACHE; break;   /* cache arrays bound, not written */
         }
         st = moe_backward_alloc(&c, &L.w, L.x, CT, &info, dy, dx, &g);
         if (st != want)
