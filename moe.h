@@ -1,4 +1,4 @@
-/* moe.h - v0.3.1 - Mixture-of-Experts kernels in one C99 header
+/* moe.h - v0.4.0 - Mixture-of-Experts kernels in one C99 header
    no warranty implied; use at your own risk. License: end of file (MIT).
 
    Routing (softmax / sigmoid scores, top-k, group-limited top-k, selection bias,
@@ -109,6 +109,15 @@
      says. A renormalisation whose denominator is 0 (all selected scores
      underflowed) gives weights 0, not NaN.
 
+   ALIASING AND THE TRAINING CACHE
+     moe_forward may run in place (y == x), moe_backward with dx == dy or
+     dx == x. Any other overlap of a written buffer (outputs, info arrays,
+     gradients, workspace, packed blob) with another buffer of the call is
+     MOE_STATUS_ALIASING, nothing written; the moe_ep_* calls have no in-place
+     form. A training forward stamps its info (T, config fingerprint, routing
+     checksum); moe_backward refuses an info without that stamp or with
+     another T, config or changed routing (MISSING_CACHE / BAD_CACHE).
+
    DETERMINISM
      Same inputs, config and seed give bitwise-identical outputs. Top-k breaks
      ties towards the lower index; combine sums each token's experts in slot
@@ -116,6 +125,10 @@
      (cfg.seed, purpose, token, column), so they do not depend on call order.
 
    REVISION HISTORY (all of it in CHANGELOG.md)
+     0.4.0  (2026-12-05)  no status OK with a wrong answer: MOE_STATUS_ALIASING,
+                          the training-cache stamp, w.packed_bytes, no packing
+                          for the reference ISA, T = 0 without a workspace;
+                          expert parallelism; AVX-512 BF16 and tuned kernels.
      0.3.1  (2026-11-23)  fuzzer-found fixes: finite router gradients for
                           denormal sigmoid scores and for Shazeer sigma = 0,
                           seq_len near INT32_MAX, aux_total with an overflowed
@@ -138,9 +151,9 @@
 #include <stdint.h>
 
 #define MOE_VERSION_MAJOR 0
-#define MOE_VERSION_MINOR 3
-#define MOE_VERSION_PATCH 1
-#define MOE_VERSION_STRING "0.3.1"
+#define MOE_VERSION_MINOR 4
+#define MOE_VERSION_PATCH 0
+#define MOE_VERSION_STRING "0.4.0"
 
 #ifndef MOEDEF
 #  if defined(MOE_STATIC) && (defined(__GNUC__) || defined(__clang__))
