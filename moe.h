@@ -2840,7 +2840,8 @@ static uint16_t moe__bf16_of(float v) {
 static int moe__pack_check(const moe_config *c, const moe_weights *w) {
     moe__pack_header h;
     moe__pack_layout P;
-    if (!w->packed || (uintptr_t)w->packed % sizeof(float) != 0 || w->packed_bytes < sizeof h) return 0;
+    if (!w->packed || (uintptr_t)w->packed % sizeof(float) != 0 || w->packed_bytes < sizeof h)
+        return 0;
     memcpy(&h, w->packed, sizeof h);
     return memcmp(h.magic, "moe.pk2", 8) == 0 && h.vl == MOE__VL && h.bytes <= w->packed_bytes &&
            h.num_experts == (uint32_t)c->num_experts && h.d_model == (uint32_t)c->d_model &&
@@ -3332,7 +3333,8 @@ static float moe__shared_gate_of(const moe_config *c, const moe_weights *w, cons
 
 /* Buffer overlap (MOE_STATUS_ALIASING). A call lists the caller buffers it
    reads and writes as byte spans; two may share bytes only if neither is
-   written. An allowed in-place pair (y == x) is listed once, as written.  */
+   written. An allowed in-place pair (y == x) is listed once, as written.
+   The longest list is moe_backward's: 54 spans.                           */
 #define MOE__MAX_SPANS 64
 typedef struct moe__spans {
     struct { uintptr_t lo, hi; int written; } s[MOE__MAX_SPANS];
@@ -3441,7 +3443,8 @@ static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weig
                               int experts) {
     const moe_grads g = moe__weights_as_grads(w);
     moe__tensor_spans(S, c, &g, experts, 0);
-    if (c->selection_bias) moe__span(S, w->selection_bias, (size_t)c->num_experts, sizeof(float), 0);
+    if (c->selection_bias)
+        moe__span(S, w->selection_bias, (size_t)c->num_experts, sizeof(float), 0);
     if (!experts) moe__span(S, w->packed, w->packed_bytes, 1, 0);
 }
 
@@ -3623,7 +3626,7 @@ static void moe__info_spans(moe__spans *S, const moe_config *c, const moe_info *
     const int glu = moe__act_is_glu(c->activation);
     moe__span(S, info->logits, TR, sizeof(float), written);
     moe__span(S, info->scores, TR, sizeof(float), written);
-    moe__span(S, c->routing == MOE_ROUTING_SOFT ? info->dispatch : NULL, TR, sizeof(float), written);
+    if (c->routing == MOE_ROUTING_SOFT) moe__span(S, info->dispatch, TR, sizeof(float), written);
     moe__span(S, info->expert, TS, sizeof(int32_t), written);
     moe__span(S, info->weight, TS, sizeof(float), written);
     moe__span(S, info->dropped, TS, sizeof(uint8_t), written);

@@ -22,14 +22,16 @@ static float *cl_alloc(size_t n) { return (float *)calloc(n ? n : 1, sizeof(floa
 
 static void cl_make(clayer *L, moe_config c, int32_t T, uint64_t seed) {
     const size_t E = (size_t)c.num_experts, D = (size_t)c.d_model, F = (size_t)c.d_ff;
-    const size_t Fs = (size_t)c.shared_d_ff, R = E * (size_t)(c.slots_per_expert ? c.slots_per_expert : 1);
+    const size_t Fs = (size_t)c.shared_d_ff;
+    const size_t R = E * (size_t)(c.slots_per_expert ? c.slots_per_expert : 1);
     size_t i;
     memset(L, 0, sizeof *L);
     L->c = c; L->T = T;
     L->p.router = cl_alloc(E * D); L->p.router_bias = cl_alloc(E);
     L->p.router_noise = cl_alloc(E * D);
     L->p.gate = cl_alloc(E * F * D); L->p.up = cl_alloc(E * F * D); L->p.down = cl_alloc(E * D * F);
-    L->p.gate_bias = cl_alloc(E * F); L->p.up_bias = cl_alloc(E * F); L->p.down_bias = cl_alloc(E * D);
+    L->p.gate_bias = cl_alloc(E * F); L->p.up_bias = cl_alloc(E * F);
+    L->p.down_bias = cl_alloc(E * D);
     L->p.shared_gate = cl_alloc(Fs * D); L->p.shared_up = cl_alloc(Fs * D);
     L->p.shared_down = cl_alloc(D * Fs); L->p.shared_gate_bias = cl_alloc(Fs);
     L->p.shared_up_bias = cl_alloc(Fs); L->p.shared_down_bias = cl_alloc(D);
@@ -67,8 +69,10 @@ static moe_grads cl_grads(const clayer *L) {
     g.router = cl_alloc(E * D); g.router_bias = cl_alloc(E); g.router_noise = cl_alloc(E * D);
     g.gate = cl_alloc(E * F * D); g.up = cl_alloc(E * F * D); g.down = cl_alloc(E * D * F);
     g.gate_bias = cl_alloc(E * F); g.up_bias = cl_alloc(E * F); g.down_bias = cl_alloc(E * D);
-    g.shared_gate = cl_alloc(Fs * D); g.shared_up = cl_alloc(Fs * D); g.shared_down = cl_alloc(D * Fs);
-    g.shared_gate_bias = cl_alloc(Fs); g.shared_up_bias = cl_alloc(Fs); g.shared_down_bias = cl_alloc(D);
+    g.shared_gate = cl_alloc(Fs * D); g.shared_up = cl_alloc(Fs * D);
+    g.shared_down = cl_alloc(D * Fs);
+    g.shared_gate_bias = cl_alloc(Fs); g.shared_up_bias = cl_alloc(Fs);
+    g.shared_down_bias = cl_alloc(D);
     g.shared_expert_gate = cl_alloc(D); g.soft_phi = cl_alloc(R * D); g.soft_scale = cl_alloc(1);
     return g;
 }
@@ -505,7 +509,8 @@ TEST(contract, zero_tokens_without_workspace) {
                               (int)routed[e], (int)kept[e]);
         CHECK_STATUS(moe_route(&c, &L.w, NULL, NULL, 0, &info, NULL, 0), MOE_STATUS_OK);
         g = cl_grads(&L);
-        CHECK_STATUS(moe_backward(&c, &L.w, NULL, 0, &info, NULL, NULL, &g, NULL, 0), MOE_STATUS_OK);
+        CHECK_STATUS(moe_backward(&c, &L.w, NULL, 0, &info, NULL, NULL, &g, NULL, 0),
+                     MOE_STATUS_OK);
         cl_grads_free(&g);
         cl_free(&L);
     }
