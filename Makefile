@@ -21,7 +21,7 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks examples run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
+.PHONY: all test check run golden compile-checks doc-snippets examples run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -42,7 +42,7 @@ TEST_RUNS := ../$(BUILD)/moe_tests \
              $(if $(HOST_AVX2),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx2",) \
              $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx512",)
 
-test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks
+test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets
 	@$(if $(HOST_AVX512),,echo "this CPU has no AVX-512: its suite is built but not run")
 	tests/run_suites.sh $(TEST_RUNS)
 
@@ -93,6 +93,10 @@ compile-checks: | $(BUILD)
 	        -c tests/compile/compile_cu.cu -o $(BUILD)/cu_default.o && echo "nvcc .cu check: ok"; \
 	else echo "nvcc not found: skipping the .cu compile check"; fi
 	@echo "compile checks: ok"
+
+# The README's "Use it" code and moe.h's banner EXAMPLE compile as written.
+doc-snippets: | $(BUILD)
+	tests/doc_snippets.sh $(BUILD)
 
 # The main demo: a Mixtral-like layer on built-in synthetic weights.
 $(BUILD)/mixtral_demo: examples/mixtral_demo.c moe.h | $(BUILD)
