@@ -21,7 +21,7 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks doc-snippets examples run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
+.PHONY: all test check run golden compile-checks doc-snippets examples examples-listed run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -42,7 +42,8 @@ TEST_RUNS := ../$(BUILD)/moe_tests \
              $(if $(HOST_AVX2),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx2",) \
              $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx512",)
 
-test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets
+test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets \
+      examples-listed
 	@$(if $(HOST_AVX512),,echo "this CPU has no AVX-512: its suite is built but not run")
 	tests/run_suites.sh $(TEST_RUNS)
 
@@ -122,6 +123,15 @@ $(BUILD)/glam_block: examples/glam_block.c moe.h | $(BUILD)
 $(BUILD)/tour: examples/tour.c moe.h | $(BUILD)
 	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/tour.c $(LDLIBS)
 
+# mixtral_block exits 1 if its gradient check fails; safetensors_moe exits 1
+# if the layer's output misses the file's y_ref (HF's output) by more than the
+# golden tolerance (tests/test_safetensors.c includes it, without its main).
+$(BUILD)/mixtral_block: examples/mixtral_block.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/mixtral_block.c $(LDLIBS)
+
+$(BUILD)/safetensors_moe: examples/safetensors_moe.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/safetensors_moe.c $(LDLIBS)
+
 # ViT with MoE FFN layers trained on the UCI digits (examples/data/digits.txt);
 # prints test accuracy and per-layer expert load, writes build/vit_moe_digits.svg.
 $(BUILD)/vit_moe_digits: examples/vit_moe_digits.c moe.h | $(BUILD)
@@ -131,13 +141,27 @@ vit-demo: $(BUILD)/vit_moe_digits
 	./$(BUILD)/vit_moe_digits examples/data/digits.txt $(BUILD)
 
 EXAMPLES := $(BUILD)/mixtral_demo $(BUILD)/train_balance $(BUILD)/moe_transformer_layer \
-            $(BUILD)/glam_block $(BUILD)/tour $(BUILD)/vit_moe_digits
+            $(BUILD)/glam_block $(BUILD)/tour $(BUILD)/vit_moe_digits $(BUILD)/mixtral_block \
+            $(BUILD)/safetensors_moe
 examples: $(EXAMPLES)
 
 run-examples: examples
 	./$(BUILD)/moe_transformer_layer
 	./$(BUILD)/glam_block
 	./$(BUILD)/tour $(BUILD)
+	./$(BUILD)/mixtral_block
+	./$(BUILD)/safetensors_moe tests/ref/mixtral.safetensors
+	./$(BUILD)/safetensors_moe tests/ref/deepseek_v3.safetensors
+
+# make test checks that `make examples` builds every examples/*.c but these:
+# moe_mpi.c needs mpicc and Open MPI, so make test-mpi builds (and runs) it.
+EXAMPLES_ELSEWHERE := moe_mpi
+EXAMPLES_UNBUILT := $(filter-out $(notdir $(EXAMPLES)) $(EXAMPLES_ELSEWHERE), \
+                      $(basename $(notdir $(wildcard examples/*.c))))
+examples-listed:
+	@test -z "$(EXAMPLES_UNBUILT)" || { echo "make examples does not build:" \
+	    "$(patsubst %,examples/%.c,$(EXAMPLES_UNBUILT)) (add it to EXAMPLES in the Makefile)"; exit 1; }
+	@echo "examples-listed: make examples builds every examples/*.c (but $(EXAMPLES_ELSEWHERE))"
 
 tour-svgs: $(BUILD)/tour
 	./$(BUILD)/tour docs
