@@ -21,7 +21,8 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks doc-snippets examples examples-listed run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
+.PHONY: all test check run golden compile-checks doc-snippets examples examples-listed runner-check \
+        run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -43,9 +44,13 @@ TEST_RUNS := ../$(BUILD)/moe_tests \
              $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx512",)
 
 test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets \
-      examples-listed
+      examples-listed runner-check
 	@$(if $(HOST_AVX512),,echo "this CPU has no AVX-512: its suite is built but not run")
 	tests/run_suites.sh $(TEST_RUNS)
+
+# The suite prints a line per suite as it goes, and run_suites.sh passes them on.
+runner-check: $(BUILD)/moe_tests
+	tests/check_runner.sh ../$(BUILD)/moe_tests
 
 # NEON: the suite cross-compiled for aarch64 and run under qemu-user.
 $(BUILD)/moe_tests_neon: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
