@@ -21,8 +21,8 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks doc-snippets examples examples-listed runner-check \
-        run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
+.PHONY: all test check run golden compile-checks doc-snippets doc-numbers examples examples-listed \
+        runner-check run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -44,7 +44,7 @@ TEST_RUNS := ../$(BUILD)/moe_tests \
              $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx512",)
 
 test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets \
-      examples-listed runner-check
+      examples-listed runner-check doc-numbers
 	@$(if $(HOST_AVX512),,echo "this CPU has no AVX-512: its suite is built but not run")
 	tests/run_suites.sh $(TEST_RUNS)
 
@@ -144,6 +144,16 @@ $(BUILD)/vit_moe_digits: examples/vit_moe_digits.c moe.h | $(BUILD)
 
 vit-demo: $(BUILD)/vit_moe_digits
 	./$(BUILD)/vit_moe_digits examples/data/digits.txt $(BUILD)
+
+# The demos' numbers in README and the examples' comments, and the committed
+# SVGs, are what the demos print and write (tests/doc_numbers.sh). The ViT is
+# built for AVX2 where the CPU has it (whose run examples/vit_moe_digits.svg
+# is), else with the reference kernels.
+$(BUILD)/vit_docs: examples/vit_moe_digits.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 $(if $(HOST_AVX2),$(AVX2_FLAGS) -fopenmp,) -o $@ examples/vit_moe_digits.c $(LDLIBS)
+
+doc-numbers: $(BUILD)/train_balance $(BUILD)/vit_docs
+	tests/doc_numbers.sh $(BUILD)
 
 EXAMPLES := $(BUILD)/mixtral_demo $(BUILD)/train_balance $(BUILD)/moe_transformer_layer \
             $(BUILD)/glam_block $(BUILD)/tour $(BUILD)/vit_moe_digits $(BUILD)/mixtral_block \
