@@ -21,7 +21,8 @@ AVX512_FLAGS := -mavx512f -mavx512bf16
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
-.PHONY: all test check run golden compile-checks examples run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
+.PHONY: all test check run golden compile-checks doc-snippets doc-numbers examples examples-listed \
+        runner-check run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -42,9 +43,14 @@ TEST_RUNS := ../$(BUILD)/moe_tests \
              $(if $(HOST_AVX2),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx2",) \
              $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx512",)
 
-test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks
+test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets \
+      examples-listed runner-check doc-numbers
 	@$(if $(HOST_AVX512),,echo "this CPU has no AVX-512: its suite is built but not run")
 	tests/run_suites.sh $(TEST_RUNS)
+
+# The suite prints a line per suite as it goes, and run_suites.sh passes them on.
+runner-check: $(BUILD)/moe_tests
+	tests/check_runner.sh ../$(BUILD)/moe_tests
 
 # NEON: the suite cross-compiled for aarch64 and run under qemu-user.
 $(BUILD)/moe_tests_neon: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
@@ -94,6 +100,10 @@ compile-checks: | $(BUILD)
 	else echo "nvcc not found: skipping the .cu compile check"; fi
 	@echo "compile checks: ok"
 
+# The README's "Use it" code and moe.h's banner EXAMPLE compile as written.
+doc-snippets: | $(BUILD)
+	tests/doc_snippets.sh $(BUILD)
+
 # The main demo: a Mixtral-like layer on built-in synthetic weights.
 $(BUILD)/mixtral_demo: examples/mixtral_demo.c moe.h | $(BUILD)
 	$(CC) -std=c99 $(WARN) -O2 $(SIMD_FLAGS) -o $@ examples/mixtral_demo.c $(LDLIBS)
@@ -118,6 +128,15 @@ $(BUILD)/glam_block: examples/glam_block.c moe.h | $(BUILD)
 $(BUILD)/tour: examples/tour.c moe.h | $(BUILD)
 	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/tour.c $(LDLIBS)
 
+# mixtral_block exits 1 if its gradient check fails; safetensors_moe exits 1
+# if the layer's output misses the file's y_ref (HF's output) by more than the
+# golden tolerance (tests/test_safetensors.c includes it, without its main).
+$(BUILD)/mixtral_block: examples/mixtral_block.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/mixtral_block.c $(LDLIBS)
+
+$(BUILD)/safetensors_moe: examples/safetensors_moe.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/safetensors_moe.c $(LDLIBS)
+
 # ViT with MoE FFN layers trained on the UCI digits (examples/data/digits.txt);
 # prints test accuracy and per-layer expert load, writes build/vit_moe_digits.svg.
 $(BUILD)/vit_moe_digits: examples/vit_moe_digits.c moe.h | $(BUILD)
@@ -126,14 +145,38 @@ $(BUILD)/vit_moe_digits: examples/vit_moe_digits.c moe.h | $(BUILD)
 vit-demo: $(BUILD)/vit_moe_digits
 	./$(BUILD)/vit_moe_digits examples/data/digits.txt $(BUILD)
 
+# The demos' numbers in README and the examples' comments, and the committed
+# SVGs, are what the demos print and write (tests/doc_numbers.sh). The ViT is
+# built for AVX2 where the CPU has it (whose run examples/vit_moe_digits.svg
+# is), else with the reference kernels.
+$(BUILD)/vit_docs: examples/vit_moe_digits.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 $(if $(HOST_AVX2),$(AVX2_FLAGS) -fopenmp,) -o $@ examples/vit_moe_digits.c $(LDLIBS)
+
+doc-numbers: $(BUILD)/train_balance $(BUILD)/vit_docs
+	tests/doc_numbers.sh $(BUILD)
+
 EXAMPLES := $(BUILD)/mixtral_demo $(BUILD)/train_balance $(BUILD)/moe_transformer_layer \
-            $(BUILD)/glam_block $(BUILD)/tour $(BUILD)/vit_moe_digits
+            $(BUILD)/glam_block $(BUILD)/tour $(BUILD)/vit_moe_digits $(BUILD)/mixtral_block \
+            $(BUILD)/safetensors_moe
 examples: $(EXAMPLES)
 
 run-examples: examples
 	./$(BUILD)/moe_transformer_layer
 	./$(BUILD)/glam_block
 	./$(BUILD)/tour $(BUILD)
+	./$(BUILD)/mixtral_block
+	./$(BUILD)/safetensors_moe tests/ref/mixtral.safetensors
+	./$(BUILD)/safetensors_moe tests/ref/deepseek_v3.safetensors
+
+# make test checks that `make examples` builds every examples/*.c but these:
+# moe_mpi.c needs mpicc and Open MPI, so make test-mpi builds (and runs) it.
+EXAMPLES_ELSEWHERE := moe_mpi
+EXAMPLES_UNBUILT := $(filter-out $(notdir $(EXAMPLES)) $(EXAMPLES_ELSEWHERE), \
+                      $(basename $(notdir $(wildcard examples/*.c))))
+examples-listed:
+	@test -z "$(EXAMPLES_UNBUILT)" || { echo "make examples does not build:" \
+	    "$(patsubst %,examples/%.c,$(EXAMPLES_UNBUILT)) (add it to EXAMPLES in the Makefile)"; exit 1; }
+	@echo "examples-listed: make examples builds every examples/*.c (but $(EXAMPLES_ELSEWHERE))"
 
 tour-svgs: $(BUILD)/tour
 	./$(BUILD)/tour docs

@@ -30,6 +30,9 @@
                                       the SIMD kernels; -fopenmp the threads
 
    EXAMPLE (a Mixtral-style layer; weights are caller-owned, PyTorch layout)
+     #include <stdio.h>                           // fprintf, printf
+     #include <stdlib.h>                          // malloc, free
+     #include "moe.h"                             // then, in a function of x, T, y, weights:
      moe_config cfg = moe_preset_mixtral();       // softmax, top-2, renormalise
      cfg.d_model = 64; cfg.d_ff = 128;            // shrink the released shape
      moe_weights w = {0};                         // C++: moe_weights w = {};

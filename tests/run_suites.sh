@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Runs each test binary given on the command line (from tests/, where the
-# golden files are), prints each one's summary, and ends with the total as
-# one line "N passed, N failed" (the form CI reads). Exit 1 if any test
-# failed or a binary did not finish with a summary line.
+# golden files are), streams its per-suite lines ("suite NAME: N passed, ...")
+# and any FAIL / skip / file:line lines as they come, prints each binary's
+# summary, and ends with the total as one line "N passed, N failed" (the form
+# CI reads). Exit 1 if any test failed or a binary did not finish with a
+# summary line.
 set -u
 cd "$(dirname "$0")"
 total_pass=0; total_fail=0; status=0
+log=$(mktemp); trap 'rm -f "$log"' EXIT
 for cmd in "$@"; do
-    out=$(eval "$cmd" 2>&1); rc=$?
-    last=$(printf '%s\n' "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
+    eval "$cmd" 2>&1 | tee "$log" | while IFS= read -r line; do
+        if [[ $line == "suite "* ]]; then printf '  %s\n' "$line"
+        elif [[ $line =~ ^[0-9]+\ passed,\ [0-9]+\ failed ]]; then :
+        elif [[ $line =~ FAIL|skip|:[0-9]+:\  ]]; then printf '%s\n' "$line"; fi
+    done
+    rc=${PIPESTATUS[0]}
+    last=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
     if [ -z "$last" ]; then
-        printf '%s\n' "$out" | tail -n 20
+        tail -n 20 "$log"
         echo "[$cmd] crashed or printed no summary (exit $rc)"
         total_fail=$((total_fail + 1)); status=1; continue
     fi
-    printf '%s\n' "$out" | grep -vE '^[0-9]+ passed, [0-9]+ failed' | grep -E 'FAIL|skip|:[0-9]+: ' || true
     echo "[$cmd] $last"
     p=$(echo "$last" | sed -E 's/^([0-9]+) passed.*/\1/')
     f=$(echo "$last" | sed -E 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/')

@@ -33,7 +33,7 @@ TEST(train, balance_three_ways) {
         CHECK_NEAR(first[m], log(2.0), 1e-6, 0.0);      /* zero readout: chance */
         CHECK_BELOW(last[m], 0.7 * first[m]);           /* every run learns */
     }
-    /* max/mean load over the last 20 steps: 4 = two experts take every token */
+    /* max/mean load over the last 20 steps: 4 = one expert gets every token */
     CHECK_ABOVE(load[TB_NONE], 3.0);
     CHECK_BELOW(load[TB_AUX], 0.6 * load[TB_NONE]);
     CHECK_BELOW(load[TB_BIAS], 0.6 * load[TB_NONE]);
