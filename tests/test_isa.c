@@ -368,7 +368,7 @@ TEST(isa, pack_api_errors) {
     if (r.isa == MOE_ISA_REFERENCE) {
         free(pk);
         isa_layer_free(&L);
-        SKIP("no SIMD ISA in this build (packing is refused: alias.pack_reference_refused)");
+        SKIP("no SIMD ISA in this build (packing is refused: contract.pack_reference_refused)");
     }
     CHECK_STATUS(moe_pack_weights(&c, &L.w, pk, bytes - 1), MOE_STATUS_WORKSPACE_TOO_SMALL);
     CHECK_STATUS(moe_pack_weights(&c, &L.w, NULL, bytes), MOE_STATUS_NULL_ARGUMENT);
