@@ -793,6 +793,10 @@ static size_t moe__mul(size_t a, size_t b) {
     if (a != 0 && b > (size_t)-1 / a) return (size_t)-1;
     return a * b;
 }
+/* a + b, saturating to SIZE_MAX like moe__mul (a saturated term stays SIZE_MAX). */
+static size_t moe__add(size_t a, size_t b) { return b > (size_t)-1 - a ? (size_t)-1 : a + b; }
+/* ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (no int overflow near INT64_MAX). */
+static int64_t moe__ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 /* moe_info.dropped values */
 enum { MOE__KEPT = 0, MOE__DROPPED = 1, MOE__REJECTED = 2 };
@@ -1522,6 +1526,7 @@ static void moe__range_task(void *arg, int32_t task) {
 static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn, void *arg,
                                double work) {
     moe__range_job j;
+    while (n / block >= INT32_MAX) block *= 2;   /* the task count is an int32 */
     j.fn = fn; j.arg = arg; j.n = n; j.block = block;
     if (n > 0) moe__parallel_for(c, (int32_t)((n + block - 1) / block), moe__range_task, &j, work);
 }
@@ -1572,8 +1577,12 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
     g.cb = (int32_t)(MOE__TASK_FLOPS / (tile_flops * g.rb)) * MOE__NR;
     if (g.cb < MOE__NR) g.cb = MOE__NR;
     if (g.cb > N) g.cb = N;
-    g.n_cb = (N + g.cb - 1) / g.cb;
-    n_rb = (m + g.rb - 1) / g.rb;
+    g.n_cb = (int32_t)moe__ceil_div(N, g.cb);   /* N + cb - 1 overflowed for N near INT32_MAX */
+    n_rb = moe__ceil_div(m, g.rb);
+    while (n_rb * g.n_cb > INT32_MAX && g.rb <= INT32_MAX / 2) {   /* tasks are counted in int32 */
+        g.rb *= 2;
+        n_rb = moe__ceil_div(m, g.rb);
+    }
     moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g, 2.0 * (double)m * N * (double)K);
 }
 
@@ -1740,7 +1749,7 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
         g.accumulate = accumulate;
         g.n_tiles = (int32_t)((m + MOE__MR - 1) / MOE__MR);
-        g.n_panels = (N + MOE__NR - 1) / MOE__NR;
+        g.n_panels = (int32_t)moe__ceil_div(N, MOE__NR);
         g.Ap = pack;
         g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
         /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
@@ -2131,6 +2140,7 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             const size_t fc = glu ? MOE__VL : MOE__NR, p2 = (D + MOE__NR - 1) / MOE__NR;
             const size_t p1 = (F + fc - 1) / fc, p1s = (Fs + fc - 1) / fc;
             const size_t e_pad = (E + MOE__NR - 1) / MOE__NR * MOE__NR;
+            const size_t a_rows = moe__add(N, E * MOE__MR);   /* N may have saturated */
             L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR), sizeof(float), &ok);
             L->sh_tiles    = moe__reserve(&t, Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0, sizeof(float), &ok);
             L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
@@ -2138,11 +2148,12 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
             /* A as k-major MR-row tiles: each expert's last tile padded */
             L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
-            L->apack       = moe__reserve(&t, moe__mul(N + E * MOE__MR > nT + MOE__MR ? N + E * MOE__MR : nT + MOE__MR,
+            L->apack       = moe__reserve(&t, moe__mul(a_rows > nT + MOE__MR ? a_rows : nT + MOE__MR,
                                                        D > F && D > Fs ? D : (F > Fs ? F : Fs)), sizeof(float), &ok);
             /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
-            L->pack        = moe__reserve(&t, moe__mul(D + (D & 1), (p1 > p1s ? p1 : p1s) * MOE__NR) +
-                                              moe__mul(p2 * MOE__NR, (F > Fs ? F : Fs) + 1), sizeof(float), &ok);
+            L->pack        = moe__reserve(&t, moe__add(moe__mul(D + (D & 1), (p1 > p1s ? p1 : p1s) * MOE__NR),
+                                                       moe__mul(p2 * MOE__NR, (F > Fs ? F : Fs) + 1)),
+                                          sizeof(float), &ok);
         }
     }
     if (mode == MOE__PLAN_BACKWARD) {
@@ -2753,14 +2764,17 @@ typedef struct moe__pack_geom {
 
 static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
     moe__pack_geom g;
-    const int glu = moe__act_is_glu(c->activation);
-    g.f_cols = glu ? MOE__VL : MOE__NR;
-    g.p1 = (F + g.f_cols - 1) / g.f_cols;
-    g.p2 = (c->d_model + MOE__NR - 1) / MOE__NR;
-    g.k1 = (size_t)c->d_model + (size_t)(c->d_model & 1);
-    g.k2 = (size_t)F + (size_t)(F & 1);
-    g.w13 = (size_t)g.p1 * g.k1 * MOE__NR;
-    g.w2 = (size_t)g.p2 * g.k2 * MOE__NR;
+    /* sizes in size_t: F or d_model near INT32_MAX overflowed int (issue 15) */
+    const size_t fc = moe__act_is_glu(c->activation) ? MOE__VL : MOE__NR;
+    const size_t f = (size_t)(F > 0 ? F : 0), d = (size_t)(c->d_model > 0 ? c->d_model : 0);
+    const size_t p1 = f / fc + (f % fc != 0), p2 = d / MOE__NR + (d % MOE__NR != 0);
+    g.f_cols = (int32_t)fc;
+    g.p1 = (int32_t)p1;                      /* <= INT32_MAX / VL + 1 */
+    g.p2 = (int32_t)p2;
+    g.k1 = d + (d & 1);
+    g.k2 = f + (f & 1);
+    g.w13 = moe__mul(moe__mul(p1, MOE__NR), g.k1);   /* SIZE_MAX when it does not fit */
+    g.w2 = moe__mul(moe__mul(p2, MOE__NR), g.k2);
     return g;
 }
 
@@ -2771,19 +2785,21 @@ typedef struct moe__pack_layout {
     size_t experts, expert_stride, shared_off, bytes;
 } moe__pack_layout;
 
+/* Exact size_t arithmetic: SIZE_OVERFLOW only when the blob exceeds SIZE_MAX
+   (moe__mul / moe__add saturate, and no real sum reaches SIZE_MAX).      */
 static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *P) {
-    const double E = c->num_experts;
-    double total;
+    const size_t big = (size_t)-1;
+    size_t shared = 0;
     P->routed = moe__pack_geometry(c, c->d_ff);
     P->shared = moe__pack_geometry(c, c->shared_d_ff > 0 ? c->shared_d_ff : 1);
     P->esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
     P->experts = 64;
-    total = 64.0 + (E * ((double)P->routed.w13 + (double)P->routed.w2) +
-                    (c->shared_d_ff > 0 ? (double)P->shared.w13 + (double)P->shared.w2 : 0.0)) * (double)P->esize;
-    if (total > (double)((size_t)-1 / 2)) return MOE_STATUS_SIZE_OVERFLOW;
-    P->expert_stride = (P->routed.w13 + P->routed.w2) * P->esize;
-    P->shared_off = P->experts + (size_t)c->num_experts * P->expert_stride;
-    P->bytes = P->shared_off + (c->shared_d_ff > 0 ? (P->shared.w13 + P->shared.w2) * P->esize : 0);
+    P->expert_stride = moe__mul(moe__add(P->routed.w13, P->routed.w2), P->esize);
+    if (c->shared_d_ff > 0) shared = moe__mul(moe__add(P->shared.w13, P->shared.w2), P->esize);
+    P->shared_off = moe__add(P->experts, moe__mul((size_t)c->num_experts, P->expert_stride));
+    P->bytes = moe__add(P->shared_off, shared);
+    if (P->expert_stride == big || shared == big || P->shared_off == big || P->bytes == big)
+        return MOE_STATUS_SIZE_OVERFLOW;
     return MOE_STATUS_OK;
 }
 
@@ -2895,12 +2911,13 @@ static void moe__packed_task(void *arg, int32_t task) {
     for (r = r0; r < r0 + nr; r++) {
         const float *Sr = J->S + (size_t)r * J->ldS;
         if (J->stage == 1) {
-            const int32_t fc = J->g->f_cols, f_end = p1 * fc < J->F ? p1 * fc : J->F;
+            /* p1 * fc only below the last panel: F near INT32_MAX overflowed it */
+            const int32_t fc = J->g->f_cols, f_end = p1 < P ? p1 * fc : J->F;
             const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
             const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
             int32_t f = p0 * fc;
             if (moe__act_has_simd(J->c->activation))    /* whole panels on vectors */
-                for (; f + fc <= f_end; f += fc) {
+                for (; f <= f_end - fc; f += fc) {
                     const float *sp = Sr + (size_t)(f / fc) * MOE__NR;
                     const size_t o = (size_t)r * J->F + (size_t)f;
                     int32_t q;
@@ -2935,7 +2952,7 @@ static void moe__packed_task(void *arg, int32_t task) {
             }
             moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
         } else {
-            const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
+            const int32_t d_end = p1 < P ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
             const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
             float *o = J->out + (size_t)r * J->D;
             int32_t d = p0 * MOE__NR;
