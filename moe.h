@@ -2562,6 +2562,21 @@ static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
     return seq;
 }
 
+/* aux_total = sum of coef * value. A loss switched off (coef 0) adds nothing,
+   even an overflowed one (0 * Inf is NaN; aux_z overflows for logits ~1e20).
+   moe__route and the expert-parallel moe__ep_aux both form it here, so the
+   two paths cannot drift apart again (issue 15).                          */
+static void moe__aux_total(const moe_config *c, moe_info *res) {
+    const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef,
+                           c->seq_balance_coef};
+    const float val[5] = {res->aux_balance, res->aux_z, res->aux_importance, res->aux_load,
+                          res->aux_seq};
+    float total = 0.0f;
+    int i;
+    for (i = 0; i < 5; i++) if (coef[i] != 0.0f) total += coef[i] * val[i];
+    res->aux_total = total;
+}
+
 static void moe__aux_losses(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k;
@@ -2653,14 +2668,7 @@ static moe_status moe__route(moe__router *r) {
     if (c->routing == MOE_ROUTING_SOFT)
         for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = c->slots_per_expert;
     moe__aux_losses(r);
-    {   /* a loss switched off (coef 0) adds nothing, even an overflowed one
-           (0 * Inf would be NaN; aux_z overflows for logits ~1e20) */
-        const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef, c->seq_balance_coef};
-        const float val[5] = {res->aux_balance, res->aux_z, res->aux_importance, res->aux_load, res->aux_seq};
-        float total = 0.0f;
-        for (e = 0; e < 5; e++) if (coef[e] != 0.0f) total += coef[e] * val[e];
-        res->aux_total = total;
-    }
+    moe__aux_total(c, res);
     return MOE_STATUS_OK;
 }
 
@@ -4601,14 +4609,12 @@ static void moe__ep_aux(const moe_config *c, int32_t Ta, const double *st, moe_i
                 seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] * (st[MOE__EPS_P * E + e] / Ta);
             res->aux_seq = (float)seq;
         } else {
-            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / ((Ta + L - 1) / L));
+            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / (double)moe__ceil_div(Ta, L));
         }
         res->aux_importance = (float)moe__cv_squared(st + MOE__EPS_IMP * E, E);
         res->aux_load = (float)moe__cv_squared(st + MOE__EPS_ROUTED * E, E);
     }
-    res->aux_total = c->balance_coef * res->aux_balance + c->z_loss_coef * res->aux_z +
-                     c->importance_coef * res->aux_importance + c->load_coef * res->aux_load +
-                     c->seq_balance_coef * res->aux_seq;
+    moe__aux_total(c, res);
 }
 
 MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, const moe_ep_plan *plan,

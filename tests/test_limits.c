@@ -8,6 +8,24 @@
 #include <float.h>
 #include <stdint.h>
 
+static uint64_t lim_rng = 1;
+static float lim_rand(void) {   /* uniform in [-1, 1) */
+    lim_rng = lim_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((lim_rng >> 40) * (1.0 / 8388608.0)) - 1.0f;
+}
+static float *lim_fill(size_t n, float scale) {
+    float *a = (float *)malloc((n ? n : 1) * sizeof(float));
+    size_t i;
+    for (i = 0; i < n; i++) a[i] = scale * lim_rand();
+    return a;
+}
+static float *lim_zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
+static int lim_finite(const float *a, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) if (!(a[i] - a[i] == 0.0f)) return 0;
+    return 1;
+}
+
 /* --- item 4: sizes of shapes near the int32 limits ------------------------ */
 
 /* a * b and a + b in uint64 with an overflow flag: the check computes the
@@ -101,4 +119,205 @@ TEST(limits, pack_size_near_int32_max) {
             c.num_experts = INT32_MAX; c.d_model = 1 + k; c.d_ff = 1 + k;
             lim_check_pack_size(&c, nr);
         }
+}
+
+/* --- item 9: expert-parallel aux losses with huge router logits ------------ */
+
+/* All-to-all-v of items of `width` bytes between P simulated ranks: cnt[a*P+b]
+   items go from a to b, in rank order on both sides (MPI_Alltoallv).      */
+static void lim_exchange(int32_t P, const int32_t *cnt, size_t width, void *const *src,
+                         void *const *dst) {
+    int32_t a, b, k;
+    for (a = 0; a < P; a++) {
+        size_t so = 0;
+        for (b = 0; b < P; b++) {
+            size_t ro = 0;
+            for (k = 0; k < a; k++) ro += (size_t)cnt[k * P + b];
+            memcpy((char *)dst[b] + ro * width, (const char *)src[a] + so * width,
+                   (size_t)cnt[a * P + b] * width);
+            so += (size_t)cnt[a * P + b];
+        }
+    }
+}
+
+enum { EP_P = 2, EP_T = 10, EP_E = 4, EP_K = 2, EP_D = 6, EP_F = 5 };
+
+/* cfg on EP_T tokens in one process and on EP_P simulated ranks, router
+   weights uniform(-router_amp, router_amp): aux values, y, dx and the
+   router gradient must agree, and be finite where the one process is.  */
+static void lim_ep_compare(const moe_config *cfg_in, float router_amp) {
+    moe_config c = *cfg_in;
+    const size_t E = EP_E, D = EP_D, F = EP_F, T = EP_T, per = EP_E / EP_P;
+    float *router = NULL, *gate, *up, *down, *x, *dy, *y, *dx, *ye, *dxe;
+    float *groute, *groute_e, *gexp[3], *gexp_e[3];
+    moe_weights w;
+    moe_grads g, ge;
+    moe_info info, einfo[EP_P];
+    moe_ep_plan plan[EP_P];
+    void *ibuf, *eibuf[EP_P], *ws[EP_P], *ows[EP_P];
+    size_t ib, wsb[EP_P];
+    double *stats[EP_P], *sum;
+    int32_t nstats, cnt[EP_P * EP_P], cntT[EP_P * EP_P], nsend[EP_P], nrecv[EP_P], off[EP_P + 1];
+    moe_ep_pair *sp[EP_P], *rp[EP_P];
+    float *srows[EP_P], *rrows[EP_P], *oout[EP_P], *rout[EP_P], *sdout[EP_P], *rdout[EP_P];
+    float *odx[EP_P], *rdx[EP_P];
+    uint8_t *odrop[EP_P], *rdrop[EP_P];
+    int32_t r, q, i;
+    c.training = 1; c.isa = MOE_ISA_REFERENCE;
+    c.num_experts = EP_E; c.top_k = EP_K; c.d_model = EP_D; c.d_ff = EP_F;
+    lim_rng = 7;
+    router = lim_fill(E * D, router_amp);
+    gate = lim_fill(E * F * D, 0.5f); up = lim_fill(E * F * D, 0.5f); down = lim_fill(E * D * F, 0.5f);
+    x = lim_fill(T * D, 1.0f); dy = lim_fill(T * D, 1.0f);
+    y = lim_zeros(T * D); dx = lim_zeros(T * D); ye = lim_zeros(T * D); dxe = lim_zeros(T * D);
+    groute = lim_zeros(E * D); groute_e = lim_zeros(E * D);
+    gexp[0] = lim_zeros(E * F * D); gexp[1] = lim_zeros(E * F * D); gexp[2] = lim_zeros(E * D * F);
+    gexp_e[0] = lim_zeros(E * F * D); gexp_e[1] = lim_zeros(E * F * D);
+    gexp_e[2] = lim_zeros(E * D * F);
+    memset(&w, 0, sizeof w);
+    w.router = router; w.gate = gate; w.up = up; w.down = down;
+    memset(&g, 0, sizeof g);
+    g.router = groute; g.gate = gexp[0]; g.up = gexp[1]; g.down = gexp[2];
+    ge = g;
+    ge.router = groute_e; ge.gate = gexp_e[0]; ge.up = gexp_e[1]; ge.down = gexp_e[2];
+
+    /* one process */
+    memset(&info, 0, sizeof info);
+    CHECK_STATUS(moe_info_size(&c, EP_T, &ib), MOE_STATUS_OK);
+    ibuf = malloc(ib);
+    CHECK_STATUS(moe_info_bind(&c, EP_T, &info, ibuf, ib), MOE_STATUS_OK);
+    CHECK_STATUS(moe_forward_alloc(&c, &w, x, EP_T, y, &info), MOE_STATUS_OK);
+    CHECK_STATUS(moe_backward_alloc(&c, &w, x, EP_T, &info, dy, dx, &g), MOE_STATUS_OK);
+
+    /* ranks: route, pack, exchange, experts, exchange back, combine */
+    CHECK_STATUS(moe_ep_stats_count(&c, &nstats), MOE_STATUS_OK);
+    sum = (double *)calloc((size_t)nstats, sizeof(double));
+    off[0] = 0;
+    for (r = 0; r < EP_P; r++) {
+        moe_config ic = c;
+        size_t bytes = 0;
+        ic.training = 0;                   /* source-side info: routing arrays only */
+        off[r + 1] = off[r] + EP_T / EP_P + (r < EP_T % EP_P);
+        plan[r].num_ranks = EP_P; plan[r].rank = r; plan[r].num_tokens = EP_T;
+        plan[r].token_offset = off[r]; plan[r].local_tokens = off[r + 1] - off[r];
+        memset(&einfo[r], 0, sizeof einfo[r]);
+        moe_info_size(&ic, plan[r].local_tokens, &bytes);
+        eibuf[r] = malloc(bytes);
+        moe_info_bind(&ic, plan[r].local_tokens, &einfo[r], eibuf[r], bytes);
+        CHECK_STATUS(moe_ep_workspace_size(&c, &plan[r], &wsb[r]), MOE_STATUS_OK);
+        ws[r] = malloc(wsb[r]);
+        stats[r] = (double *)malloc((size_t)nstats * sizeof(double));
+        CHECK_STATUS(moe_ep_route(&c, &w, &plan[r], x + (size_t)off[r] * D, &einfo[r],
+                                  cnt + r * EP_P, stats[r], ws[r], wsb[r]), MOE_STATUS_OK);
+        for (i = 0; i < nstats; i++) sum[i] += stats[r][i];
+        nsend[r] = 0;
+        for (q = 0; q < EP_P; q++) { nsend[r] += cnt[r * EP_P + q]; cntT[q * EP_P + r] = cnt[r * EP_P + q]; }
+        sp[r] = (moe_ep_pair *)malloc((size_t)(nsend[r] + 1) * sizeof(moe_ep_pair));
+        srows[r] = lim_zeros((size_t)nsend[r] * D);
+        CHECK_STATUS(moe_ep_pack(&c, &plan[r], x + (size_t)off[r] * D, &einfo[r], cnt + r * EP_P,
+                                 sp[r], srows[r]), MOE_STATUS_OK);
+    }
+    for (q = 0; q < EP_P; q++) {
+        nrecv[q] = 0;
+        for (r = 0; r < EP_P; r++) nrecv[q] += cnt[r * EP_P + q];
+        rp[q] = (moe_ep_pair *)malloc((size_t)(nrecv[q] + 1) * sizeof(moe_ep_pair));
+        rrows[q] = lim_zeros((size_t)nrecv[q] * D);
+        oout[q] = lim_zeros((size_t)nrecv[q] * D);
+        odrop[q] = (uint8_t *)calloc((size_t)nrecv[q] + 1, 1);
+        rdout[q] = lim_zeros((size_t)nrecv[q] * D);
+        odx[q] = lim_zeros((size_t)nrecv[q] * D);
+    }
+    lim_exchange(EP_P, cnt, sizeof(moe_ep_pair), (void *const *)sp, (void *const *)rp);
+    lim_exchange(EP_P, cnt, D * sizeof(float), (void *const *)srows, (void *const *)rrows);
+    for (q = 0; q < EP_P; q++) {       /* owners hold their experts' slices */
+        moe_weights wl = w;
+        size_t bytes = 0;
+        wl.router = NULL;
+        wl.gate = gate + q * per * F * D; wl.up = up + q * per * F * D; wl.down = down + q * per * D * F;
+        CHECK_STATUS(moe_ep_expert_workspace_size(&c, &plan[q], nrecv[q], &bytes), MOE_STATUS_OK);
+        ows[q] = malloc(bytes);
+        CHECK_STATUS(moe_ep_expert_forward(&c, &wl, &plan[q], rp[q], rrows[q], nrecv[q], oout[q],
+                                           odrop[q], NULL, NULL, ows[q], bytes), MOE_STATUS_OK);
+    }
+    for (r = 0; r < EP_P; r++) {
+        rout[r] = lim_zeros((size_t)nsend[r] * D);
+        rdrop[r] = (uint8_t *)calloc((size_t)nsend[r] + 1, 1);
+        sdout[r] = lim_zeros((size_t)nsend[r] * D);
+        rdx[r] = lim_zeros((size_t)nsend[r] * D);
+    }
+    lim_exchange(EP_P, cntT, D * sizeof(float), (void *const *)oout, (void *const *)rout);
+    lim_exchange(EP_P, cntT, 1, (void *const *)odrop, (void *const *)rdrop);
+    for (r = 0; r < EP_P; r++) {
+        CHECK_STATUS(moe_ep_combine(&c, &plan[r], sum, rout[r], rdrop[r], &einfo[r],
+                                    ye + (size_t)off[r] * D, ws[r], wsb[r]), MOE_STATUS_OK);
+        CHECK_STATUS(moe_ep_pack_backward(&c, &plan[r], &einfo[r], dy + (size_t)off[r] * D, sdout[r]),
+                     MOE_STATUS_OK);
+    }
+    lim_exchange(EP_P, cnt, D * sizeof(float), (void *const *)sdout, (void *const *)rdout);
+    for (q = 0; q < EP_P; q++) {
+        moe_weights wl = w;
+        moe_grads gl;
+        size_t bytes = 0;
+        memset(&gl, 0, sizeof gl);
+        wl.gate = gate + q * per * F * D; wl.up = up + q * per * F * D; wl.down = down + q * per * D * F;
+        gl.gate = gexp_e[0] + q * per * F * D; gl.up = gexp_e[1] + q * per * F * D;
+        gl.down = gexp_e[2] + q * per * D * F;
+        moe_ep_expert_workspace_size(&c, &plan[q], nrecv[q], &bytes);
+        CHECK_STATUS(moe_ep_expert_backward(&c, &wl, &plan[q], rp[q], rrows[q], nrecv[q], odrop[q],
+                                            NULL, NULL, rdout[q], odx[q], &gl, ows[q], bytes),
+                     MOE_STATUS_OK);
+    }
+    lim_exchange(EP_P, cntT, D * sizeof(float), (void *const *)odx, (void *const *)rdx);
+    for (r = 0; r < EP_P; r++)
+        CHECK_STATUS(moe_ep_combine_backward(&c, &w, &plan[r], x + (size_t)off[r] * D, &einfo[r], sum,
+                                             dy + (size_t)off[r] * D, rout[r], rdx[r],
+                                             dxe + (size_t)off[r] * D, &ge, ws[r], wsb[r]),
+                     MOE_STATUS_OK);
+
+    /* the one-process values, finite where they are (aux_z overflows: Inf) */
+    CHECK(lim_finite(&info.aux_total, 1));
+    for (r = 0; r < EP_P; r++) {
+        const moe_info *a = &einfo[r];
+        CHECK_NEAR(a->aux_total, info.aux_total, 1e-7, 1e-6);
+        CHECK_NEAR(a->aux_balance, info.aux_balance, 1e-7, 1e-6);
+        CHECK(a->aux_z == info.aux_z || fabs((double)a->aux_z - info.aux_z) <= 1e-6 * fabs(info.aux_z));
+        CHECK_NEAR(a->aux_importance, info.aux_importance, 1e-7, 1e-6);
+        CHECK_NEAR(a->aux_load, info.aux_load, 1e-7, 1e-6);
+        CHECK_NEAR(a->aux_seq, info.aux_seq, 1e-7, 1e-6);
+    }
+    CHECK(lim_finite(y, T * D) && lim_finite(ye, T * D));
+    CHECK(lim_finite(dx, T * D) && lim_finite(dxe, T * D));
+    CHECK(lim_finite(groute, E * D) && lim_finite(groute_e, E * D));
+    CHECK(memcmp(y, ye, T * D * sizeof(float)) == 0);
+    CHECK(memcmp(dx, dxe, T * D * sizeof(float)) == 0);
+    CHECK(memcmp(groute, groute_e, E * D * sizeof(float)) == 0);
+    for (i = 0; i < 3; i++) {
+        const size_t n = i == 2 ? E * D * F : E * F * D;
+        CHECK(lim_finite(gexp_e[i], n));
+        CHECK(memcmp(gexp[i], gexp_e[i], n * sizeof(float)) == 0);
+    }
+
+    for (r = 0; r < EP_P; r++) {
+        free(eibuf[r]); free(ws[r]); free(stats[r]); free(sp[r]); free(srows[r]);
+        free(rout[r]); free(rdrop[r]); free(sdout[r]); free(rdx[r]);
+        free(rp[r]); free(rrows[r]); free(oout[r]); free(odrop[r]); free(rdout[r]); free(odx[r]);
+        free(ows[r]);
+    }
+    for (i = 0; i < 3; i++) { free(gexp[i]); free(gexp_e[i]); }
+    free(sum); free(ibuf); free(router); free(gate); free(up); free(down); free(x); free(dy);
+    free(y); free(dx); free(ye); free(dxe); free(groute); free(groute_e);
+}
+
+/* Router logits ~1e20 (LSE^2 overflows float: aux_z = Inf) with z_loss_coef 0:
+   moe_forward's aux_total skips the unused z-loss; moe_ep_combine once added
+   0 * Inf = NaN. Both now form aux_total in one helper.                   */
+TEST(limits, ep_aux_huge_logits) {
+    moe_config c = moe_preset_mixtral();           /* softmax top-2, balance 0.02 */
+    c.z_loss_coef = 0.0f;
+    lim_ep_compare(&c, 1e20f);
+    c.importance_coef = 0.01f; c.load_coef = 0.01f; c.seq_balance_coef = 0.01f;
+    lim_ep_compare(&c, 1e20f);
+    c.score = MOE_SCORE_SIGMOID;
+    lim_ep_compare(&c, 1e20f);
+    lim_ep_compare(&c, 0.5f);                      /* and an ordinary case */
 }
