@@ -167,7 +167,7 @@ extern "C" {
     X(BAD_GROUPS,          4, "n_group must divide num_experts, 1 <= topk_group <= n_group, group_score_top <= experts per group, and topk_group groups must hold >= top_k experts") \
     X(BAD_CAPACITY,        5, "capacity must be >= 0 and capacity_factor >= 0 and finite; expert choice needs one of them; dense and Soft MoE take neither") \
     X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
-    X(BAD_OPTION,          7, "config options conflict (e.g. random/sampled second expert needs top_k == 2; norm_p must be > 0)") \
+    X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another (e.g. random/sampled second expert needs top_k == 2; p-norm needs norm_p >= 1; aux-loss coefficients, router_noise_std and noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
     X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; info->workspace_required holds the size needed") \
     X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
@@ -303,25 +303,29 @@ typedef struct moe_config {
 
     /* --- gate weights ------------------------------------------------------ */
     moe_norm normalize;       /* 0 -> MOE_NORM_SUM over the selected experts   */
-    float norm_p;             /* 0 -> 1.0: p of MOE_NORM_PNORM                 */
+    float norm_p;             /* 0 -> 1.0: p of MOE_NORM_PNORM, finite, >= 1
+                                 (below 1 a zero score has an infinite gradient) */
     float norm_eps;           /* 0 -> 0.0 (none): added to the normaliser
                                  (DeepSeek/Megatron 1e-20, lingvo 1e-9)        */
     int32_t normalize_after_drop; /* 0 -> normalise before capacity dropping
                                  (GShard paper); 1: over the kept pairs only
                                  (fairseq, DeepSpeed), a survivor gets 1.0     */
-    float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5) */
+    float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5);
+                                 |routed_scale| <= 1e6                         */
 
     /* --- training-time randomness (off unless training != 0) --------------- */
     int32_t training;         /* 0 -> inference: no noise, no jitter           */
     uint64_t seed;            /* 0 -> 0: key of the counter-based RNG; change it
                                  every step (and micro-batch) you want fresh noise */
     moe_noise noise;          /* 0 -> none. SHAZEER needs w.router_noise       */
-    float noise_epsilon;      /* 0 -> 0.0: added to softplus (paper 0, t2t 0.01) */
+    float noise_epsilon;      /* 0 -> 0.0: added to softplus (paper 0, t2t 0.01);
+                                 in [0, 1e6]                                   */
     float jitter;             /* 0 -> off: router input x *= U[1-eps, 1+eps]
                                  (Switch 0.01); only the router sees it        */
     float router_noise_std;   /* 0 -> off: warm-up noise, top-k routing scores
                                  z + N(0, std^2); schedule it per step (e.g.
-                                 only for the first steps) to avoid early collapse */
+                                 only for the first steps) to avoid early collapse;
+                                 in [0, 1e6]                                   */
     float expert_dropout;     /* 0 -> off: dropout rate on the routed experts'
                                  hidden activations (inverted: kept units x
                                  1/(1-p)); Switch fine-tunes with ~0.4 there   */
@@ -342,7 +346,8 @@ typedef struct moe_config {
                                  * shared(x) (Qwen2-MoE)                       */
     int32_t slots_per_expert; /* 0 -> 1: P, Soft MoE slots per expert          */
 
-    /* --- auxiliary losses (values in moe_info; coefficients weight aux_total) */
+    /* --- auxiliary losses (values in moe_info; coefficients weight aux_total,
+           each in [0, 1e6]: larger ones overflowed aux_total and the gradients) */
     moe_balance_loss balance_loss; /* 0 -> MOE_BALANCE_TOPK (HF)                */
     float balance_coef;       /* 0 -> 0.0: weight of aux_balance in aux_total  */
     float z_loss_coef;        /* 0 -> 0.0: weight of aux_z (ST-MoE 1e-3)       */
@@ -1801,6 +1806,10 @@ static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F)
 // Config: validation, defaults, presets
 
 static int moe__bad_float(float v, float lo) { return !moe__isfinite(v) || v < lo; }
+/* Documented ranges of float options (issue 15: larger finite values gave
+   NaN gradients with status OK). Generous: published models use <= 16.   */
+#define MOE__COEF_MAX 1e6f     /* aux-loss coefficients, noise scales, |routed_scale| */
+static int moe__out_of(float v, float lo, float hi) { return !(v >= lo && v <= hi); }
 
 MOEDEF const char *moe_status_string(moe_status status) {
     switch (status) {
@@ -1864,15 +1873,18 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
     if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
     if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
     if (c.routed_scale == 0.0f) c.routed_scale = 1.0f;
-    if (moe__bad_float(c.norm_p, 0.0f) || (c.normalize == MOE_NORM_PNORM && c.norm_p <= 0.0f) ||
+    if (moe__bad_float(c.norm_p, 0.0f) || (c.normalize == MOE_NORM_PNORM && c.norm_p < 1.0f) ||
         moe__bad_float(c.norm_eps, 0.0f) || moe__bad_float(c.second_threshold, 0.0f) ||
-        !moe__isfinite(c.routed_scale) || moe__bad_float(c.noise_epsilon, 0.0f) ||
+        moe__out_of(c.routed_scale, -MOE__COEF_MAX, MOE__COEF_MAX) ||
+        moe__out_of(c.noise_epsilon, 0.0f, MOE__COEF_MAX) ||
         moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f || moe__bad_float(c.router_grad_clip, 0.0f) ||
-        moe__bad_float(c.router_noise_std, 0.0f) || moe__bad_float(c.expert_dropout, 0.0f) ||
-        c.expert_dropout >= 1.0f ||
-        !moe__isfinite(c.balance_coef) || !moe__isfinite(c.z_loss_coef) ||
-        !moe__isfinite(c.importance_coef) || !moe__isfinite(c.load_coef) ||
-        !moe__isfinite(c.seq_balance_coef))
+        moe__out_of(c.router_noise_std, 0.0f, MOE__COEF_MAX) ||
+        moe__bad_float(c.expert_dropout, 0.0f) || c.expert_dropout >= 1.0f ||
+        moe__out_of(c.balance_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.z_loss_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.importance_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.load_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.seq_balance_coef, 0.0f, MOE__COEF_MAX))
         return MOE_STATUS_BAD_OPTION;
 
     /* the reference and the one SIMD ISA this file was compiled for */
@@ -2240,6 +2252,23 @@ static void moe__score_row(moe_score_func f, float *out, const float *z, int32_t
     for (i = 0; i < n; i++) out[i] = moe__sigmoid(z[i]);
 }
 
+/* ||g||_p over the entries with in[j] != 0 (in NULL: all), p >= 1. Scaled
+   by the largest |g|: the plain (sum |g|^p)^(1/p) underflowed to 0 for large
+   p (p = 1000: a NaN gradient). p = 1 keeps the plain sum.               */
+static double moe__pnorm(const float *g, const uint8_t *in, int32_t n, double p) {
+    double m = 0.0, s = 0.0;
+    int32_t j;
+    for (j = 0; j < n; j++)
+        if (!in || in[j]) {
+            const double a = fabs((double)g[j]);
+            if (p == 1.0) s += a;
+            if (a > m) m = a;
+        }
+    if (p == 1.0 || m == 0.0) return s;
+    for (j = 0; j < n; j++) if (!in || in[j]) s += pow(fabs((double)g[j]) / m, p);
+    return m * pow(s, 1.0 / p);   /* s in [1, n] */
+}
+
 /* Gate weights of the n selected scores g: w = g / (sum g + eps) (SUM),
    g (NONE), g / (||g||_p + eps) (PNORM). Entries with keep[j] == 0 are
    excluded and get 0. A zero normaliser gives zeros, never NaN.           */
@@ -2247,12 +2276,8 @@ static void moe__normalize(const moe_config *c, const float *g, const uint8_t *k
                            float *w, int32_t n) {
     double den = 0.0;
     int32_t j;
-    for (j = 0; j < n; j++) {
-        double v = keep && !keep[j] ? 0.0 : g[j];
-        if (c->normalize == MOE_NORM_PNORM) den += pow(fabs(v), c->norm_p);
-        else den += v;
-    }
-    if (c->normalize == MOE_NORM_PNORM) den = pow(den, 1.0 / c->norm_p);
+    if (c->normalize == MOE_NORM_PNORM) den = moe__pnorm(g, keep, n, c->norm_p);
+    else for (j = 0; j < n; j++) den += keep && !keep[j] ? 0.0 : g[j];
     den += c->norm_eps;
     for (j = 0; j < n; j++) {
         float v = keep && !keep[j] ? 0.0f : g[j];
@@ -3815,16 +3840,20 @@ static void moe__normalize_backward(const moe_config *c, const float *g, const u
         for (j = 0; j < n; j++) if (m[j]) dg[j] += r * dw[j];
         return;
     }
-    for (j = 0; j < n; j++) if (q[j]) nrm += c->normalize == MOE_NORM_PNORM ? pow(fabs(g[j]), c->norm_p) : g[j];
-    if (c->normalize == MOE_NORM_PNORM) nrm = pow(nrm, 1.0 / c->norm_p);
+    if (c->normalize == MOE_NORM_PNORM) nrm = moe__pnorm(g, q, n, c->norm_p);
+    else for (j = 0; j < n; j++) if (q[j]) nrm += g[j];
     den = nrm + c->norm_eps;
     if (!(den > 0.0)) return;                       /* the forward gave zeros */
     for (j = 0; j < n; j++) if (m[j]) a += (double)dw[j] * g[j];
     for (j = 0; j < n; j++) {
         double dden = 0.0, v = m[j] ? r * dw[j] / den : 0.0;
-        if (q[j]) dden = c->normalize == MOE_NORM_PNORM
-                       ? pow(fabs(g[j]), c->norm_p - 1.0) * (g[j] < 0.0f ? -1.0 : 1.0) * pow(nrm, 1.0 - c->norm_p)
-                       : 1.0;
+        /* d||g||_p / dg_j = (|g_j| / ||g||_p)^(p-1) sign(g_j): a ratio <= 1 to a power
+           >= 0, finite for every p >= 1 (|g|^(p-1) * ||g||^(1-p) was 0 * Inf) */
+        if (q[j] && c->normalize == MOE_NORM_PNORM)
+            dden = (nrm > 0.0 ? pow(fabs(g[j]) / nrm, c->norm_p - 1.0) : c->norm_p == 1.0) *
+                   (g[j] < 0.0f ? -1.0 : 1.0);
+        else if (q[j])
+            dden = 1.0;
         dg[j] += v - r * a / (den * den) * dden;
     }
 }

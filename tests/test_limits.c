@@ -26,6 +26,186 @@ static int lim_finite(const float *a, size_t n) {
     return 1;
 }
 
+/* --- one training step: forward (bound info) and backward ----------------- */
+
+enum { LT = 24, LE = 4, LD = 8, LF = 6, LFS = 5 };
+
+typedef struct lim_step {
+    moe_status fwd, bwd;
+    int y_ok, aux_ok, grad_ok;    /* all finite */
+    moe_info info;                /* scalars of the forward */
+} lim_step;
+
+/* Run cfg (training) on LT tokens with weights uniform(-router_amp,
+   router_amp) in the router, 0.5 elsewhere; x, dy uniform(-1, 1).        */
+static lim_step lim_run(const moe_config *cfg_in, float router_amp) {
+    enum { NW = 12 };
+    moe_config c = *cfg_in;
+    lim_step s;
+    moe_weights w;
+    moe_grads g;
+    moe_info info;
+    size_t ib = 0, n[NW];
+    float *t[NW], *gr[NW], *x, *dy, *y, *dx;
+    void *ibuf = NULL;
+    const size_t E = LE, D = LD, F = LF, Fs = LFS;
+    int i;
+    c.training = 1;
+    c.num_experts = LE; c.d_model = LD; c.d_ff = LF;
+    memset(&s, 0, sizeof s);
+    lim_rng = 99;
+    n[0] = E * D; n[1] = E; n[2] = E * D; n[3] = E * F * D; n[4] = E * F * D; n[5] = E * D * F;
+    n[6] = Fs * D; n[7] = Fs * D; n[8] = D * Fs; n[9] = D; n[10] = E * D; n[11] = 1;
+    for (i = 0; i < NW; i++) {
+        t[i] = lim_fill(n[i], i == 0 ? router_amp : 0.5f);
+        gr[i] = lim_zeros(n[i]);
+    }
+    t[11][0] = 1.0f;
+    x = lim_fill((size_t)LT * D, 1.0f);
+    dy = lim_fill((size_t)LT * D, 1.0f);
+    y = lim_zeros((size_t)LT * D);
+    dx = lim_zeros((size_t)LT * D);
+    memset(&w, 0, sizeof w);
+    w.router = t[0]; w.router_bias = t[1]; w.router_noise = t[2];
+    w.gate = t[3]; w.up = t[4]; w.down = t[5];
+    w.shared_gate = t[6]; w.shared_up = t[7]; w.shared_down = t[8]; w.shared_expert_gate = t[9];
+    w.soft_phi = t[10]; w.soft_scale = t[11];
+    memset(&g, 0, sizeof g);
+    g.router = gr[0]; g.router_bias = gr[1]; g.router_noise = gr[2];
+    g.gate = gr[3]; g.up = gr[4]; g.down = gr[5];
+    g.shared_gate = gr[6]; g.shared_up = gr[7]; g.shared_down = gr[8];
+    g.shared_expert_gate = gr[9]; g.soft_phi = gr[10]; g.soft_scale = gr[11];
+    memset(&info, 0, sizeof info);
+    s.fwd = moe_info_size(&c, LT, &ib);
+    if (s.fwd == MOE_STATUS_OK) {
+        ibuf = malloc(ib);
+        s.fwd = moe_info_bind(&c, LT, &info, ibuf, ib);
+    }
+    if (s.fwd == MOE_STATUS_OK) s.fwd = moe_forward_alloc(&c, &w, x, LT, y, &info);
+    s.bwd = s.fwd == MOE_STATUS_OK ? moe_backward_alloc(&c, &w, x, LT, &info, dy, dx, &g) : s.fwd;
+    if (s.fwd == MOE_STATUS_OK) {
+        s.y_ok = lim_finite(y, (size_t)LT * D);
+        s.aux_ok = lim_finite(&info.aux_balance, 1) && lim_finite(&info.aux_z, 1) &&
+                   lim_finite(&info.aux_importance, 1) && lim_finite(&info.aux_load, 1) &&
+                   lim_finite(&info.aux_seq, 1) && lim_finite(&info.aux_total, 1);
+    }
+    if (s.bwd == MOE_STATUS_OK) {
+        s.grad_ok = lim_finite(dx, (size_t)LT * D);
+        for (i = 0; i < NW; i++) s.grad_ok &= lim_finite(gr[i], n[i]);
+    }
+    s.info = info;
+    for (i = 0; i < NW; i++) { free(t[i]); free(gr[i]); }
+    free(x); free(dy); free(y); free(dx); free(ibuf);
+    return s;
+}
+
+/* --- item 6: ranges of the float options ------------------------------------ */
+
+/* Which field a boundary case sets, and what else it needs to matter. */
+enum { B_NORM_P, B_BAL, B_Z, B_IMP, B_LOAD, B_SEQ, B_WARM, B_NEPS, B_RSCALE, B_THR, B_NEPS_NORM,
+       B_CF, B_JITTER, B_DROPOUT, B_CLIP, B_COUNT };
+static const char *const b_name[B_COUNT] = {
+    "norm_p", "balance_coef", "z_loss_coef", "importance_coef", "load_coef", "seq_balance_coef",
+    "router_noise_std", "noise_epsilon", "routed_scale", "second_threshold", "norm_eps",
+    "capacity_factor", "jitter", "expert_dropout", "router_grad_clip"};
+
+static moe_config lim_bound_cfg(int field, float v, int variant) {
+    moe_config c;
+    memset(&c, 0, sizeof c);
+    c.num_experts = LE; c.top_k = 2; c.d_model = LD; c.d_ff = LF; c.isa = MOE_ISA_REFERENCE;
+    c.score = variant ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX;
+    c.balance_coef = 0.01f;
+    switch (field) {
+    case B_NORM_P:  c.normalize = MOE_NORM_PNORM; c.norm_p = v; break;
+    case B_BAL:     c.balance_coef = v; c.balance_loss = (moe_balance_loss)variant; break;
+    case B_Z:       c.z_loss_coef = v; break;
+    case B_IMP:     c.importance_coef = v; c.noise = MOE_NOISE_SHAZEER; break;
+    case B_LOAD:    c.load_coef = v; c.noise = MOE_NOISE_SHAZEER; break;
+    case B_SEQ:     c.seq_balance_coef = v; c.seq_len = variant ? 6 : 0; break;
+    case B_WARM:    c.router_noise_std = v; c.z_loss_coef = 1.0f; break;
+    case B_NEPS:    c.noise_epsilon = v; c.noise = MOE_NOISE_SHAZEER; c.load_coef = 1.0f; break;
+    case B_RSCALE:  c.routed_scale = v; c.normalize = variant ? MOE_NORM_PNORM : MOE_NORM_SUM; break;
+    case B_THR:     c.second_threshold = v; c.second_expert = MOE_SECOND_RANDOM; break;
+    case B_NEPS_NORM: c.norm_eps = v; c.normalize = variant ? MOE_NORM_PNORM : MOE_NORM_SUM; break;
+    case B_CF:      c.capacity_factor = v; break;
+    case B_JITTER:  c.jitter = v; break;
+    case B_DROPOUT: c.expert_dropout = v; break;
+    default:        c.router_grad_clip = v; break;
+    }
+    return c;
+}
+
+/* Largest accepted values: a training step is OK with finite y, aux losses
+   and gradients (both score functions, or a second loss / norm variant). */
+static void lim_expect_finite(int field, float v) {
+    int variant;
+    for (variant = 0; variant < 2; variant++) {
+        const moe_config c = lim_bound_cfg(field, v, variant);
+        const lim_step s = lim_run(&c, 0.5f);
+        if (s.fwd != MOE_STATUS_OK || s.bwd != MOE_STATUS_OK || !s.y_ok || !s.aux_ok || !s.grad_ok)
+            moe_test_fail(__FILE__, __LINE__, "%s = %g (variant %d): status %d/%d, finite y %d, "
+                          "aux %d (total %g), gradients %d", b_name[field], (double)v, variant,
+                          (int)s.fwd, (int)s.bwd, s.y_ok, s.aux_ok, (double)s.info.aux_total,
+                          s.grad_ok);
+    }
+}
+static void lim_expect_rejected(int field, float v) {
+    moe_config c = lim_bound_cfg(field, v, 0), r;
+    const moe_status st = moe_config_resolve(&c, &r);
+    if (st != MOE_STATUS_BAD_OPTION)
+        moe_test_fail(__FILE__, __LINE__, "%s = %.9g: status %d (%s), want BAD_OPTION",
+                      b_name[field], (double)v, (int)st, moe_status_string(st));
+}
+
+/* The documented ranges: norm_p in [1, FLT_MAX] (p-norm), the five aux-loss
+   coefficients, router_noise_std and noise_epsilon in [0, 1e6], routed_scale
+   in [-1e6, 1e6]. Once accepted with NaN gradients and status OK: norm_p
+   1e-4 and 1000, router_noise_std 3e38, noise_epsilon 3e38, balance_coef
+   3e38 (aux_total Inf too), z_loss_coef 3e38 (aux_total Inf). The ranges that
+   did not change keep their largest values finite too.                   */
+TEST(limits, option_ranges) {
+    static const int coef[7] = {B_BAL, B_Z, B_IMP, B_LOAD, B_SEQ, B_WARM, B_NEPS};
+    const float over = nextafterf(1e6f, INFINITY), under = -nextafterf(0.0f, 1.0f);
+    int i;
+    lim_expect_finite(B_NORM_P, 1.0f);
+    lim_expect_finite(B_NORM_P, 1000.0f);
+    lim_expect_finite(B_NORM_P, FLT_MAX);
+    lim_expect_rejected(B_NORM_P, nextafterf(1.0f, 0.0f));
+    lim_expect_rejected(B_NORM_P, 1e-4f);
+    lim_expect_rejected(B_NORM_P, INFINITY);
+    for (i = 0; i < 7; i++) {
+        lim_expect_finite(coef[i], 1e6f);
+        lim_expect_rejected(coef[i], over);
+        lim_expect_rejected(coef[i], 3e38f);
+        lim_expect_rejected(coef[i], under);
+    }
+    lim_expect_finite(B_RSCALE, 1e6f);
+    lim_expect_finite(B_RSCALE, -1e6f);
+    lim_expect_rejected(B_RSCALE, over);
+    lim_expect_rejected(B_RSCALE, -over);
+    /* unchanged ranges: finite and >= 0 (jitter, dropout below 1) */
+    lim_expect_finite(B_THR, FLT_MAX);
+    lim_expect_finite(B_THR, FLT_MIN);
+    lim_expect_finite(B_NEPS_NORM, FLT_MAX);
+    lim_expect_finite(B_CF, FLT_MAX);
+    lim_expect_finite(B_CF, FLT_MIN);
+    lim_expect_finite(B_JITTER, nextafterf(1.0f, 0.0f));
+    lim_expect_finite(B_DROPOUT, nextafterf(1.0f, 0.0f));
+    lim_expect_finite(B_CLIP, FLT_MAX);
+    lim_expect_finite(B_CLIP, FLT_MIN);
+    {   /* every new range at its largest at once */
+        moe_config c = lim_bound_cfg(B_NORM_P, FLT_MAX, 0);
+        lim_step s;
+        c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 1e6f; c.router_noise_std = 1e6f;
+        c.balance_coef = c.z_loss_coef = c.importance_coef = c.load_coef = 1e6f;
+        c.seq_balance_coef = 1e6f; c.routed_scale = 1e6f; c.seq_len = 6;
+        s = lim_run(&c, 0.5f);
+        CHECK_STATUS(s.fwd, MOE_STATUS_OK);
+        CHECK_STATUS(s.bwd, MOE_STATUS_OK);
+        CHECK(s.y_ok && s.aux_ok && s.grad_ok);
+    }
+}
+
 /* --- item 4: sizes of shapes near the int32 limits ------------------------ */
 
 /* a * b and a + b in uint64 with an overflow flag: the check computes the
