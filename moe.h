@@ -167,7 +167,10 @@ extern "C" {
     X(BAD_GROUPS,          4, "n_group must divide num_experts, 1 <= topk_group <= n_group, group_score_top <= experts per group, and topk_group groups must hold >= top_k experts") \
     X(BAD_CAPACITY,        5, "capacity must be >= 0 and capacity_factor >= 0 and finite; expert choice needs one of them; dense and Soft MoE take neither") \
     X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
-    X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another (e.g. random/sampled second expert needs top_k == 2; p-norm needs norm_p >= 1; aux-loss coefficients, router_noise_std and noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
+    X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another " \
+                              "(e.g. random/sampled second expert needs top_k == 2; p-norm " \
+                              "needs norm_p >= 1; aux-loss coefficients, router_noise_std and " \
+                              "noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
     X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; info->workspace_required holds the size needed") \
     X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
@@ -2153,6 +2156,8 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             const size_t p1 = (F + fc - 1) / fc, p1s = (Fs + fc - 1) / fc;
             const size_t e_pad = (E + MOE__NR - 1) / MOE__NR * MOE__NR;
             const size_t a_rows = moe__add(N, E * MOE__MR);   /* N may have saturated */
+            const size_t a_max = a_rows > nT + MOE__MR ? a_rows : nT + MOE__MR;
+            const size_t p1_max = p1 > p1s ? p1 : p1s, f_max = F > Fs ? F : Fs;
             L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR), sizeof(float), &ok);
             L->sh_tiles    = moe__reserve(&t, Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0, sizeof(float), &ok);
             L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
@@ -2160,11 +2165,11 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
             /* A as k-major MR-row tiles: each expert's last tile padded */
             L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
-            L->apack       = moe__reserve(&t, moe__mul(a_rows > nT + MOE__MR ? a_rows : nT + MOE__MR,
-                                                       D > F && D > Fs ? D : (F > Fs ? F : Fs)), sizeof(float), &ok);
+            L->apack       = moe__reserve(&t, moe__mul(a_max, D > F && D > Fs ? D : (F > Fs ? F : Fs)),
+                                          sizeof(float), &ok);
             /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
-            L->pack        = moe__reserve(&t, moe__add(moe__mul(D + (D & 1), (p1 > p1s ? p1 : p1s) * MOE__NR),
-                                                       moe__mul(p2 * MOE__NR, (F > Fs ? F : Fs) + 1)),
+            L->pack        = moe__reserve(&t, moe__add(moe__mul(D + (D & 1), p1_max * MOE__NR),
+                                                       moe__mul(p2 * MOE__NR, f_max + 1)),
                                           sizeof(float), &ok);
         }
     }
