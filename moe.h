@@ -3049,7 +3049,7 @@ static void moe__packed_a_task(void *arg, int32_t t) {
 /* Run both stages of a packed set: tasks of about MOE__PACKED_TASK_FLOPS. */
 static void moe__packed_ffn(moe__packed_job *J) {
     int stage;
-    int32_t e;
+    int32_t e, grow;
     J->tile_off[0] = 0;
     for (e = 0; e < J->n_sets; e++)
         J->tile_off[e + 1] = J->tile_off[e] + (J->off[e + 1] - J->off[e] + MOE__MR - 1) / MOE__MR;
@@ -3075,6 +3075,15 @@ static void moe__packed_ffn(moe__packed_job *J) {
             J->panels_per_task[e] = tb;
             J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
         }
+        /* the task count is an int32: over 2^31 tasks (a few million tokens of a
+           wide layer), twice the panels per task until it fits */
+        for (grow = 1; J->task_off[J->n_sets] > INT32_MAX && grow < P; grow *= 2)
+            for (e = 0; e < J->n_sets; e++) {
+                const int32_t tb = J->panels_per_task[e] < P / 2 ? 2 * J->panels_per_task[e] : P;
+                const int64_t n_rb = moe__ceil_div(J->off[e + 1] - J->off[e], MOE__ROW_BLOCK);
+                J->panels_per_task[e] = tb;
+                J->task_off[e + 1] = J->task_off[e] + n_rb * moe__ceil_div(P, tb);
+            }
         moe__parallel_for(J->c, (int32_t)J->task_off[J->n_sets], moe__packed_task, J,
                           2.0 * (double)(J->off[J->n_sets] - J->off[0]) * K * P * MOE__NR);
     }
