@@ -183,7 +183,10 @@ extern "C" {
     X(BAD_GROUPS,          4, "n_group must divide num_experts, 1 <= topk_group <= n_group, group_score_top <= experts per group, and topk_group groups must hold >= top_k experts") \
     X(BAD_CAPACITY,        5, "capacity must be >= 0 and capacity_factor >= 0 and finite; expert choice needs one of them; dense and Soft MoE take neither") \
     X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
-    X(BAD_OPTION,          7, "config options conflict (e.g. random/sampled second expert needs top_k == 2; norm_p must be > 0)") \
+    X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another " \
+                              "(e.g. random/sampled second expert needs top_k == 2; p-norm " \
+                              "needs norm_p >= 1; aux-loss coefficients, router_noise_std and " \
+                              "noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
     X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; info->workspace_required holds the size needed") \
     X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
@@ -320,25 +323,29 @@ typedef struct moe_config {
 
     /* --- gate weights ------------------------------------------------------ */
     moe_norm normalize;       /* 0 -> MOE_NORM_SUM over the selected experts   */
-    float norm_p;             /* 0 -> 1.0: p of MOE_NORM_PNORM                 */
+    float norm_p;             /* 0 -> 1.0: p of MOE_NORM_PNORM, finite, >= 1
+                                 (below 1 a zero score has an infinite gradient) */
     float norm_eps;           /* 0 -> 0.0 (none): added to the normaliser
                                  (DeepSeek/Megatron 1e-20, lingvo 1e-9)        */
     int32_t normalize_after_drop; /* 0 -> normalise before capacity dropping
                                  (GShard paper); 1: over the kept pairs only
                                  (fairseq, DeepSpeed), a survivor gets 1.0     */
-    float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5) */
+    float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5);
+                                 |routed_scale| <= 1e6                         */
 
     /* --- training-time randomness (off unless training != 0) --------------- */
     int32_t training;         /* 0 -> inference: no noise, no jitter           */
     uint64_t seed;            /* 0 -> 0: key of the counter-based RNG; change it
                                  every step (and micro-batch) you want fresh noise */
     moe_noise noise;          /* 0 -> none. SHAZEER needs w.router_noise       */
-    float noise_epsilon;      /* 0 -> 0.0: added to softplus (paper 0, t2t 0.01) */
+    float noise_epsilon;      /* 0 -> 0.0: added to softplus (paper 0, t2t 0.01);
+                                 in [0, 1e6]                                   */
     float jitter;             /* 0 -> off: router input x *= U[1-eps, 1+eps]
                                  (Switch 0.01); only the router sees it        */
     float router_noise_std;   /* 0 -> off: warm-up noise, top-k routing scores
                                  z + N(0, std^2); schedule it per step (e.g.
-                                 only for the first steps) to avoid early collapse */
+                                 only for the first steps) to avoid early collapse;
+                                 in [0, 1e6]                                   */
     float expert_dropout;     /* 0 -> off: dropout rate on the routed experts'
                                  hidden activations (inverted: kept units x
                                  1/(1-p)); Switch fine-tunes with ~0.4 there   */
@@ -359,7 +366,8 @@ typedef struct moe_config {
                                  * shared(x) (Qwen2-MoE)                       */
     int32_t slots_per_expert; /* 0 -> 1: P, Soft MoE slots per expert          */
 
-    /* --- auxiliary losses (values in moe_info; coefficients weight aux_total) */
+    /* --- auxiliary losses (values in moe_info; coefficients weight aux_total,
+           each in [0, 1e6]: larger ones overflowed aux_total and the gradients) */
     moe_balance_loss balance_loss; /* 0 -> MOE_BALANCE_TOPK (HF)                */
     float balance_coef;       /* 0 -> 0.0: weight of aux_balance in aux_total  */
     float z_loss_coef;        /* 0 -> 0.0: weight of aux_z (ST-MoE 1e-3)       */
@@ -834,6 +842,10 @@ static size_t moe__mul(size_t a, size_t b) {
     if (a != 0 && b > (size_t)-1 / a) return (size_t)-1;
     return a * b;
 }
+/* a + b, saturating to SIZE_MAX like moe__mul (a saturated term stays SIZE_MAX). */
+static size_t moe__add(size_t a, size_t b) { return b > (size_t)-1 - a ? (size_t)-1 : a + b; }
+/* ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (no int overflow near INT64_MAX). */
+static int64_t moe__ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 /* moe_info.dropped values */
 enum { MOE__KEPT = 0, MOE__DROPPED = 1, MOE__REJECTED = 2 };
@@ -1563,6 +1575,7 @@ static void moe__range_task(void *arg, int32_t task) {
 static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn, void *arg,
                                double work) {
     moe__range_job j;
+    while (n / block >= INT32_MAX) block *= 2;   /* the task count is an int32 */
     j.fn = fn; j.arg = arg; j.n = n; j.block = block;
     if (n > 0) moe__parallel_for(c, (int32_t)((n + block - 1) / block), moe__range_task, &j, work);
 }
@@ -1613,8 +1626,12 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
     g.cb = (int32_t)(MOE__TASK_FLOPS / (tile_flops * g.rb)) * MOE__NR;
     if (g.cb < MOE__NR) g.cb = MOE__NR;
     if (g.cb > N) g.cb = N;
-    g.n_cb = (N + g.cb - 1) / g.cb;
-    n_rb = (m + g.rb - 1) / g.rb;
+    g.n_cb = (int32_t)moe__ceil_div(N, g.cb);   /* N + cb - 1 overflowed for N near INT32_MAX */
+    n_rb = moe__ceil_div(m, g.rb);
+    while (n_rb * g.n_cb > INT32_MAX && g.rb <= INT32_MAX / 2) {   /* tasks are counted in int32 */
+        g.rb *= 2;
+        n_rb = moe__ceil_div(m, g.rb);
+    }
     moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g, 2.0 * (double)m * N * (double)K);
 }
 
@@ -1781,7 +1798,7 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
         g.accumulate = accumulate;
         g.n_tiles = (int32_t)((m + MOE__MR - 1) / MOE__MR);
-        g.n_panels = (N + MOE__NR - 1) / MOE__NR;
+        g.n_panels = (int32_t)moe__ceil_div(N, MOE__NR);
         g.Ap = pack;
         g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
         /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
@@ -1833,6 +1850,10 @@ static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F)
 // Config: validation, defaults, presets
 
 static int moe__bad_float(float v, float lo) { return !moe__isfinite(v) || v < lo; }
+/* Documented ranges of float options (issue 15: larger finite values gave
+   NaN gradients with status OK). Generous: published models use <= 16.   */
+#define MOE__COEF_MAX 1e6f     /* aux-loss coefficients, noise scales, |routed_scale| */
+static int moe__out_of(float v, float lo, float hi) { return !(v >= lo && v <= hi); }
 
 MOEDEF const char *moe_status_string(moe_status status) {
     switch (status) {
@@ -1896,15 +1917,18 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
     if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
     if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
     if (c.routed_scale == 0.0f) c.routed_scale = 1.0f;
-    if (moe__bad_float(c.norm_p, 0.0f) || (c.normalize == MOE_NORM_PNORM && c.norm_p <= 0.0f) ||
+    if (moe__bad_float(c.norm_p, 0.0f) || (c.normalize == MOE_NORM_PNORM && c.norm_p < 1.0f) ||
         moe__bad_float(c.norm_eps, 0.0f) || moe__bad_float(c.second_threshold, 0.0f) ||
-        !moe__isfinite(c.routed_scale) || moe__bad_float(c.noise_epsilon, 0.0f) ||
+        moe__out_of(c.routed_scale, -MOE__COEF_MAX, MOE__COEF_MAX) ||
+        moe__out_of(c.noise_epsilon, 0.0f, MOE__COEF_MAX) ||
         moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f || moe__bad_float(c.router_grad_clip, 0.0f) ||
-        moe__bad_float(c.router_noise_std, 0.0f) || moe__bad_float(c.expert_dropout, 0.0f) ||
-        c.expert_dropout >= 1.0f ||
-        !moe__isfinite(c.balance_coef) || !moe__isfinite(c.z_loss_coef) ||
-        !moe__isfinite(c.importance_coef) || !moe__isfinite(c.load_coef) ||
-        !moe__isfinite(c.seq_balance_coef))
+        moe__out_of(c.router_noise_std, 0.0f, MOE__COEF_MAX) ||
+        moe__bad_float(c.expert_dropout, 0.0f) || c.expert_dropout >= 1.0f ||
+        moe__out_of(c.balance_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.z_loss_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.importance_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.load_coef, 0.0f, MOE__COEF_MAX) ||
+        moe__out_of(c.seq_balance_coef, 0.0f, MOE__COEF_MAX))
         return MOE_STATUS_BAD_OPTION;
 
     /* the reference and the one SIMD ISA this file was compiled for */
@@ -2173,6 +2197,9 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             const size_t fc = glu ? MOE__VL : MOE__NR, p2 = (D + MOE__NR - 1) / MOE__NR;
             const size_t p1 = (F + fc - 1) / fc, p1s = (Fs + fc - 1) / fc;
             const size_t e_pad = (E + MOE__NR - 1) / MOE__NR * MOE__NR;
+            const size_t a_rows = moe__add(N, E * MOE__MR);   /* N may have saturated */
+            const size_t a_max = a_rows > nT + MOE__MR ? a_rows : nT + MOE__MR;
+            const size_t p1_max = p1 > p1s ? p1 : p1s, f_max = F > Fs ? F : Fs;
             L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR), sizeof(float), &ok);
             L->sh_tiles    = moe__reserve(&t, Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0, sizeof(float), &ok);
             L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
@@ -2180,11 +2207,12 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
             /* A as k-major MR-row tiles: each expert's last tile padded */
             L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
-            L->apack       = moe__reserve(&t, moe__mul(N + E * MOE__MR > nT + MOE__MR ? N + E * MOE__MR : nT + MOE__MR,
-                                                       D > F && D > Fs ? D : (F > Fs ? F : Fs)), sizeof(float), &ok);
+            L->apack       = moe__reserve(&t, moe__mul(a_max, D > F && D > Fs ? D : (F > Fs ? F : Fs)),
+                                          sizeof(float), &ok);
             /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
-            L->pack        = moe__reserve(&t, moe__mul(D + (D & 1), (p1 > p1s ? p1 : p1s) * MOE__NR) +
-                                              moe__mul(p2 * MOE__NR, (F > Fs ? F : Fs) + 1), sizeof(float), &ok);
+            L->pack        = moe__reserve(&t, moe__add(moe__mul(D + (D & 1), p1_max * MOE__NR),
+                                                       moe__mul(p2 * MOE__NR, f_max + 1)),
+                                          sizeof(float), &ok);
         }
     }
     if (mode == MOE__PLAN_BACKWARD) {
@@ -2271,6 +2299,23 @@ static void moe__score_row(moe_score_func f, float *out, const float *z, int32_t
     for (i = 0; i < n; i++) out[i] = moe__sigmoid(z[i]);
 }
 
+/* ||g||_p over the entries with in[j] != 0 (in NULL: all), p >= 1. Scaled
+   by the largest |g|: the plain (sum |g|^p)^(1/p) underflowed to 0 for large
+   p (p = 1000: a NaN gradient). p = 1 keeps the plain sum.               */
+static double moe__pnorm(const float *g, const uint8_t *in, int32_t n, double p) {
+    double m = 0.0, s = 0.0;
+    int32_t j;
+    for (j = 0; j < n; j++)
+        if (!in || in[j]) {
+            const double a = fabs((double)g[j]);
+            if (p == 1.0) s += a;
+            if (a > m) m = a;
+        }
+    if (p == 1.0 || m == 0.0) return s;
+    for (j = 0; j < n; j++) if (!in || in[j]) s += pow(fabs((double)g[j]) / m, p);
+    return m * pow(s, 1.0 / p);   /* s in [1, n] */
+}
+
 /* Gate weights of the n selected scores g: w = g / (sum g + eps) (SUM),
    g (NONE), g / (||g||_p + eps) (PNORM). Entries with keep[j] == 0 are
    excluded and get 0. A zero normaliser gives zeros, never NaN.           */
@@ -2278,12 +2323,8 @@ static void moe__normalize(const moe_config *c, const float *g, const uint8_t *k
                            float *w, int32_t n) {
     double den = 0.0;
     int32_t j;
-    for (j = 0; j < n; j++) {
-        double v = keep && !keep[j] ? 0.0 : g[j];
-        if (c->normalize == MOE_NORM_PNORM) den += pow(fabs(v), c->norm_p);
-        else den += v;
-    }
-    if (c->normalize == MOE_NORM_PNORM) den = pow(den, 1.0 / c->norm_p);
+    if (c->normalize == MOE_NORM_PNORM) den = moe__pnorm(g, keep, n, c->norm_p);
+    else for (j = 0; j < n; j++) den += keep && !keep[j] ? 0.0 : g[j];
     den += c->norm_eps;
     for (j = 0; j < n; j++) {
         float v = keep && !keep[j] ? 0.0f : g[j];
@@ -2593,6 +2634,21 @@ static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
     return seq;
 }
 
+/* aux_total = sum of coef * value. A loss switched off (coef 0) adds nothing,
+   even an overflowed one (0 * Inf is NaN; aux_z overflows for logits ~1e20).
+   moe__route and the expert-parallel moe__ep_aux both form it here, so the
+   two paths cannot drift apart again (issue 15).                          */
+static void moe__aux_total(const moe_config *c, moe_info *res) {
+    const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef,
+                           c->seq_balance_coef};
+    const float val[5] = {res->aux_balance, res->aux_z, res->aux_importance, res->aux_load,
+                          res->aux_seq};
+    float total = 0.0f;
+    int i;
+    for (i = 0; i < 5; i++) if (coef[i] != 0.0f) total += coef[i] * val[i];
+    res->aux_total = total;
+}
+
 static void moe__aux_losses(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k;
@@ -2684,14 +2740,7 @@ static moe_status moe__route(moe__router *r) {
     if (c->routing == MOE_ROUTING_SOFT)
         for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = c->slots_per_expert;
     moe__aux_losses(r);
-    {   /* a loss switched off (coef 0) adds nothing, even an overflowed one
-           (0 * Inf would be NaN; aux_z overflows for logits ~1e20) */
-        const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef, c->seq_balance_coef};
-        const float val[5] = {res->aux_balance, res->aux_z, res->aux_importance, res->aux_load, res->aux_seq};
-        float total = 0.0f;
-        for (e = 0; e < 5; e++) if (coef[e] != 0.0f) total += coef[e] * val[e];
-        res->aux_total = total;
-    }
+    moe__aux_total(c, res);
     return MOE_STATUS_OK;
 }
 
@@ -2795,14 +2844,17 @@ typedef struct moe__pack_geom {
 
 static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
     moe__pack_geom g;
-    const int glu = moe__act_is_glu(c->activation);
-    g.f_cols = glu ? MOE__VL : MOE__NR;
-    g.p1 = (F + g.f_cols - 1) / g.f_cols;
-    g.p2 = (c->d_model + MOE__NR - 1) / MOE__NR;
-    g.k1 = (size_t)c->d_model + (size_t)(c->d_model & 1);
-    g.k2 = (size_t)F + (size_t)(F & 1);
-    g.w13 = (size_t)g.p1 * g.k1 * MOE__NR;
-    g.w2 = (size_t)g.p2 * g.k2 * MOE__NR;
+    /* sizes in size_t: F or d_model near INT32_MAX overflowed int (issue 15) */
+    const size_t fc = moe__act_is_glu(c->activation) ? MOE__VL : MOE__NR;
+    const size_t f = (size_t)(F > 0 ? F : 0), d = (size_t)(c->d_model > 0 ? c->d_model : 0);
+    const size_t p1 = f / fc + (f % fc != 0), p2 = d / MOE__NR + (d % MOE__NR != 0);
+    g.f_cols = (int32_t)fc;
+    g.p1 = (int32_t)p1;                      /* <= INT32_MAX / VL + 1 */
+    g.p2 = (int32_t)p2;
+    g.k1 = d + (d & 1);
+    g.k2 = f + (f & 1);
+    g.w13 = moe__mul(moe__mul(p1, MOE__NR), g.k1);   /* SIZE_MAX when it does not fit */
+    g.w2 = moe__mul(moe__mul(p2, MOE__NR), g.k2);
     return g;
 }
 
@@ -2813,19 +2865,21 @@ typedef struct moe__pack_layout {
     size_t experts, expert_stride, shared_off, bytes;
 } moe__pack_layout;
 
+/* Exact size_t arithmetic: SIZE_OVERFLOW only when the blob exceeds SIZE_MAX
+   (moe__mul / moe__add saturate, and no real sum reaches SIZE_MAX).      */
 static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *P) {
-    const double E = c->num_experts;
-    double total;
+    const size_t big = (size_t)-1;
+    size_t shared = 0;
     P->routed = moe__pack_geometry(c, c->d_ff);
     P->shared = moe__pack_geometry(c, c->shared_d_ff > 0 ? c->shared_d_ff : 1);
     P->esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
     P->experts = 64;
-    total = 64.0 + (E * ((double)P->routed.w13 + (double)P->routed.w2) +
-                    (c->shared_d_ff > 0 ? (double)P->shared.w13 + (double)P->shared.w2 : 0.0)) * (double)P->esize;
-    if (total > (double)((size_t)-1 / 2)) return MOE_STATUS_SIZE_OVERFLOW;
-    P->expert_stride = (P->routed.w13 + P->routed.w2) * P->esize;
-    P->shared_off = P->experts + (size_t)c->num_experts * P->expert_stride;
-    P->bytes = P->shared_off + (c->shared_d_ff > 0 ? (P->shared.w13 + P->shared.w2) * P->esize : 0);
+    P->expert_stride = moe__mul(moe__add(P->routed.w13, P->routed.w2), P->esize);
+    if (c->shared_d_ff > 0) shared = moe__mul(moe__add(P->shared.w13, P->shared.w2), P->esize);
+    P->shared_off = moe__add(P->experts, moe__mul((size_t)c->num_experts, P->expert_stride));
+    P->bytes = moe__add(P->shared_off, shared);
+    if (P->expert_stride == big || shared == big || P->shared_off == big || P->bytes == big)
+        return MOE_STATUS_SIZE_OVERFLOW;
     return MOE_STATUS_OK;
 }
 
@@ -2939,12 +2993,13 @@ static void moe__packed_task(void *arg, int32_t task) {
     for (r = r0; r < r0 + nr; r++) {
         const float *Sr = J->S + (size_t)r * J->ldS;
         if (J->stage == 1) {
-            const int32_t fc = J->g->f_cols, f_end = p1 * fc < J->F ? p1 * fc : J->F;
+            /* p1 * fc only below the last panel: F near INT32_MAX overflowed it */
+            const int32_t fc = J->g->f_cols, f_end = p1 < P ? p1 * fc : J->F;
             const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
             const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
             int32_t f = p0 * fc;
             if (moe__act_has_simd(J->c->activation))    /* whole panels on vectors */
-                for (; f + fc <= f_end; f += fc) {
+                for (; f <= f_end - fc; f += fc) {
                     const float *sp = Sr + (size_t)(f / fc) * MOE__NR;
                     const size_t o = (size_t)r * J->F + (size_t)f;
                     int32_t q;
@@ -2979,7 +3034,7 @@ static void moe__packed_task(void *arg, int32_t task) {
             }
             moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
         } else {
-            const int32_t d_end = p1 * MOE__NR < J->D ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
+            const int32_t d_end = p1 < P ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
             const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
             float *o = J->out + (size_t)r * J->D;
             int32_t d = p0 * MOE__NR;
@@ -3038,7 +3093,7 @@ static void moe__packed_a_task(void *arg, int32_t t) {
 /* Run both stages of a packed set: tasks of about MOE__PACKED_TASK_FLOPS. */
 static void moe__packed_ffn(moe__packed_job *J) {
     int stage;
-    int32_t e;
+    int32_t e, grow;
     J->tile_off[0] = 0;
     for (e = 0; e < J->n_sets; e++)
         J->tile_off[e + 1] = J->tile_off[e] + (J->off[e + 1] - J->off[e] + MOE__MR - 1) / MOE__MR;
@@ -3064,6 +3119,15 @@ static void moe__packed_ffn(moe__packed_job *J) {
             J->panels_per_task[e] = tb;
             J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
         }
+        /* the task count is an int32: over 2^31 tasks (a few million tokens of a
+           wide layer), twice the panels per task until it fits */
+        for (grow = 1; J->task_off[J->n_sets] > INT32_MAX && grow < P; grow *= 2)
+            for (e = 0; e < J->n_sets; e++) {
+                const int32_t tb = J->panels_per_task[e] < P / 2 ? 2 * J->panels_per_task[e] : P;
+                const int64_t n_rb = moe__ceil_div(J->off[e + 1] - J->off[e], MOE__ROW_BLOCK);
+                J->panels_per_task[e] = tb;
+                J->task_off[e + 1] = J->task_off[e] + n_rb * moe__ceil_div(P, tb);
+            }
         moe__parallel_for(J->c, (int32_t)J->task_off[J->n_sets], moe__packed_task, J,
                           2.0 * (double)(J->off[J->n_sets] - J->off[0]) * K * P * MOE__NR);
     }
@@ -4105,16 +4169,20 @@ static void moe__normalize_backward(const moe_config *c, const float *g, const u
         for (j = 0; j < n; j++) if (m[j]) dg[j] += r * dw[j];
         return;
     }
-    for (j = 0; j < n; j++) if (q[j]) nrm += c->normalize == MOE_NORM_PNORM ? pow(fabs(g[j]), c->norm_p) : g[j];
-    if (c->normalize == MOE_NORM_PNORM) nrm = pow(nrm, 1.0 / c->norm_p);
+    if (c->normalize == MOE_NORM_PNORM) nrm = moe__pnorm(g, q, n, c->norm_p);
+    else for (j = 0; j < n; j++) if (q[j]) nrm += g[j];
     den = nrm + c->norm_eps;
     if (!(den > 0.0)) return;                       /* the forward gave zeros */
     for (j = 0; j < n; j++) if (m[j]) a += (double)dw[j] * g[j];
     for (j = 0; j < n; j++) {
         double dden = 0.0, v = m[j] ? r * dw[j] / den : 0.0;
-        if (q[j]) dden = c->normalize == MOE_NORM_PNORM
-                       ? pow(fabs(g[j]), c->norm_p - 1.0) * (g[j] < 0.0f ? -1.0 : 1.0) * pow(nrm, 1.0 - c->norm_p)
-                       : 1.0;
+        /* d||g||_p / dg_j = (|g_j| / ||g||_p)^(p-1) sign(g_j): a ratio <= 1 to a power
+           >= 0, finite for every p >= 1 (|g|^(p-1) * ||g||^(1-p) was 0 * Inf) */
+        if (q[j] && c->normalize == MOE_NORM_PNORM)
+            dden = (nrm > 0.0 ? pow(fabs(g[j]) / nrm, c->norm_p - 1.0) : c->norm_p == 1.0) *
+                   (g[j] < 0.0f ? -1.0 : 1.0);
+        else if (q[j])
+            dden = 1.0;
         dg[j] += v - r * a / (den * den) * dden;
     }
 }
@@ -4952,14 +5020,12 @@ static void moe__ep_aux(const moe_config *c, int32_t Ta, const double *st, moe_i
                 seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] * (st[MOE__EPS_P * E + e] / Ta);
             res->aux_seq = (float)seq;
         } else {
-            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / ((Ta + L - 1) / L));
+            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / (double)moe__ceil_div(Ta, L));
         }
         res->aux_importance = (float)moe__cv_squared(st + MOE__EPS_IMP * E, E);
         res->aux_load = (float)moe__cv_squared(st + MOE__EPS_ROUTED * E, E);
     }
-    res->aux_total = c->balance_coef * res->aux_balance + c->z_loss_coef * res->aux_z +
-                     c->importance_coef * res->aux_importance + c->load_coef * res->aux_load +
-                     c->seq_balance_coef * res->aux_seq;
+    moe__aux_total(c, res);
 }
 
 MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, const moe_ep_plan *plan,

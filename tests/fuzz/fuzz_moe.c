@@ -37,6 +37,11 @@
          when both succeed, agrees with it within ISA_ATOL_REL / ISA_RTOL (see
          below; tokens whose routing differs, e.g. a near-tie flipped by a
          different summation order, are compared on logits only).
+     P7  size-only mode (H_MODE bit 2; size_only): dimensions up to INT32_MAX,
+         nothing allocated. The size queries run without int overflow (UBSan);
+         moe_pack_size equals the packed layout's bytes (SIZE_OVERFLOW exactly
+         when they exceed SIZE_MAX), moe_info_size brackets the documented
+         arrays, and the route, forward and backward workspaces nest.
 
    Builds:
      make fuzz              clang -fsanitize=fuzzer,address,undefined, runs
@@ -112,7 +117,9 @@ enum { F_EXPERT_BIAS = 1, F_ROUTER_BIAS = 2, F_SEL_BIAS = 4, F_SHARED_GATE = 8,
        F_MASK_ZERO = 16, F_NORM_AFTER_DROP = 32, F_TRAINING = 64, F_RECOMPUTE = 128 };
 /* H_FLAGS2 bits */
 enum { F2_FUSED = 1, F2_SCALE = 2 };
-/* value classes (H_MODE & 3): 0-2 finite, 3 special (NaN / Inf / huge) */
+/* value classes (H_MODE & 3): 0-2 finite, 3 special (NaN / Inf / huge).
+   H_MODE bit 2: size-only mode (size_only): dimensions up to INT32_MAX, only
+   the size queries run. */
 enum { VC_SPECIAL = 3 };
 
 /* Tensors, in the order of their fill bytes. */
@@ -407,32 +414,38 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
     }
     c->seed = (uint64_t)h[H_SEED] * 0x9E3779B97F4A7C15ull;
     {   /* float options: in-range values (bounded so OK implies finite in the
-           finite classes) and, at >= 240, invalid ones; the special class adds
-           huge but valid values */
-        static const float p_good[6] = {0.0f, 1.0f, 2.0f, 0.5f, 3.0f, 1.0f}, p_bad[3] = {-1.0f, NAN, INFINITY};
+           finite classes), the largest valid ones (issue 15: norm_p FLT_MAX,
+           coefficients and noise scales 1e6) and, at >= 240, invalid ones:
+           also just past each documented range */
+        static const float p_good[6] = {0.0f, 1.0f, 2.0f, 1000.0f, 3.0f, FLT_MAX};
+        static const float p_bad[5] = {-1.0f, NAN, INFINITY, 0.99999994f, 1e-4f};
         static const float eps_good[5] = {0.0f, 0.0f, 1e-20f, 1e-9f, 1e-6f}, eps_bad[2] = {-1e-9f, NAN};
         static const float thr_good[4] = {0.0f, 0.5f, 0.2f, 1.0f}, thr_bad[2] = {-1.0f, NAN};
-        static const float rs_good[6] = {0.0f, 0.0f, 1.0f, 2.5f, 16.0f, -0.5f}, rs_bad[2] = {INFINITY, NAN};
-        static const float ne_good[4] = {0.0f, 0.01f, 1.0f, 0.0f}, ne_bad[2] = {-1.0f, INFINITY};
+        static const float rs_good[8] = {0.0f, 0.0f, 1.0f, 2.5f, 16.0f, -0.5f, 1e6f, -1e6f};
+        static const float rs_bad[4] = {INFINITY, NAN, 1.0000001e6f, -3e38f};
+        static const float ne_good[5] = {0.0f, 0.01f, 1.0f, 0.0f, 1e6f};
+        static const float ne_bad[3] = {-1.0f, INFINITY, 1.0000001e6f};
         static const float jit_good[5] = {0.0f, 0.0f, 0.01f, 0.5f, 0.99f}, jit_bad[3] = {1.0f, -0.1f, NAN};
-        static const float coef_good[6] = {0.0f, 0.0f, 0.01f, 1e-3f, 1.0f, -1.0f}, coef_bad[2] = {NAN, INFINITY};
+        static const float coef_good[7] = {0.0f, 0.0f, 0.01f, 1e-3f, 1.0f, 1e6f, 100.0f};
+        static const float coef_bad[5] = {NAN, INFINITY, -1.0f, 1.0000001e6f, 3e38f};
         static const float clip_good[5] = {0.0f, 0.0f, 0.1f, 1.0f, 100.0f}, clip_bad[2] = {-1.0f, NAN};
         static const float sc_good[6] = {1.0f, 10.0f, -3.0f, 0.1f, 0.0f, 100.0f};
         static const float sc_special[4] = {NAN, INFINITY, 1e30f, -FLT_MAX};
-        c->norm_p = pickf(h[H_NORMP], p_good, 6, p_bad, 3);
+        c->norm_p = pickf(h[H_NORMP], p_good, 6, p_bad, 5);
         c->norm_eps = pickf(h[H_NORMEPS], eps_good, 5, eps_bad, 2);
         c->second_threshold = pickf(h[H_THR], thr_good, 4, thr_bad, 2);
-        c->routed_scale = pickf(h[H_RSCALE], rs_good, 6, rs_bad, 2);
-        c->noise_epsilon = pickf(h[H_NEPS], ne_good, 4, ne_bad, 2);
+        c->routed_scale = pickf(h[H_RSCALE], rs_good, 8, rs_bad, 4);
+        c->noise_epsilon = pickf(h[H_NEPS], ne_good, 5, ne_bad, 3);
         c->jitter = pickf(h[H_JITTER], jit_good, 5, jit_bad, 3);
-        c->balance_coef = pickf(h[H_BAL], coef_good, 6, coef_bad, 2);
-        c->z_loss_coef = pickf(h[H_Z], coef_good, 6, coef_bad, 2);
-        c->importance_coef = pickf(h[H_IMP], coef_good, 6, coef_bad, 2);
-        c->load_coef = pickf(h[H_LOAD], coef_good, 6, coef_bad, 2);
-        c->seq_balance_coef = pickf(h[H_SEQ], coef_good, 6, coef_bad, 2);
+        c->balance_coef = pickf(h[H_BAL], coef_good, 7, coef_bad, 5);
+        c->z_loss_coef = pickf(h[H_Z], coef_good, 7, coef_bad, 5);
+        c->importance_coef = pickf(h[H_IMP], coef_good, 7, coef_bad, 5);
+        c->load_coef = pickf(h[H_LOAD], coef_good, 7, coef_bad, 5);
+        c->seq_balance_coef = pickf(h[H_SEQ], coef_good, 7, coef_bad, 5);
         c->router_grad_clip = pickf(h[H_CLIP], clip_good, 5, clip_bad, 2);
         k->scale = k->special && h[H_SCALE] >= 200 ? sc_special[h[H_SCALE] % 4] : sc_good[h[H_SCALE] % 6];
-        if (k->special && h[H_RSCALE] >= 200 && h[H_RSCALE] < 240) c->routed_scale = 1e38f; /* valid, overflows */
+        if (k->special && h[H_RSCALE] >= 200 && h[H_RSCALE] < 240)
+            c->routed_scale = 1e6f;   /* the largest valid */
     }
     k->missing = h[H_MISSING] >= 236 ? h[H_MISSING] - 236 : -1;   /* 0..19: a weight pointer set to NULL */
     k->ws_off = h[H_WSOFF] % 64;                                    /* misaligned workspaces */
@@ -441,10 +454,12 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
     k->pack_mode = h[H_PACK] % 8 < 4 ? PK_NONE : h[H_PACK] % 8 == 7 ? PK_BAD : h[H_PACK] % 8 == 6 ? PK_ONLY : PK_GOOD;
     c->pack_bf16 = !!(h[H_PACK] & 16);
     {
-        static const float warm_good[4] = {0.0f, 0.0f, 0.1f, 1.0f}, warm_bad[2] = {-1.0f, NAN};
+        static const float warm_good[5] = {0.0f, 0.0f, 0.1f, 1.0f, 1e6f};
+        static const float warm_bad[3] = {-1.0f, NAN, 1.0000001e6f};
         static const float drop_good[4] = {0.0f, 0.0f, 0.1f, 0.5f}, drop_bad[3] = {1.0f, -0.1f, NAN};
         static const float mn_good[4] = {1e-3f, 1.0f, 1e6f, 0.5f}, mn_bad[3] = {0.0f, -1.0f, NAN};
-        c->router_noise_std = c->routing == MOE_ROUTING_TOPK || h[H_WARM] >= 240 ? pickf(h[H_WARM], warm_good, 4, warm_bad, 2) : 0.0f;
+        c->router_noise_std = c->routing == MOE_ROUTING_TOPK || h[H_WARM] >= 240
+                              ? pickf(h[H_WARM], warm_good, 5, warm_bad, 3) : 0.0f;
         c->expert_dropout = pickf(h[H_DROPOUT], drop_good, 4, drop_bad, 3);
         k->max_norm = pickf(h[H_CLIPNORM], mn_good, 4, mn_bad, 3);
         k->init_scheme = h[H_INIT] >= 240 ? 2 + (h[H_INIT] & 1) * -3 : h[H_INIT] % 2;   /* 2, -1: bad */
@@ -1455,11 +1470,155 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
     fwdres_free(&ref);
 }
 
+/* --- size-only mode (H_MODE bit 2): shapes too large to run ------------------ */
+
+/* A dimension from one byte: small, a power of two, odd near a power of two,
+   or within 63 of INT32_MAX. */
+static int32_t huge_dim(uint8_t b) {
+    switch (b >> 6) {
+    case 0: return 1 + b % 64;
+    case 1: return (int32_t)1 << (10 + b % 21);
+    case 2: return INT32_MAX - (b & 63);
+    default: return ((int32_t)1 << (20 + b % 11)) - 1;
+    }
+}
+
+/* uint64 arithmetic with an overflow flag: the sizes the documented layouts
+   imply, computed without the library's helpers. */
+static uint64_t u64_mul(uint64_t a, uint64_t b, int *over) {
+    if (b != 0 && a > UINT64_MAX / b) *over = 1;
+    return a * b;
+}
+static uint64_t u64_add(uint64_t a, uint64_t b, int *over) {
+    if (a > UINT64_MAX - b) *over = 1;
+    return a + b;
+}
+/* Elements of one FFN's packed panels (moe_pack_weights' layout). */
+static uint64_t pack_ffn_elems(uint64_t D, uint64_t F, uint64_t fc, int *over) {
+    const uint64_t nr = MOE__NR;
+    const uint64_t w13 = u64_mul(u64_mul(F / fc + (F % fc != 0), nr, over), D + (D & 1), over);
+    const uint64_t w2 = u64_mul(u64_mul(D / nr + (D % nr != 0), nr, over), F + (F & 1), over);
+    return u64_add(w13, w2, over);
+}
+
+/* moe_pack_size: OK with exactly the layout's bytes, or SIZE_OVERFLOW exactly
+   when they exceed SIZE_MAX. rc resolved. */
+static void size_check_pack(const moe_config *rc) {
+    const uint64_t fc = is_glu(rc->activation) ? MOE__VL : MOE__NR, es = rc->pack_bf16 ? 2 : 4;
+    int over = 0;
+    uint64_t want = 64, per;
+    size_t got = 0;
+    moe_status st;
+    per = u64_mul(pack_ffn_elems((uint64_t)rc->d_model, (uint64_t)rc->d_ff, fc, &over), es, &over);
+    want = u64_add(want, u64_mul((uint64_t)rc->num_experts, per, &over), &over);
+    if (rc->shared_d_ff > 0) {
+        const uint64_t sh = pack_ffn_elems((uint64_t)rc->d_model, (uint64_t)rc->shared_d_ff, fc,
+                                           &over);
+        want = u64_add(want, u64_mul(sh, es, &over), &over);
+    }
+    if (want > (uint64_t)SIZE_MAX) over = 1;
+    st = moe_pack_size(rc, &got);
+    if (over) REQUIRE(st == MOE_STATUS_SIZE_OVERFLOW);
+    else REQUIRE(st == MOE_STATUS_OK && (uint64_t)got == want);
+}
+
+/* moe_info_size: the documented arrays, each 64-byte aligned (+ 64 bytes of
+   slack for the base): OK within [sum, sum + 64 * (pieces + 1)], or
+   SIZE_OVERFLOW only when that upper end exceeds SIZE_MAX. */
+static void size_check_info(const moe_config *rc, int32_t T) {
+    const uint64_t Tn = (uint64_t)T, E = (uint64_t)rc->num_experts, D = (uint64_t)rc->d_model;
+    const uint64_t F = (uint64_t)rc->d_ff, Fs = (uint64_t)rc->shared_d_ff;
+    const int soft = rc->routing == MOE_ROUTING_SOFT, glu = is_glu(rc->activation);
+    const int cache = rc->training && !rc->recompute;
+    int over = 0, i;
+    uint64_t R, TR, TS, N, Tc, sum = 0, piece[14], hi;
+    size_t got = 0;
+    moe_status st;
+    R = soft ? E * (uint64_t)rc->slots_per_expert : E;
+    TR = u64_mul(Tn, R, &over);
+    TS = u64_mul(Tn, (uint64_t)moe_routing_slots(rc), &over);
+    N = cache ? (uint64_t)cache_rows(rc, T) : 0;
+    Tc = cache ? Tn : 0;
+    piece[0] = piece[1] = u64_mul(TR, 4, &over); piece[2] = soft ? piece[0] : 0;
+    piece[3] = piece[4] = u64_mul(TS, 4, &over); piece[5] = TS;
+    piece[6] = piece[7] = E * 4;
+    piece[8] = u64_mul(u64_mul(N, F, &over), 4, &over); piece[9] = glu ? piece[8] : 0;
+    piece[10] = u64_mul(u64_mul(N, D, &over), 4, &over);
+    piece[11] = u64_mul(u64_mul(Tc, Fs, &over), 4, &over); piece[12] = glu ? piece[11] : 0;
+    piece[13] = Fs ? u64_mul(u64_mul(Tc, D, &over), 4, &over) : 0;
+    for (i = 0; i < 14; i++) sum = u64_add(sum, piece[i], &over);
+    hi = u64_add(sum, 64 * 15, &over);
+    if (hi > (uint64_t)SIZE_MAX) over = 1;
+    st = moe_info_size(rc, T, &got);
+    if (st == MOE_STATUS_OK) REQUIRE(!over || sum <= (uint64_t)SIZE_MAX);
+    if (st == MOE_STATUS_OK) REQUIRE((uint64_t)got >= sum && (uint64_t)got <= hi);
+    else REQUIRE(st == MOE_STATUS_SIZE_OVERFLOW && over);
+}
+
+/* Huge dimensions (up to INT32_MAX): the size queries run without int
+   overflow (UBSan), agree with the layouts where those are documented, and
+   the workspaces nest: route <= forward <= backward. Nothing is allocated. */
+static void size_only(const uint8_t *data, size_t size) {
+    uint8_t h[H_COUNT];
+    moe_config c, rc;
+    int32_t T;
+    size_t wr = 0, wf = 0, wb = 0;
+    moe_status sr, sf, sb;
+    memset(h, 0, sizeof h);
+    memcpy(h, data, size < H_COUNT ? size : H_COUNT);
+    memset(&c, 0, sizeof c);
+    c.num_experts = h[H_E] < 128 ? 1 + h[H_E] % MAX_E : huge_dim(h[H_E]);
+    c.d_model = huge_dim(h[H_D]);
+    c.d_ff = huge_dim(h[H_F]);
+    c.shared_d_ff = h[H_FS] < 160 ? 0 : huge_dim(h[H_FS]);
+    c.routing = (moe_routing)(h[H_ROUTING] % 4);
+    c.top_k = 1 + h[H_K] % (c.num_experts < 8 ? c.num_experts : 8);
+    c.activation = (moe_activation)(h[H_ACT] % 7);
+    c.slots_per_expert = 1 + h[H_P] % MAX_P;
+    if (c.routing == MOE_ROUTING_EXPERT_CHOICE) {
+        c.capacity = h[H_CAP] < 128 ? 0 : huge_dim(h[H_CAP]);
+        c.capacity_factor = c.capacity ? 0.0f : 2.0f;
+    } else if (c.routing == MOE_ROUTING_TOPK && (h[H_CF] & 1)) {
+        c.capacity_factor = 1.25f;
+    }
+    c.noise = (moe_noise)(c.routing == MOE_ROUTING_TOPK && (h[H_NOISE] & 1));
+    c.training = !!(h[H_FLAGS] & F_TRAINING);
+    c.recompute = !!(h[H_FLAGS] & F_RECOMPUTE);
+    c.pack_bf16 = !!(h[H_PACK] & 16);
+    c.isa = (h[H_ISA] & 1) ? MOE_ISA_REFERENCE : MOE_ISA_AUTO;
+    T = h[H_T] < 128 ? h[H_T] % (MAX_T + 1) : huge_dim(h[H_T]);
+    if (g_verbose)
+        printf("  size-only: T=%d E=%d K=%d D=%d F=%d Fs=%d routing=%d\n", (int)T,
+               (int)c.num_experts, (int)c.top_k, (int)c.d_model, (int)c.d_ff, (int)c.shared_d_ff,
+               (int)c.routing);
+    if (moe_config_resolve(&c, &rc) != MOE_STATUS_OK) return;   /* e.g. E * P > INT32_MAX */
+    size_check_pack(&rc);
+    size_check_info(&rc, T);
+    sr = moe_route_workspace_size(&rc, T, &wr);
+    sf = moe_forward_workspace_size(&rc, T, &wf);
+    sb = moe_backward_workspace_size(&rc, T, &wb);
+    REQUIRE(sr == MOE_STATUS_OK || sr == MOE_STATUS_SIZE_OVERFLOW);
+    REQUIRE(sf == MOE_STATUS_OK || sf == MOE_STATUS_SIZE_OVERFLOW);
+    REQUIRE(sb == MOE_STATUS_OK || sb == MOE_STATUS_SIZE_OVERFLOW);
+    if (sf == MOE_STATUS_OK) REQUIRE(sr == MOE_STATUS_OK && wr <= wf);
+    if (sb == MOE_STATUS_OK) REQUIRE(sf == MOE_STATUS_OK && wf <= wb);
+    if (sr == MOE_STATUS_OK) {   /* the scores [T][R] live in every workspace */
+        const uint64_t R = rc.routing == MOE_ROUTING_SOFT ?
+                           (uint64_t)rc.num_experts * (uint64_t)rc.slots_per_expert :
+                           (uint64_t)rc.num_experts;
+        REQUIRE((uint64_t)wr >= (uint64_t)T * R * 4);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fcase k;
     moe_config rc;
     moe_status st;
+    if (size > H_MODE && (data[H_MODE] & 4)) {   /* size-only mode: nothing to run */
+        size_only(data, size);
+        return 0;
+    }
     decode(&k, data, size);
     g_case = &k;
 
@@ -1657,6 +1816,37 @@ static int make_seeds(const char *dir) {
     s.h[H_NOISE] = 1; s.h[H_LOAD] = 4; s.h[H_FLAGS] = F_TRAINING;
     s.fills[2 * X_X] = 1; s.fills[2 * X_X + 1] = 4 << 2;             /* x = 4             */
     s.fills[2 * X_RNOISE] = 1; s.fills[2 * X_RNOISE + 1] = 5 << 2;   /* router_noise = -4 */
+    bad |= write_seed(dir, &s);
+    /* size-only mode: d_model, d_ff, both, and E, T near INT32_MAX (issue 15) */
+    seed_base(&s, "size_d_model_int32_max", 4, 4, 2, 1, 8);
+    s.h[H_MODE] = 4; s.h[H_D] = 128 + 3; s.h[H_F] = 7; s.h[H_FLAGS] = F_TRAINING;
+    bad |= write_seed(dir, &s);
+    seed_base(&s, "size_d_ff_int32_max_bf16", 4, 4, 2, 8, 1);
+    s.h[H_MODE] = 4; s.h[H_D] = 5; s.h[H_F] = 128; s.h[H_FS] = 128 + 41; s.h[H_PACK] = 16;
+    s.h[H_ACT] = 3;
+    bad |= write_seed(dir, &s);
+    seed_base(&s, "size_all_huge", 4, 4, 2, 8, 8);
+    s.h[H_MODE] = 4; s.h[H_D] = 128 + 1; s.h[H_F] = 128 + 2; s.h[H_E] = 128 + 64 + 5;
+    s.h[H_T] = 128 + 64 + 10; s.h[H_FLAGS] = F_TRAINING; s.h[H_ROUTING] = 2;
+    bad |= write_seed(dir, &s);
+    seed_base(&s, "size_expert_choice_huge_t", 4, 4, 2, 8, 8);
+    s.h[H_MODE] = 4; s.h[H_T] = 128 + 2; s.h[H_ROUTING] = 1; s.h[H_CAP] = 128 + 7;
+    s.h[H_F] = 64 + 20; s.h[H_FLAGS] = F_TRAINING;
+    bad |= write_seed(dir, &s);
+    /* option ranges (issue 15): the largest valid values must stay finite
+       (p-norm p = 1000 once gave NaN gradients), and values just past them
+       are BAD_OPTION (a balance coefficient of 3e38 once made aux_total Inf) */
+    seed_base(&s, "limits_largest_options", 12, 4, 2, 6, 5);
+    s.h[H_FLAGS] = F_TRAINING; s.h[H_NORM] = 2; s.h[H_NORMP] = 3; s.h[H_RSCALE] = 6;
+    s.h[H_BAL] = 5; s.h[H_Z] = 5; s.h[H_IMP] = 5; s.h[H_LOAD] = 5; s.h[H_SEQ] = 5;
+    s.h[H_SEQLEN] = 6;
+    s.h[H_NOISE] = 1; s.h[H_NEPS] = 4; s.h[H_WARM] = 4;
+    bad |= write_seed(dir, &s);
+    seed_base(&s, "limits_pnorm_flt_max", 12, 4, 3, 6, 5);
+    s.h[H_FLAGS] = F_TRAINING; s.h[H_NORM] = 2; s.h[H_NORMP] = 5; s.h[H_SCORE] = 1; s.h[H_BAL] = 5;
+    bad |= write_seed(dir, &s);
+    seed_base(&s, "limits_coef_3e38", 12, 4, 2, 6, 5);
+    s.h[H_FLAGS] = F_TRAINING; s.h[H_BAL] = 244;
     bad |= write_seed(dir, &s);
     /* bad input: unknown enum, NULL weight, K > E */
     seed_base(&s, "bad_enum", 4, 4, 2, 4, 4);
