@@ -1850,8 +1850,8 @@ static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F)
 // Config: validation, defaults, presets
 
 static int moe__bad_float(float v, float lo) { return !moe__isfinite(v) || v < lo; }
-/* Documented ranges of float options (issue 15: larger finite values gave
-   NaN gradients with status OK). Generous: published models use <= 16.   */
+/* Documented ranges of float options (larger finite values gave NaN
+   gradients with status OK). Generous: published models use <= 16.   */
 #define MOE__COEF_MAX 1e6f     /* aux-loss coefficients, noise scales, |routed_scale| */
 static int moe__out_of(float v, float lo, float hi) { return !(v >= lo && v <= hi); }
 
@@ -2637,7 +2637,7 @@ static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
 /* aux_total = sum of coef * value. A loss switched off (coef 0) adds nothing,
    even an overflowed one (0 * Inf is NaN; aux_z overflows for logits ~1e20).
    moe__route and the expert-parallel moe__ep_aux both form it here, so the
-   two paths cannot drift apart again (issue 15).                          */
+   two paths cannot drift apart again.                                     */
 static void moe__aux_total(const moe_config *c, moe_info *res) {
     const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef,
                            c->seq_balance_coef};
@@ -2844,7 +2844,7 @@ typedef struct moe__pack_geom {
 
 static moe__pack_geom moe__pack_geometry(const moe_config *c, int32_t F) {
     moe__pack_geom g;
-    /* sizes in size_t: F or d_model near INT32_MAX overflowed int (issue 15) */
+    /* sizes in size_t: F or d_model near INT32_MAX overflowed int */
     const size_t fc = moe__act_is_glu(c->activation) ? MOE__VL : MOE__NR;
     const size_t f = (size_t)(F > 0 ? F : 0), d = (size_t)(c->d_model > 0 ? c->d_model : 0);
     const size_t p1 = f / fc + (f % fc != 0), p2 = d / MOE__NR + (d % MOE__NR != 0);
