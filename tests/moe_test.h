@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
 
 typedef void (*moe_test_fn)(void);
 void moe_test_register(const char *suite, const char *name, moe_test_fn fn);
@@ -41,6 +42,11 @@ void moe_test_skip(const char *why);
 void moe_test_check_array(const char *file, int line, const char *what, const float *got,
                           const double *want, size_t n, double atol, double rtol);
 #define SKIP(why) do { moe_test_skip(why); return; } while (0)
+
+/* Test data from a 64-bit LCG, one stream per state variable: uniform in
+   [-1, 1), and n such values times scale in a malloc'd array.            */
+float moe_test_rand(uint64_t *state);
+float *moe_test_fill(uint64_t *state, size_t n, float scale);
 
 /* Tolerances for comparisons against ROUTING_SPEC's float64 numbers, printed
    to 6 decimals: fp32 agrees to ~1e-6 absolute / 1e-5 relative (spec header). */

@@ -9,16 +9,9 @@
 #include <stdint.h>
 
 static uint64_t ep_rng = 1;
-static float ep_rand(void) {   /* uniform in [-1, 1) */
-    ep_rng = ep_rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((ep_rng >> 40) * (1.0 / 8388608.0)) - 1.0f;
-}
-static float *ep_fill(size_t n, float scale) {
-    float *a = (float *)malloc((n ? n : 1) * sizeof(float));
-    size_t i;
-    for (i = 0; i < n; i++) a[i] = scale * ep_rand();
-    return a;
-}
+static float ep_router_amp = 0.5f;   /* router weights uniform(-amp, amp) in ep_check */
+static float ep_rand(void) { return moe_test_rand(&ep_rng); }
+static float *ep_fill(size_t n, float scale) { return moe_test_fill(&ep_rng, n, scale); }
 static float *ep_zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
 
 /* All-to-all-v of items of `width` bytes: cnt[a*P + b] items go from a to b;
@@ -42,6 +35,15 @@ typedef struct ep_layer {
 } ep_layer;
 
 static int same(const void *a, const void *b, size_t n) { return n == 0 || memcmp(a, b, n) == 0; }
+static int finite(const float *a, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) if (!(a[i] - a[i] == 0.0f)) return 0;
+    return 1;
+}
+/* aux values rebuilt from double sums in another order: float rounding, or
+   the same infinity (aux_z overflows for logits ~1e20) */
+#define CHECK_AUX(got, want) \
+    do { if ((got) != (want)) CHECK_NEAR(got, want, 1e-7, 1e-6); } while (0)
 
 /* Run cfg (training) on T tokens in one process and on P simulated ranks;
    check everything. fused: HF gate_up layout. cache: owners keep activations. */
@@ -74,7 +76,7 @@ static void ep_check(const moe_config *cfg_in, int32_t T, int32_t P, int fused, 
     cfg.isa = MOE_ISA_REFERENCE;
     ep_rng = 12345 + (uint64_t)T * 7 + (uint64_t)P;
     memset(&l, 0, sizeof l);
-    l.router = ep_fill((size_t)E * D, 0.5f);
+    l.router = ep_fill((size_t)E * D, ep_router_amp);
     l.router_bias = ep_fill((size_t)E, 0.1f);
     l.sel_bias = ep_fill((size_t)E, 0.05f);
     l.gate = ep_fill((size_t)E * gsz, 0.3f);
@@ -211,6 +213,8 @@ static void ep_check(const moe_config *cfg_in, int32_t T, int32_t P, int fused, 
     }
 
     /* bitwise: outputs, routing, gradients; aux values to float rounding */
+    CHECK(finite(&info.aux_total, 1) && finite(y, (size_t)T * D) && finite(dx, (size_t)T * D));
+    CHECK(finite(g.router, (size_t)E * D) && finite(g.gate, (size_t)E * gsz));
     CHECK(same(y, ye, (size_t)T * D * sizeof(float)));
     CHECK(same(dx, dxe, (size_t)T * D * sizeof(float)));
     for (r = 0; r < P; r++) {
@@ -218,10 +222,12 @@ static void ep_check(const moe_config *cfg_in, int32_t T, int32_t P, int fused, 
         CHECK(same(info.expert + p0, einfo[r].expert, n * sizeof(int32_t)));
         CHECK(same(info.weight + p0, einfo[r].weight, n * sizeof(float)));
         CHECK(same(info.dropped + p0, einfo[r].dropped, n));
-        CHECK_NEAR(einfo[r].aux_total, info.aux_total, 1e-7, 1e-6);
-        CHECK_NEAR(einfo[r].aux_balance, info.aux_balance, 1e-7, 1e-6);
-        CHECK_NEAR(einfo[r].aux_z, info.aux_z, 1e-7, 1e-6);
-        CHECK_NEAR(einfo[r].aux_seq, info.aux_seq, 1e-7, 1e-6);
+        CHECK_AUX(einfo[r].aux_total, info.aux_total);
+        CHECK_AUX(einfo[r].aux_balance, info.aux_balance);
+        CHECK_AUX(einfo[r].aux_z, info.aux_z);
+        CHECK_AUX(einfo[r].aux_importance, info.aux_importance);
+        CHECK_AUX(einfo[r].aux_load, info.aux_load);
+        CHECK_AUX(einfo[r].aux_seq, info.aux_seq);
         CHECK_INT(einfo[r].capacity, info.capacity);
     }
     for (q = 0; q < E; q++) CHECK_INT((int64_t)stats_sum[q], info.expert_routed[q]);
@@ -313,6 +319,21 @@ TEST(ep, bitwise_training_extras) {     /* expert dropout, warm-up noise, biases
     ep_check(&c, 21, 4, 1, 0);
     c.activation = MOE_ACT_GELU;
     ep_check(&c, 21, 2, 0, 1);
+}
+
+/* Router logits ~1e20 (LSE^2 overflows float: aux_z = Inf) with z_loss_coef
+   0: moe_forward's aux_total skips the unused z-loss, and so must
+   moe_ep_combine (0.3.1 added 0 * Inf = NaN there); y, dx and the gradients
+   stay finite and bitwise the one process's. */
+TEST(ep, aux_total_huge_logits) {
+    moe_config c = ep_small(moe_preset_mixtral(), 4, 2);   /* softmax top-2, balance 0.02 */
+    ep_router_amp = 1e20f;
+    ep_check(&c, 10, 2, 0, 0);
+    c.importance_coef = 0.01f; c.load_coef = 0.01f; c.seq_balance_coef = 0.01f;
+    ep_check(&c, 10, 2, 0, 0);
+    c.score = MOE_SCORE_SIGMOID;
+    ep_check(&c, 10, 2, 0, 0);
+    ep_router_amp = 0.5f;
 }
 
 /* Fixture for the argument tests: E 4, K 2, D 4, F 4, T 6 on 2 ranks. */

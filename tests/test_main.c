@@ -29,6 +29,17 @@ void moe_test_fail(const char *file, int line, const char *fmt, ...) {
     fputc('\n', stderr);
 }
 
+float moe_test_rand(uint64_t *state) {
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((*state >> 40) * (1.0 / 8388608.0)) - 1.0f;
+}
+float *moe_test_fill(uint64_t *state, size_t n, float scale) {
+    float *a = (float *)malloc((n ? n : 1) * sizeof(float));
+    size_t i;
+    for (i = 0; i < n; i++) a[i] = scale * moe_test_rand(state);
+    return a;
+}
+
 void moe_test_skip(const char *why) { current_skipped = 1; printf("  skipped: %s\n", why); }
 
 void moe_test_check_array(const char *file, int line, const char *what, const float *got,
