@@ -595,7 +595,9 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
    the raw noise logits x.W_noise^T [T][E], else NULL): scores, selection,
    capacity, weights and aux losses into info. For Soft MoE the logits are
    the slot logits. The logits already include any router bias; w is read
-   only for selection_bias and may be NULL when the config does not use it. */
+   only for selection_bias and may be NULL when the config does not use it.
+   T = 0 needs no workspace; an info array or the workspace overlapping
+   another buffer of the call is MOE_STATUS_ALIASING.                     */
 MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens,
                                            size_t *out_bytes);
 MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
@@ -676,7 +678,8 @@ MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w
    one-process moe_forward / moe_backward; router gradients are too when the
    ranks' partial sums are chained in rank order (rank r adds its tokens onto
    rank r-1's result); aux-loss values agree to float rounding (the stats
-   are double sums in another order).                                      */
+   are double sums in another order). No call has an in-place form: an
+   output overlapping any other buffer of the call is MOE_STATUS_ALIASING. */
 typedef struct moe_ep_plan {
     int32_t num_ranks;        /* P >= 1, must divide num_experts              */
     int32_t rank;             /* this rank, 0 <= rank < P                     */
