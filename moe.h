@@ -4883,11 +4883,18 @@ static int64_t moe__ep_send_index(const moe_config *c, const moe_ep_plan *pl, co
 
 /* Source-side workspace: the routing scratch of moe__plan for T_r tokens,
    then logits, router input, the send index and the router backward's pieces. */
-/* Pairs a rank sends (those not rejected by random routing): n_send. */
+/* Pairs a rank sends (those not rejected by random routing): n_send.
+   Counted in int32 runs: clang 14 -O3 -mavx512f crashes vectorising a
+   size_t count of bytes (as in moe_ep_pack_backward).                    */
 static size_t moe__ep_sent(const moe_config *c, const moe_ep_plan *pl, const moe_info *info) {
     const size_t n = (size_t)pl->local_tokens * (size_t)c->top_k;
-    size_t p, s = 0;
-    for (p = 0; p < n; p++) s += info->dropped[p] != MOE__REJECTED;
+    size_t p = 0, s = 0;
+    while (p < n) {
+        const size_t end = n - p > (size_t)INT32_MAX ? p + (size_t)INT32_MAX : n;
+        int32_t k = 0;
+        for (; p < end; p++) k += info->dropped[p] != MOE__REJECTED;
+        s += (size_t)k;
+    }
     return s;
 }
 
