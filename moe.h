@@ -4178,7 +4178,7 @@ static void moe__normalize_backward(const moe_config *c, const float *g, const u
     if (!(den > 0.0)) return;                       /* the forward gave zeros */
     for (j = 0; j < n; j++) if (m[j]) a += (double)dw[j] * g[j];
     for (j = 0; j < n; j++) {
-        double dden = 0.0, v = m[j] ? r * dw[j] / den : 0.0;
+        double dden = 0.0;
         /* d||g||_p / dg_j = (|g_j| / ||g||_p)^(p-1) sign(g_j): a ratio <= 1 to a power
            >= 0, finite for every p >= 1 (|g|^(p-1) * ||g||^(1-p) was 0 * Inf) */
         if (q[j] && c->normalize == MOE_NORM_PNORM)
@@ -4186,7 +4186,11 @@ static void moe__normalize_backward(const moe_config *c, const float *g, const u
                    (g[j] < 0.0f ? -1.0 : 1.0);
         else if (q[j])
             dden = 1.0;
-        dg[j] += v - r * a / (den * den) * dden;
+        /* r / den (dw_j - a / den dden_j): with one expert selected (and no eps)
+           a / den is dw_j exactly, so the gate gets exactly the 0 it has in
+           exact arithmetic, on every ISA (r dw / den - r a / den^2 left a
+           rounding residue that grew with routed_scale) */
+        dg[j] += r / den * ((m[j] ? (double)dw[j] : 0.0) - a / den * dden);
     }
 }
 
