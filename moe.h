@@ -924,7 +924,7 @@ static float moe__act(moe_activation act, float v) {
     case MOE_ACT_SWIGLU: case MOE_ACT_SILU:          return v * moe__sigmoid(v);
     case MOE_ACT_GEGLU:  case MOE_ACT_GELU:          return moe__gelu_erf(v);
     case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: return moe__gelu_tanh(v);
-    default:                                         return v > 0.0f ? v : 0.0f; /* RELU */
+    default:                             return v > 0.0f || v != v ? v : 0.0f; /* RELU, NaN kept */
     }
 }
 /* act'(v), ROUTING_SPEC 12:  SiLU' = s(1 + v(1 - s)) with s = sigmoid(v);

@@ -910,6 +910,30 @@ TEST(misuse, nonfinite_expert_weight_propagates) {
     CHECK(guards_ok(&o, FT * FD, FT * FE, FT * FE, FE));
 }
 
+/* ... and through every activation: a NaN pre-activation gives a NaN y, as
+   torch.relu(NaN) is NaN (ReLU once wrote 0 for it: a finite y, status OK). */
+TEST(misuse, nonfinite_preactivation_propagates) {
+    fixture *f = fx();
+    moe_config c = base(MOE_ROUTING_DENSE);
+    moe_weights w = f->w;
+    float gate[FE * FF * FD];
+    static outbuf o;
+    int e, a, i;
+    memcpy(gate, f->gate, sizeof gate);
+    for (e = 0; e < FE; e++)   /* row f = 0 of every expert: h_0 = NaN for every token */
+        for (i = 0; i < FD; i++) gate[(size_t)e * FF * FD + (size_t)i] = NAN;
+    w.gate = gate;
+    for (a = 0; a <= (int)MOE_ACT_SILU; a++) {
+        int nan_elems = 0;
+        c.activation = (moe_activation)a;
+        arm(&o, 0);
+        CHECK_STATUS(fwd(&c, &w, f->x, FT, o.y + GUARD, &o.info), MOE_STATUS_OK);
+        for (i = 0; i < FT * FD; i++) nan_elems += o.y[GUARD + i] != o.y[GUARD + i];
+        CHECK_INT(nan_elems, FT * FD);
+        CHECK(guards_ok(&o, FT * FD, FT * FE, FT * FE, FE));
+    }
+}
+
 /* --- moe_route ---------------------------------------------------------------- */
 
 /* NULL cfg / info / logits (T > 0) / noise logits (training Shazeer) /
