@@ -411,3 +411,32 @@ $(BUILD)/test_big: tests/big/test_big.c moe.h | $(BUILD)
 test-big: $(BUILD)/test_big
 	@if [ -x /usr/bin/time ]; then /usr/bin/time -f "test-big: %e s, peak RSS %M KiB" ./$(BUILD)/test_big; \
 	else ./$(BUILD)/test_big; fi
+
+# --- CUDA device code (issue 16) ---
+# test-cuda-emu   tests/cuda_emu/test_emu.cu built with g++ against the CUDA
+#                 emulator (tests/cuda_emu/cuda_emu.h): the hand-written fiber
+#                 switch, the ucontext one, and the first under ASan + UBSan
+# cuda            the same source through nvcc for $(CUDA_ARCHS): spills, local
+#                 memory or warnings fail; resources per kernel printed; the
+#                 binary runs (SKIP without a GPU)
+CUDA_ARCHS := sm_80 sm_90a
+EMU_TEST   := tests/cuda_emu/test_emu.cu
+EMU_DEPS   := $(EMU_TEST) tests/cuda_emu/cuda_emu.h tests/cuda_emu/emu_ops.cuh
+EMU_CXX    := $(CXX) -std=c++17 $(WARN) -O1 -g -x c++ -DCUDA_EMU -Itests/cuda_emu
+.PHONY: test-cuda-emu cuda
+
+$(BUILD)/test_cuda_emu: $(EMU_DEPS) | $(BUILD)
+	$(EMU_CXX) -o $@ $(EMU_TEST)
+$(BUILD)/test_cuda_emu_ucontext: $(EMU_DEPS) | $(BUILD)
+	$(EMU_CXX) -DCUDA_EMU_UCONTEXT -o $@ $(EMU_TEST)
+$(BUILD)/test_cuda_emu_san: $(EMU_DEPS) | $(BUILD)
+	$(EMU_CXX) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $(EMU_TEST)
+
+test-cuda-emu: $(BUILD)/test_cuda_emu $(BUILD)/test_cuda_emu_ucontext $(BUILD)/test_cuda_emu_san
+	tests/run_suites.sh ../$(BUILD)/test_cuda_emu ../$(BUILD)/test_cuda_emu_ucontext \
+	    ../$(BUILD)/test_cuda_emu_san
+
+cuda: | $(BUILD)
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	    tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/test_cuda $(EMU_TEST) $(CUDA_ARCHS); \
+	else echo "nvcc not found: make cuda skipped"; fi
