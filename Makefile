@@ -418,7 +418,8 @@ test-big: $(BUILD)/test_big
 #                 switch, the ucontext one, and the first under ASan + UBSan
 # cuda            the same source through nvcc for $(CUDA_ARCHS): spills, local
 #                 memory or warnings fail; resources per kernel printed; the
-#                 binary runs (SKIP without a GPU)
+#                 SASS holds HMMA / LDSM / LDGSTS (cuobjdump, PyPI wheels in CI);
+#                 the binary runs (SKIP without a GPU)
 CUDA_ARCHS := sm_80 sm_90a
 EMU_TEST   := tests/cuda_emu/test_emu.cu
 EMU_DEPS   := $(EMU_TEST) tests/cuda_emu/cuda_emu.h tests/cuda_emu/emu_ops.cuh
@@ -438,5 +439,6 @@ test-cuda-emu: $(BUILD)/test_cuda_emu $(BUILD)/test_cuda_emu_ucontext $(BUILD)/t
 
 cuda: | $(BUILD)
 	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDSM.16.MT88.2 LDGSTS.E.BYPASS.128" \
 	    tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/test_cuda $(EMU_TEST) $(CUDA_ARCHS); \
 	else echo "nvcc not found: make cuda skipped"; fi

@@ -130,6 +130,16 @@ static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
 static inline void __threadfence() {}   /* memory-model effects are out of reach */
+/* Integer atomics only (fibers never preempt each other, so a plain update is
+   atomic here). There is no float atomicAdd: its sum depends on arrival
+   order, and the kernels must be deterministic. */
+static inline int atomicAdd(int *p, int v) { const int old = *p; *p = old + v; return old; }
+static inline unsigned atomicAdd(unsigned *p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+static inline int atomicMax(int *p, int v) { const int old = *p; if (v > old) *p = v; return old; }
 
 namespace cuda_emu {
 
@@ -572,7 +582,8 @@ static inline T shfl_idx(const char *file, int line, unsigned mask, T v, int src
     return shfl("__shfl_sync", file, line, mask, v, src, width, SHFL_IDX);
 }
 template <class T>
-static inline T shfl_up(const char *file, int line, unsigned mask, T v, unsigned d, int width = 32) {
+static inline T shfl_up(const char *file, int line, unsigned mask, T v, unsigned d,
+                        int width = 32) {
     return shfl("__shfl_up_sync", file, line, mask, v, (int)d, width, SHFL_UP);
 }
 template <class T>
@@ -637,7 +648,8 @@ static inline void finish_mma(warp_op &op, fiber **lanes) {
             B[2 * t + 8 * r][g] = bf16_lo(op.in[l][4 + r]);
             B[2 * t + 8 * r + 1][g] = bf16_hi(op.in[l][4 + r]);
         }
-        for (int r = 0; r < 4; r++) C[g + 8 * (r >> 1)][2 * t + (r & 1)] = __uint_as_float(op.in[l][6 + r]);
+        for (int r = 0; r < 4; r++)
+            C[g + 8 * (r >> 1)][2 * t + (r & 1)] = __uint_as_float(op.in[l][6 + r]);
     }
     for (int l = 0; l < 32; l++) {
         const int g = l >> 2, t = l & 3;
@@ -670,9 +682,11 @@ static inline void finish_ldmatrix(warp_op &op, fiber **lanes) {
     for (int j = 0; j < nmat; j++)
         for (int r = 0; r < 8; r++) {
             const unsigned char *p = (const unsigned char *)op.addr[8 * j + r];
-            if (((uintptr_t)p & 15) || p < L->smem.data() || p + 16 > L->smem.data() + L->smem.size()) {
-                fail_for(lanes[8 * j + r], op.file, op.line, "ldmatrix: lane %d's row address %p is not a 16-byte "
-                     "aligned row inside dynamic shared memory", 8 * j + r, (const void *)p);
+            const unsigned char *lo = L->smem.data(), *hi = lo + L->smem.size();
+            if (((uintptr_t)p & 15) || p < lo || p + 16 > hi) {
+                fail_for(lanes[8 * j + r], op.file, op.line,
+                         "ldmatrix: lane %d's row address %p is not a 16-byte "
+                         "aligned row inside dynamic shared memory", 8 * j + r, (const void *)p);
             }
         }
     for (int l = 0; l < 32; l++)
@@ -817,7 +831,8 @@ static inline cudaError_t launch(const char *name, void (*kernel)(P...), dim3 gr
     if (smem > smem_max) {
         e.last = cudaErrorInvalidValue;
         e.last_message = std::string(name) + ": " + std::to_string(smem) +
-                         " bytes of dynamic shared memory, the limit is " + std::to_string(smem_max);
+                         " bytes of dynamic shared memory, the limit is " +
+                         std::to_string(smem_max);
         return e.last;
     }
     launch_state L;
@@ -848,7 +863,8 @@ static inline cudaError_t launch(const char *name, void (*kernel)(P...), dim3 gr
     for (unsigned long b = 0; b < nblocks; b++) blocks[b] = b;
     if (current_schedule().release == REVERSE) std::reverse(blocks.begin(), blocks.end());
     if (current_schedule().release == RANDOM)
-        for (size_t i = blocks.size(); i > 1; i--) std::swap(blocks[i - 1], blocks[next_random(L.rng) % i]);
+        for (size_t i = blocks.size(); i > 1; i--)
+            std::swap(blocks[i - 1], blocks[next_random(L.rng) % i]);
     e.launch = &L;
     for (unsigned long b : blocks) {
         L.block_idx.x = (unsigned)(b % grid.x);
@@ -875,7 +891,9 @@ static inline launch_state &in_launch(const char *what) {
     }
     return *emu().launch;
 }
-static inline unsigned char *dynamic_smem() { return in_launch("dynamic shared memory").smem.data(); }
+static inline unsigned char *dynamic_smem() {
+    return in_launch("dynamic shared memory").smem.data();
+}
 
 }  // namespace cuda_emu
 
@@ -894,9 +912,12 @@ static inline unsigned char *dynamic_smem() { return in_launch("dynamic shared m
 #define __shfl_down_sync(m, ...) ::cuda_emu::shfl_down(__FILE__, __LINE__, (m), __VA_ARGS__)
 #define __shfl_xor_sync(m, ...) ::cuda_emu::shfl_xor(__FILE__, __LINE__, (m), __VA_ARGS__)
 #define __ballot_sync(m, p) ::cuda_emu::ballot(__FILE__, __LINE__, (m), (p))
-#define __reduce_add_sync(m, v) ::cuda_emu::reduce("__reduce_add_sync", __FILE__, __LINE__, (m), (uint32_t)(v), 0)
-#define __reduce_min_sync(m, v) ::cuda_emu::reduce("__reduce_min_sync", __FILE__, __LINE__, (m), (uint32_t)(v), 1)
-#define __reduce_max_sync(m, v) ::cuda_emu::reduce("__reduce_max_sync", __FILE__, __LINE__, (m), (uint32_t)(v), 2)
+#define __reduce_add_sync(m, v) \
+    ::cuda_emu::reduce("__reduce_add_sync", __FILE__, __LINE__, (m), (uint32_t)(v), 0)
+#define __reduce_min_sync(m, v) \
+    ::cuda_emu::reduce("__reduce_min_sync", __FILE__, __LINE__, (m), (uint32_t)(v), 1)
+#define __reduce_max_sync(m, v) \
+    ::cuda_emu::reduce("__reduce_max_sync", __FILE__, __LINE__, (m), (uint32_t)(v), 2)
 
 /* <<<grid, block, smem, stream>>> (nvcc) as a call; returns the launch's cudaError_t */
 #define CUDA_EMU_LAUNCH(kernel, grid, block, smem, stream, ...) \

@@ -3,10 +3,17 @@
 # ptxas's resource report; fail on any spill, local memory or warning, print
 # registers / shared memory / stack per kernel, then run the binary (it prints
 # SKIP where no GPU answers).
-# Usage: tests/cuda_emu/nvcc_check.sh NVCC OUT_PREFIX SOURCE ARCH...
+# With cuobjdump (PATH, or the PyPI wheels nvidia-cuda-cuobjdump and
+# nvidia-cuda-nvdisasm), each SASS instruction named in SASS_EXPECT must be in
+# every build: the PTX wrappers became the tensor-core and async-copy ops.
+# Usage: [SASS_EXPECT="HMMA... LDSM..."] tests/cuda_emu/nvcc_check.sh NVCC OUT_PREFIX SOURCE ARCH...
 set -u
 nvcc=$1 out=$2 src=$3; shift 3
 status=0
+if ! command -v cuobjdump >/dev/null 2>&1; then
+    wheel_bin=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "bin"))' 2>/dev/null)
+    [ -n "$wheel_bin" ] && [ -x "$wheel_bin/cuobjdump" ] && PATH="$wheel_bin:$PATH"
+fi
 for arch in "$@"; do
     log="$out-$arch.ptxas.log"
     if ! "$nvcc" -std=c++17 -O3 -arch="$arch" -lineinfo -Itests/cuda_emu \
@@ -25,6 +32,16 @@ for arch in "$@"; do
     if grep -Eiq 'warning|[1-9][0-9]* bytes spill|[1-9][0-9]* bytes lmem' "$log"; then
         grep -Ei 'warning|bytes spill|lmem' "$log" | grep -Ev ' 0 bytes spill stores, 0 bytes spill loads'
         echo "cuda: spills, local memory or warnings for $arch"; status=1
+    fi
+    if [ -n "${SASS_EXPECT:-}" ] && [ -x "$out-$arch" ]; then
+        if command -v cuobjdump >/dev/null 2>&1; then
+            sass=$(cuobjdump -sass "$out-$arch" 2>&1)
+            for op in $SASS_EXPECT; do
+                n=$(grep -c -- "$op" <<< "$sass")
+                if [ "$n" -gt 0 ]; then echo "  $arch: $op x $n in the SASS"
+                else echo "cuda: no $op in the $arch SASS"; status=1; fi
+            done
+        else echo "  cuobjdump not found: the SASS is not checked"; fi
     fi
 done
 [ $status -eq 0 ] && "./$out-$1" | tail -n 2

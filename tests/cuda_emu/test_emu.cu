@@ -113,6 +113,15 @@ template <int BUG> __global__ void pipeline_sum(const float *x, int chunks, floa
     out[blockIdx.x * PIPE_THREADS + t] = acc;
 }
 
+/* Warp votes and reductions, and an integer atomic count over the block. */
+__global__ void votes(const int *x, unsigned *ballots, int *sums, int *maxes, int *count) {
+    const int t = (int)threadIdx.x, v = x[t];
+    ballots[t] = __ballot_sync(0xffffffffu, v & 1);
+    sums[t] = (int)__reduce_add_sync(0xffffffffu, (unsigned)v);
+    maxes[t] = __reduce_max_sync(0xffffffffu, v);
+    if (v & 1) atomicAdd(count, 1);
+}
+
 __global__ void copy_floats(const float *x, float *y, int n) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i < n) y[i] = x[i];
@@ -396,6 +405,41 @@ static void test_pipeline(void) {
     cudaFree(x); cudaFree(out);
 }
 
+static void test_votes(void) {
+    enum { B = 64 };
+    int hx[B], hs[B], hm[B], hc = 0;
+    unsigned hb[B];
+    for (int i = 0; i < B; i++) hx[i] = (i * 37 + 11) % 53 - 20;
+    int *x = (int *)dalloc(sizeof hx), *s = (int *)dalloc(sizeof hs), *m = (int *)dalloc(sizeof hm);
+    int *c = (int *)dalloc(sizeof(int));
+    unsigned *b = (unsigned *)dalloc(sizeof hb);
+    up(x, hx, sizeof hx);
+    for (int sc = 0; sc < NSCHED; sc++) {
+        use_schedule(sc);
+        cudaMemset(c, 0, sizeof(int));
+        CHECK(EMU_LAUNCH(votes, dim3(1), dim3(B), 0, 0, x, b, s, m, c) == cudaSuccess);
+        down(hb, b, sizeof hb); down(hs, s, sizeof hs); down(hm, m, sizeof hm); down(&hc, c, sizeof hc);
+        int odd = 0;
+        for (int w = 0; w < B / 32; w++) {
+            unsigned want_b = 0;
+            int want_s = 0, want_m = hx[32 * w];
+            for (int l = 0; l < 32; l++) {
+                const int v = hx[32 * w + l];
+                if (v & 1) { want_b |= 1u << l; odd++; }
+                want_s += v;
+                if (v > want_m) want_m = v;
+            }
+            for (int l = 0; l < 32; l++) {
+                CHECK(hb[32 * w + l] == want_b);
+                CHECK(hs[32 * w + l] == want_s);
+                CHECK(hm[32 * w + l] == want_m);
+            }
+        }
+        CHECK(hc == odd);
+    }
+    cudaFree(x); cudaFree(s); cudaFree(m); cudaFree(c); cudaFree(b);
+}
+
 /* Launch limits and poisoned memory (emulator only: a GPU's are its own). */
 static void test_limits_and_poison(void) {
 #ifdef CUDA_EMU
@@ -422,7 +466,7 @@ static void test_limits_and_poison(void) {
 int main(void) {
     static const struct { const char *name; void (*fn)(void); } tests[] = {
         {"block_sum", test_block_sum}, {"warp_sum", test_warp_sum}, {"barriers", test_barriers},
-        {"mma", test_mma}, {"ldmatrix", test_ldmatrix}, {"pipeline", test_pipeline},
+        {"votes", test_votes}, {"mma", test_mma}, {"ldmatrix", test_ldmatrix}, {"pipeline", test_pipeline},
         {"limits_and_poison", test_limits_and_poison},
     };
     int n = 0, passed = 0, failed = 0;
