@@ -413,32 +413,39 @@ test-big: $(BUILD)/test_big
 	else ./$(BUILD)/test_big; fi
 
 # --- CUDA device code (issue 16) ---
-# test-cuda-emu   tests/cuda_emu/test_emu.cu built with g++ against the CUDA
-#                 emulator (tests/cuda_emu/cuda_emu.h): the hand-written fiber
-#                 switch, the ucontext one, and the first under ASan + UBSan
-# cuda            the same source through nvcc for $(CUDA_ARCHS): spills, local
+# test-cuda-emu   tests/cuda_emu/test_emu.cu (the emulator's own suite) and
+#                 test_moe_cuda.cu (moe_cuda.cuh's kernels) built with g++
+#                 against the CUDA emulator (tests/cuda_emu/cuda_emu.h): the
+#                 hand-written fiber switch, the ucontext one, and the first
+#                 under ASan + UBSan
+# cuda            the same sources through nvcc for $(CUDA_ARCHS): spills, local
 #                 memory or warnings fail; resources per kernel printed; the
 #                 SASS holds HMMA / LDSM / LDGSTS (cuobjdump, PyPI wheels in CI);
-#                 the binary runs (SKIP without a GPU)
+#                 the binaries run (SKIP without a GPU)
 CUDA_ARCHS := sm_80 sm_90a
-EMU_TEST   := tests/cuda_emu/test_emu.cu
-EMU_DEPS   := $(EMU_TEST) tests/cuda_emu/cuda_emu.h tests/cuda_emu/emu_ops.cuh
+EMU_TESTS  := test_emu test_moe_cuda
+EMU_DEPS   := moe_cuda.cuh tests/cuda_emu/cuda_emu.h tests/cuda_emu/emu_test.h
 EMU_CXX    := $(CXX) -std=c++17 $(WARN) -O1 -g -x c++ -DCUDA_EMU -Itests/cuda_emu
+EMU_BINS   := $(foreach t,$(EMU_TESTS),$(BUILD)/cuda_emu_$(t) $(BUILD)/cuda_emu_$(t)_ucontext \
+                $(BUILD)/cuda_emu_$(t)_san)
 .PHONY: test-cuda-emu cuda
 
-$(BUILD)/test_cuda_emu: $(EMU_DEPS) | $(BUILD)
-	$(EMU_CXX) -o $@ $(EMU_TEST)
-$(BUILD)/test_cuda_emu_ucontext: $(EMU_DEPS) | $(BUILD)
-	$(EMU_CXX) -DCUDA_EMU_UCONTEXT -o $@ $(EMU_TEST)
-$(BUILD)/test_cuda_emu_san: $(EMU_DEPS) | $(BUILD)
-	$(EMU_CXX) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $(EMU_TEST)
+$(BUILD)/cuda_emu_%: tests/cuda_emu/%.cu $(EMU_DEPS) | $(BUILD)
+	$(EMU_CXX) -o $@ $<
+$(BUILD)/cuda_emu_%_ucontext: tests/cuda_emu/%.cu $(EMU_DEPS) | $(BUILD)
+	$(EMU_CXX) -DCUDA_EMU_UCONTEXT -o $@ $<
+$(BUILD)/cuda_emu_%_san: tests/cuda_emu/%.cu $(EMU_DEPS) | $(BUILD)
+	$(EMU_CXX) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $<
 
-test-cuda-emu: $(BUILD)/test_cuda_emu $(BUILD)/test_cuda_emu_ucontext $(BUILD)/test_cuda_emu_san
-	tests/run_suites.sh ../$(BUILD)/test_cuda_emu ../$(BUILD)/test_cuda_emu_ucontext \
-	    ../$(BUILD)/test_cuda_emu_san
+test-cuda-emu: $(EMU_BINS)
+	tests/run_suites.sh $(foreach b,$(EMU_BINS),../$(b))
 
 cuda: | $(BUILD)
 	@if command -v $(NVCC) >/dev/null 2>&1; then \
 	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDSM.16.MT88.2 LDGSTS.E.BYPASS.128" \
-	    tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/test_cuda $(EMU_TEST) $(CUDA_ARCHS); \
+	        tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/cuda_test_emu tests/cuda_emu/test_emu.cu \
+	        $(CUDA_ARCHS) && \
+	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDGSTS.E.BYPASS.128" \
+	        tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/cuda_test_moe_cuda \
+	        tests/cuda_emu/test_moe_cuda.cu $(CUDA_ARCHS); \
 	else echo "nvcc not found: make cuda skipped"; fi

@@ -4,20 +4,17 @@
    least one schedule, so the emulator cannot pass everything silently.
    The mma and ldmatrix checks pack and unpack fragments from CuTe's SM80
    layouts (a second statement of the PTX tables the emulator implements).
-   The same file builds with nvcc (make cuda) and then runs on a GPU when one
-   is present; the schedules and planted bugs are emulator-only. */
-#include "emu_ops.cuh"
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <string>
+   The device operations are moe_cuda.cuh's one-instruction wrappers. The
+   same file builds with nvcc (make cuda) and then runs on a GPU when one is
+   present; the schedules and planted bugs are emulator-only. */
+#include "../../moe_cuda.cuh"
+#include "emu_test.h"
 
 /* ---- kernels --------------------------------------------------------------- */
 
 /* Tree sum of each block's slice of x. BUG 1: no barrier between levels. */
 template <int BUG> __global__ void block_sum(const float *x, int n, float *out) {
-    float *part = (float *)emu_dynamic_smem();
+    float *part = (float *)moe_cuda__smem();
     const int t = (int)threadIdx.x, i = (int)(blockIdx.x * blockDim.x) + t;
     part[t] = i < n ? x[i] : 0.0f;
     __syncthreads();
@@ -46,7 +43,7 @@ template <int BUG> __global__ void warp_sum(const int *x, int *out) {
    BUG 1: threads past n return before the barrier. BUG 2: two barriers on
    different paths. */
 template <int BUG> __global__ void neighbour(const float *x, int n, float *out) {
-    float *s = (float *)emu_dynamic_smem();
+    float *s = (float *)moe_cuda__smem();
     const int t = (int)threadIdx.x;
     if (BUG == 1 && t >= n) return;
     s[t] = t < n ? x[t] : 0.0f;
@@ -65,7 +62,7 @@ template <int BUG> __global__ void mma_once(const uint32_t *frag, float *d) {
     if (BUG == 1) { const uint32_t tmp = a[1]; a[1] = a[2]; a[2] = tmp; }
     b[0] = frag[lane * 10 + 4]; b[1] = frag[lane * 10 + 5];
     for (int i = 0; i < 4; i++) c[i] = __uint_as_float(frag[lane * 10 + 6 + i]);
-    emu_mma_bf16(r, a, b, c);
+    moe_cuda__mma(r, a, b, c);
     for (int i = 0; i < 4; i++) d[lane * 4 + i] = r[i];
 }
 
@@ -73,7 +70,7 @@ template <int BUG> __global__ void mma_once(const uint32_t *frag, float *d) {
    memory into mma fragments with ldmatrix; the registers go out per lane
    (4 of A, 2 of B). */
 __global__ void ldmatrix_frags(const uint16_t *a, const uint16_t *b, uint32_t *regs) {
-    uint16_t *sa = (uint16_t *)emu_dynamic_smem(), *sb = sa + 256;
+    uint16_t *sa = (uint16_t *)moe_cuda__smem(), *sb = sa + 256;
     const int lane = (int)threadIdx.x;
     for (int i = lane; i < 256; i += 32) sa[i] = a[i];
     for (int i = lane; i < 128; i += 32) sb[i] = b[i];
@@ -81,8 +78,8 @@ __global__ void ldmatrix_frags(const uint16_t *a, const uint16_t *b, uint32_t *r
     uint32_t ra[4], rb[2];
     /* matrix j = lane / 8: rows 8 (j & 1) .., columns 8 (j >> 1) .. */
     const int j = lane >> 3, row = (lane & 7) + 8 * (j & 1), col = 8 * (j >> 1);
-    emu_ldmatrix_x4(ra, sa + row * 16 + col);
-    emu_ldmatrix_x2_trans(rb, sb + (lane & 15) * 8);   /* lanes 16-31: ignored rows */
+    moe_cuda__ldmatrix_x4(ra, sa + row * 16 + col);
+    moe_cuda__ldmatrix_x2_trans(rb, sb + (lane & 15) * 8);   /* lanes 16-31: ignored rows */
     for (int i = 0; i < 4; i++) regs[lane * 6 + i] = ra[i];
     regs[lane * 6 + 4] = rb[0];
     regs[lane * 6 + 5] = rb[1];
@@ -93,18 +90,18 @@ __global__ void ldmatrix_frags(const uint16_t *a, const uint16_t *b, uint32_t *r
    BUG 1: no wait for the chunk. BUG 2: no barrier before a stage is refilled. */
 enum { PIPE_THREADS = 64, PIPE_CHUNK = 256 };
 template <int BUG> __global__ void pipeline_sum(const float *x, int chunks, float *out) {
-    float *buf = (float *)emu_dynamic_smem();
+    float *buf = (float *)moe_cuda__smem();
     const int t = (int)threadIdx.x;
     const float *xb = x + (size_t)blockIdx.x * chunks * PIPE_CHUNK;
     float acc = 0.0f;
-    emu_cp_async16(buf + 4 * t, xb + 4 * t, 16);
-    emu_cp_async_commit();
+    moe_cuda__cp_async16(buf + 4 * t, xb + 4 * t, 16);
+    moe_cuda__cp_async_commit();
     for (int c = 0; c < chunks; c++) {
         const int cur = c & 1;
         if (c + 1 < chunks)
-            emu_cp_async16(buf + (cur ^ 1) * PIPE_CHUNK + 4 * t, xb + (c + 1) * PIPE_CHUNK + 4 * t, 16);
-        emu_cp_async_commit();
-        if (BUG != 1) emu_cp_async_wait<1>();   /* chunk c has landed */
+            moe_cuda__cp_async16(buf + (cur ^ 1) * PIPE_CHUNK + 4 * t, xb + (c + 1) * PIPE_CHUNK + 4 * t, 16);
+        moe_cuda__cp_async_commit();
+        if (BUG != 1) moe_cuda__cp_async_wait<1>();   /* chunk c has landed */
         __syncthreads();
         for (int i = 0; i < 4; i++)
             acc += buf[cur * PIPE_CHUNK + ((4 * t + PIPE_CHUNK / 2 + i) % PIPE_CHUNK)] * (float)(c + 1);
@@ -126,7 +123,7 @@ __global__ void copy_floats(const float *x, float *y, int n) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i < n) y[i] = x[i];
 }
-__global__ void read_smem(float *y) { y[threadIdx.x] = ((float *)emu_dynamic_smem())[threadIdx.x]; }
+__global__ void read_smem(float *y) { y[threadIdx.x] = ((float *)moe_cuda__smem())[threadIdx.x]; }
 __global__ void barrier_vs_warp(int *y) {
     if (threadIdx.x == 0) __syncthreads();
     else __syncwarp(0xffffffffu);
@@ -134,63 +131,6 @@ __global__ void barrier_vs_warp(int *y) {
 }
 
 /* ---- host side -------------------------------------------------------------- */
-
-static int g_failed;
-#define CHECK(cond)                                                               \
-    do {                                                                          \
-        if (!(cond)) {                                                            \
-            printf("  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);     \
-            g_failed = 1;                                                         \
-        }                                                                         \
-    } while (0)
-
-static void *dalloc(size_t bytes) {
-    void *p = NULL;
-    if (cudaMalloc(&p, bytes) != cudaSuccess) { printf("cudaMalloc failed\n"); exit(1); }
-    return p;
-}
-static void up(void *d, const void *h, size_t n) { cudaMemcpy(d, h, n, cudaMemcpyHostToDevice); }
-static void down(void *h, const void *d, size_t n) { cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost); }
-
-static uint16_t bf16_bits(float f) {   /* round to nearest even */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-static float bf16_value(uint16_t b) {
-    const uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static uint32_t lcg(uint32_t *s) { *s = *s * 1664525u + 1013904223u; return *s >> 8; }
-
-/* Schedules: each test runs under all; one alone misses some planted bugs. */
-#ifdef CUDA_EMU
-static const cuda_emu::schedule schedules[] = {
-    {cuda_emu::FORWARD, false, cuda_emu::AT_WAIT, 1},
-    {cuda_emu::REVERSE, true, cuda_emu::AT_ISSUE, 1},
-    {cuda_emu::RANDOM, false, cuda_emu::AT_ISSUE, 7},
-    {cuda_emu::RANDOM, true, cuda_emu::AT_WAIT, 8},
-};
-enum { NSCHED = 4 };
-static void use_schedule(int s) { cuda_emu::current_schedule() = schedules[s]; }
-static const char *schedule_name(int s) { return cuda_emu::describe(schedules[s]); }
-static std::string launch_error() { return cuda_emu::last_error(); }
-#else
-enum { NSCHED = 1 };
-static void use_schedule(int) {}
-static const char *schedule_name(int) { return "gpu"; }
-static std::string launch_error() { return ""; }
-#endif
-
-/* A planted bug is caught in a schedule when the launch fails or the answer
-   is wrong; it must be caught in at least one. */
-static void expect_caught(const char *bug, int caught_in) {
-    printf("    planted bug \"%s\": caught in %d of %d schedules\n", bug, caught_in, NSCHED);
-    CHECK(caught_in > 0);
-}
 
 static void test_block_sum(void) {
     enum { N = 1000, B = 256, G = (N + B - 1) / B };
@@ -201,10 +141,10 @@ static void test_block_sum(void) {
     int caught = 0;
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
-        CHECK(EMU_LAUNCH(block_sum<0>, dim3(G), dim3(B), B * sizeof(float), 0, x, N, out) == cudaSuccess);
+        CHECK(MOE_CUDA_LAUNCH(block_sum<0>, dim3(G), dim3(B), B * sizeof(float), 0, x, N, out) == cudaSuccess);
         down(hout, out, sizeof hout);
         for (int g = 0; g < G; g++) CHECK(hout[g] == want[g]);
-        const cudaError_t e = EMU_LAUNCH(block_sum<1>, dim3(G), dim3(B), B * sizeof(float), 0, x, N, out);
+        const cudaError_t e = MOE_CUDA_LAUNCH(block_sum<1>, dim3(G), dim3(B), B * sizeof(float), 0, x, N, out);
         down(hout, out, sizeof hout);
         int wrong = e != cudaSuccess;
         for (int g = 0; g < G; g++) wrong |= hout[g] != want[g];
@@ -223,14 +163,14 @@ static void test_warp_sum(void) {
     int caught = 0;
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
-        CHECK(EMU_LAUNCH(warp_sum<0>, dim3(1), dim3(B), 0, 0, x, out) == cudaSuccess);
+        CHECK(MOE_CUDA_LAUNCH(warp_sum<0>, dim3(1), dim3(B), 0, 0, x, out) == cudaSuccess);
         down(hout, out, sizeof hout);
         for (int i = 0; i < B; i++) {
             int want = 0;
             for (int j = i & ~31; j < B && j < (i & ~31) + 32; j++) want += hx[j];
             CHECK(hout[i] == want);
         }
-        const cudaError_t e = EMU_LAUNCH(warp_sum<1>, dim3(1), dim3(B), 0, 0, x, out);
+        const cudaError_t e = MOE_CUDA_LAUNCH(warp_sum<1>, dim3(1), dim3(B), 0, 0, x, out);
         caught += e != cudaSuccess;
         if (e != cudaSuccess && s == 0) printf("    planted, reported: %s\n", launch_error().c_str());
     }
@@ -248,15 +188,15 @@ static void test_barriers(void) {
     int caught_exit = 0, caught_divergent = 0, caught_deadlock = 0;
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
-        CHECK(EMU_LAUNCH(neighbour<0>, dim3(1), dim3(B), B * sizeof(float), 0, x, N, out) == cudaSuccess);
+        CHECK(MOE_CUDA_LAUNCH(neighbour<0>, dim3(1), dim3(B), B * sizeof(float), 0, x, N, out) == cudaSuccess);
         down(hout, out, sizeof hout);
         for (int i = 0; i < N; i++) CHECK(hout[i] == hx[(i + 1) % N]);
-        caught_exit += EMU_LAUNCH(neighbour<1>, dim3(1), dim3(B), B * sizeof(float), 0, x, N, out) != cudaSuccess;
+        caught_exit += MOE_CUDA_LAUNCH(neighbour<1>, dim3(1), dim3(B), B * sizeof(float), 0, x, N, out) != cudaSuccess;
         if (s == 0) printf("    planted, reported: %s\n", launch_error().c_str());
-        caught_divergent += EMU_LAUNCH(neighbour<2>, dim3(1), dim3(B), B * sizeof(float), 0, x, N, out) != cudaSuccess;
+        caught_divergent += MOE_CUDA_LAUNCH(neighbour<2>, dim3(1), dim3(B), B * sizeof(float), 0, x, N, out) != cudaSuccess;
         if (s == 0) printf("    planted, reported: %s\n", launch_error().c_str());
 #ifdef CUDA_EMU
-        caught_deadlock += EMU_LAUNCH(barrier_vs_warp, dim3(1), dim3(32), 0, 0, flags) != cudaSuccess &&
+        caught_deadlock += MOE_CUDA_LAUNCH(barrier_vs_warp, dim3(1), dim3(32), 0, 0, flags) != cudaSuccess &&
                            launch_error().find("deadlock") != std::string::npos;
         if (s == 0) printf("    planted, reported: %s\n", launch_error().c_str());
 #else
@@ -320,8 +260,8 @@ static void test_mma(void) {
     for (int sc = 0; sc < NSCHED; sc++) {
         use_schedule(sc);
         for (int bug = 0; bug < 2; bug++) {
-            const cudaError_t e = bug ? EMU_LAUNCH(mma_once<1>, dim3(1), dim3(32), 0, 0, df, dd)
-                                      : EMU_LAUNCH(mma_once<0>, dim3(1), dim3(32), 0, 0, df, dd);
+            const cudaError_t e = bug ? MOE_CUDA_LAUNCH(mma_once<1>, dim3(1), dim3(32), 0, 0, df, dd)
+                                      : MOE_CUDA_LAUNCH(mma_once<0>, dim3(1), dim3(32), 0, 0, df, dd);
             down(hd, dd, sizeof hd);
             int wrong = e != cudaSuccess;
             for (int thr = 0; thr < 32; thr++)
@@ -351,7 +291,7 @@ static void test_ldmatrix(void) {
     up(db, b, sizeof b);
     for (int sc = 0; sc < NSCHED; sc++) {
         use_schedule(sc);
-        CHECK(EMU_LAUNCH(ldmatrix_frags, dim3(1), dim3(32), 384 * sizeof(uint16_t), 0, da, db, dr) == cudaSuccess);
+        CHECK(MOE_CUDA_LAUNCH(ldmatrix_frags, dim3(1), dim3(32), 384 * sizeof(uint16_t), 0, da, db, dr) == cudaSuccess);
         down(regs, dr, sizeof regs);
         int ok = 1;
         for (int thr = 0; thr < 32; thr++) {
@@ -390,9 +330,9 @@ static void test_pipeline(void) {
         use_schedule(sc);
         for (int bug = 0; bug < 3; bug++) {
             cudaError_t e;
-            if (bug == 0) e = EMU_LAUNCH(pipeline_sum<0>, dim3(BLOCKS), dim3(PIPE_THREADS), smem, 0, x, CHUNKS, out);
-            else if (bug == 1) e = EMU_LAUNCH(pipeline_sum<1>, dim3(BLOCKS), dim3(PIPE_THREADS), smem, 0, x, CHUNKS, out);
-            else e = EMU_LAUNCH(pipeline_sum<2>, dim3(BLOCKS), dim3(PIPE_THREADS), smem, 0, x, CHUNKS, out);
+            if (bug == 0) e = MOE_CUDA_LAUNCH(pipeline_sum<0>, dim3(BLOCKS), dim3(PIPE_THREADS), smem, 0, x, CHUNKS, out);
+            else if (bug == 1) e = MOE_CUDA_LAUNCH(pipeline_sum<1>, dim3(BLOCKS), dim3(PIPE_THREADS), smem, 0, x, CHUNKS, out);
+            else e = MOE_CUDA_LAUNCH(pipeline_sum<2>, dim3(BLOCKS), dim3(PIPE_THREADS), smem, 0, x, CHUNKS, out);
             down(hout, out, sizeof hout);
             int wrong = e != cudaSuccess;
             for (int i = 0; i < BLOCKS * PIPE_THREADS; i++) wrong |= hout[i] != want[i];
@@ -417,7 +357,7 @@ static void test_votes(void) {
     for (int sc = 0; sc < NSCHED; sc++) {
         use_schedule(sc);
         cudaMemset(c, 0, sizeof(int));
-        CHECK(EMU_LAUNCH(votes, dim3(1), dim3(B), 0, 0, x, b, s, m, c) == cudaSuccess);
+        CHECK(MOE_CUDA_LAUNCH(votes, dim3(1), dim3(B), 0, 0, x, b, s, m, c) == cudaSuccess);
         down(hb, b, sizeof hb); down(hs, s, sizeof hs); down(hm, m, sizeof hm); down(&hc, c, sizeof hc);
         int odd = 0;
         for (int w = 0; w < B / 32; w++) {
@@ -446,17 +386,17 @@ static void test_limits_and_poison(void) {
     float *x = (float *)dalloc(64 * sizeof(float)), *y = (float *)dalloc(64 * sizeof(float));
     float hy[64];
     use_schedule(0);
-    CHECK(EMU_LAUNCH(copy_floats, dim3(1), dim3(1025), 0, 0, x, y, 64) == cudaErrorInvalidConfiguration);
+    CHECK(MOE_CUDA_LAUNCH(copy_floats, dim3(1), dim3(1025), 0, 0, x, y, 64) == cudaErrorInvalidConfiguration);
     CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);
     CHECK(cudaGetLastError() == cudaSuccess);
-    CHECK(EMU_LAUNCH(read_smem, dim3(1), dim3(64), 49152 + 4, 0, y) == cudaErrorInvalidValue);
+    CHECK(MOE_CUDA_LAUNCH(read_smem, dim3(1), dim3(64), 49152 + 4, 0, y) == cudaErrorInvalidValue);
     cudaGetLastError();
     CHECK(cudaFuncSetAttribute(read_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, 100000) == cudaSuccess);
     CHECK(cudaFuncSetAttribute(read_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, 300000) == cudaErrorInvalidValue);
-    CHECK(EMU_LAUNCH(read_smem, dim3(1), dim3(64), 49152 + 4, 0, y) == cudaSuccess);
+    CHECK(MOE_CUDA_LAUNCH(read_smem, dim3(1), dim3(64), 49152 + 4, 0, y) == cudaSuccess);
     down(hy, y, sizeof hy);
     CHECK(hy[0] != hy[0] && hy[63] != hy[63]);   /* shared memory never written: NaN */
-    CHECK(EMU_LAUNCH(copy_floats, dim3(1), dim3(64), 0, 0, x, y, 64) == cudaSuccess);
+    CHECK(MOE_CUDA_LAUNCH(copy_floats, dim3(1), dim3(64), 0, 0, x, y, 64) == cudaSuccess);
     down(hy, y, sizeof hy);
     CHECK(hy[0] != hy[0] && hy[63] != hy[63]);   /* device memory never written: NaN */
     cudaFree(x); cudaFree(y);
@@ -464,28 +404,10 @@ static void test_limits_and_poison(void) {
 }
 
 int main(void) {
-    static const struct { const char *name; void (*fn)(void); } tests[] = {
+    static const emu_test tests[] = {
         {"block_sum", test_block_sum}, {"warp_sum", test_warp_sum}, {"barriers", test_barriers},
-        {"votes", test_votes}, {"mma", test_mma}, {"ldmatrix", test_ldmatrix}, {"pipeline", test_pipeline},
-        {"limits_and_poison", test_limits_and_poison},
+        {"votes", test_votes}, {"mma", test_mma}, {"ldmatrix", test_ldmatrix},
+        {"pipeline", test_pipeline}, {"limits_and_poison", test_limits_and_poison},
     };
-    int n = 0, passed = 0, failed = 0;
-#ifndef CUDA_EMU
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-        printf("SKIP: no CUDA device (cudaGetDeviceCount says %s)\n", cudaGetErrorString(cudaGetLastError()));
-        printf("0 passed, 0 failed\n");
-        return 0;
-    }
-#endif
-    for (n = 0; n < (int)(sizeof tests / sizeof tests[0]); n++) {
-        g_failed = 0;
-        printf("emu.%s (%d schedules: ", tests[n].name, NSCHED);
-        for (int s = 0; s < NSCHED; s++) printf("%s%s", s ? ", " : "", schedule_name(s));
-        printf(")\n");
-        tests[n].fn();
-        if (g_failed) { failed++; printf("FAIL emu.%s\n", tests[n].name); }
-        else passed++;
-    }
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed != 0;
+    return run_tests("emu", tests, (int)(sizeof tests / sizeof tests[0]));
 }

@@ -1,0 +1,251 @@
+/* moe_cuda.cuh - moe.h's MoE layer on NVIDIA GPUs (in progress, issue 16)
+   no warranty implied; use at your own risk. License: MIT, as moe.h.
+
+   STATUS
+     Not usable yet: there is no public API. What is here is verified on the
+     CPU emulator (tests/cuda_emu) and built by nvcc for sm_80 and sm_90a
+     without spills; nothing is measured on a GPU yet.
+       - the device operations that are one PTX instruction (mma.sync
+         m16n8k16 bf16, ldmatrix, cp.async), each behind one function;
+       - moe_cuda__grouped_gemm: the expert GEMM C = A W^T over
+         expert-contiguous rows, bf16 in, fp32 accumulate.
+     Next: routing, dispatch, the FFN epilogues, combine, the backward, and the
+     public moe_cuda_forward / moe_cuda_backward (see the issue).
+
+   BUILD
+     In a .cu file, after moe.h:   #include "moe_cuda.cuh"     (nvcc, sm_80+)
+     On the CPU emulator:          g++ -x c++ -DCUDA_EMU -Itests/cuda_emu ...
+*/
+#ifndef MOE_CUDA_CUH
+#define MOE_CUDA_CUH
+
+#include <stdint.h>
+#ifdef CUDA_EMU
+#  include "cuda_emu.h"
+#  define MOE_CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+       CUDA_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
+#  include <cuda_runtime.h>
+#  include <cuda_bf16.h>
+/* kernel<<<grid, block, smem, stream>>>(...) as an expression: the launch's error */
+#  define MOE_CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+       (kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaGetLastError())
+#endif
+
+// ----------------------------------------------------------------------------
+// One PTX instruction each: inline PTX under nvcc, the emulator's body under
+// CUDA_EMU (the fragment layouts are in tests/cuda_emu/cuda_emu.h).
+
+/* The block's dynamic shared memory (16-byte aligned). */
+__device__ __forceinline__ unsigned char *moe_cuda__smem() {
+#ifdef CUDA_EMU
+    return cuda_emu::dynamic_smem();
+#else
+    extern __shared__ __align__(16) unsigned char moe_cuda__smem_[];
+    return moe_cuda__smem_;
+#endif
+}
+
+/* d = a b + c: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 */
+__device__ __forceinline__ void moe_cuda__mma(float d[4], const uint32_t a[4],
+                                              const uint32_t b[2], const float c[4]) {
+#ifdef CUDA_EMU
+    cuda_emu::mma_m16n8k16_bf16(__FILE__, __LINE__, d, a, b, c);
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+/* ldmatrix.sync.aligned.m8n8.x4.shared.b16 (and .x2.trans): `row` is this
+   lane's row address in shared memory (lanes 8j..8j+7: the rows of matrix j). */
+__device__ __forceinline__ void moe_cuda__ldmatrix_x4(uint32_t r[4], const void *row) {
+#ifdef CUDA_EMU
+    cuda_emu::ldmatrix(__FILE__, __LINE__, r, 4, false, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+__device__ __forceinline__ void moe_cuda__ldmatrix_x2_trans(uint32_t r[2], const void *row) {
+#ifdef CUDA_EMU
+    cuda_emu::ldmatrix(__FILE__, __LINE__, r, 2, true, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#endif
+}
+
+/* cp.async.cg.shared.global: 16 bytes, of which src_bytes (0 or 16) are
+   read and the rest zero-filled; commit_group; wait_group N. */
+__device__ __forceinline__ void moe_cuda__cp_async16(void *smem_dst, const void *src,
+                                                     int src_bytes) {
+#ifdef CUDA_EMU
+    cuda_emu::cp_async(__FILE__, __LINE__, smem_dst, src, 16, src_bytes);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src),
+                 "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void moe_cuda__cp_async_commit() {
+#ifdef CUDA_EMU
+    cuda_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void moe_cuda__cp_async_wait() {
+#ifdef CUDA_EMU
+    cuda_emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// Grouped expert GEMM: for each expert e, the rows [offsets[e], offsets[e+1])
+// of A times W_e^T:  C[r][n] = sum_k A[r][k] W[e][n][k]   (nn.Linear [out][in]).
+// bf16 operands, fp32 accumulation in the tensor cores.
+//
+//   A  [rows][k_pad] bf16, expert-contiguous rows, zero past k
+//   W  [E][n_pad][k_pad] bf16, zero past n and k (k_pad, n_pad: multiples of
+//      MOE_CUDA__BK and MOE_CUDA__BN; the packing pads)
+//   C  [rows][ldc] fp32, columns n < N written
+//
+// Block tile BM x BN = 64 x 64, BK = 32, four warps of 32 x 32; a STAGES-deep
+// cp.async pipeline. The grid is the worst case for `max_rows` (the host
+// knows T * K, not the counts): grid.y = ceil(max_rows / BM) + E row tiles,
+// and each block finds its (expert, row tile) from the offsets; blocks past
+// the last tile exit at once. Rows past an expert's end load as zeros and
+// are not stored. Each output is one fixed sequence of mma over k: the
+// result does not depend on the grid or the schedule (deterministic).
+
+enum {
+    MOE_CUDA__BM = 64, MOE_CUDA__BN = 64, MOE_CUDA__BK = 32, MOE_CUDA__STAGES = 3,
+    MOE_CUDA__GEMM_THREADS = 128,
+    MOE_CUDA__STAGE_BYTES = (MOE_CUDA__BM + MOE_CUDA__BN) * MOE_CUDA__BK * 2
+};
+
+/* This block's expert and first row, from its row-tile index; -1: no tile. */
+__device__ __forceinline__ int moe_cuda__find_tile(const int32_t *offsets, int experts,
+                                                   int tile, int *row0, int *row_end) {
+    for (int e = 0; e < experts; e++) {
+        const int begin = offsets[e], end = offsets[e + 1];
+        const int tiles = (end - begin + MOE_CUDA__BM - 1) / MOE_CUDA__BM;
+        if (tile < tiles) {
+            *row0 = begin + tile * MOE_CUDA__BM;
+            *row_end = end;
+            return e;
+        }
+        tile -= tiles;
+    }
+    return -1;
+}
+
+/* Stage s: A rows [row0, row0 + BM) and W_e rows [n0, n0 + BN), columns
+   [k0, k0 + BK), as 16-byte chunks (4 per 32-column row; 2 + 2 per thread). */
+__device__ __forceinline__ void moe_cuda__load_stage(unsigned char *stage,
+                                                     const __nv_bfloat16 *A,
+                                                     const __nv_bfloat16 *We, int k_pad,
+                                                     int row0, int row_end, int n0, int k0) {
+    const int t = (int)threadIdx.x;
+    __nv_bfloat16 *sa = (__nv_bfloat16 *)stage, *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
+    for (int c = t; c < MOE_CUDA__BM * 4; c += MOE_CUDA__GEMM_THREADS) {
+        const int r = c >> 2, col = (c & 3) * 8;
+        const int live = row0 + r < row_end;   /* past the expert's rows: zeros */
+        const __nv_bfloat16 *src = A + (size_t)(live ? row0 + r : row0) * k_pad + k0 + col;
+        moe_cuda__cp_async16(sa + r * MOE_CUDA__BK + col, src, live ? 16 : 0);
+    }
+    for (int c = t; c < MOE_CUDA__BN * 4; c += MOE_CUDA__GEMM_THREADS) {
+        const int r = c >> 2, col = (c & 3) * 8;
+        moe_cuda__cp_async16(sb + r * MOE_CUDA__BK + col,
+                             We + (size_t)(n0 + r) * k_pad + k0 + col, 16);
+    }
+}
+
+/* BUG (tests only, 0 in the library): 1 waits for one group too few, 2
+   refills a stage before the barrier, 3 swaps the B fragment registers. */
+template <int BUG>
+__global__ void __launch_bounds__(MOE_CUDA__GEMM_THREADS)
+moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int32_t *offsets,
+                       int experts, int n, int n_pad, int k_pad, float *C, int ldc) {
+    int row0 = 0, row_end = 0;
+    const int e = moe_cuda__find_tile(offsets, experts, (int)blockIdx.y, &row0, &row_end);
+    if (e < 0) return;   /* a surplus tile of the worst-case grid: the whole block */
+    const int n0 = (int)blockIdx.x * MOE_CUDA__BN;
+    const __nv_bfloat16 *We = W + (size_t)e * n_pad * k_pad;
+    unsigned char *smem = moe_cuda__smem();
+    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;   /* the warp's 32 x 32 */
+    const int k_tiles = k_pad / MOE_CUDA__BK;
+    float acc[2][4][4];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+
+    for (int s = 0; s < MOE_CUDA__STAGES - 1; s++) {   /* the pipeline's first stages */
+        if (s < k_tiles)
+            moe_cuda__load_stage(smem + s * MOE_CUDA__STAGE_BYTES, A, We, k_pad, row0, row_end,
+                                 n0, s * MOE_CUDA__BK);
+        moe_cuda__cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; kt++) {
+        const int next = kt + MOE_CUDA__STAGES - 1;
+        if (BUG == 2 && next < k_tiles)   /* planted: refills the stage others still read */
+            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
+                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
+        if (BUG == 1) moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 1>();
+        else moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 2>();   /* tile kt has landed */
+        __syncthreads();   /* ... for every thread, and tile kt - 1 is done with */
+        if (BUG != 2 && next < k_tiles)
+            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
+                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
+        moe_cuda__cp_async_commit();   /* empty groups keep the count in step */
+
+        const __nv_bfloat16 *sa =
+            (const __nv_bfloat16 *)(smem + (kt % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES);
+        const __nv_bfloat16 *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
+        for (int kk = 0; kk < MOE_CUDA__BK; kk += 16) {
+            uint32_t fa[2][4], fb[4][2];
+            const int j = lane >> 3, r8 = lane & 7;   /* lane's matrix and row in it */
+            for (int mi = 0; mi < 2; mi++)   /* A: rows +8 in matrices 1, 3; k +8 in 2, 3 */
+                moe_cuda__ldmatrix_x4(fa[mi], sa + (wm + mi * 16 + r8 + 8 * (j & 1)) *
+                                                  MOE_CUDA__BK + kk + 8 * (j >> 1));
+            for (int ni = 0; ni < 4; ni += 2) {   /* W rows are B's columns: no .trans */
+                uint32_t q[4];
+                moe_cuda__ldmatrix_x4(q, sb + (wn + ni * 8 + 8 * (j >> 1) + r8) * MOE_CUDA__BK +
+                                             kk + 8 * (j & 1));
+                fb[ni][0] = q[0]; fb[ni][1] = q[1];
+                fb[ni + 1][0] = q[2]; fb[ni + 1][1] = q[3];
+                if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
+            }
+            for (int mi = 0; mi < 2; mi++)
+                for (int ni = 0; ni < 4; ni++) moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
+        }
+    }
+    moe_cuda__cp_async_wait<0>();
+
+    /* C fragment: register r holds row g + 8 (r >> 1), column 2t + (r & 1) */
+    const int g = lane >> 2, t4 = lane & 3;
+    for (int mi = 0; mi < 2; mi++)
+        for (int ni = 0; ni < 4; ni++)
+            for (int r = 0; r < 4; r++) {
+                const int row = row0 + wm + mi * 16 + g + 8 * (r >> 1);
+                const int col = n0 + wn + ni * 8 + 2 * t4 + (r & 1);
+                if (row < row_end && col < n) C[(size_t)row * ldc + col] = acc[mi][ni][r];
+            }
+}
+
+/* Launch geometry for max_rows rows at most (T * K for top-k routing). */
+static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
+    return dim3((unsigned)(n_pad / MOE_CUDA__BN),
+                (unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts));
+}
+
+#endif /* MOE_CUDA_CUH */
