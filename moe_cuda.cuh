@@ -8,7 +8,9 @@
        - the device operations that are one PTX instruction (mma.sync
          m16n8k16 bf16, ldmatrix, cp.async), each behind one function;
        - moe_cuda__grouped_gemm: the expert GEMM C = A W^T over
-         expert-contiguous rows, bf16 in, fp32 accumulate.
+         expert-contiguous rows, bf16 in, fp32 accumulate;
+       - dispatch: per-expert counts, their scan, row positions in moe.h's
+         order and the gathered bf16 rows.
      Next: routing, dispatch, the FFN epilogues, combine, the backward, and the
      public moe_cuda_forward / moe_cuda_backward (see the issue).
 
@@ -246,6 +248,88 @@ moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int
 static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
     return dim3((unsigned)(n_pad / MOE_CUDA__BN),
                 (unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts));
+}
+
+// ----------------------------------------------------------------------------
+// Dispatch: the kept (token, slot) pairs in expert-contiguous order, token
+// order within an expert (moe.h's counting sort), and the gathered bf16 rows.
+// One block per expert scans every pair in order, so each position is a
+// plain count (no atomics, the same on every run):
+//   1. moe_cuda__count_pairs   counts[e] = kept pairs of expert e
+//   2. moe_cuda__scan_counts   offsets[0..E] = exclusive prefix sums (one block)
+//   3. moe_cuda__gather_rows   row_of_pair[p], pair_of_row[row], and
+//                              A[row][0..d_pad) = bf16(x[t]) then zeros
+// A pair is kept when expert[p] >= 0 and dropped[p] == 0; row_of_pair of any
+// other pair must be set to -1 beforehand (cudaMemsetAsync 0xff).
+
+enum { MOE_CUDA__DISPATCH_THREADS = 256 };
+
+__global__ void __launch_bounds__(MOE_CUDA__DISPATCH_THREADS)
+moe_cuda__count_pairs(const int32_t *expert, const uint8_t *dropped, int pairs, int32_t *counts) {
+    __shared__ int32_t warp_sum[MOE_CUDA__DISPATCH_THREADS / 32];
+    const int e = (int)blockIdx.x, t = (int)threadIdx.x;
+    int n = 0;
+    for (int p = t; p < pairs; p += MOE_CUDA__DISPATCH_THREADS) n += expert[p] == e && !dropped[p];
+    for (int o = 16; o > 0; o /= 2) n += __shfl_xor_sync(0xffffffffu, n, o);
+    if ((t & 31) == 0) warp_sum[t >> 5] = n;
+    __syncthreads();
+    if (t == 0) {
+        int total = 0;
+        for (int w = 0; w < MOE_CUDA__DISPATCH_THREADS / 32; w++) total += warp_sum[w];
+        counts[e] = total;
+    }
+}
+
+__global__ void moe_cuda__scan_counts(const int32_t *counts, int experts, int32_t *offsets) {
+    if (threadIdx.x == 0) {   /* E <= a few hundred: one thread, in order */
+        int32_t run = 0;
+        for (int e = 0; e < experts; e++) { offsets[e] = run; run += counts[e]; }
+        offsets[experts] = run;
+    }
+}
+
+/* BUG (tests only, 0 in the library): 1 copies rows without the barrier after
+   the chunk's list is written, 2 counts the lane itself in its prefix. */
+template <int BUG>
+__global__ void __launch_bounds__(MOE_CUDA__DISPATCH_THREADS)
+moe_cuda__gather_rows(const int32_t *expert, const uint8_t *dropped, int pairs, int top_k,
+                      const int32_t *offsets, const float *x, int d, int d_pad,
+                      __nv_bfloat16 *A, int32_t *row_of_pair, int32_t *pair_of_row) {
+    enum { W = MOE_CUDA__DISPATCH_THREADS / 32 };
+    __shared__ int32_t warp_count[W];
+    __shared__ int32_t chunk_token[MOE_CUDA__DISPATCH_THREADS], chunk_row[MOE_CUDA__DISPATCH_THREADS];
+    const int e = (int)blockIdx.x, t = (int)threadIdx.x, lane = t & 31, warp = t >> 5;
+    int base = offsets[e];   /* the next free row of expert e */
+    for (int p0 = 0; p0 < pairs; p0 += MOE_CUDA__DISPATCH_THREADS) {
+        const int p = p0 + t;
+        const int mine = p < pairs && expert[p] == e && !dropped[p];
+        const unsigned votes = __ballot_sync(0xffffffffu, mine);
+        const unsigned below = BUG == 2 ? (2u << lane) - 1u : (1u << lane) - 1u;
+        if (lane == 0) warp_count[warp] = __popc(votes);
+        __syncthreads();
+        int before = 0, total = 0;   /* kept pairs of this chunk before my warp, in all */
+        for (int w = 0; w < W; w++) {
+            before += w < warp ? warp_count[w] : 0;
+            total += warp_count[w];
+        }
+        if (mine) {
+            const int k = before + __popc(votes & below);   /* my place in the chunk */
+            const int row = base + k;
+            row_of_pair[p] = row;
+            pair_of_row[row] = p;
+            chunk_token[k] = p / top_k;
+            chunk_row[k] = row;
+        }
+        if (BUG != 1) __syncthreads();   /* the chunk's list is complete */
+        for (int i = 0; i < total; i++) {   /* the block copies each row together */
+            const float *xs = x + (size_t)chunk_token[i] * d;
+            __nv_bfloat16 *dst = A + (size_t)chunk_row[i] * d_pad;
+            for (int c = t; c < d_pad; c += MOE_CUDA__DISPATCH_THREADS)
+                dst[c] = __float2bfloat16_rn(c < d ? xs[c] : 0.0f);
+        }
+        base += total;
+        __syncthreads();   /* warp_count and the list are reused */
+    }
 }
 
 #endif /* MOE_CUDA_CUH */
