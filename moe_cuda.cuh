@@ -10,7 +10,8 @@
        - moe_cuda__grouped_gemm: the expert GEMM C = A W^T over
          expert-contiguous rows, bf16 in, fp32 accumulate;
        - dispatch: per-expert counts, their scan, row positions in moe.h's
-         order and the gathered bf16 rows.
+         order and the gathered bf16 rows;
+       - weight packing, the FFN nonlinearity with biases, the combine.
      Next: routing, dispatch, the FFN epilogues, combine, the backward, and the
      public moe_cuda_forward / moe_cuda_backward (see the issue).
 
@@ -22,6 +23,9 @@
 #define MOE_CUDA_CUH
 
 #include <stdint.h>
+#ifndef MOE_H_INCLUDED
+#  error "include moe.h before moe_cuda.cuh"
+#endif
 #ifdef CUDA_EMU
 #  include "cuda_emu.h"
 #  define MOE_CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
@@ -228,7 +232,8 @@ moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int
                 if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
             }
             for (int mi = 0; mi < 2; mi++)
-                for (int ni = 0; ni < 4; ni++) moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
+                for (int ni = 0; ni < 4; ni++)
+                    moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
         }
     }
     moe_cuda__cp_async_wait<0>();
@@ -297,7 +302,8 @@ moe_cuda__gather_rows(const int32_t *expert, const uint8_t *dropped, int pairs, 
                       __nv_bfloat16 *A, int32_t *row_of_pair, int32_t *pair_of_row) {
     enum { W = MOE_CUDA__DISPATCH_THREADS / 32 };
     __shared__ int32_t warp_count[W];
-    __shared__ int32_t chunk_token[MOE_CUDA__DISPATCH_THREADS], chunk_row[MOE_CUDA__DISPATCH_THREADS];
+    __shared__ int32_t chunk_token[MOE_CUDA__DISPATCH_THREADS];
+    __shared__ int32_t chunk_row[MOE_CUDA__DISPATCH_THREADS];
     const int e = (int)blockIdx.x, t = (int)threadIdx.x, lane = t & 31, warp = t >> 5;
     int base = offsets[e];   /* the next free row of expert e */
     for (int p0 = 0; p0 < pairs; p0 += MOE_CUDA__DISPATCH_THREADS) {
@@ -329,6 +335,108 @@ moe_cuda__gather_rows(const int32_t *expert, const uint8_t *dropped, int pairs, 
         }
         base += total;
         __syncthreads();   /* warp_count and the list are reused */
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Expert weights as the GEMMs read them: bf16, zero-padded to whole tiles.
+//   W1 [E][n1_pad][d_pad]: rows [0, F) gate, [F, 2F) up (GLU only), from
+//      nn.Linear gate [E][F][D] and up [E][F][D] (or HF's fused gate_up
+//      [E][2F][D]: the same rows in the same order)
+//   W2 [E][d_out_pad][f_pad]: down [E][D][F]
+// One thread per output element: the source is a plain index computation.
+
+/* up == NULL with glu: gate is HF's fused [E][2F][D] */
+__global__ void moe_cuda__pack_w1(const float *gate, const float *up, int experts, int f, int d,
+                                  int glu, int n1_pad, int d_pad, __nv_bfloat16 *W1) {
+    const size_t total = (size_t)experts * n1_pad * d_pad;
+    const int gate_rows = glu && !up ? 2 * f : f;   /* rows per expert in gate */
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int k = (int)(i % d_pad), n = (int)(i / d_pad % n1_pad);
+        const int e = (int)(i / d_pad / n1_pad);
+        float v = 0.0f;
+        if (k < d && n < gate_rows) v = gate[((size_t)e * gate_rows + n) * d + k];
+        else if (k < d && glu && n < 2 * f) v = up[((size_t)e * f + n - f) * d + k];
+        W1[i] = __float2bfloat16_rn(v);
+    }
+}
+
+__global__ void moe_cuda__pack_w2(const float *down, int experts, int d, int f, int d_out_pad,
+                                  int f_pad, __nv_bfloat16 *W2) {
+    const size_t total = (size_t)experts * d_out_pad * f_pad;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int k = (int)(i % f_pad), n = (int)(i / f_pad % d_out_pad);
+        const int e = (int)(i / f_pad / d_out_pad);
+        W2[i] = __float2bfloat16_rn(k < f && n < d ? down[((size_t)e * d + n) * f + k] : 0.0f);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The FFN's nonlinearity, as moe.h's moe__act (ROUTING_SPEC 12): SiLU,
+// GELU (erf, tanh), ReLU (NaN kept, as torch.relu). Host too: the tests model it.
+
+__host__ __device__ __forceinline__ float moe_cuda__act(int act, float v) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: case MOE_ACT_SILU:
+        return v * (v >= 0.0f ? 1.0f / (1.0f + expf(-v)) : expf(v) / (1.0f + expf(v)));
+    case MOE_ACT_GEGLU: case MOE_ACT_GELU:
+        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH:
+        return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default:
+        return v > 0.0f || v != v ? v : 0.0f;
+    }
+}
+
+/* The expert of row r: offsets[e] <= r < offsets[e + 1] (E is small). */
+__device__ __forceinline__ int moe_cuda__expert_of_row(const int32_t *offsets, int experts, int r) {
+    int e = 0;
+    while (e + 1 < experts && offsets[e + 1] <= r) e++;
+    return e;
+}
+
+/* H[r][0..f_pad) = act(G + gate_bias) (* (U + up_bias) for a GLU) in bf16,
+   zeros past f. G, U: columns [0, f) and [f, 2f) of the first GEMM's C1. */
+__global__ void moe_cuda__activate(const float *C1, int ldc1, const int32_t *offsets, int experts,
+                                   int f, int f_pad, int act, int glu, const float *gate_bias,
+                                   const float *up_bias, __nv_bfloat16 *H) {
+    const int r = (int)blockIdx.x;
+    if (r >= offsets[experts]) return;   /* rows of the worst-case grid past the last */
+    const int e = moe_cuda__expert_of_row(offsets, experts, r);
+    for (int c = (int)threadIdx.x; c < f_pad; c += (int)blockDim.x) {
+        float h = 0.0f;
+        if (c < f) {
+            float g = C1[(size_t)r * ldc1 + c];
+            if (gate_bias) g += gate_bias[(size_t)e * f + c];
+            h = moe_cuda__act(act, g);
+            if (glu) {
+                float u = C1[(size_t)r * ldc1 + f + c];
+                if (up_bias) u += up_bias[(size_t)e * f + c];
+                h *= u;
+            }
+        }
+        H[(size_t)r * f_pad + c] = __float2bfloat16_rn(h);
+    }
+}
+
+/* y[t] = sum over t's kept slots j, in slot order, of weight[t][j] *
+   (out[row] + down_bias[e]); 0 for a token with none. One block per token. */
+__global__ void moe_cuda__combine(const float *out, int ldo, const int32_t *row_of_pair,
+                                  const int32_t *expert, const float *weight, int top_k, int d,
+                                  const float *down_bias, float *y) {
+    const int t = (int)blockIdx.x;
+    for (int c = (int)threadIdx.x; c < d; c += (int)blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < top_k; j++) {
+            const int p = t * top_k + j, row = row_of_pair[p];
+            if (row < 0) continue;
+            float v = out[(size_t)row * ldo + c];
+            if (down_bias) v += down_bias[(size_t)expert[p] * d + c];
+            acc += weight[p] * v;
+        }
+        y[(size_t)t * d + c] = acc;
     }
 }
 

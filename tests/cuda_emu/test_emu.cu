@@ -7,6 +7,7 @@
    The device operations are moe_cuda.cuh's one-instruction wrappers. The
    same file builds with nvcc (make cuda) and then runs on a GPU when one is
    present; the schedules and planted bugs are emulator-only. */
+#include "../../moe.h"
 #include "../../moe_cuda.cuh"
 #include "emu_test.h"
 

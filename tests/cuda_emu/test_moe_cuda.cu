@@ -2,7 +2,11 @@
    (make test-cuda-emu; with nvcc, make cuda). Ragged shapes: experts with 0
    and 1 rows, row counts off the 64-row tile, N and K off the tiles (padded
    as the packing pads them). The planted bugs are template variants of the
-   library's kernels that must fail in at least one schedule. */
+   library's kernels that must fail in at least one schedule. The expert
+   path (pack, dispatch, GEMM, activation, GEMM, combine) is compared with a
+   host model of its bf16 rounding and with moe.h's fp32 reference forward. */
+#define MOE_IMPLEMENTATION
+#include "../../moe.h"
 #include "../../moe_cuda.cuh"
 #include "emu_test.h"
 #include <vector>
@@ -191,8 +195,182 @@ static void test_dispatch(void) {
     expect_caught("a lane counted in its own prefix", caught[2]);
 }
 
+/* ---- the expert path against moe.h -------------------------------------------- */
+
+static inline int pad_to(int v, int m) { return (v + m - 1) / m * m; }
+static inline float bf16_round(float v) { return bf16_value(bf16_bits(v)); }
+static void fill_host(std::vector<float> &v, size_t n, float amp, uint32_t *seed) {
+    v.resize(n);
+    for (size_t i = 0; i < n; i++) v[i] = amp * (((float)(lcg(seed) % 2001) - 1000.0f) / 1000.0f);
+}
+template <class T> static T *to_device(const std::vector<T> &h) {
+    T *d = (T *)dalloc(h.size() * sizeof(T) + 1);
+    up(d, h.data(), h.size() * sizeof(T));
+    return d;
+}
+
+/* moe.h routes T tokens (reference ISA) and computes y; the GPU kernels take
+   that routing and compute y again. 1 when y matches the bf16 host model to
+   1e-4 and moe.h's fp32 y to 2e-2 of max |y|. */
+static int expert_path_case(moe_activation act, int T, int E, int K, int D, int F, int biases,
+                            uint32_t seed, int fused, std::vector<float> *y_out) {
+    moe_config c = moe_preset_mixtral();
+    c.num_experts = E; c.top_k = K; c.d_model = D; c.d_ff = F; c.activation = act;
+    c.expert_bias = biases; c.isa = MOE_ISA_REFERENCE; c.balance_coef = 0.0f;
+    const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU || act == MOE_ACT_GEGLU_TANH;
+    std::vector<float> x, router, gate, upw, dnw, gb, ub, db;
+    fill_host(x, (size_t)T * D, 1.0f, &seed);
+    fill_host(router, (size_t)E * D, 0.5f, &seed);
+    fill_host(gate, (size_t)E * F * D, 0.3f, &seed);
+    fill_host(upw, (size_t)E * F * D, 0.3f, &seed);
+    fill_host(dnw, (size_t)E * D * F, 0.3f, &seed);
+    fill_host(gb, (size_t)E * F, 0.5f, &seed);
+    fill_host(ub, (size_t)E * F, 0.5f, &seed);
+    fill_host(db, (size_t)E * D, 0.5f, &seed);
+    moe_weights w;
+    memset(&w, 0, sizeof w);
+    std::vector<float> gate_up;   /* HF's fused layout: per expert F gate rows, F up rows */
+    for (int e = 0; e < E; e++) {
+        gate_up.insert(gate_up.end(), gate.begin() + (long)e * F * D, gate.begin() + (long)(e + 1) * F * D);
+        gate_up.insert(gate_up.end(), upw.begin() + (long)e * F * D, upw.begin() + (long)(e + 1) * F * D);
+    }
+    fused = fused && glu;
+    w.router = router.data(); w.gate = fused ? gate_up.data() : gate.data();
+    w.up = glu && !fused ? upw.data() : NULL;
+    w.gate_up_fused = fused;
+    w.down = dnw.data();
+    if (biases) { w.gate_bias = gb.data(); w.up_bias = glu ? ub.data() : NULL; w.down_bias = db.data(); }
+    size_t info_bytes = 0;
+    moe_info info;
+    CHECK(moe_info_size(&c, T, &info_bytes) == MOE_STATUS_OK);
+    std::vector<unsigned char> info_buf(info_bytes + 1);
+    CHECK(moe_info_bind(&c, T, &info, info_buf.data(), info_bytes) == MOE_STATUS_OK);
+    std::vector<float> y_ref((size_t)T * D + 1);
+    if (moe_forward_alloc(&c, &w, x.data(), T, y_ref.data(), &info) != MOE_STATUS_OK) return 0;
+    std::vector<int32_t> expert(info.expert, info.expert + (size_t)T * K);
+    std::vector<float> weight(info.weight, info.weight + (size_t)T * K);
+    std::vector<uint8_t> dropped(info.dropped, info.dropped + (size_t)T * K);
+    if (T == 0) { expert.push_back(-1); weight.push_back(0.0f); dropped.push_back(0); }
+
+    /* the GPU path */
+    const int d_pad = pad_to(D, MOE_CUDA__BK), f_pad = pad_to(F, MOE_CUDA__BK);
+    const int n1 = glu ? 2 * F : F, n1_pad = pad_to(n1, MOE_CUDA__BN);
+    const int d_out_pad = pad_to(D, MOE_CUDA__BN), pairs = T * K, rows_max = pairs > 0 ? pairs : 1;
+    float *dx = to_device(x), *dg = to_device(fused ? gate_up : gate), *du = to_device(upw);
+    float *dd = to_device(dnw);
+    float *dgb = to_device(gb), *dub = to_device(ub), *ddb = to_device(db);
+    int32_t *dexp = to_device(expert);
+    float *dwt = to_device(weight);
+    uint8_t *ddrop = to_device(dropped);
+    __nv_bfloat16 *W1 = (__nv_bfloat16 *)dalloc((size_t)E * n1_pad * d_pad * 2);
+    __nv_bfloat16 *W2 = (__nv_bfloat16 *)dalloc((size_t)E * d_out_pad * f_pad * 2);
+    __nv_bfloat16 *A = (__nv_bfloat16 *)dalloc((size_t)rows_max * d_pad * 2);
+    __nv_bfloat16 *H = (__nv_bfloat16 *)dalloc((size_t)rows_max * f_pad * 2);
+    float *C1 = (float *)dalloc((size_t)rows_max * n1 * 4), *O = (float *)dalloc((size_t)rows_max * D * 4);
+    float *dy = (float *)dalloc((size_t)(T > 0 ? T : 1) * D * 4);
+    int32_t *dcnt = (int32_t *)dalloc(E * 4), *doff = (int32_t *)dalloc((E + 1) * 4);
+    int32_t *drop_row = (int32_t *)dalloc((size_t)rows_max * 4), *dpor = (int32_t *)dalloc((size_t)rows_max * 4);
+    cudaMemset(drop_row, 0xff, (size_t)rows_max * 4);
+    const dim3 T256(256), GT(MOE_CUDA__GEMM_THREADS), DT(MOE_CUDA__DISPATCH_THREADS);
+    const size_t gsmem = MOE_CUDA__STAGES * MOE_CUDA__STAGE_BYTES;
+    int ok = 1;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__pack_w1, dim3(8), T256, 0, 0, dg, glu && !fused ? du : (const float *)NULL,
+                          E, F, D, glu, n1_pad, d_pad, W1) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__pack_w2, dim3(8), T256, 0, 0, dd, E, D, F, d_out_pad, f_pad,
+                          W2) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__count_pairs, dim3(E), DT, 0, 0, dexp, ddrop, pairs, dcnt) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__scan_counts, dim3(1), dim3(32), 0, 0, dcnt, E, doff) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__gather_rows<0>, dim3(E), DT, 0, 0, dexp, ddrop, pairs, K, doff,
+                          dx, D, d_pad, A, drop_row, dpor) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__grouped_gemm<0>, moe_cuda__gemm_grid(pairs, E, n1_pad), GT, gsmem, 0,
+                          A, W1, doff, E, n1, n1_pad, d_pad, C1, n1) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__activate, dim3(rows_max), dim3(64), 0, 0, C1, n1, doff, E, F,
+                          f_pad, (int)act, glu, biases ? dgb : (const float *)NULL,
+                          biases && glu ? dub : (const float *)NULL, H) == cudaSuccess;
+    ok &= MOE_CUDA_LAUNCH(moe_cuda__grouped_gemm<0>, moe_cuda__gemm_grid(pairs, E, d_out_pad), GT, gsmem,
+                          0, H, W2, doff, E, D, d_out_pad, f_pad, O, D) == cudaSuccess;
+    if (T > 0)
+        ok &= MOE_CUDA_LAUNCH(moe_cuda__combine, dim3(T), dim3(64), 0, 0, O, D, drop_row, dexp, dwt,
+                              K, D, biases ? ddb : (const float *)NULL, dy) == cudaSuccess;
+    if (!ok) printf("  launch: %s\n", launch_error().c_str());
+    std::vector<float> y((size_t)T * D + 1);
+    down(y.data(), dy, (size_t)T * D * 4);
+    void *bufs[] = {dx, dg, du, dd, dgb, dub, ddb, dexp, dwt, ddrop, W1, W2, A, H, C1, O, dy, dcnt,
+                    doff, drop_row, dpor};
+    for (void *b : bufs) cudaFree(b);
+    if (!ok) return 0;
+    y_out->assign(y.begin(), y.end() - 1);
+
+    /* the host model: bf16 x, weights and H; exact sums */
+    double ymax = 0.0, err_model = 0.0, err_ref = 0.0;
+    for (int t = 0; t < T; t++)
+        for (int dcol = 0; dcol < D; dcol++) ymax = fmax(ymax, fabs(y_ref[(size_t)t * D + dcol]));
+    std::vector<double> h(F);
+    for (int t = 0; t < T; t++) {
+        std::vector<double> acc(D, 0.0);
+        for (int j = 0; j < K; j++) {
+            const int p = t * K + j, e = expert[p];
+            if (e < 0 || dropped[p]) continue;
+            for (int f = 0; f < F; f++) {
+                double g = 0.0, u = 0.0;
+                for (int k = 0; k < D; k++) {
+                    const double xv = bf16_round(x[(size_t)t * D + k]);
+                    g += xv * bf16_round(gate[((size_t)e * F + f) * D + k]);
+                    if (glu) u += xv * bf16_round(upw[((size_t)e * F + f) * D + k]);
+                }
+                if (biases) { g += gb[(size_t)e * F + f]; u += ub[(size_t)e * F + f]; }
+                float hv = moe_cuda__act((int)act, (float)g);
+                if (glu) hv *= (float)u;
+                h[f] = bf16_round(hv);
+            }
+            for (int dcol = 0; dcol < D; dcol++) {
+                double o = 0.0;
+                for (int f = 0; f < F; f++) o += h[f] * bf16_round(dnw[((size_t)e * D + dcol) * F + f]);
+                if (biases) o += db[(size_t)e * D + dcol];
+                acc[dcol] += weight[p] * o;
+            }
+        }
+        for (int dcol = 0; dcol < D; dcol++) {
+            const double got = y[(size_t)t * D + dcol];
+            err_model = fmax(err_model, fabs(got - acc[dcol]));
+            err_ref = fmax(err_ref, fabs(got - y_ref[(size_t)t * D + dcol]));
+        }
+    }
+    printf("    %s T=%d E=%d K=%d D=%d F=%d: max |y| %.3g, off the bf16 model %.2g, off moe.h %.2g\n",
+           act == MOE_ACT_SWIGLU ? "swiglu" : act == MOE_ACT_RELU ? "relu" : act == MOE_ACT_GEGLU ? "geglu" : "gelu", T, E, K, D, F,
+           ymax, err_model, err_ref);
+    return err_model <= 1e-4 * (ymax + 1e-30) + 1e-30 && err_ref <= 2e-2 * ymax + 1e-30;
+}
+
+static void test_expert_path(void) {
+    struct pcase { moe_activation act; int T, E, K, D, F, biases, fused; };
+    static const pcase cases[] = {
+        {MOE_ACT_SWIGLU, 37, 6, 2, 40, 48, 1, 0},
+        {MOE_ACT_RELU, 9, 4, 1, 24, 70, 0, 0},
+        {MOE_ACT_GELU, 7, 3, 3, 72, 20, 1, 0},    /* K = E */
+        {MOE_ACT_SWIGLU, 1, 5, 2, 5, 7, 0, 0},
+        {MOE_ACT_GEGLU, 20, 4, 2, 33, 40, 1, 1},  /* HF's fused gate_up */
+        {MOE_ACT_SWIGLU, 0, 4, 2, 16, 16, 1, 0},
+    };
+    const int n = (int)(sizeof cases / sizeof cases[0]);
+    std::vector<std::vector<float> > first(n);
+    for (int s = 0; s < NSCHED; s++) {
+        use_schedule(s);
+        for (int i = 0; i < n; i++) {
+            const pcase &k = cases[i];
+            std::vector<float> y;
+            CHECK(expert_path_case(k.act, k.T, k.E, k.K, k.D, k.F, k.biases, 11u + (uint32_t)i,
+                                   k.fused, &y));
+            if (s == 0) first[i] = y;   /* every schedule: the same bits */
+            else CHECK(y.size() == first[i].size() &&
+                       (y.empty() || memcmp(y.data(), first[i].data(), y.size() * 4) == 0));
+        }
+    }
+}
+
 int main(void) {
     static const emu_test tests[] = {{"grouped_gemm", test_grouped_gemm},
-                                     {"dispatch", test_dispatch}};
+                                     {"dispatch", test_dispatch},
+                                     {"expert_path", test_expert_path}};
     return run_tests("moe_cuda", tests, (int)(sizeof tests / sizeof tests[0]));
 }
