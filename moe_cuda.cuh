@@ -11,7 +11,9 @@
          expert-contiguous rows, bf16 in, fp32 accumulate;
        - dispatch: per-expert counts, their scan, row positions in moe.h's
          order and the gathered bf16 rows;
-       - weight packing, the FFN nonlinearity with biases, the combine.
+       - weight packing, the FFN nonlinearity with biases, the combine;
+       - token-choice routing (softmax / sigmoid, biases, group limit,
+         normalisation, scaling), one warp per token, E <= 256, K <= 32.
      Next: routing, dispatch, the FFN epilogues, combine, the backward, and the
      public moe_cuda_forward / moe_cuda_backward (see the issue).
 
@@ -22,6 +24,7 @@
 #ifndef MOE_CUDA_CUH
 #define MOE_CUDA_CUH
 
+#include <math.h>
 #include <stdint.h>
 #ifndef MOE_H_INCLUDED
 #  error "include moe.h before moe_cuda.cuh"
@@ -36,6 +39,14 @@
 /* kernel<<<grid, block, smem, stream>>>(...) as an expression: the launch's error */
 #  define MOE_CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
        (kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaGetLastError())
+#endif
+
+/* loops over register arrays must unroll (a dynamic index puts the array in
+   local memory); g++ has no such pragma and needs none */
+#ifdef CUDA_EMU
+#  define MOE_CUDA_UNROLL
+#else
+#  define MOE_CUDA_UNROLL _Pragma("unroll")
 #endif
 
 // ----------------------------------------------------------------------------
@@ -253,6 +264,206 @@ moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int
 static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
     return dim3((unsigned)(n_pad / MOE_CUDA__BN),
                 (unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts));
+}
+
+// ----------------------------------------------------------------------------
+// Token-choice routing, one warp per token (moe.h's moe__route_token_topk
+// without noise): logits z = x W^T (+ router bias) summed in d order with
+// fmaf; scores softmax / sigmoid; keys = score (+ selection bias); the group
+// limit (group score = sum of its top group_score_top keys, the best
+// topk_group groups kept, the rest -inf or 0); top-k by (key desc, index
+// asc); weights from the unbiased scores, normalised (sum, p-norm, none) in
+// double as moe.h does, times routed_scale. Expert e lives in lane e % 32,
+// slot e / 32 (E <= 256). A non-finite logit sets *nonfinite (moe.h returns
+// MOE_STATUS_NONFINITE there) and the token's routing is not used.
+
+enum { MOE_CUDA__MAX_EXPERTS = 256, MOE_CUDA__SLOTS = MOE_CUDA__MAX_EXPERTS / 32,
+       MOE_CUDA__ROUTE_WARPS = 4 };
+
+typedef struct moe_cuda__route_args {
+    const float *x, *router, *router_bias, *selection_bias;   /* biases may be NULL */
+    int tokens, d, experts, top_k, sigmoid;
+    int n_group, topk_group, group_score_top, group_mask_zero;
+    int normalize;   /* moe_norm */
+    float norm_p, norm_eps, routed_scale;
+    float *logits, *scores, *weight;   /* [T][E], [T][E], [T][K] */
+    int32_t *expert;                   /* [T][K] */
+    uint8_t *dropped;                  /* [T][K], all 0 (no capacity yet) */
+    int *nonfinite;
+} moe_cuda__route_args;
+
+/* (value, index) ordering of every top-k: larger value first, then lower index */
+__device__ __forceinline__ bool moe_cuda__before(float v, int i, float w, int j) {
+    return v > w || (v == w && i < j);
+}
+/* The warp's best (value, index) of the candidates each lane offers. */
+__device__ __forceinline__ void moe_cuda__warp_best(float *v, int *i) {
+    for (int o = 16; o > 0; o /= 2) {
+        const float w = __shfl_xor_sync(0xffffffffu, *v, o);
+        const int j = __shfl_xor_sync(0xffffffffu, *i, o);
+        if (moe_cuda__before(w, j, *v, *i)) { *v = w; *i = j; }
+    }
+}
+/* The best untaken entry of val[] (slots in use: e = lane + 32 s < n, and
+   lo <= e < hi), over the warp; marks nothing. */
+__device__ __forceinline__ void moe_cuda__best_of(const float *val, unsigned taken, int n, int lo,
+                                                  int hi, float *v, int *i) {
+    const int lane = (int)threadIdx.x & 31;
+    *v = -INFINITY;
+    *i = 0x7fffffff;   /* loses every tie: a valid -inf entry still wins */
+MOE_CUDA_UNROLL
+    for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
+        const int e = lane + 32 * s;
+        const bool open = e < n && e >= lo && e < hi && !(taken >> s & 1u);
+        if (open && moe_cuda__before(val[s], e, *v, *i)) {
+            *v = val[s];
+            *i = e;
+        }
+    }
+    moe_cuda__warp_best(v, i);
+}
+__device__ __forceinline__ float moe_cuda__warp_sum(float v) {
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+/* slot s of this lane's array, for a slot index uniform across the warp */
+__device__ __forceinline__ float moe_cuda__slot(const float *a, int s) {
+    float r = 0.0f;
+MOE_CUDA_UNROLL
+    for (int q = 0; q < MOE_CUDA__SLOTS; q++) if (q == s) r = a[q];
+    return r;
+}
+
+__global__ void __launch_bounds__(32 * MOE_CUDA__ROUTE_WARPS)
+moe_cuda__route_topk(moe_cuda__route_args a) {
+    const int lane = (int)threadIdx.x & 31;
+    const int t = (int)blockIdx.x * MOE_CUDA__ROUTE_WARPS + ((int)threadIdx.x >> 5);
+    if (t >= a.tokens) return;   /* whole warps: no collective loses a lane */
+    const int E = a.experts;
+    const float *xt = a.x + (size_t)t * a.d;
+    float z[MOE_CUDA__SLOTS], sc[MOE_CUDA__SLOTS], key[MOE_CUDA__SLOTS];
+    bool finite = true;
+
+    /* logits, and their maximum for the softmax */
+    float zmax = -INFINITY;
+MOE_CUDA_UNROLL
+    for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
+        const int e = lane + 32 * s;
+        z[s] = 0.0f;
+        if (e < E) {
+            const float *we = a.router + (size_t)e * a.d;
+            float acc = 0.0f;
+            for (int k = 0; k < a.d; k++) acc = fmaf(xt[k], we[k], acc);
+            if (a.router_bias) acc += a.router_bias[e];
+            z[s] = acc;
+            a.logits[(size_t)t * E + e] = acc;
+            finite = finite && acc - acc == 0.0f;
+            zmax = fmaxf(zmax, acc);
+        }
+    }
+    if (__ballot_sync(0xffffffffu, !finite)) {
+        if (lane == 0) *a.nonfinite = 1;
+        return;   /* the whole warp */
+    }
+    for (int o = 16; o > 0; o /= 2) zmax = fmaxf(zmax, __shfl_xor_sync(0xffffffffu, zmax, o));
+
+    /* scores */
+    float part = 0.0f;
+MOE_CUDA_UNROLL
+    for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
+        const int e = lane + 32 * s;
+        sc[s] = 0.0f;
+        if (e < E) {
+            if (a.sigmoid)
+                sc[s] = z[s] >= 0.0f ? 1.0f / (1.0f + expf(-z[s]))
+                                     : expf(z[s]) / (1.0f + expf(z[s]));   /* stable */
+            else sc[s] = expf(z[s] - zmax);
+            part += sc[s];
+        }
+    }
+    const float sum = a.sigmoid ? 1.0f : moe_cuda__warp_sum(part);
+MOE_CUDA_UNROLL
+    for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
+        const int e = lane + 32 * s;
+        if (e < E) {
+            if (!a.sigmoid) sc[s] /= sum;
+            a.scores[(size_t)t * E + e] = sc[s];
+            key[s] = sc[s] + (a.selection_bias ? a.selection_bias[e] : 0.0f);
+        }
+    }
+
+    /* group limit: groups of gsz experts; group g's score in lane g % 32, slot g / 32 */
+    if (a.n_group > 1) {
+        const int G = a.n_group, gsz = E / G;
+        float gscore[MOE_CUDA__SLOTS];
+MOE_CUDA_UNROLL
+        for (int s = 0; s < MOE_CUDA__SLOTS; s++) gscore[s] = 0.0f;
+        for (int g = 0; g < G; g++) {
+            unsigned taken = 0;
+            float total = 0.0f;
+            for (int j = 0; j < a.group_score_top; j++) {
+                float v;
+                int i;
+                moe_cuda__best_of(key, taken, E, g * gsz, (g + 1) * gsz, &v, &i);
+                total += v;   /* in descending order, as moe.h adds them */
+                if ((i & 31) == lane) taken |= 1u << (i >> 5);
+            }
+MOE_CUDA_UNROLL
+            for (int s = 0; s < MOE_CUDA__SLOTS; s++) if (g == lane + 32 * s) gscore[s] = total;
+        }
+        unsigned kept = 0;   /* bit s: group lane + 32 s is kept */
+        for (int j = 0; j < a.topk_group; j++) {
+            float v;
+            int i;
+            moe_cuda__best_of(gscore, kept, G, 0, G, &v, &i);
+            if ((i & 31) == lane) kept |= 1u << (i >> 5);
+        }
+MOE_CUDA_UNROLL
+        for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
+            const int e = lane + 32 * s, g = e < E ? e / gsz : 0;
+            const unsigned owner = __shfl_sync(0xffffffffu, kept, g & 31);
+            if (e < E && !(owner >> (g >> 5) & 1u)) key[s] = a.group_mask_zero ? 0.0f : -INFINITY;
+        }
+    }
+
+    /* top-k, and the gate weights from the unbiased scores */
+    unsigned taken = 0;
+    int chosen = -1;   /* lane j < K holds slot j: its expert and score */
+    float g = 0.0f;
+    for (int j = 0; j < a.top_k; j++) {
+        float v;
+        int i;
+        moe_cuda__best_of(key, taken, E, 0, E, &v, &i);
+        if ((i & 31) == lane) taken |= 1u << (i >> 5);
+        const float gi = __shfl_sync(0xffffffffu, moe_cuda__slot(sc, i >> 5), i & 31);
+        if (lane == j) { chosen = i; g = gi; }
+    }
+    /* normaliser over the K slots (lanes 0..K-1; K <= 32 here), in slot order */
+    double den = 0.0;
+    if (a.normalize == MOE_NORM_PNORM) {
+        double m = 0.0, s1 = 0.0;
+        for (int j = 0; j < a.top_k; j++) {
+            const double v = fabs((double)__shfl_sync(0xffffffffu, g, j));
+            if (a.norm_p == 1.0f) s1 += v;
+            if (v > m) m = v;
+        }
+        if (a.norm_p != 1.0f && m != 0.0) {
+            for (int j = 0; j < a.top_k; j++)
+                s1 += pow(fabs((double)__shfl_sync(0xffffffffu, g, j)) / m, (double)a.norm_p);
+            den = m * pow(s1, 1.0 / (double)a.norm_p);
+        } else den = s1;
+    } else {
+        for (int j = 0; j < a.top_k; j++) den += __shfl_sync(0xffffffffu, g, j);
+    }
+    den += a.norm_eps;
+    if (lane < a.top_k) {
+        float w = g;
+        if (a.normalize != MOE_NORM_NONE) w = den > 0.0 ? (float)((double)g / den) : 0.0f;
+        const size_t p = (size_t)t * a.top_k + lane;
+        a.expert[p] = chosen;
+        a.weight[p] = w * a.routed_scale;
+        a.dropped[p] = 0;
+    }
 }
 
 // ----------------------------------------------------------------------------

@@ -368,9 +368,140 @@ static void test_expert_path(void) {
     }
 }
 
+/* ---- routing against moe_route ------------------------------------------------ */
+
+/* The GPU routes T tokens; its logits must match a double dot product, and
+   moe.h's moe_route on those logits must pick the same experts in the same
+   order, with the same scores and weights (to 1e-6). */
+/* ties: every expert the same; nan_token >= 0: that token's x[0] is NaN, and
+   the kernel must raise *nonfinite (moe.h: MOE_STATUS_NONFINITE) */
+static int route_case(moe_config c, int T, uint32_t seed, int ties = 0, int nan_token = -1) {
+    moe_config rc;
+    c.isa = MOE_ISA_REFERENCE;
+    if (moe_config_resolve(&c, &rc) != MOE_STATUS_OK) { printf("  bad config\n"); return 0; }
+    const int E = rc.num_experts, K = rc.top_k, D = rc.d_model;
+    std::vector<float> x, router, rbias, sbias;
+    fill_host(x, (size_t)T * D + 1, 1.0f, &seed);
+    fill_host(router, (size_t)E * D, 0.4f, &seed);
+    fill_host(rbias, (size_t)E, 0.3f, &seed);
+    fill_host(sbias, (size_t)E, 0.2f, &seed);
+    if (nan_token >= 0) x[(size_t)nan_token * D] = NAN;
+    if (ties)   /* ties everywhere: the lower index wins */
+        for (int e = 0; e < E; e++) {
+            for (int k = 0; k < D; k++) router[(size_t)e * D + k] = router[k];
+            rbias[e] = 0.0f; sbias[e] = 0.0f;
+        }
+    float *dx = to_device(x), *dr = to_device(router), *drb = to_device(rbias), *dsb = to_device(sbias);
+    const size_t TE = (size_t)(T > 0 ? T : 1) * E, TK = (size_t)(T > 0 ? T : 1) * K;
+    float *dlog = (float *)dalloc(TE * 4), *dsc = (float *)dalloc(TE * 4), *dw = (float *)dalloc(TK * 4);
+    int32_t *dexp = (int32_t *)dalloc(TK * 4);
+    uint8_t *ddrop = (uint8_t *)dalloc(TK);
+    int *dnf = (int *)dalloc(4);
+    cudaMemset(dnf, 0, 4);
+    moe_cuda__route_args a;
+    memset(&a, 0, sizeof a);
+    a.x = dx; a.router = dr; a.router_bias = rc.router_bias ? drb : NULL;
+    a.selection_bias = rc.selection_bias ? dsb : NULL;
+    a.tokens = T; a.d = D; a.experts = E; a.top_k = K; a.sigmoid = rc.score == MOE_SCORE_SIGMOID;
+    a.n_group = rc.n_group; a.topk_group = rc.topk_group; a.group_score_top = rc.group_score_top;
+    a.group_mask_zero = rc.group_mask_zero; a.normalize = (int)rc.normalize;
+    a.norm_p = rc.norm_p; a.norm_eps = rc.norm_eps; a.routed_scale = rc.routed_scale;
+    a.logits = dlog; a.scores = dsc; a.weight = dw; a.expert = dexp; a.dropped = ddrop;
+    a.nonfinite = dnf;
+    const unsigned blocks = (unsigned)((T + MOE_CUDA__ROUTE_WARPS - 1) / MOE_CUDA__ROUTE_WARPS);
+    int ok = T == 0 || MOE_CUDA_LAUNCH(moe_cuda__route_topk, dim3(blocks),
+                                       dim3(32 * MOE_CUDA__ROUTE_WARPS), 0, 0, a) == cudaSuccess;
+    if (!ok) printf("  launch: %s\n", launch_error().c_str());
+    std::vector<float> logits(TE), scores(TE), weight(TK);
+    std::vector<int32_t> expert(TK);
+    int nonfinite = 0;
+    down(logits.data(), dlog, TE * 4); down(scores.data(), dsc, TE * 4);
+    down(weight.data(), dw, TK * 4); down(expert.data(), dexp, TK * 4); down(&nonfinite, dnf, 4);
+    void *bufs[] = {dx, dr, drb, dsb, dlog, dsc, dw, dexp, ddrop, dnf};
+    for (void *b : bufs) cudaFree(b);
+    if (nan_token >= 0) return ok && nonfinite == 1;
+    if (!ok || nonfinite) return 0;
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < E; e++) {
+            double z = rc.router_bias ? rbias[e] : 0.0, mag = fabs(z);
+            for (int k = 0; k < D; k++) {
+                z += (double)x[(size_t)t * D + k] * router[(size_t)e * D + k];
+                mag += fabs((double)x[(size_t)t * D + k] * router[(size_t)e * D + k]);
+            }
+            if (!(fabs(logits[(size_t)t * E + e] - z) <= 1e-6 * mag + 1e-30)) {
+                printf("  logit [%d][%d] %.9g, want %.9g\n", t, e, logits[(size_t)t * E + e], z);
+                return 0;
+            }
+        }
+    /* moe.h on the GPU's logits */
+    moe_weights w;
+    memset(&w, 0, sizeof w);
+    w.selection_bias = sbias.data();
+    size_t ib = 0, ws = 0;
+    moe_info info;
+    CHECK(moe_info_size(&c, T, &ib) == MOE_STATUS_OK);
+    CHECK(moe_route_workspace_size(&c, T, &ws) == MOE_STATUS_OK);
+    std::vector<unsigned char> ibuf(ib + 1), wbuf(ws + 1);
+    CHECK(moe_info_bind(&c, T, &info, ibuf.data(), ib) == MOE_STATUS_OK);
+    if (moe_route(&c, &w, logits.data(), NULL, T, &info, wbuf.data(), ws) != MOE_STATUS_OK) return 0;
+    for (size_t i = 0; i < (size_t)T * E; i++)
+        if (!(fabs(scores[i] - info.scores[i]) <= 1e-6 * fabs(info.scores[i]) + 1e-30)) {
+            printf("  score %zu: %.9g, moe.h %.9g\n", i, scores[i], info.scores[i]);
+            return 0;
+        }
+    for (size_t i = 0; i < (size_t)T * K; i++)
+        if (expert[i] != info.expert[i] ||
+            !(fabs(weight[i] - info.weight[i]) <= 1e-6 * fabs(info.weight[i]) + 1e-30)) {
+            printf("  slot %zu: expert %d weight %.9g, moe.h %d %.9g\n", i, expert[i], weight[i],
+                   info.expert[i], info.weight[i]);
+            return 0;
+        }
+    return 1;
+}
+
+static void test_route(void) {
+    for (int s = 0; s < NSCHED; s++) {
+        use_schedule(s);
+        moe_config c = moe_preset_mixtral();   /* softmax top-2, renormalised */
+        c.d_model = 24;
+        CHECK(route_case(c, 37, 1u));
+        c.router_bias = 1; c.top_k = 8;         /* K = E, router bias */
+        CHECK(route_case(c, 7, 2u));
+        c = moe_preset_deepseek_v3();          /* sigmoid, selection bias, groups, sum of top-2 */
+        c.num_experts = 64; c.d_model = 20; c.n_group = 8; c.topk_group = 3;
+        CHECK(route_case(c, 45, 3u));
+        c = moe_preset_deepseek_v2();          /* group max, no renorm, x16 */
+        c.num_experts = 32; c.top_k = 6; c.d_model = 17; c.group_mask_zero = 1;
+        CHECK(route_case(c, 9, 4u));
+        c = moe_preset_dbrx();                 /* p-norm, p = 1 */
+        c.d_model = 33;
+        CHECK(route_case(c, 30, 5u));
+        c.norm_p = 2.5f;                        /* p-norm through pow */
+        CHECK(route_case(c, 30, 6u));
+        c = moe_preset_qwen2_moe();            /* no renorm, E = 60 */
+        c.d_model = 16;
+        CHECK(route_case(c, 1, 7u));
+        c = moe_preset_deepseek_v3();          /* E = 256, K = 8 */
+        c.d_model = 8;
+        CHECK(route_case(c, 5, 8u));
+        c = moe_preset_mixtral();
+        c.top_k = 3; c.d_model = 12;
+        CHECK(route_case(c, 6, 11u, 1));        /* ties */
+        c = moe_preset_deepseek_v3();
+        c.num_experts = 32; c.n_group = 4; c.topk_group = 2; c.d_model = 6;
+        CHECK(route_case(c, 6, 12u, 1));        /* tied groups, tied experts */
+        CHECK(route_case(c, 9, 13u, 0, 5));     /* a NaN in x: flagged */
+        c = moe_preset_mixtral();
+        c.num_experts = 1; c.top_k = 1; c.d_model = 3;
+        CHECK(route_case(c, 3, 9u));
+        CHECK(route_case(c, 0, 10u));
+    }
+}
+
 int main(void) {
     static const emu_test tests[] = {{"grouped_gemm", test_grouped_gemm},
                                      {"dispatch", test_dispatch},
-                                     {"expert_path", test_expert_path}};
+                                     {"expert_path", test_expert_path},
+                                     {"route", test_route}};
     return run_tests("moe_cuda", tests, (int)(sizeof tests / sizeof tests[0]));
 }
