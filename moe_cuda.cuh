@@ -5,17 +5,18 @@
      Not usable yet: there is no public API. What is here is verified on the
      CPU emulator (tests/cuda_emu) and built by nvcc for sm_80 and sm_90a
      without spills; nothing is measured on a GPU yet.
+     In pipeline order:
        - the device operations that are one PTX instruction (mma.sync
          m16n8k16 bf16, ldmatrix, cp.async), each behind one function;
-       - moe_cuda__grouped_gemm: the expert GEMM C = A W^T over
-         expert-contiguous rows, bf16 in, fp32 accumulate;
+       - token-choice routing (softmax / sigmoid, biases, group limit,
+         normalisation, scaling), one warp per token, E <= 256, K <= 32;
        - dispatch: per-expert counts, their scan, row positions in moe.h's
          order and the gathered bf16 rows;
-       - weight packing, the FFN nonlinearity with biases, the combine;
-       - token-choice routing (softmax / sigmoid, biases, group limit,
-         normalisation, scaling), one warp per token, E <= 256, K <= 32.
-     Next: routing, dispatch, the FFN epilogues, combine, the backward, and the
-     public moe_cuda_forward / moe_cuda_backward (see the issue).
+       - weight packing; moe_cuda__grouped_gemm, the expert GEMM C = A W^T
+         over expert-contiguous rows, bf16 in, fp32 accumulate;
+       - the FFN nonlinearity with biases, the combine.
+     Next: aux losses and capacity, fused epilogues, the shared expert, the
+     backward, and the public moe_cuda_forward / moe_cuda_backward.
 
    BUILD
      In a .cu file, after moe.h:   #include "moe_cuda.cuh"     (nvcc, sm_80+)
@@ -123,147 +124,6 @@ template <int N> __device__ __forceinline__ void moe_cuda__cp_async_wait() {
 #else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
-}
-
-// ----------------------------------------------------------------------------
-// Grouped expert GEMM: for each expert e, the rows [offsets[e], offsets[e+1])
-// of A times W_e^T:  C[r][n] = sum_k A[r][k] W[e][n][k]   (nn.Linear [out][in]).
-// bf16 operands, fp32 accumulation in the tensor cores.
-//
-//   A  [rows][k_pad] bf16, expert-contiguous rows, zero past k
-//   W  [E][n_pad][k_pad] bf16, zero past n and k (k_pad, n_pad: multiples of
-//      MOE_CUDA__BK and MOE_CUDA__BN; the packing pads)
-//   C  [rows][ldc] fp32, columns n < N written
-//
-// Block tile BM x BN = 64 x 64, BK = 32, four warps of 32 x 32; a STAGES-deep
-// cp.async pipeline. The grid is the worst case for `max_rows` (the host
-// knows T * K, not the counts): grid.y = ceil(max_rows / BM) + E row tiles,
-// and each block finds its (expert, row tile) from the offsets; blocks past
-// the last tile exit at once. Rows past an expert's end load as zeros and
-// are not stored. Each output is one fixed sequence of mma over k: the
-// result does not depend on the grid or the schedule (deterministic).
-
-enum {
-    MOE_CUDA__BM = 64, MOE_CUDA__BN = 64, MOE_CUDA__BK = 32, MOE_CUDA__STAGES = 3,
-    MOE_CUDA__GEMM_THREADS = 128,
-    MOE_CUDA__STAGE_BYTES = (MOE_CUDA__BM + MOE_CUDA__BN) * MOE_CUDA__BK * 2
-};
-
-/* This block's expert and first row, from its row-tile index; -1: no tile. */
-__device__ __forceinline__ int moe_cuda__find_tile(const int32_t *offsets, int experts,
-                                                   int tile, int *row0, int *row_end) {
-    for (int e = 0; e < experts; e++) {
-        const int begin = offsets[e], end = offsets[e + 1];
-        const int tiles = (end - begin + MOE_CUDA__BM - 1) / MOE_CUDA__BM;
-        if (tile < tiles) {
-            *row0 = begin + tile * MOE_CUDA__BM;
-            *row_end = end;
-            return e;
-        }
-        tile -= tiles;
-    }
-    return -1;
-}
-
-/* Stage s: A rows [row0, row0 + BM) and W_e rows [n0, n0 + BN), columns
-   [k0, k0 + BK), as 16-byte chunks (4 per 32-column row; 2 + 2 per thread). */
-__device__ __forceinline__ void moe_cuda__load_stage(unsigned char *stage,
-                                                     const __nv_bfloat16 *A,
-                                                     const __nv_bfloat16 *We, int k_pad,
-                                                     int row0, int row_end, int n0, int k0) {
-    const int t = (int)threadIdx.x;
-    __nv_bfloat16 *sa = (__nv_bfloat16 *)stage, *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
-    for (int c = t; c < MOE_CUDA__BM * 4; c += MOE_CUDA__GEMM_THREADS) {
-        const int r = c >> 2, col = (c & 3) * 8;
-        const int live = row0 + r < row_end;   /* past the expert's rows: zeros */
-        const __nv_bfloat16 *src = A + (size_t)(live ? row0 + r : row0) * k_pad + k0 + col;
-        moe_cuda__cp_async16(sa + r * MOE_CUDA__BK + col, src, live ? 16 : 0);
-    }
-    for (int c = t; c < MOE_CUDA__BN * 4; c += MOE_CUDA__GEMM_THREADS) {
-        const int r = c >> 2, col = (c & 3) * 8;
-        moe_cuda__cp_async16(sb + r * MOE_CUDA__BK + col,
-                             We + (size_t)(n0 + r) * k_pad + k0 + col, 16);
-    }
-}
-
-/* BUG (tests only, 0 in the library): 1 waits for one group too few, 2
-   refills a stage before the barrier, 3 swaps the B fragment registers. */
-template <int BUG>
-__global__ void __launch_bounds__(MOE_CUDA__GEMM_THREADS)
-moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int32_t *offsets,
-                       int experts, int n, int n_pad, int k_pad, float *C, int ldc) {
-    int row0 = 0, row_end = 0;
-    const int e = moe_cuda__find_tile(offsets, experts, (int)blockIdx.y, &row0, &row_end);
-    if (e < 0) return;   /* a surplus tile of the worst-case grid: the whole block */
-    const int n0 = (int)blockIdx.x * MOE_CUDA__BN;
-    const __nv_bfloat16 *We = W + (size_t)e * n_pad * k_pad;
-    unsigned char *smem = moe_cuda__smem();
-    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;   /* the warp's 32 x 32 */
-    const int k_tiles = k_pad / MOE_CUDA__BK;
-    float acc[2][4][4];
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 4; j++)
-            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
-
-    for (int s = 0; s < MOE_CUDA__STAGES - 1; s++) {   /* the pipeline's first stages */
-        if (s < k_tiles)
-            moe_cuda__load_stage(smem + s * MOE_CUDA__STAGE_BYTES, A, We, k_pad, row0, row_end,
-                                 n0, s * MOE_CUDA__BK);
-        moe_cuda__cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; kt++) {
-        const int next = kt + MOE_CUDA__STAGES - 1;
-        if (BUG == 2 && next < k_tiles)   /* planted: refills the stage others still read */
-            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
-                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
-        if (BUG == 1) moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 1>();
-        else moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 2>();   /* tile kt has landed */
-        __syncthreads();   /* ... for every thread, and tile kt - 1 is done with */
-        if (BUG != 2 && next < k_tiles)
-            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
-                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
-        moe_cuda__cp_async_commit();   /* empty groups keep the count in step */
-
-        const __nv_bfloat16 *sa =
-            (const __nv_bfloat16 *)(smem + (kt % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES);
-        const __nv_bfloat16 *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
-        for (int kk = 0; kk < MOE_CUDA__BK; kk += 16) {
-            uint32_t fa[2][4], fb[4][2];
-            const int j = lane >> 3, r8 = lane & 7;   /* lane's matrix and row in it */
-            for (int mi = 0; mi < 2; mi++)   /* A: rows +8 in matrices 1, 3; k +8 in 2, 3 */
-                moe_cuda__ldmatrix_x4(fa[mi], sa + (wm + mi * 16 + r8 + 8 * (j & 1)) *
-                                                  MOE_CUDA__BK + kk + 8 * (j >> 1));
-            for (int ni = 0; ni < 4; ni += 2) {   /* W rows are B's columns: no .trans */
-                uint32_t q[4];
-                moe_cuda__ldmatrix_x4(q, sb + (wn + ni * 8 + 8 * (j >> 1) + r8) * MOE_CUDA__BK +
-                                             kk + 8 * (j & 1));
-                fb[ni][0] = q[0]; fb[ni][1] = q[1];
-                fb[ni + 1][0] = q[2]; fb[ni + 1][1] = q[3];
-                if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
-            }
-            for (int mi = 0; mi < 2; mi++)
-                for (int ni = 0; ni < 4; ni++)
-                    moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
-        }
-    }
-    moe_cuda__cp_async_wait<0>();
-
-    /* C fragment: register r holds row g + 8 (r >> 1), column 2t + (r & 1) */
-    const int g = lane >> 2, t4 = lane & 3;
-    for (int mi = 0; mi < 2; mi++)
-        for (int ni = 0; ni < 4; ni++)
-            for (int r = 0; r < 4; r++) {
-                const int row = row0 + wm + mi * 16 + g + 8 * (r >> 1);
-                const int col = n0 + wn + ni * 8 + 2 * t4 + (r & 1);
-                if (row < row_end && col < n) C[(size_t)row * ldc + col] = acc[mi][ni][r];
-            }
-}
-
-/* Launch geometry for max_rows rows at most (T * K for top-k routing). */
-static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
-    return dim3((unsigned)(n_pad / MOE_CUDA__BN),
-                (unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts));
 }
 
 // ----------------------------------------------------------------------------
@@ -582,6 +442,147 @@ __global__ void moe_cuda__pack_w2(const float *down, int experts, int d, int f, 
         const int e = (int)(i / f_pad / d_out_pad);
         W2[i] = __float2bfloat16_rn(k < f && n < d ? down[((size_t)e * d + n) * f + k] : 0.0f);
     }
+}
+
+// ----------------------------------------------------------------------------
+// Grouped expert GEMM: for each expert e, the rows [offsets[e], offsets[e+1])
+// of A times W_e^T:  C[r][n] = sum_k A[r][k] W[e][n][k]   (nn.Linear [out][in]).
+// bf16 operands, fp32 accumulation in the tensor cores.
+//
+//   A  [rows][k_pad] bf16, expert-contiguous rows, zero past k
+//   W  [E][n_pad][k_pad] bf16, zero past n and k (k_pad, n_pad: multiples of
+//      MOE_CUDA__BK and MOE_CUDA__BN; the packing pads)
+//   C  [rows][ldc] fp32, columns n < N written
+//
+// Block tile BM x BN = 64 x 64, BK = 32, four warps of 32 x 32; a STAGES-deep
+// cp.async pipeline. The grid is the worst case for `max_rows` (the host
+// knows T * K, not the counts): grid.y = ceil(max_rows / BM) + E row tiles,
+// and each block finds its (expert, row tile) from the offsets; blocks past
+// the last tile exit at once. Rows past an expert's end load as zeros and
+// are not stored. Each output is one fixed sequence of mma over k: the
+// result does not depend on the grid or the schedule (deterministic).
+
+enum {
+    MOE_CUDA__BM = 64, MOE_CUDA__BN = 64, MOE_CUDA__BK = 32, MOE_CUDA__STAGES = 3,
+    MOE_CUDA__GEMM_THREADS = 128,
+    MOE_CUDA__STAGE_BYTES = (MOE_CUDA__BM + MOE_CUDA__BN) * MOE_CUDA__BK * 2
+};
+
+/* This block's expert and first row, from its row-tile index; -1: no tile. */
+__device__ __forceinline__ int moe_cuda__find_tile(const int32_t *offsets, int experts,
+                                                   int tile, int *row0, int *row_end) {
+    for (int e = 0; e < experts; e++) {
+        const int begin = offsets[e], end = offsets[e + 1];
+        const int tiles = (end - begin + MOE_CUDA__BM - 1) / MOE_CUDA__BM;
+        if (tile < tiles) {
+            *row0 = begin + tile * MOE_CUDA__BM;
+            *row_end = end;
+            return e;
+        }
+        tile -= tiles;
+    }
+    return -1;
+}
+
+/* Stage s: A rows [row0, row0 + BM) and W_e rows [n0, n0 + BN), columns
+   [k0, k0 + BK), as 16-byte chunks (4 per 32-column row; 2 + 2 per thread). */
+__device__ __forceinline__ void moe_cuda__load_stage(unsigned char *stage,
+                                                     const __nv_bfloat16 *A,
+                                                     const __nv_bfloat16 *We, int k_pad,
+                                                     int row0, int row_end, int n0, int k0) {
+    const int t = (int)threadIdx.x;
+    __nv_bfloat16 *sa = (__nv_bfloat16 *)stage, *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
+    for (int c = t; c < MOE_CUDA__BM * 4; c += MOE_CUDA__GEMM_THREADS) {
+        const int r = c >> 2, col = (c & 3) * 8;
+        const int live = row0 + r < row_end;   /* past the expert's rows: zeros */
+        const __nv_bfloat16 *src = A + (size_t)(live ? row0 + r : row0) * k_pad + k0 + col;
+        moe_cuda__cp_async16(sa + r * MOE_CUDA__BK + col, src, live ? 16 : 0);
+    }
+    for (int c = t; c < MOE_CUDA__BN * 4; c += MOE_CUDA__GEMM_THREADS) {
+        const int r = c >> 2, col = (c & 3) * 8;
+        moe_cuda__cp_async16(sb + r * MOE_CUDA__BK + col,
+                             We + (size_t)(n0 + r) * k_pad + k0 + col, 16);
+    }
+}
+
+/* BUG (tests only, 0 in the library): 1 waits for one group too few, 2
+   refills a stage before the barrier, 3 swaps the B fragment registers. */
+template <int BUG>
+__global__ void __launch_bounds__(MOE_CUDA__GEMM_THREADS)
+moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int32_t *offsets,
+                       int experts, int n, int n_pad, int k_pad, float *C, int ldc) {
+    int row0 = 0, row_end = 0;
+    const int e = moe_cuda__find_tile(offsets, experts, (int)blockIdx.y, &row0, &row_end);
+    if (e < 0) return;   /* a surplus tile of the worst-case grid: the whole block */
+    const int n0 = (int)blockIdx.x * MOE_CUDA__BN;
+    const __nv_bfloat16 *We = W + (size_t)e * n_pad * k_pad;
+    unsigned char *smem = moe_cuda__smem();
+    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;   /* the warp's 32 x 32 */
+    const int k_tiles = k_pad / MOE_CUDA__BK;
+    float acc[2][4][4];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+
+    for (int s = 0; s < MOE_CUDA__STAGES - 1; s++) {   /* the pipeline's first stages */
+        if (s < k_tiles)
+            moe_cuda__load_stage(smem + s * MOE_CUDA__STAGE_BYTES, A, We, k_pad, row0, row_end,
+                                 n0, s * MOE_CUDA__BK);
+        moe_cuda__cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; kt++) {
+        const int next = kt + MOE_CUDA__STAGES - 1;
+        if (BUG == 2 && next < k_tiles)   /* planted: refills the stage others still read */
+            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
+                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
+        if (BUG == 1) moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 1>();
+        else moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 2>();   /* tile kt has landed */
+        __syncthreads();   /* ... for every thread, and tile kt - 1 is done with */
+        if (BUG != 2 && next < k_tiles)
+            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
+                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
+        moe_cuda__cp_async_commit();   /* empty groups keep the count in step */
+
+        const __nv_bfloat16 *sa =
+            (const __nv_bfloat16 *)(smem + (kt % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES);
+        const __nv_bfloat16 *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
+        for (int kk = 0; kk < MOE_CUDA__BK; kk += 16) {
+            uint32_t fa[2][4], fb[4][2];
+            const int j = lane >> 3, r8 = lane & 7;   /* lane's matrix and row in it */
+            for (int mi = 0; mi < 2; mi++)   /* A: rows +8 in matrices 1, 3; k +8 in 2, 3 */
+                moe_cuda__ldmatrix_x4(fa[mi], sa + (wm + mi * 16 + r8 + 8 * (j & 1)) *
+                                                  MOE_CUDA__BK + kk + 8 * (j >> 1));
+            for (int ni = 0; ni < 4; ni += 2) {   /* W rows are B's columns: no .trans */
+                uint32_t q[4];
+                moe_cuda__ldmatrix_x4(q, sb + (wn + ni * 8 + 8 * (j >> 1) + r8) * MOE_CUDA__BK +
+                                             kk + 8 * (j & 1));
+                fb[ni][0] = q[0]; fb[ni][1] = q[1];
+                fb[ni + 1][0] = q[2]; fb[ni + 1][1] = q[3];
+                if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
+            }
+            for (int mi = 0; mi < 2; mi++)
+                for (int ni = 0; ni < 4; ni++)
+                    moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
+        }
+    }
+    moe_cuda__cp_async_wait<0>();
+
+    /* C fragment: register r holds row g + 8 (r >> 1), column 2t + (r & 1) */
+    const int g = lane >> 2, t4 = lane & 3;
+    for (int mi = 0; mi < 2; mi++)
+        for (int ni = 0; ni < 4; ni++)
+            for (int r = 0; r < 4; r++) {
+                const int row = row0 + wm + mi * 16 + g + 8 * (r >> 1);
+                const int col = n0 + wn + ni * 8 + 2 * t4 + (r & 1);
+                if (row < row_end && col < n) C[(size_t)row * ldc + col] = acc[mi][ni][r];
+            }
+}
+
+/* Launch geometry for max_rows rows at most (T * K for top-k routing). */
+static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
+    return dim3((unsigned)(n_pad / MOE_CUDA__BN),
+                (unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts));
 }
 
 // ----------------------------------------------------------------------------
