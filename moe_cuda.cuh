@@ -586,7 +586,7 @@ static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
 }
 
 // ----------------------------------------------------------------------------
-// The FFN's nonlinearity, as moe.h's moe__act (ROUTING_SPEC 12): SiLU,
+// The FFN's nonlinearity, as moe.h's moe__act: SiLU,
 // GELU (erf, tanh), ReLU (NaN kept, as torch.relu). Host too: the tests model it.
 
 __host__ __device__ __forceinline__ float moe_cuda__act(int act, float v) {
