@@ -152,6 +152,11 @@ typedef struct moe_cuda__route_args {
     int *nonfinite;
 } moe_cuda__route_args;
 
+/* sigmoid without overflow for large |v| (moe.h's moe__sigmoid); host too */
+__host__ __device__ __forceinline__ float moe_cuda__sigmoid(float v) {
+    return v >= 0.0f ? 1.0f / (1.0f + expf(-v)) : expf(v) / (1.0f + expf(v));
+}
+
 /* (value, index) ordering of every top-k: larger value first, then lower index */
 __device__ __forceinline__ bool moe_cuda__before(float v, int i, float w, int j) {
     return v > w || (v == w && i < j);
@@ -234,10 +239,7 @@ MOE_CUDA_UNROLL
         const int e = lane + 32 * s;
         sc[s] = 0.0f;
         if (e < E) {
-            if (a.sigmoid)
-                sc[s] = z[s] >= 0.0f ? 1.0f / (1.0f + expf(-z[s]))
-                                     : expf(z[s]) / (1.0f + expf(z[s]));   /* stable */
-            else sc[s] = expf(z[s] - zmax);
+            sc[s] = a.sigmoid ? moe_cuda__sigmoid(z[s]) : expf(z[s] - zmax);
             part += sc[s];
         }
     }
@@ -592,7 +594,7 @@ static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
 __host__ __device__ __forceinline__ float moe_cuda__act(int act, float v) {
     switch (act) {
     case MOE_ACT_SWIGLU: case MOE_ACT_SILU:
-        return v * (v >= 0.0f ? 1.0f / (1.0f + expf(-v)) : expf(v) / (1.0f + expf(v)));
+        return v * moe_cuda__sigmoid(v);
     case MOE_ACT_GEGLU: case MOE_ACT_GELU:
         return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH:

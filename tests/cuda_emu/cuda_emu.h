@@ -139,7 +139,6 @@ static inline unsigned atomicAdd(unsigned *p, unsigned v) {
     *p = old + v;
     return old;
 }
-static inline int atomicMax(int *p, int v) { const int old = *p; if (v > old) *p = v; return old; }
 
 namespace cuda_emu {
 
@@ -773,7 +772,6 @@ static inline void cp_async_wait(int n) {
 }
 
 static inline void run_block(launch_state &L) {
-    emulator &e = emu();
     std::vector<fiber *> order;
     for (int i = 0; i < L.nthreads; i++) {
         fiber *f = L.fibers[i];
@@ -810,7 +808,6 @@ static inline void run_block(launch_state &L) {
         if (f->state != READY) continue;
         run_fiber(f);
     }
-    (void)e;
 }
 
 /* Everything a launch needs checked before it runs, as cudaLaunchKernel does. */

@@ -11,6 +11,8 @@
 #include "emu_test.h"
 #include <vector>
 
+static inline int pad_to(int v, int m) { return (v + m - 1) / m * m; }
+
 /* One grouped GEMM case: `counts` rows per expert, C = A W_e^T, k columns,
    n outputs. Returns 1 when every C element is within fp32 accumulation
    error of the double-precision product of the bf16 inputs (and, for a
@@ -18,8 +20,7 @@
 template <int BUG>
 static int gemm_case(const std::vector<int> &counts, int n, int k, uint32_t seed) {
     const int E = (int)counts.size();
-    const int n_pad = (n + MOE_CUDA__BN - 1) / MOE_CUDA__BN * MOE_CUDA__BN;
-    const int k_pad = (k + MOE_CUDA__BK - 1) / MOE_CUDA__BK * MOE_CUDA__BK;
+    const int n_pad = pad_to(n, MOE_CUDA__BN), k_pad = pad_to(k, MOE_CUDA__BK);
     const int ldc = n + 3;   /* C's row stride need not be n */
     std::vector<int32_t> offsets(E + 1, 0);
     for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
@@ -104,7 +105,7 @@ static void test_grouped_gemm(void) {
    to expert -1 (none) or are dropped now and then; some experts get none. */
 template <int BUG>
 static int dispatch_case(int T, int K, int E, int d, uint32_t seed) {
-    const int pairs = T * K, d_pad = (d + MOE_CUDA__BK - 1) / MOE_CUDA__BK * MOE_CUDA__BK;
+    const int pairs = T * K, d_pad = pad_to(d, MOE_CUDA__BK);
     std::vector<int32_t> expert((size_t)(pairs > 0 ? pairs : 1), -1);
     std::vector<uint8_t> dropped((size_t)(pairs > 0 ? pairs : 1), 0);
     std::vector<float> x((size_t)(T > 0 ? T : 1) * d);
@@ -197,7 +198,6 @@ static void test_dispatch(void) {
 
 /* ---- the expert path against moe.h -------------------------------------------- */
 
-static inline int pad_to(int v, int m) { return (v + m - 1) / m * m; }
 static inline float bf16_round(float v) { return bf16_value(bf16_bits(v)); }
 static void fill_host(std::vector<float> &v, size_t n, float amp, uint32_t *seed) {
     v.resize(n);
