@@ -424,7 +424,7 @@ test-big: $(BUILD)/test_big
 #                 the binaries run (SKIP without a GPU)
 CUDA_ARCHS := sm_80 sm_90a
 EMU_TESTS  := test_emu test_moe_cuda
-EMU_DEPS   := moe_cuda.cuh tests/cuda_emu/cuda_emu.h tests/cuda_emu/emu_test.h
+EMU_DEPS   := moe.h moe_cuda.cuh tests/cuda_emu/cuda_emu.h tests/cuda_emu/emu_test.h
 EMU_CXX    := $(CXX) -std=c++17 $(WARN) -O1 -g -x c++ -DCUDA_EMU -Itests/cuda_emu
 EMU_BINS   := $(foreach t,$(EMU_TESTS),$(BUILD)/cuda_emu_$(t) $(BUILD)/cuda_emu_$(t)_ucontext \
                 $(BUILD)/cuda_emu_$(t)_san)

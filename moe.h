@@ -198,7 +198,9 @@ extern "C" {
     X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width, or w.packed_bytes is smaller than the blob") \
     X(EP_UNSUPPORTED,     17, "the expert-parallel plan (moe_ep_*) supports top-k routing only, without Shazeer noise or a shared expert") \
     X(BAD_PLAN,           18, "expert-parallel plan mismatch: need 0 <= rank < num_ranks dividing num_experts, the rank's token slice inside num_tokens (sequence-loss sequences inside one slice), and pairs/counts as moe_ep_route and moe_ep_pack produced them") \
-    X(ALIASING,           19, "an output buffer overlaps an input, another output, the workspace or the moe_info arrays (only y == x in moe_forward and dx == dy or dx == x in moe_backward may share memory)")
+    X(ALIASING,           19, "an output buffer overlaps an input, another output, the workspace or the moe_info arrays (only y == x in moe_forward and dx == dy or dx == x in moe_backward may share memory)") \
+    X(CUDA_UNSUPPORTED,   20, "moe_cuda.cuh does not run this config on the GPU: top-k routing only (no expert choice, dense or Soft MoE), greedy second expert, no noise, jitter or expert dropout in training, position drop policy, num_experts <= 256, top_k <= 32") \
+    X(CUDA_ERROR,         21, "a CUDA runtime call or kernel launch failed; moe_cuda_last_error() returns its cudaError_t")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,

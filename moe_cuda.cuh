@@ -1,32 +1,63 @@
-/* moe_cuda.cuh - moe.h's MoE layer on NVIDIA GPUs (in progress, issue 16)
+/* moe_cuda.cuh - moe.h's MoE layer on NVIDIA GPUs (sm_80 and newer)
    no warranty implied; use at your own risk. License: MIT, as moe.h.
 
    STATUS
-     Not usable yet: there is no public API. What is here is verified on the
-     CPU emulator (tests/cuda_emu) and built by nvcc for sm_80 and sm_90a
-     without spills; nothing is measured on a GPU yet.
-     In pipeline order:
-       - the device operations that are one PTX instruction (mma.sync
-         m16n8k16 bf16, ldmatrix, cp.async), each behind one function;
-       - token-choice routing (softmax / sigmoid, biases, group limit,
-         normalisation, scaling), one warp per token, E <= 256, K <= 32;
-       - dispatch: per-expert counts, their scan, row positions in moe.h's
-         order and the gathered bf16 rows;
-       - weight packing; moe_cuda__grouped_gemm, the expert GEMM C = A W^T
-         over expert-contiguous rows, bf16 in, fp32 accumulate;
-       - the FFN nonlinearity with biases, the combine.
-     Next: aux losses and capacity, fused epilogues, the shared expert, the
-     backward, and the public moe_cuda_forward / moe_cuda_backward.
+     The forward of token-choice (top-k) routing runs: routing, capacity,
+     dispatch, the grouped expert GEMMs on tensor cores, the shared expert,
+     the combine and the aux losses, all on the device. Verified on the CPU
+     emulator in tests/cuda_emu against moe.h; built by nvcc for sm_80 and
+     sm_90a without spills; NOT YET MEASURED ON A GPU. Not here yet: the
+     backward (moe_cuda_backward) and the training cache.
 
-   BUILD
-     In a .cu file, after moe.h:   #include "moe_cuda.cuh"     (nvcc, sm_80+)
-     On the CPU emulator:          g++ -x c++ -DCUDA_EMU -Itests/cuda_emu ...
+   USAGE
+     In a .cu file, after moe.h (with MOE_IMPLEMENTATION in one file):
+         #include "moe.h"
+         #include "moe_cuda.cuh"
+     Same moe_config, presets and statuses as moe.h; moe_weights, x, y and
+     the moe_info arrays are DEVICE pointers. Per layer, once:
+         moe_cuda_pack_size(&cfg, &pb);  cudaMalloc(&packed, pb);
+         moe_cuda_pack_weights(&cfg, &w, packed, pb, stream);
+         w.packed = packed; w.packed_bytes = pb;
+     Per call:
+         moe_cuda_forward_workspace_size(&cfg, T, &wb);       (cudaMalloc once)
+         st = moe_cuda_forward(&cfg, &w, x, T, y, &info, ws, wb, stream);
+         ... more work on the stream ...
+         st = moe_cuda_forward_result(ws, &info, stream);     (waits)
+     moe_cuda_forward checks everything the host can know (config, shapes,
+     pointers, sizes, overlaps) and queues the kernels: it neither allocates
+     nor waits, and the launch geometry depends only on T and the config, so
+     the call can be captured in a CUDA graph. What only the device can know
+     comes from moe_cuda_forward_result: MOE_STATUS_NONFINITE when a router
+     logit or the selection bias is NaN or Inf (then y and the info arrays are
+     left as they were), and info's scalars (drops, aux losses).
+
+   WHAT RUNS WHERE
+     cfg.isa = MOE_ISA_REFERENCE runs the experts with the plain fp32 kernels
+     (moe_cuda__ffn_*_ref: one thread per output, obvious loops, fp32 weights
+     from w.gate / w.up / w.down, no packing): the specification the tensor-
+     core path is compared with on a GPU. Any other isa runs the tensor-core
+     path: bf16 x and weights (w.packed), fp32 accumulation, bf16 hidden
+     activations, fp32 everywhere else (router, scores, combine, losses).
+     Not run (MOE_STATUS_CUDA_UNSUPPORTED, checked first): expert choice,
+     dense and Soft MoE, random or sampled second experts, Shazeer noise,
+     jitter, warm-up noise and expert dropout in training, the BPR and weight
+     drop policies, more than 256 experts or top_k > 32.
+
+   DETERMINISM
+     No float atomics: every sum has one fixed order, so a forward gives the
+     same bits on every run of the same GPU and build.
+
+   CONTENTS (pipeline order)
+     PTX wrappers; routing; capacity; dispatch; weight packing; grouped GEMM
+     with fused epilogues; the plain fp32 expert FFN; combine; aux losses and
+     counts; the host API.
 */
 #ifndef MOE_CUDA_CUH
 #define MOE_CUDA_CUH
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifndef MOE_H_INCLUDED
 #  error "include moe.h before moe_cuda.cuh"
 #endif
@@ -126,6 +157,7 @@ template <int N> __device__ __forceinline__ void moe_cuda__cp_async_wait() {
 #endif
 }
 
+
 // ----------------------------------------------------------------------------
 // Token-choice routing, one warp per token (moe.h's moe__route_token_topk
 // without noise): logits z = x W^T (+ router bias) summed in d order with
@@ -134,11 +166,13 @@ template <int N> __device__ __forceinline__ void moe_cuda__cp_async_wait() {
 // topk_group groups kept, the rest -inf or 0); top-k by (key desc, index
 // asc); weights from the unbiased scores, normalised (sum, p-norm, none) in
 // double as moe.h does, times routed_scale. Expert e lives in lane e % 32,
-// slot e / 32 (E <= 256). A non-finite logit sets *nonfinite (moe.h returns
-// MOE_STATUS_NONFINITE there) and the token's routing is not used.
+// slot e / 32 (E <= 256). A non-finite logit or selection bias sets *halt
+// (moe.h returns MOE_STATUS_NONFINITE there): every later kernel then exits.
+// For the aux losses each token also leaves LSE(z)^2, the sum of its scores
+// and, when keys differ from scores, the plain top-k of the scores.
 
-enum { MOE_CUDA__MAX_EXPERTS = 256, MOE_CUDA__SLOTS = MOE_CUDA__MAX_EXPERTS / 32,
-       MOE_CUDA__ROUTE_WARPS = 4 };
+enum { MOE_CUDA__MAX_EXPERTS = 256, MOE_CUDA__MAX_TOP_K = 32,
+       MOE_CUDA__SLOTS = MOE_CUDA__MAX_EXPERTS / 32, MOE_CUDA__ROUTE_WARPS = 4 };
 
 typedef struct moe_cuda__route_args {
     const float *x, *router, *router_bias, *selection_bias;   /* biases may be NULL */
@@ -146,10 +180,12 @@ typedef struct moe_cuda__route_args {
     int n_group, topk_group, group_score_top, group_mask_zero;
     int normalize;   /* moe_norm */
     float norm_p, norm_eps, routed_scale;
-    float *logits, *scores, *weight;   /* [T][E], [T][E], [T][K] */
+    float *logits, *scores, *weight;   /* [T][E], [T][E], [T][K] (before capacity) */
     int32_t *expert;                   /* [T][K] */
-    uint8_t *dropped;                  /* [T][K], all 0 (no capacity yet) */
-    int *nonfinite;
+    uint8_t *dropped;                  /* [T][K], all 0 (capacity comes after) */
+    double *lse_sq, *score_sum;        /* [T] */
+    int32_t *plain;                    /* [T][K] plain top-k of the scores, or NULL */
+    int32_t *halt;
 } moe_cuda__route_args;
 
 /* sigmoid without overflow for large |v| (moe.h's moe__sigmoid); host too */
@@ -187,7 +223,7 @@ MOE_CUDA_UNROLL
     }
     moe_cuda__warp_best(v, i);
 }
-__device__ __forceinline__ float moe_cuda__warp_sum(float v) {
+template <class V> __device__ __forceinline__ V moe_cuda__warp_sum(V v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
@@ -223,17 +259,22 @@ MOE_CUDA_UNROLL
             z[s] = acc;
             a.logits[(size_t)t * E + e] = acc;
             finite = finite && acc - acc == 0.0f;
+            if (a.selection_bias) {
+                const float b = a.selection_bias[e];
+                finite = finite && b - b == 0.0f;
+            }
             zmax = fmaxf(zmax, acc);
         }
     }
     if (__ballot_sync(0xffffffffu, !finite)) {
-        if (lane == 0) *a.nonfinite = 1;
+        if (lane == 0) *a.halt = 1;
         return;   /* the whole warp */
     }
     for (int o = 16; o > 0; o /= 2) zmax = fmaxf(zmax, __shfl_xor_sync(0xffffffffu, zmax, o));
 
-    /* scores */
+    /* scores, and LSE(z) in double for the z-loss (moe.h's moe__logsumexp) */
     float part = 0.0f;
+    double part_exp = 0.0;
 MOE_CUDA_UNROLL
     for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
         const int e = lane + 32 * s;
@@ -241,18 +282,24 @@ MOE_CUDA_UNROLL
         if (e < E) {
             sc[s] = a.sigmoid ? moe_cuda__sigmoid(z[s]) : expf(z[s] - zmax);
             part += sc[s];
+            part_exp += exp((double)z[s] - (double)zmax);
         }
     }
     const float sum = a.sigmoid ? 1.0f : moe_cuda__warp_sum(part);
+    const double lse = (double)zmax + log(moe_cuda__warp_sum(part_exp));
+    double score_sum = 0.0;
 MOE_CUDA_UNROLL
     for (int s = 0; s < MOE_CUDA__SLOTS; s++) {
         const int e = lane + 32 * s;
         if (e < E) {
             if (!a.sigmoid) sc[s] /= sum;
             a.scores[(size_t)t * E + e] = sc[s];
+            score_sum += sc[s];
             key[s] = sc[s] + (a.selection_bias ? a.selection_bias[e] : 0.0f);
         }
     }
+    score_sum = moe_cuda__warp_sum(score_sum);
+    if (lane == 0) { a.lse_sq[t] = lse * lse; a.score_sum[t] = score_sum; }
 
     /* group limit: groups of gsz experts; group g's score in lane g % 32, slot g / 32 */
     if (a.n_group > 1) {
@@ -300,6 +347,18 @@ MOE_CUDA_UNROLL
         const float gi = __shfl_sync(0xffffffffu, moe_cuda__slot(sc, i >> 5), i & 31);
         if (lane == j) { chosen = i; g = gi; }
     }
+    /* the sequence-wise loss counts a plain top-k of the scores (no bias, no
+       groups); where the keys are the scores, that is the top-k above */
+    if (a.plain) {
+        unsigned plain_taken = 0;
+        for (int j = 0; j < a.top_k; j++) {
+            float v;
+            int i;
+            moe_cuda__best_of(sc, plain_taken, E, 0, E, &v, &i);
+            if ((i & 31) == lane) plain_taken |= 1u << (i >> 5);
+            if (lane == 0) a.plain[(size_t)t * a.top_k + j] = i;
+        }
+    }
     /* normaliser over the K slots (lanes 0..K-1; K <= 32 here), in slot order */
     double den = 0.0;
     if (a.normalize == MOE_NORM_PNORM) {
@@ -329,37 +388,129 @@ MOE_CUDA_UNROLL
 }
 
 // ----------------------------------------------------------------------------
+// Capacity (moe.h's moe__apply_capacity, POSITION policy): an expert keeps
+// its first C pairs in the order slot 0 of every token, then slot 1, ...,
+// tokens in index order within a slot; the rest are dropped (dropped = 1).
+// One block per expert walks the pairs in that order in chunks of 256, and a
+// pair's place is the kept count before its chunk plus its rank in the chunk.
+// Then the final weights: dropped pairs get 0, or (normalize_after_drop) the
+// token's weights are normalised again over its kept pairs.
+
+enum { MOE_CUDA__BLOCK = 256 };
+
+/* The number of threads before this one in the block with `mine` set, and
+   (*total) in the whole block. Every thread of the block calls it; warp_count
+   is MOE_CUDA__BLOCK / 32 ints of shared memory. self_too (planted bugs only)
+   counts the thread in its own rank. */
+__device__ __forceinline__ int moe_cuda__block_rank(int mine, int32_t *warp_count, int *total,
+                                                    bool self_too = false) {
+    const int t = (int)threadIdx.x, lane = t & 31, warp = t >> 5;
+    const unsigned votes = __ballot_sync(0xffffffffu, mine);
+    const unsigned below = self_too ? (2u << lane) - 1u : (1u << lane) - 1u;
+    __syncthreads();   /* the last call's readers are done with warp_count */
+    if (lane == 0) warp_count[warp] = __popc(votes);
+    __syncthreads();
+    int before = 0;
+    *total = 0;
+    for (int w = 0; w < MOE_CUDA__BLOCK / 32; w++) {
+        before += w < warp ? warp_count[w] : 0;
+        *total += warp_count[w];
+    }
+    return before + __popc(votes & below);
+}
+
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__capacity(const int32_t *expert, int tokens, int top_k, int capacity, uint8_t *dropped,
+                   const int32_t *halt) {
+    __shared__ int32_t warp_count[MOE_CUDA__BLOCK / 32];
+    if (*halt) return;
+    const int e = (int)blockIdx.x;
+    const int64_t pairs = (int64_t)tokens * top_k;
+    int kept = 0;
+    for (int64_t q0 = 0; q0 < pairs; q0 += MOE_CUDA__BLOCK) {
+        const int64_t q = q0 + threadIdx.x;   /* slot-major: q = j T + t */
+        const int64_t p = q < pairs ? q % tokens * top_k + q / tokens : 0;
+        const int mine = q < pairs && expert[p] == e;
+        int total;
+        const int rank = moe_cuda__block_rank(mine, warp_count, &total);
+        if (mine && kept + rank >= capacity) dropped[p] = 1;
+        kept += total;
+    }
+}
+
+/* One thread per token: the final weights from the pre-capacity weight0. */
+__global__ void moe_cuda__final_weights(const float *scores, int experts, const int32_t *expert,
+                                        const uint8_t *dropped, const float *weight0,
+                                        int tokens, int top_k, int after_drop, int normalize,
+                                        float norm_p, float norm_eps, float routed_scale,
+                                        float *weight, const int32_t *halt) {
+    const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (*halt || t >= tokens) return;
+    const size_t p0 = (size_t)t * top_k;
+    if (!after_drop) {
+        for (int j = 0; j < top_k; j++) weight[p0 + j] = dropped[p0 + j] ? 0.0f : weight0[p0 + j];
+        return;
+    }
+    /* moe.h's moe__normalize over the kept pairs, reading g from the scores */
+#define MOE_CUDA__G(j) scores[(size_t)t * experts + expert[p0 + (j)]]
+    double den = 0.0, m = 0.0;
+    for (int j = 0; j < top_k; j++) {
+        if (dropped[p0 + j]) continue;
+        const double a = fabs((double)MOE_CUDA__G(j));
+        if (normalize != MOE_NORM_PNORM) den += MOE_CUDA__G(j);
+        else if (norm_p == 1.0f) den += a;
+        if (a > m) m = a;
+    }
+    if (normalize == MOE_NORM_PNORM && norm_p != 1.0f && m != 0.0) {
+        double s = 0.0;
+        for (int j = 0; j < top_k; j++)
+            if (!dropped[p0 + j]) s += pow(fabs((double)MOE_CUDA__G(j)) / m, (double)norm_p);
+        den = m * pow(s, 1.0 / (double)norm_p);
+    }
+    den += norm_eps;
+    for (int j = 0; j < top_k; j++) {
+        const float v = dropped[p0 + j] ? 0.0f : MOE_CUDA__G(j);
+        float w = v;
+        if (normalize != MOE_NORM_NONE) w = den > 0.0 ? (float)(v / den) : 0.0f;
+        weight[p0 + j] = w * routed_scale;
+    }
+#undef MOE_CUDA__G
+}
+
+// ----------------------------------------------------------------------------
 // Dispatch: the kept (token, slot) pairs in expert-contiguous order, token
 // order within an expert (moe.h's counting sort), and the gathered bf16 rows.
 // One block per expert scans every pair in order, so each position is a
 // plain count (no atomics, the same on every run):
 //   1. moe_cuda__count_pairs   counts[e] = kept pairs of expert e
 //   2. moe_cuda__scan_counts   offsets[0..E] = exclusive prefix sums (one block)
-//   3. moe_cuda__gather_rows   row_of_pair[p], pair_of_row[row], and
-//                              A[row][0..d_pad) = bf16(x[t]) then zeros
+//   3. moe_cuda__gather_rows   row_of_pair[p], pair_of_row[row], and (A not
+//                              NULL) A[row][0..d_pad) = bf16(x[t]) then zeros
 // A pair is kept when expert[p] >= 0 and dropped[p] == 0; row_of_pair of any
 // other pair must be set to -1 beforehand (cudaMemsetAsync 0xff).
 
-enum { MOE_CUDA__DISPATCH_THREADS = 256 };
-
-__global__ void __launch_bounds__(MOE_CUDA__DISPATCH_THREADS)
-moe_cuda__count_pairs(const int32_t *expert, const uint8_t *dropped, int pairs, int32_t *counts) {
-    __shared__ int32_t warp_sum[MOE_CUDA__DISPATCH_THREADS / 32];
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__count_pairs(const int32_t *expert, const uint8_t *dropped, int pairs, int32_t *counts,
+                      const int32_t *halt) {
+    __shared__ int32_t warp_sum[MOE_CUDA__BLOCK / 32];
+    if (*halt) return;
     const int e = (int)blockIdx.x, t = (int)threadIdx.x;
     int n = 0;
-    for (int p = t; p < pairs; p += MOE_CUDA__DISPATCH_THREADS) n += expert[p] == e && !dropped[p];
-    for (int o = 16; o > 0; o /= 2) n += __shfl_xor_sync(0xffffffffu, n, o);
+    for (int p = t; p < pairs; p += MOE_CUDA__BLOCK) n += expert[p] == e && !dropped[p];
+    n = moe_cuda__warp_sum(n);
     if ((t & 31) == 0) warp_sum[t >> 5] = n;
     __syncthreads();
     if (t == 0) {
         int total = 0;
-        for (int w = 0; w < MOE_CUDA__DISPATCH_THREADS / 32; w++) total += warp_sum[w];
+        for (int w = 0; w < MOE_CUDA__BLOCK / 32; w++) total += warp_sum[w];
         counts[e] = total;
     }
 }
 
-__global__ void moe_cuda__scan_counts(const int32_t *counts, int experts, int32_t *offsets) {
-    if (threadIdx.x == 0) {   /* E <= a few hundred: one thread, in order */
+__global__ void moe_cuda__scan_counts(const int32_t *counts, int experts, int32_t *offsets,
+                                      const int32_t *halt) {
+    if (*halt) return;
+    if (threadIdx.x == 0) {   /* E <= 256: one thread, in order */
         int32_t run = 0;
         for (int e = 0; e < experts; e++) { offsets[e] = run; run += counts[e]; }
         offsets[experts] = run;
@@ -369,30 +520,23 @@ __global__ void moe_cuda__scan_counts(const int32_t *counts, int experts, int32_
 /* BUG (tests only, 0 in the library): 1 copies rows without the barrier after
    the chunk's list is written, 2 counts the lane itself in its prefix. */
 template <int BUG>
-__global__ void __launch_bounds__(MOE_CUDA__DISPATCH_THREADS)
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
 moe_cuda__gather_rows(const int32_t *expert, const uint8_t *dropped, int pairs, int top_k,
                       const int32_t *offsets, const float *x, int d, int d_pad,
-                      __nv_bfloat16 *A, int32_t *row_of_pair, int32_t *pair_of_row) {
-    enum { W = MOE_CUDA__DISPATCH_THREADS / 32 };
-    __shared__ int32_t warp_count[W];
-    __shared__ int32_t chunk_token[MOE_CUDA__DISPATCH_THREADS];
-    __shared__ int32_t chunk_row[MOE_CUDA__DISPATCH_THREADS];
-    const int e = (int)blockIdx.x, t = (int)threadIdx.x, lane = t & 31, warp = t >> 5;
+                      __nv_bfloat16 *A, int32_t *row_of_pair, int32_t *pair_of_row,
+                      const int32_t *halt) {
+    __shared__ int32_t warp_count[MOE_CUDA__BLOCK / 32];
+    __shared__ int32_t chunk_token[MOE_CUDA__BLOCK];
+    __shared__ int32_t chunk_row[MOE_CUDA__BLOCK];
+    if (*halt) return;
+    const int e = (int)blockIdx.x, t = (int)threadIdx.x;
     int base = offsets[e];   /* the next free row of expert e */
-    for (int p0 = 0; p0 < pairs; p0 += MOE_CUDA__DISPATCH_THREADS) {
+    for (int p0 = 0; p0 < pairs; p0 += MOE_CUDA__BLOCK) {
         const int p = p0 + t;
         const int mine = p < pairs && expert[p] == e && !dropped[p];
-        const unsigned votes = __ballot_sync(0xffffffffu, mine);
-        const unsigned below = BUG == 2 ? (2u << lane) - 1u : (1u << lane) - 1u;
-        if (lane == 0) warp_count[warp] = __popc(votes);
-        __syncthreads();
-        int before = 0, total = 0;   /* kept pairs of this chunk before my warp, in all */
-        for (int w = 0; w < W; w++) {
-            before += w < warp ? warp_count[w] : 0;
-            total += warp_count[w];
-        }
+        int total;   /* kept pairs of this chunk */
+        const int k = moe_cuda__block_rank(mine, warp_count, &total, BUG == 2);
         if (mine) {
-            const int k = before + __popc(votes & below);   /* my place in the chunk */
             const int row = base + k;
             row_of_pair[p] = row;
             pair_of_row[row] = p;
@@ -400,37 +544,61 @@ moe_cuda__gather_rows(const int32_t *expert, const uint8_t *dropped, int pairs, 
             chunk_row[k] = row;
         }
         if (BUG != 1) __syncthreads();   /* the chunk's list is complete */
-        for (int i = 0; i < total; i++) {   /* the block copies each row together */
+        for (int i = 0; A && i < total; i++) {   /* the block copies each row together */
             const float *xs = x + (size_t)chunk_token[i] * d;
             __nv_bfloat16 *dst = A + (size_t)chunk_row[i] * d_pad;
-            for (int c = t; c < d_pad; c += MOE_CUDA__DISPATCH_THREADS)
+            for (int c = t; c < d_pad; c += MOE_CUDA__BLOCK)
                 dst[c] = __float2bfloat16_rn(c < d ? xs[c] : 0.0f);
         }
-        base += total;
-        __syncthreads();   /* warp_count and the list are reused */
+        base += total;   /* (block_rank's first barrier guards the list's reuse) */
     }
+}
+
+/* The shared expert's rows: every token, in order (offsets {0, T}), and its
+   bf16 copy of x for the tensor-core path (Xs NULL: the fp32 path). */
+__global__ void moe_cuda__shared_rows(const float *x, int tokens, int d, int d_pad,
+                                      __nv_bfloat16 *Xs, int32_t *offsets, const int32_t *halt) {
+    if (*halt) return;
+    const int t = (int)blockIdx.x;
+    if (t == 0 && threadIdx.x == 0) { offsets[0] = 0; offsets[1] = tokens; }
+    for (int c = (int)threadIdx.x; Xs && c < d_pad; c += (int)blockDim.x)
+        Xs[(size_t)t * d_pad + c] = __float2bfloat16_rn(c < d ? x[(size_t)t * d + c] : 0.0f);
 }
 
 // ----------------------------------------------------------------------------
 // Expert weights as the GEMMs read them: bf16, zero-padded to whole tiles.
-//   W1 [E][n1_pad][d_pad]: rows [0, F) gate, [F, 2F) up (GLU only), from
-//      nn.Linear gate [E][F][D] and up [E][F][D] (or HF's fused gate_up
-//      [E][2F][D]: the same rows in the same order)
-//   W2 [E][d_out_pad][f_pad]: down [E][D][F]
+//   W1 [E][n1_pad][d_pad]: the first projection. For a GLU each 64-row tile
+//      holds 32 hidden units, gate and up interleaved by 16 rows
+//      (gate f0..f0+15, up f0..f0+15, gate f0+16..f0+31, up f0+16..f0+31),
+//      so each warp's 32 columns hold the gate and up of the same 16 units
+//      and the epilogue forms act(gate) * up in registers. Without a GLU,
+//      row f is gate row f.
+//   W2 [E][d_out_pad][f_pad]: down [E][D][F].
 // One thread per output element: the source is a plain index computation.
 
-/* up == NULL with glu: gate is HF's fused [E][2F][D] */
-__global__ void moe_cuda__pack_w1(const float *gate, const float *up, int experts, int f, int d,
-                                  int glu, int n1_pad, int d_pad, __nv_bfloat16 *W1) {
+/* Row n of a W1 tile: hidden unit *f, gate (0) or up (1). */
+__host__ __device__ __forceinline__ int moe_cuda__w1_unit(int n, int glu, int *f) {
+    if (!glu) { *f = n; return 0; }
+    *f = (n >> 6) * 32 + ((n >> 5) & 1) * 16 + (n & 15);
+    return (n & 31) >= 16;
+}
+
+/* gate row (e, f) at gate[(e gate_rows + f) d], up row at up[(e up_rows + f) d]
+   (HF's fused gate_up [E][2F][D]: up = gate + F d, both strides 2F). */
+__global__ void moe_cuda__pack_w1(const float *gate, int gate_rows, const float *up, int up_rows,
+                                  int experts, int f, int d, int glu, int n1_pad, int d_pad,
+                                  __nv_bfloat16 *W1) {
     const size_t total = (size_t)experts * n1_pad * d_pad;
-    const int gate_rows = glu && !up ? 2 * f : f;   /* rows per expert in gate */
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const int k = (int)(i % d_pad), n = (int)(i / d_pad % n1_pad);
         const int e = (int)(i / d_pad / n1_pad);
+        int u;
+        const int is_up = moe_cuda__w1_unit(n, glu, &u);
         float v = 0.0f;
-        if (k < d && n < gate_rows) v = gate[((size_t)e * gate_rows + n) * d + k];
-        else if (k < d && glu && n < 2 * f) v = up[((size_t)e * f + n - f) * d + k];
+        if (k < d && u < f)
+            v = is_up ? up[((size_t)e * up_rows + u) * d + k]
+                      : gate[((size_t)e * gate_rows + u) * d + k];
         W1[i] = __float2bfloat16_rn(v);
     }
 }
@@ -447,6 +615,26 @@ __global__ void moe_cuda__pack_w2(const float *down, int experts, int d, int f, 
 }
 
 // ----------------------------------------------------------------------------
+// The FFN's nonlinearity, as moe.h's moe__act: SiLU, GELU (erf, tanh), ReLU
+// (NaN kept, as torch.relu). Host too: the tests model it.
+
+__host__ __device__ __forceinline__ float moe_cuda__act(int act, float v) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: case MOE_ACT_SILU:
+        return v * moe_cuda__sigmoid(v);
+    case MOE_ACT_GEGLU: case MOE_ACT_GELU:
+        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH:
+        return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default:
+        return v > 0.0f || v != v ? v : 0.0f;
+    }
+}
+__host__ __device__ __forceinline__ int moe_cuda__is_glu(int act) {
+    return act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU || act == MOE_ACT_GEGLU_TANH;
+}
+
+// ----------------------------------------------------------------------------
 // Grouped expert GEMM: for each expert e, the rows [offsets[e], offsets[e+1])
 // of A times W_e^T:  C[r][n] = sum_k A[r][k] W[e][n][k]   (nn.Linear [out][in]).
 // bf16 operands, fp32 accumulation in the tensor cores.
@@ -454,11 +642,16 @@ __global__ void moe_cuda__pack_w2(const float *down, int experts, int d, int f, 
 //   A  [rows][k_pad] bf16, expert-contiguous rows, zero past k
 //   W  [E][n_pad][k_pad] bf16, zero past n and k (k_pad, n_pad: multiples of
 //      MOE_CUDA__BK and MOE_CUDA__BN; the packing pads)
-//   C  [rows][ldc] fp32, columns n < N written
+//
+// Epilogues (EPI):
+//   STORE  C[r][n] in fp32 (columns n < out.n; the down projection)
+//   GLU    H[r][f] = bf16(act(gate + gate_bias) * (up + up_bias)), f < f_pad,
+//          0 past out.f (W1's interleaved tiles put both in one warp)
+//   ACT    H[r][f] = bf16(act(C[r][f] + gate_bias)), the two-matrix FFNs
 //
 // Block tile BM x BN = 64 x 64, BK = 32, four warps of 32 x 32; a STAGES-deep
 // cp.async pipeline. The grid is the worst case for `max_rows` (the host
-// knows T * K, not the counts): grid.y = ceil(max_rows / BM) + E row tiles,
+// knows T * K, not the counts): grid.x = ceil(max_rows / BM) + E row tiles,
 // and each block finds its (expert, row tile) from the offsets; blocks past
 // the last tile exit at once. Rows past an expert's end load as zeros and
 // are not stored. Each output is one fixed sequence of mma over k: the
@@ -467,8 +660,18 @@ __global__ void moe_cuda__pack_w2(const float *down, int experts, int d, int f, 
 enum {
     MOE_CUDA__BM = 64, MOE_CUDA__BN = 64, MOE_CUDA__BK = 32, MOE_CUDA__STAGES = 3,
     MOE_CUDA__GEMM_THREADS = 128,
-    MOE_CUDA__STAGE_BYTES = (MOE_CUDA__BM + MOE_CUDA__BN) * MOE_CUDA__BK * 2
+    MOE_CUDA__STAGE_BYTES = (MOE_CUDA__BM + MOE_CUDA__BN) * MOE_CUDA__BK * 2,
+    MOE_CUDA__GEMM_SMEM = MOE_CUDA__STAGES * MOE_CUDA__STAGE_BYTES
 };
+enum { MOE_CUDA__EPI_STORE = 0, MOE_CUDA__EPI_GLU = 1, MOE_CUDA__EPI_ACT = 2 };
+
+typedef struct moe_cuda__epilogue {
+    float *c;                      /* STORE: C [rows][ldc], columns < n     */
+    int ldc, n;
+    __nv_bfloat16 *h;              /* GLU, ACT: H [rows][f_pad]              */
+    int f, f_pad, act;
+    const float *gate_bias, *up_bias;   /* [E][f] or NULL                  */
+} moe_cuda__epilogue;
 
 /* This block's expert and first row, from its row-tile index; -1: no tile. */
 __device__ __forceinline__ int moe_cuda__find_tile(const int32_t *offsets, int experts,
@@ -509,22 +712,27 @@ __device__ __forceinline__ void moe_cuda__load_stage(unsigned char *stage,
 
 /* BUG (tests only, 0 in the library): 1 waits for one group too few, 2
    refills a stage before the barrier, 3 swaps the B fragment registers. */
-template <int BUG>
+template <int EPI, int BUG>
 __global__ void __launch_bounds__(MOE_CUDA__GEMM_THREADS)
 moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int32_t *offsets,
-                       int experts, int n, int n_pad, int k_pad, float *C, int ldc) {
+                       int experts, int n_pad, int k_pad, moe_cuda__epilogue out,
+                       const int32_t *halt) {
     int row0 = 0, row_end = 0;
-    const int e = moe_cuda__find_tile(offsets, experts, (int)blockIdx.y, &row0, &row_end);
+    if (*halt) return;
+    const int e = moe_cuda__find_tile(offsets, experts, (int)blockIdx.x, &row0, &row_end);
     if (e < 0) return;   /* a surplus tile of the worst-case grid: the whole block */
-    const int n0 = (int)blockIdx.x * MOE_CUDA__BN;
+    const int n0 = (int)blockIdx.y * MOE_CUDA__BN;
     const __nv_bfloat16 *We = W + (size_t)e * n_pad * k_pad;
     unsigned char *smem = moe_cuda__smem();
     const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;   /* the warp's 32 x 32 */
     const int k_tiles = k_pad / MOE_CUDA__BK;
     float acc[2][4][4];
+MOE_CUDA_UNROLL
     for (int i = 0; i < 2; i++)
+MOE_CUDA_UNROLL
         for (int j = 0; j < 4; j++)
+MOE_CUDA_UNROLL
             for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
 
     for (int s = 0; s < MOE_CUDA__STAGES - 1; s++) {   /* the pipeline's first stages */
@@ -549,12 +757,15 @@ moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int
         const __nv_bfloat16 *sa =
             (const __nv_bfloat16 *)(smem + (kt % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES);
         const __nv_bfloat16 *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
+MOE_CUDA_UNROLL
         for (int kk = 0; kk < MOE_CUDA__BK; kk += 16) {
             uint32_t fa[2][4], fb[4][2];
             const int j = lane >> 3, r8 = lane & 7;   /* lane's matrix and row in it */
+MOE_CUDA_UNROLL
             for (int mi = 0; mi < 2; mi++)   /* A: rows +8 in matrices 1, 3; k +8 in 2, 3 */
                 moe_cuda__ldmatrix_x4(fa[mi], sa + (wm + mi * 16 + r8 + 8 * (j & 1)) *
                                                   MOE_CUDA__BK + kk + 8 * (j >> 1));
+MOE_CUDA_UNROLL
             for (int ni = 0; ni < 4; ni += 2) {   /* W rows are B's columns: no .trans */
                 uint32_t q[4];
                 moe_cuda__ldmatrix_x4(q, sb + (wn + ni * 8 + 8 * (j >> 1) + r8) * MOE_CUDA__BK +
@@ -563,95 +774,928 @@ moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int
                 fb[ni + 1][0] = q[2]; fb[ni + 1][1] = q[3];
                 if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
             }
+MOE_CUDA_UNROLL
             for (int mi = 0; mi < 2; mi++)
+MOE_CUDA_UNROLL
                 for (int ni = 0; ni < 4; ni++)
                     moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
         }
     }
     moe_cuda__cp_async_wait<0>();
 
-    /* C fragment: register r holds row g + 8 (r >> 1), column 2t + (r & 1) */
+    /* C fragment: register r holds row g + 8 (r >> 1), column 2 t4 + (r & 1) */
     const int g = lane >> 2, t4 = lane & 3;
+MOE_CUDA_UNROLL
     for (int mi = 0; mi < 2; mi++)
-        for (int ni = 0; ni < 4; ni++)
+MOE_CUDA_UNROLL
+        for (int ni = 0; ni < (EPI == MOE_CUDA__EPI_GLU ? 2 : 4); ni++)
+MOE_CUDA_UNROLL
             for (int r = 0; r < 4; r++) {
                 const int row = row0 + wm + mi * 16 + g + 8 * (r >> 1);
                 const int col = n0 + wn + ni * 8 + 2 * t4 + (r & 1);
-                if (row < row_end && col < n) C[(size_t)row * ldc + col] = acc[mi][ni][r];
+                if (row >= row_end) continue;
+                if (EPI == MOE_CUDA__EPI_STORE) {
+                    if (col < out.n) out.c[(size_t)row * out.ldc + col] = acc[mi][ni][r];
+                    continue;
+                }
+                /* GLU: gate in fragments 0, 1 and up in 2, 3 of the same unit */
+                const int f = EPI == MOE_CUDA__EPI_GLU ? n0 / 2 + (warp & 1) * 16 + ni * 8 +
+                                                             2 * t4 + (r & 1) : col;
+                float h = 0.0f;
+                if (f < out.f) {
+                    float v = acc[mi][ni][r];
+                    if (out.gate_bias) v += out.gate_bias[(size_t)e * out.f + f];
+                    h = moe_cuda__act(out.act, v);
+                    if (EPI == MOE_CUDA__EPI_GLU) {
+                        float u = acc[mi][ni + 2][r];
+                        if (out.up_bias) u += out.up_bias[(size_t)e * out.f + f];
+                        h *= u;
+                    }
+                }
+                out.h[(size_t)row * out.f_pad + f] = __float2bfloat16_rn(h);
             }
 }
 
 /* Launch geometry for max_rows rows at most (T * K for top-k routing). */
 static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
-    return dim3((unsigned)(n_pad / MOE_CUDA__BN),
-                (unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts));
+    return dim3((unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts),
+                (unsigned)(n_pad / MOE_CUDA__BN));
 }
 
 // ----------------------------------------------------------------------------
-// The FFN's nonlinearity, as moe.h's moe__act: SiLU,
-// GELU (erf, tanh), ReLU (NaN kept, as torch.relu). Host too: the tests model it.
+// The plain fp32 expert FFN (cfg.isa = MOE_ISA_REFERENCE): what the tensor-
+// core path computes, one thread per output, sums in index order with fmaf,
+// fp32 weights straight from moe_weights. Rows are dispatched as above.
 
-__host__ __device__ __forceinline__ float moe_cuda__act(int act, float v) {
-    switch (act) {
-    case MOE_ACT_SWIGLU: case MOE_ACT_SILU:
-        return v * moe_cuda__sigmoid(v);
-    case MOE_ACT_GEGLU: case MOE_ACT_GELU:
-        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH:
-        return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    default:
-        return v > 0.0f || v != v ? v : 0.0f;
+typedef struct moe_cuda__ffn32 {
+    const float *gate, *up, *down;            /* expert e at e * *_stride  */
+    const float *gate_bias, *up_bias;         /* [E][F] (down's: the combine adds it) */
+    size_t gate_stride, up_stride, down_stride;
+    int d, f, act;
+} moe_cuda__ffn32;
+
+/* The expert of row r: the e with offsets[e] <= r < offsets[e + 1]. */
+__device__ __forceinline__ int moe_cuda__expert_of_row(const int32_t *offsets, int experts,
+                                                       int r) {
+    int lo = 0, hi = experts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (offsets[mid + 1] > r) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+/* H[r][f] = act(x_t . gate_e[f] + gb) (* (x_t . up_e[f] + ub)); the token of
+   row r is pair_of_row[r] / top_k (pair_of_row NULL: t = r, the shared expert). */
+__global__ void moe_cuda__ffn_hidden_ref(moe_cuda__ffn32 ffn, const float *x,
+                                         const int32_t *pair_of_row, int top_k,
+                                         const int32_t *offsets, int experts, float *H,
+                                         const int32_t *halt) {
+    const int r = (int)blockIdx.x;
+    if (*halt || r >= offsets[experts]) return;
+    const int e = moe_cuda__expert_of_row(offsets, experts, r);
+    const float *xt = x + (size_t)(pair_of_row ? pair_of_row[r] / top_k : r) * ffn.d;
+    for (int f = (int)threadIdx.x; f < ffn.f; f += (int)blockDim.x) {
+        const float *wg = ffn.gate + e * ffn.gate_stride + (size_t)f * ffn.d;
+        float g = 0.0f, u = 0.0f;
+        for (int k = 0; k < ffn.d; k++) g = fmaf(xt[k], wg[k], g);
+        if (ffn.gate_bias) g += ffn.gate_bias[(size_t)e * ffn.f + f];
+        float h = moe_cuda__act(ffn.act, g);
+        if (moe_cuda__is_glu(ffn.act)) {
+            const float *wu = ffn.up + e * ffn.up_stride + (size_t)f * ffn.d;
+            for (int k = 0; k < ffn.d; k++) u = fmaf(xt[k], wu[k], u);
+            if (ffn.up_bias) u += ffn.up_bias[(size_t)e * ffn.f + f];
+            h *= u;
+        }
+        H[(size_t)r * ffn.f + f] = h;
     }
 }
 
-/* The expert of row r: offsets[e] <= r < offsets[e + 1] (E is small). */
-__device__ __forceinline__ int moe_cuda__expert_of_row(const int32_t *offsets, int experts, int r) {
-    int e = 0;
-    while (e + 1 < experts && offsets[e + 1] <= r) e++;
-    return e;
+/* O[r][c] = H[r] . down_e[c]: the expert's output row, before its bias and weight. */
+__global__ void moe_cuda__ffn_out_ref(moe_cuda__ffn32 ffn, const float *H,
+                                      const int32_t *offsets, int experts, float *O,
+                                      const int32_t *halt) {
+    const int r = (int)blockIdx.x;
+    if (*halt || r >= offsets[experts]) return;
+    const int e = moe_cuda__expert_of_row(offsets, experts, r);
+    for (int c = (int)threadIdx.x; c < ffn.d; c += (int)blockDim.x) {
+        const float *wd = ffn.down + e * ffn.down_stride + (size_t)c * ffn.f;
+        float o = 0.0f;
+        for (int f = 0; f < ffn.f; f++) o = fmaf(H[(size_t)r * ffn.f + f], wd[f], o);
+        O[(size_t)r * ffn.d + c] = o;
+    }
 }
 
-/* H[r][0..f_pad) = act(G + gate_bias) (* (U + up_bias) for a GLU) in bf16,
-   zeros past f. G, U: columns [0, f) and [f, 2f) of the first GEMM's C1. */
-__global__ void moe_cuda__activate(const float *C1, int ldc1, const int32_t *offsets, int experts,
-                                   int f, int f_pad, int act, int glu, const float *gate_bias,
-                                   const float *up_bias, __nv_bfloat16 *H) {
-    const int r = (int)blockIdx.x;
-    if (r >= offsets[experts]) return;   /* rows of the worst-case grid past the last */
-    const int e = moe_cuda__expert_of_row(offsets, experts, r);
-    for (int c = (int)threadIdx.x; c < f_pad; c += (int)blockDim.x) {
-        float h = 0.0f;
-        if (c < f) {
-            float g = C1[(size_t)r * ldc1 + c];
-            if (gate_bias) g += gate_bias[(size_t)e * f + c];
-            h = moe_cuda__act(act, g);
-            if (glu) {
-                float u = C1[(size_t)r * ldc1 + f + c];
-                if (up_bias) u += up_bias[(size_t)e * f + c];
-                h *= u;
+// ----------------------------------------------------------------------------
+// Combine, one block per token: y[t] = sum over t's kept slots j, in slot
+// order, of weight[t][j] * (out[row] + down_bias[e]); then, with a shared
+// expert, + gamma (shared_out[t] + shared_down_bias), gamma = sigmoid(x_t .
+// shared_expert_gate) or 1. x is read before y is written: y may be x.
+
+enum { MOE_CUDA__COMBINE_THREADS = 128 };
+
+typedef struct moe_cuda__combine_args {
+    const float *out;               /* [rows][d] routed expert outputs      */
+    const int32_t *row_of_pair, *expert;
+    const float *weight, *down_bias;
+    const float *shared_out, *shared_down_bias, *shared_expert_gate;   /* or NULL */
+    const float *x;
+    float *y;
+    int top_k, d;
+    const int32_t *halt;
+} moe_cuda__combine_args;
+
+__global__ void __launch_bounds__(MOE_CUDA__COMBINE_THREADS)
+moe_cuda__combine(moe_cuda__combine_args a) {
+    __shared__ float warp_part[MOE_CUDA__COMBINE_THREADS / 32];
+    if (*a.halt) return;
+    const int t = (int)blockIdx.x, tid = (int)threadIdx.x;
+    float gamma = 1.0f;
+    if (a.shared_expert_gate) {
+        float part = 0.0f;
+        for (int c = tid; c < a.d; c += MOE_CUDA__COMBINE_THREADS)
+            part = fmaf(a.x[(size_t)t * a.d + c], a.shared_expert_gate[c], part);
+        part = moe_cuda__warp_sum(part);
+        if ((tid & 31) == 0) warp_part[tid >> 5] = part;
+        __syncthreads();   /* also: every read of x[t] is done */
+        float z = 0.0f;
+        for (int w = 0; w < MOE_CUDA__COMBINE_THREADS / 32; w++) z += warp_part[w];
+        gamma = moe_cuda__sigmoid(z);
+    }
+    for (int c = tid; c < a.d; c += MOE_CUDA__COMBINE_THREADS) {
+        float acc = 0.0f;
+        for (int j = 0; j < a.top_k; j++) {
+            const int p = t * a.top_k + j, row = a.row_of_pair[p];
+            if (row < 0) continue;
+            float v = a.out[(size_t)row * a.d + c];
+            if (a.down_bias) v += a.down_bias[(size_t)a.expert[p] * a.d + c];
+            acc += a.weight[p] * v;
+        }
+        if (a.shared_out) {
+            float v = a.shared_out[(size_t)t * a.d + c];
+            if (a.shared_down_bias) v += a.shared_down_bias[c];
+            acc += gamma * v;
+        }
+        a.y[(size_t)t * a.d + c] = acc;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Aux losses and counts (moe.h's moe__aux_losses for top-k routing), in two
+// deterministic steps, double sums throughout:
+//   1. moe_cuda__chunk_stats: one block per chunk of at most 128 tokens
+//      (chunks never straddle a sequence of the sequence-wise loss); thread
+//      e sums its expert's column: P_e (softmax p, or s / sum s for sigmoid),
+//      the balance count f_e, pairs routed / kept, importance (pre-capacity
+//      weights) and the sequence loss's plain top-k count. Thread 0 adds the
+//      chunk's LSE^2 and its dropped pairs and tokens.
+//   2. moe_cuda__finish_stats: one block; thread e adds its chunks in order,
+//      then fixed-shape tree sums over experts give the losses, written with
+//      the counts into the report (and info's expert_routed / expert_kept).
+// Both exit when routing halted; the finish marks the report done either way.
+
+enum { MOE_CUDA__CHUNK_TOKENS = 128 };
+
+/* What the device tells the host about one forward (the workspace's first bytes). */
+typedef struct moe_cuda__report {
+    int32_t halt;           /* routing saw a non-finite logit or selection bias */
+    int32_t done;           /* the forward's last kernel ran                    */
+    int32_t slots, capacity, dropped_pairs, dropped_tokens;
+    float aux_balance, aux_z, aux_importance, aux_load, aux_seq, aux_total;
+} moe_cuda__report;
+
+typedef struct moe_cuda__stats_args {
+    const float *scores, *weight0;
+    const int32_t *expert, *plain;       /* plain: the sequence loss's top-k      */
+    const uint8_t *dropped;
+    const double *lse_sq, *score_sum;
+    int tokens, capacity, experts, top_k, sigmoid, balance_loss;
+    int64_t seq_len;                     /* L: tokens per sequence (T when unset) */
+    int chunks_per_seq, n_chunks, n_seq;
+    double *sum_d;                       /* [chunk][2E + 1]: P, importance, z     */
+    int32_t *sum_i;                      /* [chunk][4E + 2]: f, routed, kept,
+                                            seq count; dropped pairs, tokens     */
+    float coef[5];                       /* balance, z, importance, load, seq     */
+    int32_t *expert_routed, *expert_kept;   /* info arrays [E] or NULL            */
+    moe_cuda__report *report;
+} moe_cuda__stats_args;
+
+/* Tokens [*t0, *t1) of chunk c: chunks_per_seq chunks per sequence of L. */
+__device__ __forceinline__ void moe_cuda__chunk_span(const moe_cuda__stats_args *a, int c,
+                                                     int64_t *t0, int64_t *t1) {
+    const int64_t s = c / a->chunks_per_seq, i = c % a->chunks_per_seq;
+    const int64_t seq_end = s * a->seq_len + a->seq_len < a->tokens ? s * a->seq_len + a->seq_len
+                                                                     : a->tokens;
+    *t0 = s * a->seq_len + i * MOE_CUDA__CHUNK_TOKENS;
+    *t1 = *t0 + MOE_CUDA__CHUNK_TOKENS < seq_end ? *t0 + MOE_CUDA__CHUNK_TOKENS : seq_end;
+}
+
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__chunk_stats(moe_cuda__stats_args a) {
+    if (a.report->halt) return;
+    const int c = (int)blockIdx.x, e = (int)threadIdx.x, E = a.experts, K = a.top_k;
+    int64_t t0, t1;
+    moe_cuda__chunk_span(&a, c, &t0, &t1);
+    double *sd = a.sum_d + (size_t)c * (2 * E + 1);
+    int32_t *si = a.sum_i + (size_t)c * (4 * E + 2);
+    if (e < E) {
+        double P = 0.0, imp = 0.0;
+        int32_t f = 0, routed = 0, kept = 0, seq = 0;
+        for (int64_t t = t0; t < t1; t++) {
+            const double s = a.scores[t * E + e];
+            P += !a.sigmoid ? s : a.score_sum[t] > 0.0 ? s / a.score_sum[t] : 0.0;
+            for (int j = 0; j < K; j++) {
+                const int64_t p = t * K + j;
+                if (a.expert[p] == e) {
+                    routed++;
+                    f += j == 0 || a.balance_loss != MOE_BALANCE_FIRST_CHOICE;
+                    kept += !a.dropped[p];
+                    imp += a.weight0[p];
+                }
+                seq += (a.plain ? a.plain[p] : a.expert[p]) == e;
             }
         }
-        H[(size_t)r * f_pad + c] = __float2bfloat16_rn(h);
+        sd[e] = P; sd[E + e] = imp;
+        si[e] = f; si[E + e] = routed; si[2 * E + e] = kept; si[3 * E + e] = seq;
+    }
+    if (e == 0) {
+        double z = 0.0;
+        int32_t drop_pairs = 0, drop_tokens = 0;
+        for (int64_t t = t0; t < t1; t++) {
+            int any = 0;
+            z += a.lse_sq[t];
+            for (int j = 0; j < K; j++) {
+                drop_pairs += a.dropped[t * K + j] != 0;
+                any |= !a.dropped[t * K + j];
+            }
+            drop_tokens += !any;
+        }
+        sd[2 * E] = z;
+        si[4 * E] = drop_pairs; si[4 * E + 1] = drop_tokens;
     }
 }
 
-/* y[t] = sum over t's kept slots j, in slot order, of weight[t][j] *
-   (out[row] + down_bias[e]); 0 for a token with none. One block per token. */
-__global__ void moe_cuda__combine(const float *out, int ldo, const int32_t *row_of_pair,
-                                  const int32_t *expert, const float *weight, int top_k, int d,
-                                  const float *down_bias, float *y) {
-    const int t = (int)blockIdx.x;
-    for (int c = (int)threadIdx.x; c < d; c += (int)blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < top_k; j++) {
-            const int p = t * top_k + j, row = row_of_pair[p];
-            if (row < 0) continue;
-            float v = out[(size_t)row * ldo + c];
-            if (down_bias) v += down_bias[(size_t)expert[p] * d + c];
-            acc += weight[p] * v;
-        }
-        y[(size_t)t * d + c] = acc;
+/* Sum of v over the block's MOE_CUDA__BLOCK threads in one fixed tree;
+   red: MOE_CUDA__BLOCK doubles of shared memory. Every thread calls it. */
+__device__ __forceinline__ double moe_cuda__block_sum(double v, double *red) {
+    const int t = (int)threadIdx.x;
+    __syncthreads();   /* the last call's readers are done with red */
+    red[t] = v;
+    __syncthreads();
+    for (int half = MOE_CUDA__BLOCK / 2; half > 0; half /= 2) {
+        if (t < half) red[t] += red[t + half];
+        __syncthreads();
     }
+    return red[0];
+}
+
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__finish_stats(moe_cuda__stats_args a) {
+    __shared__ double red[MOE_CUDA__BLOCK];
+    moe_cuda__report *rep = a.report;
+    const int e = (int)threadIdx.x, E = a.experts, K = a.top_k;
+    const int64_t T = a.tokens;
+    if (rep->halt) {
+        if (e == 0) rep->done = 1;
+        return;
+    }
+    double P = 0.0, imp = 0.0, seq = 0.0;
+    int64_t f = 0, routed = 0, kept = 0;
+    if (e < E) {
+        for (int c = 0; c < a.n_chunks; c++) {
+            const double *sd = a.sum_d + (size_t)c * (2 * E + 1);
+            const int32_t *si = a.sum_i + (size_t)c * (4 * E + 2);
+            P += sd[e]; imp += sd[E + e];
+            f += si[e]; routed += si[E + e]; kept += si[2 * E + e];
+        }
+        for (int s = 0; s < a.n_seq; s++) {   /* per sequence: E / (K n) f_s P_s / n */
+            const int64_t n = T - s * a.seq_len < a.seq_len ? T - s * a.seq_len : a.seq_len;
+            double Ps = 0.0, fs = 0.0;
+            for (int i = 0; i < a.chunks_per_seq; i++) {
+                const int c = s * a.chunks_per_seq + i;
+                Ps += a.sum_d[(size_t)c * (2 * E + 1) + e];
+                fs += a.sum_i[(size_t)c * (4 * E + 2) + 3 * E + e];
+            }
+            seq += (double)E / ((double)K * n) * fs * (Ps / n);
+        }
+        if (a.expert_routed) a.expert_routed[e] = (int32_t)routed;
+        if (a.expert_kept) a.expert_kept[e] = (int32_t)kept;
+    }
+    const double per = T > 0 ? (double)T * (a.balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1)
+                             : 1.0;
+    const double bal = moe_cuda__block_sum(e < E && T > 0 ? (double)f / per * (P / T) : 0.0, red);
+    const double seq_all = moe_cuda__block_sum(seq, red);
+    /* Shazeer's CV^2 = var / (mean^2 + 1e-10) of importance and of load (the counts) */
+    const double imp_mean = moe_cuda__block_sum(imp, red) / E;
+    const double load_mean = moe_cuda__block_sum((double)routed, red) / E;
+    const double imp_var = moe_cuda__block_sum(e < E ? (imp - imp_mean) * (imp - imp_mean) : 0.0,
+                                               red) / E;
+    const double load_var = moe_cuda__block_sum(
+        e < E ? ((double)routed - load_mean) * ((double)routed - load_mean) : 0.0, red) / E;
+    if (e == 0) {
+        double z = 0.0;
+        int32_t drop_pairs = 0, drop_tokens = 0;
+        for (int c = 0; c < a.n_chunks; c++) {
+            z += a.sum_d[(size_t)c * (2 * E + 1) + 2 * E];
+            drop_pairs += a.sum_i[(size_t)c * (4 * E + 2) + 4 * E];
+            drop_tokens += a.sum_i[(size_t)c * (4 * E + 2) + 4 * E + 1];
+        }
+        rep->slots = K;
+        rep->capacity = a.capacity;
+        rep->dropped_pairs = drop_pairs;
+        rep->dropped_tokens = drop_tokens;
+        if (T > 0) {
+            rep->aux_balance = (float)(E * bal);
+            rep->aux_z = (float)(z / T);
+            rep->aux_seq = (float)(seq_all / a.n_seq);
+            rep->aux_importance = E > 1 ? (float)(imp_var / (imp_mean * imp_mean + 1e-10)) : 0.0f;
+            rep->aux_load = E > 1 ? (float)(load_var / (load_mean * load_mean + 1e-10)) : 0.0f;
+        }
+        /* a loss switched off (coef 0) adds nothing, even an overflowed one */
+        const float val[5] = {rep->aux_balance, rep->aux_z, rep->aux_importance, rep->aux_load,
+                              rep->aux_seq};
+        float total = 0.0f;
+MOE_CUDA_UNROLL
+        for (int i = 0; i < 5; i++) if (a.coef[i] != 0.0f) total += a.coef[i] * val[i];
+        rep->aux_total = total;
+        rep->done = 1;
+    }
+}
+
+/* Routing into the caller's info arrays (each may be NULL), unless halted. */
+typedef struct moe_cuda__publish_args {
+    const float *logits, *scores, *weight;
+    const int32_t *expert;
+    const uint8_t *dropped;
+    float *info_logits, *info_scores, *info_weight;
+    int32_t *info_expert;
+    uint8_t *info_dropped;
+    int64_t te, tk;   /* T E and T K */
+    const int32_t *halt;
+} moe_cuda__publish_args;
+
+__global__ void moe_cuda__publish(moe_cuda__publish_args a) {
+    if (*a.halt) return;
+    const int64_t step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.te; i += step) {
+        if (a.info_logits) a.info_logits[i] = a.logits[i];
+        if (a.info_scores) a.info_scores[i] = a.scores[i];
+    }
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.tk; i += step) {
+        if (a.info_weight) a.info_weight[i] = a.weight[i];
+        if (a.info_expert) a.info_expert[i] = a.expert[i];
+        if (a.info_dropped) a.info_dropped[i] = a.dropped[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The host API. Everything the host can check is checked before the first
+// launch; a refused call writes nothing (but info->workspace_required).
+
+/* The cudaError_t behind the last MOE_STATUS_CUDA_ERROR on this thread. */
+static inline cudaError_t &moe_cuda__error_slot() {
+    static thread_local cudaError_t error = cudaSuccess;
+    return error;
+}
+static inline cudaError_t moe_cuda_last_error() { return moe_cuda__error_slot(); }
+
+/* Every size a call needs, from the resolved config and T. */
+typedef struct moe_cuda__plan {
+    moe_config c;
+    int T, E, K, D, F, Fs, glu, simt, C, pairs, rows;   /* rows: pairs, at least 1 */
+    int d_pad, f_pad, n1_pad, d_out_pad, fs_pad, n1s_pad;
+    int64_t seq_len;
+    int chunks_per_seq, n_seq, n_chunks, plain;
+} moe_cuda__plan;
+
+static inline int moe_cuda__pad(int v, int m) { return (v + m - 1) / m * m; }
+
+/* A GLU's hidden units go 32 to a 64-row W1 tile; without one, 64. */
+static inline void moe_cuda__ffn_pads(int f, int glu, int *f_pad, int *n1_pad) {
+    *f_pad = moe_cuda__pad(f, glu ? MOE_CUDA__BN / 2 : MOE_CUDA__BN);
+    *n1_pad = glu ? 2 * *f_pad : *f_pad;
+}
+
+static inline moe_status moe_cuda__plan_of(const moe_config *cfg, int32_t T, moe_cuda__plan *p) {
+    moe_status st;
+    if (!cfg) return MOE_STATUS_NULL_ARGUMENT;
+    if (T < 0) return MOE_STATUS_BAD_DIMENSION;
+    memset(p, 0, sizeof *p);
+    if ((st = moe_config_resolve(cfg, &p->c)) != MOE_STATUS_OK) return st;
+    const moe_config *c = &p->c;
+    const int capacity_on = c->capacity > 0 || c->capacity_factor > 0.0f;
+    if (c->routing != MOE_ROUTING_TOPK || c->second_expert != MOE_SECOND_GREEDY ||
+        (c->training && (c->noise != MOE_NOISE_NONE || c->jitter > 0.0f ||
+                         c->router_noise_std > 0.0f || c->expert_dropout > 0.0f)) ||
+        (capacity_on && c->drop_policy != MOE_DROP_POSITION) ||
+        c->num_experts > MOE_CUDA__MAX_EXPERTS || c->top_k > MOE_CUDA__MAX_TOP_K)
+        return MOE_STATUS_CUDA_UNSUPPORTED;
+    if ((int64_t)T * c->top_k > INT32_MAX / 2) return MOE_STATUS_SIZE_OVERFLOW;
+    p->T = T; p->E = c->num_experts; p->K = c->top_k; p->D = c->d_model; p->F = c->d_ff;
+    p->Fs = c->shared_d_ff; p->glu = moe_cuda__is_glu(c->activation);
+    p->simt = cfg->isa == MOE_ISA_REFERENCE;   /* (resolving turns AUTO into the host's ISA) */
+    p->C = c->capacity;
+    if (p->C == 0 && c->capacity_factor > 0.0f &&
+        (st = moe_capacity(c->capacity_formula, T, p->E, p->K, c->capacity_factor, &p->C)) !=
+            MOE_STATUS_OK)
+        return st;
+    p->pairs = T * p->K;
+    p->rows = p->pairs > 0 ? p->pairs : 1;
+    p->d_pad = moe_cuda__pad(p->D, MOE_CUDA__BK);
+    p->d_out_pad = moe_cuda__pad(p->D, MOE_CUDA__BN);
+    moe_cuda__ffn_pads(p->F, p->glu, &p->f_pad, &p->n1_pad);
+    moe_cuda__ffn_pads(p->Fs, p->glu, &p->fs_pad, &p->n1s_pad);
+    /* a sequence longer than T is one sequence of T tokens */
+    p->seq_len = c->seq_len > 0 && c->seq_len < T ? c->seq_len : (T > 0 ? T : 1);
+    p->chunks_per_seq = (int)((p->seq_len + MOE_CUDA__CHUNK_TOKENS - 1) / MOE_CUDA__CHUNK_TOKENS);
+    p->n_seq = (int)((T + p->seq_len - 1) / p->seq_len);
+    if ((int64_t)p->n_seq * p->chunks_per_seq > INT32_MAX) return MOE_STATUS_SIZE_OVERFLOW;
+    p->n_chunks = p->n_seq * p->chunks_per_seq;
+    p->plain = c->selection_bias || c->n_group > 1;
+    return MOE_STATUS_OK;
+}
+
+/* The workspace: the report first, then one array after another, 256-byte
+   aligned from the first 256-byte boundary of the caller's pointer (the size
+   includes the slack). With base NULL only the size is computed. */
+typedef struct moe_cuda__ws {
+    moe_cuda__report *report;
+    float *logits, *scores, *weight0, *weight;
+    int32_t *expert, *plain, *counts, *offsets, *row_of_pair, *pair_of_row, *shared_offsets;
+    uint8_t *dropped;
+    double *lse_sq, *score_sum, *sum_d;
+    int32_t *sum_i;
+    __nv_bfloat16 *A, *H, *Xs, *Hs;   /* tensor-core path */
+    float *Hf, *Hsf;                  /* fp32 path        */
+    float *O, *Os;
+} moe_cuda__ws;
+
+static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base,
+                                    moe_cuda__ws *w) {
+    size_t at = 0;
+    memset(w, 0, sizeof *w);
+#define MOE_CUDA__TAKE(field, type, count)                                   \
+    do {                                                                     \
+        w->field = base ? (type *)(void *)(base + at) : NULL;                \
+        at += ((size_t)(count) * sizeof(type) + 255) / 256 * 256;            \
+    } while (0)
+    MOE_CUDA__TAKE(report, moe_cuda__report, 1);
+    if (p->T > 0) {
+        const size_t T = (size_t)p->T, E = (size_t)p->E, TK = (size_t)p->pairs;
+        const size_t rows = (size_t)p->rows;
+        MOE_CUDA__TAKE(logits, float, T * E);
+        MOE_CUDA__TAKE(scores, float, T * E);
+        MOE_CUDA__TAKE(weight0, float, TK);
+        if (p->C > 0) MOE_CUDA__TAKE(weight, float, TK);
+        MOE_CUDA__TAKE(expert, int32_t, TK);
+        if (p->plain) MOE_CUDA__TAKE(plain, int32_t, TK);
+        MOE_CUDA__TAKE(dropped, uint8_t, TK);
+        MOE_CUDA__TAKE(lse_sq, double, T);
+        MOE_CUDA__TAKE(score_sum, double, T);
+        MOE_CUDA__TAKE(sum_d, double, (size_t)p->n_chunks * (2 * E + 1));
+        MOE_CUDA__TAKE(sum_i, int32_t, (size_t)p->n_chunks * (4 * E + 2));
+        MOE_CUDA__TAKE(counts, int32_t, E);
+        MOE_CUDA__TAKE(offsets, int32_t, E + 1);
+        MOE_CUDA__TAKE(row_of_pair, int32_t, TK);
+        MOE_CUDA__TAKE(pair_of_row, int32_t, rows);
+        MOE_CUDA__TAKE(O, float, rows * (size_t)p->D);
+        if (p->simt) MOE_CUDA__TAKE(Hf, float, rows * (size_t)p->F);
+        else {
+            MOE_CUDA__TAKE(A, __nv_bfloat16, rows * (size_t)p->d_pad);
+            MOE_CUDA__TAKE(H, __nv_bfloat16, rows * (size_t)p->f_pad);
+        }
+        if (p->Fs > 0) {
+            MOE_CUDA__TAKE(shared_offsets, int32_t, 2);
+            MOE_CUDA__TAKE(Os, float, T * (size_t)p->D);
+            if (p->simt) MOE_CUDA__TAKE(Hsf, float, T * (size_t)p->Fs);
+            else {
+                MOE_CUDA__TAKE(Xs, __nv_bfloat16, T * (size_t)p->d_pad);
+                MOE_CUDA__TAKE(Hs, __nv_bfloat16, T * (size_t)p->fs_pad);
+            }
+        }
+    }
+#undef MOE_CUDA__TAKE
+    if (!p->C && base) w->weight = w->weight0;   /* no capacity: the weights are final */
+    return at + 255;
+}
+static inline unsigned char *moe_cuda__aligned(const void *workspace) {
+    return (unsigned char *)(((uintptr_t)workspace + 255) / 256 * 256);
+}
+
+/* The packed blob: routed W1, W2, then the shared expert's, 256-byte aligned. */
+typedef struct moe_cuda__blob { size_t w1, w2, ws1, ws2, total; } moe_cuda__blob;
+
+static inline moe_cuda__blob moe_cuda__blob_of(const moe_cuda__plan *p) {
+    moe_cuda__blob b;
+    const size_t E = (size_t)p->E, two = sizeof(__nv_bfloat16);
+    size_t at = 0;
+#define MOE_CUDA__PIECE(field, elems) \
+    do { b.field = at; at += ((elems) * two + 255) / 256 * 256; } while (0)
+    MOE_CUDA__PIECE(w1, E * p->n1_pad * p->d_pad);
+    MOE_CUDA__PIECE(w2, E * p->d_out_pad * p->f_pad);
+    MOE_CUDA__PIECE(ws1, (size_t)p->n1s_pad * p->d_pad);
+    MOE_CUDA__PIECE(ws2, (size_t)p->d_out_pad * p->fs_pad);
+#undef MOE_CUDA__PIECE
+    b.total = at;
+    return b;
+}
+
+/* Buffer overlap, as moe.h checks it: two spans may share bytes only if
+   neither is written. */
+typedef struct moe_cuda__spans {
+    struct { uintptr_t lo, hi; int written; } s[40];
+    int n;
+} moe_cuda__spans;
+static inline void moe_cuda__span(moe_cuda__spans *sp, const void *p, size_t bytes,
+                                  int written) {
+    if (!p || !bytes) return;
+    sp->s[sp->n].lo = (uintptr_t)p;
+    sp->s[sp->n].hi = (uintptr_t)p + bytes;
+    sp->s[sp->n].written = written;
+    sp->n++;
+}
+static inline int moe_cuda__overlap(const moe_cuda__spans *sp) {
+    for (int i = 0; i < sp->n; i++)
+        for (int j = i + 1; j < sp->n; j++)
+            if ((sp->s[i].written || sp->s[j].written) && sp->s[i].lo < sp->s[j].hi &&
+                sp->s[j].lo < sp->s[i].hi)
+                return 1;
+    return 0;
+}
+
+/* The weight spans a forward reads (fp32 experts on the fp32 path, else the blob). */
+static inline void moe_cuda__weight_spans(moe_cuda__spans *sp, const moe_cuda__plan *p,
+                                          const moe_weights *w) {
+    const size_t f4 = sizeof(float), E = (size_t)p->E, D = (size_t)p->D, F = (size_t)p->F;
+    const size_t Fs = (size_t)p->Fs;
+    moe_cuda__span(sp, w->router, E * D * f4, 0);
+    moe_cuda__span(sp, w->router_bias, p->c.router_bias ? E * f4 : 0, 0);
+    moe_cuda__span(sp, w->selection_bias, p->c.selection_bias ? E * f4 : 0, 0);
+    if (p->simt) {
+        moe_cuda__span(sp, w->gate, E * F * D * f4 * (w->gate_up_fused ? 2 : 1), 0);
+        moe_cuda__span(sp, w->up, p->glu && !w->gate_up_fused ? E * F * D * f4 : 0, 0);
+        moe_cuda__span(sp, w->down, E * D * F * f4, 0);
+        moe_cuda__span(sp, w->shared_gate, Fs * D * f4, 0);
+        moe_cuda__span(sp, w->shared_up, p->glu ? Fs * D * f4 : 0, 0);
+        moe_cuda__span(sp, w->shared_down, D * Fs * f4, 0);
+    } else {
+        moe_cuda__span(sp, w->packed, w->packed_bytes, 0);
+    }
+    if (p->c.expert_bias) {
+        moe_cuda__span(sp, w->gate_bias, E * F * f4, 0);
+        moe_cuda__span(sp, w->up_bias, p->glu ? E * F * f4 : 0, 0);
+        moe_cuda__span(sp, w->down_bias, E * D * f4, 0);
+        moe_cuda__span(sp, w->shared_gate_bias, Fs * f4, 0);
+        moe_cuda__span(sp, w->shared_up_bias, p->glu ? Fs * f4 : 0, 0);
+        moe_cuda__span(sp, w->shared_down_bias, Fs ? D * f4 : 0, 0);
+    }
+    moe_cuda__span(sp, w->shared_expert_gate, p->c.shared_gate ? D * f4 : 0, 0);
+}
+
+/* The weights a forward of this plan needs (MOE_STATUS_MISSING_WEIGHT). */
+static inline int moe_cuda__weights_present(const moe_cuda__plan *p, const moe_weights *w,
+                                            int fp32_experts) {
+    const moe_config *c = &p->c;
+    if (!w->router || (c->router_bias && !w->router_bias) ||
+        (c->selection_bias && !w->selection_bias) || (c->shared_gate && !w->shared_expert_gate))
+        return 0;
+    if (c->expert_bias && (!w->gate_bias || (p->glu && !w->up_bias) || !w->down_bias))
+        return 0;
+    if (c->expert_bias && p->Fs > 0 &&
+        (!w->shared_gate_bias || (p->glu && !w->shared_up_bias) || !w->shared_down_bias))
+        return 0;
+    if (!fp32_experts) return 1;
+    if (!w->gate || !w->down || (p->glu && !w->gate_up_fused && !w->up)) return 0;
+    return p->Fs == 0 || (w->shared_gate && w->shared_down && (!p->glu || w->shared_up));
+}
+
+/* Bytes of moe_cuda_pack_weights' blob for this config. */
+static inline moe_status moe_cuda_pack_size(const moe_config *cfg, size_t *out_bytes) {
+    moe_cuda__plan p;
+    moe_status st;
+    if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_cuda__plan_of(cfg, 0, &p)) != MOE_STATUS_OK) return st;
+    *out_bytes = moe_cuda__blob_of(&p).total;
+    return MOE_STATUS_OK;
+}
+
+/* Routed and shared expert weights (fp32, device) into the bf16 blob the
+   tensor-core forward reads (device, `bytes` >= moe_cuda_pack_size), queued
+   on `stream`. Pack once for inference, after each optimiser step when
+   training. Then set w.packed and w.packed_bytes. */
+static inline moe_status moe_cuda_pack_weights(const moe_config *cfg, const moe_weights *w,
+                                               void *packed, size_t bytes,
+                                               cudaStream_t stream = 0) {
+    moe_cuda__plan p;
+    moe_status st;
+    if (!cfg || !w || !packed) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_cuda__plan_of(cfg, 0, &p)) != MOE_STATUS_OK) return st;
+    if (!moe_cuda__weights_present(&p, w, 1)) return MOE_STATUS_MISSING_WEIGHT;
+    const moe_cuda__blob b = moe_cuda__blob_of(&p);
+    if (bytes < b.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if ((uintptr_t)packed % 256 != 0) return MOE_STATUS_BAD_PACKED;
+    {
+        moe_cuda__spans sp;
+        sp.n = 0;
+        moe_cuda__plan fp = p;
+        fp.simt = 1;   /* the fp32 tensors are what packing reads */
+        moe_cuda__weight_spans(&sp, &fp, w);
+        moe_cuda__span(&sp, packed, b.total, 1);
+        if (moe_cuda__overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+    unsigned char *base = (unsigned char *)packed;
+    const int fused = w->gate_up_fused && p.glu;
+    const int gate_rows = fused ? 2 * p.F : p.F;
+    const float *up = fused ? w->gate + (size_t)p.F * p.D : w->up;
+    const dim3 grid(1024), block(256);
+    cudaError_t e = MOE_CUDA_LAUNCH(moe_cuda__pack_w1, grid, block, 0, stream, w->gate,
+                                    gate_rows, up, gate_rows, p.E, p.F, p.D, p.glu, p.n1_pad,
+                                    p.d_pad, (__nv_bfloat16 *)(void *)(base + b.w1));
+    if (e == cudaSuccess)
+        e = MOE_CUDA_LAUNCH(moe_cuda__pack_w2, grid, block, 0, stream, w->down, p.E, p.D, p.F,
+                            p.d_out_pad, p.f_pad, (__nv_bfloat16 *)(void *)(base + b.w2));
+    if (e == cudaSuccess && p.Fs > 0)
+        e = MOE_CUDA_LAUNCH(moe_cuda__pack_w1, grid, block, 0, stream, w->shared_gate, p.Fs,
+                            w->shared_up, p.Fs, 1, p.Fs, p.D, p.glu, p.n1s_pad, p.d_pad,
+                            (__nv_bfloat16 *)(void *)(base + b.ws1));
+    if (e == cudaSuccess && p.Fs > 0)
+        e = MOE_CUDA_LAUNCH(moe_cuda__pack_w2, grid, block, 0, stream, w->shared_down, 1, p.D,
+                            p.Fs, p.d_out_pad, p.fs_pad, (__nv_bfloat16 *)(void *)(base + b.ws2));
+    if (e != cudaSuccess) { moe_cuda__error_slot() = e; return MOE_STATUS_CUDA_ERROR; }
+    return MOE_STATUS_OK;
+}
+
+/* Bytes of device workspace for a T-token forward (T = 0 included: the
+   workspace always holds the forward's report). */
+static inline moe_status moe_cuda_forward_workspace_size(const moe_config *cfg, int32_t T,
+                                                         size_t *out_bytes) {
+    moe_cuda__plan p;
+    moe_cuda__ws w;
+    moe_status st;
+    if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_cuda__plan_of(cfg, T, &p)) != MOE_STATUS_OK) return st;
+    *out_bytes = moe_cuda__bind(&p, NULL, &w);
+    return MOE_STATUS_OK;
+}
+
+/* Queue the layer y[T][D] = sum over kept slots of weight * expert(x) (+ the
+   shared expert) on `stream`. x, y, the weights, the workspace and info's
+   arrays are device memory; info (host struct, may be NULL) names the arrays
+   to fill: logits, scores, expert, weight, dropped, expert_routed,
+   expert_kept (each may be NULL; the training cache is not written yet). y
+   may be x; no other written buffer may overlap another buffer
+   (MOE_STATUS_ALIASING). OK means queued: moe_cuda_forward_result gives the
+   outcome. The workspace must not be reused before that. */
+static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weights *w,
+                                          const float *x, int32_t T, float *y, moe_info *info,
+                                          void *workspace, size_t workspace_bytes,
+                                          cudaStream_t stream = 0) {
+    moe_cuda__plan p;
+    moe_cuda__ws ws;
+    moe_status st;
+    if (!cfg || !w || !workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_cuda__plan_of(cfg, T, &p)) != MOE_STATUS_OK) return st;
+    const moe_config *c = &p.c;
+    if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
+    if (T > 0 && !moe_cuda__weights_present(&p, w, p.simt)) return MOE_STATUS_MISSING_WEIGHT;
+    const moe_cuda__blob blob = moe_cuda__blob_of(&p);
+    if (T > 0 && !p.simt && !w->packed) return MOE_STATUS_MISSING_WEIGHT;
+    if (T > 0 && !p.simt && (w->packed_bytes < blob.total || (uintptr_t)w->packed % 256))
+        return MOE_STATUS_BAD_PACKED;
+    const size_t need = moe_cuda__bind(&p, NULL, &ws);
+    if (workspace_bytes < need) {
+        if (info) info->workspace_required = need;
+        return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    }
+    {
+        const size_t TE = (size_t)T * p.E * 4, TK = (size_t)p.pairs;
+        moe_cuda__spans sp;
+        sp.n = 0;
+        if (T > 0) {
+            moe_cuda__span(&sp, y, (size_t)T * p.D * 4, 1);
+            if (x != y) moe_cuda__span(&sp, x, (size_t)T * p.D * 4, 0);
+            moe_cuda__weight_spans(&sp, &p, w);
+        }
+        moe_cuda__span(&sp, workspace, workspace_bytes, 1);
+        if (info) {
+            moe_cuda__span(&sp, info->logits, TE, 1);
+            moe_cuda__span(&sp, info->scores, TE, 1);
+            moe_cuda__span(&sp, info->expert, TK * 4, 1);
+            moe_cuda__span(&sp, info->weight, TK * 4, 1);
+            moe_cuda__span(&sp, info->dropped, TK, 1);
+            moe_cuda__span(&sp, info->expert_routed, (size_t)p.E * 4, 1);
+            moe_cuda__span(&sp, info->expert_kept, (size_t)p.E * 4, 1);
+        }
+        if (moe_cuda__overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+
+    moe_cuda__bind(&p, moe_cuda__aligned(workspace), &ws);
+    const int32_t *halt = &ws.report->halt;
+    cudaError_t e = cudaMemsetAsync(ws.report, 0, sizeof *ws.report, stream);
+#define MOE_CUDA__RUN(call) do { if (e == cudaSuccess) e = (call); } while (0)
+    if (T > 0) {
+        const unsigned blocks_t = (unsigned)T, rows = (unsigned)p.rows;
+        const dim3 B(MOE_CUDA__BLOCK);
+        moe_cuda__route_args ra;
+        memset(&ra, 0, sizeof ra);
+        ra.x = x; ra.router = w->router;
+        ra.router_bias = c->router_bias ? w->router_bias : NULL;
+        ra.selection_bias = c->selection_bias ? w->selection_bias : NULL;
+        ra.tokens = T; ra.d = p.D; ra.experts = p.E; ra.top_k = p.K;
+        ra.sigmoid = c->score == MOE_SCORE_SIGMOID;
+        ra.n_group = c->n_group; ra.topk_group = c->topk_group;
+        ra.group_score_top = c->group_score_top; ra.group_mask_zero = c->group_mask_zero;
+        ra.normalize = (int)c->normalize; ra.norm_p = c->norm_p; ra.norm_eps = c->norm_eps;
+        ra.routed_scale = c->routed_scale;
+        ra.logits = ws.logits; ra.scores = ws.scores; ra.weight = ws.weight0;
+        ra.expert = ws.expert; ra.dropped = ws.dropped; ra.lse_sq = ws.lse_sq;
+        ra.score_sum = ws.score_sum; ra.plain = ws.plain; ra.halt = &ws.report->halt;
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__route_topk,
+                                      dim3((unsigned)((T + MOE_CUDA__ROUTE_WARPS - 1) /
+                                                      MOE_CUDA__ROUTE_WARPS)),
+                                      dim3(32 * MOE_CUDA__ROUTE_WARPS), 0, stream, ra));
+        if (p.C > 0) {
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__capacity, dim3((unsigned)p.E), B, 0, stream,
+                                          (const int32_t *)ws.expert, T, p.K, p.C, ws.dropped,
+                                          halt));
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__final_weights, dim3((T + 255) / 256), B, 0,
+                                          stream, (const float *)ws.scores, p.E,
+                                          (const int32_t *)ws.expert,
+                                          (const uint8_t *)ws.dropped,
+                                          (const float *)ws.weight0, T, p.K,
+                                          c->normalize_after_drop, (int)c->normalize, c->norm_p,
+                                          c->norm_eps, c->routed_scale, ws.weight, halt));
+        }
+
+        /* dispatch */
+        MOE_CUDA__RUN(cudaMemsetAsync(ws.row_of_pair, 0xff, (size_t)p.pairs * 4, stream));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__count_pairs, dim3((unsigned)p.E), B, 0, stream,
+                                      (const int32_t *)ws.expert, (const uint8_t *)ws.dropped,
+                                      p.pairs, ws.counts, halt));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__scan_counts, dim3(1), dim3(32), 0, stream,
+                                      (const int32_t *)ws.counts, p.E, ws.offsets, halt));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__gather_rows<0>, dim3((unsigned)p.E), B, 0,
+                                      stream, (const int32_t *)ws.expert,
+                                      (const uint8_t *)ws.dropped, p.pairs, p.K,
+                                      (const int32_t *)ws.offsets, x, p.D, p.d_pad, ws.A,
+                                      ws.row_of_pair, ws.pair_of_row, halt));
+        if (p.Fs > 0)
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__shared_rows, dim3(blocks_t), dim3(128), 0,
+                                          stream, x, T, p.D, p.d_pad, ws.Xs, ws.shared_offsets,
+                                          halt));
+
+        /* the expert FFNs: routed, then shared */
+        if (p.simt) {
+            const int fused = w->gate_up_fused && p.glu;
+            moe_cuda__ffn32 r;
+            memset(&r, 0, sizeof r);
+            r.gate = w->gate; r.down = w->down;
+            r.up = fused ? w->gate + (size_t)p.F * p.D : w->up;
+            r.gate_stride = r.up_stride = (size_t)p.F * p.D * (fused ? 2 : 1);
+            r.down_stride = (size_t)p.D * p.F;
+            if (c->expert_bias) { r.gate_bias = w->gate_bias; r.up_bias = w->up_bias; }
+            r.d = p.D; r.f = p.F; r.act = (int)c->activation;
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(rows), dim3(128), 0,
+                                          stream, r, x, (const int32_t *)ws.pair_of_row, p.K,
+                                          (const int32_t *)ws.offsets, p.E, ws.Hf, halt));
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(rows), dim3(128), 0, stream,
+                                          r, (const float *)ws.Hf,
+                                          (const int32_t *)ws.offsets, p.E, ws.O, halt));
+            if (p.Fs > 0) {
+                moe_cuda__ffn32 s;
+                memset(&s, 0, sizeof s);
+                s.gate = w->shared_gate; s.up = w->shared_up; s.down = w->shared_down;
+                if (c->expert_bias) {
+                    s.gate_bias = w->shared_gate_bias;
+                    s.up_bias = w->shared_up_bias;
+                }
+                s.d = p.D; s.f = p.Fs; s.act = (int)c->activation;
+                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(blocks_t),
+                                              dim3(128), 0, stream, s, x, (const int32_t *)NULL,
+                                              1, (const int32_t *)ws.shared_offsets, 1, ws.Hsf,
+                                              halt));
+                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(blocks_t), dim3(128),
+                                              0, stream, s, (const float *)ws.Hsf,
+                                              (const int32_t *)ws.shared_offsets, 1, ws.Os,
+                                              halt));
+            }
+        } else {
+            const unsigned char *blob_base = (const unsigned char *)w->packed;
+            const dim3 GT(MOE_CUDA__GEMM_THREADS);
+            const size_t smem = MOE_CUDA__GEMM_SMEM;
+            for (int shared = 0; shared <= (p.Fs > 0); shared++) {
+                const int E1 = shared ? 1 : p.E, F1 = shared ? p.Fs : p.F;
+                const int rows1 = shared ? T : p.pairs;
+                const int f_pad = shared ? p.fs_pad : p.f_pad, n1 = shared ? p.n1s_pad : p.n1_pad;
+                const __nv_bfloat16 *W1 = (const __nv_bfloat16 *)(const void *)(
+                    blob_base + (shared ? blob.ws1 : blob.w1));
+                const __nv_bfloat16 *W2 = (const __nv_bfloat16 *)(const void *)(
+                    blob_base + (shared ? blob.ws2 : blob.w2));
+                const int32_t *off = shared ? ws.shared_offsets : ws.offsets;
+                moe_cuda__epilogue h;
+                memset(&h, 0, sizeof h);
+                h.h = shared ? ws.Hs : ws.H; h.f = F1; h.f_pad = f_pad;
+                h.act = (int)c->activation;
+                if (c->expert_bias) {
+                    h.gate_bias = shared ? w->shared_gate_bias : w->gate_bias;
+                    h.up_bias = shared ? w->shared_up_bias : w->up_bias;
+                }
+                const __nv_bfloat16 *A1 = shared ? ws.Xs : ws.A;
+                if (p.glu)
+                    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(
+                        (moe_cuda__grouped_gemm<MOE_CUDA__EPI_GLU, 0>),
+                        moe_cuda__gemm_grid(rows1, E1, n1), GT, smem, stream, A1, W1, off, E1,
+                        n1, p.d_pad, h, halt));
+                else
+                    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(
+                        (moe_cuda__grouped_gemm<MOE_CUDA__EPI_ACT, 0>),
+                        moe_cuda__gemm_grid(rows1, E1, n1), GT, smem, stream, A1, W1, off, E1,
+                        n1, p.d_pad, h, halt));
+                moe_cuda__epilogue o;
+                memset(&o, 0, sizeof o);
+                o.c = shared ? ws.Os : ws.O; o.ldc = p.D; o.n = p.D;
+                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(
+                    (moe_cuda__grouped_gemm<MOE_CUDA__EPI_STORE, 0>),
+                    moe_cuda__gemm_grid(rows1, E1, p.d_out_pad), GT, smem, stream,
+                    (const __nv_bfloat16 *)h.h, W2, off, E1, p.d_out_pad, f_pad, o, halt));
+            }
+        }
+
+        /* combine, the routing into info, the aux losses */
+        moe_cuda__combine_args ca;
+        memset(&ca, 0, sizeof ca);
+        ca.out = ws.O; ca.row_of_pair = ws.row_of_pair; ca.expert = ws.expert;
+        ca.weight = ws.weight; ca.down_bias = c->expert_bias ? w->down_bias : NULL;
+        if (p.Fs > 0) {
+            ca.shared_out = ws.Os;
+            ca.shared_down_bias = c->expert_bias ? w->shared_down_bias : NULL;
+            ca.shared_expert_gate = c->shared_gate ? w->shared_expert_gate : NULL;
+        }
+        ca.x = x; ca.y = y; ca.top_k = p.K; ca.d = p.D; ca.halt = halt;
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__combine, dim3(blocks_t),
+                                      dim3(MOE_CUDA__COMBINE_THREADS), 0, stream, ca));
+        if (info) {
+            moe_cuda__publish_args pa;
+            pa.logits = ws.logits; pa.scores = ws.scores; pa.weight = ws.weight;
+            pa.expert = ws.expert; pa.dropped = ws.dropped;
+            pa.info_logits = info->logits; pa.info_scores = info->scores;
+            pa.info_weight = info->weight; pa.info_expert = info->expert;
+            pa.info_dropped = info->dropped;
+            pa.te = (int64_t)T * p.E; pa.tk = p.pairs; pa.halt = halt;
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__publish, dim3((T + 63) / 64), B, 0, stream,
+                                          pa));
+        }
+    }
+    moe_cuda__stats_args sa;
+    memset(&sa, 0, sizeof sa);
+    sa.scores = ws.scores; sa.weight0 = ws.weight0; sa.expert = ws.expert; sa.plain = ws.plain;
+    sa.dropped = ws.dropped; sa.lse_sq = ws.lse_sq; sa.score_sum = ws.score_sum;
+    sa.tokens = T; sa.capacity = p.C; sa.experts = p.E; sa.top_k = p.K;
+    sa.sigmoid = c->score == MOE_SCORE_SIGMOID;
+    sa.balance_loss = (int)c->balance_loss; sa.seq_len = p.seq_len;
+    sa.chunks_per_seq = p.chunks_per_seq; sa.n_chunks = p.n_chunks; sa.n_seq = p.n_seq;
+    sa.sum_d = ws.sum_d; sa.sum_i = ws.sum_i;
+    sa.coef[0] = c->balance_coef; sa.coef[1] = c->z_loss_coef; sa.coef[2] = c->importance_coef;
+    sa.coef[3] = c->load_coef; sa.coef[4] = c->seq_balance_coef;
+    sa.expert_routed = info ? info->expert_routed : NULL;
+    sa.expert_kept = info ? info->expert_kept : NULL;
+    sa.report = ws.report;
+    if (p.n_chunks > 0)
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__chunk_stats, dim3((unsigned)p.n_chunks),
+                                      dim3(MOE_CUDA__BLOCK), 0, stream, sa));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__finish_stats, dim3(1), dim3(MOE_CUDA__BLOCK), 0,
+                                  stream, sa));
+#undef MOE_CUDA__RUN
+    if (e != cudaSuccess) { moe_cuda__error_slot() = e; return MOE_STATUS_CUDA_ERROR; }
+    return MOE_STATUS_OK;
+}
+
+/* Wait for `stream` and read the outcome of the forward that last used this
+   workspace: MOE_STATUS_OK, with info's scalars written (slots, capacity,
+   drops, aux losses; the training stamp cleared), or MOE_STATUS_NONFINITE
+   (a NaN / Inf router logit or selection bias: y, the info arrays and info
+   are as they were), or MOE_STATUS_CUDA_ERROR (the stream failed, or no
+   forward finished on this workspace). info may be NULL. */
+static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info *info,
+                                                 cudaStream_t stream = 0) {
+    moe_cuda__report r;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    cudaError_t e = cudaStreamSynchronize(stream);
+    if (e == cudaSuccess)
+        e = cudaMemcpy(&r, moe_cuda__aligned(workspace), sizeof r, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess && r.done != 1) e = cudaErrorInvalidValue;
+    if (e != cudaSuccess) { moe_cuda__error_slot() = e; return MOE_STATUS_CUDA_ERROR; }
+    if (r.halt) return MOE_STATUS_NONFINITE;
+    if (info) {
+        info->slots = r.slots; info->capacity = r.capacity;
+        info->dropped_pairs = r.dropped_pairs; info->dropped_tokens = r.dropped_tokens;
+        info->aux_balance = r.aux_balance; info->aux_z = r.aux_z;
+        info->aux_importance = r.aux_importance; info->aux_load = r.aux_load;
+        info->aux_seq = r.aux_seq; info->aux_total = r.aux_total;
+        info->cache_tokens = 0; info->cache_config = 0; info->cache_check = 0;
+    }
+    return MOE_STATUS_OK;
 }
 
 #endif /* MOE_CUDA_CUH */

@@ -557,7 +557,16 @@ static inline void finish_shfl(warp_op &op, fiber **lanes) {
 template <class T>
 static inline T shfl(const char *what, const char *file, int line, unsigned mask, T v, int arg,
                      int width, int kind) {
-    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "32- and 64-bit shuffles only");
+    if constexpr (sizeof(T) == 8) {   /* as CUDA's headers do it: two 32-bit shuffles */
+        uint32_t half[2];
+        std::memcpy(half, &v, 8);
+        half[0] = shfl(what, file, line, mask, half[0], arg, width, kind);
+        half[1] = shfl(what, file, line, mask, half[1], arg, width, kind);
+        T r;
+        std::memcpy(&r, half, 8);
+        return r;
+    }
     if (width < 1 || width > 32 || (width & (width - 1)))
         fail(file, line, "%s: width %d is not a power of two in 1..32", what, width);
     uint32_t in[4];
@@ -923,8 +932,8 @@ static inline unsigned char *dynamic_smem() {
 /* ---- host API subset ------------------------------------------------------------ */
 
 static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
-    void *m = std::malloc(bytes ? bytes : 1);   /* ASan sees any access past the end */
-    if (!m) return cudaErrorMemoryAllocation;
+    void *m = nullptr;   /* 256-byte aligned as cudaMalloc's; ASan sees any access past the end */
+    if (posix_memalign(&m, 256, bytes ? bytes : 1) != 0) return cudaErrorMemoryAllocation;
     std::memset(m, 0xff, bytes);                /* NaN bytes: reads of unwritten memory show */
     ::cuda_emu::emu().allocations[m] = bytes;
     *p = m;
