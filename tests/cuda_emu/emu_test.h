@@ -66,11 +66,21 @@ static inline std::string launch_error() { return ""; }
 #endif
 
 /* A planted bug is caught in a schedule when the launch fails or the answer
-   is wrong; it must be caught in at least one. */
+   is wrong; it must be caught in at least one. The planted bugs test the
+   emulator: a GPU does not run them (a race need not show there, and the
+   sanitizers would rightly report them). */
+#ifdef CUDA_EMU
+enum { PLANTED = 1 };
 static inline void expect_caught(const char *bug, int caught_in) {
     printf("    planted bug \"%s\": caught in %d of %d schedules\n", bug, caught_in, NSCHED);
     CHECK(caught_in > 0);
 }
+#else
+enum { PLANTED = 0 };
+static inline void expect_caught(const char *bug, int) {
+    printf("    planted bug \"%s\": an emulator self-test, not run on a GPU\n", bug);
+}
+#endif
 
 typedef struct emu_test { const char *name; void (*fn)(void); } emu_test;
 
