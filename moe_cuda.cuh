@@ -1439,6 +1439,31 @@ static inline moe_status moe_cuda_forward_workspace_size(const moe_config *cfg, 
     return MOE_STATUS_OK;
 }
 
+/* Queue the routing kernel of a forward (a benchmark times it alone). */
+static inline cudaError_t moe_cuda__route(const moe_cuda__plan *p, const moe_weights *w,
+                                          const float *x, const moe_cuda__ws *ws,
+                                          cudaStream_t stream) {
+    const moe_config *c = &p->c;
+    moe_cuda__route_args ra;
+    memset(&ra, 0, sizeof ra);
+    ra.x = x; ra.router = w->router;
+    ra.router_bias = c->router_bias ? w->router_bias : NULL;
+    ra.selection_bias = c->selection_bias ? w->selection_bias : NULL;
+    ra.tokens = p->T; ra.d = p->D; ra.experts = p->E; ra.top_k = p->K;
+    ra.sigmoid = c->score == MOE_SCORE_SIGMOID;
+    ra.n_group = c->n_group; ra.topk_group = c->topk_group;
+    ra.group_score_top = c->group_score_top; ra.group_mask_zero = c->group_mask_zero;
+    ra.normalize = (int)c->normalize; ra.norm_p = c->norm_p; ra.norm_eps = c->norm_eps;
+    ra.routed_scale = c->routed_scale;
+    ra.logits = ws->logits; ra.scores = ws->scores; ra.weight = ws->weight0;
+    ra.expert = ws->expert; ra.dropped = ws->dropped; ra.lse_sq = ws->lse_sq;
+    ra.score_sum = ws->score_sum; ra.plain = ws->plain; ra.halt = &ws->report->halt;
+    const unsigned blocks = (unsigned)((p->T + MOE_CUDA__ROUTE_WARPS - 1) /
+                                       MOE_CUDA__ROUTE_WARPS);
+    return MOE_CUDA_LAUNCH(moe_cuda__route_topk, dim3(blocks), dim3(32 * MOE_CUDA__ROUTE_WARPS),
+                           0, stream, ra);
+}
+
 /* Queue the layer y[T][D] = sum over kept slots of weight * expert(x) (+ the
    shared expert) on `stream`. x, y, the weights, the workspace and info's
    arrays are device memory; info (host struct, may be NULL) names the arrays
@@ -1497,24 +1522,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
     if (T > 0) {
         const unsigned blocks_t = (unsigned)T, rows = (unsigned)p.rows;
         const dim3 B(MOE_CUDA__BLOCK);
-        moe_cuda__route_args ra;
-        memset(&ra, 0, sizeof ra);
-        ra.x = x; ra.router = w->router;
-        ra.router_bias = c->router_bias ? w->router_bias : NULL;
-        ra.selection_bias = c->selection_bias ? w->selection_bias : NULL;
-        ra.tokens = T; ra.d = p.D; ra.experts = p.E; ra.top_k = p.K;
-        ra.sigmoid = c->score == MOE_SCORE_SIGMOID;
-        ra.n_group = c->n_group; ra.topk_group = c->topk_group;
-        ra.group_score_top = c->group_score_top; ra.group_mask_zero = c->group_mask_zero;
-        ra.normalize = (int)c->normalize; ra.norm_p = c->norm_p; ra.norm_eps = c->norm_eps;
-        ra.routed_scale = c->routed_scale;
-        ra.logits = ws.logits; ra.scores = ws.scores; ra.weight = ws.weight0;
-        ra.expert = ws.expert; ra.dropped = ws.dropped; ra.lse_sq = ws.lse_sq;
-        ra.score_sum = ws.score_sum; ra.plain = ws.plain; ra.halt = &ws.report->halt;
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__route_topk,
-                                      dim3((unsigned)((T + MOE_CUDA__ROUTE_WARPS - 1) /
-                                                      MOE_CUDA__ROUTE_WARPS)),
-                                      dim3(32 * MOE_CUDA__ROUTE_WARPS), 0, stream, ra));
+        MOE_CUDA__RUN(moe_cuda__route(&p, w, x, &ws, stream));
         if (p.C > 0) {
             MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__capacity, dim3((unsigned)p.E), B, 0, stream,
                                           (const int32_t *)ws.expert, T, p.K, p.C, ws.dropped,

@@ -31,6 +31,7 @@
 #define CUDA_EMU_H
 
 #include <algorithm>
+#include <chrono>
 #include <cstdarg>
 #include <cstddef>
 #include <cstdint>
@@ -974,6 +975,23 @@ static inline cudaError_t cudaPeekAtLastError() { return ::cuda_emu::emu().last;
 static inline cudaError_t cudaDeviceSynchronize() { return cudaGetLastError(); }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaGetLastError(); }
 static inline cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
+/* Events read the host clock when recorded (every call here is synchronous):
+   a benchmark's plumbing runs on the emulator, its times mean nothing. */
+typedef struct cuda_emu_event { std::chrono::steady_clock::time_point at; } *cudaEvent_t;
+static inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    *e = new cuda_emu_event();
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
+    e->at = std::chrono::steady_clock::now();
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+    return cudaSuccess;
+}
 static inline const char *cudaGetErrorString(cudaError_t e) {
     switch (e) {
     case cudaSuccess: return "no error";
