@@ -63,7 +63,10 @@ if [ $gpu = 1 ]; then
             rc=$?
             last=$(tail -n 1 "$out/$t.log")
             if [ $rc = 0 ]; then note "$t on the GPU: $last"
-            else fail "$t on the GPU (exit $rc): $last"; grep -E "FAIL|CHECK" "$out/$t.log" | head; fi
+            else
+                fail "$t on the GPU (exit $rc): $last"
+                grep -E "FAIL|CHECK" "$out/$t.log" | head
+            fi
         fi
     done
     # 3. the sanitizers, side by side
