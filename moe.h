@@ -524,6 +524,11 @@ MOEDEF const char *moe_status_string(moe_status status);
 
 /* Check cfg and write it with every default applied to *out (out may be cfg). */
 MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out);
+/* The fingerprint a training forward stamps into moe_info.cache_config: a
+   hash of every resolved field that shapes its routing and cache (all but
+   isa, threads, pool, pack_bf16 and router_grad_clip). 0 for a bad config.
+   moe_cuda.cuh stamps its forwards with it too.                           */
+MOEDEF uint64_t moe_config_fingerprint(const moe_config *cfg);
 
 /* Presets: the routing fields of a published model (ROUTING_SPEC 0, 15) with
    its released shape. Change num_experts / top_k / d_model / d_ff freely.  */
@@ -3753,6 +3758,11 @@ static uint64_t moe__config_key(const moe_config *c) {
     uint64_t h = moe__hash_bytes(c->seed, i, sizeof i);
     h = moe__hash_bytes(h, f, sizeof f);
     return h ? h : 1;   /* 0 means "no cache" */
+}
+
+MOEDEF uint64_t moe_config_fingerprint(const moe_config *cfg) {
+    moe_config c;
+    return moe_config_resolve(cfg, &c) == MOE_STATUS_OK ? moe__config_key(&c) : 0;
 }
 
 /* Does a forward of fingerprint key serve a backward of c? Its own config,

@@ -4,10 +4,11 @@
    STATUS
      The forward of token-choice (top-k) routing runs: routing, capacity,
      dispatch, the grouped expert GEMMs on tensor cores, the shared expert,
-     the combine and the aux losses, all on the device. Verified on the CPU
-     emulator in tests/cuda_emu against moe.h; built by nvcc for sm_80 and
-     sm_90a without spills; NOT YET MEASURED ON A GPU. Not here yet: the
-     backward (moe_cuda_backward) and the training cache.
+     the combine and the aux losses, all on the device. The backward runs on
+     plain fp32 kernels (no tensor cores yet), without the shared expert and
+     the importance and sequence losses. Verified on the CPU emulator in
+     tests/cuda_emu against moe.h; built by nvcc for sm_80 and sm_90a without
+     spills; NOT YET MEASURED ON A GPU.
 
    USAGE
      In a .cu file, after moe.h (with MOE_IMPLEMENTATION in one file):
@@ -23,6 +24,11 @@
          st = moe_cuda_forward(&cfg, &w, x, T, y, &info, ws, wb, stream);
          ... more work on the stream ...
          st = moe_cuda_forward_result(ws, &info, stream);     (waits)
+     Training: cfg.training = 1 and info's device arrays logits, scores,
+     expert, weight and dropped; the result stamps info; then
+         moe_cuda_backward_workspace_size(&cfg, T, &bb);      (cudaMalloc once)
+         st = moe_cuda_backward(&cfg, &w, x, T, &info, dy, dx, &grads, bws, bb,
+                                stream);     (dx overwritten, grads accumulate)
      moe_cuda_forward checks everything the host can know (config, shapes,
      pointers, sizes, overlaps) and queues the kernels: it neither allocates
      nor waits, and the launch geometry depends only on T and the config, so
@@ -44,13 +50,13 @@
      drop policies, more than 256 experts or top_k > 32.
 
    DETERMINISM
-     No float atomics: every sum has one fixed order, so a forward gives the
-     same bits on every run of the same GPU and build.
+     No float atomics: every sum has one fixed order, so a forward or a
+     backward gives the same bits on every run of the same GPU and build.
 
    CONTENTS (pipeline order)
      PTX wrappers; routing; capacity; dispatch; weight packing; grouped GEMM
      with fused epilogues; the plain fp32 expert FFN; combine; aux losses and
-     counts; the host API.
+     counts; the backward's kernels; the host API (forward, then backward).
 */
 #ifndef MOE_CUDA_CUH
 #define MOE_CUDA_CUH
@@ -438,6 +444,31 @@ moe_cuda__capacity(const int32_t *expert, int tokens, int top_k, int capacity, u
     }
 }
 
+/* moe.h's normaliser (moe__normalize, before eps) of a token's slot scores
+   g_j = score_row[idx[j]]: their sum (SUM) or p-norm (PNORM), over the kept
+   slots (only_kept) or all. The weights divide by it; the backward too. */
+__device__ __forceinline__ double moe_cuda__slot_norm(const float *score_row,
+                                                      const int32_t *idx, const uint8_t *dropped,
+                                                      int k, int only_kept, int normalize,
+                                                      float norm_p) {
+    double s = 0.0, m = 0.0;
+    for (int j = 0; j < k; j++) {
+        if (only_kept && dropped[j]) continue;
+        const double a = fabs((double)score_row[idx[j]]);
+        if (normalize != MOE_NORM_PNORM) s += score_row[idx[j]];
+        else if (norm_p == 1.0f) s += a;
+        if (a > m) m = a;
+    }
+    if (normalize == MOE_NORM_PNORM && norm_p != 1.0f && m != 0.0) {
+        s = 0.0;   /* m (sum (|g| / m)^p)^(1/p): no overflow for large p */
+        for (int j = 0; j < k; j++)
+            if (!(only_kept && dropped[j])) s += pow(fabs((double)score_row[idx[j]]) / m,
+                                                     (double)norm_p);
+        s = m * pow(s, 1.0 / (double)norm_p);
+    }
+    return s;
+}
+
 /* One thread per token: the final weights from the pre-capacity weight0. */
 __global__ void moe_cuda__final_weights(const float *scores, int experts, const int32_t *expert,
                                         const uint8_t *dropped, const float *weight0,
@@ -452,29 +483,16 @@ __global__ void moe_cuda__final_weights(const float *scores, int experts, const 
         return;
     }
     /* moe.h's moe__normalize over the kept pairs, reading g from the scores */
-#define MOE_CUDA__G(j) scores[(size_t)t * experts + expert[p0 + (j)]]
-    double den = 0.0, m = 0.0;
-    for (int j = 0; j < top_k; j++) {
-        if (dropped[p0 + j]) continue;
-        const double a = fabs((double)MOE_CUDA__G(j));
-        if (normalize != MOE_NORM_PNORM) den += MOE_CUDA__G(j);
-        else if (norm_p == 1.0f) den += a;
-        if (a > m) m = a;
-    }
-    if (normalize == MOE_NORM_PNORM && norm_p != 1.0f && m != 0.0) {
-        double s = 0.0;
-        for (int j = 0; j < top_k; j++)
-            if (!dropped[p0 + j]) s += pow(fabs((double)MOE_CUDA__G(j)) / m, (double)norm_p);
-        den = m * pow(s, 1.0 / (double)norm_p);
-    }
+    double den = normalize == MOE_NORM_NONE ? 0.0
+                 : moe_cuda__slot_norm(scores + (size_t)t * experts, expert + p0,
+                                       dropped + p0, top_k, 1, normalize, norm_p);
     den += norm_eps;
     for (int j = 0; j < top_k; j++) {
-        const float v = dropped[p0 + j] ? 0.0f : MOE_CUDA__G(j);
+        const float v = dropped[p0 + j] ? 0.0f : scores[(size_t)t * experts + expert[p0 + j]];
         float w = v;
         if (normalize != MOE_NORM_NONE) w = den > 0.0 ? (float)(v / den) : 0.0f;
         weight[p0 + j] = w * routed_scale;
     }
-#undef MOE_CUDA__G
 }
 
 // ----------------------------------------------------------------------------
@@ -628,6 +646,26 @@ __host__ __device__ __forceinline__ float moe_cuda__act(int act, float v) {
         return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
     default:
         return v > 0.0f || v != v ? v : 0.0f;
+    }
+}
+/* act'(v), as moe.h's moe__act_grad: SiLU' = s (1 + v (1 - s)), GELU' = Phi(v)
+   + v phi(v) (erf) or its tanh form, ReLU' = [v > 0]. */
+__host__ __device__ __forceinline__ float moe_cuda__act_grad(int act, float v) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: case MOE_ACT_SILU: {
+        const float s = moe_cuda__sigmoid(v);
+        return s * (1.0f + v * (1.0f - s));
+    }
+    case MOE_ACT_GEGLU: case MOE_ACT_GELU:
+        return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) +
+               v * 0.39894228040143268f * expf(-0.5f * v * v);
+    case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: {
+        const float k = 0.79788456080286536f, th = tanhf(k * (v + 0.044715f * v * v * v));
+        return 0.5f * (1.0f + th) +
+               0.5f * v * (1.0f - th * th) * k * (1.0f + 3.0f * 0.044715f * v * v);
+    }
+    default:
+        return v > 0.0f ? 1.0f : 0.0f;
     }
 }
 __host__ __device__ __forceinline__ int moe_cuda__is_glu(int act) {
@@ -847,11 +885,12 @@ __device__ __forceinline__ int moe_cuda__expert_of_row(const int32_t *offsets, i
 }
 
 /* H[r][f] = act(x_t . gate_e[f] + gb) (* (x_t . up_e[f] + ub)); the token of
-   row r is pair_of_row[r] / top_k (pair_of_row NULL: t = r, the shared expert). */
+   row r is pair_of_row[r] / top_k (pair_of_row NULL: t = r, the shared expert).
+   The backward also keeps the pre-activations: G (gate) and U (up), or NULL. */
 __global__ void moe_cuda__ffn_hidden_ref(moe_cuda__ffn32 ffn, const float *x,
                                          const int32_t *pair_of_row, int top_k,
                                          const int32_t *offsets, int experts, float *H,
-                                         const int32_t *halt) {
+                                         float *G, float *U, const int32_t *halt) {
     const int r = (int)blockIdx.x;
     if (*halt || r >= offsets[experts]) return;
     const int e = moe_cuda__expert_of_row(offsets, experts, r);
@@ -867,7 +906,9 @@ __global__ void moe_cuda__ffn_hidden_ref(moe_cuda__ffn32 ffn, const float *x,
             for (int k = 0; k < ffn.d; k++) u = fmaf(xt[k], wu[k], u);
             if (ffn.up_bias) u += ffn.up_bias[(size_t)e * ffn.f + f];
             h *= u;
+            if (U) U[(size_t)r * ffn.f + f] = u;
         }
+        if (G) G[(size_t)r * ffn.f + f] = g;
         H[(size_t)r * ffn.f + f] = h;
     }
 }
@@ -963,6 +1004,8 @@ typedef struct moe_cuda__report {
     int32_t done;           /* the forward's last kernel ran                    */
     int32_t slots, capacity, dropped_pairs, dropped_tokens;
     float aux_balance, aux_z, aux_importance, aux_load, aux_seq, aux_total;
+    int32_t stamp_tokens;   /* a training forward's T and config fingerprint    */
+    uint64_t stamp_config;  /* (0: not training), for moe_cuda_backward's check */
 } moe_cuda__report;
 
 typedef struct moe_cuda__stats_args {
@@ -977,6 +1020,7 @@ typedef struct moe_cuda__stats_args {
     int32_t *sum_i;                      /* [chunk][4E + 2]: f, routed, kept,
                                             seq count; dropped pairs, tokens     */
     float coef[5];                       /* balance, z, importance, load, seq     */
+    uint64_t stamp_config;               /* moe_config_fingerprint when training  */
     int32_t *expert_routed, *expert_kept;   /* info arrays [E] or NULL            */
     moe_cuda__report *report;
 } moe_cuda__stats_args;
@@ -1119,6 +1163,8 @@ moe_cuda__finish_stats(moe_cuda__stats_args a) {
 MOE_CUDA_UNROLL
         for (int i = 0; i < 5; i++) if (a.coef[i] != 0.0f) total += a.coef[i] * val[i];
         rep->aux_total = total;
+        rep->stamp_tokens = (int32_t)T;
+        rep->stamp_config = a.stamp_config;
         rep->done = 1;
     }
 }
@@ -1150,6 +1196,280 @@ __global__ void moe_cuda__publish(moe_cuda__publish_args a) {
 }
 
 // ----------------------------------------------------------------------------
+// Backward, in plain fp32 kernels (whatever cfg.isa says): the gradient of
+// L = <dy, y> + aux_total, as moe_backward computes it. The routing arrays
+// come from the training forward's moe_info; the rows are re-dispatched from
+// them and the expert FFNs recomputed (no activation cache). One thread per
+// output, sums in index order, no atomics: the same bits on every run.
+//   1. dispatch again; G, U (pre-activations), H and O = H down^T per row
+//   2. gw[p] = <dy_t, O_row + down_bias>: dL / d weight of each kept pair
+//   3. dG, dU: (weight dy_t) down_e through the activation
+//   4. weight gradients of down and gate / up (+ biases), per expert, summed
+//      over its rows in row order; dXr[row] = dG gate_e + dU up_e
+//   5. router, one thread per token: gw through the normalisation, balance
+//      loss, softmax / sigmoid, z-loss and clipping -> dz[t][e]
+//   6. router weight (+ bias) gradients; dx = the token's dXr rows in slot
+//      order + dz router (written last: dx may be x or dy)
+
+/* 2. gw[p] for the pairs p of the tokens (0 for a dropped pair) */
+__global__ void moe_cuda__bw_gate_grad(const float *dy, const float *O, const int32_t *row_of_pair,
+                                       const int32_t *expert, const float *down_bias, int pairs,
+                                       int top_k, int d, float *gw) {
+    const int p = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (p >= pairs) return;
+    const int row = row_of_pair[p];
+    if (row < 0) { gw[p] = 0.0f; return; }
+    const float *dyt = dy + (size_t)(p / top_k) * d, *o = O + (size_t)row * d;
+    const float *db = down_bias ? down_bias + (size_t)expert[p] * d : NULL;
+    float acc = 0.0f;
+    for (int c = 0; c < d; c++) acc = fmaf(dyt[c], db ? o[c] + db[c] : o[c], acc);
+    gw[p] = acc;
+}
+
+/* 3. one block per row: da[f] = sum_c (w_p dy_t[c]) down_e[c][f], then
+   dU = da act(g), dG = da u act'(g) (GLU) or dG = da act'(g) */
+__global__ void moe_cuda__bw_hidden(moe_cuda__ffn32 ffn, const float *dy, const float *weight,
+                                    const int32_t *pair_of_row, int top_k,
+                                    const int32_t *offsets, int experts, const float *G,
+                                    const float *U, float *dG, float *dU) {
+    const int r = (int)blockIdx.x;
+    if (r >= offsets[experts]) return;
+    const int e = moe_cuda__expert_of_row(offsets, experts, r), p = pair_of_row[r];
+    const float *dyt = dy + (size_t)(p / top_k) * ffn.d, w = weight[p];
+    const float *down = ffn.down + e * ffn.down_stride;
+    for (int f = (int)threadIdx.x; f < ffn.f; f += (int)blockDim.x) {
+        float da = 0.0f;
+        for (int c = 0; c < ffn.d; c++) da = fmaf(w * dyt[c], down[(size_t)c * ffn.f + f], da);
+        const size_t i = (size_t)r * ffn.f + f;
+        const float g = G[i];
+        if (moe_cuda__is_glu(ffn.act)) {
+            dU[i] = da * moe_cuda__act(ffn.act, g);
+            dG[i] = da * U[i] * moe_cuda__act_grad(ffn.act, g);
+        } else {
+            dG[i] = da * moe_cuda__act_grad(ffn.act, g);
+        }
+    }
+}
+
+/* 4a. dXr[r][c] = sum_f dG[r][f] gate_e[f][c] (+ sum_f dU[r][f] up_e[f][c]) */
+__global__ void moe_cuda__bw_row_dx(moe_cuda__ffn32 ffn, const int32_t *offsets, int experts,
+                                    const float *dG, const float *dU, float *dXr) {
+    const int r = (int)blockIdx.x;
+    if (r >= offsets[experts]) return;
+    const int e = moe_cuda__expert_of_row(offsets, experts, r);
+    const float *gate = ffn.gate + e * ffn.gate_stride, *up = ffn.up + e * ffn.up_stride;
+    const float *dg = dG + (size_t)r * ffn.f, *du = dU + (size_t)r * ffn.f;
+    for (int c = (int)threadIdx.x; c < ffn.d; c += (int)blockDim.x) {
+        float acc = 0.0f;
+        for (int f = 0; f < ffn.f; f++) acc = fmaf(dg[f], gate[(size_t)f * ffn.d + c], acc);
+        if (moe_cuda__is_glu(ffn.act))
+            for (int f = 0; f < ffn.f; f++) acc = fmaf(du[f], up[(size_t)f * ffn.d + c], acc);
+        dXr[(size_t)r * ffn.d + c] = acc;
+    }
+}
+
+/* Where the gradients go; each may be NULL (not wanted). Strides per expert. */
+typedef struct moe_cuda__ffn_grads {
+    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+    size_t gate_stride, up_stride, down_stride;
+} moe_cuda__ffn_grads;
+
+/* 4b. one thread per (e, c, f), grid.y = e: d down[c][f] += sum over e's rows
+   of (w_p dy_t[c]) h[f], and d down_bias[c] += sum of w_p dy_t[c] (f == 0) */
+__global__ void moe_cuda__bw_down_grad(moe_cuda__ffn32 ffn, moe_cuda__ffn_grads g,
+                                       const float *dy, const float *weight,
+                                       const int32_t *pair_of_row, int top_k,
+                                       const int32_t *offsets, const float *G, const float *U) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int e = (int)blockIdx.y;
+    if (i >= (int64_t)ffn.d * ffn.f) return;
+    const int c = (int)(i / ffn.f), f = (int)(i % ffn.f);
+    const int glu = moe_cuda__is_glu(ffn.act);
+    float acc = 0.0f, bias = 0.0f;
+    for (int r = offsets[e]; r < offsets[e + 1]; r++) {
+        const int p = pair_of_row[r];
+        const float dout = weight[p] * dy[(size_t)(p / top_k) * ffn.d + c];
+        float h = moe_cuda__act(ffn.act, G[(size_t)r * ffn.f + f]);
+        if (glu) h *= U[(size_t)r * ffn.f + f];
+        acc = fmaf(dout, h, acc);
+        bias += dout;
+    }
+    if (g.down) g.down[e * g.down_stride + (size_t)i] += acc;
+    if (g.down_bias && f == 0) g.down_bias[(size_t)e * ffn.d + c] += bias;
+}
+
+/* 4c. one thread per (e, f, k), grid.y = e: d gate[f][k] += sum over e's rows
+   of dG[r][f] x_t[k] (d up from dU likewise), the biases at k == 0 */
+__global__ void moe_cuda__bw_w1_grad(moe_cuda__ffn32 ffn, moe_cuda__ffn_grads g, const float *x,
+                                     const int32_t *pair_of_row, int top_k,
+                                     const int32_t *offsets, const float *dG, const float *dU) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int e = (int)blockIdx.y;
+    if (i >= (int64_t)ffn.f * ffn.d) return;
+    const int f = (int)(i / ffn.d), k = (int)(i % ffn.d);
+    const int glu = moe_cuda__is_glu(ffn.act);
+    float ag = 0.0f, au = 0.0f, bg = 0.0f, bu = 0.0f;
+    for (int r = offsets[e]; r < offsets[e + 1]; r++) {
+        const float xv = x[(size_t)(pair_of_row[r] / top_k) * ffn.d + k];
+        const float dg = dG[(size_t)r * ffn.f + f];
+        ag = fmaf(dg, xv, ag);
+        bg += dg;
+        if (glu) {
+            const float du = dU[(size_t)r * ffn.f + f];
+            au = fmaf(du, xv, au);
+            bu += du;
+        }
+    }
+    if (g.gate) g.gate[e * g.gate_stride + (size_t)i] += ag;
+    if (glu && g.up) g.up[e * g.up_stride + (size_t)i] += au;
+    if (k == 0 && g.gate_bias) g.gate_bias[(size_t)e * ffn.f + f] += bg;
+    if (k == 0 && glu && g.up_bias) g.up_bias[(size_t)e * ffn.f + f] += bu;
+}
+
+typedef struct moe_cuda__router_bw_args {
+    const float *logits, *scores, *gw;
+    const int32_t *expert;
+    const uint8_t *dropped;
+    int tokens, experts, top_k, sigmoid, balance_loss, normalize, after_drop;
+    float norm_p, norm_eps, routed_scale, balance_coef, z_coef, clip;
+    double *fbal;   /* [E] the balance loss's dL / d pn[t][e] (1 block)  */
+    double *ds;     /* [T][E] scratch: dL / d score                       */
+    float *dz;      /* [T][E] dL / d logit                                */
+} moe_cuda__router_bw_args;
+
+/* 5a. one block, thread e: coef E f_e / (T (K)) / T, f_e the kept pairs of
+   expert e (first choices only for FIRST_CHOICE); the counts are constants */
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__bw_balance(moe_cuda__router_bw_args a) {
+    const int e = (int)threadIdx.x, K = a.top_k;
+    if (e >= a.experts) return;
+    const int slots = a.balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : K;
+    int64_t f = 0;
+    for (int64_t t = 0; t < a.tokens; t++)
+        for (int j = 0; j < slots; j++) f += a.expert[t * K + j] == e;   /* drops count */
+    const double T = (double)a.tokens;
+    const double per = a.balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? (double)K : 1.0;
+    a.fbal[e] = a.balance_coef != 0.0f && a.tokens > 0
+                    ? (double)a.balance_coef * a.experts * ((double)f / (T * per)) / T : 0.0;
+}
+
+/* 5b. one thread per token, in moe.h's order (moe__router_backward_ref) */
+__global__ void moe_cuda__bw_router(moe_cuda__router_bw_args a) {
+    const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (t >= a.tokens) return;
+    const int E = a.experts, K = a.top_k;
+    const float *sc = a.scores + (size_t)t * E, *z = a.logits + (size_t)t * E;
+    const int32_t *idx = a.expert + (size_t)t * K;
+    const uint8_t *dr = a.dropped + (size_t)t * K;
+    const float *dw = a.gw + (size_t)t * K;
+    double *ds = a.ds + (size_t)t * E;
+    float *dz = a.dz + (size_t)t * E;
+    for (int e = 0; e < E; e++) ds[e] = 0.0;
+
+    /* gate weights w_j = r m_j g_j / den -> scores (moe__normalize_backward) */
+    const double r = a.routed_scale;
+    if (a.normalize == MOE_NORM_NONE) {
+        for (int j = 0; j < K; j++) if (!dr[j]) ds[idx[j]] += r * dw[j];
+    } else {
+        const double nrm = moe_cuda__slot_norm(sc, idx, dr, K, a.after_drop, a.normalize,
+                                               a.norm_p);
+        const double den = nrm + a.norm_eps;
+        double dot = 0.0;
+        for (int j = 0; j < K; j++) if (!dr[j]) dot += (double)dw[j] * sc[idx[j]];
+        for (int j = 0; den > 0.0 && j < K; j++) {
+            const int in = !(a.after_drop && dr[j]);   /* in the denominator */
+            const double g = sc[idx[j]];
+            double dden = 0.0;
+            if (in && a.normalize == MOE_NORM_PNORM)   /* (|g| / ||g||_p)^(p-1) sign g */
+                dden = (nrm > 0.0 ? pow(fabs(g) / nrm, a.norm_p - 1.0) : a.norm_p == 1.0f) *
+                       (g < 0.0 ? -1.0 : 1.0);
+            else if (in)
+                dden = 1.0;
+            ds[idx[j]] += r / den * ((dr[j] ? 0.0 : (double)dw[j]) - dot / den * dden);
+        }
+    }
+
+    /* the balance loss sees pn = p (softmax) or s / sum s (sigmoid) */
+    if (a.balance_coef != 0.0f) {
+        if (!a.sigmoid) {
+            for (int e = 0; e < E; e++) ds[e] += (float)a.fbal[e];
+        } else {
+            double ssum = 0.0, corr = 0.0;
+            for (int e = 0; e < E; e++) ssum += sc[e];
+            if (ssum > 0.0) {
+                for (int e = 0; e < E; e++) corr += (float)a.fbal[e] * (sc[e] / ssum);
+                for (int e = 0; e < E; e++) ds[e] += ((float)a.fbal[e] - corr) / ssum;
+            }
+        }
+    }
+
+    /* scores -> logits */
+    if (!a.sigmoid) {
+        double dot = 0.0;
+        for (int e = 0; e < E; e++) dot += ds[e] * sc[e];
+        for (int e = 0; e < E; e++) dz[e] = (float)(sc[e] * (ds[e] - dot));
+    } else {
+        for (int e = 0; e < E; e++) dz[e] = (float)(ds[e] * sc[e] * (1.0 - sc[e]));
+    }
+
+    /* z-loss (1/T) sum LSE^2: dz += coef 2/T LSE softmax(z) */
+    if (a.z_coef != 0.0f) {
+        double m = z[0], s = 0.0;
+        for (int e = 1; e < E; e++) if (z[e] > m) m = z[e];
+        for (int e = 0; e < E; e++) s += exp((double)z[e] - m);
+        const double lse = m + log(s);
+        for (int e = 0; e < E; e++)
+            dz[e] += (float)(a.z_coef * 2.0 / a.tokens * lse * exp((double)z[e] - lse));
+    }
+
+    /* the token's router gradient clipped to norm clip */
+    if (a.clip > 0.0f) {
+        double nrm = 0.0;
+        for (int e = 0; e < E; e++) nrm += (double)dz[e] * dz[e];
+        nrm = sqrt(nrm);
+        if (nrm > a.clip) {
+            const float k = (float)(a.clip / nrm);
+            for (int e = 0; e < E; e++) dz[e] *= k;
+        }
+    }
+}
+
+/* 6a. one thread per (e, k): d router[e][k] += sum_t dz[t][e] x[t][k];
+   d router_bias[e] += sum_t dz[t][e] (k == 0) */
+__global__ void moe_cuda__bw_router_grad(const float *dz, const float *x, int tokens, int experts,
+                                         int d, float *g_router, float *g_router_bias) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)experts * d) return;
+    const int e = (int)(i / d), k = (int)(i % d);
+    float acc = 0.0f, bias = 0.0f;
+    for (int t = 0; t < tokens; t++) {
+        const float g = dz[(size_t)t * experts + e];
+        acc = fmaf(g, x[(size_t)t * d + k], acc);
+        bias += g;
+    }
+    if (g_router) g_router[i] += acc;
+    if (g_router_bias && k == 0) g_router_bias[e] += bias;
+}
+
+/* 6b. one block per token: dx[t][c] = sum over kept slots (slot order) of
+   dXr[row][c], plus sum_e dz[t][e] router[e][c] */
+__global__ void moe_cuda__bw_token_dx(const float *dXr, const int32_t *row_of_pair, int top_k,
+                                      const float *dz, const float *router, int experts, int d,
+                                      float *dx) {
+    const int t = (int)blockIdx.x;
+    for (int c = (int)threadIdx.x; c < d; c += (int)blockDim.x) {
+        float acc = 0.0f, r = 0.0f;
+        for (int j = 0; j < top_k; j++) {
+            const int row = row_of_pair[(size_t)t * top_k + j];
+            if (row >= 0) acc += dXr[(size_t)row * d + c];
+        }
+        for (int e = 0; e < experts; e++)
+            r = fmaf(dz[(size_t)t * experts + e], router[(size_t)e * d + c], r);
+        dx[(size_t)t * d + c] = acc + r;
+    }
+}
+
+// ----------------------------------------------------------------------------
 // The host API. Everything the host can check is checked before the first
 // launch; a refused call writes nothing (but info->workspace_required).
 
@@ -1164,6 +1484,7 @@ static inline cudaError_t moe_cuda_last_error() { return moe_cuda__error_slot();
 typedef struct moe_cuda__plan {
     moe_config c;
     int T, E, K, D, F, Fs, glu, simt, C, pairs, rows;   /* rows: pairs, at least 1 */
+    int backward;                                       /* a moe_cuda_backward plan */
     int d_pad, f_pad, n1_pad, d_out_pad, fs_pad, n1s_pad;
     int64_t seq_len;
     int chunks_per_seq, n_seq, n_chunks, plain;
@@ -1229,6 +1550,10 @@ typedef struct moe_cuda__ws {
     __nv_bfloat16 *A, *H, *Xs, *Hs;   /* tensor-core path */
     float *Hf, *Hsf;                  /* fp32 path        */
     float *O, *Os;
+    /* backward: pre-activations and their gradients [rows][F], per-row dx,
+       dL / d weight [T K], balance factors [E], dL / d score and logit [T][E] */
+    float *G, *U, *dG, *dU, *dXr, *gw, *dz;
+    double *fbal, *ds;
 } moe_cuda__ws;
 
 static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base,
@@ -1241,7 +1566,24 @@ static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base
         at += ((size_t)(count) * sizeof(type) + 255) / 256 * 256;            \
     } while (0)
     MOE_CUDA__TAKE(report, moe_cuda__report, 1);
-    if (p->T > 0) {
+    if (p->T > 0 && p->backward) {
+        const size_t T = (size_t)p->T, E = (size_t)p->E, TK = (size_t)p->pairs;
+        const size_t RF = (size_t)p->rows * p->F, RD = (size_t)p->rows * p->D;
+        MOE_CUDA__TAKE(counts, int32_t, E);
+        MOE_CUDA__TAKE(offsets, int32_t, E + 1);
+        MOE_CUDA__TAKE(row_of_pair, int32_t, TK);
+        MOE_CUDA__TAKE(pair_of_row, int32_t, (size_t)p->rows);
+        MOE_CUDA__TAKE(Hf, float, RF);
+        MOE_CUDA__TAKE(G, float, RF);
+        MOE_CUDA__TAKE(dG, float, RF);
+        if (p->glu) { MOE_CUDA__TAKE(U, float, RF); MOE_CUDA__TAKE(dU, float, RF); }
+        MOE_CUDA__TAKE(O, float, RD);
+        MOE_CUDA__TAKE(dXr, float, RD);
+        MOE_CUDA__TAKE(gw, float, TK);
+        MOE_CUDA__TAKE(fbal, double, E);
+        MOE_CUDA__TAKE(ds, double, T * E);
+        MOE_CUDA__TAKE(dz, float, T * E);
+    } else if (p->T > 0) {
         const size_t T = (size_t)p->T, E = (size_t)p->E, TK = (size_t)p->pairs;
         const size_t rows = (size_t)p->rows;
         MOE_CUDA__TAKE(logits, float, T * E);
@@ -1439,6 +1781,21 @@ static inline moe_status moe_cuda_forward_workspace_size(const moe_config *cfg, 
     return MOE_STATUS_OK;
 }
 
+/* The routed experts' fp32 tensors (HF's fused gate_up: up = gate + F D). */
+static inline moe_cuda__ffn32 moe_cuda__routed_ffn32(const moe_cuda__plan *p,
+                                                     const moe_weights *w) {
+    const int fused = w->gate_up_fused && p->glu;
+    moe_cuda__ffn32 r;
+    memset(&r, 0, sizeof r);
+    r.gate = w->gate; r.down = w->down;
+    r.up = fused ? w->gate + (size_t)p->F * p->D : w->up;
+    r.gate_stride = r.up_stride = (size_t)p->F * p->D * (fused ? 2 : 1);
+    r.down_stride = (size_t)p->D * p->F;
+    if (p->c.expert_bias) { r.gate_bias = w->gate_bias; r.up_bias = w->up_bias; }
+    r.d = p->D; r.f = p->F; r.act = (int)p->c.activation;
+    return r;
+}
+
 /* Queue the routing kernel of a forward (a benchmark times it alone). */
 static inline cudaError_t moe_cuda__route(const moe_cuda__plan *p, const moe_weights *w,
                                           const float *x, const moe_cuda__ws *ws,
@@ -1515,6 +1872,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
         if (moe_cuda__overlap(&sp)) return MOE_STATUS_ALIASING;
     }
 
+    if (info) { info->cache_tokens = 0; info->cache_config = 0; info->cache_check = 0; }
     moe_cuda__bind(&p, moe_cuda__aligned(workspace), &ws);
     const int32_t *halt = &ws.report->halt;
     cudaError_t e = cudaMemsetAsync(ws.report, 0, sizeof *ws.report, stream);
@@ -1555,18 +1913,11 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
 
         /* the expert FFNs: routed, then shared */
         if (p.simt) {
-            const int fused = w->gate_up_fused && p.glu;
-            moe_cuda__ffn32 r;
-            memset(&r, 0, sizeof r);
-            r.gate = w->gate; r.down = w->down;
-            r.up = fused ? w->gate + (size_t)p.F * p.D : w->up;
-            r.gate_stride = r.up_stride = (size_t)p.F * p.D * (fused ? 2 : 1);
-            r.down_stride = (size_t)p.D * p.F;
-            if (c->expert_bias) { r.gate_bias = w->gate_bias; r.up_bias = w->up_bias; }
-            r.d = p.D; r.f = p.F; r.act = (int)c->activation;
+            const moe_cuda__ffn32 r = moe_cuda__routed_ffn32(&p, w);
             MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(rows), dim3(128), 0,
                                           stream, r, x, (const int32_t *)ws.pair_of_row, p.K,
-                                          (const int32_t *)ws.offsets, p.E, ws.Hf, halt));
+                                          (const int32_t *)ws.offsets, p.E, ws.Hf,
+                                          (float *)NULL, (float *)NULL, halt));
             MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(rows), dim3(128), 0, stream,
                                           r, (const float *)ws.Hf,
                                           (const int32_t *)ws.offsets, p.E, ws.O, halt));
@@ -1582,7 +1933,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
                 MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(blocks_t),
                                               dim3(128), 0, stream, s, x, (const int32_t *)NULL,
                                               1, (const int32_t *)ws.shared_offsets, 1, ws.Hsf,
-                                              halt));
+                                              (float *)NULL, (float *)NULL, halt));
                 MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(blocks_t), dim3(128),
                                               0, stream, s, (const float *)ws.Hsf,
                                               (const int32_t *)ws.shared_offsets, 1, ws.Os,
@@ -1669,6 +2020,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
     sa.expert_routed = info ? info->expert_routed : NULL;
     sa.expert_kept = info ? info->expert_kept : NULL;
     sa.report = ws.report;
+    sa.stamp_config = c->training ? moe_config_fingerprint(cfg) : 0;
     if (p.n_chunks > 0)
         MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__chunk_stats, dim3((unsigned)p.n_chunks),
                                       dim3(MOE_CUDA__BLOCK), 0, stream, sa));
@@ -1681,7 +2033,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
 
 /* Wait for `stream` and read the outcome of the forward that last used this
    workspace: MOE_STATUS_OK, with info's scalars written (slots, capacity,
-   drops, aux losses; the training stamp cleared), or MOE_STATUS_NONFINITE
+   drops, aux losses; a training forward's stamp), or MOE_STATUS_NONFINITE
    (a NaN / Inf router logit or selection bias: y, the info arrays and info
    are as they were), or MOE_STATUS_CUDA_ERROR (the stream failed, or no
    forward finished on this workspace). info may be NULL. */
@@ -1701,8 +2053,179 @@ static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info
         info->aux_balance = r.aux_balance; info->aux_z = r.aux_z;
         info->aux_importance = r.aux_importance; info->aux_load = r.aux_load;
         info->aux_seq = r.aux_seq; info->aux_total = r.aux_total;
-        info->cache_tokens = 0; info->cache_config = 0; info->cache_check = 0;
+        /* a training forward stamps info for moe_cuda_backward (no checksum
+           of the arrays: cache_check stays 0, which moe_backward refuses) */
+        info->cache_tokens = r.stamp_config ? r.stamp_tokens : 0;
+        info->cache_config = r.stamp_config;
+        info->cache_check = 0;
     }
+    return MOE_STATUS_OK;
+}
+
+/* The backward's plan: the forward's, on the fp32 kernels, for the configs
+   whose gradient is here (no shared expert, importance or sequence loss). */
+static inline moe_status moe_cuda__backward_plan(const moe_config *cfg, int32_t T,
+                                                 moe_cuda__plan *p) {
+    const moe_status st = moe_cuda__plan_of(cfg, T, p);
+    if (st != MOE_STATUS_OK) return st;
+    if (p->Fs > 0 || p->c.importance_coef != 0.0f || p->c.seq_balance_coef != 0.0f)
+        return MOE_STATUS_CUDA_UNSUPPORTED;
+    p->simt = 1;
+    p->backward = 1;
+    return MOE_STATUS_OK;
+}
+
+/* Bytes of device workspace for moe_cuda_backward on T tokens. */
+static inline moe_status moe_cuda_backward_workspace_size(const moe_config *cfg, int32_t T,
+                                                          size_t *out_bytes) {
+    moe_cuda__plan p;
+    moe_cuda__ws w;
+    moe_status st;
+    if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_cuda__backward_plan(cfg, T, &p)) != MOE_STATUS_OK) return st;
+    *out_bytes = moe_cuda__bind(&p, NULL, &w);
+    return MOE_STATUS_OK;
+}
+
+/* Queue the gradient of L = <dy, y> + info.aux_total on `stream`, as
+   moe_backward: dx [T][D] is OVERWRITTEN (may be NULL, x or dy), the
+   gradients ACCUMULATE (each field may be NULL). info is the one a training
+   forward (cfg.training = 1, same config and T) filled through
+   moe_cuda_forward and moe_cuda_forward_result: its device arrays logits,
+   scores, expert, weight and dropped, and its stamp (none:
+   MOE_STATUS_MISSING_CACHE; another T or config: MOE_STATUS_BAD_CACHE; the
+   arrays' contents are not checksummed on the GPU). Runs the fp32 kernels
+   (the expert FFNs recomputed from w.gate / w.up / w.down). Not yet:
+   shared experts, the importance and sequence losses
+   (MOE_STATUS_CUDA_UNSUPPORTED). No allocation, no wait. */
+static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weights *w,
+                                           const float *x, int32_t T, const moe_info *info,
+                                           const float *dy, float *dx, const moe_grads *grads,
+                                           void *workspace, size_t workspace_bytes,
+                                           cudaStream_t stream = 0) {
+    moe_cuda__plan p;
+    moe_cuda__ws ws;
+    moe_status st;
+    if (!cfg || !w || !info || !grads) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_cuda__backward_plan(cfg, T, &p)) != MOE_STATUS_OK) return st;
+    const moe_config *c = &p.c;
+    if (T == 0) return MOE_STATUS_OK;
+    if (!x || !dy || !workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (!moe_cuda__weights_present(&p, w, 1)) return MOE_STATUS_MISSING_WEIGHT;
+    if (!info->logits || !info->scores || !info->expert || !info->weight || !info->dropped ||
+        info->cache_config == 0)
+        return MOE_STATUS_MISSING_CACHE;
+    if (info->cache_tokens != T || info->cache_config != moe_config_fingerprint(cfg))
+        return MOE_STATUS_BAD_CACHE;
+    const size_t need = moe_cuda__bind(&p, NULL, &ws);
+    if (workspace_bytes < need) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    const int fused = w->gate_up_fused && p.glu;
+    const size_t E = (size_t)p.E, D = (size_t)p.D, F = (size_t)p.F, TK = (size_t)p.pairs;
+    moe_cuda__ffn_grads g;
+    memset(&g, 0, sizeof g);
+    g.gate = grads->gate; g.down = grads->down; g.down_bias = grads->down_bias;
+    g.gate_bias = c->expert_bias ? grads->gate_bias : NULL;
+    g.up_bias = c->expert_bias && p.glu ? grads->up_bias : NULL;
+    if (!c->expert_bias) g.down_bias = NULL;
+    g.up = fused ? (grads->gate ? grads->gate + F * D : NULL) : p.glu ? grads->up : NULL;
+    g.gate_stride = g.up_stride = F * D * (fused ? 2 : 1);
+    g.down_stride = D * F;
+    float *g_router = grads->router, *g_rbias = c->router_bias ? grads->router_bias : NULL;
+    {   /* dx may be x or dy (written last); no other written buffer may overlap */
+        const size_t TD = (size_t)T * D * 4, TE = (size_t)T * E * 4;
+        moe_cuda__spans sp;
+        sp.n = 0;
+        moe_cuda__span(&sp, x, TD, 0);
+        moe_cuda__span(&sp, dy, TD, 0);
+        if (dx && dx != x && dx != dy) moe_cuda__span(&sp, dx, TD, 1);
+        moe_cuda__weight_spans(&sp, &p, w);
+        moe_cuda__span(&sp, info->logits, TE, 0);
+        moe_cuda__span(&sp, info->scores, TE, 0);
+        moe_cuda__span(&sp, info->expert, TK * 4, 0);
+        moe_cuda__span(&sp, info->weight, TK * 4, 0);
+        moe_cuda__span(&sp, info->dropped, TK, 0);
+        moe_cuda__span(&sp, g_router, E * D * 4, 1);
+        moe_cuda__span(&sp, g_rbias, E * 4, 1);
+        moe_cuda__span(&sp, g.gate, E * F * D * 4 * (fused ? 2 : 1), 1);
+        if (!fused) moe_cuda__span(&sp, g.up, E * F * D * 4, 1);
+        moe_cuda__span(&sp, g.down, E * D * F * 4, 1);
+        moe_cuda__span(&sp, g.gate_bias, E * F * 4, 1);
+        moe_cuda__span(&sp, g.up_bias, E * F * 4, 1);
+        moe_cuda__span(&sp, g.down_bias, E * D * 4, 1);
+        moe_cuda__span(&sp, workspace, workspace_bytes, 1);
+        if (moe_cuda__overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+
+    moe_cuda__bind(&p, moe_cuda__aligned(workspace), &ws);
+    const int32_t *halt = &ws.report->halt;   /* never raised: the dispatch kernels read it */
+    const unsigned rows = (unsigned)p.rows, B = MOE_CUDA__BLOCK;
+    const moe_cuda__ffn32 r = moe_cuda__routed_ffn32(&p, w);
+    cudaError_t e = cudaMemsetAsync(ws.report, 0, sizeof *ws.report, stream);
+#define MOE_CUDA__RUN(call) do { if (e == cudaSuccess) e = (call); } while (0)
+    /* 1. dispatch again, recompute the expert FFNs */
+    MOE_CUDA__RUN(cudaMemsetAsync(ws.row_of_pair, 0xff, TK * 4, stream));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__count_pairs, dim3((unsigned)p.E), dim3(B), 0, stream,
+                                  (const int32_t *)info->expert, (const uint8_t *)info->dropped,
+                                  p.pairs, ws.counts, halt));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__scan_counts, dim3(1), dim3(32), 0, stream,
+                                  (const int32_t *)ws.counts, p.E, ws.offsets, halt));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__gather_rows<0>, dim3((unsigned)p.E), dim3(B), 0,
+                                  stream, (const int32_t *)info->expert,
+                                  (const uint8_t *)info->dropped, p.pairs, p.K,
+                                  (const int32_t *)ws.offsets, x, p.D, 0,
+                                  (__nv_bfloat16 *)NULL, ws.row_of_pair, ws.pair_of_row, halt));
+    const int32_t *offsets = ws.offsets, *pair_of_row = ws.pair_of_row;
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(rows), dim3(128), 0, stream, r,
+                                  x, pair_of_row, p.K, offsets, p.E, ws.Hf, ws.G, ws.U, halt));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(rows), dim3(128), 0, stream, r,
+                                  (const float *)ws.Hf, offsets, p.E, ws.O, halt));
+    /* 2.-4. the combine's and the experts' backward */
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_gate_grad, dim3((unsigned)((TK + B - 1) / B)),
+                                  dim3(B), 0, stream, dy, (const float *)ws.O,
+                                  (const int32_t *)ws.row_of_pair,
+                                  (const int32_t *)info->expert,
+                                  (const float *)(c->expert_bias ? w->down_bias : NULL),
+                                  p.pairs, p.K, p.D, ws.gw));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_hidden, dim3(rows), dim3(128), 0, stream, r, dy,
+                                  (const float *)info->weight, pair_of_row, p.K, offsets, p.E,
+                                  (const float *)ws.G, (const float *)ws.U, ws.dG, ws.dU));
+    if (dx)
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_row_dx, dim3(rows), dim3(128), 0, stream, r,
+                                      offsets, p.E, (const float *)ws.dG,
+                                      (const float *)ws.dU, ws.dXr));
+    const dim3 down_grid((unsigned)((D * F + B - 1) / B), (unsigned)p.E);
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_down_grad, down_grid, dim3(B), 0, stream, r, g,
+                                  dy, (const float *)info->weight, pair_of_row, p.K, offsets,
+                                  (const float *)ws.G, (const float *)ws.U));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_w1_grad, down_grid, dim3(B), 0, stream, r, g, x,
+                                  pair_of_row, p.K, offsets, (const float *)ws.dG,
+                                  (const float *)ws.dU));
+    /* 5. the router */
+    moe_cuda__router_bw_args ra;
+    memset(&ra, 0, sizeof ra);
+    ra.logits = info->logits; ra.scores = info->scores; ra.gw = ws.gw;
+    ra.expert = info->expert; ra.dropped = info->dropped;
+    ra.tokens = T; ra.experts = p.E; ra.top_k = p.K;
+    ra.sigmoid = c->score == MOE_SCORE_SIGMOID; ra.balance_loss = (int)c->balance_loss;
+    ra.normalize = (int)c->normalize; ra.after_drop = c->normalize_after_drop;
+    ra.norm_p = c->norm_p; ra.norm_eps = c->norm_eps; ra.routed_scale = c->routed_scale;
+    ra.balance_coef = c->balance_coef; ra.z_coef = c->z_loss_coef;
+    ra.clip = c->router_grad_clip;
+    ra.fbal = ws.fbal; ra.ds = ws.ds; ra.dz = ws.dz;
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_balance, dim3(1), dim3(B), 0, stream, ra));
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_router, dim3((unsigned)((T + 127) / 128)),
+                                  dim3(128), 0, stream, ra));
+    /* 6. router weights, then dx */
+    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_router_grad, dim3((unsigned)((E * D + B - 1) / B)),
+                                  dim3(B), 0, stream, (const float *)ws.dz, x, T, p.E, p.D,
+                                  g_router, g_rbias));
+    if (dx)
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_token_dx, dim3((unsigned)T), dim3(128), 0,
+                                      stream, (const float *)ws.dXr,
+                                      (const int32_t *)ws.row_of_pair, p.K,
+                                      (const float *)ws.dz, w->router, p.E, p.D, dx));
+#undef MOE_CUDA__RUN
+    if (e != cudaSuccess) { moe_cuda__error_slot() = e; return MOE_STATUS_CUDA_ERROR; }
     return MOE_STATUS_OK;
 }
 

@@ -3,7 +3,7 @@
    For each layer shape: the forward (tensor-core path) against cuBLAS bf16
    GEMMs of the same FLOPs (the two projections of every kept token-expert
    pair as two dense GEMMs, fp32 accumulation), the routing kernel alone,
-   and decode (T = 1..16) against the measured copy bandwidth on the bytes
+   the backward, and decode (T = 1..16) against the measured copy bandwidth on the bytes
    the step must read (the touched experts' bf16 weights and the router).
 
    Method (no number without these): random inputs (never zeros), y poisoned
@@ -16,7 +16,8 @@
    Usage: moe_cuda_bench [--tiny]
    --tiny runs small shapes, for the emulator (g++ -DCUDA_EMU): it exercises
    this program's plumbing; its times mean nothing. Without a GPU the nvcc
-   build prints SKIP. The backward is not in moe_cuda.cuh yet. */
+   build prints SKIP. The backward runs moe_cuda.cuh's fp32 kernels (no
+   tensor cores yet), timed at T = 1024 (or the first T when smaller). */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "../moe_cuda.cuh"
@@ -302,6 +303,47 @@ int main(int argc, char **argv) {
             table.push_back(row);
         }
 
+        /* the backward after a training forward: T = 1024 at most (its fp32
+           kernels are plain loops: seconds per call on the large shapes) */
+        {
+            const int T = std::min(s.Ts[0], 1024);
+            moe_config tc = L.c;
+            tc.training = 1;
+            const size_t TE = (size_t)T * s.E, TK = (size_t)T * s.K, TD = (size_t)T * s.D;
+            const size_t E = (size_t)s.E, D = (size_t)s.D, F = (size_t)s.F;
+            moe_info info;
+            memset(&info, 0, sizeof info);
+            info.logits = (float *)dev_alloc(TE * 4); info.scores = (float *)dev_alloc(TE * 4);
+            info.expert = (int32_t *)dev_alloc(TK * 4); info.weight = (float *)dev_alloc(TK * 4);
+            info.dropped = (uint8_t *)dev_alloc(TK);
+            CK_MOE(moe_cuda_forward(&tc, &L.w, L.x, T, L.y, &info, L.ws, L.ws_bytes));
+            CK_MOE(moe_cuda_forward_result(L.ws, &info));
+            moe_grads g;
+            memset(&g, 0, sizeof g);
+            g.router = random_floats(E * D, 21u, 0.0f);
+            g.gate = random_floats(E * F * D, 22u, 0.0f);
+            g.up = random_floats(E * F * D, 23u, 0.0f);
+            g.down = random_floats(E * D * F, 24u, 0.0f);
+            float *dy = random_floats(TD, 25u, 1.0f), *dx = (float *)dev_alloc(TD * 4);
+            size_t bb = 0;
+            CK_MOE(moe_cuda_backward_workspace_size(&tc, T, &bb));
+            void *bws = dev_alloc(bb);
+            const timing t = time_ms([&] {
+                CK_MOE(moe_cuda_backward(&tc, &L.w, L.x, T, &info, dy, dx, &g, bws, bb));
+            }, 1, 2);
+            CK(cudaDeviceSynchronize());
+            /* dx and the weight gradients: twice the forward's expert FLOPs */
+            const double flops = 2.0 * 2.0 * (double)TK * 3.0 * D * F;
+            snprintf(line, sizeof line,
+                     "%-13s T=%-6d backward     %9.3f ms (%.3f-%.3f) %7.1f TFLOP/s (fp32 kernels)",
+                     s.name, T, t.med, t.lo, t.hi, flops / (t.med * 1e-3) / 1e12);
+            table.push_back(line);
+            CK(cudaFree(info.logits)); CK(cudaFree(info.scores)); CK(cudaFree(info.expert));
+            CK(cudaFree(info.weight)); CK(cudaFree(info.dropped));
+            CK(cudaFree(g.router)); CK(cudaFree(g.gate)); CK(cudaFree(g.up));
+            CK(cudaFree(g.down)); CK(cudaFree(dy)); CK(cudaFree(dx)); CK(cudaFree(bws));
+        }
+
         /* decode: bytes the step must read over its time */
         for (int T : decode_T) {
             moe_info info;
@@ -327,7 +369,7 @@ int main(int argc, char **argv) {
 #ifndef CUDA_EMU
     cublasDestroy(blas);
 #endif
-    printf("\nbackward: not in moe_cuda.cuh yet\n");
+    printf("\n");
     printf("%s\n", tiny ? "(--tiny on the emulator: the times mean nothing)" : "");
     for (const std::string &r : table) printf("%s\n", r.c_str());
     printf("%s\n", ok ? "bench: checks passed" : "FAIL bench: a check failed");

@@ -375,6 +375,24 @@ TEST(misuse, resolve_defaults_in_place) {
     CHECK(c.routed_scale == 1.0f && c.second_threshold == 0.5f);
 }
 
+/* moe_config_fingerprint: what a training forward stamps; 0 for no config. */
+TEST(misuse, config_fingerprint) {
+    moe_config c = base(MOE_ROUTING_TOPK), d;
+    const uint64_t key = moe_config_fingerprint(&c);
+    CHECK(key != 0);
+    CHECK(moe_config_fingerprint(NULL) == 0);
+    d = c; d.top_k = 0;
+    CHECK(moe_config_fingerprint(&d) == 0);             /* invalid */
+    d = c; d.isa = MOE_ISA_REFERENCE; d.num_threads = 3; d.router_grad_clip = 1.0f;
+    CHECK(moe_config_fingerprint(&d) == key);           /* not part of it */
+    d = c; d.z_loss_coef = 0.25f;
+    CHECK(moe_config_fingerprint(&d) != key);
+    d = c; d.training = !c.training;
+    CHECK(moe_config_fingerprint(&d) != key);
+    d = c; d.seed = c.seed + 1;
+    CHECK(moe_config_fingerprint(&d) != key);
+}
+
 /* D, F, E <= 0 and other negative sizes. */
 TEST(misuse, bad_dimension) {
     moe_config c;

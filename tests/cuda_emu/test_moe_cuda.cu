@@ -760,6 +760,257 @@ static void test_forward_nonfinite(void) {
 }
 
 /* Host-side refusals: named statuses, nothing queued or written. */
+/* Gradient tensors, host and device, with the same nonzero start (they accumulate). */
+struct grad_set {
+    /* router, router_bias, gate, up, down, gate_bias, up_bias, down_bias, dx */
+    static const int N = 9;
+    std::vector<float> h[N];
+    float *d[N];
+    grad_set(const layer &L, uint32_t seed) {
+        const size_t E = L.E, D = L.D, F = L.F;
+        const size_t n[N] = {E * D, E, E * F * D * (L.fused ? 2 : 1),
+                             L.glu && !L.fused ? E * F * D : 0, E * D * F, E * F,
+                             L.glu ? E * F : 0, E * D, (size_t)L.T * D};
+        for (int i = 0; i < N; i++) {
+            fill_host(h[i], n[i], 0.25f, &seed);
+            d[i] = NULL;
+            if (n[i]) { d[i] = (float *)dalloc(n[i] * 4); up(d[i], h[i].data(), n[i] * 4); }
+        }
+    }
+    ~grad_set() { for (int i = 0; i < N; i++) cudaFree(d[i]); }
+    static moe_grads bind(float *const *t, int fused) {
+        moe_grads g;
+        memset(&g, 0, sizeof g);
+        g.router = t[0]; g.router_bias = t[1]; g.gate = t[2]; g.up = t[3]; g.down = t[4];
+        g.gate_bias = t[5]; g.up_bias = t[6]; g.down_bias = t[7]; g.gate_up_fused = fused;
+        return g;
+    }
+};
+static const char *const grad_names[grad_set::N] = {
+    "router", "router_bias", "gate", "up", "down", "gate_bias", "up_bias", "down_bias", "dx"};
+
+/* A training forward and backward of cfg on T tokens through moe.h (reference
+   ISA) and the GPU (fp32 kernels); 1 when every gradient agrees to `tol` of
+   its largest magnitude. The GPU's gradients (and dx) go to *out. */
+static int backward_case(const char *name, moe_config cfg, int T, int fused, uint32_t seed,
+                         std::vector<std::vector<float> > *out, int verbose) {
+    layer L;
+    cfg.isa = MOE_ISA_REFERENCE;
+    cfg.training = 1;
+    if (!make_layer(L, cfg, T, fused, seed)) return 0;
+    const size_t TD = (size_t)T * L.D;
+    std::vector<float> dy;
+    fill_host(dy, TD + 1, 0.5f, &seed);
+    grad_set G(L, seed + 7);
+
+    /* moe.h: grads start at G.h, dx overwritten */
+    size_t ib = 0;
+    moe_info ref;
+    CHECK(moe_info_size(&L.c, T, &ib) == MOE_STATUS_OK);
+    std::vector<unsigned char> ibuf(ib + 1);
+    CHECK(moe_info_bind(&L.c, T, &ref, ibuf.data(), ib) == MOE_STATUS_OK);
+    std::vector<float> y(TD + 1);
+    std::vector<float> want[grad_set::N];
+    float *wp[grad_set::N];
+    for (int i = 0; i < grad_set::N; i++) {
+        want[i] = G.h[i];
+        wp[i] = want[i].empty() ? NULL : want[i].data();
+    }
+    moe_grads hg = grad_set::bind(wp, L.fused);
+    if (moe_forward_alloc(&L.c, &L.host, L.x.data(), T, y.data(), &ref) != MOE_STATUS_OK ||
+        moe_backward_alloc(&L.c, &L.host, L.x.data(), T, &ref, dy.data(), wp[8], &hg) !=
+            MOE_STATUS_OK) {
+        printf("  %s: moe.h failed\n", name);
+        return 0;
+    }
+
+    /* the GPU */
+    dev_info di(L);
+    size_t fb = 0, bb = 0;
+    moe_status st = moe_cuda_forward_workspace_size(&cfg, T, &fb);
+    if (st == MOE_STATUS_OK) st = moe_cuda_backward_workspace_size(&cfg, T, &bb);
+    void *fws = dalloc(fb), *bws = dalloc(bb);
+    float *dxin = (float *)L.put(L.x), *dyv = (float *)L.put(dy);
+    float *dyout = (float *)dalloc(TD * 4 + 4);
+    moe_info got = di.info;
+    if (st == MOE_STATUS_OK) st = moe_cuda_forward(&cfg, &L.dev, dxin, T, dyout, &got, fws, fb);
+    if (st == MOE_STATUS_OK) st = moe_cuda_forward_result(fws, &got);
+    moe_grads dg = grad_set::bind(G.d, L.fused);
+    if (st == MOE_STATUS_OK)
+        st = moe_cuda_backward(&cfg, &L.dev, dxin, T, &got, dyv, G.d[8], &dg, bws, bb);
+    cudaFree(fws); cudaFree(bws); cudaFree(dyout);
+    if (st != MOE_STATUS_OK) {
+        printf("  %s: %s (%s)\n", name, moe_status_string(st), launch_error().c_str());
+        return 0;
+    }
+    int good = 1;
+    if (verbose)
+        printf("    %-11s T=%d E=%d K=%d D=%d F=%d: off moe.h", name, T, L.E, L.K, L.D, L.F);
+    out->clear();
+    for (int i = 0; i < grad_set::N; i++) {
+        const std::vector<float> gpu = fetch(G.d[i], want[i].size());
+        double big = 0.0, err = 0.0;
+        for (size_t k = 0; k < gpu.size(); k++) {
+            big = fmax(big, fabs(want[i][k] - G.h[i][k]));   /* the gradient's own size */
+            err = fmax(err, fabs(gpu[k] - want[i][k]));
+        }
+        if (verbose && !gpu.empty()) printf(" %s %.1e", grad_names[i], big > 0 ? err / big : err);
+        if (!(err <= 1e-4 * big + 1e-7)) {
+            good = 0;
+            printf("  %s: %s off by %.3g (largest gradient %.3g)\n", name, grad_names[i], err, big);
+        }
+        out->push_back(gpu);
+    }
+    if (verbose) printf("\n");
+    return good;
+}
+
+static std::vector<fcase> backward_cases(void) {
+    std::vector<fcase> v;
+    moe_config c = moe_preset_mixtral();   /* softmax top-2, SwiGLU, biases, balance, z */
+    c.num_experts = 6; c.d_model = 40; c.d_ff = 48; c.expert_bias = 1; c.z_loss_coef = 1e-3f;
+    v.push_back({"mixtral", c, 37, 0});
+    c = moe_preset_switch();               /* top-1, ReLU, capacity drops, no renorm */
+    c.num_experts = 4; c.d_model = 24; c.d_ff = 30; c.jitter = 0.0f;
+    v.push_back({"switch", c, 19, 0});
+    c = moe_preset_mixtral();              /* K = E, GELU, biases, router gradient clipped */
+    c.num_experts = 3; c.top_k = 3; c.d_model = 36; c.d_ff = 20; c.activation = MOE_ACT_GELU;
+    c.expert_bias = 1; c.router_grad_clip = 0.01f;
+    v.push_back({"k_eq_e", c, 7, 0});
+    c = moe_preset_glam();                 /* GEGLU, HF's fused gate_up */
+    c.num_experts = 4; c.d_model = 33; c.d_ff = 40;
+    v.push_back({"glam_fused", c, 20, 1});
+    c = moe_preset_deepseek_v3();          /* sigmoid, selection bias, groups, x2.5 */
+    c.num_experts = 32; c.top_k = 4; c.n_group = 4; c.topk_group = 2; c.d_model = 16;
+    c.d_ff = 12; c.shared_d_ff = 0; c.seq_balance_coef = 0.0f;   /* not on the GPU yet */
+    c.balance_loss = MOE_BALANCE_TOPK_NORMALIZED;
+    c.balance_coef = 1e-2f; c.router_bias = 1;
+    v.push_back({"deepseek_v3", c, 23, 0});
+    c = moe_preset_dbrx();                 /* p-norm after capacity drops, first choice */
+    c.num_experts = 8; c.top_k = 2; c.d_model = 20; c.d_ff = 24; c.capacity = 3;
+    c.normalize_after_drop = 1; c.norm_p = 2.0f; c.balance_loss = MOE_BALANCE_FIRST_CHOICE;
+    v.push_back({"dbrx_drops", c, 30, 0});
+    c = moe_preset_olmoe();                /* E = 64, K = 8, no renorm, z-loss */
+    c.d_model = 16; c.d_ff = 8;
+    v.push_back({"olmoe", c, 40, 0});
+    c = moe_preset_mixtral();              /* one token; no tokens */
+    c.num_experts = 5; c.d_model = 5; c.d_ff = 7;
+    v.push_back({"one_token", c, 1, 0});
+    v.push_back({"no_tokens", c, 0, 0});
+    return v;
+}
+
+static void test_backward(void) {
+    const std::vector<fcase> cases = backward_cases();
+    std::vector<std::vector<std::vector<float> > > first(cases.size());
+    for (int s = 0; s < NSCHED; s++) {
+        use_schedule(s);
+        for (size_t i = 0; i < cases.size(); i++) {
+            const fcase &k = cases[i];
+            std::vector<std::vector<float> > g;
+            CHECK(backward_case(k.name, k.c, k.T, k.fused, 300u + (uint32_t)i, &g, s == 0));
+            if (s == 0) { first[i] = g; continue; }
+            int same = g.size() == first[i].size();   /* every schedule: the same bits */
+            for (size_t j = 0; same && j < g.size(); j++)
+                same = g[j].size() == first[i][j].size() &&
+                       (g[j].empty() || !memcmp(g[j].data(), first[i][j].data(), g[j].size() * 4));
+            CHECK(same);
+        }
+    }
+}
+
+/* moe_cuda_backward's refusals (nothing written) and its in-place form. */
+static void test_backward_contract(void) {
+    use_schedule(0);
+    layer L;
+    moe_config c = moe_preset_mixtral();
+    c.num_experts = 4; c.d_model = 12; c.d_ff = 10; c.training = 1; c.isa = MOE_ISA_REFERENCE;
+    CHECK(make_layer(L, c, 9, 0, 77u));
+    const size_t TD = (size_t)L.T * L.D;
+    std::vector<float> dyh;
+    uint32_t seed = 5u;
+    fill_host(dyh, TD, 0.5f, &seed);
+    dev_info di(L);
+    size_t fb = 0, bb = 0;
+    CHECK(moe_cuda_forward_workspace_size(&c, L.T, &fb) == MOE_STATUS_OK);
+    CHECK(moe_cuda_backward_workspace_size(&c, L.T, &bb) == MOE_STATUS_OK);
+    void *fws = dalloc(fb), *bws = dalloc(bb);
+    float *x = (float *)L.put(L.x), *dy = (float *)L.put(dyh), *y = (float *)dalloc(TD * 4);
+    float *dx = (float *)dalloc(TD * 4);
+    grad_set G(L, 9u);
+    moe_grads g = grad_set::bind(G.d, 0);
+    const std::vector<float> router0 = fetch(G.d[0], G.h[0].size());
+
+    /* an evaluation forward leaves no stamp; a training one does */
+    moe_info info = di.info;
+    moe_config eval = c;
+    eval.training = 0;
+    CHECK(moe_cuda_forward(&eval, &L.dev, x, L.T, y, &info, fws, fb) == MOE_STATUS_OK);
+    CHECK(moe_cuda_forward_result(fws, &info) == MOE_STATUS_OK);
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_MISSING_CACHE);
+    CHECK(moe_cuda_forward(&c, &L.dev, x, L.T, y, &info, fws, fb) == MOE_STATUS_OK);
+    CHECK(info.cache_config == 0);   /* cleared when queued, set by the result */
+    CHECK(moe_cuda_forward_result(fws, &info) == MOE_STATUS_OK);
+    CHECK(info.cache_tokens == L.T && info.cache_config == moe_config_fingerprint(&c));
+
+    /* another T or config; unsupported configs; missing pieces; overlaps */
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T - 1, &info, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_BAD_CACHE);
+    moe_config other = c;
+    other.z_loss_coef = 0.5f;
+    CHECK(moe_cuda_backward(&other, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_BAD_CACHE);
+    other = c;
+    other.importance_coef = 0.1f;
+    CHECK(moe_cuda_backward(&other, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_CUDA_UNSUPPORTED);
+    other = c;
+    other.shared_d_ff = 8;
+    CHECK(moe_cuda_backward_workspace_size(&other, L.T, &fb) == MOE_STATUS_CUDA_UNSUPPORTED);
+    other = moe_preset_shazeer();
+    CHECK(moe_cuda_backward_workspace_size(&other, L.T, &fb) == MOE_STATUS_CUDA_UNSUPPORTED);
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, NULL, bws, bb) ==
+          MOE_STATUS_NULL_ARGUMENT);
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb - 1) ==
+          MOE_STATUS_WORKSPACE_TOO_SMALL);
+    moe_weights w = L.dev;
+    w.down = NULL;
+    CHECK(moe_cuda_backward(&c, &w, x, L.T, &info, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_MISSING_WEIGHT);
+    moe_info no_scores = info;
+    no_scores.scores = NULL;
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &no_scores, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_MISSING_CACHE);
+    moe_grads bad = g;
+    bad.down = dx + 3;   /* a gradient over dx */
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &bad, bws, bb) ==
+          MOE_STATUS_ALIASING);
+    bad = g;
+    bad.gate = (float *)info.scores;   /* a gradient over a routing array */
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &bad, bws, bb) ==
+          MOE_STATUS_ALIASING);
+    CHECK(fetch(G.d[0], G.h[0].size()) == router0);   /* nothing written so far */
+
+    /* in place (dx over dy) and without dx: the same gradients as out of place */
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) == MOE_STATUS_OK);
+    const std::vector<float> dx_out = fetch(dx, TD), router1 = fetch(G.d[0], G.h[0].size());
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dy, &g, bws, bb) == MOE_STATUS_OK);
+    CHECK(fetch(dy, TD) == dx_out);
+    up(dy, dyh.data(), TD * 4);
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, NULL, &g, bws, bb) == MOE_STATUS_OK);
+    const std::vector<float> router3 = fetch(G.d[0], G.h[0].size());
+    int doubled = 1;   /* three equal increments, in the same order of additions */
+    for (size_t i = 0; i < router0.size(); i++) {
+        const float step = router1[i] - router0[i];
+        doubled &= fabsf(router3[i] - (router1[i] + 2.0f * step)) <= 1e-6f * (1.0f + fabsf(step));
+    }
+    CHECK(doubled);
+    CHECK(moe_cuda_backward(&c, &L.dev, NULL, 0, &info, NULL, NULL, &g, NULL, 0) ==
+          MOE_STATUS_OK);   /* T = 0: nothing to do */
+    cudaFree(fws); cudaFree(bws); cudaFree(y); cudaFree(dx);
+}
+
 static void test_forward_contract(void) {
     use_schedule(0);
     moe_config c = moe_preset_mixtral();
@@ -848,6 +1099,8 @@ int main(void) {
                                      {"route", test_route},
                                      {"forward", test_forward},
                                      {"forward_nonfinite", test_forward_nonfinite},
-                                     {"forward_contract", test_forward_contract}};
+                                     {"forward_contract", test_forward_contract},
+                                     {"backward", test_backward},
+                                     {"backward_contract", test_backward_contract}};
     return run_tests("moe_cuda", tests, (int)(sizeof tests / sizeof tests[0]));
 }
