@@ -4,9 +4,9 @@
    STATUS
      The forward of token-choice (top-k) routing runs: routing, capacity,
      dispatch, the grouped expert GEMMs on tensor cores, the shared expert,
-     the combine and the aux losses, all on the device. The backward runs on
-     plain fp32 kernels (no tensor cores yet), without the shared expert and
-     the importance and sequence losses. Verified on the CPU emulator in
+     the combine and the aux losses, all on the device. The backward of every
+     config the forward runs is there, on plain fp32 kernels (no tensor cores
+     yet). Verified on the CPU emulator in
      tests/cuda_emu against moe.h; built by nvcc for sm_80 and sm_90a without
      spills; NOT YET MEASURED ON A GPU.
 
@@ -453,7 +453,7 @@ __device__ __forceinline__ double moe_cuda__slot_norm(const float *score_row,
                                                       float norm_p) {
     double s = 0.0, m = 0.0;
     for (int j = 0; j < k; j++) {
-        if (only_kept && dropped[j]) continue;
+        if (only_kept && dropped[j]) continue;   /* (dropped may be NULL when !only_kept) */
         const double a = fabs((double)score_row[idx[j]]);
         if (normalize != MOE_NORM_PNORM) s += score_row[idx[j]];
         else if (norm_p == 1.0f) s += a;
@@ -1206,10 +1206,16 @@ __global__ void moe_cuda__publish(moe_cuda__publish_args a) {
 //   3. dG, dU: (weight dy_t) down_e through the activation
 //   4. weight gradients of down and gate / up (+ biases), per expert, summed
 //      over its rows in row order; dXr[row] = dG gate_e + dU up_e
-//   5. router, one thread per token: gw through the normalisation, balance
-//      loss, softmax / sigmoid, z-loss and clipping -> dz[t][e]
+//      (the shared expert: steps 1-4 as one expert whose row r is token r
+//      and whose weight is the gate gamma_t, with dL / d gamma_t)
+//   5. router, one thread per token: gw through the normalisation, the
+//      importance, balance and sequence losses, softmax / sigmoid, z-loss
+//      and clipping -> dz[t][e]
 //   6. router weight (+ bias) gradients; dx = the token's dXr rows in slot
-//      order + dz router (written last: dx may be x or dy)
+//      order (+ the shared expert's) + dz router (written last: dx may be x
+//      or dy)
+// Kernels that take pair_of_row read pair p = pair_of_row[r] and token
+// p / top_k of row r; with pair_of_row NULL (the shared expert) p = t = r.
 
 /* 2. gw[p] for the pairs p of the tokens (0 for a dropped pair) */
 __global__ void moe_cuda__bw_gate_grad(const float *dy, const float *O, const int32_t *row_of_pair,
@@ -1234,7 +1240,8 @@ __global__ void moe_cuda__bw_hidden(moe_cuda__ffn32 ffn, const float *dy, const 
                                     const float *U, float *dG, float *dU) {
     const int r = (int)blockIdx.x;
     if (r >= offsets[experts]) return;
-    const int e = moe_cuda__expert_of_row(offsets, experts, r), p = pair_of_row[r];
+    const int e = moe_cuda__expert_of_row(offsets, experts, r);
+    const int p = pair_of_row ? pair_of_row[r] : r;
     const float *dyt = dy + (size_t)(p / top_k) * ffn.d, w = weight[p];
     const float *down = ffn.down + e * ffn.down_stride;
     for (int f = (int)threadIdx.x; f < ffn.f; f += (int)blockDim.x) {
@@ -1287,7 +1294,7 @@ __global__ void moe_cuda__bw_down_grad(moe_cuda__ffn32 ffn, moe_cuda__ffn_grads 
     const int glu = moe_cuda__is_glu(ffn.act);
     float acc = 0.0f, bias = 0.0f;
     for (int r = offsets[e]; r < offsets[e + 1]; r++) {
-        const int p = pair_of_row[r];
+        const int p = pair_of_row ? pair_of_row[r] : r;
         const float dout = weight[p] * dy[(size_t)(p / top_k) * ffn.d + c];
         float h = moe_cuda__act(ffn.act, G[(size_t)r * ffn.f + f]);
         if (glu) h *= U[(size_t)r * ffn.f + f];
@@ -1310,7 +1317,8 @@ __global__ void moe_cuda__bw_w1_grad(moe_cuda__ffn32 ffn, moe_cuda__ffn_grads g,
     const int glu = moe_cuda__is_glu(ffn.act);
     float ag = 0.0f, au = 0.0f, bg = 0.0f, bu = 0.0f;
     for (int r = offsets[e]; r < offsets[e + 1]; r++) {
-        const float xv = x[(size_t)(pair_of_row[r] / top_k) * ffn.d + k];
+        const int p = pair_of_row ? pair_of_row[r] : r;
+        const float xv = x[(size_t)(p / top_k) * ffn.d + k];
         const float dg = dG[(size_t)r * ffn.f + f];
         ag = fmaf(dg, xv, ag);
         bg += dg;
@@ -1326,16 +1334,92 @@ __global__ void moe_cuda__bw_w1_grad(moe_cuda__ffn32 ffn, moe_cuda__ffn_grads g,
     if (k == 0 && glu && g.up_bias) g.up_bias[(size_t)e * ffn.f + f] += bu;
 }
 
+/* 2s. the shared expert's gate, one thread per token: gamma = sigmoid(x_t .
+   shared_expert_gate) (1 without), and with the gate dL / d z = <dy_t, O_t +
+   shared_down_bias> gamma (1 - gamma) */
+__global__ void moe_cuda__bw_shared_gate(const float *x, const float *dy, const float *Os,
+                                         const float *down_bias, const float *gate_w, int tokens,
+                                         int d, float *gamma, float *dzg) {
+    const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (t >= tokens) return;
+    const float *xt = x + (size_t)t * d, *dyt = dy + (size_t)t * d, *o = Os + (size_t)t * d;
+    if (!gate_w) { gamma[t] = 1.0f; dzg[t] = 0.0f; return; }
+    float z = 0.0f, dg = 0.0f;
+    for (int c = 0; c < d; c++) z = fmaf(xt[c], gate_w[c], z);
+    const float g = moe_cuda__sigmoid(z);
+    for (int c = 0; c < d; c++) dg = fmaf(dyt[c], down_bias ? o[c] + down_bias[c] : o[c], dg);
+    gamma[t] = g;
+    dzg[t] = dg * g * (1.0f - g);
+}
+
 typedef struct moe_cuda__router_bw_args {
     const float *logits, *scores, *gw;
     const int32_t *expert;
     const uint8_t *dropped;
     int tokens, experts, top_k, sigmoid, balance_loss, normalize, after_drop;
     float norm_p, norm_eps, routed_scale, balance_coef, z_coef, clip;
+    float importance_coef, seq_coef;
+    int64_t seq_len;   /* L of the sequence loss (T when unset)              */
     double *fbal;   /* [E] the balance loss's dL / d pn[t][e] (1 block)  */
+    double *fseq;   /* [n_seq][E] the sequence loss's, per sequence       */
+    double *dimp;   /* [E] d(coef CV^2(importance)) / d importance_e      */
     double *ds;     /* [T][E] scratch: dL / d score                       */
     float *dz;      /* [T][E] dL / d logit                                */
 } moe_cuda__router_bw_args;
+
+/* The pre-drop gate weight of slot j of token t (moe.h's moe__normalize over
+   all slots, without routed_scale): what the importance loss sums. */
+__device__ __forceinline__ float moe_cuda__pre_drop_weight(const moe_cuda__router_bw_args *a,
+                                                           int64_t t, int j) {
+    const float *sc = a->scores + t * a->experts;
+    const int32_t *idx = a->expert + t * a->top_k;
+    const float g = sc[idx[j]];
+    if (a->normalize == MOE_NORM_NONE) return g;
+    const double den = moe_cuda__slot_norm(sc, idx, NULL, a->top_k, 0, a->normalize,
+                                           a->norm_p) + a->norm_eps;
+    return den > 0.0 ? (float)(g / den) : 0.0f;
+}
+
+/* 5b. one block, thread e: importance_e = sum of e's pre-drop weights (x
+   routed_scale), then d(coef CV^2)/d importance_e, CV^2 = var / (mean^2 +
+   1e-10) over the E experts (population variance) */
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__bw_importance(moe_cuda__router_bw_args a) {
+    __shared__ double red[MOE_CUDA__BLOCK];
+    const int e = (int)threadIdx.x, E = a.experts;
+    double v = 0.0;
+    if (e < E)
+        for (int64_t t = 0; t < a.tokens; t++)
+            for (int j = 0; j < a.top_k; j++)
+                if (a.expert[t * a.top_k + j] == e)
+                    v += (double)moe_cuda__pre_drop_weight(&a, t, j) * a.routed_scale;
+    const double mean = moe_cuda__block_sum(e < E ? v : 0.0, red) / E;
+    const double var = moe_cuda__block_sum(e < E ? (v - mean) * (v - mean) : 0.0, red) / E;
+    const double den = mean * mean + 1e-10;
+    if (e < E)
+        a.dimp[e] = E <= 1 ? 0.0 : a.importance_coef * (2.0 * (v - mean) / E / den -
+                                                        var * 2.0 * mean / (E * den * den));
+}
+
+/* 5c. one block per sequence s, thread e: coef f_e / (n nseq) with f_e = E /
+   (K n) times the tokens of s whose plain top-K scores hold e */
+__global__ void __launch_bounds__(MOE_CUDA__BLOCK)
+moe_cuda__bw_sequence(moe_cuda__router_bw_args a) {
+    const int s = (int)blockIdx.x, e = (int)threadIdx.x, E = a.experts, K = a.top_k;
+    if (e >= E) return;
+    const int64_t L = a.seq_len, t0 = s * L, n_seq = (a.tokens + L - 1) / L;
+    const int64_t n = a.tokens - t0 < L ? a.tokens - t0 : L;
+    int64_t f = 0;
+    for (int64_t t = t0; t < t0 + n; t++) {
+        const float *sc = a.scores + t * E;
+        int rank = 0;   /* experts before e in (score desc, index asc) */
+        for (int q = 0; q < E; q++) rank += moe_cuda__before(sc[q], q, sc[e], e);
+        f += rank < K;
+    }
+    a.fseq[(size_t)s * E + e] =
+        a.seq_coef * ((double)E / ((double)K * n) * (double)f) / ((double)n * n_seq);
+}
+
 
 /* 5a. one block, thread e: coef E f_e / (T (K)) / T, f_e the kept pairs of
    expert e (first choices only for FIRST_CHOICE); the counts are constants */
@@ -1388,19 +1472,42 @@ __global__ void moe_cuda__bw_router(moe_cuda__router_bw_args a) {
             ds[idx[j]] += r / den * ((dr[j] ? 0.0 : (double)dw[j]) - dot / den * dden);
         }
     }
+    /* importance sums the pre-drop weights: the same backward with dw_j =
+       d(coef CV^2)/d importance of slot j's expert, every slot kept */
+    if (a.importance_coef != 0.0f) {
+        if (a.normalize == MOE_NORM_NONE) {
+            for (int j = 0; j < K; j++) ds[idx[j]] += r * (float)a.dimp[idx[j]];
+        } else {
+            const double nrm = moe_cuda__slot_norm(sc, idx, NULL, K, 0, a.normalize, a.norm_p);
+            const double den = nrm + a.norm_eps;
+            double dot = 0.0;
+            for (int j = 0; j < K; j++) dot += (double)(float)a.dimp[idx[j]] * sc[idx[j]];
+            for (int j = 0; den > 0.0 && j < K; j++) {
+                const double g = sc[idx[j]];
+                const double dden = a.normalize == MOE_NORM_PNORM
+                    ? (nrm > 0.0 ? pow(fabs(g) / nrm, a.norm_p - 1.0) : a.norm_p == 1.0f) *
+                          (g < 0.0 ? -1.0 : 1.0)
+                    : 1.0;
+                ds[idx[j]] += r / den * ((double)(float)a.dimp[idx[j]] - dot / den * dden);
+            }
+        }
+    }
 
-    /* the balance loss sees pn = p (softmax) or s / sum s (sigmoid) */
-    if (a.balance_coef != 0.0f) {
+    /* the balance and sequence losses see pn = p (softmax) or s / sum s (sigmoid) */
+    if (a.balance_coef != 0.0f || a.seq_coef != 0.0f) {
+        const double *fs = a.seq_coef != 0.0f ? a.fseq + (size_t)(t / a.seq_len) * E : NULL;
+#define MOE_CUDA__PN_GRAD(e) ((float)(a.fbal[e] + (fs ? fs[e] : 0.0)))
         if (!a.sigmoid) {
-            for (int e = 0; e < E; e++) ds[e] += (float)a.fbal[e];
+            for (int e = 0; e < E; e++) ds[e] += MOE_CUDA__PN_GRAD(e);
         } else {
             double ssum = 0.0, corr = 0.0;
             for (int e = 0; e < E; e++) ssum += sc[e];
             if (ssum > 0.0) {
-                for (int e = 0; e < E; e++) corr += (float)a.fbal[e] * (sc[e] / ssum);
-                for (int e = 0; e < E; e++) ds[e] += ((float)a.fbal[e] - corr) / ssum;
+                for (int e = 0; e < E; e++) corr += MOE_CUDA__PN_GRAD(e) * (sc[e] / ssum);
+                for (int e = 0; e < E; e++) ds[e] += (MOE_CUDA__PN_GRAD(e) - corr) / ssum;
             }
         }
+#undef MOE_CUDA__PN_GRAD
     }
 
     /* scores -> logits */
@@ -1452,8 +1559,10 @@ __global__ void moe_cuda__bw_router_grad(const float *dz, const float *x, int to
 }
 
 /* 6b. one block per token: dx[t][c] = sum over kept slots (slot order) of
-   dXr[row][c], plus sum_e dz[t][e] router[e][c] */
+   dXr[row][c], (+ the shared gate's dzg[t] gate_w[c] + its expert's dXs[t][c])
+   + sum_e dz[t][e] router[e][c] */
 __global__ void moe_cuda__bw_token_dx(const float *dXr, const int32_t *row_of_pair, int top_k,
+                                      const float *dzg, const float *gate_w, const float *dXs,
                                       const float *dz, const float *router, int experts, int d,
                                       float *dx) {
     const int t = (int)blockIdx.x;
@@ -1463,6 +1572,8 @@ __global__ void moe_cuda__bw_token_dx(const float *dXr, const int32_t *row_of_pa
             const int row = row_of_pair[(size_t)t * top_k + j];
             if (row >= 0) acc += dXr[(size_t)row * d + c];
         }
+        if (gate_w) acc += dzg[t] * gate_w[c];
+        if (dXs) acc += dXs[(size_t)t * d + c];
         for (int e = 0; e < experts; e++)
             r = fmaf(dz[(size_t)t * experts + e], router[(size_t)e * d + c], r);
         dx[(size_t)t * d + c] = acc + r;
@@ -1553,7 +1664,9 @@ typedef struct moe_cuda__ws {
     /* backward: pre-activations and their gradients [rows][F], per-row dx,
        dL / d weight [T K], balance factors [E], dL / d score and logit [T][E] */
     float *G, *U, *dG, *dU, *dXr, *gw, *dz;
-    double *fbal, *ds;
+    double *fbal, *fseq, *dimp, *ds;
+    /* and the shared expert's: [T][Fs] each, [T][D], gamma and dL / d z [T] */
+    float *Gs, *Us, *dGs, *dUs, *dXs, *gamma, *dzg;
 } moe_cuda__ws;
 
 static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base,
@@ -1581,8 +1694,22 @@ static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base
         MOE_CUDA__TAKE(dXr, float, RD);
         MOE_CUDA__TAKE(gw, float, TK);
         MOE_CUDA__TAKE(fbal, double, E);
+        MOE_CUDA__TAKE(fseq, double, (size_t)p->n_seq * E);
+        MOE_CUDA__TAKE(dimp, double, E);
         MOE_CUDA__TAKE(ds, double, T * E);
         MOE_CUDA__TAKE(dz, float, T * E);
+        if (p->Fs > 0) {
+            const size_t TF = T * (size_t)p->Fs;
+            MOE_CUDA__TAKE(shared_offsets, int32_t, 2);
+            MOE_CUDA__TAKE(Hsf, float, TF);
+            MOE_CUDA__TAKE(Gs, float, TF);
+            MOE_CUDA__TAKE(dGs, float, TF);
+            if (p->glu) { MOE_CUDA__TAKE(Us, float, TF); MOE_CUDA__TAKE(dUs, float, TF); }
+            MOE_CUDA__TAKE(Os, float, T * (size_t)p->D);
+            MOE_CUDA__TAKE(dXs, float, T * (size_t)p->D);
+            MOE_CUDA__TAKE(gamma, float, T);
+            MOE_CUDA__TAKE(dzg, float, T);
+        }
     } else if (p->T > 0) {
         const size_t T = (size_t)p->T, E = (size_t)p->E, TK = (size_t)p->pairs;
         const size_t rows = (size_t)p->rows;
@@ -2062,14 +2189,11 @@ static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info
     return MOE_STATUS_OK;
 }
 
-/* The backward's plan: the forward's, on the fp32 kernels, for the configs
-   whose gradient is here (no shared expert, importance or sequence loss). */
+/* The backward's plan: the forward's, on the fp32 kernels. */
 static inline moe_status moe_cuda__backward_plan(const moe_config *cfg, int32_t T,
                                                  moe_cuda__plan *p) {
     const moe_status st = moe_cuda__plan_of(cfg, T, p);
     if (st != MOE_STATUS_OK) return st;
-    if (p->Fs > 0 || p->c.importance_coef != 0.0f || p->c.seq_balance_coef != 0.0f)
-        return MOE_STATUS_CUDA_UNSUPPORTED;
     p->simt = 1;
     p->backward = 1;
     return MOE_STATUS_OK;
@@ -2095,9 +2219,8 @@ static inline moe_status moe_cuda_backward_workspace_size(const moe_config *cfg,
    scores, expert, weight and dropped, and its stamp (none:
    MOE_STATUS_MISSING_CACHE; another T or config: MOE_STATUS_BAD_CACHE; the
    arrays' contents are not checksummed on the GPU). Runs the fp32 kernels
-   (the expert FFNs recomputed from w.gate / w.up / w.down). Not yet:
-   shared experts, the importance and sequence losses
-   (MOE_STATUS_CUDA_UNSUPPORTED). No allocation, no wait. */
+   (the expert FFNs recomputed from the fp32 weights). Every config the
+   forward runs; no allocation, no wait. */
 static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weights *w,
                                            const float *x, int32_t T, const moe_info *info,
                                            const float *dy, float *dx, const moe_grads *grads,
@@ -2131,6 +2254,19 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     g.gate_stride = g.up_stride = F * D * (fused ? 2 : 1);
     g.down_stride = D * F;
     float *g_router = grads->router, *g_rbias = c->router_bias ? grads->router_bias : NULL;
+    const size_t Fs = (size_t)p.Fs;
+    moe_cuda__ffn_grads sg;   /* the shared expert's (one expert: no strides) */
+    memset(&sg, 0, sizeof sg);
+    if (Fs) {
+        sg.gate = grads->shared_gate; sg.up = p.glu ? grads->shared_up : NULL;
+        sg.down = grads->shared_down;
+        if (c->expert_bias) {
+            sg.gate_bias = grads->shared_gate_bias;
+            sg.up_bias = p.glu ? grads->shared_up_bias : NULL;
+            sg.down_bias = grads->shared_down_bias;
+        }
+    }
+    float *g_seg = Fs && c->shared_gate ? grads->shared_expert_gate : NULL;
     {   /* dx may be x or dy (written last); no other written buffer may overlap */
         const size_t TD = (size_t)T * D * 4, TE = (size_t)T * E * 4;
         moe_cuda__spans sp;
@@ -2152,6 +2288,13 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
         moe_cuda__span(&sp, g.gate_bias, E * F * 4, 1);
         moe_cuda__span(&sp, g.up_bias, E * F * 4, 1);
         moe_cuda__span(&sp, g.down_bias, E * D * 4, 1);
+        moe_cuda__span(&sp, sg.gate, Fs * D * 4, 1);
+        moe_cuda__span(&sp, sg.up, Fs * D * 4, 1);
+        moe_cuda__span(&sp, sg.down, D * Fs * 4, 1);
+        moe_cuda__span(&sp, sg.gate_bias, Fs * 4, 1);
+        moe_cuda__span(&sp, sg.up_bias, Fs * 4, 1);
+        moe_cuda__span(&sp, sg.down_bias, Fs ? D * 4 : 0, 1);
+        moe_cuda__span(&sp, g_seg, D * 4, 1);
         moe_cuda__span(&sp, workspace, workspace_bytes, 1);
         if (moe_cuda__overlap(&sp)) return MOE_STATUS_ALIASING;
     }
@@ -2200,6 +2343,48 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_w1_grad, down_grid, dim3(B), 0, stream, r, g, x,
                                   pair_of_row, p.K, offsets, (const float *)ws.dG,
                                   (const float *)ws.dU));
+    if (Fs) {   /* the shared expert: token t is row t, gamma_t its weight */
+        moe_cuda__ffn32 sh;
+        memset(&sh, 0, sizeof sh);
+        sh.gate = w->shared_gate; sh.up = w->shared_up; sh.down = w->shared_down;
+        if (c->expert_bias) { sh.gate_bias = w->shared_gate_bias; sh.up_bias = w->shared_up_bias; }
+        sh.d = p.D; sh.f = p.Fs; sh.act = (int)c->activation;
+        const int32_t *so = ws.shared_offsets, *none = NULL;
+        const dim3 tok((unsigned)T);
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__shared_rows, tok, dim3(32), 0, stream, x, T, p.D,
+                                      0, (__nv_bfloat16 *)NULL, ws.shared_offsets, halt));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, tok, dim3(128), 0, stream, sh, x,
+                                      none, 1, so, 1, ws.Hsf, ws.Gs, ws.Us, halt));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, tok, dim3(128), 0, stream, sh,
+                                      (const float *)ws.Hsf, so, 1, ws.Os, halt));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_gate, dim3((unsigned)((T + 127) / 128)),
+                                      dim3(128), 0, stream, x, dy, (const float *)ws.Os,
+                                      (const float *)(c->expert_bias ? w->shared_down_bias
+                                                                     : NULL),
+                                      (const float *)(c->shared_gate ? w->shared_expert_gate
+                                                                     : NULL),
+                                      T, p.D, ws.gamma, ws.dzg));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_hidden, tok, dim3(128), 0, stream, sh, dy,
+                                      (const float *)ws.gamma, none, 1, so, 1,
+                                      (const float *)ws.Gs, (const float *)ws.Us, ws.dGs,
+                                      ws.dUs));
+        if (dx)
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_row_dx, tok, dim3(128), 0, stream, sh, so,
+                                          1, (const float *)ws.dGs, (const float *)ws.dUs,
+                                          ws.dXs));
+        const dim3 shared_grid((unsigned)((D * Fs + B - 1) / B), 1);
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_down_grad, shared_grid, dim3(B), 0, stream,
+                                      sh, sg, dy, (const float *)ws.gamma, none, 1, so,
+                                      (const float *)ws.Gs, (const float *)ws.Us));
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_w1_grad, shared_grid, dim3(B), 0, stream, sh,
+                                      sg, x, none, 1, so, (const float *)ws.dGs,
+                                      (const float *)ws.dUs));
+        if (g_seg)   /* d shared_expert_gate[k] = sum_t dzg_t x[t][k]: a one-row router */
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_router_grad,
+                                          dim3((unsigned)((D + B - 1) / B)), dim3(B), 0, stream,
+                                          (const float *)ws.dzg, x, T, 1, p.D, g_seg,
+                                          (float *)NULL));
+    }
     /* 5. the router */
     moe_cuda__router_bw_args ra;
     memset(&ra, 0, sizeof ra);
@@ -2211,8 +2396,15 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     ra.norm_p = c->norm_p; ra.norm_eps = c->norm_eps; ra.routed_scale = c->routed_scale;
     ra.balance_coef = c->balance_coef; ra.z_coef = c->z_loss_coef;
     ra.clip = c->router_grad_clip;
-    ra.fbal = ws.fbal; ra.ds = ws.ds; ra.dz = ws.dz;
+    ra.importance_coef = c->importance_coef; ra.seq_coef = c->seq_balance_coef;
+    ra.seq_len = p.seq_len;
+    ra.fbal = ws.fbal; ra.fseq = ws.fseq; ra.dimp = ws.dimp; ra.ds = ws.ds; ra.dz = ws.dz;
     MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_balance, dim3(1), dim3(B), 0, stream, ra));
+    if (c->importance_coef != 0.0f)
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_importance, dim3(1), dim3(B), 0, stream, ra));
+    if (c->seq_balance_coef != 0.0f)
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_sequence, dim3((unsigned)p.n_seq), dim3(B), 0,
+                                      stream, ra));
     MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_router, dim3((unsigned)((T + 127) / 128)),
                                   dim3(128), 0, stream, ra));
     /* 6. router weights, then dx */
@@ -2223,7 +2415,11 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
         MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_token_dx, dim3((unsigned)T), dim3(128), 0,
                                       stream, (const float *)ws.dXr,
                                       (const int32_t *)ws.row_of_pair, p.K,
-                                      (const float *)ws.dz, w->router, p.E, p.D, dx));
+                                      (const float *)ws.dzg,
+                                      (const float *)(g_seg || (Fs && c->shared_gate)
+                                                          ? w->shared_expert_gate : NULL),
+                                      (const float *)ws.dXs, (const float *)ws.dz, w->router,
+                                      p.E, p.D, dx));
 #undef MOE_CUDA__RUN
     if (e != cudaSuccess) { moe_cuda__error_slot() = e; return MOE_STATUS_CUDA_ERROR; }
     return MOE_STATUS_OK;
