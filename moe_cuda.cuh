@@ -2416,7 +2416,7 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
                                       stream, (const float *)ws.dXr,
                                       (const int32_t *)ws.row_of_pair, p.K,
                                       (const float *)ws.dzg,
-                                      (const float *)(g_seg || (Fs && c->shared_gate)
+                                      (const float *)(Fs && c->shared_gate
                                                           ? w->shared_expert_gate : NULL),
                                       (const float *)ws.dXs, (const float *)ws.dz, w->router,
                                       p.E, p.D, dx));

@@ -664,36 +664,39 @@ static int forward_case(const char *name, moe_config cfg, int T, int fused, int 
 
 struct fcase { const char *name; moe_config c; int T, fused; };
 
-static std::vector<fcase> forward_cases(void) {
+/* The layer cases of the forward and backward tests (each sets what it
+   runs: training, the ISA); every routing and loss feature the GPU has. */
+static std::vector<fcase> layer_cases(void) {
     std::vector<fcase> v;
-    moe_config c = moe_preset_mixtral();   /* softmax top-2, SwiGLU, biases, HF loss */
+    moe_config c = moe_preset_mixtral();   /* softmax top-2, SwiGLU, biases, balance, z */
     c.num_experts = 6; c.d_model = 40; c.d_ff = 48; c.expert_bias = 1; c.z_loss_coef = 1e-3f;
     v.push_back({"mixtral", c, 37, 0});
-    c = moe_preset_switch();               /* top-1, ReLU, capacity 1.25: drops, z-loss */
-    c.num_experts = 4; c.d_model = 24; c.d_ff = 70; c.training = 0;
-    v.push_back({"switch", c, 9, 0});
-    c = moe_preset_mixtral();              /* K = E, GELU, biases */
-    c.num_experts = 3; c.top_k = 3; c.d_model = 72; c.d_ff = 20; c.activation = MOE_ACT_GELU;
-    c.expert_bias = 1;
+    c = moe_preset_switch();               /* top-1, ReLU, capacity drops, no renorm */
+    c.num_experts = 4; c.d_model = 24; c.d_ff = 30; c.jitter = 0.0f;
+    v.push_back({"switch", c, 19, 0});
+    c = moe_preset_mixtral();              /* K = E, GELU, biases, router gradient clipped */
+    c.num_experts = 3; c.top_k = 3; c.d_model = 36; c.d_ff = 20; c.activation = MOE_ACT_GELU;
+    c.expert_bias = 1; c.router_grad_clip = 0.01f;
     v.push_back({"k_eq_e", c, 7, 0});
     c = moe_preset_glam();                 /* GEGLU, HF's fused gate_up */
     c.num_experts = 4; c.d_model = 33; c.d_ff = 40;
     v.push_back({"glam_fused", c, 20, 1});
-    c = moe_preset_qwen2_moe();            /* no renorm, gated shared expert */
-    c.num_experts = 8; c.top_k = 4; c.d_model = 24; c.d_ff = 16; c.shared_d_ff = 40;
-    c.balance_coef = 0.01f;
-    v.push_back({"qwen2", c, 13, 0});
     c = moe_preset_deepseek_v3();          /* sigmoid, selection bias, groups, x2.5, shared */
     c.num_experts = 32; c.top_k = 4; c.n_group = 4; c.topk_group = 2; c.d_model = 16;
-    c.d_ff = 12; c.shared_d_ff = 24; c.seq_len = 5; c.seq_balance_coef = 1e-2f;
-    c.balance_loss = MOE_BALANCE_TOPK_NORMALIZED; c.balance_coef = 1e-2f;
+    c.d_ff = 12; c.shared_d_ff = 24; c.seq_len = 5; c.seq_balance_coef = 1e-1f;
+    c.balance_loss = MOE_BALANCE_TOPK_NORMALIZED; c.balance_coef = 1e-2f; c.router_bias = 1;
+    c.expert_bias = 1;
     v.push_back({"deepseek_v3", c, 23, 0});
-    c = moe_preset_dbrx();                 /* p-norm after capacity drops; Shazeer losses */
+    c = moe_preset_qwen2_moe();            /* no renorm, gated shared expert, softmax seq loss */
+    c.num_experts = 8; c.top_k = 4; c.d_model = 24; c.d_ff = 16; c.shared_d_ff = 40;
+    c.balance_coef = 0.01f; c.seq_balance_coef = 0.05f;
+    v.push_back({"qwen2", c, 13, 0});
+    c = moe_preset_dbrx();                 /* p-norm after drops, first choice, Shazeer losses */
     c.num_experts = 8; c.top_k = 2; c.d_model = 20; c.d_ff = 24; c.capacity = 3;
-    c.normalize_after_drop = 1; c.norm_p = 2.0f; c.importance_coef = 0.1f; c.load_coef = 0.1f;
-    c.balance_loss = MOE_BALANCE_FIRST_CHOICE;
+    c.normalize_after_drop = 1; c.norm_p = 2.0f; c.balance_loss = MOE_BALANCE_FIRST_CHOICE;
+    c.importance_coef = 0.1f; c.load_coef = 0.1f;
     v.push_back({"dbrx_drops", c, 30, 0});
-    c = moe_preset_olmoe();                /* E = 64, K = 8 */
+    c = moe_preset_olmoe();                /* E = 64, K = 8, no renorm, z-loss */
     c.d_model = 16; c.d_ff = 8;
     v.push_back({"olmoe", c, 40, 0});
     c = moe_preset_mixtral();              /* one token; no tokens */
@@ -704,7 +707,7 @@ static std::vector<fcase> forward_cases(void) {
 }
 
 static void test_forward(void) {
-    const std::vector<fcase> cases = forward_cases();
+    const std::vector<fcase> cases = layer_cases();
     const int n = (int)cases.size();
     std::vector<std::vector<float> > first(2 * n);
     for (int s = 0; s < NSCHED; s++) {
@@ -907,48 +910,9 @@ static int backward_case(const char *name, moe_config cfg, int T, int fused, uin
     return good;
 }
 
-static std::vector<fcase> backward_cases(void) {
-    std::vector<fcase> v;
-    moe_config c = moe_preset_mixtral();   /* softmax top-2, SwiGLU, biases, balance, z */
-    c.num_experts = 6; c.d_model = 40; c.d_ff = 48; c.expert_bias = 1; c.z_loss_coef = 1e-3f;
-    v.push_back({"mixtral", c, 37, 0});
-    c = moe_preset_switch();               /* top-1, ReLU, capacity drops, no renorm */
-    c.num_experts = 4; c.d_model = 24; c.d_ff = 30; c.jitter = 0.0f;
-    v.push_back({"switch", c, 19, 0});
-    c = moe_preset_mixtral();              /* K = E, GELU, biases, router gradient clipped */
-    c.num_experts = 3; c.top_k = 3; c.d_model = 36; c.d_ff = 20; c.activation = MOE_ACT_GELU;
-    c.expert_bias = 1; c.router_grad_clip = 0.01f;
-    v.push_back({"k_eq_e", c, 7, 0});
-    c = moe_preset_glam();                 /* GEGLU, HF's fused gate_up */
-    c.num_experts = 4; c.d_model = 33; c.d_ff = 40;
-    v.push_back({"glam_fused", c, 20, 1});
-    c = moe_preset_deepseek_v3();          /* sigmoid, selection bias, groups, x2.5, shared */
-    c.num_experts = 32; c.top_k = 4; c.n_group = 4; c.topk_group = 2; c.d_model = 16;
-    c.d_ff = 12; c.shared_d_ff = 24; c.seq_len = 5; c.seq_balance_coef = 1e-1f;
-    c.balance_loss = MOE_BALANCE_TOPK_NORMALIZED; c.balance_coef = 1e-2f; c.router_bias = 1;
-    c.expert_bias = 1;
-    v.push_back({"deepseek_v3", c, 23, 0});
-    c = moe_preset_qwen2_moe();            /* no renorm, gated shared expert, softmax seq loss */
-    c.num_experts = 8; c.top_k = 4; c.d_model = 24; c.d_ff = 16; c.shared_d_ff = 40;
-    c.balance_coef = 0.01f; c.seq_balance_coef = 0.05f;
-    v.push_back({"qwen2", c, 13, 0});
-    c = moe_preset_dbrx();                 /* p-norm after drops, first choice, Shazeer losses */
-    c.num_experts = 8; c.top_k = 2; c.d_model = 20; c.d_ff = 24; c.capacity = 3;
-    c.normalize_after_drop = 1; c.norm_p = 2.0f; c.balance_loss = MOE_BALANCE_FIRST_CHOICE;
-    c.importance_coef = 0.1f; c.load_coef = 0.1f;
-    v.push_back({"dbrx_drops", c, 30, 0});
-    c = moe_preset_olmoe();                /* E = 64, K = 8, no renorm, z-loss */
-    c.d_model = 16; c.d_ff = 8;
-    v.push_back({"olmoe", c, 40, 0});
-    c = moe_preset_mixtral();              /* one token; no tokens */
-    c.num_experts = 5; c.d_model = 5; c.d_ff = 7;
-    v.push_back({"one_token", c, 1, 0});
-    v.push_back({"no_tokens", c, 0, 0});
-    return v;
-}
 
 static void test_backward(void) {
-    const std::vector<fcase> cases = backward_cases();
+    const std::vector<fcase> cases = layer_cases();
     std::vector<std::vector<std::vector<float> > > first(cases.size());
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
