@@ -1952,8 +1952,9 @@ static inline cudaError_t moe_cuda__route(const moe_cuda__plan *p, const moe_wei
    shared expert) on `stream`. x, y, the weights, the workspace and info's
    arrays are device memory; info (host struct, may be NULL) names the arrays
    to fill: logits, scores, expert, weight, dropped, expert_routed,
-   expert_kept (each may be NULL; the training cache is not written yet). y
-   may be x; no other written buffer may overlap another buffer
+   expert_kept (each may be NULL; no activation cache: the backward
+   recomputes). Queuing clears info's training stamp; the result sets it.
+   y may be x; no other written buffer may overlap another buffer
    (MOE_STATUS_ALIASING). OK means queued: moe_cuda_forward_result gives the
    outcome. The workspace must not be reused before that. */
 static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weights *w,
