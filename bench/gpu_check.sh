@@ -6,8 +6,9 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck on test_moe_cuda
 #   4. bench/moe_cuda_bench (forward against cuBLAS at equal FLOPs, routing alone,
 #      decode against the copy bandwidth) and bench/torch_grouped_mm.py
-# Without a GPU it does what it can: the nvcc builds (sm_90a), the suites and the
-# benchmark's --tiny plumbing on the CPU emulator; the GPU steps print SKIP.
+# Without a GPU it does what it can: the benchmark's nvcc build (sm_90a; make cuda
+# builds the suites), the suites and the benchmark's --tiny plumbing on the CPU
+# emulator; the GPU steps print SKIP.
 # The summary comes last; full logs go to OUT_DIR.
 # Usage: bench/gpu_check.sh [OUT_DIR]     (default build/gpu_check; run from anywhere)
 set -u
@@ -40,15 +41,19 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
 else
     flags=(-std=c++17 -O3 -arch="$arch" -lineinfo -Itests/cuda_emu -Xptxas -v,-warn-spills)
     t0=$SECONDS
-    "$NVCC" "${flags[@]}" -o build/gpu_test_emu tests/cuda_emu/test_emu.cu \
-        > "$out/build_test_emu.log" 2>&1 & p1=$!
-    "$NVCC" "${flags[@]}" -o build/gpu_test_moe_cuda tests/cuda_emu/test_moe_cuda.cu \
-        > "$out/build_test_moe_cuda.log" 2>&1 & p2=$!
+    pids=()
+    if [ $gpu = 1 ]; then
+        "$NVCC" "${flags[@]}" -o build/gpu_test_emu tests/cuda_emu/test_emu.cu \
+            > "$out/build_test_emu.log" 2>&1 & pids+=($!)
+        "$NVCC" "${flags[@]}" -o build/gpu_test_moe_cuda tests/cuda_emu/test_moe_cuda.cu \
+            > "$out/build_test_moe_cuda.log" 2>&1 & pids+=($!)
+    fi
     "$NVCC" "${flags[@]}" -o build/gpu_moe_cuda_bench bench/moe_cuda_bench.cu -lcublas \
-        > "$out/build_bench.log" 2>&1 & p3=$!
+        > "$out/build_bench.log" 2>&1 & pids+=($!)
     built=1
-    for p in $p1 $p2 $p3; do wait $p || built=0; done
-    if [ $built = 1 ]; then note "nvcc $arch: suites and benchmark built ($((SECONDS - t0)) s)"
+    for p in "${pids[@]}"; do wait "$p" || built=0; done
+    what=$([ $gpu = 1 ] && echo "suites and benchmark" || echo "benchmark")
+    if [ $built = 1 ]; then note "nvcc $arch: $what built ($((SECONDS - t0)) s)"
     else
         fail "nvcc $arch: a build failed (see $out/build_*.log)"
         tail -n 20 "$out"/build_*.log
@@ -99,10 +104,9 @@ if [ $gpu = 1 ]; then
             fail "torch_grouped_mm.py: $(tail -n 1 "$out/torch_grouped_mm.log")"
     fi
 else
-    # what runs without a GPU: the nvcc binaries say SKIP, the emulator does the rest
-    for t in test_emu test_moe_cuda; do
-        [ -x build/gpu_$t ] && note "$t, nvcc build: $(./build/gpu_$t | head -n 1)"
-    done
+    # what runs without a GPU: the nvcc binary says SKIP, the emulator does the rest
+    [ -x build/gpu_moe_cuda_bench ] &&
+        note "moe_cuda_bench, nvcc build: $(./build/gpu_moe_cuda_bench | head -n 1)"
     if make -s build/cuda_emu_test_emu build/cuda_emu_test_moe_cuda > "$out/emu_build.log" 2>&1
     then
         for t in test_emu test_moe_cuda; do
