@@ -1421,8 +1421,9 @@ moe_cuda__bw_sequence(moe_cuda__router_bw_args a) {
 }
 
 
-/* 5a. one block, thread e: coef E f_e / (T (K)) / T, f_e the kept pairs of
-   expert e (first choices only for FIRST_CHOICE); the counts are constants */
+/* 5a. one block, thread e: coef E f_e / (T (K)) / T, f_e the pairs routed to
+   expert e, dropped ones too (first choices only for FIRST_CHOICE); the
+   counts are constants of the gradient */
 __global__ void __launch_bounds__(MOE_CUDA__BLOCK)
 moe_cuda__bw_balance(moe_cuda__router_bw_args a) {
     const int e = (int)threadIdx.x, K = a.top_k;
@@ -1437,7 +1438,7 @@ moe_cuda__bw_balance(moe_cuda__router_bw_args a) {
                     ? (double)a.balance_coef * a.experts * ((double)f / (T * per)) / T : 0.0;
 }
 
-/* 5b. one thread per token, in moe.h's order (moe__router_backward_ref) */
+/* 5d. one thread per token, in moe.h's order (moe__router_backward_ref) */
 __global__ void moe_cuda__bw_router(moe_cuda__router_bw_args a) {
     const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (t >= a.tokens) return;
