@@ -1438,6 +1438,46 @@ moe_cuda__bw_balance(moe_cuda__router_bw_args a) {
                     ? (double)a.balance_coef * a.experts * ((double)f / (T * per)) / T : 0.0;
 }
 
+/* moe.h's moe__normalize_backward for one token: the weights w_j = r m_j g_j
+   / den (den over the slots in the denominator, + eps; 1 for NONE) carry
+   dL/dw_j = dw[j] (or dexp[slot j's expert]) back to the scores g_j = sc[idx[j]],
+   added into ds. m_j: slot j kept (dr NULL: all); in the denominator: all
+   slots, or the kept ones with after_drop. */
+__device__ __forceinline__ void moe_cuda__normalize_backward(const moe_cuda__router_bw_args *a,
+                                                             const float *sc, const int32_t *idx,
+                                                             const uint8_t *dr, int after_drop,
+                                                             const float *dw, const double *dexp,
+                                                             double *ds) {
+    const int K = a->top_k;
+    const double r = a->routed_scale;
+#define MOE_CUDA__DW(j) (dw ? dw[j] : (float)dexp[idx[j]])
+#define MOE_CUDA__KEPT(j) (!(dr && dr[j]))
+    if (a->normalize == MOE_NORM_NONE) {
+        for (int j = 0; j < K; j++) if (MOE_CUDA__KEPT(j)) ds[idx[j]] += r * MOE_CUDA__DW(j);
+    } else {
+        const double nrm = moe_cuda__slot_norm(sc, idx, dr, K, after_drop, a->normalize,
+                                               a->norm_p);
+        const double den = nrm + a->norm_eps;
+        double dot = 0.0;
+        for (int j = 0; j < K; j++)
+            if (MOE_CUDA__KEPT(j)) dot += (double)MOE_CUDA__DW(j) * sc[idx[j]];
+        for (int j = 0; den > 0.0 && j < K; j++) {
+            const int in = !(after_drop && !MOE_CUDA__KEPT(j));   /* in the denominator */
+            const double g = sc[idx[j]];
+            double dden = 0.0;
+            if (in && a->normalize == MOE_NORM_PNORM)   /* (|g| / ||g||_p)^(p-1) sign g */
+                dden = (nrm > 0.0 ? pow(fabs(g) / nrm, a->norm_p - 1.0) : a->norm_p == 1.0f) *
+                       (g < 0.0 ? -1.0 : 1.0);
+            else if (in)
+                dden = 1.0;
+            ds[idx[j]] += r / den *
+                          ((MOE_CUDA__KEPT(j) ? (double)MOE_CUDA__DW(j) : 0.0) - dot / den * dden);
+        }
+    }
+#undef MOE_CUDA__KEPT
+#undef MOE_CUDA__DW
+}
+
 /* 5d. one thread per token, in moe.h's order (moe__router_backward_ref) */
 __global__ void moe_cuda__bw_router(moe_cuda__router_bw_args a) {
     const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -1451,48 +1491,12 @@ __global__ void moe_cuda__bw_router(moe_cuda__router_bw_args a) {
     float *dz = a.dz + (size_t)t * E;
     for (int e = 0; e < E; e++) ds[e] = 0.0;
 
-    /* gate weights w_j = r m_j g_j / den -> scores (moe__normalize_backward) */
-    const double r = a.routed_scale;
-    if (a.normalize == MOE_NORM_NONE) {
-        for (int j = 0; j < K; j++) if (!dr[j]) ds[idx[j]] += r * dw[j];
-    } else {
-        const double nrm = moe_cuda__slot_norm(sc, idx, dr, K, a.after_drop, a.normalize,
-                                               a.norm_p);
-        const double den = nrm + a.norm_eps;
-        double dot = 0.0;
-        for (int j = 0; j < K; j++) if (!dr[j]) dot += (double)dw[j] * sc[idx[j]];
-        for (int j = 0; den > 0.0 && j < K; j++) {
-            const int in = !(a.after_drop && dr[j]);   /* in the denominator */
-            const double g = sc[idx[j]];
-            double dden = 0.0;
-            if (in && a.normalize == MOE_NORM_PNORM)   /* (|g| / ||g||_p)^(p-1) sign g */
-                dden = (nrm > 0.0 ? pow(fabs(g) / nrm, a.norm_p - 1.0) : a.norm_p == 1.0f) *
-                       (g < 0.0 ? -1.0 : 1.0);
-            else if (in)
-                dden = 1.0;
-            ds[idx[j]] += r / den * ((dr[j] ? 0.0 : (double)dw[j]) - dot / den * dden);
-        }
-    }
-    /* importance sums the pre-drop weights: the same backward with dw_j =
-       d(coef CV^2)/d importance of slot j's expert, every slot kept */
-    if (a.importance_coef != 0.0f) {
-        if (a.normalize == MOE_NORM_NONE) {
-            for (int j = 0; j < K; j++) ds[idx[j]] += r * (float)a.dimp[idx[j]];
-        } else {
-            const double nrm = moe_cuda__slot_norm(sc, idx, NULL, K, 0, a.normalize, a.norm_p);
-            const double den = nrm + a.norm_eps;
-            double dot = 0.0;
-            for (int j = 0; j < K; j++) dot += (double)(float)a.dimp[idx[j]] * sc[idx[j]];
-            for (int j = 0; den > 0.0 && j < K; j++) {
-                const double g = sc[idx[j]];
-                const double dden = a.normalize == MOE_NORM_PNORM
-                    ? (nrm > 0.0 ? pow(fabs(g) / nrm, a.norm_p - 1.0) : a.norm_p == 1.0f) *
-                          (g < 0.0 ? -1.0 : 1.0)
-                    : 1.0;
-                ds[idx[j]] += r / den * ((double)(float)a.dimp[idx[j]] - dot / den * dden);
-            }
-        }
-    }
+    /* gate weights -> scores; the importance loss sums the pre-drop weights:
+       the same backward with dw_j = d(coef CV^2)/d importance of slot j's
+       expert, every slot kept */
+    moe_cuda__normalize_backward(&a, sc, idx, dr, a.after_drop, dw, NULL, ds);
+    if (a.importance_coef != 0.0f)
+        moe_cuda__normalize_backward(&a, sc, idx, NULL, 0, NULL, a.dimp, ds);
 
     /* the balance and sequence losses see pn = p (softmax) or s / sum s (sigmoid) */
     if (a.balance_coef != 0.0f || a.seq_coef != 0.0f) {
@@ -1902,11 +1906,10 @@ static inline moe_status moe_cuda_forward_workspace_size(const moe_config *cfg, 
                                                          size_t *out_bytes) {
     moe_cuda__plan p;
     moe_cuda__ws w;
-    moe_status st;
     if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe_cuda__plan_of(cfg, T, &p)) != MOE_STATUS_OK) return st;
-    *out_bytes = moe_cuda__bind(&p, NULL, &w);
-    return MOE_STATUS_OK;
+    const moe_status st = moe_cuda__plan_of(cfg, T, &p);
+    if (st == MOE_STATUS_OK) *out_bytes = moe_cuda__bind(&p, NULL, &w);
+    return st;
 }
 
 /* The routed experts' fp32 tensors (HF's fused gate_up: up = gate + F D). */
@@ -2206,11 +2209,10 @@ static inline moe_status moe_cuda_backward_workspace_size(const moe_config *cfg,
                                                           size_t *out_bytes) {
     moe_cuda__plan p;
     moe_cuda__ws w;
-    moe_status st;
     if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe_cuda__backward_plan(cfg, T, &p)) != MOE_STATUS_OK) return st;
-    *out_bytes = moe_cuda__bind(&p, NULL, &w);
-    return MOE_STATUS_OK;
+    const moe_status st = moe_cuda__backward_plan(cfg, T, &p);
+    if (st == MOE_STATUS_OK) *out_bytes = moe_cuda__bind(&p, NULL, &w);
+    return st;
 }
 
 /* Queue the gradient of L = <dy, y> + info.aux_total on `stream`, as
@@ -2248,10 +2250,11 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     const size_t E = (size_t)p.E, D = (size_t)p.D, F = (size_t)p.F, TK = (size_t)p.pairs;
     moe_cuda__ffn_grads g;
     memset(&g, 0, sizeof g);
-    g.gate = grads->gate; g.down = grads->down; g.down_bias = grads->down_bias;
-    g.gate_bias = c->expert_bias ? grads->gate_bias : NULL;
-    g.up_bias = c->expert_bias && p.glu ? grads->up_bias : NULL;
-    if (!c->expert_bias) g.down_bias = NULL;
+    g.gate = grads->gate; g.down = grads->down;
+    if (c->expert_bias) {
+        g.gate_bias = grads->gate_bias; g.down_bias = grads->down_bias;
+        g.up_bias = p.glu ? grads->up_bias : NULL;
+    }
     g.up = fused ? (grads->gate ? grads->gate + F * D : NULL) : p.glu ? grads->up : NULL;
     g.gate_stride = g.up_stride = F * D * (fused ? 2 : 1);
     g.down_stride = D * F;
