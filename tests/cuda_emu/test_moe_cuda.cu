@@ -388,6 +388,20 @@ static void fill_grid(std::vector<float> &v, size_t n, int steps, float unit, ui
 }
 
 /* One layer's host tensors, in moe_weights layout, and device copies. */
+/* moe.h's moe_info for T tokens of c, every array bound in its own buffer. */
+struct host_info {
+    moe_info info;
+    std::vector<unsigned char> buf;
+    int ok;
+    host_info(const moe_config &c, int T) {
+        size_t n = 0;
+        memset(&info, 0, sizeof info);
+        ok = moe_info_size(&c, T, &n) == MOE_STATUS_OK;
+        buf.resize(n + 1);
+        ok = ok && moe_info_bind(&c, T, &info, buf.data(), n) == MOE_STATUS_OK;
+    }
+};
+
 struct layer {
     moe_config c;   /* resolved */
     int T, E, K, D, F, Fs, glu, fused;
@@ -568,11 +582,9 @@ static int forward_case(const char *name, moe_config cfg, int T, int fused, int 
     const size_t TE = (size_t)T * E, TK = (size_t)T * K, TD = (size_t)T * D;
 
     /* moe.h */
-    size_t ib = 0;
-    moe_info ref;
-    CHECK(moe_info_size(&L.c, T, &ib) == MOE_STATUS_OK);
-    std::vector<unsigned char> ibuf(ib + 1);
-    CHECK(moe_info_bind(&L.c, T, &ref, ibuf.data(), ib) == MOE_STATUS_OK);
+    host_info hi(L.c, T);
+    CHECK(hi.ok);
+    moe_info &ref = hi.info;
     std::vector<float> y_ref(TD + 1);
     if (moe_forward_alloc(&L.c, &L.host, L.x.data(), T, y_ref.data(), &ref) != MOE_STATUS_OK) {
         printf("  moe_forward failed\n");
@@ -802,17 +814,14 @@ static const char *const grad_names[grad_set::N] = {
 /* moe.h's router gradient (from zero) of a training forward and backward. */
 static std::vector<float> router_grad_of(const layer &L, const moe_config &c,
                                          const std::vector<float> &dy) {
-    size_t ib = 0;
-    moe_info info;
+    host_info hi(c, L.T);
     std::vector<float> r((size_t)L.E * L.D, 0.0f), y((size_t)L.T * L.D + 1), dx(y.size());
-    if (moe_info_size(&c, L.T, &ib) != MOE_STATUS_OK) return r;
-    std::vector<unsigned char> buf(ib + 1);
     moe_grads g;
     memset(&g, 0, sizeof g);
     g.router = r.data();
-    if (moe_info_bind(&c, L.T, &info, buf.data(), ib) != MOE_STATUS_OK ||
-        moe_forward_alloc(&c, &L.host, L.x.data(), L.T, y.data(), &info) != MOE_STATUS_OK ||
-        moe_backward_alloc(&c, &L.host, L.x.data(), L.T, &info, dy.data(), dx.data(), &g) !=
+    if (!hi.ok ||
+        moe_forward_alloc(&c, &L.host, L.x.data(), L.T, y.data(), &hi.info) != MOE_STATUS_OK ||
+        moe_backward_alloc(&c, &L.host, L.x.data(), L.T, &hi.info, dy.data(), dx.data(), &g) !=
             MOE_STATUS_OK)
         r.assign(r.size(), NAN);
     return r;
@@ -833,11 +842,9 @@ static int backward_case(const char *name, moe_config cfg, int T, int fused, uin
     grad_set G(L, seed + 7);
 
     /* moe.h: grads start at G.h, dx overwritten */
-    size_t ib = 0;
-    moe_info ref;
-    CHECK(moe_info_size(&L.c, T, &ib) == MOE_STATUS_OK);
-    std::vector<unsigned char> ibuf(ib + 1);
-    CHECK(moe_info_bind(&L.c, T, &ref, ibuf.data(), ib) == MOE_STATUS_OK);
+    host_info hi(L.c, T);
+    CHECK(hi.ok);
+    moe_info &ref = hi.info;
     std::vector<float> y(TD + 1);
     std::vector<float> want[grad_set::N];
     float *wp[grad_set::N];
