@@ -117,7 +117,7 @@ train-demo: $(BUILD)/train_balance
 	./$(BUILD)/train_balance $(BUILD)
 
 # Teaching examples. moe_transformer_layer exits 1 if its gradient check
-# fails; tour exits 1 if a number disagrees with ROUTING_SPEC (it writes its
+# fails; tour exits 1 if a number disagrees with its worked values (it writes its
 # SVGs into build/; docs/ holds the committed copies: make tour-svgs).
 $(BUILD)/moe_transformer_layer: examples/moe_transformer_layer.c moe.h | $(BUILD)
 	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/moe_transformer_layer.c $(LDLIBS)
