@@ -442,10 +442,10 @@ test-cuda-emu: $(EMU_BINS)
 
 cuda: | $(BUILD)
 	@if command -v $(NVCC) >/dev/null 2>&1; then \
-	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDSM.16.MT88.2 LDGSTS.E.BYPASS.128" \
+	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDSM.16.MT88.4 LDGSTS.E.BYPASS.128" \
 	        tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/cuda_test_emu tests/cuda_emu/test_emu.cu \
 	        $(CUDA_ARCHS) && \
-	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDGSTS.E.BYPASS.128" \
+	    SASS_EXPECT="HMMA.16816.F32.BF16 LDSM.16.M88.4 LDSM.16.MT88.4 LDGSTS.E.BYPASS.128" \
 	        tests/cuda_emu/nvcc_check.sh $(NVCC) $(BUILD)/cuda_test_moe_cuda \
 	        tests/cuda_emu/test_moe_cuda.cu $(CUDA_ARCHS); \
 	else echo "nvcc not found: make cuda skipped"; fi

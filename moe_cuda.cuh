@@ -115,7 +115,7 @@ __device__ __forceinline__ void moe_cuda__mma(float d[4], const uint32_t a[4],
 #endif
 }
 
-/* ldmatrix.sync.aligned.m8n8.x4.shared.b16 (and .x2.trans): `row` is this
+/* ldmatrix.sync.aligned.m8n8.x4.shared.b16 (and .trans): `row` is this
    lane's row address in shared memory (lanes 8j..8j+7: the rows of matrix j). */
 __device__ __forceinline__ void moe_cuda__ldmatrix_x4(uint32_t r[4], const void *row) {
 #ifdef CUDA_EMU
@@ -126,13 +126,13 @@ __device__ __forceinline__ void moe_cuda__ldmatrix_x4(uint32_t r[4], const void 
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 #endif
 }
-__device__ __forceinline__ void moe_cuda__ldmatrix_x2_trans(uint32_t r[2], const void *row) {
+__device__ __forceinline__ void moe_cuda__ldmatrix_x4_trans(uint32_t r[4], const void *row) {
 #ifdef CUDA_EMU
-    cuda_emu::ldmatrix(__FILE__, __LINE__, r, 2, true, row);
+    cuda_emu::ldmatrix(__FILE__, __LINE__, r, 4, true, row);
 #else
     const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 #endif
 }
 
@@ -600,6 +600,10 @@ __host__ __device__ __forceinline__ int moe_cuda__w1_unit(int n, int glu, int *f
     *f = (n >> 6) * 32 + ((n >> 5) & 1) * 16 + (n & 15);
     return (n & 31) >= 16;
 }
+/* The inverse: the W1 tile row of unit f's gate (is_up 0) or up (1). */
+__host__ __device__ __forceinline__ int moe_cuda__w1_row(int f, int glu, int is_up) {
+    return glu ? (f >> 5) * 64 + ((f >> 4) & 1) * 32 + 16 * is_up + (f & 15) : f;
+}
 
 /* gate row (e, f) at gate[(e gate_rows + f) d], up row at up[(e up_rows + f) d]
    (HF's fused gate_up [E][2F][D]: up = gate + F d, both strides 2F). */
@@ -673,27 +677,32 @@ __host__ __device__ __forceinline__ int moe_cuda__is_glu(int act) {
 }
 
 // ----------------------------------------------------------------------------
-// Grouped expert GEMM: for each expert e, the rows [offsets[e], offsets[e+1])
-// of A times W_e^T:  C[r][n] = sum_k A[r][k] W[e][n][k]   (nn.Linear [out][in]).
-// bf16 operands, fp32 accumulation in the tensor cores.
+// Grouped expert GEMMs on the tensor cores: bf16 operands, fp32 accumulation
+// (mma.sync.m16n8k16), in 64 x 64 output tiles, BK = 32, four warps of
+// 32 x 32, a STAGES-deep cp.async pipeline. Two schedules share one main loop:
 //
-//   A  [rows][k_pad] bf16, expert-contiguous rows, zero past k
-//   W  [E][n_pad][k_pad] bf16, zero past n and k (k_pad, n_pad: multiples of
-//      MOE_CUDA__BK and MOE_CUDA__BN; the packing pads)
+//   ROWS   C[r][n] = sum_k A[r][k] B_e(k, n) for the rows r of each expert e,
+//          [offsets[e], offsets[e+1]): the forward's two projections
+//          (B_e = W_e^T, nn.Linear [out][in]) and the backward's dA and dX
+//          (B_e = W_e read down its columns). Ragged M, K fixed.
+//   DEPTH  C_e[m][n] = sum over e's rows r of A[r][m] B[r][n]: the weight
+//          gradients. Ragged K, one C per expert.
 //
-// Epilogues (EPI):
-//   STORE  C[r][n] in fp32 (columns n < out.n; the down projection)
-//   GLU    H[r][f] = bf16(act(gate + gate_bias) * (up + up_bias)), f < f_pad,
-//          0 past out.f (W1's interleaved tiles put both in one warp)
-//   ACT    H[r][f] = bf16(act(C[r][f] + gate_bias)), the two-matrix FFNs
+// An operand is stored mn-major ([mn][k]: token rows, nn.Linear weights) or
+// k-major ([k][mn]: a weight read down its columns, token rows summed over).
+// A stage holds a 64 x 32 (mn x k) tile of each operand in its stored
+// orientation, as 16-byte chunks of 8 bf16:
+//   mn-major: 64 rows of 4 chunks      k-major: 32 rows of 8 chunks
+// the chunk index XORed with bits of the row so that the eight rows one
+// ldmatrix reads fall in different banks; k-major tiles reach the mma
+// fragments through ldmatrix.trans. Elements past an operand's ends load as
+// zeros (cp.async with 0 source bytes).
 //
-// Block tile BM x BN = 64 x 64, BK = 32, four warps of 32 x 32; a STAGES-deep
-// cp.async pipeline. The grid is the worst case for `max_rows` (the host
-// knows T * K, not the counts): grid.x = ceil(max_rows / BM) + E row tiles,
-// and each block finds its (expert, row tile) from the offsets; blocks past
-// the last tile exit at once. Rows past an expert's end load as zeros and
-// are not stored. Each output is one fixed sequence of mma over k: the
-// result does not depend on the grid or the schedule (deterministic).
+// The ROWS grid is the worst case for `max_rows` (the host knows T * K, not
+// the counts): grid.x = ceil(max_rows / BM) + E row tiles, each block finds
+// its (expert, row tile) from the offsets, and blocks past the last tile exit
+// at once. Each output is one fixed sequence of mma over k: the result does
+// not depend on the grid or the schedule (deterministic).
 
 enum {
     MOE_CUDA__BM = 64, MOE_CUDA__BN = 64, MOE_CUDA__BK = 32, MOE_CUDA__STAGES = 3,
@@ -701,14 +710,157 @@ enum {
     MOE_CUDA__STAGE_BYTES = (MOE_CUDA__BM + MOE_CUDA__BN) * MOE_CUDA__BK * 2,
     MOE_CUDA__GEMM_SMEM = MOE_CUDA__STAGES * MOE_CUDA__STAGE_BYTES
 };
-enum { MOE_CUDA__EPI_STORE = 0, MOE_CUDA__EPI_GLU = 1, MOE_CUDA__EPI_ACT = 2 };
+
+/* One operand: element (mn, k) at p[mn * ld + k] (mn-major) or p[k * ld + mn]
+   (k-major); mn >= mn_end reads as zero. k-major: mn_end a multiple of 8;
+   mn-major: the k end a multiple of 8 (whole chunks). */
+typedef struct moe_cuda__operand {
+    const __nv_bfloat16 *p;
+    int ld, mn0, mn_end;
+} moe_cuda__operand;
+
+/* Where chunk `chunk` of tile row `row` lives (in bf16 elements from the tile). */
+template <int KMAJOR> __device__ __forceinline__ int moe_cuda__chunk_at(int row, int chunk) {
+    return KMAJOR ? row * 64 + ((chunk ^ (row & 7)) << 3)
+                  : row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3);
+}
+
+/* The operand's tile at [mn0, mn0 + 64) x [k0, k0 + 32), 2 chunks a thread. */
+template <int KMAJOR>
+__device__ __forceinline__ void moe_cuda__load_tile(__nv_bfloat16 *s, moe_cuda__operand o,
+                                                    int k0, int k_end) {
+    for (int c = (int)threadIdx.x; c < 256; c += MOE_CUDA__GEMM_THREADS) {
+        const int row = KMAJOR ? c >> 3 : c >> 2, chunk = KMAJOR ? c & 7 : c & 3;
+        const int mn = o.mn0 + (KMAJOR ? chunk * 8 : row), k = k0 + (KMAJOR ? row : chunk * 8);
+        const int live = mn < o.mn_end && k < k_end;
+        const size_t at = KMAJOR ? (size_t)k * o.ld + mn : (size_t)mn * o.ld + k;
+        moe_cuda__cp_async16(s + moe_cuda__chunk_at<KMAJOR>(row, chunk), live ? o.p + at : o.p,
+                             live ? 16 : 0);
+    }
+}
+template <int A_KMAJOR, int B_KMAJOR>
+__device__ __forceinline__ void moe_cuda__load_stage(unsigned char *stage, moe_cuda__operand a,
+                                                     moe_cuda__operand b, int k0, int k_end) {
+    __nv_bfloat16 *sa = (__nv_bfloat16 *)stage;
+    moe_cuda__load_tile<A_KMAJOR>(sa, a, k0, k_end);
+    moe_cuda__load_tile<B_KMAJOR>(sa + MOE_CUDA__BM * MOE_CUDA__BK, b, k0, k_end);
+}
+
+/* acc = this warp's 32 x 32 of the block's A B over [k_begin, k_end).
+   BUG (tests only, 0 in the library): 1 waits for one group too few, 2
+   refills a stage before the barrier, 3 swaps the B fragment registers. */
+template <int A_KMAJOR, int B_KMAJOR, int BUG>
+__device__ __forceinline__ void moe_cuda__gemm_tiles(float acc[2][4][4], moe_cuda__operand a,
+                                                     moe_cuda__operand b, int k_begin,
+                                                     int k_end) {
+    unsigned char *smem = moe_cuda__smem();
+    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;   /* the warp's 32 x 32 */
+    const int k_tiles = (k_end - k_begin + MOE_CUDA__BK - 1) / MOE_CUDA__BK;
+MOE_CUDA_UNROLL
+    for (int i = 0; i < 2; i++)
+MOE_CUDA_UNROLL
+        for (int j = 0; j < 4; j++)
+MOE_CUDA_UNROLL
+            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+
+    for (int s = 0; s < MOE_CUDA__STAGES - 1; s++) {   /* the pipeline's first stages */
+        if (s < k_tiles)
+            moe_cuda__load_stage<A_KMAJOR, B_KMAJOR>(smem + s * MOE_CUDA__STAGE_BYTES, a, b,
+                                                     k_begin + s * MOE_CUDA__BK, k_end);
+        moe_cuda__cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; kt++) {
+        const int next = kt + MOE_CUDA__STAGES - 1;
+        unsigned char *refill = smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES;
+        if (BUG == 2 && next < k_tiles)   /* planted: refills the stage others still read */
+            moe_cuda__load_stage<A_KMAJOR, B_KMAJOR>(refill, a, b, k_begin + next * MOE_CUDA__BK,
+                                                     k_end);
+        if (BUG == 1) moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 1>();
+        else moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 2>();   /* tile kt has landed */
+        __syncthreads();   /* ... for every thread, and tile kt - 1 is done with */
+        if (BUG != 2 && next < k_tiles)
+            moe_cuda__load_stage<A_KMAJOR, B_KMAJOR>(refill, a, b, k_begin + next * MOE_CUDA__BK,
+                                                     k_end);
+        moe_cuda__cp_async_commit();   /* empty groups keep the count in step */
+
+        const __nv_bfloat16 *sa =
+            (const __nv_bfloat16 *)(smem + (kt % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES);
+        const __nv_bfloat16 *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
+MOE_CUDA_UNROLL
+        for (int kk = 0; kk < MOE_CUDA__BK; kk += 16) {
+            uint32_t fa[2][4], fb[4][2];
+            const int j = lane >> 3, r8 = lane & 7;   /* lane's matrix and row in it */
+MOE_CUDA_UNROLL
+            for (int mi = 0; mi < 2; mi++) {   /* A: m +8 in matrices 1, 3; k +8 in 2, 3 */
+                const int m = wm + mi * 16 + 8 * (j & 1), k = kk + 8 * (j >> 1);
+                if (A_KMAJOR)
+                    moe_cuda__ldmatrix_x4_trans(fa[mi],
+                                                sa + moe_cuda__chunk_at<1>(k + r8, m >> 3));
+                else
+                    moe_cuda__ldmatrix_x4(fa[mi], sa + moe_cuda__chunk_at<0>(m + r8, k >> 3));
+            }
+MOE_CUDA_UNROLL
+            for (int ni = 0; ni < 4; ni += 2) {   /* B: k +8 in matrices 1, 3; n +8 in 2, 3 */
+                const int n = wn + ni * 8 + 8 * (j >> 1), k = kk + 8 * (j & 1);
+                uint32_t q[4];
+                if (B_KMAJOR)
+                    moe_cuda__ldmatrix_x4_trans(q, sb + moe_cuda__chunk_at<1>(k + r8, n >> 3));
+                else
+                    moe_cuda__ldmatrix_x4(q, sb + moe_cuda__chunk_at<0>(n + r8, k >> 3));
+                fb[ni][0] = q[0]; fb[ni][1] = q[1];
+                fb[ni + 1][0] = q[2]; fb[ni + 1][1] = q[3];
+                if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
+            }
+MOE_CUDA_UNROLL
+            for (int mi = 0; mi < 2; mi++)
+MOE_CUDA_UNROLL
+                for (int ni = 0; ni < 4; ni++)
+                    moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
+        }
+    }
+    moe_cuda__cp_async_wait<0>();
+}
+
+/* Row i of a warp's C fragments: register r of acc[mi][ni] holds row
+   wm + 16 mi + g + 8 (r >> 1), column wn + 8 ni + 2 t4 + (r & 1), with
+   g = lane / 4 and t4 = lane % 4. */
+#define MOE_CUDA__FRAGMENT_ROW(mi, r) (wm + (mi) * 16 + (lane >> 2) + 8 * ((r) >> 1))
+#define MOE_CUDA__FRAGMENT_COL(ni, r) (wn + (ni) * 8 + 2 * (lane & 3) + ((r) & 1))
+
+/* The ROWS operands: A [rows][lda] (mn-major), B_e at b + e * b_stride, its
+   n in [0, n_end), k in [0, k_end). */
+typedef struct moe_cuda__gemm_args {
+    const __nv_bfloat16 *a, *b;
+    int lda, ldb, n_end, k_end;
+    size_t b_stride;
+    const int32_t *offsets;
+    int experts;
+    const int32_t *halt;
+} moe_cuda__gemm_args;
+
+/* ROWS epilogues (EPI):
+   STORE  C[r][n] in fp32 (columns n < out.n; the down projection, dX)
+   GLU    H[r][f] = bf16(act(gate + gate_bias) * (up + up_bias)), f < ldh, 0
+          past out.f (W1's interleaved tiles put both in one warp)
+   ACT    H[r][f] = bf16(act(C[r][f] + gate_bias)), the two-matrix FFNs
+   DACT   (backward; C = dA, the gradient of the activation's output)
+          dG = dA u act'(g), dU = dA act(g) (GLU) or dG = dA act'(g),
+          from the pre-activations out.g, out.u; into dH [r][ldh] in W1's
+          row order (bf16; 0 past out.f, columns < out.n) and, when not NULL,
+          fp32 out.dg, out.du [r][f]
+   GLU and ACT also keep the pre-activations in out.g, out.u [r][f] when
+   those are not NULL (the backward's recompute). */
+enum { MOE_CUDA__EPI_STORE = 0, MOE_CUDA__EPI_GLU = 1, MOE_CUDA__EPI_ACT = 2,
+       MOE_CUDA__EPI_DACT = 3 };
 
 typedef struct moe_cuda__epilogue {
     float *c;                      /* STORE: C [rows][ldc], columns < n     */
     int ldc, n;
-    __nv_bfloat16 *h;              /* GLU, ACT: H [rows][f_pad]              */
-    int f, f_pad, act;
+    __nv_bfloat16 *h;              /* GLU, ACT: H; DACT: dH; [rows][ldh]    */
+    int f, ldh, act;
     const float *gate_bias, *up_bias;   /* [E][f] or NULL                  */
+    float *g, *u, *dg, *du;        /* fp32 [rows][f] or NULL                */
 } moe_cuda__epilogue;
 
 /* This block's expert and first row, from its row-tile index; -1: no tile. */
@@ -727,138 +879,126 @@ __device__ __forceinline__ int moe_cuda__find_tile(const int32_t *offsets, int e
     return -1;
 }
 
-/* Stage s: A rows [row0, row0 + BM) and W_e rows [n0, n0 + BN), columns
-   [k0, k0 + BK), as 16-byte chunks (4 per 32-column row; 2 + 2 per thread). */
-__device__ __forceinline__ void moe_cuda__load_stage(unsigned char *stage,
-                                                     const __nv_bfloat16 *A,
-                                                     const __nv_bfloat16 *We, int k_pad,
-                                                     int row0, int row_end, int n0, int k0) {
-    const int t = (int)threadIdx.x;
-    __nv_bfloat16 *sa = (__nv_bfloat16 *)stage, *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
-    for (int c = t; c < MOE_CUDA__BM * 4; c += MOE_CUDA__GEMM_THREADS) {
-        const int r = c >> 2, col = (c & 3) * 8;
-        const int live = row0 + r < row_end;   /* past the expert's rows: zeros */
-        const __nv_bfloat16 *src = A + (size_t)(live ? row0 + r : row0) * k_pad + k0 + col;
-        moe_cuda__cp_async16(sa + r * MOE_CUDA__BK + col, src, live ? 16 : 0);
-    }
-    for (int c = t; c < MOE_CUDA__BN * 4; c += MOE_CUDA__GEMM_THREADS) {
-        const int r = c >> 2, col = (c & 3) * 8;
-        moe_cuda__cp_async16(sb + r * MOE_CUDA__BK + col,
-                             We + (size_t)(n0 + r) * k_pad + k0 + col, 16);
-    }
-}
-
-/* BUG (tests only, 0 in the library): 1 waits for one group too few, 2
-   refills a stage before the barrier, 3 swaps the B fragment registers. */
-template <int EPI, int BUG>
+template <int EPI, int B_KMAJOR, int BUG>
 __global__ void __launch_bounds__(MOE_CUDA__GEMM_THREADS)
-moe_cuda__grouped_gemm(const __nv_bfloat16 *A, const __nv_bfloat16 *W, const int32_t *offsets,
-                       int experts, int n_pad, int k_pad, moe_cuda__epilogue out,
-                       const int32_t *halt) {
+moe_cuda__grouped_gemm(moe_cuda__gemm_args g, moe_cuda__epilogue out) {
     int row0 = 0, row_end = 0;
-    if (*halt) return;
-    const int e = moe_cuda__find_tile(offsets, experts, (int)blockIdx.x, &row0, &row_end);
+    if (*g.halt) return;
+    const int e = moe_cuda__find_tile(g.offsets, g.experts, (int)blockIdx.x, &row0, &row_end);
     if (e < 0) return;   /* a surplus tile of the worst-case grid: the whole block */
     const int n0 = (int)blockIdx.y * MOE_CUDA__BN;
-    const __nv_bfloat16 *We = W + (size_t)e * n_pad * k_pad;
-    unsigned char *smem = moe_cuda__smem();
-    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;   /* the warp's 32 x 32 */
-    const int k_tiles = k_pad / MOE_CUDA__BK;
+    const moe_cuda__operand a = {g.a, g.lda, row0, row_end};
+    const moe_cuda__operand b = {g.b + (size_t)e * g.b_stride, g.ldb, n0, g.n_end};
     float acc[2][4][4];
-MOE_CUDA_UNROLL
-    for (int i = 0; i < 2; i++)
-MOE_CUDA_UNROLL
-        for (int j = 0; j < 4; j++)
-MOE_CUDA_UNROLL
-            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+    moe_cuda__gemm_tiles<0, B_KMAJOR, BUG>(acc, a, b, 0, g.k_end);
 
-    for (int s = 0; s < MOE_CUDA__STAGES - 1; s++) {   /* the pipeline's first stages */
-        if (s < k_tiles)
-            moe_cuda__load_stage(smem + s * MOE_CUDA__STAGE_BYTES, A, We, k_pad, row0, row_end,
-                                 n0, s * MOE_CUDA__BK);
-        moe_cuda__cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; kt++) {
-        const int next = kt + MOE_CUDA__STAGES - 1;
-        if (BUG == 2 && next < k_tiles)   /* planted: refills the stage others still read */
-            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
-                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
-        if (BUG == 1) moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 1>();
-        else moe_cuda__cp_async_wait<MOE_CUDA__STAGES - 2>();   /* tile kt has landed */
-        __syncthreads();   /* ... for every thread, and tile kt - 1 is done with */
-        if (BUG != 2 && next < k_tiles)
-            moe_cuda__load_stage(smem + (next % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES, A, We,
-                                 k_pad, row0, row_end, n0, next * MOE_CUDA__BK);
-        moe_cuda__cp_async_commit();   /* empty groups keep the count in step */
-
-        const __nv_bfloat16 *sa =
-            (const __nv_bfloat16 *)(smem + (kt % MOE_CUDA__STAGES) * MOE_CUDA__STAGE_BYTES);
-        const __nv_bfloat16 *sb = sa + MOE_CUDA__BM * MOE_CUDA__BK;
-MOE_CUDA_UNROLL
-        for (int kk = 0; kk < MOE_CUDA__BK; kk += 16) {
-            uint32_t fa[2][4], fb[4][2];
-            const int j = lane >> 3, r8 = lane & 7;   /* lane's matrix and row in it */
-MOE_CUDA_UNROLL
-            for (int mi = 0; mi < 2; mi++)   /* A: rows +8 in matrices 1, 3; k +8 in 2, 3 */
-                moe_cuda__ldmatrix_x4(fa[mi], sa + (wm + mi * 16 + r8 + 8 * (j & 1)) *
-                                                  MOE_CUDA__BK + kk + 8 * (j >> 1));
-MOE_CUDA_UNROLL
-            for (int ni = 0; ni < 4; ni += 2) {   /* W rows are B's columns: no .trans */
-                uint32_t q[4];
-                moe_cuda__ldmatrix_x4(q, sb + (wn + ni * 8 + 8 * (j >> 1) + r8) * MOE_CUDA__BK +
-                                             kk + 8 * (j & 1));
-                fb[ni][0] = q[0]; fb[ni][1] = q[1];
-                fb[ni + 1][0] = q[2]; fb[ni + 1][1] = q[3];
-                if (BUG == 3) { fb[ni][0] = q[1]; fb[ni][1] = q[0]; }
-            }
-MOE_CUDA_UNROLL
-            for (int mi = 0; mi < 2; mi++)
-MOE_CUDA_UNROLL
-                for (int ni = 0; ni < 4; ni++)
-                    moe_cuda__mma(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
-        }
-    }
-    moe_cuda__cp_async_wait<0>();
-
-    /* C fragment: register r holds row g + 8 (r >> 1), column 2 t4 + (r & 1) */
-    const int g = lane >> 2, t4 = lane & 3;
+    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int glu = moe_cuda__is_glu(out.act);
 MOE_CUDA_UNROLL
     for (int mi = 0; mi < 2; mi++)
 MOE_CUDA_UNROLL
         for (int ni = 0; ni < (EPI == MOE_CUDA__EPI_GLU ? 2 : 4); ni++)
 MOE_CUDA_UNROLL
             for (int r = 0; r < 4; r++) {
-                const int row = row0 + wm + mi * 16 + g + 8 * (r >> 1);
-                const int col = n0 + wn + ni * 8 + 2 * t4 + (r & 1);
+                const int row = row0 + MOE_CUDA__FRAGMENT_ROW(mi, r);
+                const int col = n0 + MOE_CUDA__FRAGMENT_COL(ni, r);
                 if (row >= row_end) continue;
+                const float v = acc[mi][ni][r];
                 if (EPI == MOE_CUDA__EPI_STORE) {
-                    if (col < out.n) out.c[(size_t)row * out.ldc + col] = acc[mi][ni][r];
+                    if (col < out.n) out.c[(size_t)row * out.ldc + col] = v;
+                    continue;
+                }
+                const size_t fi = (size_t)row * out.f;   /* + f: [rows][f] arrays */
+                if (EPI == MOE_CUDA__EPI_DACT) {
+                    if (col >= out.n) continue;
+                    float dg = 0.0f, du = 0.0f;
+                    if (col < out.f) {
+                        const float gv = out.g[fi + col];
+                        if (glu) {
+                            du = v * moe_cuda__act(out.act, gv);
+                            dg = v * out.u[fi + col] * moe_cuda__act_grad(out.act, gv);
+                            if (out.du) out.du[fi + col] = du;
+                        } else {
+                            dg = v * moe_cuda__act_grad(out.act, gv);
+                        }
+                        if (out.dg) out.dg[fi + col] = dg;
+                    }
+                    __nv_bfloat16 *dh = out.h + (size_t)row * out.ldh;
+                    dh[moe_cuda__w1_row(col, glu, 0)] = __float2bfloat16_rn(dg);
+                    if (glu) dh[moe_cuda__w1_row(col, glu, 1)] = __float2bfloat16_rn(du);
                     continue;
                 }
                 /* GLU: gate in fragments 0, 1 and up in 2, 3 of the same unit */
                 const int f = EPI == MOE_CUDA__EPI_GLU ? n0 / 2 + (warp & 1) * 16 + ni * 8 +
-                                                             2 * t4 + (r & 1) : col;
+                                                             2 * (lane & 3) + (r & 1) : col;
                 float h = 0.0f;
                 if (f < out.f) {
-                    float v = acc[mi][ni][r];
-                    if (out.gate_bias) v += out.gate_bias[(size_t)e * out.f + f];
-                    h = moe_cuda__act(out.act, v);
+                    float gv = v;
+                    if (out.gate_bias) gv += out.gate_bias[(size_t)e * out.f + f];
+                    h = moe_cuda__act(out.act, gv);
+                    if (out.g) out.g[fi + f] = gv;
                     if (EPI == MOE_CUDA__EPI_GLU) {
                         float u = acc[mi][ni + 2][r];
                         if (out.up_bias) u += out.up_bias[(size_t)e * out.f + f];
                         h *= u;
+                        if (out.u) out.u[fi + f] = u;
                     }
                 }
-                out.h[(size_t)row * out.f_pad + f] = __float2bfloat16_rn(h);
+                out.h[(size_t)row * out.ldh + f] = __float2bfloat16_rn(h);
             }
 }
 
 /* Launch geometry for max_rows rows at most (T * K for top-k routing). */
-static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_pad) {
+static inline dim3 moe_cuda__gemm_grid(int max_rows, int experts, int n_end) {
     return dim3((unsigned)((max_rows + MOE_CUDA__BM - 1) / MOE_CUDA__BM + experts),
-                (unsigned)(n_pad / MOE_CUDA__BN));
+                (unsigned)((n_end + MOE_CUDA__BN - 1) / MOE_CUDA__BN));
 }
+
+/* DEPTH: C_e[m][n] = sum over e's rows r of A[r][m] B[r][n], both k-major
+   ([rows][ld], m < m_end, n < n_end), added in fp32 to the gradient of
+   expert e: grid (m tiles, n tiles, E). With `units`, m is a row of W1's
+   tiles (moe_cuda__w1_unit): gate rows go to `first`, up rows to `second`
+   ([E][f][n] at e * stride), else C_e goes to first ([E][m_out][n]). Each
+   NULL destination is skipped. */
+typedef struct moe_cuda__grad_out {
+    float *first, *second;
+    size_t stride;
+    int m_out, n_out, units, glu;   /* C_e's rows and columns kept (< m_out, < n_out) */
+} moe_cuda__grad_out;
+
+template <int BUG>
+__global__ void __launch_bounds__(MOE_CUDA__GEMM_THREADS)
+moe_cuda__grouped_gemm_depth(const __nv_bfloat16 *A, int lda, int m_end,
+                             const __nv_bfloat16 *B, int ldb, int n_end,
+                             const int32_t *offsets, moe_cuda__grad_out out) {
+    const int e = (int)blockIdx.z;
+    const int m0 = (int)blockIdx.x * MOE_CUDA__BM, n0 = (int)blockIdx.y * MOE_CUDA__BN;
+    const int r0 = offsets[e], r1 = offsets[e + 1];
+    if (r0 == r1) return;   /* no rows: nothing to add */
+    const moe_cuda__operand a = {A, lda, m0, m_end}, b = {B, ldb, n0, n_end};
+    float acc[2][4][4];
+    moe_cuda__gemm_tiles<1, 1, BUG>(acc, a, b, r0, r1);
+
+    const int lane = (int)threadIdx.x & 31, warp = (int)threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+MOE_CUDA_UNROLL
+    for (int mi = 0; mi < 2; mi++)
+MOE_CUDA_UNROLL
+        for (int ni = 0; ni < 4; ni++)
+MOE_CUDA_UNROLL
+            for (int r = 0; r < 4; r++) {
+                const int m = m0 + MOE_CUDA__FRAGMENT_ROW(mi, r);
+                const int n = n0 + MOE_CUDA__FRAGMENT_COL(ni, r);
+                int row = m;
+                const int up = out.units ? moe_cuda__w1_unit(m, out.glu, &row) : 0;
+                float *dst = up ? out.second : out.first;
+                if (dst && row < out.m_out && n < out.n_out)
+                    dst[e * out.stride + (size_t)row * out.n_out + n] += acc[mi][ni][r];
+            }
+}
+#undef MOE_CUDA__FRAGMENT_ROW
+#undef MOE_CUDA__FRAGMENT_COL
 
 // ----------------------------------------------------------------------------
 // The plain fp32 expert FFN (cfg.isa = MOE_ISA_REFERENCE): what the tensor-
@@ -1334,6 +1474,40 @@ __global__ void moe_cuda__bw_w1_grad(moe_cuda__ffn32 ffn, moe_cuda__ffn_grads g,
     if (k == 0 && glu && g.up_bias) g.up_bias[(size_t)e * ffn.f + f] += bu;
 }
 
+/* 3t. (tensor-core path) Dy[r] = bf16(w_p dy_t), zero from d to ld: the
+   rows the down projection's gradients are made of; one block per row. */
+__global__ void moe_cuda__bw_scaled_rows(const float *dy, const float *weight,
+                                         const int32_t *pair_of_row, int top_k,
+                                         const int32_t *offsets, int experts, int d, int ld,
+                                         __nv_bfloat16 *Dy) {
+    const int r = (int)blockIdx.x;
+    if (r >= offsets[experts]) return;
+    const int p = pair_of_row ? pair_of_row[r] : r;
+    const float w = weight[p], *dyt = dy + (size_t)(p / top_k) * d;
+    for (int c = (int)threadIdx.x; c < ld; c += (int)blockDim.x)
+        Dy[(size_t)r * ld + c] = __float2bfloat16_rn(c < d ? w * dyt[c] : 0.0f);
+}
+
+/* 4t. a bias gradient, one thread per (column j, expert blockIdx.y):
+   out[e][j] += the sum over e's rows, in row order, of src[r][j] ([rows][n]),
+   or with src NULL of w_p dy_t[j] (the down projection's bias) */
+__global__ void moe_cuda__bw_bias(const float *src, const float *dy, const float *weight,
+                                  const int32_t *pair_of_row, int top_k, const int32_t *offsets,
+                                  int n, float *out) {
+    const int j = (int)(blockIdx.x * blockDim.x + threadIdx.x), e = (int)blockIdx.y;
+    if (j >= n) return;
+    float acc = 0.0f;
+    for (int r = offsets[e]; r < offsets[e + 1]; r++) {
+        if (src) {
+            acc += src[(size_t)r * n + j];
+        } else {
+            const int p = pair_of_row ? pair_of_row[r] : r;
+            acc += weight[p] * dy[(size_t)(p / top_k) * n + j];
+        }
+    }
+    out[(size_t)e * n + j] += acc;
+}
+
 /* 2s. the shared expert's gate, one thread per token: gamma = sigmoid(x_t .
    shared_expert_gate) (1 without), and with the gate dL / d z = <dy_t, O_t +
    shared_down_bias> gamma (1 - gamma) */
@@ -1664,6 +1838,7 @@ typedef struct moe_cuda__ws {
     double *lse_sq, *score_sum, *sum_d;
     int32_t *sum_i;
     __nv_bfloat16 *A, *H, *Xs, *Hs;   /* tensor-core path */
+    __nv_bfloat16 *Dy, *dH, *Dys, *dHs;   /* its backward: w_p dy_t rows, dL / d(W1 x) */
     float *Hf, *Hsf;                  /* fp32 path        */
     float *O, *Os;
     /* backward: pre-activations and their gradients [rows][F], per-row dx,
@@ -1691,7 +1866,13 @@ static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base
         MOE_CUDA__TAKE(offsets, int32_t, E + 1);
         MOE_CUDA__TAKE(row_of_pair, int32_t, TK);
         MOE_CUDA__TAKE(pair_of_row, int32_t, (size_t)p->rows);
-        MOE_CUDA__TAKE(Hf, float, RF);
+        if (p->simt) MOE_CUDA__TAKE(Hf, float, RF);
+        else {
+            MOE_CUDA__TAKE(A, __nv_bfloat16, (size_t)p->rows * p->d_pad);
+            MOE_CUDA__TAKE(H, __nv_bfloat16, (size_t)p->rows * p->f_pad);
+            MOE_CUDA__TAKE(Dy, __nv_bfloat16, (size_t)p->rows * p->d_out_pad);
+            MOE_CUDA__TAKE(dH, __nv_bfloat16, (size_t)p->rows * p->n1_pad);
+        }
         MOE_CUDA__TAKE(G, float, RF);
         MOE_CUDA__TAKE(dG, float, RF);
         if (p->glu) { MOE_CUDA__TAKE(U, float, RF); MOE_CUDA__TAKE(dU, float, RF); }
@@ -1706,7 +1887,13 @@ static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base
         if (p->Fs > 0) {
             const size_t TF = T * (size_t)p->Fs;
             MOE_CUDA__TAKE(shared_offsets, int32_t, 2);
-            MOE_CUDA__TAKE(Hsf, float, TF);
+            if (p->simt) MOE_CUDA__TAKE(Hsf, float, TF);
+            else {
+                MOE_CUDA__TAKE(Xs, __nv_bfloat16, T * p->d_pad);
+                MOE_CUDA__TAKE(Hs, __nv_bfloat16, T * p->fs_pad);
+                MOE_CUDA__TAKE(Dys, __nv_bfloat16, T * p->d_out_pad);
+                MOE_CUDA__TAKE(dHs, __nv_bfloat16, T * p->n1s_pad);
+            }
             MOE_CUDA__TAKE(Gs, float, TF);
             MOE_CUDA__TAKE(dGs, float, TF);
             if (p->glu) { MOE_CUDA__TAKE(Us, float, TF); MOE_CUDA__TAKE(dUs, float, TF); }
@@ -1844,6 +2031,16 @@ static inline int moe_cuda__weights_present(const moe_cuda__plan *p, const moe_w
     return p->Fs == 0 || (w->shared_gate && w->shared_down && (!p->glu || w->shared_up));
 }
 
+/* The weights a call reads: MISSING_WEIGHT when one is absent, BAD_PACKED
+   when the tensor-core path's blob is too small or misaligned. */
+static inline moe_status moe_cuda__check_weights(const moe_cuda__plan *p, const moe_weights *w) {
+    if (!moe_cuda__weights_present(p, w, p->simt) || (!p->simt && !w->packed))
+        return MOE_STATUS_MISSING_WEIGHT;
+    if (!p->simt && (w->packed_bytes < moe_cuda__blob_of(p).total || (uintptr_t)w->packed % 256))
+        return MOE_STATUS_BAD_PACKED;
+    return MOE_STATUS_OK;
+}
+
 /* Bytes of moe_cuda_pack_weights' blob for this config. */
 static inline moe_status moe_cuda_pack_size(const moe_config *cfg, size_t *out_bytes) {
     moe_cuda__plan p;
@@ -1912,19 +2109,121 @@ static inline moe_status moe_cuda_forward_workspace_size(const moe_config *cfg, 
     return st;
 }
 
-/* The routed experts' fp32 tensors (HF's fused gate_up: up = gate + F D). */
-static inline moe_cuda__ffn32 moe_cuda__routed_ffn32(const moe_cuda__plan *p,
-                                                     const moe_weights *w) {
-    const int fused = w->gate_up_fused && p->glu;
+/* The fp32 tensors of the routed experts (HF's fused gate_up: up = gate +
+   F D) or of the shared expert. */
+static inline moe_cuda__ffn32 moe_cuda__ffn32_of(const moe_cuda__plan *p, const moe_weights *w,
+                                                 int shared) {
+    const int fused = !shared && w->gate_up_fused && p->glu;
     moe_cuda__ffn32 r;
     memset(&r, 0, sizeof r);
-    r.gate = w->gate; r.down = w->down;
-    r.up = fused ? w->gate + (size_t)p->F * p->D : w->up;
-    r.gate_stride = r.up_stride = (size_t)p->F * p->D * (fused ? 2 : 1);
-    r.down_stride = (size_t)p->D * p->F;
-    if (p->c.expert_bias) { r.gate_bias = w->gate_bias; r.up_bias = w->up_bias; }
-    r.d = p->D; r.f = p->F; r.act = (int)p->c.activation;
+    r.gate = shared ? w->shared_gate : w->gate;
+    r.down = shared ? w->shared_down : w->down;
+    r.up = shared ? w->shared_up : fused ? w->gate + (size_t)p->F * p->D : w->up;
+    r.f = shared ? p->Fs : p->F;
+    r.gate_stride = r.up_stride = (size_t)r.f * p->D * (fused ? 2 : 1);
+    r.down_stride = (size_t)p->D * r.f;
+    if (p->c.expert_bias) {
+        r.gate_bias = shared ? w->shared_gate_bias : w->gate_bias;
+        r.up_bias = shared ? w->shared_up_bias : w->up_bias;
+    }
+    r.d = p->D; r.act = (int)p->c.activation;
     return r;
+}
+
+/* The fp32 path's FFN of one expert set: H (and the pre-activations G, U
+   when not NULL), then O = H down^T. */
+static inline cudaError_t moe_cuda__ffn_simt(const moe_cuda__ffn32 &f, const float *x,
+                                             const int32_t *pair_of_row, int top_k,
+                                             const int32_t *offsets, int experts, int max_rows,
+                                             float *H, float *G, float *U, float *O,
+                                             const int32_t *halt, cudaStream_t stream) {
+    const dim3 grid((unsigned)max_rows), block(128);
+    cudaError_t e = MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, grid, block, 0, stream, f, x,
+                                    pair_of_row, top_k, offsets, experts, H, G, U, halt);
+    if (e == cudaSuccess)
+        e = MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, grid, block, 0, stream, f, (const float *)H,
+                            offsets, experts, O, halt);
+    return e;
+}
+
+/* One set of experts on the tensor cores, the routed ones or the shared
+   one (one expert whose row t is token t), with its workspace arrays. */
+typedef struct moe_cuda__tensor_experts {
+    int experts, f, f_pad, n1_pad, max_rows;
+    const __nv_bfloat16 *w1, *w2;          /* in the packed blob */
+    const float *gate_bias, *up_bias;      /* or NULL */
+    const int32_t *offsets;
+    __nv_bfloat16 *x, *h, *dy, *dh;        /* A, H; the backward's Dy, dH */
+    float *o, *g, *u;                      /* expert outputs; pre-activations or NULL */
+} moe_cuda__tensor_experts;
+
+static inline moe_cuda__tensor_experts moe_cuda__tensor_set(const moe_cuda__plan *p,
+                                                            const moe_weights *w,
+                                                            const moe_cuda__ws *ws, int shared) {
+    const moe_cuda__blob blob = moe_cuda__blob_of(p);
+    const unsigned char *base = (const unsigned char *)w->packed;
+    moe_cuda__tensor_experts s;
+    memset(&s, 0, sizeof s);
+    s.experts = shared ? 1 : p->E;
+    s.f = shared ? p->Fs : p->F;
+    s.f_pad = shared ? p->fs_pad : p->f_pad;
+    s.n1_pad = shared ? p->n1s_pad : p->n1_pad;
+    s.max_rows = shared ? p->T : p->pairs;
+    s.w1 = (const __nv_bfloat16 *)(const void *)(base + (shared ? blob.ws1 : blob.w1));
+    s.w2 = (const __nv_bfloat16 *)(const void *)(base + (shared ? blob.ws2 : blob.w2));
+    if (p->c.expert_bias) {
+        s.gate_bias = shared ? w->shared_gate_bias : w->gate_bias;
+        s.up_bias = shared ? w->shared_up_bias : w->up_bias;
+    }
+    s.offsets = shared ? ws->shared_offsets : ws->offsets;
+    s.x = shared ? ws->Xs : ws->A;
+    s.h = shared ? ws->Hs : ws->H;
+    s.dy = shared ? ws->Dys : ws->Dy;
+    s.dh = shared ? ws->dHs : ws->dH;
+    s.o = shared ? ws->Os : ws->O;
+    s.g = shared ? ws->Gs : ws->G;   /* NULL in a forward's workspace */
+    s.u = shared ? ws->Us : ws->U;
+    return s;
+}
+
+/* A ROWS GEMM of `s`'s experts: C = A B_e, the epilogue EPI. */
+template <int EPI, int B_KMAJOR>
+static inline cudaError_t moe_cuda__rows_gemm(const moe_cuda__tensor_experts &s,
+                                              const __nv_bfloat16 *a, int lda,
+                                              const __nv_bfloat16 *b, int ldb, size_t b_stride,
+                                              int n_end, int k_end, moe_cuda__epilogue out,
+                                              const int32_t *halt, cudaStream_t stream) {
+    moe_cuda__gemm_args g;
+    g.a = a; g.b = b; g.lda = lda; g.ldb = ldb; g.b_stride = b_stride;
+    g.n_end = n_end; g.k_end = k_end; g.offsets = s.offsets; g.experts = s.experts;
+    g.halt = halt;
+    return MOE_CUDA_LAUNCH((moe_cuda__grouped_gemm<EPI, B_KMAJOR, 0>),
+                           moe_cuda__gemm_grid(s.max_rows, s.experts, n_end),
+                           dim3(MOE_CUDA__GEMM_THREADS), MOE_CUDA__GEMM_SMEM, stream, g, out);
+}
+
+/* The experts' FFN on their gathered bf16 rows: H = act(x W1^T) (GLU: the
+   gate times up), O = H W2^T in fp32; the pre-activations too when s.g. */
+static inline cudaError_t moe_cuda__ffn_tensor(const moe_cuda__plan *p,
+                                               const moe_cuda__tensor_experts &s,
+                                               const int32_t *halt, cudaStream_t stream) {
+    moe_cuda__epilogue h, o;
+    memset(&h, 0, sizeof h);
+    h.h = s.h; h.f = s.f; h.ldh = s.f_pad; h.act = (int)p->c.activation;
+    h.gate_bias = s.gate_bias; h.up_bias = s.up_bias; h.g = s.g; h.u = s.u;
+    const size_t w1_stride = (size_t)s.n1_pad * p->d_pad, w2_stride = (size_t)p->d_out_pad * s.f_pad;
+    cudaError_t e = p->glu
+        ? moe_cuda__rows_gemm<MOE_CUDA__EPI_GLU, 0>(s, s.x, p->d_pad, s.w1, p->d_pad, w1_stride,
+                                                    s.n1_pad, p->d_pad, h, halt, stream)
+        : moe_cuda__rows_gemm<MOE_CUDA__EPI_ACT, 0>(s, s.x, p->d_pad, s.w1, p->d_pad, w1_stride,
+                                                    s.n1_pad, p->d_pad, h, halt, stream);
+    memset(&o, 0, sizeof o);
+    o.c = s.o; o.ldc = p->D; o.n = p->D;
+    if (e == cudaSuccess)
+        e = moe_cuda__rows_gemm<MOE_CUDA__EPI_STORE, 0>(s, s.h, s.f_pad, s.w2, s.f_pad,
+                                                        w2_stride, p->d_out_pad, s.f_pad, o,
+                                                        halt, stream);
+    return e;
 }
 
 /* Queue the routing kernel of a forward (a benchmark times it alone). */
@@ -1972,11 +2271,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
     if ((st = moe_cuda__plan_of(cfg, T, &p)) != MOE_STATUS_OK) return st;
     const moe_config *c = &p.c;
     if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
-    if (T > 0 && !moe_cuda__weights_present(&p, w, p.simt)) return MOE_STATUS_MISSING_WEIGHT;
-    const moe_cuda__blob blob = moe_cuda__blob_of(&p);
-    if (T > 0 && !p.simt && !w->packed) return MOE_STATUS_MISSING_WEIGHT;
-    if (T > 0 && !p.simt && (w->packed_bytes < blob.total || (uintptr_t)w->packed % 256))
-        return MOE_STATUS_BAD_PACKED;
+    if (T > 0 && (st = moe_cuda__check_weights(&p, w)) != MOE_STATUS_OK) return st;
     const size_t need = moe_cuda__bind(&p, NULL, &ws);
     if (workspace_bytes < need) {
         if (info) info->workspace_required = need;
@@ -2045,72 +2340,19 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
 
         /* the expert FFNs: routed, then shared */
         if (p.simt) {
-            const moe_cuda__ffn32 r = moe_cuda__routed_ffn32(&p, w);
-            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(rows), dim3(128), 0,
-                                          stream, r, x, (const int32_t *)ws.pair_of_row, p.K,
-                                          (const int32_t *)ws.offsets, p.E, ws.Hf,
-                                          (float *)NULL, (float *)NULL, halt));
-            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(rows), dim3(128), 0, stream,
-                                          r, (const float *)ws.Hf,
-                                          (const int32_t *)ws.offsets, p.E, ws.O, halt));
-            if (p.Fs > 0) {
-                moe_cuda__ffn32 s;
-                memset(&s, 0, sizeof s);
-                s.gate = w->shared_gate; s.up = w->shared_up; s.down = w->shared_down;
-                if (c->expert_bias) {
-                    s.gate_bias = w->shared_gate_bias;
-                    s.up_bias = w->shared_up_bias;
-                }
-                s.d = p.D; s.f = p.Fs; s.act = (int)c->activation;
-                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(blocks_t),
-                                              dim3(128), 0, stream, s, x, (const int32_t *)NULL,
-                                              1, (const int32_t *)ws.shared_offsets, 1, ws.Hsf,
-                                              (float *)NULL, (float *)NULL, halt));
-                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(blocks_t), dim3(128),
-                                              0, stream, s, (const float *)ws.Hsf,
-                                              (const int32_t *)ws.shared_offsets, 1, ws.Os,
-                                              halt));
-            }
+            MOE_CUDA__RUN(moe_cuda__ffn_simt(moe_cuda__ffn32_of(&p, w, 0), x, ws.pair_of_row,
+                                             p.K, ws.offsets, p.E, rows, ws.Hf, NULL, NULL, ws.O,
+                                             halt, stream));
+            if (p.Fs > 0)
+                MOE_CUDA__RUN(moe_cuda__ffn_simt(moe_cuda__ffn32_of(&p, w, 1), x, NULL, 1,
+                                                 ws.shared_offsets, 1, T, ws.Hsf, NULL, NULL,
+                                                 ws.Os, halt, stream));
         } else {
-            const unsigned char *blob_base = (const unsigned char *)w->packed;
-            const dim3 GT(MOE_CUDA__GEMM_THREADS);
-            const size_t smem = MOE_CUDA__GEMM_SMEM;
-            for (int shared = 0; shared <= (p.Fs > 0); shared++) {
-                const int E1 = shared ? 1 : p.E, F1 = shared ? p.Fs : p.F;
-                const int rows1 = shared ? T : p.pairs;
-                const int f_pad = shared ? p.fs_pad : p.f_pad, n1 = shared ? p.n1s_pad : p.n1_pad;
-                const __nv_bfloat16 *W1 = (const __nv_bfloat16 *)(const void *)(
-                    blob_base + (shared ? blob.ws1 : blob.w1));
-                const __nv_bfloat16 *W2 = (const __nv_bfloat16 *)(const void *)(
-                    blob_base + (shared ? blob.ws2 : blob.w2));
-                const int32_t *off = shared ? ws.shared_offsets : ws.offsets;
-                moe_cuda__epilogue h;
-                memset(&h, 0, sizeof h);
-                h.h = shared ? ws.Hs : ws.H; h.f = F1; h.f_pad = f_pad;
-                h.act = (int)c->activation;
-                if (c->expert_bias) {
-                    h.gate_bias = shared ? w->shared_gate_bias : w->gate_bias;
-                    h.up_bias = shared ? w->shared_up_bias : w->up_bias;
-                }
-                const __nv_bfloat16 *A1 = shared ? ws.Xs : ws.A;
-                if (p.glu)
-                    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(
-                        (moe_cuda__grouped_gemm<MOE_CUDA__EPI_GLU, 0>),
-                        moe_cuda__gemm_grid(rows1, E1, n1), GT, smem, stream, A1, W1, off, E1,
-                        n1, p.d_pad, h, halt));
-                else
-                    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(
-                        (moe_cuda__grouped_gemm<MOE_CUDA__EPI_ACT, 0>),
-                        moe_cuda__gemm_grid(rows1, E1, n1), GT, smem, stream, A1, W1, off, E1,
-                        n1, p.d_pad, h, halt));
-                moe_cuda__epilogue o;
-                memset(&o, 0, sizeof o);
-                o.c = shared ? ws.Os : ws.O; o.ldc = p.D; o.n = p.D;
-                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(
-                    (moe_cuda__grouped_gemm<MOE_CUDA__EPI_STORE, 0>),
-                    moe_cuda__gemm_grid(rows1, E1, p.d_out_pad), GT, smem, stream,
-                    (const __nv_bfloat16 *)h.h, W2, off, E1, p.d_out_pad, f_pad, o, halt));
-            }
+            MOE_CUDA__RUN(moe_cuda__ffn_tensor(&p, moe_cuda__tensor_set(&p, w, &ws, 0), halt,
+                                               stream));
+            if (p.Fs > 0)
+                MOE_CUDA__RUN(moe_cuda__ffn_tensor(&p, moe_cuda__tensor_set(&p, w, &ws, 1), halt,
+                                                   stream));
         }
 
         /* combine, the routing into info, the aux losses */
@@ -2195,11 +2437,96 @@ static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info
 }
 
 /* The backward's plan: the forward's, on the fp32 kernels. */
+/* Where a set's gradients go (moe_grads' fields for its tensors). */
+static inline moe_cuda__ffn_grads moe_cuda__grads_of(const moe_cuda__plan *p,
+                                                     const moe_grads *grads, int fused,
+                                                     int shared) {
+    const size_t D = (size_t)p->D, F = (size_t)(shared ? p->Fs : p->F);
+    moe_cuda__ffn_grads g;
+    memset(&g, 0, sizeof g);
+    if (shared && p->Fs == 0) return g;
+    g.gate = shared ? grads->shared_gate : grads->gate;
+    g.down = shared ? grads->shared_down : grads->down;
+    if (p->glu)
+        g.up = shared ? grads->shared_up : fused ? (g.gate ? g.gate + F * D : NULL) : grads->up;
+    if (p->c.expert_bias) {
+        g.gate_bias = shared ? grads->shared_gate_bias : grads->gate_bias;
+        g.down_bias = shared ? grads->shared_down_bias : grads->down_bias;
+        if (p->glu) g.up_bias = shared ? grads->shared_up_bias : grads->up_bias;
+    }
+    g.gate_stride = g.up_stride = F * D * (fused ? 2 : 1);
+    g.down_stride = D * F;
+    return g;
+}
+
+/* 3.-4. of the backward on the tensor cores (bf16 operands, fp32 sums) for
+   one expert set: Dy = bf16(w_p dy_t); dA = Dy W2_e through the activation
+   into dH (bf16, W1's row order; fp32 dG, dU for the biases); dXr = dH W1_e;
+   d down_e += Dy^T H and d W1_e += dH^T X over e's rows (DEPTH GEMMs); the
+   bias gradients summed in fp32. */
+static inline cudaError_t moe_cuda__experts_backward_tensor(
+    const moe_cuda__plan *p, const moe_cuda__tensor_experts &s, const moe_cuda__ffn_grads &g,
+    const float *dy, const float *weight, const int32_t *pair_of_row, int top_k, float *dG,
+    float *dU, float *dXr, const int32_t *halt, cudaStream_t stream) {
+    const int D = p->D, d_pad = p->d_pad, d_out_pad = p->d_out_pad;
+    const size_t w1_stride = (size_t)s.n1_pad * d_pad, w2_stride = (size_t)d_out_pad * s.f_pad;
+    const dim3 GT(MOE_CUDA__GEMM_THREADS);
+    const size_t smem = MOE_CUDA__GEMM_SMEM;
+    moe_cuda__epilogue da, o;
+    cudaError_t e = MOE_CUDA_LAUNCH(moe_cuda__bw_scaled_rows, dim3((unsigned)s.max_rows),
+                                    dim3(128), 0, stream, dy, weight, pair_of_row, top_k,
+                                    s.offsets, s.experts, D, d_out_pad, s.dy);
+    memset(&da, 0, sizeof da);
+    da.h = s.dh; da.ldh = s.n1_pad; da.f = s.f; da.n = s.f_pad; da.act = (int)p->c.activation;
+    da.g = s.g; da.u = s.u; da.dg = g.gate_bias ? dG : NULL; da.du = g.up_bias ? dU : NULL;
+    if (e == cudaSuccess)   /* B = W2_e read down its columns: [c][f], k = c */
+        e = moe_cuda__rows_gemm<MOE_CUDA__EPI_DACT, 1>(s, s.dy, d_out_pad, s.w2, s.f_pad,
+                                                       w2_stride, s.f_pad, d_out_pad, da, halt,
+                                                       stream);
+    memset(&o, 0, sizeof o);
+    o.c = dXr; o.ldc = D; o.n = D;
+    if (e == cudaSuccess && dXr)   /* B = W1_e as [unit][c], k = unit */
+        e = moe_cuda__rows_gemm<MOE_CUDA__EPI_STORE, 1>(s, s.dh, s.n1_pad, s.w1, d_pad,
+                                                        w1_stride, d_pad, s.n1_pad, o, halt,
+                                                        stream);
+    moe_cuda__grad_out down, w1;
+    memset(&down, 0, sizeof down);
+    down.first = g.down; down.stride = g.down_stride; down.m_out = D; down.n_out = s.f;
+    if (e == cudaSuccess && g.down)
+        e = MOE_CUDA_LAUNCH(moe_cuda__grouped_gemm_depth<0>,
+                            dim3((unsigned)(d_out_pad / MOE_CUDA__BM),
+                                 (unsigned)((s.f_pad + MOE_CUDA__BN - 1) / MOE_CUDA__BN),
+                                 (unsigned)s.experts),
+                            GT, smem, stream, (const __nv_bfloat16 *)s.dy, d_out_pad, d_out_pad,
+                            (const __nv_bfloat16 *)s.h, s.f_pad, s.f_pad, s.offsets, down);
+    memset(&w1, 0, sizeof w1);
+    w1.first = g.gate; w1.second = g.up; w1.stride = g.gate_stride; w1.m_out = s.f;
+    w1.n_out = D; w1.units = 1; w1.glu = p->glu;
+    if (e == cudaSuccess && (g.gate || g.up))
+        e = MOE_CUDA_LAUNCH(moe_cuda__grouped_gemm_depth<0>,
+                            dim3((unsigned)(s.n1_pad / MOE_CUDA__BM),
+                                 (unsigned)((d_pad + MOE_CUDA__BN - 1) / MOE_CUDA__BN),
+                                 (unsigned)s.experts),
+                            GT, smem, stream, (const __nv_bfloat16 *)s.dh, s.n1_pad, s.n1_pad,
+                            (const __nv_bfloat16 *)s.x, d_pad, d_pad, s.offsets, w1);
+    const unsigned experts = (unsigned)s.experts;
+    const dim3 by_f((unsigned)((s.f + 127) / 128), experts), by_d((unsigned)((D + 127) / 128), experts);
+    if (e == cudaSuccess && g.down_bias)
+        e = MOE_CUDA_LAUNCH(moe_cuda__bw_bias, by_d, dim3(128), 0, stream, (const float *)NULL,
+                            dy, weight, pair_of_row, top_k, s.offsets, D, g.down_bias);
+    if (e == cudaSuccess && g.gate_bias)
+        e = MOE_CUDA_LAUNCH(moe_cuda__bw_bias, by_f, dim3(128), 0, stream, (const float *)dG,
+                            dy, weight, pair_of_row, top_k, s.offsets, s.f, g.gate_bias);
+    if (e == cudaSuccess && g.up_bias)
+        e = MOE_CUDA_LAUNCH(moe_cuda__bw_bias, by_f, dim3(128), 0, stream, (const float *)dU,
+                            dy, weight, pair_of_row, top_k, s.offsets, s.f, g.up_bias);
+    return e;
+}
+
 static inline moe_status moe_cuda__backward_plan(const moe_config *cfg, int32_t T,
                                                  moe_cuda__plan *p) {
     const moe_status st = moe_cuda__plan_of(cfg, T, p);
     if (st != MOE_STATUS_OK) return st;
-    p->simt = 1;
     p->backward = 1;
     return MOE_STATUS_OK;
 }
@@ -2238,7 +2565,7 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     const moe_config *c = &p.c;
     if (T == 0) return MOE_STATUS_OK;
     if (!x || !dy || !workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (!moe_cuda__weights_present(&p, w, 1)) return MOE_STATUS_MISSING_WEIGHT;
+    if ((st = moe_cuda__check_weights(&p, w)) != MOE_STATUS_OK) return st;
     if (!info->logits || !info->scores || !info->expert || !info->weight || !info->dropped ||
         info->cache_config == 0)
         return MOE_STATUS_MISSING_CACHE;
@@ -2248,29 +2575,10 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     if (workspace_bytes < need) return MOE_STATUS_WORKSPACE_TOO_SMALL;
     const int fused = w->gate_up_fused && p.glu;
     const size_t E = (size_t)p.E, D = (size_t)p.D, F = (size_t)p.F, TK = (size_t)p.pairs;
-    moe_cuda__ffn_grads g;
-    memset(&g, 0, sizeof g);
-    g.gate = grads->gate; g.down = grads->down;
-    if (c->expert_bias) {
-        g.gate_bias = grads->gate_bias; g.down_bias = grads->down_bias;
-        g.up_bias = p.glu ? grads->up_bias : NULL;
-    }
-    g.up = fused ? (grads->gate ? grads->gate + F * D : NULL) : p.glu ? grads->up : NULL;
-    g.gate_stride = g.up_stride = F * D * (fused ? 2 : 1);
-    g.down_stride = D * F;
-    float *g_router = grads->router, *g_rbias = c->router_bias ? grads->router_bias : NULL;
     const size_t Fs = (size_t)p.Fs;
-    moe_cuda__ffn_grads sg;   /* the shared expert's (one expert: no strides) */
-    memset(&sg, 0, sizeof sg);
-    if (Fs) {
-        sg.gate = grads->shared_gate; sg.up = p.glu ? grads->shared_up : NULL;
-        sg.down = grads->shared_down;
-        if (c->expert_bias) {
-            sg.gate_bias = grads->shared_gate_bias;
-            sg.up_bias = p.glu ? grads->shared_up_bias : NULL;
-            sg.down_bias = grads->shared_down_bias;
-        }
-    }
+    const moe_cuda__ffn_grads g = moe_cuda__grads_of(&p, grads, fused, 0);
+    const moe_cuda__ffn_grads sg = moe_cuda__grads_of(&p, grads, 0, 1);
+    float *g_router = grads->router, *g_rbias = c->router_bias ? grads->router_bias : NULL;
     float *g_seg = Fs && c->shared_gate ? grads->shared_expert_gate : NULL;
     {   /* dx may be x or dy (written last); no other written buffer may overlap */
         const size_t TD = (size_t)T * D * 4, TE = (size_t)T * E * 4;
@@ -2306,11 +2614,12 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
 
     moe_cuda__bind(&p, moe_cuda__aligned(workspace), &ws);
     const int32_t *halt = &ws.report->halt;   /* never raised: the dispatch kernels read it */
-    const unsigned rows = (unsigned)p.rows, B = MOE_CUDA__BLOCK;
-    const moe_cuda__ffn32 r = moe_cuda__routed_ffn32(&p, w);
+    const unsigned B = MOE_CUDA__BLOCK;
     cudaError_t e = cudaMemsetAsync(ws.report, 0, sizeof *ws.report, stream);
 #define MOE_CUDA__RUN(call) do { if (e == cudaSuccess) e = (call); } while (0)
-    /* 1. dispatch again, recompute the expert FFNs */
+    /* 1. dispatch again (and the shared expert's rows: every token) */
+    __nv_bfloat16 *A = p.simt ? NULL : ws.A, *Xs = p.simt ? NULL : ws.Xs;
+    const int d_pad = p.simt ? 0 : p.d_pad;
     MOE_CUDA__RUN(cudaMemsetAsync(ws.row_of_pair, 0xff, TK * 4, stream));
     MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__count_pairs, dim3((unsigned)p.E), dim3(B), 0, stream,
                                   (const int32_t *)info->expert, (const uint8_t *)info->dropped,
@@ -2320,71 +2629,68 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__gather_rows<0>, dim3((unsigned)p.E), dim3(B), 0,
                                   stream, (const int32_t *)info->expert,
                                   (const uint8_t *)info->dropped, p.pairs, p.K,
-                                  (const int32_t *)ws.offsets, x, p.D, 0,
-                                  (__nv_bfloat16 *)NULL, ws.row_of_pair, ws.pair_of_row, halt));
-    const int32_t *offsets = ws.offsets, *pair_of_row = ws.pair_of_row;
-    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, dim3(rows), dim3(128), 0, stream, r,
-                                  x, pair_of_row, p.K, offsets, p.E, ws.Hf, ws.G, ws.U, halt));
-    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, dim3(rows), dim3(128), 0, stream, r,
-                                  (const float *)ws.Hf, offsets, p.E, ws.O, halt));
-    /* 2.-4. the combine's and the experts' backward */
-    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_gate_grad, dim3((unsigned)((TK + B - 1) / B)),
-                                  dim3(B), 0, stream, dy, (const float *)ws.O,
-                                  (const int32_t *)ws.row_of_pair,
-                                  (const int32_t *)info->expert,
-                                  (const float *)(c->expert_bias ? w->down_bias : NULL),
-                                  p.pairs, p.K, p.D, ws.gw));
-    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_hidden, dim3(rows), dim3(128), 0, stream, r, dy,
-                                  (const float *)info->weight, pair_of_row, p.K, offsets, p.E,
-                                  (const float *)ws.G, (const float *)ws.U, ws.dG, ws.dU));
-    if (dx)
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_row_dx, dim3(rows), dim3(128), 0, stream, r,
-                                      offsets, p.E, (const float *)ws.dG,
-                                      (const float *)ws.dU, ws.dXr));
-    const dim3 down_grid((unsigned)((D * F + B - 1) / B), (unsigned)p.E);
-    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_down_grad, down_grid, dim3(B), 0, stream, r, g,
-                                  dy, (const float *)info->weight, pair_of_row, p.K, offsets,
-                                  (const float *)ws.G, (const float *)ws.U));
-    MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_w1_grad, down_grid, dim3(B), 0, stream, r, g, x,
-                                  pair_of_row, p.K, offsets, (const float *)ws.dG,
-                                  (const float *)ws.dU));
-    if (Fs) {   /* the shared expert: token t is row t, gamma_t its weight */
-        moe_cuda__ffn32 sh;
-        memset(&sh, 0, sizeof sh);
-        sh.gate = w->shared_gate; sh.up = w->shared_up; sh.down = w->shared_down;
-        if (c->expert_bias) { sh.gate_bias = w->shared_gate_bias; sh.up_bias = w->shared_up_bias; }
-        sh.d = p.D; sh.f = p.Fs; sh.act = (int)c->activation;
-        const int32_t *so = ws.shared_offsets, *none = NULL;
-        const dim3 tok((unsigned)T);
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__shared_rows, tok, dim3(32), 0, stream, x, T, p.D,
-                                      0, (__nv_bfloat16 *)NULL, ws.shared_offsets, halt));
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_hidden_ref, tok, dim3(128), 0, stream, sh, x,
-                                      none, 1, so, 1, ws.Hsf, ws.Gs, ws.Us, halt));
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__ffn_out_ref, tok, dim3(128), 0, stream, sh,
-                                      (const float *)ws.Hsf, so, 1, ws.Os, halt));
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_gate, dim3((unsigned)((T + 127) / 128)),
-                                      dim3(128), 0, stream, x, dy, (const float *)ws.Os,
-                                      (const float *)(c->expert_bias ? w->shared_down_bias
-                                                                     : NULL),
-                                      (const float *)(c->shared_gate ? w->shared_expert_gate
-                                                                     : NULL),
-                                      T, p.D, ws.gamma, ws.dzg));
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_hidden, tok, dim3(128), 0, stream, sh, dy,
-                                      (const float *)ws.gamma, none, 1, so, 1,
-                                      (const float *)ws.Gs, (const float *)ws.Us, ws.dGs,
-                                      ws.dUs));
-        if (dx)
-            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_row_dx, tok, dim3(128), 0, stream, sh, so,
-                                          1, (const float *)ws.dGs, (const float *)ws.dUs,
-                                          ws.dXs));
-        const dim3 shared_grid((unsigned)((D * Fs + B - 1) / B), 1);
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_down_grad, shared_grid, dim3(B), 0, stream,
-                                      sh, sg, dy, (const float *)ws.gamma, none, 1, so,
-                                      (const float *)ws.Gs, (const float *)ws.Us));
-        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_w1_grad, shared_grid, dim3(B), 0, stream, sh,
-                                      sg, x, none, 1, so, (const float *)ws.dGs,
-                                      (const float *)ws.dUs));
-        if (g_seg)   /* d shared_expert_gate[k] = sum_t dzg_t x[t][k]: a one-row router */
+                                  (const int32_t *)ws.offsets, x, p.D, d_pad, A, ws.row_of_pair,
+                                  ws.pair_of_row, halt));
+    if (Fs)
+        MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__shared_rows, dim3((unsigned)T), dim3(128), 0,
+                                      stream, x, T, p.D, d_pad, Xs, ws.shared_offsets, halt));
+    for (int shared = 0; shared <= (Fs > 0); shared++) {
+        /* the set's rows: routed row r is pair pair_of_row[r], weighted by
+           info->weight; the shared expert's row t is token t, weighted by gamma_t */
+        const moe_cuda__ffn32 f32 = moe_cuda__ffn32_of(&p, w, shared);
+        const moe_cuda__ffn_grads &gs = shared ? sg : g;
+        const int32_t *offsets = shared ? ws.shared_offsets : ws.offsets;
+        const int32_t *pair_of_row = shared ? NULL : ws.pair_of_row;
+        const int n_exp = shared ? 1 : p.E, top_k = shared ? 1 : p.K, rows = shared ? T : p.rows;
+        const float *weight = shared ? ws.gamma : info->weight;
+        float *G = shared ? ws.Gs : ws.G, *U = shared ? ws.Us : ws.U;
+        float *dG = shared ? ws.dGs : ws.dG, *dU = shared ? ws.dUs : ws.dU;
+        float *O = shared ? ws.Os : ws.O, *dXr = dx ? (shared ? ws.dXs : ws.dXr) : NULL;
+        const moe_cuda__tensor_experts ts = moe_cuda__tensor_set(&p, w, &ws, shared);
+        /* 1. the FFN again, keeping the pre-activations */
+        if (p.simt)
+            MOE_CUDA__RUN(moe_cuda__ffn_simt(f32, x, pair_of_row, top_k, offsets, n_exp, rows,
+                                             shared ? ws.Hsf : ws.Hf, G, U, O, halt, stream));
+        else
+            MOE_CUDA__RUN(moe_cuda__ffn_tensor(&p, ts, halt, stream));
+        /* 2. dL / d weight: of each kept pair, or of the shared expert's gate */
+        if (!shared)
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_gate_grad,
+                                          dim3((unsigned)((TK + B - 1) / B)), dim3(B), 0, stream,
+                                          dy, (const float *)O, (const int32_t *)ws.row_of_pair,
+                                          (const int32_t *)info->expert,
+                                          (const float *)(c->expert_bias ? w->down_bias : NULL),
+                                          p.pairs, p.K, p.D, ws.gw));
+        else
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_gate,
+                                          dim3((unsigned)((T + 127) / 128)), dim3(128), 0,
+                                          stream, x, dy, (const float *)O,
+                                          (const float *)(c->expert_bias ? w->shared_down_bias
+                                                                         : NULL),
+                                          (const float *)(c->shared_gate ? w->shared_expert_gate
+                                                                         : NULL),
+                                          T, p.D, ws.gamma, ws.dzg));
+        /* 3.-4. through the FFN to its weights and its rows' dx */
+        if (p.simt) {
+            const dim3 wgrid((unsigned)((D * f32.f + B - 1) / B), (unsigned)n_exp);
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_hidden, dim3((unsigned)rows), dim3(128), 0,
+                                          stream, f32, dy, weight, pair_of_row, top_k, offsets,
+                                          n_exp, (const float *)G, (const float *)U, dG, dU));
+            if (dXr)
+                MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_row_dx, dim3((unsigned)rows),
+                                              dim3(128), 0, stream, f32, offsets, n_exp,
+                                              (const float *)dG, (const float *)dU, dXr));
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_down_grad, wgrid, dim3(B), 0, stream, f32,
+                                          gs, dy, weight, pair_of_row, top_k, offsets,
+                                          (const float *)G, (const float *)U));
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_w1_grad, wgrid, dim3(B), 0, stream, f32,
+                                          gs, x, pair_of_row, top_k, offsets, (const float *)dG,
+                                          (const float *)dU));
+        } else {
+            MOE_CUDA__RUN(moe_cuda__experts_backward_tensor(&p, ts, gs, dy, weight, pair_of_row,
+                                                            top_k, dG, dU, dXr, halt, stream));
+        }
+        if (shared && g_seg)   /* d shared_expert_gate[k] = sum_t dzg_t x[t][k]: a one-row router */
             MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_router_grad,
                                           dim3((unsigned)((D + B - 1) / B)), dim3(B), 0, stream,
                                           (const float *)ws.dzg, x, T, 1, p.D, g_seg,

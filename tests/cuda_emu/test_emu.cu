@@ -67,23 +67,27 @@ template <int BUG> __global__ void mma_once(const uint32_t *frag, float *d) {
     for (int i = 0; i < 4; i++) d[lane * 4 + i] = r[i];
 }
 
-/* A (16x16 bf16, row-major) and B (16x8, row-major k by n) through shared
-   memory into mma fragments with ldmatrix; the registers go out per lane
-   (4 of A, 2 of B). */
+/* A (16x16 bf16, m by k) and B (16x16, k by n) through shared memory into
+   mma fragments with ldmatrix, addressed as moe_cuda__gemm_tiles does: A
+   from an m-major copy (ldmatrix) and from a k-major one (.trans), B's two
+   8-column fragments from k-major rows (.trans). Out per lane: 4 + 4 + 4. */
 __global__ void ldmatrix_frags(const uint16_t *a, const uint16_t *b, uint32_t *regs) {
-    uint16_t *sa = (uint16_t *)moe_cuda__smem(), *sb = sa + 256;
+    uint16_t *sa = (uint16_t *)moe_cuda__smem(), *sat = sa + 256, *sb = sat + 256;
     const int lane = (int)threadIdx.x;
-    for (int i = lane; i < 256; i += 32) sa[i] = a[i];
-    for (int i = lane; i < 128; i += 32) sb[i] = b[i];
+    for (int i = lane; i < 256; i += 32) {
+        sa[i] = a[i];
+        sat[(i % 16) * 16 + i / 16] = a[i];
+        sb[i] = b[i];
+    }
     __syncthreads();
-    uint32_t ra[4], rb[2];
-    /* matrix j = lane / 8: rows 8 (j & 1) .., columns 8 (j >> 1) .. */
-    const int j = lane >> 3, row = (lane & 7) + 8 * (j & 1), col = 8 * (j >> 1);
-    moe_cuda__ldmatrix_x4(ra, sa + row * 16 + col);
-    moe_cuda__ldmatrix_x2_trans(rb, sb + (lane & 15) * 8);   /* lanes 16-31: ignored rows */
-    for (int i = 0; i < 4; i++) regs[lane * 6 + i] = ra[i];
-    regs[lane * 6 + 4] = rb[0];
-    regs[lane * 6 + 5] = rb[1];
+    uint32_t r[12];
+    /* matrix j = lane / 8, its row lane % 8: A m +8 in j = 1, 3 and k +8 in
+       j = 2, 3; B k +8 in j = 1, 3 and n +8 in j = 2, 3 */
+    const int j = lane >> 3, r8 = lane & 7;
+    moe_cuda__ldmatrix_x4(r, sa + (r8 + 8 * (j & 1)) * 16 + 8 * (j >> 1));
+    moe_cuda__ldmatrix_x4_trans(r + 4, sat + (8 * (j >> 1) + r8) * 16 + 8 * (j & 1));
+    moe_cuda__ldmatrix_x4_trans(r + 8, sb + (8 * (j & 1) + r8) * 16 + 8 * (j >> 1));
+    for (int i = 0; i < 12; i++) regs[lane * 12 + i] = r[i];
 }
 
 /* A two-stage cp.async pipeline: 64 threads stream chunks of 256 floats
@@ -281,27 +285,33 @@ static void test_mma(void) {
 }
 
 static void test_ldmatrix(void) {
-    uint16_t a[256], b[128];
-    uint32_t regs[32 * 6];
+    uint16_t a[256], b[256];
+    uint32_t regs[32 * 12];
     for (int i = 0; i < 256; i++) a[i] = (uint16_t)(i * 7 + 1);
-    for (int i = 0; i < 128; i++) b[i] = (uint16_t)(i * 5 + 3);
+    for (int i = 0; i < 256; i++) b[i] = (uint16_t)(i * 5 + 3);
     uint16_t *da = (uint16_t *)dalloc(sizeof a), *db = (uint16_t *)dalloc(sizeof b);
     uint32_t *dr = (uint32_t *)dalloc(sizeof regs);
     up(da, a, sizeof a);
     up(db, b, sizeof b);
     for (int sc = 0; sc < NSCHED; sc++) {
         use_schedule(sc);
-        CHECK(MOE_CUDA_LAUNCH(ldmatrix_frags, dim3(1), dim3(32), 384 * sizeof(uint16_t), 0, da, db, dr) == cudaSuccess);
+        CHECK(MOE_CUDA_LAUNCH(ldmatrix_frags, dim3(1), dim3(32), 768 * sizeof(uint16_t), 0, da,
+                              db, dr) == cudaSuccess);
         down(regs, dr, sizeof regs);
         int ok = 1;
+        const auto half = [&](int thr, int reg, int v) {
+            return (uint16_t)(regs[thr * 12 + reg + v / 2] >> (16 * (v % 2)));
+        };
         for (int thr = 0; thr < 32; thr++) {
-            for (int v = 0; v < 8; v++) {   /* A fragment: a[m][k] row-major */
+            for (int v = 0; v < 8; v++) {   /* A fragment, both copies: a[m][k] */
                 const int i = cute_a(thr, v);
-                ok &= (uint16_t)(regs[thr * 6 + v / 2] >> (16 * (v % 2))) == a[(i % 16) * 16 + i / 16];
+                ok &= half(thr, 0, v) == a[(i % 16) * 16 + i / 16];
+                ok &= half(thr, 4, v) == a[(i % 16) * 16 + i / 16];
             }
-            for (int v = 0; v < 4; v++) {   /* B fragment: b[k][n] row-major */
-                const int i = cute_b(thr, v);
-                ok &= (uint16_t)(regs[thr * 6 + 4 + v / 2] >> (16 * (v % 2))) == b[(i / 8) * 8 + i % 8];
+            for (int v = 0; v < 4; v++) {   /* B fragments, columns 0-7 and 8-15: b[k][n] */
+                const int i = cute_b(thr, v), n = i % 8, k = i / 8;
+                ok &= half(thr, 8, v) == b[k * 16 + n];
+                ok &= half(thr, 10, v) == b[k * 16 + 8 + n];
             }
         }
         CHECK(ok);

@@ -30,48 +30,57 @@ static int32_t *no_halt(void) {
     return h;
 }
 
-/* One grouped GEMM case: `counts` rows per expert, C = A W_e^T, k columns,
-   n outputs. Returns 1 when every C element is within fp32 accumulation
-   error of the double-precision product of the bf16 inputs (and, for a
-   correct kernel, the columns past n and the ldc padding stay untouched). */
-template <int BUG>
+static uint16_t random_bf16(uint32_t *seed, float scale) {
+    return bf16_bits(((float)(lcg(seed) % 2001) - 1000.0f) / 1000.0f * scale);
+}
+/* |got - want| within fp32 accumulation error over k terms of size mag */
+static int accumulated(double got, double want, double mag, int k) {
+    return fabs(got - want) <= 1e-6 * k * mag + 1e-30;
+}
+
+/* One ROWS GEMM case: `counts` rows per expert, C = A B_e with B_e(k, o) =
+   W_e[o][k], stored mn-major ([n_end][k_pad], the forward's weights) or
+   k-major ([k_pad][n_end], the backward's reads down the columns); k columns,
+   n outputs, n_end = n padded to 32 (not to the 64-column tile). 1 when every
+   C element is within fp32 accumulation error of the double-precision
+   product of the bf16 inputs (and, for a correct kernel, the columns past n
+   and the ldc padding stay untouched). */
+template <int B_KMAJOR, int BUG>
 static int gemm_case(const std::vector<int> &counts, int n, int k, uint32_t seed) {
     const int E = (int)counts.size();
-    const int n_pad = pad_to(n, MOE_CUDA__BN), k_pad = pad_to(k, MOE_CUDA__BK);
+    const int n_end = pad_to(n, 32), k_pad = pad_to(k, MOE_CUDA__BK);
     const int ldc = n + 3;   /* C's row stride need not be n */
     std::vector<int32_t> offsets(E + 1, 0);
     for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
     const int rows = offsets[E];
     std::vector<uint16_t> a((size_t)(rows > 0 ? rows : 1) * k_pad, 0);
-    std::vector<uint16_t> w((size_t)E * n_pad * k_pad, 0);
+    std::vector<uint16_t> w((size_t)E * n_end * k_pad, 0);
     std::vector<float> c((size_t)(rows > 0 ? rows : 1) * ldc, -7.0f);
+    auto w_at = [&](int e, int o, int i) -> uint16_t & {
+        return w[B_KMAJOR ? ((size_t)e * k_pad + i) * n_end + o : ((size_t)e * n_end + o) * k_pad + i];
+    };
     for (int r = 0; r < rows; r++)
-        for (int i = 0; i < k; i++)
-            a[(size_t)r * k_pad + i] = bf16_bits(((float)(lcg(&seed) % 2001) - 1000.0f) / 1000.0f);
+        for (int i = 0; i < k; i++) a[(size_t)r * k_pad + i] = random_bf16(&seed, 1.0f);
     for (int e = 0; e < E; e++)
         for (int o = 0; o < n; o++)
-            for (int i = 0; i < k; i++)
-                w[((size_t)e * n_pad + o) * k_pad + i] =
-                    bf16_bits(((float)(lcg(&seed) % 2001) - 1000.0f) / 4000.0f);
+            for (int i = 0; i < k; i++) w_at(e, o, i) = random_bf16(&seed, 0.25f);
 
-    __nv_bfloat16 *da = (__nv_bfloat16 *)dalloc(a.size() * 2);
-    __nv_bfloat16 *dw = (__nv_bfloat16 *)dalloc(w.size() * 2);
-    int32_t *doff = (int32_t *)dalloc(offsets.size() * 4);
-    float *dc = (float *)dalloc(c.size() * 4);
-    up(da, a.data(), a.size() * 2);
-    up(dw, w.data(), w.size() * 2);
-    up(doff, offsets.data(), offsets.size() * 4);
-    up(dc, c.data(), c.size() * 4);
+    __nv_bfloat16 *da = (__nv_bfloat16 *)to_device(a), *dw = (__nv_bfloat16 *)to_device(w);
+    int32_t *doff = to_device(offsets);
+    float *dc = to_device(c);
     /* the worst-case grid for twice the rows: surplus tiles must exit */
-    const dim3 grid = moe_cuda__gemm_grid(2 * rows + 1, E, n_pad);
+    const dim3 grid = moe_cuda__gemm_grid(2 * rows + 1, E, n_end);
     int32_t *halt = no_halt();
     moe_cuda__epilogue out;
     memset(&out, 0, sizeof out);
     out.c = dc; out.ldc = ldc; out.n = n;
-    const cudaError_t st = MOE_CUDA_LAUNCH((moe_cuda__grouped_gemm<MOE_CUDA__EPI_STORE, BUG>),
-                                           grid, dim3(MOE_CUDA__GEMM_THREADS),
-                                           MOE_CUDA__GEMM_SMEM, 0, da, dw, doff, E, n_pad, k_pad,
-                                           out, halt);
+    moe_cuda__gemm_args g;
+    g.a = da; g.b = dw; g.lda = k_pad; g.ldb = B_KMAJOR ? n_end : k_pad;
+    g.b_stride = (size_t)n_end * k_pad; g.n_end = n_end; g.k_end = k_pad;
+    g.offsets = doff; g.experts = E; g.halt = halt;
+    const cudaError_t st =
+        MOE_CUDA_LAUNCH((moe_cuda__grouped_gemm<MOE_CUDA__EPI_STORE, B_KMAJOR, BUG>), grid,
+                        dim3(MOE_CUDA__GEMM_THREADS), MOE_CUDA__GEMM_SMEM, 0, g, out);
     down(c.data(), dc, c.size() * 4);
     cudaFree(da); cudaFree(dw); cudaFree(doff); cudaFree(dc); cudaFree(halt);
     if (st != cudaSuccess) {
@@ -87,14 +96,67 @@ static int gemm_case(const std::vector<int> &counts, int n, int k, uint32_t seed
                 double want = 0.0, mag = 0.0;
                 for (int i = 0; i < k; i++) {
                     const double p = (double)bf16_value(a[(size_t)r * k_pad + i]) *
-                                     bf16_value(w[((size_t)e * n_pad + col) * k_pad + i]);
+                                     bf16_value(w_at(e, col, i));
                     want += p;
                     mag += fabs(p);
                 }
-                /* fp32 accumulation over k / 16 mma steps: ~k 2^-24 sum |p| */
-                if (!(fabs(got - want) <= 1e-6 * k * mag + 1e-30)) {
+                if (!accumulated(got, want, mag, k)) {
                     if (!BUG && ok)
                         printf("  C[%d][%d] = %.9g, want %.9g (expert %d)\n", r, col, got, want, e);
+                    ok = 0;
+                }
+            }
+    return ok;
+}
+
+/* One DEPTH GEMM case (the weight gradients): C_e[i][j] += sum over expert
+   e's rows r of A[r][i] B[r][j], A [rows][m_end] and B [rows][n_end] with
+   the ends m and n padded to 32; C_e [m][n] starts at 0.5 (it accumulates). */
+template <int BUG>
+static int depth_case(const std::vector<int> &counts, int m, int n, uint32_t seed) {
+    const int E = (int)counts.size(), m_end = pad_to(m, 32), n_end = pad_to(n, 32);
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    const int rows = offsets[E] > 0 ? offsets[E] : 1;
+    std::vector<uint16_t> a((size_t)rows * m_end, 0), b((size_t)rows * n_end, 0);
+    for (int r = 0; r < offsets[E]; r++) {
+        for (int i = 0; i < m; i++) a[(size_t)r * m_end + i] = random_bf16(&seed, 1.0f);
+        for (int j = 0; j < n; j++) b[(size_t)r * n_end + j] = random_bf16(&seed, 0.5f);
+    }
+    std::vector<float> c((size_t)E * m * n, 0.5f);
+    __nv_bfloat16 *da = (__nv_bfloat16 *)to_device(a), *db = (__nv_bfloat16 *)to_device(b);
+    int32_t *doff = to_device(offsets);
+    float *dc = to_device(c);
+    moe_cuda__grad_out out;
+    memset(&out, 0, sizeof out);
+    out.first = dc; out.stride = (size_t)m * n; out.m_out = m; out.n_out = n;
+    const dim3 grid((unsigned)((m_end + 63) / 64), (unsigned)((n_end + 63) / 64), (unsigned)E);
+    const cudaError_t st = MOE_CUDA_LAUNCH(moe_cuda__grouped_gemm_depth<BUG>, grid,
+                                           dim3(MOE_CUDA__GEMM_THREADS), MOE_CUDA__GEMM_SMEM, 0,
+                                           (const __nv_bfloat16 *)da, m_end, m_end,
+                                           (const __nv_bfloat16 *)db, n_end, n_end,
+                                           (const int32_t *)doff, out);
+    down(c.data(), dc, c.size() * 4);
+    cudaFree(da); cudaFree(db); cudaFree(doff); cudaFree(dc);
+    if (st != cudaSuccess) {
+        if (!BUG) printf("  launch: %s\n", launch_error().c_str());
+        return 0;
+    }
+    int ok = 1;
+    for (int e = 0; e < E; e++)
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++) {
+                double want = 0.5, mag = 0.5;
+                for (int r = offsets[e]; r < offsets[e + 1]; r++) {
+                    const double p = (double)bf16_value(a[(size_t)r * m_end + i]) *
+                                     bf16_value(b[(size_t)r * n_end + j]);
+                    want += p;
+                    mag += fabs(p);
+                }
+                const float got = c[((size_t)e * m + i) * n + j];
+                if (!accumulated(got, want, mag, counts[e] + 1)) {
+                    if (!BUG && ok)
+                        printf("  C_%d[%d][%d] = %.9g, want %.9g\n", e, i, j, got, want);
                     ok = 0;
                 }
             }
@@ -105,21 +167,31 @@ static void test_grouped_gemm(void) {
     /* experts with 0, 1, a tile and one, two tiles less one rows; E = 1 */
     const std::vector<int> ragged = {0, 1, 65, 0, 127, 3};
     const std::vector<int> one = {7};
-    int caught[4] = {0, 0, 0, 0};
+    int caught[4] = {0, 0, 0, 0}, caught_t[4] = {0, 0, 0, 0}, caught_d[4] = {0, 0, 0, 0};
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
-        CHECK(gemm_case<0>(ragged, 72, 160, 1u));   /* N off the tile, five K tiles */
-        CHECK(gemm_case<0>(ragged, 64, 40, 2u));    /* K off the tile (zero-padded) */
-        CHECK(gemm_case<0>(one, 5, 16, 3u));        /* a tiny expert, one K tile */
-        CHECK(gemm_case<0>(std::vector<int>{0, 0}, 8, 32, 4u));   /* no rows at all */
+        CHECK((gemm_case<0, 0>(ragged, 72, 160, 1u)));   /* N off the tile, five K tiles */
+        CHECK((gemm_case<0, 0>(ragged, 64, 40, 2u)));    /* K off the tile (zero-padded) */
+        CHECK((gemm_case<0, 0>(one, 5, 16, 3u)));        /* a tiny expert, one K tile */
+        CHECK((gemm_case<0, 0>(std::vector<int>{0, 0}, 8, 32, 4u)));   /* no rows at all */
+        CHECK((gemm_case<1, 0>(ragged, 72, 160, 5u)));   /* B read down its columns */
+        CHECK((gemm_case<1, 0>(one, 40, 24, 6u)));
+        CHECK(depth_case<0>(ragged, 72, 40, 7u));        /* ragged K: 0 to 127 rows */
+        CHECK(depth_case<0>(one, 8, 100, 8u));
         if (!PLANTED) continue;
-        caught[1] += !gemm_case<1>(ragged, 72, 160, 1u);
-        caught[2] += !gemm_case<2>(ragged, 72, 160, 1u);
-        caught[3] += !gemm_case<3>(ragged, 72, 160, 1u);
+        caught[1] += !gemm_case<0, 1>(ragged, 72, 160, 1u);
+        caught[2] += !gemm_case<0, 2>(ragged, 72, 160, 1u);
+        caught[3] += !gemm_case<0, 3>(ragged, 72, 160, 1u);
+        caught_t[3] += !gemm_case<1, 3>(ragged, 72, 160, 5u);
+        caught_d[1] += !depth_case<1>(ragged, 72, 40, 7u);
+        caught_d[3] += !depth_case<3>(ragged, 72, 40, 7u);
     }
     expect_caught("one cp.async group too few waited for", caught[1]);
     expect_caught("stage refilled before the barrier", caught[2]);   /* needs > STAGES tiles */
     expect_caught("B fragment registers swapped", caught[3]);
+    expect_caught("B fragment registers swapped (k-major B)", caught_t[3]);
+    expect_caught("one cp.async group too few waited for (DEPTH)", caught_d[1]);
+    expect_caught("B fragment registers swapped (DEPTH)", caught_d[3]);
 }
 
 /* Dispatch of T tokens x K slots over E experts: counts, offsets and row maps
@@ -827,15 +899,18 @@ static std::vector<float> router_grad_of(const layer &L, const moe_config &c,
     return r;
 }
 
-/* A training forward and backward of cfg on T tokens through moe.h (reference
-   ISA) and the GPU (fp32 kernels); 1 when every gradient agrees to `tol` of
-   its largest magnitude. The GPU's gradients (and dx) go to *out. */
-static int backward_case(const char *name, moe_config cfg, int T, int fused, uint32_t seed,
-                         std::vector<std::vector<float> > *out, int verbose) {
+/* A training forward and backward of cfg on T tokens through moe.h (fp32,
+   reference ISA) and the GPU: its fp32 kernels (simt) or the tensor cores.
+   1 when every gradient agrees with moe.h's to 1e-4 (fp32) or 2e-2 (bf16
+   operands) of its largest magnitude. The GPU's gradients (and dx) go to *out. */
+static int backward_case(const char *name, moe_config cfg, int T, int fused, int simt,
+                         uint32_t seed, std::vector<std::vector<float> > *out, int verbose) {
     layer L;
-    cfg.isa = MOE_ISA_REFERENCE;
+    cfg.isa = MOE_ISA_REFERENCE;   /* moe.h's, and then the GPU's fp32 path ... */
     cfg.training = 1;
     if (!make_layer(L, cfg, T, fused, seed)) return 0;
+    if (!simt) cfg.isa = MOE_ISA_AUTO;   /* ... or its tensor cores */
+    const double tol = simt ? 1e-4 : 2e-2;
     const size_t TD = (size_t)T * L.D;
     std::vector<float> dy;
     fill_host(dy, TD + 1, 0.5f, &seed);
@@ -877,27 +952,31 @@ static int backward_case(const char *name, moe_config cfg, int T, int fused, uin
 
     /* the GPU */
     dev_info di(L);
-    size_t fb = 0, bb = 0;
+    size_t fb = 0, bb = 0, pb = 0;
+    moe_weights dw = L.dev;
     moe_status st = moe_cuda_forward_workspace_size(&cfg, T, &fb);
     if (st == MOE_STATUS_OK) st = moe_cuda_backward_workspace_size(&cfg, T, &bb);
-    void *fws = dalloc(fb), *bws = dalloc(bb);
+    if (st == MOE_STATUS_OK) st = moe_cuda_pack_size(&cfg, &pb);
+    void *fws = dalloc(fb), *bws = dalloc(bb), *packed = dalloc(pb);
+    if (st == MOE_STATUS_OK && !simt) st = moe_cuda_pack_weights(&cfg, &dw, packed, pb);
+    dw.packed = packed; dw.packed_bytes = pb;
     float *dxin = (float *)L.put(L.x), *dyv = (float *)L.put(dy);
     float *dyout = (float *)dalloc(TD * 4 + 4);
     moe_info got = di.info;
-    if (st == MOE_STATUS_OK) st = moe_cuda_forward(&cfg, &L.dev, dxin, T, dyout, &got, fws, fb);
+    if (st == MOE_STATUS_OK) st = moe_cuda_forward(&cfg, &dw, dxin, T, dyout, &got, fws, fb);
     if (st == MOE_STATUS_OK) st = moe_cuda_forward_result(fws, &got);
     moe_grads dg = grad_set::bind(G.d, L.fused);
     if (st == MOE_STATUS_OK)
-        st = moe_cuda_backward(&cfg, &L.dev, dxin, T, &got, dyv, G.d[grad_set::DX], &dg, bws,
-                               bb);
-    cudaFree(fws); cudaFree(bws); cudaFree(dyout);
+        st = moe_cuda_backward(&cfg, &dw, dxin, T, &got, dyv, G.d[grad_set::DX], &dg, bws, bb);
+    cudaFree(fws); cudaFree(bws); cudaFree(dyout); cudaFree(packed);
     if (st != MOE_STATUS_OK) {
         printf("  %s: %s (%s)\n", name, moe_status_string(st), launch_error().c_str());
         return 0;
     }
     int good = 1;
     if (verbose)
-        printf("    %-11s T=%d E=%d K=%d D=%d F=%d: off moe.h", name, T, L.E, L.K, L.D, L.F);
+        printf("    %-11s %s T=%d E=%d K=%d D=%d F=%d: off moe.h", name, simt ? "fp32  " : "tensor",
+               T, L.E, L.K, L.D, L.F);
     out->clear();
     for (int i = 0; i < grad_set::N; i++) {
         const std::vector<float> gpu = fetch(G.d[i], want[i].size());
@@ -907,7 +986,7 @@ static int backward_case(const char *name, moe_config cfg, int T, int fused, uin
             err = fmax(err, fabs(gpu[k] - want[i][k]));
         }
         if (verbose && big > 0) printf(" %s %.1e", grad_names[i], err / big);   /* relative */
-        if (!(err <= 1e-4 * big + 1e-7)) {
+        if (!(err <= tol * big + 1e-7)) {
             good = 0;
             printf("  %s: %s off by %.3g (largest gradient %.3g)\n", name, grad_names[i], err, big);
         }
@@ -920,13 +999,15 @@ static int backward_case(const char *name, moe_config cfg, int T, int fused, uin
 
 static void test_backward(void) {
     const std::vector<fcase> cases = layer_cases();
-    std::vector<std::vector<std::vector<float> > > first(cases.size());
+    const size_t n = cases.size();
+    std::vector<std::vector<std::vector<float> > > first(2 * n);
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
-        for (size_t i = 0; i < cases.size(); i++) {
-            const fcase &k = cases[i];
+        for (size_t i = 0; i < 2 * n; i++) {   /* each case on the fp32 path, then the tensor cores */
+            const fcase &k = cases[i / 2];
             std::vector<std::vector<float> > g;
-            CHECK(backward_case(k.name, k.c, k.T, k.fused, 300u + (uint32_t)i, &g, s == 0));
+            CHECK(backward_case(k.name, k.c, k.T, k.fused, !(i & 1), 300u + (uint32_t)(i / 2), &g,
+                                s == 0));
             if (s == 0) { first[i] = g; continue; }
             int same = g.size() == first[i].size();   /* every schedule: the same bits */
             for (size_t j = 0; same && j < g.size(); j++)
