@@ -1336,11 +1336,14 @@ __global__ void moe_cuda__publish(moe_cuda__publish_args a) {
 }
 
 // ----------------------------------------------------------------------------
-// Backward, in plain fp32 kernels (whatever cfg.isa says): the gradient of
-// L = <dy, y> + aux_total, as moe_backward computes it. The routing arrays
-// come from the training forward's moe_info; the rows are re-dispatched from
-// them and the expert FFNs recomputed (no activation cache). One thread per
-// output, sums in index order, no atomics: the same bits on every run.
+// Backward: the gradient of L = <dy, y> + aux_total, as moe_backward
+// computes it. The routing arrays come from the training forward's
+// moe_info; the rows are re-dispatched from them and the expert FFNs
+// recomputed (no activation cache). The experts' steps 1, 3 and 4 run on
+// the path the forward runs: the tensor-core GEMMs (bf16 operands, fp32
+// sums) or the plain fp32 kernels below (one thread per output, sums in
+// index order). The rest is fp32 on both. No atomics: the same bits on
+// every run.
 //   1. dispatch again; G, U (pre-activations), H and O = H down^T per row
 //   2. gw[p] = <dy_t, O_row + down_bias>: dL / d weight of each kept pair
 //   3. dG, dU: (weight dy_t) down_e through the activation
@@ -2211,7 +2214,8 @@ static inline cudaError_t moe_cuda__ffn_tensor(const moe_cuda__plan *p,
     memset(&h, 0, sizeof h);
     h.h = s.h; h.f = s.f; h.ldh = s.f_pad; h.act = (int)p->c.activation;
     h.gate_bias = s.gate_bias; h.up_bias = s.up_bias; h.g = s.g; h.u = s.u;
-    const size_t w1_stride = (size_t)s.n1_pad * p->d_pad, w2_stride = (size_t)p->d_out_pad * s.f_pad;
+    const size_t w1_stride = (size_t)s.n1_pad * p->d_pad;
+    const size_t w2_stride = (size_t)p->d_out_pad * s.f_pad;
     cudaError_t e = p->glu
         ? moe_cuda__rows_gemm<MOE_CUDA__EPI_GLU, 0>(s, s.x, p->d_pad, s.w1, p->d_pad, w1_stride,
                                                     s.n1_pad, p->d_pad, h, halt, stream)
@@ -2510,7 +2514,8 @@ static inline cudaError_t moe_cuda__experts_backward_tensor(
                             GT, smem, stream, (const __nv_bfloat16 *)s.dh, s.n1_pad, s.n1_pad,
                             (const __nv_bfloat16 *)s.x, d_pad, d_pad, s.offsets, w1);
     const unsigned experts = (unsigned)s.experts;
-    const dim3 by_f((unsigned)((s.f + 127) / 128), experts), by_d((unsigned)((D + 127) / 128), experts);
+    const dim3 by_f((unsigned)((s.f + 127) / 128), experts);
+    const dim3 by_d((unsigned)((D + 127) / 128), experts);
     if (e == cudaSuccess && g.down_bias)
         e = MOE_CUDA_LAUNCH(moe_cuda__bw_bias, by_d, dim3(128), 0, stream, (const float *)NULL,
                             dy, weight, pair_of_row, top_k, s.offsets, D, g.down_bias);
@@ -2549,9 +2554,10 @@ static inline moe_status moe_cuda_backward_workspace_size(const moe_config *cfg,
    moe_cuda_forward and moe_cuda_forward_result: its device arrays logits,
    scores, expert, weight and dropped, and its stamp (none:
    MOE_STATUS_MISSING_CACHE; another T or config: MOE_STATUS_BAD_CACHE; the
-   arrays' contents are not checksummed on the GPU). Runs the fp32 kernels
-   (the expert FFNs recomputed from the fp32 weights). Every config the
-   forward runs; no allocation, no wait. */
+   arrays' contents are not checksummed on the GPU). The experts run where
+   the forward's do: on the tensor cores from w.packed (as packed for that
+   forward), or with cfg.isa = MOE_ISA_REFERENCE on fp32 kernels from the
+   fp32 weights. Every config the forward runs; no allocation, no wait. */
 static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weights *w,
                                            const float *x, int32_t T, const moe_info *info,
                                            const float *dy, float *dx, const moe_grads *grads,

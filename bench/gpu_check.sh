@@ -5,7 +5,8 @@
 #   2. the suites run on the GPU (tests/cuda_emu/test_emu.cu, test_moe_cuda.cu)
 #   3. compute-sanitizer memcheck, racecheck and synccheck on test_moe_cuda
 #   4. bench/moe_cuda_bench (forward against cuBLAS at equal FLOPs, routing alone,
-#      decode against the copy bandwidth) and bench/torch_grouped_mm.py
+#      the backward against the forward, decode against the copy bandwidth) and
+#      bench/torch_grouped_mm.py
 # Without a GPU it does what it can: the benchmark's nvcc build (sm_90a; make cuda
 # builds the suites), the suites and the benchmark's --tiny plumbing on the CPU
 # emulator; the GPU steps print SKIP.

@@ -16,8 +16,8 @@
    Usage: moe_cuda_bench [--tiny]
    --tiny runs small shapes, for the emulator (g++ -DCUDA_EMU): it exercises
    this program's plumbing; its times mean nothing. Without a GPU the nvcc
-   build prints SKIP. The backward runs moe_cuda.cuh's fp32 kernels (no
-   tensor cores yet), timed at T = 1024 (or the first T when smaller). */
+   build prints SKIP. The backward is timed on the tensor cores at each T
+   and on the fp32 kernels at T = 1024 (or the first T when smaller). */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "../moe_cuda.cuh"
@@ -283,6 +283,7 @@ int main(int argc, char **argv) {
         }
 
         /* the forward against cuBLAS at the same FLOPs */
+        std::vector<double> fwd_tflops;
         for (int T : s.Ts) {
             const timing t = time_ms([&] { forward(&L, &L.c, T, NULL); }, 2, reps_big);
             moe_info info;
@@ -290,9 +291,10 @@ int main(int argc, char **argv) {
             CK_MOE(moe_cuda_forward_result(L.ws, &info));
             const double pairs = (double)T * s.K - info.dropped_pairs;
             const double flops = 2.0 * pairs * (3.0 * s.D * s.F);
+            fwd_tflops.push_back(flops / (t.med * 1e-3) / 1e12);
             snprintf(line, sizeof line,
                      "%-13s T=%-6d forward      %9.3f ms (%.3f-%.3f) %7.1f TFLOP/s", s.name, T,
-                     t.med, t.lo, t.hi, flops / (t.med * 1e-3) / 1e12);
+                     t.med, t.lo, t.hi, fwd_tflops.back());
             std::string row = line;
 #ifndef CUDA_EMU
             const timing b = cublas_same_flops(blas, T * s.K, s.D, s.F, reps_big);
@@ -303,12 +305,16 @@ int main(int argc, char **argv) {
             table.push_back(row);
         }
 
-        /* the backward after a training forward: T = 1024 at most (its fp32
-           kernels are plain loops: seconds per call on the large shapes) */
-        {
-            const int T = std::min(s.Ts[0], 1024);
+        /* the backward after a training forward, on the tensor cores at each T
+           (its TFLOP/s against the forward's) and on the fp32 kernels at
+           T = 1024 at most (plain loops: seconds per call on the large shapes).
+           Counted FLOPs: dx and the weight gradients, twice the forward's
+           expert FLOPs (the recomputed forward inside is not counted). */
+        for (size_t ti = 0; ti <= s.Ts.size(); ti++) {
+            const int simt = ti == s.Ts.size(), T = simt ? std::min(s.Ts[0], 1024) : s.Ts[ti];
             moe_config tc = L.c;
             tc.training = 1;
+            if (simt) tc.isa = MOE_ISA_REFERENCE;
             const size_t TE = (size_t)T * s.E, TK = (size_t)T * s.K, TD = (size_t)T * s.D;
             const size_t E = (size_t)s.E, D = (size_t)s.D, F = (size_t)s.F;
             moe_info info;
@@ -330,14 +336,20 @@ int main(int argc, char **argv) {
             void *bws = dev_alloc(bb);
             const timing t = time_ms([&] {
                 CK_MOE(moe_cuda_backward(&tc, &L.w, L.x, T, &info, dy, dx, &g, bws, bb));
-            }, 1, 2);
+            }, 1, simt ? 2 : reps_big);
             CK(cudaDeviceSynchronize());
-            /* dx and the weight gradients: twice the forward's expert FLOPs */
-            const double flops = 2.0 * 2.0 * (double)TK * 3.0 * D * F;
-            snprintf(line, sizeof line,
-                     "%-13s T=%-6d backward     %9.3f ms (%.3f-%.3f) %7.1f TFLOP/s (fp32 kernels)",
-                     s.name, T, t.med, t.lo, t.hi, flops / (t.med * 1e-3) / 1e12);
-            table.push_back(line);
+            const double pairs = (double)TK - info.dropped_pairs;
+            const double tflops = 2.0 * 2.0 * pairs * 3.0 * D * F / (t.med * 1e-3) / 1e12;
+            snprintf(line, sizeof line, "%-13s T=%-6d backward     %9.3f ms (%.3f-%.3f) %7.1f "
+                     "TFLOP/s", s.name, T, t.med, t.lo, t.hi, tflops);
+            std::string row = line;
+            if (simt) row += " (fp32 kernels)";
+            else {
+                snprintf(line, sizeof line, ": forward / backward TFLOP/s %.2f",
+                         fwd_tflops[ti] / tflops);
+                row += line;
+            }
+            table.push_back(row);
             CK(cudaFree(info.logits)); CK(cudaFree(info.scores)); CK(cudaFree(info.expert));
             CK(cudaFree(info.weight)); CK(cudaFree(info.dropped));
             CK(cudaFree(g.router)); CK(cudaFree(g.gate)); CK(cudaFree(g.up));

@@ -94,9 +94,11 @@ static inline int run_tests(const char *suite, const emu_test *tests, int count)
         return 0;
     }
 #endif
-    const char *only = getenv("EMU_TEST");   /* e.g. EMU_TEST=backward: that test alone */
+    /* EMU_TEST=route,backward: those tests alone */
+    const std::string only = getenv("EMU_TEST") ? "," + std::string(getenv("EMU_TEST")) + "," : "";
     for (n = 0; n < count; n++) {
-        if (only && *only && strcmp(only, tests[n].name) != 0) continue;
+        const std::string name = "," + std::string(tests[n].name) + ",";
+        if (only.size() > 2 && only.find(name) == std::string::npos) continue;
         g_failed = 0;
         printf("%s.%s (%d schedules: ", suite, tests[n].name, NSCHED);
         for (int s = 0; s < NSCHED; s++) printf("%s%s", s ? ", " : "", schedule_name(s));

@@ -57,7 +57,8 @@ static int gemm_case(const std::vector<int> &counts, int n, int k, uint32_t seed
     std::vector<uint16_t> w((size_t)E * n_end * k_pad, 0);
     std::vector<float> c((size_t)(rows > 0 ? rows : 1) * ldc, -7.0f);
     auto w_at = [&](int e, int o, int i) -> uint16_t & {
-        return w[B_KMAJOR ? ((size_t)e * k_pad + i) * n_end + o : ((size_t)e * n_end + o) * k_pad + i];
+        return w[B_KMAJOR ? ((size_t)e * k_pad + i) * n_end + o
+                          : ((size_t)e * n_end + o) * k_pad + i];
     };
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < k; i++) a[(size_t)r * k_pad + i] = random_bf16(&seed, 1.0f);
@@ -1003,7 +1004,7 @@ static void test_backward(void) {
     std::vector<std::vector<std::vector<float> > > first(2 * n);
     for (int s = 0; s < NSCHED; s++) {
         use_schedule(s);
-        for (size_t i = 0; i < 2 * n; i++) {   /* each case on the fp32 path, then the tensor cores */
+        for (size_t i = 0; i < 2 * n; i++) {   /* each case on the fp32 path, then tensor cores */
             const fcase &k = cases[i / 2];
             std::vector<std::vector<float> > g;
             CHECK(backward_case(k.name, k.c, k.T, k.fused, !(i & 1), 300u + (uint32_t)(i / 2), &g,
@@ -1071,6 +1072,18 @@ static void test_backward_contract(void) {
     w.down = NULL;
     CHECK(moe_cuda_backward(&c, &w, x, L.T, &info, dy, dx, &g, bws, bb) ==
           MOE_STATUS_MISSING_WEIGHT);
+    moe_config tensor = c;   /* the tensor-core backward reads the packed blob */
+    tensor.isa = MOE_ISA_AUTO;
+    size_t tb = 0;
+    CHECK(moe_cuda_backward_workspace_size(&tensor, L.T, &tb) == MOE_STATUS_OK);
+    void *tws = dalloc(tb), *blob = dalloc(4096);
+    w = L.dev;   /* no blob */
+    CHECK(moe_cuda_backward(&tensor, &w, x, L.T, &info, dy, dx, &g, tws, tb) ==
+          MOE_STATUS_MISSING_WEIGHT);
+    w.packed = blob; w.packed_bytes = 64;   /* too small for this layer */
+    CHECK(moe_cuda_backward(&tensor, &w, x, L.T, &info, dy, dx, &g, tws, tb) ==
+          MOE_STATUS_BAD_PACKED);
+    cudaFree(tws); cudaFree(blob);
     moe_info no_scores = info;
     no_scores.scores = NULL;
     CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &no_scores, dy, dx, &g, bws, bb) ==
