@@ -822,7 +822,7 @@ MOE_CUDA_UNROLL
     moe_cuda__cp_async_wait<0>();
 }
 
-/* Row i of a warp's C fragments: register r of acc[mi][ni] holds row
+/* Where a warp's C fragments sit: register r of acc[mi][ni] holds row
    wm + 16 mi + g + 8 (r >> 1), column wn + 8 ni + 2 t4 + (r & 1), with
    g = lane / 4 and t4 = lane % 4. */
 #define MOE_CUDA__FRAGMENT_ROW(mi, r) (wm + (mi) * 16 + (lane >> 2) + 8 * ((r) >> 1))
@@ -2172,8 +2172,10 @@ static inline moe_cuda__tensor_experts moe_cuda__tensor_set(const moe_cuda__plan
     s.f_pad = shared ? p->fs_pad : p->f_pad;
     s.n1_pad = shared ? p->n1s_pad : p->n1_pad;
     s.max_rows = shared ? p->T : p->pairs;
-    s.w1 = (const __nv_bfloat16 *)(const void *)(base + (shared ? blob.ws1 : blob.w1));
-    s.w2 = (const __nv_bfloat16 *)(const void *)(base + (shared ? blob.ws2 : blob.w2));
+    if (base) {   /* (none on the fp32 path) */
+        s.w1 = (const __nv_bfloat16 *)(const void *)(base + (shared ? blob.ws1 : blob.w1));
+        s.w2 = (const __nv_bfloat16 *)(const void *)(base + (shared ? blob.ws2 : blob.w2));
+    }
     if (p->c.expert_bias) {
         s.gate_bias = shared ? w->shared_gate_bias : w->gate_bias;
         s.up_bias = shared ? w->shared_up_bias : w->up_bias;
