@@ -5,8 +5,8 @@
    noisy top-k, expert choice, dense and Soft MoE), capacity and token dropping,
    counting-sort dispatch, grouped expert FFNs, deterministic combine and the
    load-balancing losses of Switch, GShard, HF/Mixtral, DeepSeek and Shazeer,
-   and the backward pass of all of it. The semantics follow ROUTING_SPEC.md
-   section by section. Every kernel has a plain scalar reference (the
+   and the backward pass of all of it. docs/ROUTING.md specifies the semantics,
+   topic by topic, with worked numbers. Every kernel has a plain scalar reference (the
    specification) and one SIMD twin chosen at compile time (AVX-512, AVX2+FMA
    or NEON), tested against it; work is cut into task lists that OpenMP or
    your own thread pool runs, with bitwise-identical results for any thread
@@ -145,7 +145,7 @@
                           expert, Soft MoE slots, through every aux loss;
                           training cache or recompute; MOE_STATUS_BAD_CACHE.
      0.1.0  (2026-11-23)  reference forward: every routing family of
-                          ROUTING_SPEC, capacity and drops, aux losses.
+                          docs/ROUTING.md, capacity and drops, aux losses.
 */
 #ifndef MOE_H_INCLUDED
 #define MOE_H_INCLUDED
@@ -249,7 +249,7 @@ typedef enum moe_drop_policy {  /* which pairs an over-full expert keeps     */
                                    (Megatron "probs")                        */
 } moe_drop_policy;
 
-typedef enum moe_capacity_formula {  /* C for a group of S tokens, ROUTING_SPEC 1.5 */
+typedef enum moe_capacity_formula {  /* C for a group of S tokens: docs/ROUTING.md, "Capacity" */
     MOE_CAPACITY_MEGATRON = 0,    /* ceil(cf*S*K/E)  (also GShard's 2S/E at cf=1, K=2) */
     MOE_CAPACITY_FAIRSEQ_TOP1 = 1,/* floor(cf*ceil(S/E))                         */
     MOE_CAPACITY_FAIRSEQ_TOP2 = 2,/* 2*ceil(S/E)  (cf ignored)                   */
@@ -260,7 +260,7 @@ typedef enum moe_capacity_formula {  /* C for a group of S tokens, ROUTING_SPEC 
     MOE_CAPACITY_VMOE = 7         /* ceil(cf*S*K/E) up to a multiple of 4        */
 } moe_capacity_formula;
 
-typedef enum moe_balance_loss {  /* load-balancing family, ROUTING_SPEC 1.7    */
+typedef enum moe_balance_loss {  /* docs/ROUTING.md, "Balance losses"      */
     MOE_BALANCE_TOPK = 0,        /* E*sum_e (c_e/T)*P_e; = K at balance (HF, Switch at K=1) */
     MOE_BALANCE_TOPK_NORMALIZED = 1, /* E*sum_e (c_e/(K*T))*P_e; = 1 (Megatron, DeepSeek) */
     MOE_BALANCE_FIRST_CHOICE = 2 /* E*sum_e (c1_e/T)*P_e, slot 0 only (GShard)   */
@@ -530,7 +530,7 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out);
    moe_cuda.cuh stamps its forwards with it too.                           */
 MOEDEF uint64_t moe_config_fingerprint(const moe_config *cfg);
 
-/* Presets: the routing fields of a published model (ROUTING_SPEC 0, 15) with
+/* Presets: the routing fields of a published model (docs/ROUTING.md, "Presets") with
    its released shape. Change num_experts / top_k / d_model / d_ff freely.  */
 MOEDEF moe_config moe_preset_mixtral(void);       /* 8x7B: E8 K2, renormalise, HF loss 0.02 */
 MOEDEF moe_config moe_preset_switch(void);        /* Switch-Base-8: top-1, no renorm, ReLU, cf 1.25, jitter, z-loss */
@@ -587,7 +587,7 @@ MOEDEF moe_status moe_grads_clip_norm(const moe_config *cfg, const moe_grads *g,
 MOEDEF int32_t moe_routing_slots(const moe_config *cfg);
 
 /* Capacity of a group of T tokens by one of the published formulas
-   (ROUTING_SPEC 1.5). cf must be > 0 and finite.                           */
+   (docs/ROUTING.md, "Capacity"). cf must be > 0 and finite.                  */
 MOEDEF moe_status moe_capacity(moe_capacity_formula formula, int32_t num_tokens,
                                int32_t num_experts, int32_t top_k,
                                float capacity_factor, int32_t *out_capacity);
@@ -641,7 +641,7 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
    OVERWRITTEN; grads ACCUMULATE. dx may be NULL, or x or dy (in place); no
    other pair of the call's buffers may overlap where one is written
    (grads, dx, workspace): MOE_STATUS_ALIASING. T = 0 needs no workspace.
-   What is a constant (ROUTING_SPEC 13.4): top-k / group / capacity choices,
+   What is a constant (docs/ROUTING.md, "Backward"): top-k / group / capacity choices,
    noise samples, jitter factors, the selection bias and the count vectors f
    of the balance losses. On a SIMD ISA the workspace also holds packed
    copies of one GEMM's operands, read by the kernels in tile order: about
@@ -934,7 +934,7 @@ static float moe__act(moe_activation act, float v) {
     default:                             return v > 0.0f || v != v ? v : 0.0f; /* RELU, NaN kept */
     }
 }
-/* act'(v), ROUTING_SPEC 12:  SiLU' = s(1 + v(1 - s)) with s = sigmoid(v);
+/* act'(v), docs/ROUTING.md, "Expert FFNs": SiLU' = s(1 + v(1 - s)) with s = sigmoid(v);
    GELU_erf' = Phi(v) + v phi(v);  GELU_tanh' = (1 + tanh u)/2 + v (1 - tanh^2 u)
    sqrt(2/pi) (1 + 3 * 0.044715 v^2) / 2;  ReLU' = [v > 0].                   */
 static float moe__act_grad(moe_activation act, float v) {
@@ -992,7 +992,7 @@ static double moe__cv_squared(const double *v, int32_t n) {
 }
 
 // ----------------------------------------------------------------------------
-// Top-k and sorting. The rule everywhere (ROUTING_SPEC 1.2): larger value
+// Top-k and sorting. The rule everywhere (docs/ROUTING.md, "Tie rule"): larger value
 // first; on ties the lower index wins.
 
 /* idx[0..k) = indices of the k largest v[0..n), by (value desc, index asc).
@@ -1072,7 +1072,7 @@ static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
 }
 
 // ----------------------------------------------------------------------------
-// SIMD: one vector ISA per build, chosen at compile time (STYLE 7). Each has
+// SIMD: one vector ISA per build, chosen at compile time. Each has
 // the same primitives; the micro-kernel and the vector sigmoid below are
 // written once on them.
 //   AVX-512 (-mavx512f): 16 floats, 12x32 register tile
@@ -1958,39 +1958,39 @@ MOEDEF int32_t moe_routing_slots(const moe_config *cfg) {
     }
 }
 
-/* Presets. Shapes are the released models'; routing fields per ROUTING_SPEC. */
+/* Presets. Shapes are the released models'; routing fields: docs/ROUTING.md, "Presets". */
 static moe_config moe__preset(int32_t E, int32_t K, int32_t D, int32_t F) {
     moe_config c;
     memset(&c, 0, sizeof c);
     c.num_experts = E; c.top_k = K; c.d_model = D; c.d_ff = F;
     return c;
 }
-MOEDEF moe_config moe_preset_mixtral(void) {   /* spec 5: softmax, top-2, renormalise */
+MOEDEF moe_config moe_preset_mixtral(void) {   /* softmax, top-2, renormalise */
     moe_config c = moe__preset(8, 2, 4096, 14336);
     c.balance_loss = MOE_BALANCE_TOPK; c.balance_coef = 0.02f;
     return c;
 }
-MOEDEF moe_config moe_preset_switch(void) {    /* spec 4: top-1, raw p, capacity, jitter */
+MOEDEF moe_config moe_preset_switch(void) {    /* top-1, raw p, capacity, jitter */
     moe_config c = moe__preset(8, 1, 768, 3072);
     c.activation = MOE_ACT_RELU; c.normalize = MOE_NORM_NONE;
     c.capacity_factor = 1.25f; c.jitter = 0.01f;
     c.balance_loss = MOE_BALANCE_TOPK; c.balance_coef = 0.01f; c.z_loss_coef = 0.001f;
     return c;
 }
-MOEDEF moe_config moe_preset_gshard(void) {    /* spec 3: top-2, random 2nd, C = 2S/E */
+MOEDEF moe_config moe_preset_gshard(void) {    /* top-2, random 2nd, C = 2S/E */
     moe_config c = moe__preset(2048, 2, 1024, 8192);
     c.activation = MOE_ACT_RELU; c.second_expert = MOE_SECOND_RANDOM; c.second_threshold = 0.5f;
     c.capacity_factor = 1.0f; c.drop_policy = MOE_DROP_POSITION;
     c.balance_loss = MOE_BALANCE_FIRST_CHOICE; c.balance_coef = 0.01f;
     return c;
 }
-MOEDEF moe_config moe_preset_shazeer(void) {   /* spec 2: noisy top-k, t2t epsilon */
+MOEDEF moe_config moe_preset_shazeer(void) {   /* noisy top-k, t2t epsilon */
     moe_config c = moe__preset(32, 4, 512, 1024);
     c.activation = MOE_ACT_RELU; c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 0.01f;
     c.importance_coef = 0.01f; c.load_coef = 0.01f;
     return c;
 }
-MOEDEF moe_config moe_preset_qwen2_moe(void) { /* spec 6: no renorm, gated shared expert */
+MOEDEF moe_config moe_preset_qwen2_moe(void) { /* no renorm, gated shared expert */
     moe_config c = moe__preset(60, 4, 2048, 1408);
     c.normalize = MOE_NORM_NONE; c.shared_d_ff = 5632; c.shared_gate = 1;
     c.balance_coef = 0.001f;
@@ -2001,29 +2001,29 @@ MOEDEF moe_config moe_preset_qwen3_moe(void) {
     c.balance_coef = 0.001f;
     return c;
 }
-MOEDEF moe_config moe_preset_olmoe(void) {     /* spec 11 */
+MOEDEF moe_config moe_preset_olmoe(void) {     /* no renorm, z-loss */
     moe_config c = moe__preset(64, 8, 2048, 1024);
     c.normalize = MOE_NORM_NONE; c.balance_coef = 0.01f; c.z_loss_coef = 0.001f;
     return c;
 }
-MOEDEF moe_config moe_preset_dbrx(void) {      /* spec 11: w / ||w||_p, p = 1 */
+MOEDEF moe_config moe_preset_dbrx(void) {      /* w / ||w||_p, p = 1 */
     moe_config c = moe__preset(16, 4, 6144, 10752);
     c.normalize = MOE_NORM_PNORM; c.norm_p = 1.0f; c.balance_coef = 0.05f;
     return c;
 }
-MOEDEF moe_config moe_preset_jamba(void) {     /* spec 11 */
+MOEDEF moe_config moe_preset_jamba(void) {     /* no renorm */
     moe_config c = moe__preset(16, 2, 4096, 14336);
     c.normalize = MOE_NORM_NONE; c.balance_coef = 0.001f;
     return c;
 }
-MOEDEF moe_config moe_preset_deepseek_v2(void) { /* spec 7: group-limited greedy, x16 */
+MOEDEF moe_config moe_preset_deepseek_v2(void) { /* group-limited greedy, x16 */
     moe_config c = moe__preset(160, 6, 5120, 1536);
     c.normalize = MOE_NORM_NONE; c.n_group = 8; c.topk_group = 3; c.group_score_top = 1;
     c.routed_scale = 16.0f; c.shared_d_ff = 2 * 1536;
     c.balance_loss = MOE_BALANCE_TOPK_NORMALIZED; c.balance_coef = 0.001f;
     return c;
 }
-MOEDEF moe_config moe_preset_deepseek_v3(void) { /* spec 8: sigmoid, noaux_tc */
+MOEDEF moe_config moe_preset_deepseek_v3(void) { /* sigmoid, noaux_tc */
     moe_config c = moe__preset(256, 8, 7168, 2048);
     c.score = MOE_SCORE_SIGMOID; c.selection_bias = 1;
     c.n_group = 8; c.topk_group = 4; c.group_score_top = 2;
@@ -2031,13 +2031,13 @@ MOEDEF moe_config moe_preset_deepseek_v3(void) { /* spec 8: sigmoid, noaux_tc */
     c.shared_d_ff = 2048; c.seq_balance_coef = 1e-4f;
     return c;
 }
-MOEDEF moe_config moe_preset_expert_choice(void) { /* spec 9: EC-CF2 */
+MOEDEF moe_config moe_preset_expert_choice(void) { /* EC-CF2 */
     moe_config c = moe__preset(64, 0, 1024, 4096);
     c.routing = MOE_ROUTING_EXPERT_CHOICE; c.activation = MOE_ACT_GELU;
     c.normalize = MOE_NORM_NONE; c.capacity_factor = 2.0f;
     return c;
 }
-MOEDEF moe_config moe_preset_soft_moe(void) {  /* spec 10: Soft MoE S/16, 128 experts */
+MOEDEF moe_config moe_preset_soft_moe(void) {  /* Soft MoE S/16, 128 experts */
     moe_config c = moe__preset(128, 0, 384, 1536);
     c.routing = MOE_ROUTING_SOFT; c.activation = MOE_ACT_GELU; c.slots_per_expert = 1;
     return c;
@@ -2048,8 +2048,8 @@ MOEDEF moe_config moe_preset_glam(void) {      /* GLaM 64B/64E: D 8192, F 32768 
     return c;
 }
 MOEDEF moe_config moe_preset_topk_softmax(void) {
-    /* softmax over the k kept logits = p_j / sum of the kept p (spec 5): the
-       renormalised top-k of moe_preset_mixtral, with Mixtral's shape */
+    /* softmax over the k kept logits = p_j / sum of the kept p: the renormalised top-k
+       of moe_preset_mixtral, with Mixtral's shape (docs/ROUTING.md, "Gate weights") */
     return moe_preset_mixtral();
 }
 MOEDEF moe_config moe_preset_dense(void) {
@@ -2059,7 +2059,7 @@ MOEDEF moe_config moe_preset_dense(void) {
 }
 
 // ----------------------------------------------------------------------------
-// Capacity (ROUTING_SPEC 1.5)
+// Capacity (docs/ROUTING.md, "Capacity")
 
 static double moe__round_half_even(double v) {
     double f = floor(v), d = v - f;
@@ -2282,7 +2282,7 @@ typedef struct moe__router {
     const float *noise_logits;  /* [T][E] raw x.W_noise (Shazeer) or NULL     */
     const float *sel_bias;      /* [E] or NULL                                */
     const float *noise_samples; /* [T][E] N(0,1) draws to use instead of the
-                                   RNG (a test seam for ROUTING_SPEC 2), or NULL */
+                                   RNG (test seam: N of docs/ROUTING.md, "Noisy top-k") or NULL */
     int32_t t0;                 /* global index of token 0 (expert parallel):
                                    random draws are keyed by global tokens    */
     moe_info *res;              /* arrays in the workspace                    */
@@ -2448,7 +2448,7 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
     }
 }
 
-/* Capacity: mark pairs beyond C per expert as dropped (ROUTING_SPEC 1.6). */
+/* Capacity: mark pairs beyond C per expert as dropped (docs/ROUTING.md, "Drop policies"). */
 static void moe__apply_capacity(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, S = r->S, E = c->num_experts, C = r->C;
@@ -2553,7 +2553,7 @@ static void moe__route_topk(moe__router *r) {
     }
 }
 
-/* Expert choice (ROUTING_SPEC 9): each expert takes the C tokens with the
+/* Expert choice (docs/ROUTING.md, "Expert choice"): each expert takes the C tokens with the
    largest score in its column; weight = score, no per-token normalisation. */
 static void moe__route_expert_choice(moe__router *r) {
     const moe_config *c = r->c;
@@ -2593,7 +2593,7 @@ static void moe__route_dense(moe__router *r) {
     }
 }
 
-/* Soft MoE (ROUTING_SPEC 10): combine = softmax over slots (rows), dispatch =
+/* Soft MoE (docs/ROUTING.md, "Soft MoE"): combine = softmax over slots (rows), dispatch =
    softmax over tokens (columns), both of the same logits.                  */
 static void moe__route_soft(moe__router *r) {
     const int32_t T = r->T, R = r->R;
@@ -2622,7 +2622,7 @@ static double moe__balance_prob(const moe_config *c, const float *sc_row, int32_
     return sum > 0.0 ? sc_row[e] / sum : 0.0;
 }
 
-/* Auxiliary losses (values; ROUTING_SPEC 1.7, 2, 4, 8). */
+/* Auxiliary losses (values; docs/ROUTING.md, "Balance losses" to "Sequence-wise balance"). */
 /* DeepSeek-V3 sequence-wise loss of the n tokens from t0: f from a plain
    top-K of the unbiased scores (no groups, no bias), P from s' = s/sum s. */
 static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
@@ -4086,7 +4086,7 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
 }
 
 // ----------------------------------------------------------------------------
-// Backward pass (ROUTING_SPEC 13). Each step is the transpose of its forward
+// Backward pass (docs/ROUTING.md, "Backward"). Each step is the transpose of its forward
 // twin above; parameter gradients accumulate, dx is overwritten.
 
 /* Gradient tensors of one expert set, laid out like moe__ffn. */
@@ -4238,7 +4238,7 @@ typedef struct moe__router_bw {
     double *fbal, *fseq;      /* [E] each: balance-loss factors                 */
     /* dL/d score of one token and dL/d its S gate scores, in double: with
        sigmoid scores summing to a denormal, a division by that sum overflows
-       float before the s (1 - s) that brings it back (ROUTING_SPEC 13.2)  */
+       float before the s (1 - s) that brings it back (docs/ROUTING.md, "Router gradients") */
     double *ds, *dg;          /* [E] each                                       */
     uint8_t *m, *q;           /* [S] masks for moe__normalize_backward          */
     float *g, *dw, *H, *sigma, *N;   /* [E] scratch each                        */
@@ -4343,7 +4343,7 @@ static void moe__router_backward_ref(moe__router_bw *B) {
         float *dz = B->dz + (size_t)t * E;
         for (e = 0; e < E; e++) ds[e] = 0.0;
 
-        /* gate weights -> scores (ROUTING_SPEC 13.2) */
+        /* gate weights -> scores (docs/ROUTING.md, "Router gradients") */
         if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
             for (e = 0; e < E; e++)
                 if (info->expert[(size_t)t * E + e] == e) ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
@@ -4608,7 +4608,7 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
         }
 }
 
-/* The backward with an optional noise seam (tests drive ROUTING_SPEC 2's N). */
+/* The backward with an optional noise seam (tests give the N of docs/ROUTING.md, "Noisy top-k"). */
 static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, const float *x,
                                 int32_t T, const moe_info *info, const float *dy, float *dx_out,
                                 const moe_grads *gr, void *workspace, size_t workspace_bytes,
@@ -5282,7 +5282,7 @@ static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl
     return MOE_STATUS_OK;
 }
 
-/* Capacity on the owner (ROUTING_SPEC 1.6), the one-process rule restricted
+/* Capacity on the owner (docs/ROUTING.md, "Drop policies"), the one-process rule restricted
    to the pairs of the owned experts, which it sees in (token, slot) order:
      POSITION: slot 0 of every token first, then slot 1, ...; BPR: tokens by
      descending top-1 score (stable); WEIGHT: each expert keeps its C

@@ -3,7 +3,7 @@
    header parsed by hand, F32 / BF16 / F16 tensors widened to float) and a
    loader that finds one MoE layer's tensors by their Hugging Face names, fills
    a moe_config and moe_weights, and runs moe_forward. Three naming schemes
-   (shared/docs/HF_LAYOUTS.md section 2), with prefix P = model.layers.{i}.:
+   (those of the HF transformers modules), with prefix P = model.layers.{i}.:
      Mixtral      P block_sparse_moe.gate.weight [E][D],
                   P block_sparse_moe.experts.{j}.w1 / w3 / w2.weight (gate, up, down)
      Qwen2-MoE    P mlp.gate.weight, P mlp.experts.{j}.gate_proj / up_proj / down_proj.weight,
@@ -97,7 +97,7 @@ const char *st_status_string(st_status s) {
     return "unknown st_status";
 }
 
-/* Every dtype string of the format (HF_LAYOUTS 5), with its bits per element. */
+/* Every dtype string of the safetensors format, with its bits per element. */
 typedef enum st_dtype {
     ST_BOOL, ST_U8, ST_I8, ST_I16, ST_U16, ST_I32, ST_U32, ST_I64, ST_U64,
     ST_F16, ST_BF16, ST_F32, ST_F64, ST_F8_E4M3, ST_F8_E5M2, ST_F8_E8M0, ST_F4,

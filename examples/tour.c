@@ -1,14 +1,14 @@
 /* tour.c -- every number docs/TOUR.md quotes, computed by moe.h's public API
-   on the small worked examples of ROUTING_SPEC.md (the logits L of 1.4, the
-   GShard C = 2 example of 3, the DeepSeek-V3 example of 8, the full layer of
-   13.5), each printed next to the value the spec gives. Also draws the
-   tour's two pictures:
+   on the small worked examples of docs/ROUTING.md (the logits L of "Example
+   logits", the GShard C = 2 example of "GShard top-2", the DeepSeek-V3 example
+   of "Group-limited top-k", the "Worked layer"), each printed next to the
+   value the spec gives. Also draws the tour's two pictures:
      tour_routing.svg   the GShard batch: 6 tokens, 4 experts, C = 2,
                         kept and dropped (token, expert) pairs
      tour_balance.svg   expert load before and after aux-loss-free balancing
                         (DeepSeek-V3's bias rule, moe_selection_bias_update)
    Exit status 0 when every number agrees with the spec (|got - want| <=
-   2e-6 + 1e-5 |want|, the float tolerance ROUTING_SPEC states), 1 otherwise.
+   2e-6 + 1e-5 |want|, the tolerance of docs/ROUTING.md, "Conventions"), 1 otherwise.
 
    build: cc -std=c99 -O2 -o tour examples/tour.c -lm
    run:   ./tour [directory for the SVGs]     (default: . ; docs/ holds copies) */
@@ -86,7 +86,8 @@ static routed route(const moe_config *cfg, const moe_weights *w, const float *lo
 }
 
 // ----------------------------------------------------------------------------
-// 1. Scores, top-k, ties, gate weights (ROUTING_SPEC 1.2, 1.4, 4, 5, 6)
+// 1. Scores, top-k, ties, gate weights (docs/ROUTING.md: "Tie rule", "Example
+//    logits", "Gate weights", "Switch top-1", "Balance losses", "Z-loss")
 
 static const float Lg[3 * 4] = {1.0f, 2.0f, 0.5f, -1.0f, 0.2f, -0.3f, 1.5f, 1.0f, 2.5f, 0.0f, -0.5f, 1.75f};
 
@@ -100,7 +101,7 @@ static void section_scores(void) {
     routed r;
     int t;
     char name[32];
-    printf("\n[1] scores, top-k and gate weights on L (ROUTING_SPEC 1.4, 5): T=3 tokens, E=4, K=2\n");
+    printf("\n[1] scores, top-k and gate weights on L (\"Example logits\", \"Gate weights\"): T=3 tokens, E=4, K=2\n");
     r = route(&c, NULL, Lg, 3);
     for (t = 0; t < 3; t++) { snprintf(name, sizeof name, "p = softmax(z), t%d", t); show(name, r.info.scores + 4 * t, p + 4 * t, 4); }
     show_int("top-2 experts (t0 t1 t2)", r.info.expert, idx, 6);
@@ -129,7 +130,7 @@ static void section_scores(void) {
     }
     free(r.buf);
 
-    /* ties (ROUTING_SPEC 1.2): equal logits give bitwise equal scores, and
+    /* ties ("Tie rule"): equal logits give bitwise equal scores, and
        the lower index wins                                                 */
     {
         static const float v1[4] = {1.0f, 0.3f, 0.3f, 0.3f}, v2[4] = {0.5f, 1.0f, 1.0f, 0.2f};
@@ -143,7 +144,8 @@ static void section_scores(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 2. Capacity and dropping; 3. dispatch (ROUTING_SPEC 1.5, 1.6, 3)
+// 2. Capacity and dropping; 3. dispatch (docs/ROUTING.md: "Capacity", "Drop
+//    policies", "GShard top-2")
 
 static const float L6[6 * 4] = {2.0f, 1.0f, 0.0f, -1.0f, 1.5f, 0.5f, 1.0f, 0.0f, 0.3f, 2.2f, 1.2f, 0.1f,
                                 1.8f, -0.5f, 0.2f, 1.1f, 0.0f, 0.4f, 0.1f, 1.3f, 1.2f, 0.9f, -0.2f, 0.6f};
@@ -165,7 +167,7 @@ static void section_capacity(void) {
     moe_config c = route_cfg(4, 2);
     routed r;
     int32_t f, cap[8], t, j, e;
-    printf("\n[2] capacity and dropping (ROUTING_SPEC 1.5, 3): S=6 tokens, E=4, K=2\n");
+    printf("\n[2] capacity and dropping (\"Capacity\", \"GShard top-2\"): S=6 tokens, E=4, K=2\n");
     for (f = 0; f < 8; f++) moe_capacity((moe_capacity_formula)f, 6, 4, 2, 1.0f, &cap[f]);
     printf("  moe_capacity, cf = 1.0: ");
     for (f = 0; f < 8; f++) printf("%s%s %d", f ? ", " : "", names[f], (int)cap[f]);
@@ -214,7 +216,7 @@ static void section_capacity(void) {
     {
         static const uint8_t want[12] = {0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0};
         int bad = memcmp(r.info.dropped, want, 12) != 0;
-        printf("  %-26s%s\n", "drops as in spec 3", bad ? "MISMATCH" : "ok");
+        printf("  %-26s%s\n", "drops as in the spec", bad ? "MISMATCH" : "ok");
         mismatches += bad; checked++;
     }
     free(r.buf);
@@ -318,7 +320,7 @@ static void section_layer(void) {
     moe_info_bind(&c, 3, &info, ib, bytes);
     if (!ib || moe_forward_alloc(&c, &w, X, 3, y, &info) != MOE_STATUS_OK) { fprintf(stderr, "forward failed\n"); exit(1); }
 
-    printf("\n[4] the full layer of ROUTING_SPEC 13.5: T=3, D=3, F=2, E=4, K=2, SwiGLU\n");
+    printf("\n[4] the full layer of \"Worked layer\": T=3, D=3, F=2, E=4, K=2, SwiGLU\n");
     show("logits z = x Wg^T", info.logits, z_spec, 12);
     show_int("top-2 experts", info.expert, idx_spec, 6);
     show("gate weights w", info.weight, w_spec, 6);
@@ -340,7 +342,7 @@ static void section_layer(void) {
     show1("HF balance loss", info.aux_balance, 2.041652749);
     show1("z-loss", info.aux_z, 2.491868848);
 
-    printf("\n[5] backward of <dy, y> (ROUTING_SPEC 13.5)\n");
+    printf("\n[5] backward of <dy, y> (\"Worked layer\")\n");
     memset(dwg, 0, sizeof dwg); memset(dw1, 0, sizeof dw1); memset(dw3, 0, sizeof dw3); memset(dw2, 0, sizeof dw2);
     memset(&g, 0, sizeof g);
     g.router = dwg; g.gate = dw1; g.up = dw3; g.down = dw2;
@@ -380,7 +382,8 @@ static void section_layer(void) {
 
 // ----------------------------------------------------------------------------
 // 6. DeepSeek-V3: sigmoid scores, group-limited selection with a bias, the
-//    bias update, the sequence-wise loss (ROUTING_SPEC 8)
+//    bias update, the sequence-wise loss (docs/ROUTING.md: "Group-limited top-k",
+//    "Bias update", "Sequence-wise balance")
 
 static void section_bias(void) {
     static const float z[24] = {0.2f, -1.0f, 1.5f, 0.8f, 0.0f, -0.4f, 2.1f, -2.0f, 0.3f, 1.0f, 0.9f, -0.6f,
@@ -395,7 +398,7 @@ static void section_bias(void) {
     moe_config c = moe_preset_deepseek_v3();   /* sigmoid, bias, groups, x2.5 */
     moe_weights w;
     routed r;
-    printf("\n[6] DeepSeek-V3 (ROUTING_SPEC 8): E=12 in 4 groups, 2 groups kept, top-4, bias for selection\n");
+    printf("\n[6] DeepSeek-V3 (\"Group-limited top-k\"): E=12 in 4 groups, 2 groups kept, top-4, bias for selection\n");
     c.num_experts = 12; c.top_k = 4; c.n_group = 4; c.topk_group = 2; c.group_score_top = 2;
     c.d_model = 1; c.d_ff = 1; c.shared_d_ff = 0;
     memset(&w, 0, sizeof w);
@@ -435,7 +438,7 @@ static int svg_routing(const char *path) {
     fprintf(f, "<text x=\"410\" y=\"30\" font-size=\"18\" font-weight=\"bold\" text-anchor=\"middle\">"
                "Routing a batch: 6 tokens, 4 experts, top-2, capacity C = 2</text>\n");
     fprintf(f, "<text x=\"410\" y=\"50\" font-size=\"12\" fill=\"#555\" text-anchor=\"middle\">"
-               "ROUTING_SPEC 3 (GShard). Solid: first choice; dashed: second choice; grey line and red cross: "
+               "GShard top-2 (docs/ROUTING.md). Solid: first choice; dashed: second choice; grey line and red cross: "
                "dropped, the expert was full.</text>\n");
     for (t = 0; t < 6; t++) {          /* token boxes */
         const double y = ty0 + tdy * t;
@@ -605,7 +608,7 @@ int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : ".";
     char path_a[1024], path_b[1024];
     int ok_a, ok_b;
-    printf("moe.h %s guided tour: the numbers of docs/TOUR.md, each checked against ROUTING_SPEC.md\n",
+    printf("moe.h %s guided tour: the numbers of docs/TOUR.md, each checked against docs/ROUTING.md\n",
            MOE_VERSION_STRING);
     section_scores();
     section_capacity();
@@ -616,6 +619,6 @@ int main(int argc, char **argv) {
     ok_b = bias_demo(path_b);
     ok_a = svg_routing(path_a);
     printf("\n%s %s, %s %s\n", ok_a ? "wrote" : "COULD NOT WRITE", path_a, ok_b ? "wrote" : "COULD NOT WRITE", path_b);
-    printf("%d of %d checks agree with ROUTING_SPEC\n", checked - mismatches, checked);
+    printf("%d of %d checks agree with docs/ROUTING.md\n", checked - mismatches, checked);
     return mismatches == 0 && ok_a && ok_b ? 0 : 1;
 }

@@ -48,8 +48,8 @@ void moe_test_check_array(const char *file, int line, const char *what, const fl
 float moe_test_rand(uint64_t *state);
 float *moe_test_fill(uint64_t *state, size_t n, float scale);
 
-/* Tolerances for comparisons against ROUTING_SPEC's float64 numbers, printed
-   to 6 decimals: fp32 agrees to ~1e-6 absolute / 1e-5 relative (spec header). */
+/* Tolerances for comparisons against docs/ROUTING.md's float64 numbers, printed
+   to 6 decimals: fp32 agrees to ~1e-6 absolute / 1e-5 relative ("Conventions"). */
 #define SPEC_ATOL 2e-6
 #define SPEC_RTOL 1e-5
 #endif

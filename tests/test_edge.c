@@ -1,6 +1,6 @@
 /* Numerical edge cases (issue 8). Each test states the behaviour moe.h
-   documents (banner "NaN / Inf POLICY", moe_info field comments, ROUTING_SPEC
-   1.2 tie rule) and asserts it, forward and, where meaningful, backward.
+   documents (banner "NaN / Inf POLICY", moe_info field comments, the tie
+   rule of docs/ROUTING.md) and asserts it, forward and, where meaningful, backward.
    Bad-input statuses are in test_misuse.c; this file is about valid calls
    with awkward numbers: overflow to Inf, ties, huge and denormal values,
    K = E, E = 1, tokens no expert takes, and capacity far below demand.
@@ -158,7 +158,7 @@ TEST(edge, nan_in_last_token_zero_router_column) {
 
 /* --- ties ---------------------------------------------------------------------- */
 
-/* ROUTING_SPEC 1.2: larger score first, ties to the lower index. With a zero
+/* docs/ROUTING.md, "Tie rule": larger score first, ties to the lower index. With a zero
    router all logits are 0: softmax scores 1/E, sigmoid 1/2; top-k picks
    experts 0..K-1 with equal weights (1/K renormalised, 1/E raw); group-limited
    top-k keeps the lower group; expert choice takes tokens 0..C-1; dense

@@ -827,7 +827,7 @@ TEST(forward, selection_bias_update) {
     CHECK(bias[2] == 0.3f);
     CHECK(bias[3] == -0.4f);
     CHECK(bias[4] == 0.0f);
-    {   /* ROUTING_SPEC 8 worked example: load from 2 tokens, mean 2/3 */
+    {   /* docs/ROUTING.md, "Bias update" example: load from 2 tokens, mean 2/3 */
         int32_t l2[12] = {0, 0, 0, 2, 1, 1, 0, 0, 0, 2, 1, 1};
         float b2[12] = {0.1f, 0.0f, -0.2f, 0.05f, 0.3f, 0.0f, -0.1f, 0.2f, 0.0f, 0.15f, -0.05f, -0.3f};
         static const double want[12] = {0.1010, 0.0010, -0.1990, 0.0490, 0.2990, -0.0010,

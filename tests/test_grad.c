@@ -37,7 +37,7 @@
    term by 1..2% (the z-loss or balance factor, the sequence-wise factor,
    soft_scale's gradient, one Shazeer load term) fails a test here.
 
-   NON-DIFFERENTIABLE POINTS (ROUTING_SPEC 13.4). Selection (top-k, groups,
+   NON-DIFFERENTIABLE POINTS (docs/ROUTING.md, "Backward"). Selection (top-k, groups,
    capacity keep/drop, random second expert, sampled expert, expert choice)
    is a constant of the backward. At each of the 4 stencil points the test
    compares a routing signature with the base point's (gp_signature): per

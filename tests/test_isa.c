@@ -1,4 +1,4 @@
-/* The compiled SIMD ISA against the reference (STYLE 7): forward on packed
+/* The compiled SIMD ISA against the scalar reference: forward on packed
    and unpacked weights, backward, on odd shapes; determinism across thread
    counts and task orders; the packing API. In a build without a SIMD ISA
    (no -mavx2 / -mavx512f / NEON) AUTO is the reference and the comparisons

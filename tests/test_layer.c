@@ -1,9 +1,9 @@
-/* Whole-layer tests: ROUTING_SPEC 13.5's worked Mixtral layer, and layer
+/* Whole-layer tests: the Mixtral layer of docs/ROUTING.md, "Worked layer", and layer
    properties (empty batches, shared experts, fused layouts, determinism). */
 #include "../moe.h"
 #include "moe_test.h"
 
-/* ROUTING_SPEC 13.5: T = 3, D = 3, F = 2, E = 4, K = 2, SwiGLU, dropless. */
+/* docs/ROUTING.md, "Worked layer": T = 3, D = 3, F = 2, E = 4, K = 2, SwiGLU, dropless. */
 typedef struct spec_layer {
     float x[9], wg[12], w1[24], w3[24], w2[24];
 } spec_layer;
@@ -56,7 +56,7 @@ TEST(layer, spec_13_5_mixtral_forward) {
     for (i = 0; i < 6; i++) CHECK_INT(expert[i], idx_want[i]);
     /* y is O(1e-2); 1e-8 absolute is 1e-6 relative to its scale */
     CHECK_ARRAY_NEAR(y, y_want, 9, 1e-8, SPEC_RTOL);
-    /* aux losses on the same logits (13.5): HF balance loss and z-loss */
+    /* aux losses on the same logits ("Worked layer"): HF balance loss and z-loss */
     CHECK_NEAR(info.aux_balance, 2.041652749, SPEC_ATOL, SPEC_RTOL);
     CHECK_NEAR(info.aux_z, 2.491868848, SPEC_ATOL, SPEC_RTOL);
     CHECK_NEAR(info.aux_total, 0.02 * 2.041652749, SPEC_ATOL, SPEC_RTOL);
@@ -64,7 +64,7 @@ TEST(layer, spec_13_5_mixtral_forward) {
     CHECK_INT(info.capacity, 0);
 }
 
-/* ROUTING_SPEC 13.5 backward, for the scalar sum(dy * y): dx, router and
+/* "Worked layer" backward, for the scalar sum(dy * y): dx, router and
    expert weight gradients; then the HF balance loss and the z-loss alone
    (dy = 0), whose dL/dz the spec prints, reach the router as dz^T x.      */
 TEST(layer, spec_13_5_mixtral_backward) {
@@ -91,7 +91,7 @@ TEST(layer, spec_13_5_mixtral_backward) {
         0, 0, -0.006727287, 0.058183116, 0.006727287, -0.058183116,
         0.004162115, -0.010958673, 0.004162115, -0.010958673, 0.004162115, -0.010958673,
         -0.019940732, 0.051129508, 0.009970366, -0.017530262, -0.004985183, 0.016799623};
-    /* dL/dz of the aux losses on z (13.5), for dy = 0 */
+    /* dL/dz of the aux losses on z ("Worked layer"), for dy = 0 */
     static const double dz_bal[12] = {0.039398517, -0.060644735, -0.033282536, 0.054528754,
                                       0.060095377, -0.070321888, -0.030056625, 0.040283136,
                                       0.046763148, -0.027961067, -0.081925728, 0.063123647};

@@ -1,5 +1,5 @@
 /* Misuse tests: every public function answers bad input with the exact named
-   status (STYLE.md 5), writes nothing on failure (except
+   status (never an abort or a print), writes nothing on failure (except
    info->workspace_required), and never writes outside the caller's buffers.
    Covers config, capacity, info, route, forward, backward and bias update. */
 #include "../moe.h"
@@ -572,7 +572,7 @@ TEST(misuse, capacity_bad_args) {
         CHECK_STATUS(moe_capacity(MOE_CAPACITY_MEGATRON, 6, 4, 5, 1.0f, &C2), MOE_STATUS_BAD_TOP_K);
         CHECK_INT(C2, SENT_I);
     }
-    /* ROUTING_SPEC 1.5 column S = 6, E = 4, k = 2, cf = 1 */
+    /* docs/ROUTING.md, "Capacity": column S = 6, E = 4, k = 2, cf = 1 */
     CHECK_STATUS(moe_capacity(MOE_CAPACITY_MEGATRON, 6, 4, 2, 1.0f, &C), MOE_STATUS_OK);
     CHECK_INT(C, 3);
     CHECK_STATUS(moe_capacity(MOE_CAPACITY_FAIRSEQ_TOP2, 6, 4, 2, 1.0f, &C), MOE_STATUS_OK);

@@ -1,27 +1,28 @@
-/* ROUTING_SPEC.md worked examples, one TEST each, through moe.h's public API.
+/* docs/ROUTING.md worked examples, one TEST each, through moe.h's public API.
+   Each comment names the section of docs/ROUTING.md its numbers come from
+   (the numbers in the test names, s1_2_ and so on, are historical).
    Routing examples feed the spec's logits straight to moe_route(); examples
    that need a whole layer build a tiny one whose expert outputs are exact, so
    the only numbers compared are the spec's (or ones derived from the spec's
    printed values in double, with the derivation in a comment).
-   Section 2 (Shazeer noise) needs the spec's explicit noise samples and lives
-   in test_spec_internal.c. Sections not covered here: 5's attention mask (not
-   in moe.h), 9's mesh variant, 7's device/communication losses, 12's
-   quick_gelu and derivatives, 13's gradients (no backward API); 13.5's forward
-   is in test_layer.c. */
+   "Noisy top-k" needs the spec's explicit noise samples and lives in
+   test_spec_internal.c; "Worked layer" (forward, backward and aux-loss
+   gradients) is in test_layer.c. Not covered here: the derivative columns of
+   "Expert FFNs", and the reference behaviours of "Not in moe.h". */
 #include "../moe.h"
 #include "moe_test.h"
 
 /* ---------------------------------------------------------------------------
    Shared inputs and helpers                                                  */
 
-/* 1.4: L (T = 3, E = 4) */
+/* "Example logits": L (T = 3, E = 4) */
 static const float spec_L[12] = {1.0f, 2.0f, 0.5f, -1.0f, 0.2f, -0.3f, 1.5f, 1.0f,
                                  2.5f, 0.0f, -0.5f, 1.75f};
-/* 1.4: p = softmax(L) */
+/* "Example logits": p = softmax(L) */
 static const double spec_p[12] = {0.224208, 0.609460, 0.135989, 0.030343,
                                   0.133309, 0.080856, 0.489150, 0.296685,
                                   0.623349, 0.051168, 0.031035, 0.294449};
-/* 3: L6 (S = 6, E = 4) and g = softmax(L6) */
+/* "Example logits": L6 (S = 6, E = 4) and g = softmax(L6) */
 static const float spec_L6[24] = {2.0f, 1.0f, 0.0f, -1.0f, 1.5f, 0.5f, 1.0f, 0.0f,
                                   0.3f, 2.2f, 1.2f, 0.1f, 1.8f, -0.5f, 0.2f, 1.1f,
                                   0.0f, 0.4f, 0.1f, 1.3f, 1.2f, 0.9f, -0.2f, 0.6f};
@@ -99,7 +100,7 @@ static double spec_lse(const float *row, int32_t E) {
 }
 
 /* ---------------------------------------------------------------------------
-   1.2 Deterministic top-k: ties go to the lower index. Equal logits give
+   "Tie rule": deterministic top-k, ties go to the lower index. Equal logits give
    bit-equal softmax probabilities, so the ties survive the scoring.          */
 TEST(spec, s1_2_tie_rule) {
     static const float v1[4] = {1.0f, 0.3f, 0.3f, 0.3f};
@@ -122,7 +123,7 @@ TEST(spec, s1_2_tie_rule) {
     spec_free(&r);
 }
 
-/* 1.4 Shared example logits: p, P (mean of p per expert) and LSE per row. */
+/* "Example logits": p, P (mean of p per expert) and LSE per row. */
 TEST(spec, s1_4_softmax_and_lse) {
     static const double P_want[4] = {0.326955, 0.247161, 0.218725, 0.207159};
     static const double lse_want[3] = {2.495182, 2.215085, 2.972649};
@@ -146,7 +147,7 @@ TEST(spec, s1_4_softmax_and_lse) {
     for (t = 0; t < 3; t++) CHECK_NEAR(spec_lse(spec_L + 4 * t, 4), lse_want[t], SPEC_ATOL, SPEC_RTOL);
 }
 
-/* 1.5 Capacity table, row S = 6, E = 4, k = 2, cf = 1.0, every formula. */
+/* "Capacity": the formula table, column S = 6, E = 4, k = 2, cf = 1.0, every formula. */
 TEST(spec, s1_5_capacity_table_row) {
     static const struct { moe_capacity_formula f; int want; } rows[] = {
         {MOE_CAPACITY_MEGATRON, 3},     /* ceil(6*2/4) = 3 (= GShard 2S/E)      */
@@ -168,7 +169,7 @@ TEST(spec, s1_5_capacity_table_row) {
     }
 }
 
-/* 1.5 Each formula above its minimum (and at it), derived by hand from the
+/* "Capacity": each formula above its minimum (and at it), derived by hand from the
    formulas in the table (and moe.h's header comments).                     */
 TEST(spec, s1_5_capacity_formulas_by_hand) {
     static const struct { moe_capacity_formula f; int S, E, K; float cf; int want; } rows[] = {
@@ -203,7 +204,7 @@ TEST(spec, s1_5_capacity_formulas_by_hand) {
     }
 }
 
-/* 1.7 Balance-loss families on L: top-k (HF), k-normalised, Switch (k = 1). */
+/* "Balance losses": the families on L: top-k (HF), k-normalised, Switch (k = 1). */
 TEST(spec, s1_7_balance_losses) {
     moe_config c = spec_cfg(4, 2);
     spec_routed r;
@@ -224,7 +225,7 @@ TEST(spec, s1_7_balance_losses) {
 }
 
 /* ---------------------------------------------------------------------------
-   3 GShard top-2 on L6, C = 2, greedy second expert, position policy.      */
+   "GShard top-2" on L6, C = 2, greedy second expert, position policy.     */
 static moe_config spec_gshard_cfg(void) {
     moe_config c = spec_cfg(4, 2);
     c.capacity = 2;
@@ -249,7 +250,7 @@ static void spec_gshard_common(const spec_routed *r) {
     CHECK_ARRAY_NEAR(r->info.scores, spec_g6, 24, SPEC_ATOL, SPEC_RTOL);
 }
 
-/* 3 (a) normalise before dropping (paper, lingvo legacy): eps = 1e-9. */
+/* "GShard top-2" (a) normalise before dropping (paper, lingvo legacy): eps = 1e-9. */
 TEST(spec, s3_gshard_normalize_before_drop) {
     static const double w_want[12] = {0.731059, 0.268941, 0.622459, 0.377541, 0.731059, 0.268941,
                                       0.0, 0.331812, 0.710950, 0.0, 0.0, 0.0};
@@ -262,7 +263,8 @@ TEST(spec, s3_gshard_normalize_before_drop) {
     spec_free(&r);
 }
 
-/* 3 (b) normalise after dropping (fairseq, DeepSpeed): a survivor gets 1.0. */
+/* "GShard top-2" (b) normalise after dropping (fairseq, DeepSpeed): a
+   survivor gets 1.0. */
 TEST(spec, s3_gshard_normalize_after_drop) {
     static const double w_want[12] = {0.731059, 0.268941, 0.622459, 0.377541, 0.731059, 0.268941,
                                       0.0, 1.0, 1.0, 0.0, 0.0, 0.0};
@@ -275,7 +277,7 @@ TEST(spec, s3_gshard_normalize_after_drop) {
     spec_free(&r);
 }
 
-/* 3 "probs" policy (Megatron; moe.h MOE_DROP_WEIGHT) ranking the renormalised
+/* "Drop policies": "probs" (Megatron; moe.h MOE_DROP_WEIGHT) ranking the renormalised
    weights: e0 keeps t0, t3 (drops t1, t5); e1 keeps t2, t5 (drops t0, t4);
    e2 and e3 keep everything. Kept weights are the pre-drop shares
    g_j / (g1 + g2), derived here from the spec's g.                          */
@@ -304,7 +306,7 @@ TEST(spec, s3_gshard_probs_policy) {
 }
 
 /* ---------------------------------------------------------------------------
-   4 Switch top-1, raw p, no renormalisation.
+   "Switch top-1": raw p, no renormalisation.
    Example A: logits L, no capacity.                                         */
 TEST(spec, s4_switch_a) {
     static const int e_want[3] = {1, 2, 0};
@@ -322,7 +324,7 @@ TEST(spec, s4_switch_a) {
     spec_free(&r);
 }
 
-/* 4 Example B: logits L6, C = 2; overflow tokens 3 and 5 get weight 0. */
+/* "Switch top-1" example B: logits L6, C = 2; overflow tokens 3 and 5 get weight 0. */
 TEST(spec, s4_switch_b) {
     static const int e_want[6] = {0, 0, 1, 0, 3, 0};
     static const int drop_want[6] = {0, 0, 0, 1, 0, 1};   /* keep = [1,1,1,0,1,0] */
@@ -349,7 +351,8 @@ TEST(spec, s4_switch_b) {
 }
 
 /* ---------------------------------------------------------------------------
-   5 Mixtral: softmax over all E, top-2, renormalise; HF loss.              */
+   "Gate weights" (Mixtral): softmax over all E, top-2, renormalise; HF loss
+   ("Balance losses").                                                       */
 TEST(spec, s5_mixtral) {
     static const int e_want[6] = {1, 0, 2, 3, 0, 3};
     static const double w_want[6] = {0.731059, 0.268941, 0.622459, 0.377541, 0.679179, 0.320821};
@@ -378,7 +381,7 @@ TEST(spec, s5_mixtral) {
 }
 
 /* ---------------------------------------------------------------------------
-   6 Qwen: norm_topk_prob = false keeps the raw p.                          */
+   "Gate weights" (Qwen): norm_topk_prob = false keeps the raw p.          */
 TEST(spec, s6_qwen_no_renorm) {
     static const int e_want[6] = {1, 0, 2, 3, 0, 3};
     static const double w_want[6] = {0.609460, 0.224208, 0.489150, 0.296685, 0.623349, 0.294449};
@@ -391,14 +394,14 @@ TEST(spec, s6_qwen_no_renorm) {
     spec_free(&r);
 }
 
-/* 6 Qwen2 shared-expert gate = sigmoid(x . w_sg) on the x of 13.5, with
+/* "Shared expert": Qwen2's gate = sigmoid(x . w_sg) on the x of "Worked layer", with
    w_sg = [0.3, -0.2, 0.1]: gate = [0.592667, 0.537430, 0.456361].
    Layer built so y = gate_t * x_t exactly:
      routed experts: all-zero weights, so they output exactly 0;
      shared expert: ReLU, Fs = 2D, gate = [I; -I], down = [I, -I], so
        shared(x) = relu(x) - relu(-x) = x exactly.
-   The router is 13.5's Wg, so info also checks Qwen's no-renorm weights on a
-   real layer: raw p of 13.5 at idx [[3,0],[1,0],[2,3]].                   */
+   The router is the worked layer's Wg, so info also checks Qwen's no-renorm
+   weights on a real layer: its raw p at idx [[3,0],[1,0],[2,3]].          */
 TEST(spec, s6_qwen2_shared_gate_layer) {
     static const float x[9] = {0.5f, -1.0f, 0.25f, 1.0f, 0.5f, -0.5f, -0.75f, 0.25f, 1.0f};
     static const float wg[12] = {0.2f, -0.1f, 0.4f, 0.5f, 0.3f, -0.2f, -0.3f, 0.6f, 0.2f,
@@ -439,7 +442,7 @@ TEST(spec, s6_qwen2_shared_gate_layer) {
 }
 
 /* ---------------------------------------------------------------------------
-   7 DeepSeek-V2 group-limited greedy: E = 8, 4 groups of 2, keep 2 groups by
+   "Group-limited top-k", DeepSeek-V2 greedy: E = 8, 4 groups of 2, keep 2 groups by
    their max, K = 3, no renormalisation, x16.                               */
 static const float spec_v2_z[16] = {0.5f, 1.2f, -0.3f, 2.0f, 0.1f, 0.8f, 1.9f, -1.0f,
                                     1.0f, 0.2f, 0.4f, 0.3f, 2.2f, -0.5f, 0.0f, 0.9f};
@@ -472,7 +475,7 @@ TEST(spec, s7_deepseek_v2_group_limited) {
     spec_free(&r);
 }
 
-/* 7 The greedy column (no groups). */
+/* "Group-limited top-k", DeepSeek-V2: the plain top-3 (no groups). */
 TEST(spec, s7_deepseek_v2_greedy) {
     static const int e_want[6] = {3, 6, 1, 4, 0, 7};
     moe_config c = spec_v2_cfg();
@@ -484,9 +487,9 @@ TEST(spec, s7_deepseek_v2_greedy) {
 }
 
 /* ---------------------------------------------------------------------------
-   8 DeepSeek-V3 noaux_tc: sigmoid, selection bias b, 4 groups of 3 scored by
-   the sum of their top-2 s+b, keep 2, K = 4, weights from the unbiased s
-   renormalised, x2.5.                                                      */
+   "Group-limited top-k", DeepSeek-V3 noaux_tc: sigmoid, selection bias b,
+   4 groups of 3 scored by the sum of their top-2 s+b, keep 2, K = 4, weights
+   from the unbiased s renormalised, x2.5.                                  */
 static const float spec_v3_z[24] = {0.2f, -1.0f, 1.5f, 0.8f, 0.0f, -0.4f, 2.1f, -2.0f, 0.3f, 1.0f, 0.9f, -0.6f,
                                     -0.3f, 0.7f, 0.1f, 1.9f, -1.2f, 0.5f, 0.4f, 0.6f, -0.8f, 1.3f, 0.0f, 2.4f};
 static const float spec_v3_b[12] = {0.1f, 0.0f, -0.2f, 0.05f, 0.3f, 0.0f, -0.1f, 0.2f,
@@ -522,8 +525,9 @@ TEST(spec, s8_deepseek_v3_noaux_tc) {
     spec_free(&r);
 }
 
-/* 8 With b = 0 token 0 keeps groups [2, 3] and picks [6, 9, 10, 8]; a plain
-   top-4 of s (no groups, no bias) is [6, 2, 9, 10] and [11, 3, 9, 1].     */
+/* "Group-limited top-k", DeepSeek-V3: with b = 0 token 0 keeps groups [2, 3]
+   and picks [6, 9, 10, 8]; a plain top-4 of s (no groups, no bias) is
+   [6, 2, 9, 10] and [11, 3, 9, 1].                                         */
 TEST(spec, s8_deepseek_v3_without_bias) {
     static const float zero_b[12] = {0};
     static const int e0_want[4] = {6, 9, 10, 8};
@@ -543,12 +547,12 @@ TEST(spec, s8_deepseek_v3_without_bias) {
     spec_free(&r);
 }
 
-/* 8 HF 0.0-fill mini example: E = 4, 2 groups, keep 1, k = 2, group score =
-   top-2 sum, s~ = [0.9, -0.2, 0.3, 0.1]. moe.h has no "given s~" input, so
-   s~ = s + b with sigmoid scores of all-zero logits (s = 0.5 exactly) and
-   selection bias b = s~ - 0.5. Group scores [0.7, 0.4] keep group 0.
-   -inf fill: {0, 1}; 0.0 fill: {0, 2} (2 and 3 tie at exactly 0.0). The
-   weights are the unbiased s = 0.5 each, renormalised.                     */
+/* "Group-limited top-k", the fill value (HF's 0.0): E = 4, 2 groups, keep 1,
+   k = 2, group score = top-2 sum, s~ = [0.9, -0.2, 0.3, 0.1]. moe.h has no
+   "given s~" input, so s~ = s + b with sigmoid scores of all-zero logits
+   (s = 0.5 exactly) and selection bias b = s~ - 0.5. Group scores [0.7, 0.4]
+   keep group 0. -inf fill: {0, 1}; 0.0 fill: {0, 2} (2 and 3 tie at exactly
+   0.0). The weights are the unbiased s = 0.5 each, renormalised.           */
 TEST(spec, s8_group_mask_fill) {
     static const float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     static const float b[4] = {0.4f, -0.7f, -0.2f, -0.4f};
@@ -573,7 +577,7 @@ TEST(spec, s8_group_mask_fill) {
     spec_free(&r);
 }
 
-/* 8 Bias update, gamma = 1e-3, the 2 tokens as the whole step: the load is
+/* "Bias update", gamma = 1e-3, the 2 tokens as the whole step: the load is
    info.expert_routed of the routing above.                                 */
 TEST(spec, s8_bias_update) {
     static const int load_want[12] = {0, 0, 0, 2, 1, 1, 0, 0, 0, 2, 1, 1};
@@ -603,7 +607,7 @@ TEST(spec, s8_bias_update) {
     }
 }
 
-/* 8 Sequence-wise loss (one sequence of T = 2): f from the unbiased plain
+/* "Sequence-wise balance" (one sequence of T = 2): f from the unbiased plain
    top-4, P from s / sum s. seq_len 0 (= T) and 2 must agree.              */
 TEST(spec, s8_sequence_wise_loss) {
     moe_config c = spec_v3_cfg();
@@ -621,7 +625,7 @@ TEST(spec, s8_sequence_wise_loss) {
 }
 
 /* ---------------------------------------------------------------------------
-   9 Expert Choice on L plus a 4th token; each expert takes its top-2 tokens.
+   "Expert choice" on L plus a 4th token; each expert takes its top-2 tokens.
    expert/weight are [T][E]: expert[t][e] = e if e picked t, else -1, and the
    weight array is the combine matrix.                                      */
 static const float spec_ec_z[16] = {1.0f, 2.0f, 0.5f, -1.0f, 0.2f, -0.3f, 1.5f, 1.0f,
@@ -663,7 +667,7 @@ TEST(spec, s9_expert_choice_explicit_capacity) {
     spec_ec_check(&c);
 }
 
-/* 9 c = 2: k_c = n * c / e = 4 * 2 / 4 = 2 from capacity_factor. */
+/* "Expert choice", c = 2: k_c = n * c / e = 4 * 2 / 4 = 2 from capacity_factor. */
 TEST(spec, s9_expert_choice_capacity_factor) {
     moe_config c = spec_cfg(4, 0);
     c.routing = MOE_ROUTING_EXPERT_CHOICE;
@@ -673,7 +677,7 @@ TEST(spec, s9_expert_choice_capacity_factor) {
 }
 
 /* ---------------------------------------------------------------------------
-   10 Soft MoE, m = 3 tokens, n = 2 experts, p = 2 slots, logits = L.
+   "Soft MoE": m = 3 tokens, n = 2 experts, p = 2 slots, logits = L.
    Dispatch = softmax over tokens (columns), combine = softmax over slots.  */
 static const double spec_soft_D[12] = {0.168605, 0.809327, 0.244728, 0.041612,
                                        0.075759, 0.081142, 0.665241, 0.307471,
@@ -687,12 +691,12 @@ TEST(spec, s10_soft_moe_route) {
     ROUTE_OR_RETURN(&r, &c, NULL, spec_L, 3);
     CHECK(r.info.dispatch != NULL);
     if (r.info.dispatch) CHECK_ARRAY_NEAR(r.info.dispatch, spec_soft_D, 12, SPEC_ATOL, SPEC_RTOL);
-    CHECK_ARRAY_NEAR(r.info.scores, spec_p, 12, SPEC_ATOL, SPEC_RTOL);    /* C = p of 1.4 */
+    CHECK_ARRAY_NEAR(r.info.scores, spec_p, 12, SPEC_ATOL, SPEC_RTOL);    /* C = p of L */
     CHECK_INT(r.info.slots, 0);
     spec_free(&r);
 }
 
-/* 10 The whole Soft MoE layer on the spec's X, f0(v) = 2v, f1(v) = v + 1.
+/* "Soft MoE": the whole layer on the spec's X, f0(v) = 2v, f1(v) = v + 1.
    moe_forward computes the logits as scale * cos(x_t, phi_s), so the layer is
    built to make them equal L:
      x_t = [X_t0, X_t1, 1000 * onehot(t) (3 dims), 0]   (D = 6)
@@ -777,8 +781,9 @@ TEST(spec, s10_soft_moe_layer) {
 }
 
 /* ---------------------------------------------------------------------------
-   11 DBRX p-norm on L, k = 2: p = 1 is Mixtral's renormalisation; p = 2:
-   t0 [0.938508, 0.345258], t1 [0.855020, 0.518596], t2 [0.904198, 0.427113]. */
+   "Gate weights", DBRX p-norm on L, k = 2: p = 1 is Mixtral's
+   renormalisation; p = 2: t0 [0.938508, 0.345258], t1 [0.855020, 0.518596],
+   t2 [0.904198, 0.427113]. */
 TEST(spec, s11_dbrx_pnorm) {
     static const double w1_want[6] = {0.731059, 0.268941, 0.622459, 0.377541, 0.679179, 0.320821};
     static const double w2_want[6] = {0.938508, 0.345258, 0.855020, 0.518596, 0.904198, 0.427113};
@@ -795,9 +800,9 @@ TEST(spec, s11_dbrx_pnorm) {
 }
 
 /* ---------------------------------------------------------------------------
-   12 Activation table through a one-expert layer: E = K = 1 (the softmax of
-   one expert is exactly 1.0), D = F = 1, gate = [1], down = [1], so y = act(x)
-   for the six table inputs as T = 6 tokens.                                */
+   "Expert FFNs": the activation table through a one-expert layer: E = K = 1
+   (the softmax of one expert is exactly 1.0), D = F = 1, gate = [1],
+   down = [1], so y = act(x) for the six table inputs as T = 6 tokens.      */
 static const float spec_act_x[6] = {-2.0f, -0.5f, 0.0f, 0.5f, 1.0f, 2.0f};
 static const double spec_act_relu[6] = {0, 0, 0, 0.5, 1.0, 2.0};
 static const double spec_act_silu[6] = {-0.238405844, -0.188770334, 0, 0.311229666, 0.731058579, 1.761594156};
@@ -830,9 +835,9 @@ TEST(spec, s12_activations) {
     }
 }
 
-/* 12 GLU variants: y = act(gate.x) * (up.x) with up = [-1.5], so the expected
-   value is table(x) * (-1.5 x). GEGLU uses the erf GELU, GEGLU_TANH the tanh
-   form (T5 v1.1 gated-gelu), SWIGLU the SiLU.                              */
+/* "Expert FFNs", GLU variants: y = act(gate.x) * (up.x) with up = [-1.5], so
+   the expected value is table(x) * (-1.5 x). GEGLU uses the erf GELU,
+   GEGLU_TANH the tanh form (T5 v1.1 gated-gelu), SWIGLU the SiLU.          */
 TEST(spec, s12_activations_glu) {
     static const struct { moe_activation act; const double *table; } rows[] = {
         {MOE_ACT_SWIGLU, spec_act_silu}, {MOE_ACT_GEGLU, spec_act_gelu},

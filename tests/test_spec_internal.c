@@ -1,6 +1,6 @@
-/* ROUTING_SPEC 2 (Shazeer noisy top-k) worked example. The public API draws
-   its own N(0,1) noise, so this file drives the internal router with the
-   spec's explicit samples N through the moe__router.noise_samples seam.
+/* docs/ROUTING.md, "Noisy top-k" (Shazeer): the worked example. The public
+   API draws its own N(0,1) noise, so this file drives the internal router with
+   the spec's explicit samples N through the moe__router.noise_samples seam.
    It builds a file-local static copy of the implementation (MOE_STATIC), so
    it links next to test_main.c's extern copy. */
 #define MOE_STATIC
@@ -8,7 +8,7 @@
 #include "../moe.h"
 #include "moe_test.h"
 
-/* 2: clean logits z = L (1.4), raw noise logits r, samples N; T = 3, E = 4. */
+/* Clean logits z = L ("Example logits"), raw noise logits r, samples N; T = 3, E = 4. */
 static const float spec2_z[12] = {1.0f, 2.0f, 0.5f, -1.0f, 0.2f, -0.3f, 1.5f, 1.0f,
                                   2.5f, 0.0f, -0.5f, 1.75f};
 static const float spec2_r[12] = {0.0f, -1.0f, 0.5f, 1.0f, 1.0f, 0.0f, -0.5f, 0.2f,
@@ -69,9 +69,10 @@ static void spec2_check_ints(const char *file, int line, const char *what,
 /* Top-2 of the noisy H, slot order: t0 {1, 2}, t1 {3, 2}, t2 {3, 0}. */
 static const int spec2_expert[6] = {1, 2, 3, 2, 3, 0};
 
-/* 2 paper variant (eps_n = 0): gates G from H (slot order), Importance, smooth
-   Load and their population CV^2. info.scores = softmax(H) over all E is
-   checked against the spec's printed H (softmax taken here in double).     */
+/* "Noisy top-k", paper variant (eps_n = 0): gates G from H (slot order),
+   Importance, smooth Load and their population CV^2. info.scores =
+   softmax(H) over all E is checked against the spec's printed H (softmax
+   taken here in double).                                                   */
 TEST(spec_internal, s2_shazeer_paper) {
     static const double H[12] = {1.207944, 1.937348, 1.571485, -1.656631,
                                  -1.375914, -0.022741, 1.547408, 1.638511,
@@ -98,7 +99,7 @@ TEST(spec_internal, s2_shazeer_paper) {
     CHECK_NEAR(o.aux_load, 0.052758, SPEC_ATOL, SPEC_RTOL);
 }
 
-/* 2 tensor2tensor variant (eps_n = 0.01). */
+/* "Noisy top-k", tensor2tensor variant (eps_n = 0.01). */
 TEST(spec_internal, s2_shazeer_t2t) {
     static const double G_want[6] = {0.587312, 0.412688, 0.524506, 0.475494, 0.700843, 0.299157};
     static const double imp_want[4] = {0.299157, 0.587312, 0.888182, 1.225349};
@@ -115,8 +116,9 @@ TEST(spec_internal, s2_shazeer_t2t) {
     CHECK_NEAR(0.01 * ((double)o.aux_importance + o.aux_load), 0.00263111, 1e-8, SPEC_RTOL);
 }
 
-/* 2 at evaluation: no noise, H = z, so the picks are the plain top-2 of L
-   with the Mixtral weights of 5, and Load is the hard count [2, 1, 1, 2]:
+/* "Noisy top-k" at evaluation: no noise, H = z, so the picks are the plain
+   top-2 of L with the Mixtral weights of "Gate weights", and Load is the hard
+   count [2, 1, 1, 2] ("Importance and load"):
    mean 1.5, population variance 0.25, CV^2 = 0.25 / 2.25 = 1/9.           */
 TEST(spec_internal, s2_shazeer_eval_no_noise) {
     static const int e_want[6] = {1, 0, 2, 3, 0, 3};

@@ -3,7 +3,7 @@
 
 Everything runs in float32 on CPU with fixed seeds.  HF cases use the
 transformers 5.x module classes with the eager experts implementation; the
-other cases are plain-torch implementations of ROUTING_SPEC.md, each checked
+other cases are plain-torch implementations of docs/ROUTING.md, each checked
 first against a worked example of that spec (the PASS lines).  Each case
 also records PyTorch autograd gradients of L = sum(dy * y) + the preset's
 coef * aux losses (dy, dx, d_<weight>, balance_coef, z_loss_coef), appended
@@ -176,7 +176,7 @@ def eager_forward_of(experts):
 
 
 # --------------------------------------------------------------------------
-# gradients (ROUTING_SPEC §13): autograd of L = sum(dy * y) + coef * aux
+# gradients (docs/ROUTING.md, "Backward"): autograd of L = sum(dy * y) + coef * aux
 # --------------------------------------------------------------------------
 
 DY_SEED_OFFSET = 100000  # dy has its own generator, so the forward draws are untouched
@@ -268,11 +268,12 @@ def check_grads(case, recs, ref, tol=2e-6):
 
 
 # --------------------------------------------------------------------------
-# plain-torch routers (ROUTING_SPEC §4, §3, §9, §10)
+# plain-torch routers (docs/ROUTING.md: "Switch top-1", "GShard top-2", "Expert choice",
+# "Soft MoE")
 # --------------------------------------------------------------------------
 
 def switch_route(logits, C):
-    """Switch top-1 (§4): raw p weight, position policy, capacity C."""
+    """Switch top-1 ("Switch top-1"): raw p weight, position policy, capacity C."""
     T, E = logits.shape
     p = torch.softmax(logits, dim=-1)
     e = torch.argmax(p, dim=-1)
@@ -293,7 +294,7 @@ def switch_route(logits, C):
 
 
 def gshard_route(logits, C):
-    """GShard top-2 (§3): greedy 2nd expert, position policy with all first
+    """GShard top-2 ("GShard top-2"): greedy 2nd expert, position policy with all first
     choices before any second choice, weights normalised before dropping
     (no epsilon), first-choice aux."""
     T, E = logits.shape
@@ -321,7 +322,7 @@ def gshard_route(logits, C):
 
 
 def expert_choice_route(logits, cap):
-    """Expert Choice (§9): S = softmax over experts; expert e takes its top-cap
+    """Expert Choice ("Expert choice"): S = softmax over experts; expert e takes its top-cap
     tokens by S[:, e]; combine[t, e] = S[t, e] if chosen."""
     S = torch.softmax(logits, dim=-1)
     T, E = S.shape
@@ -335,7 +336,7 @@ def expert_choice_route(logits, cap):
 
 
 def soft_moe_apply(logits, X, expert_fns, P):
-    """Soft MoE (§10) given the scaled normalised logits [T, E*P]."""
+    """Soft MoE ("Soft MoE") given the scaled normalised logits [T, E*P]."""
     dispatch = torch.softmax(logits, dim=0)
     combine = torch.softmax(logits, dim=1)
     slot_in = dispatch.t() @ X
@@ -349,7 +350,7 @@ def l2norm_rows(A):
 
 
 def dsv3_route(logits, bias, n_group, topk_group, k, scale, norm=True):
-    """DeepSeek-V3 noaux_tc (§8), -inf fill, slots sorted by descending s+b."""
+    """DeepSeek-V3 noaux_tc ("Group-limited top-k"), -inf fill, slots sorted by descending s+b."""
     T, E = logits.shape
     s = torch.sigmoid(logits)
     c = s + bias
@@ -367,7 +368,7 @@ def dsv3_route(logits, bias, n_group, topk_group, k, scale, norm=True):
 
 
 # --------------------------------------------------------------------------
-# self-checks against ROUTING_SPEC worked examples
+# self-checks against the worked examples of docs/ROUTING.md
 # --------------------------------------------------------------------------
 
 L = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.2, -0.3, 1.5, 1.0], [2.5, 0.0, -0.5, 1.75]])
@@ -376,13 +377,13 @@ L6 = torch.tensor([[2.0, 1.0, 0.0, -1.0], [1.5, 0.5, 1.0, 0.0], [0.3, 2.2, 1.2, 
 
 
 def self_checks():
-    # §1.4 / §4 example A (no capacity)
+    # "Example logits" / "Switch top-1" example A (no capacity)
     r = switch_route(L, C=100)
     check("switch example A: experts [1,2,0]", r["e"].tolist() == [1, 2, 0])
     check("switch example A: aux 1.057121", close(r["aux"], 1.057121))
     check("switch example A: z-loss 6.656393", close(r["z"], 6.656393, 5e-6))
     check("switch example A: LSE", close(r["lse"], [2.495182, 2.215085, 2.972649]))
-    # §4 example B (C = 2)
+    # "Switch top-1" example B (C = 2)
     r = switch_route(L6, C=2)
     check("switch example B: experts", r["e"].tolist() == [0, 0, 1, 0, 3, 0])
     check("switch example B: pos", r["pos"].tolist() == [0, 1, 0, 2, 0, 3])
@@ -392,7 +393,7 @@ def self_checks():
     check("switch example B: aux 1.320559", close(r["aux"], 1.320559))
     check("switch example B: z-loss 5.436459", close(r["z"], 5.436459, 5e-6))
 
-    # §3 GShard worked example (C = 2, normalise before dropping)
+    # "GShard top-2" worked example (C = 2, normalise before dropping)
     r = gshard_route(L6, C=2)
     check("gshard L6: e1/e2", r["idx"].tolist() ==
           [[0, 1], [0, 2], [1, 2], [0, 3], [3, 1], [0, 1]])
@@ -403,7 +404,7 @@ def self_checks():
                                                    [0.710950, 0], [0, 0]]))
     check("gshard L6: aux 1.320559", close(r["aux"], 1.320559))
 
-    # §9 Expert Choice example
+    # "Expert choice" example
     L4 = torch.cat([L, torch.tensor([[-0.5, 3.0, 0.8, 1.5]])])
     S, comb, picks = expert_choice_route(L4, 2)
     check("expert choice: picks", picks == [[2, 0], [3, 0], [1, 0], [1, 2]])
@@ -412,7 +413,7 @@ def self_checks():
                                                  [0.623349, 0, 0, 0.294449],
                                                  [0, 0.733068, 0, 0]]))
 
-    # §10 Soft MoE example (logits given directly)
+    # "Soft MoE" example (logits given directly)
     X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
     r = soft_moe_apply(L, X, [lambda v: 2 * v, lambda v: v + 1], P=2)
     check("soft moe: dispatch", close(r["dispatch"], [[0.168605, 0.809327, 0.244728, 0.041612],
@@ -423,11 +424,11 @@ def self_checks():
     check("soft moe: Y", close(r["Y"], [[1.767327, -0.105337], [1.550055, 0.779446],
                                         [1.786067, -0.608297]]))
 
-    # §5 HF load_balancing_loss_func on L, k = 2
+    # "Balance losses": HF load_balancing_loss_func on L, k = 2
     aux = hf_mixtral.load_balancing_loss_func((L.clone(),), 4, 2)
     check("HF load_balancing_loss_func(L, k=2) = 2.045486", close(aux, 2.045486))
 
-    # §8 DeepSeek-V3 worked example, through the HF router and the plain one
+    # "Group-limited top-k" DeepSeek-V3 example, through the HF router and the plain one
     z = torch.tensor([[0.2, -1.0, 1.5, 0.8, 0.0, -0.4, 2.1, -2.0, 0.3, 1.0, 0.9, -0.6],
                       [-0.3, 0.7, 0.1, 1.9, -1.2, 0.5, 0.4, 0.6, -0.8, 1.3, 0.0, 2.4]])
     b = torch.tensor([0.1, 0.0, -0.2, 0.05, 0.3, 0.0, -0.1, 0.2, 0.0, 0.15, -0.05, -0.3])
@@ -447,8 +448,8 @@ def self_checks():
     check("deepseek-v3 HF router: idx (sorted by s+b)", idx.gather(1, order).tolist() == exp_idx)
     check("deepseek-v3 HF router: weights", close(w.gather(1, order), exp_w))
 
-    # §13.5 backward worked example, through the plain-torch autograd cross-check
-    # the HF gradients are compared against (ref_topk_backward), and §13.3 / §13.5
+    # "Worked layer" backward, through the plain-torch autograd cross-check
+    # the HF gradients are compared against (ref_topk_backward), and the "Worked layer"
     # aux-loss gradients through the same loss code the golden cases use
     x = torch.tensor([[0.5, -1.0, 0.25], [1.0, 0.5, -0.5], [-0.75, 0.25, 1.0]])
     Wg = torch.tensor([[0.2, -0.1, 0.4], [0.5, 0.3, -0.2], [-0.3, 0.6, 0.2], [0.1, -0.4, 0.7]])
@@ -465,50 +466,51 @@ def self_checks():
         v = torch.softmax(zz, -1).gather(1, idx)
         return v / v.sum(-1, keepdim=True)
     g = ref_topk_backward(x, Wg, W1, W3, W2, idx, renorm, dy)
-    check("13.5 backward: dW_g", close(g["d_router"], [
+    check("worked layer backward: dW_g", close(g["d_router"], [
         [0.002999066, -0.012712171, 0.004185148], [0.002685615, 0.001342808, -0.001342808],
         [0.000799206, -0.000266402, -0.001065608], [-0.006483888, 0.011635765, -0.001776733]]))
-    check("13.5 backward: dx", close(g["dx"], [
+    check("worked layer backward: dx", close(g["dx"], [
         [-0.021300137, 0.037065873, 0.004301102], [-0.065687277, -0.044992545, -0.018056352],
         [0.015749375, -0.015873961, 0.013814184]]))
-    check("13.5 backward: dW1", close(g["d_gate"], [
+    check("worked layer backward: dW1", close(g["d_gate"], [
         [[0.013548024, 0.004622674, -0.005913477], [0.028875299, 0.018969110, -0.016250234]],
         [[0.091768618, 0.045884309, -0.045884309], [-0.103282560, -0.051641280, 0.051641280]],
         [[0.016000743, -0.005333581, -0.021334324], [-0.010972781, 0.003657594, 0.014630374]],
         [[-0.026397945, 0.033752819, 0.007748405], [0.013143398, -0.021286134, 0.001070971]]]))
-    check("13.5 backward: dW3", close(g["d_up"], [
+    check("worked layer backward: dW3", close(g["d_up"], [
         [[0.034447536, 0.005702020, -0.012615069], [-0.022744473, 0.029213251, -0.004861959]],
         [[-0.011772752, -0.005886376, 0.005886376], [-0.038788744, -0.019394372, 0.019394372]],
         [[0.002774744, -0.000924915, -0.003699658], [0.005190950, -0.001730317, -0.006921267]],
         [[0.045863684, -0.091727369, 0.022931842], [0.015057515, -0.028329588, 0.005564771]]]))
-    check("13.5 backward: dW2", close(g["d_down"], [
+    check("worked layer backward: dW2", close(g["d_down"], [
         [[0.000614493, 0.005729716], [0.048180864, -0.010188920], [-0.048334487, 0.008756491]],
         [[0, 0], [-0.006727287, 0.058183116], [0.006727287, -0.058183116]],
         [[0.004162115, -0.010958673], [0.004162115, -0.010958673], [0.004162115, -0.010958673]],
         [[-0.019940732, 0.051129508], [0.009970366, -0.017530262], [-0.004985183, 0.016799623]]]))
     (z,) = leaves(Fn.linear(x, Wg))
     hf_mixtral.load_balancing_loss_func((z,), 4, 2).backward()
-    check("13.5 HF load-balancing loss gradient", close(z.grad, [
+    check("worked layer HF load-balancing loss gradient", close(z.grad, [
         [0.039398517, -0.060644735, -0.033282536, 0.054528754],
         [0.060095377, -0.070321888, -0.030056625, 0.040283136],
         [0.046763148, -0.027961067, -0.081925728, 0.063123647]]))
     (z,) = leaves(Fn.linear(x, Wg))
     switch_route(z, C=100)["z"].backward()
-    check("13.5 z-loss gradient", close(z.grad, [
+    check("worked layer z-loss gradient", close(z.grad, [
         [0.298108225, 0.199827919, 0.109667887, 0.412590919],
         [0.210212517, 0.467836560, 0.199960331, 0.140909664],
         [0.262181195, 0.126980794, 0.372052825, 0.353907595]]))
     (z,) = leaves(torch.tensor([1.0, 2.0, 0.5, -1.0]))
     p = torch.softmax(z, -1)
     (0.3 * p[1] - 0.1 * p[0]).backward()
-    check("13.5 raw-softmax dz", close(z.grad, [-0.058388, 0.085070, -0.021815, -0.004868]))
+    check("router gradients: raw-softmax dz",
+          close(z.grad, [-0.058388, 0.085070, -0.021815, -0.004868]))
     (z0,) = leaves(torch.tensor([[0.2, -1.0, 1.5, 0.8, 0.0, -0.4, 2.1, -2.0, 0.3, 1.0, 0.9, -0.6]]))
     sel = torch.tensor([[9, 4, 3, 10]])
     v = torch.sigmoid(z0).gather(1, sel)
     (torch.tensor([[0.1, -0.2, 0.3, 0.05]]) * v / (v.sum() + 1e-20) * 2.5).sum().backward()
     dz_expect = torch.zeros(12)
     dz_expect[[3, 4, 9, 10]] = torch.tensor([0.044308, -0.066949, 0.003374, -0.006233])
-    check("13.5 deepseek-v3 sigmoid dz", close(z0.grad[0], dz_expect))
+    check("router gradients: deepseek-v3 sigmoid dz", close(z0.grad[0], dz_expect))
 
 
 # --------------------------------------------------------------------------
@@ -835,7 +837,7 @@ def case_switch(outdir):
     seed, (x, W, gate, down, logits, r) = find_seed(4000, draw)
     y = layer(x, r, gate, down)
     ndrop = int((~r["keep"]).sum())
-    desc = ["case: Switch top-1 (ROUTING_SPEC §4), plain torch",
+    desc = ['case: Switch top-1 (docs/ROUTING.md, "Switch top-1"), plain torch',
             "p = softmax(x.router^T) fp32; expert = argmax p; weight = raw p[expert] (no renormalisation)",
             "capacity C = %d, position policy: pos = #earlier tokens to the same expert; keep iff pos < C" % C,
             "dropped tokens: weight 0, y row 0 (expert still records the argmax); %d dropped" % ndrop,
@@ -896,7 +898,7 @@ def case_gshard(outdir):
     seed, (x, W, gate, up, down, logits, r) = find_seed(5000, draw)
     y = layer(x, r, gate, up, down)
     dropped = (~r["keep"]).long()
-    desc = ["case: GShard top-2 (ROUTING_SPEC §3), plain torch",
+    desc = ['case: GShard top-2 (docs/ROUTING.md, "GShard top-2"), plain torch',
             "g = softmax fp32; e1 = argmax g; e2 = argmax of g without e1 (greedy)",
             "capacity C = %d, position policy: all first choices placed (token order) before any second" % C,
             "  choice; keep iff position < C",
@@ -959,7 +961,7 @@ def case_expert_choice(outdir):
     S, combine, picks = expert_choice_route(logits, cap)
     y = layer(x, combine, gate, down)
     per_tok = (combine != 0).sum(1).tolist()
-    desc = ["case: Expert Choice (ROUTING_SPEC §9), plain torch",
+    desc = ['case: Expert Choice (docs/ROUTING.md, "Expert choice"), plain torch',
             "S = softmax over experts per token; capacity = T*c/E with c = %d; expert e takes the" % c,
             "  top-capacity tokens by S[:, e]; combine[t, e] = S[t, e] if chosen else 0; no renormalisation",
             "y[t] = sum_e combine[t, e] * FFN_e(x[t]); expert FFN: down . gelu_erf(gate . x)",
@@ -999,7 +1001,7 @@ def case_soft_moe(outdir):
     r = soft_moe_apply(logits, x, fns, P)
     assert torch.allclose(r["dispatch"].sum(0), torch.ones(E * P), atol=1e-6)
     assert torch.allclose(r["combine"].sum(1), torch.ones(T), atol=1e-6)
-    desc = ["case: Soft MoE (ROUTING_SPEC §10), plain torch",
+    desc = ['case: Soft MoE (docs/ROUTING.md, "Soft MoE"), plain torch',
             "Xn = X / sqrt(sum X^2 + 1e-6) per row; soft_phi [E*P][D] rows normalised the same way;",
             "  slot s = expert s // P, slot s % P",
             "logits = soft_scale * Xn . Phin^T [T][E*P]; dispatch = softmax over tokens (dim 0);",
