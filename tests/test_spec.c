@@ -1,6 +1,6 @@
 /* docs/ROUTING.md worked examples, one TEST each, through moe.h's public API.
-   Each comment names the section of docs/ROUTING.md its numbers come from
-   (the numbers in the test names, s1_2_ and so on, are historical).
+   Each comment opens with the section of docs/ROUTING.md its numbers come
+   from (make docs-check checks that the section exists).
    Routing examples feed the spec's logits straight to moe_route(); examples
    that need a whole layer build a tiny one whose expert outputs are exact, so
    the only numbers compared are the spec's (or ones derived from the spec's
@@ -102,7 +102,7 @@ static double spec_lse(const float *row, int32_t E) {
 /* ---------------------------------------------------------------------------
    "Tie rule": deterministic top-k, ties go to the lower index. Equal logits give
    bit-equal softmax probabilities, so the ties survive the scoring.          */
-TEST(spec, s1_2_tie_rule) {
+TEST(spec, tie_rule) {
     static const float v1[4] = {1.0f, 0.3f, 0.3f, 0.3f};
     static const float v2[4] = {0.5f, 1.0f, 1.0f, 0.2f};
     static const int want1[2] = {0, 1}, want2k1[1] = {1}, want2k2[2] = {1, 2};
@@ -124,7 +124,7 @@ TEST(spec, s1_2_tie_rule) {
 }
 
 /* "Example logits": p, P (mean of p per expert) and LSE per row. */
-TEST(spec, s1_4_softmax_and_lse) {
+TEST(spec, softmax_and_lse) {
     static const double P_want[4] = {0.326955, 0.247161, 0.218725, 0.207159};
     static const double lse_want[3] = {2.495182, 2.215085, 2.972649};
     moe_config c = spec_cfg(4, 2);
@@ -148,7 +148,7 @@ TEST(spec, s1_4_softmax_and_lse) {
 }
 
 /* "Capacity": the formula table, column S = 6, E = 4, k = 2, cf = 1.0, every formula. */
-TEST(spec, s1_5_capacity_table_row) {
+TEST(spec, capacity_table_row) {
     static const struct { moe_capacity_formula f; int want; } rows[] = {
         {MOE_CAPACITY_MEGATRON, 3},     /* ceil(6*2/4) = 3 (= GShard 2S/E)      */
         {MOE_CAPACITY_FAIRSEQ_TOP1, 2}, /* int(1 * ceil(1.5)) = 2               */
@@ -171,7 +171,7 @@ TEST(spec, s1_5_capacity_table_row) {
 
 /* "Capacity": each formula above its minimum (and at it), derived by hand from the
    formulas in the table (and moe.h's header comments).                     */
-TEST(spec, s1_5_capacity_formulas_by_hand) {
+TEST(spec, capacity_formulas_by_hand) {
     static const struct { moe_capacity_formula f; int S, E, K; float cf; int want; } rows[] = {
         {MOE_CAPACITY_MEGATRON, 10, 4, 2, 1.25f, 7},     /* ceil(6.25)                       */
         {MOE_CAPACITY_MEGATRON, 0, 4, 2, 1.0f, 0},       /* no minimum                        */
@@ -205,7 +205,7 @@ TEST(spec, s1_5_capacity_formulas_by_hand) {
 }
 
 /* "Balance losses": the families on L: top-k (HF), k-normalised, Switch (k = 1). */
-TEST(spec, s1_7_balance_losses) {
+TEST(spec, balance_losses) {
     moe_config c = spec_cfg(4, 2);
     spec_routed r;
     c.balance_loss = MOE_BALANCE_TOPK;
@@ -251,7 +251,7 @@ static void spec_gshard_common(const spec_routed *r) {
 }
 
 /* "GShard top-2" (a) normalise before dropping (paper, lingvo legacy): eps = 1e-9. */
-TEST(spec, s3_gshard_normalize_before_drop) {
+TEST(spec, gshard_normalize_before_drop) {
     static const double w_want[12] = {0.731059, 0.268941, 0.622459, 0.377541, 0.731059, 0.268941,
                                       0.0, 0.331812, 0.710950, 0.0, 0.0, 0.0};
     moe_config c = spec_gshard_cfg();
@@ -265,7 +265,7 @@ TEST(spec, s3_gshard_normalize_before_drop) {
 
 /* "GShard top-2" (b) normalise after dropping (fairseq, DeepSpeed): a
    survivor gets 1.0. */
-TEST(spec, s3_gshard_normalize_after_drop) {
+TEST(spec, gshard_normalize_after_drop) {
     static const double w_want[12] = {0.731059, 0.268941, 0.622459, 0.377541, 0.731059, 0.268941,
                                       0.0, 1.0, 1.0, 0.0, 0.0, 0.0};
     moe_config c = spec_gshard_cfg();
@@ -281,7 +281,7 @@ TEST(spec, s3_gshard_normalize_after_drop) {
    weights: e0 keeps t0, t3 (drops t1, t5); e1 keeps t2, t5 (drops t0, t4);
    e2 and e3 keep everything. Kept weights are the pre-drop shares
    g_j / (g1 + g2), derived here from the spec's g.                          */
-TEST(spec, s3_gshard_probs_policy) {
+TEST(spec, gshard_probs_policy) {
     static const int dropped_want[12] = {0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0};
     static const int kept_want[4] = {2, 2, 2, 2};
     double w_want[12];
@@ -308,7 +308,7 @@ TEST(spec, s3_gshard_probs_policy) {
 /* ---------------------------------------------------------------------------
    "Switch top-1": raw p, no renormalisation.
    Example A: logits L, no capacity.                                         */
-TEST(spec, s4_switch_a) {
+TEST(spec, switch_a) {
     static const int e_want[3] = {1, 2, 0};
     static const double g_want[3] = {0.609460, 0.489150, 0.623349};
     moe_config c = spec_cfg(4, 1);
@@ -325,7 +325,7 @@ TEST(spec, s4_switch_a) {
 }
 
 /* "Switch top-1" example B: logits L6, C = 2; overflow tokens 3 and 5 get weight 0. */
-TEST(spec, s4_switch_b) {
+TEST(spec, switch_b) {
     static const int e_want[6] = {0, 0, 1, 0, 3, 0};
     static const int drop_want[6] = {0, 0, 0, 1, 0, 1};   /* keep = [1,1,1,0,1,0] */
     static const int kept_want[4] = {2, 1, 0, 1}, routed_want[4] = {4, 1, 0, 1};
@@ -353,7 +353,7 @@ TEST(spec, s4_switch_b) {
 /* ---------------------------------------------------------------------------
    "Gate weights" (Mixtral): softmax over all E, top-2, renormalise; HF loss
    ("Balance losses").                                                       */
-TEST(spec, s5_mixtral) {
+TEST(spec, mixtral) {
     static const int e_want[6] = {1, 0, 2, 3, 0, 3};
     static const double w_want[6] = {0.731059, 0.268941, 0.622459, 0.377541, 0.679179, 0.320821};
     static const double combine_want[12] = {0.268941, 0.731059, 0, 0, 0, 0, 0.622459, 0.377541,
@@ -382,7 +382,7 @@ TEST(spec, s5_mixtral) {
 
 /* ---------------------------------------------------------------------------
    "Gate weights" (Qwen): norm_topk_prob = false keeps the raw p.          */
-TEST(spec, s6_qwen_no_renorm) {
+TEST(spec, qwen_no_renorm) {
     static const int e_want[6] = {1, 0, 2, 3, 0, 3};
     static const double w_want[6] = {0.609460, 0.224208, 0.489150, 0.296685, 0.623349, 0.294449};
     moe_config c = spec_cfg(4, 2);
@@ -402,7 +402,7 @@ TEST(spec, s6_qwen_no_renorm) {
        shared(x) = relu(x) - relu(-x) = x exactly.
    The router is the worked layer's Wg, so info also checks Qwen's no-renorm
    weights on a real layer: its raw p at idx [[3,0],[1,0],[2,3]].          */
-TEST(spec, s6_qwen2_shared_gate_layer) {
+TEST(spec, qwen2_shared_gate_layer) {
     static const float x[9] = {0.5f, -1.0f, 0.25f, 1.0f, 0.5f, -0.5f, -0.75f, 0.25f, 1.0f};
     static const float wg[12] = {0.2f, -0.1f, 0.4f, 0.5f, 0.3f, -0.2f, -0.3f, 0.6f, 0.2f,
                                  0.1f, -0.4f, 0.7f};
@@ -455,7 +455,7 @@ static moe_config spec_v2_cfg(void) {
     return c;
 }
 
-TEST(spec, s7_deepseek_v2_group_limited) {
+TEST(spec, deepseek_v2_group_limited) {
     static const double s_want[16] = {0.070209, 0.141383, 0.031547, 0.314653, 0.047062, 0.094772,
                                       0.284710, 0.015666, 0.136786, 0.061462, 0.075070, 0.067926,
                                       0.454146, 0.030521, 0.050321, 0.123769};
@@ -476,7 +476,7 @@ TEST(spec, s7_deepseek_v2_group_limited) {
 }
 
 /* "Group-limited top-k", DeepSeek-V2: the plain top-3 (no groups). */
-TEST(spec, s7_deepseek_v2_greedy) {
+TEST(spec, deepseek_v2_greedy) {
     static const int e_want[6] = {3, 6, 1, 4, 0, 7};
     moe_config c = spec_v2_cfg();
     spec_routed r;
@@ -504,7 +504,7 @@ static moe_config spec_v3_cfg(void) {
     return c;
 }
 
-TEST(spec, s8_deepseek_v3_noaux_tc) {
+TEST(spec, deepseek_v3_noaux_tc) {
     static const double s_want[24] = {
         0.549834, 0.268941, 0.817574, 0.689974, 0.500000, 0.401312, 0.890903, 0.119203,
         0.574443, 0.731059, 0.710950, 0.354344,
@@ -528,7 +528,7 @@ TEST(spec, s8_deepseek_v3_noaux_tc) {
 /* "Group-limited top-k", DeepSeek-V3: with b = 0 token 0 keeps groups [2, 3]
    and picks [6, 9, 10, 8]; a plain top-4 of s (no groups, no bias) is
    [6, 2, 9, 10] and [11, 3, 9, 1].                                         */
-TEST(spec, s8_deepseek_v3_without_bias) {
+TEST(spec, deepseek_v3_without_bias) {
     static const float zero_b[12] = {0};
     static const int e0_want[4] = {6, 9, 10, 8};
     static const int plain_want[8] = {6, 2, 9, 10, 11, 3, 9, 1};
@@ -553,7 +553,7 @@ TEST(spec, s8_deepseek_v3_without_bias) {
    (s = 0.5 exactly) and selection bias b = s~ - 0.5. Group scores [0.7, 0.4]
    keep group 0. -inf fill: {0, 1}; 0.0 fill: {0, 2} (2 and 3 tie at exactly
    0.0). The weights are the unbiased s = 0.5 each, renormalised.           */
-TEST(spec, s8_group_mask_fill) {
+TEST(spec, group_mask_fill) {
     static const float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     static const float b[4] = {0.4f, -0.7f, -0.2f, -0.4f};
     static const int inf_want[2] = {0, 1}, zero_want[2] = {0, 2};
@@ -579,7 +579,7 @@ TEST(spec, s8_group_mask_fill) {
 
 /* "Bias update", gamma = 1e-3, the 2 tokens as the whole step: the load is
    info.expert_routed of the routing above.                                 */
-TEST(spec, s8_bias_update) {
+TEST(spec, bias_update) {
     static const int load_want[12] = {0, 0, 0, 2, 1, 1, 0, 0, 0, 2, 1, 1};
     static const double b_want[12] = {0.1010, 0.0010, -0.1990, 0.0490, 0.2990, -0.0010,
                                       -0.0990, 0.2010, 0.0010, 0.1490, -0.0510, -0.3010};
@@ -609,7 +609,7 @@ TEST(spec, s8_bias_update) {
 
 /* "Sequence-wise balance" (one sequence of T = 2): f from the unbiased plain
    top-4, P from s / sum s. seq_len 0 (= T) and 2 must agree.              */
-TEST(spec, s8_sequence_wise_loss) {
+TEST(spec, sequence_wise_loss) {
     moe_config c = spec_v3_cfg();
     moe_weights w;
     spec_routed r;
@@ -659,7 +659,7 @@ static void spec_ec_check(const moe_config *c) {
     spec_free(&r);
 }
 
-TEST(spec, s9_expert_choice_explicit_capacity) {
+TEST(spec, expert_choice_explicit_capacity) {
     moe_config c = spec_cfg(4, 0);
     c.routing = MOE_ROUTING_EXPERT_CHOICE;
     c.normalize = MOE_NORM_NONE;
@@ -668,7 +668,7 @@ TEST(spec, s9_expert_choice_explicit_capacity) {
 }
 
 /* "Expert choice", c = 2: k_c = n * c / e = 4 * 2 / 4 = 2 from capacity_factor. */
-TEST(spec, s9_expert_choice_capacity_factor) {
+TEST(spec, expert_choice_capacity_factor) {
     moe_config c = spec_cfg(4, 0);
     c.routing = MOE_ROUTING_EXPERT_CHOICE;
     c.normalize = MOE_NORM_NONE;
@@ -683,7 +683,7 @@ static const double spec_soft_D[12] = {0.168605, 0.809327, 0.244728, 0.041612,
                                        0.075759, 0.081142, 0.665241, 0.307471,
                                        0.755636, 0.109531, 0.090031, 0.650917};
 
-TEST(spec, s10_soft_moe_route) {
+TEST(spec, soft_moe_route) {
     moe_config c = spec_cfg(2, 0);
     spec_routed r;
     c.routing = MOE_ROUTING_SOFT;
@@ -709,7 +709,7 @@ TEST(spec, s10_soft_moe_route) {
    dims 0-1 exactly the spec's 2-d example, so y[:, 0:2] must be the spec's Y.
    All 6 dims are also checked against Y = C f(D^T x) recomputed in double
    from the returned D and C.                                               */
-TEST(spec, s10_soft_moe_layer) {
+TEST(spec, soft_moe_layer) {
     enum { T = 3, Dm = 6, F = 12, R = 4 };
     static const double X[6] = {1, 0, 0, 1, 1, -1};
     static const double Y_want[6] = {1.767327, -0.105337, 1.550055, 0.779446, 1.786067, -0.608297};
@@ -784,7 +784,7 @@ TEST(spec, s10_soft_moe_layer) {
    "Gate weights", DBRX p-norm on L, k = 2: p = 1 is Mixtral's
    renormalisation; p = 2: t0 [0.938508, 0.345258], t1 [0.855020, 0.518596],
    t2 [0.904198, 0.427113]. */
-TEST(spec, s11_dbrx_pnorm) {
+TEST(spec, dbrx_pnorm) {
     static const double w1_want[6] = {0.731059, 0.268941, 0.622459, 0.377541, 0.679179, 0.320821};
     static const double w2_want[6] = {0.938508, 0.345258, 0.855020, 0.518596, 0.904198, 0.427113};
     moe_config c = spec_cfg(4, 2);
@@ -820,7 +820,7 @@ static void spec_act_layer(moe_activation act, float up_w, float *y, moe_status 
     *st = moe_forward_alloc(&c, &w, spec_act_x, 6, y, NULL);
 }
 
-TEST(spec, s12_activations) {
+TEST(spec, activations) {
     static const struct { moe_activation act; const double *want; } rows[] = {
         {MOE_ACT_RELU, spec_act_relu}, {MOE_ACT_SILU, spec_act_silu},
         {MOE_ACT_GELU, spec_act_gelu}, {MOE_ACT_GELU_TANH, spec_act_gelu_tanh},
@@ -838,7 +838,7 @@ TEST(spec, s12_activations) {
 /* "Expert FFNs", GLU variants: y = act(gate.x) * (up.x) with up = [-1.5], so
    the expected value is table(x) * (-1.5 x). GEGLU uses the erf GELU,
    GEGLU_TANH the tanh form (T5 v1.1 gated-gelu), SWIGLU the SiLU.          */
-TEST(spec, s12_activations_glu) {
+TEST(spec, activations_glu) {
     static const struct { moe_activation act; const double *table; } rows[] = {
         {MOE_ACT_SWIGLU, spec_act_silu}, {MOE_ACT_GEGLU, spec_act_gelu},
         {MOE_ACT_GEGLU_TANH, spec_act_gelu_tanh},

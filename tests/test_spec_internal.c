@@ -73,7 +73,7 @@ static const int spec2_expert[6] = {1, 2, 3, 2, 3, 0};
    Importance, smooth Load and their population CV^2. info.scores =
    softmax(H) over all E is checked against the spec's printed H (softmax
    taken here in double).                                                   */
-TEST(spec_internal, s2_shazeer_paper) {
+TEST(spec_internal, shazeer_paper) {
     static const double H[12] = {1.207944, 1.937348, 1.571485, -1.656631,
                                  -1.375914, -0.022741, 1.547408, 1.638511,
                                  2.563464, -0.598049, 0.123832, 3.404779};
@@ -100,7 +100,7 @@ TEST(spec_internal, s2_shazeer_paper) {
 }
 
 /* "Noisy top-k", tensor2tensor variant (eps_n = 0.01). */
-TEST(spec_internal, s2_shazeer_t2t) {
+TEST(spec_internal, shazeer_t2t) {
     static const double G_want[6] = {0.587312, 0.412688, 0.524506, 0.475494, 0.700843, 0.299157};
     static const double imp_want[4] = {0.299157, 0.587312, 0.888182, 1.225349};
     static const double load_want[4] = {1.357824, 0.998441, 1.234164, 1.848618};
@@ -120,7 +120,7 @@ TEST(spec_internal, s2_shazeer_t2t) {
    top-2 of L with the Mixtral weights of "Gate weights", and Load is the hard
    count [2, 1, 1, 2] ("Importance and load"):
    mean 1.5, population variance 0.25, CV^2 = 0.25 / 2.25 = 1/9.           */
-TEST(spec_internal, s2_shazeer_eval_no_noise) {
+TEST(spec_internal, shazeer_eval_no_noise) {
     static const int e_want[6] = {1, 0, 2, 3, 0, 3};
     static const double w_want[6] = {0.731059, 0.268941, 0.622459, 0.377541, 0.679179, 0.320821};
     spec2_out o;
