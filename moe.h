@@ -69,6 +69,7 @@
      checkpoint tensors are used as they are.
      One forward call = one routing group: capacity, Expert Choice, Soft MoE
      and the batch losses see exactly the T tokens of that call.
+     Source: 4-space indents, lines at most 100 columns.
 
    TRAINING
      Run moe_forward with cfg.training = 1 and an info bound by moe_info_bind,
@@ -178,29 +179,53 @@ extern "C" {
 #define MOE__STATUS_LIST(X) \
     X(OK,                  0, "ok") \
     X(NULL_ARGUMENT,       1, "a required pointer argument is NULL") \
-    X(BAD_DIMENSION,       2, "a size is out of range: need T >= 0, d_model, d_ff, num_experts >= 1, shared_d_ff >= 0, slots_per_expert >= 0") \
+    X(BAD_DIMENSION,       2, "a size is out of range: need T >= 0, d_model, d_ff, " \
+                              "num_experts >= 1, shared_d_ff >= 0, slots_per_expert >= 0") \
     X(BAD_TOP_K,           3, "top_k must satisfy 1 <= top_k <= num_experts (top-k routing)") \
-    X(BAD_GROUPS,          4, "n_group must divide num_experts, 1 <= topk_group <= n_group, group_score_top <= experts per group, and topk_group groups must hold >= top_k experts") \
-    X(BAD_CAPACITY,        5, "capacity must be >= 0 and capacity_factor >= 0 and finite; expert choice needs one of them; dense and Soft MoE take neither") \
+    X(BAD_GROUPS,          4, "n_group must divide num_experts, 1 <= topk_group <= n_group, " \
+                              "group_score_top <= experts per group, and topk_group groups " \
+                              "must hold >= top_k experts") \
+    X(BAD_CAPACITY,        5, "capacity must be >= 0 and capacity_factor >= 0 and finite; " \
+                              "expert choice needs one of them; dense and Soft MoE take neither") \
     X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
     X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another " \
                               "(e.g. random/sampled second expert needs top_k == 2; p-norm " \
                               "needs norm_p >= 1; aux-loss coefficients, router_noise_std and " \
                               "noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
-    X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; info->workspace_required holds the size needed") \
-    X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; nothing was written") \
-    X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU, or packing weights for the reference ISA (only SIMD kernels read w.packed)") \
+    X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; " \
+                              "info->workspace_required holds the size needed") \
+    X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; " \
+                              "nothing was written") \
+    X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU, " \
+                              "or packing weights for the reference ISA " \
+                              "(only SIMD kernels read w.packed)") \
     X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
-    X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: bind them with moe_info_bind and run the forward with training = 1") \
-    X(BAD_CACHE,          15, "moe_info is not the cache of a training forward of this config and T, or its routing arrays changed since (or hold routing no forward produces)") \
-    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and this build's vector width, or w.packed_bytes is smaller than the blob") \
-    X(EP_UNSUPPORTED,     17, "the expert-parallel plan (moe_ep_*) supports top-k routing only, without Shazeer noise or a shared expert") \
-    X(BAD_PLAN,           18, "expert-parallel plan mismatch: need 0 <= rank < num_ranks dividing num_experts, the rank's token slice inside num_tokens (sequence-loss sequences inside one slice), and pairs/counts as moe_ep_route and moe_ep_pack produced them") \
-    X(ALIASING,           19, "an output buffer overlaps an input, another output, the workspace or the moe_info arrays (only y == x in moe_forward and dx == dy or dx == x in moe_backward may share memory)") \
-    X(CUDA_UNSUPPORTED,   20, "moe_cuda.cuh does not run this config on the GPU: top-k routing only (no expert choice, dense or Soft MoE), greedy second expert, no noise, jitter or expert dropout in training, position drop policy, num_experts <= 256, top_k <= 32") \
-    X(CUDA_ERROR,         21, "a CUDA runtime call or kernel launch failed; moe_cuda_last_error() returns its cudaError_t")
+    X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: " \
+                              "bind them with moe_info_bind and run the forward " \
+                              "with training = 1") \
+    X(BAD_CACHE,          15, "moe_info is not the cache of a training forward of this config " \
+                              "and T, or its routing arrays changed since " \
+                              "(or hold routing no forward produces)") \
+    X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and " \
+                              "this build's vector width, " \
+                              "or w.packed_bytes is smaller than the blob") \
+    X(EP_UNSUPPORTED,     17, "the expert-parallel plan (moe_ep_*) supports top-k routing only, " \
+                              "without Shazeer noise or a shared expert") \
+    X(BAD_PLAN,           18, "expert-parallel plan mismatch: need 0 <= rank < num_ranks " \
+                              "dividing num_experts, the rank's token slice inside num_tokens " \
+                              "(sequence-loss sequences inside one slice), and pairs/counts as " \
+                              "moe_ep_route and moe_ep_pack produced them") \
+    X(ALIASING,           19, "an output buffer overlaps an input, another output, the workspace " \
+                              "or the moe_info arrays (only y == x in moe_forward and " \
+                              "dx == dy or dx == x in moe_backward may share memory)") \
+    X(CUDA_UNSUPPORTED,   20, "moe_cuda.cuh does not run this config on the GPU: top-k routing " \
+                              "only (no expert choice, dense or Soft MoE), greedy second expert, " \
+                              "no noise, jitter or expert dropout in training, position drop " \
+                              "policy, num_experts <= 256, top_k <= 32") \
+    X(CUDA_ERROR,         21, "a CUDA runtime call or kernel launch failed; " \
+                              "moe_cuda_last_error() returns its cudaError_t")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -277,7 +302,7 @@ typedef enum moe_activation {
 } moe_activation;
 
 typedef enum moe_isa {
-    MOE_ISA_AUTO = 0,            /* best compiled in (v0.1: the reference)      */
+    MOE_ISA_AUTO = 0,            /* the SIMD ISA compiled in, else REFERENCE    */
     MOE_ISA_REFERENCE = 1,       /* scalar reference kernels                    */
     MOE_ISA_AVX2 = 2,
     MOE_ISA_AVX512 = 3,
@@ -533,10 +558,13 @@ MOEDEF uint64_t moe_config_fingerprint(const moe_config *cfg);
 /* Presets: the routing fields of a published model (docs/ROUTING.md, "Presets") with
    its released shape. Change num_experts / top_k / d_model / d_ff freely.  */
 MOEDEF moe_config moe_preset_mixtral(void);       /* 8x7B: E8 K2, renormalise, HF loss 0.02 */
-MOEDEF moe_config moe_preset_switch(void);        /* Switch-Base-8: top-1, no renorm, ReLU, cf 1.25, jitter, z-loss */
-MOEDEF moe_config moe_preset_gshard(void);        /* top-2, random 2nd expert, C = 2S/E, first-choice loss */
+MOEDEF moe_config moe_preset_switch(void);        /* Switch-Base-8: top-1, no renorm, ReLU,
+                                                     cf 1.25, jitter, z-loss */
+MOEDEF moe_config moe_preset_gshard(void);        /* top-2, random 2nd expert, C = 2S/E,
+                                                     first-choice loss */
 MOEDEF moe_config moe_preset_shazeer(void);       /* noisy top-4, importance + load CV^2 */
-MOEDEF moe_config moe_preset_qwen2_moe(void);     /* Qwen1.5-MoE-A2.7B: E60 K4, no renorm, gated shared */
+MOEDEF moe_config moe_preset_qwen2_moe(void);     /* Qwen1.5-MoE-A2.7B: E60 K4, no renorm,
+                                                     gated shared */
 MOEDEF moe_config moe_preset_qwen3_moe(void);     /* Qwen3-30B-A3B: E128 K8, renormalise */
 MOEDEF moe_config moe_preset_olmoe(void);         /* OLMoE-1B-7B: E64 K8, no renorm, z-loss */
 MOEDEF moe_config moe_preset_dbrx(void);          /* E16 K4, p-norm (p = 1) */
@@ -746,8 +774,8 @@ MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_
    recomputing.                                                            */
 MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights *w,
                                         const moe_ep_plan *plan, const moe_ep_pair *pairs,
-                                        const float *x, int32_t num_recv, float *out, uint8_t *dropped,
-                                        float *cache_hidden, float *cache_up,
+                                        const float *x, int32_t num_recv, float *out,
+                                        uint8_t *dropped, float *cache_hidden, float *cache_up,
                                         void *workspace, size_t workspace_bytes);
 
 /* Source side, after the return exchange: ret_out [n_send][D] and
@@ -756,9 +784,10 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
    weights, renormalised if normalize_after_drop; counts over its tokens; aux
    losses of the whole group) and writes y [T_r][D], slots summed in order.
    Call once per moe_ep_route.                                             */
-MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan, const double *stats,
-                                 const float *ret_out, const uint8_t *ret_dropped, moe_info *info,
-                                 float *y, void *workspace, size_t workspace_bytes);
+MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
+                                 const double *stats, const float *ret_out,
+                                 const uint8_t *ret_dropped, moe_info *info, float *y,
+                                 void *workspace, size_t workspace_bytes);
 
 /* Backward, source side: send_dout [n_send][D] = weight * dy_t per pair, in
    send order (0 for dropped pairs), to the owners (the forward's counts).  */
@@ -783,9 +812,10 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
    ranks; expert tensors of grads are not touched).                        */
 MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weights *w,
                                           const moe_ep_plan *plan, const float *x,
-                                          const moe_info *info, const double *stats, const float *dy,
-                                          const float *ret_out, const float *ret_dx, float *dx,
-                                          const moe_grads *grads, void *workspace, size_t workspace_bytes);
+                                          const moe_info *info, const double *stats,
+                                          const float *dy, const float *ret_out,
+                                          const float *ret_dx, float *dx, const moe_grads *grads,
+                                          void *workspace, size_t workspace_bytes);
 
 /* Aux-loss-free balancing (DeepSeek-V3): bias[e] += gamma * sign(mean - load[e])
    with load = tokens routed per expert over the step (e.g. summed
@@ -891,7 +921,8 @@ static uint64_t moe__rng_bits(uint64_t seed, uint64_t purpose, uint64_t counter)
 }
 /* Uniform in the open interval (0, 1), 53 bits. */
 static double moe__rng_uniform(uint64_t seed, uint64_t purpose, uint64_t counter) {
-    return ((double)(moe__rng_bits(seed, purpose, counter) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    return ((double)(moe__rng_bits(seed, purpose, counter) >> 11) + 0.5) *
+           (1.0 / 9007199254740992.0);
 }
 /* Standard normal by Box-Muller from two independent uniforms. */
 static double moe__rng_normal(uint64_t seed, uint64_t purpose, uint64_t counter) {
@@ -944,10 +975,12 @@ static float moe__act_grad(moe_activation act, float v) {
         return s * (1.0f + v * (1.0f - s));
     }
     case MOE_ACT_GEGLU: case MOE_ACT_GELU:
-        return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * 0.39894228040143268f * expf(-0.5f * v * v);
+        return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) +
+               v * 0.39894228040143268f * expf(-0.5f * v * v);
     case MOE_ACT_GEGLU_TANH: case MOE_ACT_GELU_TANH: {
         float th = tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v));
-        return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * v * v);
+        return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * 0.79788456080286536f *
+                                    (1.0f + 3.0f * 0.044715f * v * v);
     }
     default: return v > 0.0f ? 1.0f : 0.0f;
     }
@@ -955,8 +988,8 @@ static float moe__act_grad(moe_activation act, float v) {
 
 /* a = act(h) (two-matrix FFN) or act(h) * u (GLU); n elements. h and u are
    kept: the backward pass needs the pre-activations.                      */
-static void moe__activate_ref(moe_activation act, float *MOE_RESTRICT a, const float *MOE_RESTRICT h,
-                              const float *MOE_RESTRICT u, size_t n) {
+static void moe__activate_ref(moe_activation act, float *MOE_RESTRICT a,
+                              const float *MOE_RESTRICT h, const float *MOE_RESTRICT u, size_t n) {
     size_t i;
     for (i = 0; i < n; i++) a[i] = u ? moe__act(act, h[i]) * u[i] : moe__act(act, h[i]);
 }
@@ -1028,8 +1061,9 @@ static void moe__sort_desc(const float *key, int32_t *idx, int32_t *tmp, int32_t
 }
 
 // ----------------------------------------------------------------------------
-// Reference GEMM: the one kernel every expert projection and the router use.
-// Fast ISA kernels (a later release) plug in beside it with this signature.
+// Reference GEMMs: moe__gemm_ref (y = x . W^T + bias, nn.Linear layout) and
+// moe__sgemm_ref (strided). The SIMD GEMM below, moe__sgemm_simd, has
+// moe__sgemm_ref's contract and signature (moe__sgemm_fn).
 
 /* y[i][o] = bias[o] + sum_k x[i][k] * w[o][k]
    x: [n][n_in]   w: [n_out][n_in] (nn.Linear)   bias: [n_out] or NULL   y: [n][n_out]
@@ -1100,19 +1134,23 @@ static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
    (Zero-masked forms: GCC 12's unmasked ones start from an "undefined"
    register that g++ -O3 reports as maybe-uninitialized.)                  */
 static moe__vf moe__v_bf16_lo(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32((__mmask16)0xFFFF, _mm512_loadu_si512((const void *)p), 16));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32((__mmask16)0xFFFF,
+                                                       _mm512_loadu_si512((const void *)p), 16));
 }
 static moe__vf moe__v_bf16_hi(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_maskz_and_epi32((__mmask16)0xFFFF, _mm512_loadu_si512((const void *)p),
+    return _mm512_castsi512_ps(_mm512_maskz_and_epi32((__mmask16)0xFFFF,
+                                                      _mm512_loadu_si512((const void *)p),
                                                       _mm512_set1_epi32((int)0xffff0000u)));
 }
 static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm512_mul_ps(a, b); }
 static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm512_div_ps(a, b); }
 static moe__vf moe__v_neg_abs(moe__vf a) {               /* -|a|: set the sign bit */
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000u)));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a),
+                                               _mm512_set1_epi32((int)0x80000000u)));
 }
 static moe__vf moe__v_round(moe__vf a) {
-    return _mm512_maskz_roundscale_ps((__mmask16)0xFFFF, a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_roundscale_ps((__mmask16)0xFFFF, a,
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
     const __mmask16 all = (__mmask16)0xFFFF;
@@ -1136,17 +1174,24 @@ static moe__vf moe__v_zero(void) { return _mm256_setzero_ps(); }
 static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm256_fmadd_ps(a, b, c); }
 static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
 static moe__vf moe__v_bf16_lo(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16));
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16));
 }
 static moe__vf moe__v_bf16_hi(const uint16_t *p) {   /* shifts: no mask register */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16), 16));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16), 16));
 }
 static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm256_mul_ps(a, b); }
 static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm256_div_ps(a, b); }
-static moe__vf moe__v_neg_abs(moe__vf a) { return _mm256_or_ps(a, _mm256_set1_ps(-0.0f)); }   /* -|a| */
-static moe__vf moe__v_round(moe__vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static moe__vf moe__v_neg_abs(moe__vf a) {   /* -|a| */
+    return _mm256_or_ps(a, _mm256_set1_ps(-0.0f));
+}
+static moe__vf moe__v_round(moe__vf a) {
+    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                  _mm256_set1_epi32(127)), 23));
 }
 static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, c, _CMP_LT_OQ));
@@ -1168,7 +1213,8 @@ static moe__vf moe__v_bf16_lo(const uint16_t *p) {
     return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32((const uint32_t *)(const void *)p), 16));
 }
 static moe__vf moe__v_bf16_hi(const uint16_t *p) {
-    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32((const uint32_t *)(const void *)p), vdupq_n_u32(0xffff0000u)));
+    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32((const uint32_t *)(const void *)p),
+                                           vdupq_n_u32(0xffff0000u)));
 }
 static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return vmulq_f32(a, b); }
 static moe__vf moe__v_div(moe__vf a, moe__vf b) { return vdivq_f32(a, b); }
@@ -1227,8 +1273,8 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #endif
 
 /* C tile rows += a(., k) * (b0 | b1): one rank-1 update. */
-MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, const float *const *a, size_t ak,
-                                 moe__vf b0, moe__vf b1) {
+MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, const float *const *a,
+                                 size_t ak, moe__vf b0, moe__vf b1) {
     int32_t i;
     MOE__UNROLL
     for (i = 0; i < mr; i++) {
@@ -1246,9 +1292,10 @@ MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, con
    rounding only; MOE__B_DOT adds each pair k+1 first, as VDPBF16PS does).
    pf (a constant too): on the way, prefetch pf_rows rows of a packed panel
    from next, one every pf_every k steps.                                  */
-MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, const float *A, size_t a_rs,
-                                size_t a_cs, const void *B, size_t ldb, float *C, size_t ldc, int accumulate,
-                                const int pf, const char *next, int64_t pf_rows, int64_t pf_every) {
+MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, const float *A,
+                                size_t a_rs, size_t a_cs, const void *B, size_t ldb, float *C,
+                                size_t ldc, int accumulate, const int pf, const char *next,
+                                int64_t pf_rows, int64_t pf_every) {
     moe__vf c0[MOE__MR], c1[MOE__MR];
     const float *a[MOE__MR];
     const int64_t step = kind == MOE__B_F32 ? 1 : 2;
@@ -1278,14 +1325,16 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
                             moe__v_load((const float *)B + bk + MOE__VL));
         } else if (kind == MOE__B_BF16) {
             const uint16_t *bp = (const uint16_t *)B + bk;
-            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp), moe__v_bf16_lo(bp + 2 * MOE__VL));
+            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
+                            moe__v_bf16_lo(bp + 2 * MOE__VL));
             moe__tile_rank1(mr, c0, c1, a, (size_t)(k + 1) * a_cs, moe__v_bf16_hi(bp + again),
                             moe__v_bf16_hi(bp + again + 2 * MOE__VL));
         }
 #if MOE__HAS_BF16_DOT
         else {                                  /* A: [K/2][a_cs] words, row i at i * a_rs */
             const __m512i w0 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk));
-            const __m512i w1 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk + 2 * MOE__VL));
+            const __m512i w1 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk +
+                                                                 2 * MOE__VL));
             const uint32_t *ap = (const uint32_t *)(const void *)A + (size_t)(k / 2) * a_cs;
             MOE__UNROLL
             for (i = 0; i < mr; i++) {
@@ -1298,7 +1347,8 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
     }
     if (kind == MOE__B_BF16 && k < K) {        /* odd K: the last pair's k half */
         const uint16_t *bp = (const uint16_t *)B + (size_t)k * ldb;
-        moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp), moe__v_bf16_lo(bp + 2 * MOE__VL));
+        moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
+                        moe__v_bf16_lo(bp + 2 * MOE__VL));
     }
     MOE__UNROLL
     for (i = 0; i < mr; i++) {
@@ -1314,18 +1364,23 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
 
 /* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
    kind (MOE__B_*).                                                        */
-#define MOE__TILE_CASE(n, t) case n: moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
+#define MOE__TILE_CASE(n, t) case n: \
+    moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
 #if MOE__MR > 8
-#  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
-     MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
-     MOE__TILE_CASE(9, t) MOE__TILE_CASE(10, t) MOE__TILE_CASE(11, t) MOE__TILE_CASE(12, t) default: MOE_ASSERT(0); }
+#  define MOE__TILE_SWITCH(t) switch (mr) { \
+     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
+     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
+     MOE__TILE_CASE(9, t) MOE__TILE_CASE(10, t) MOE__TILE_CASE(11, t) MOE__TILE_CASE(12, t) \
+     default: MOE_ASSERT(0); }
 #elif MOE__MR > 6
-#  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
-     MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
+#  define MOE__TILE_SWITCH(t) switch (mr) { \
+     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
+     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
      default: MOE_ASSERT(0); }
 #else
-#  define MOE__TILE_SWITCH(t) switch (mr) { MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) \
-     MOE__TILE_CASE(4, t) MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) default: MOE_ASSERT(0); }
+#  define MOE__TILE_SWITCH(t) switch (mr) { \
+     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
+     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) default: MOE_ASSERT(0); }
 #endif
 static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
@@ -1334,9 +1389,12 @@ static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, s
 /* X(kind) with kind a compile-time MOE__B_* constant: one instance per kind. */
 #if MOE__HAS_BF16_DOT
 #  define MOE__KIND_SWITCH(kind, X) \
-     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else if ((kind) == MOE__B_DOT) { X(MOE__B_DOT) } else { X(MOE__B_BF16) }
+     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } \
+     else if ((kind) == MOE__B_DOT) { X(MOE__B_DOT) } \
+     else { X(MOE__B_BF16) }
 #else
-#  define MOE__KIND_SWITCH(kind, X) if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else { X(MOE__B_BF16) }
+#  define MOE__KIND_SWITCH(kind, X) \
+     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else { X(MOE__B_BF16) }
 #endif
 /* A tile of a packed expert (moe__packed_task): A in MR-row k-major tiles,
    B a packed panel of the given kind.                                    */
@@ -1350,9 +1408,10 @@ static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *
    panel: each of a row block's n full tiles on a panel brings in its 1/n of
    the panel after it, one row every n k steps, so the weights' first pass
    (from memory) does not wait and the requests stay spread out.           */
-static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C, size_t ldc,
-                                const void *next, int64_t rows, int64_t every) {
-#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, (const char *)next, rows, every);
+static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C,
+                                size_t ldc, const void *next, int64_t rows, int64_t every) {
+#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, \
+                                         (const char *)next, rows, every);
     MOE__KIND_SWITCH(kind, MOE__TILE_NEXT)
 #undef MOE__TILE_NEXT
 }
@@ -1366,7 +1425,8 @@ static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void 
    e / (1 + e) do not see the difference); NaN stays NaN.                  */
 MOE__INLINE moe__vf moe__v_exp_nonpos(moe__vf x) {
     const moe__vf n = moe__v_round(moe__v_mul(x, moe__v_set1(1.44269504088896341f)));
-    const moe__vf r = moe__v_fma(n, moe__v_set1(2.12194440e-4f), moe__v_fma(n, moe__v_set1(-0.693359375f), x));
+    const moe__vf r = moe__v_fma(n, moe__v_set1(2.12194440e-4f),
+                                 moe__v_fma(n, moe__v_set1(-0.693359375f), x));
     moe__vf p = moe__v_set1(1.9875691500e-4f);
     p = moe__v_fma(p, r, moe__v_set1(1.3981999507e-3f));
     p = moe__v_fma(p, r, moe__v_set1(8.3334519073e-3f));
@@ -1374,7 +1434,8 @@ MOE__INLINE moe__vf moe__v_exp_nonpos(moe__vf x) {
     p = moe__v_fma(p, r, moe__v_set1(1.6666665459e-1f));
     p = moe__v_fma(p, r, moe__v_set1(5.0000001201e-1f));
     p = moe__v_fma(moe__v_mul(p, r), r, moe__v_add(r, moe__v_set1(1.0f)));
-    return moe__v_select_lt(x, moe__v_set1(-87.33654475f), moe__v_zero(), moe__v_mul(p, moe__v_pow2i(n)));
+    return moe__v_select_lt(x, moe__v_set1(-87.33654475f), moe__v_zero(),
+                            moe__v_mul(p, moe__v_pow2i(n)));
 }
 
 /* moe__sigmoid on a vector: 1 / (1 + e^-z) for z >= 0, e^z / (1 + e^z) below,
@@ -1423,7 +1484,8 @@ static void moe__act_backward(moe_activation act, int simd, float *dh, float *du
             const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
             const moe__vf a = moe__v_mul(v, s);
             /* act' = s (1 + v (1 - s)) */
-            const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one), one));
+            const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one),
+                                                          one));
             if (glu) {
                 const moe__vf u = moe__v_load(hu + i);
                 if (ha) moe__v_store(ha + i, moe__v_mul(a, u));
@@ -1438,9 +1500,12 @@ static void moe__act_backward(moe_activation act, int simd, float *dh, float *du
 #endif
     for (; i < i1; i++) {
         const float da = dh[i];
-        if (ha) ha[i] = glu ? moe__act_isa(act, simd, hg[i]) * hu[i] : moe__act_isa(act, simd, hg[i]);
-        if (glu) { du[i] = da * moe__act(act, hg[i]); dh[i] = da * hu[i] * moe__act_grad(act, hg[i]); }
-        else dh[i] = da * moe__act_grad(act, hg[i]);
+        if (ha)
+            ha[i] = glu ? moe__act_isa(act, simd, hg[i]) * hu[i] : moe__act_isa(act, simd, hg[i]);
+        if (glu) {
+            du[i] = da * moe__act(act, hg[i]);
+            dh[i] = da * hu[i] * moe__act_grad(act, hg[i]);
+        } else dh[i] = da * moe__act_grad(act, hg[i]);
     }
 }
 /* Row helpers of the combine, its backward and the gather to tokens. simd:
@@ -1492,8 +1557,9 @@ static float moe__dot(const float *a, const float *b, size_t n, int simd) {
    the stack, each row tile through a full tile there. (A router with E = 60
    or 8 experts has one; the reference loop took 3 % of a qwen-mini forward.) */
 #define MOE__EDGE_K 64
-static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, const float *A, size_t a_rs,
-                                 size_t a_cs, const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, const float *A,
+                                 size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C,
+                                 size_t ldc, int accumulate) {
     float panel[MOE__EDGE_K * MOE__NR], tile[MOE__MR * MOE__NR];
     int64_t k0, k, i;
     int32_t r, q;
@@ -1501,15 +1567,17 @@ static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, co
         const int64_t kb = K - k0 < MOE__EDGE_K ? K - k0 : MOE__EDGE_K;
         for (k = 0; k < kb; k++)
             for (q = 0; q < MOE__NR; q++)
-                panel[k * MOE__NR + q] = q < nr ? B[(size_t)(k0 + k) * ldb + (size_t)(j + q)] : 0.0f;
+                panel[k * MOE__NR + q] = q < nr ? B[(size_t)(k0 + k) * ldb + (size_t)(j + q)]
+                                                : 0.0f;
         for (i = 0; i < m; i += MOE__MR) {
             const int32_t mr = (int32_t)(m - i < MOE__MR ? m - i : MOE__MR);
             float *ci = C + (size_t)i * ldc + (size_t)j;
             for (r = 0; r < mr; r++)
                 for (q = 0; q < MOE__NR; q++)
-                    tile[r * MOE__NR + q] = (accumulate || k0 > 0) && q < nr ? ci[(size_t)r * ldc + (size_t)q] : 0.0f;
-            moe__tile_simd(mr, kb, A + (size_t)i * a_rs + (size_t)k0 * a_cs, a_rs, a_cs, panel, MOE__NR, tile,
-                           MOE__NR, 1);
+                    tile[r * MOE__NR + q] = (accumulate || k0 > 0) && q < nr
+                                            ? ci[(size_t)r * ldc + (size_t)q] : 0.0f;
+            moe__tile_simd(mr, kb, A + (size_t)i * a_rs + (size_t)k0 * a_cs, a_rs, a_cs, panel,
+                           MOE__NR, tile, MOE__NR, 1);
             for (r = 0; r < mr; r++)
                 for (q = 0; q < nr; q++) ci[(size_t)r * ldc + (size_t)q] = tile[r * MOE__NR + q];
         }
@@ -1528,9 +1596,10 @@ static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
     int32_t j = j0;
     for (; j + MOE__NR <= j1; j += MOE__NR)
         for (i = 0; i < m; i += MOE__MR)
-            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), K, A + (size_t)i * a_rs, a_rs, a_cs,
-                           B + j, ldb, C + (size_t)i * ldc + j, ldc, accumulate);
-    if (j < j1 && K > 0) moe__sgemm_simd_edge(m, j, j1 - j, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), K, A + (size_t)i * a_rs,
+                           a_rs, a_cs, B + j, ldb, C + (size_t)i * ldc + j, ldc, accumulate);
+    if (j < j1 && K > 0)
+        moe__sgemm_simd_edge(m, j, j1 - j, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
     else if (j < j1) moe__sgemm_ref(m, j, j1, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 #endif
@@ -1558,7 +1627,8 @@ static moe__sgemm_fn moe__pick_sgemm(const moe_config *c) {
    it runs on the calling thread, where waking a pool would cost more than
    the work (measured: a T=16 layer took 100x longer on a busy machine). */
 #define MOE__PARALLEL_MIN 2.0e6
-static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, void *arg, double work) {
+static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, void *arg,
+                              double work) {
     int32_t i;
     if (n <= 0) return;
     if (work < MOE__PARALLEL_MIN) { for (i = 0; i < n; i++) fn(arg, i); return; }
@@ -1582,8 +1652,8 @@ static void moe__range_task(void *arg, int32_t task) {
     const int64_t r0 = (int64_t)task * j->block;
     j->fn(j->arg, r0, r0 + j->block < j->n ? r0 + j->block : j->n);
 }
-static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn, void *arg,
-                               double work) {
+static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, moe__range_fn fn,
+                               void *arg, double work) {
     moe__range_job j;
     while (n / block >= INT32_MAX) block *= 2;   /* the task count is an int32 */
     j.fn = fn; j.arg = arg; j.n = n; j.block = block;
@@ -1627,7 +1697,8 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
     g.accumulate = accumulate;
     if (K == 0) {            /* empty sum: C = 0 (or unchanged) */
         int64_t i;
-        if (!accumulate) for (i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
+        if (!accumulate)
+            for (i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
         return;
     }
     /* blocks: whole tile rows, columns in NR multiples, ~TASK_FLOPS each */
@@ -1642,7 +1713,8 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
         g.rb *= 2;
         n_rb = moe__ceil_div(m, g.rb);
     }
-    moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g, 2.0 * (double)m * N * (double)K);
+    moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g,
+                      2.0 * (double)m * N * (double)K);
 }
 
 /* The same product on packed copies (GotoBLAS / BLIS): A is copied into
@@ -1658,7 +1730,8 @@ static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
 #define MOE__FEW_ROWS 288    /* a KC-deep A block of them (288 KiB) stays in L2 */
 #if MOE__HAS_SIMD
 static size_t moe__gemm_pack_floats(int64_t m, int64_t N, int64_t K) {
-    return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR + (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
+    return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR +
+                    (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
                     (size_t)K);
 }
 
@@ -1675,31 +1748,35 @@ typedef struct moe__gemm_pp {
 
 /* mr rows of K elements (strides a_rs, a_cs) -> one k-major tile
    dst[k][MR], rows past mr zero.                                          */
-static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a_cs, int32_t mr, int64_t K) {
+static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a_cs, int32_t mr,
+                             int64_t K) {
     int64_t k;
     int32_t i;
     if (a_cs == 1) {                 /* rows contiguous: read along rows */
         for (i = 0; i < MOE__MR; i++)
-            for (k = 0; k < K; k++) dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k] : 0.0f;
+            for (k = 0; k < K; k++)
+                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k] : 0.0f;
     } else {
         for (k = 0; k < K; k++)
             for (i = 0; i < MOE__MR; i++)
-                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k * a_cs] : 0.0f;
+                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k * a_cs]
+                                                      : 0.0f;
     }
 }
 
 static void moe__pack_a_task(void *arg, int32_t t) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
     const int64_t i0 = (int64_t)t * MOE__MR;
-    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->K, g->A + (size_t)i0 * g->a_rs, g->a_rs, g->a_cs,
-                     (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR), g->K);
+    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->K, g->A + (size_t)i0 * g->a_rs,
+                     g->a_rs, g->a_cs, (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR), g->K);
 }
 
 /* B in blocks of 16 rows: 16 read streams, and 16 x NR contiguous floats
    written per panel (a panel at a time would read one line per 4 KiB page). */
 #define MOE__PACK_B_ROWS 16
 /* Rows [k0, k1) of B's panel p -> dst[k1 - k0][NR], columns past N zero. */
-static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int64_t k0, int64_t k1) {
+static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int64_t k0,
+                              int64_t k1) {
     const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
     int64_t k;
     int32_t j;
@@ -1718,7 +1795,8 @@ static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int6
    own B block. Row by row (the run's columns of a row are adjacent), with
    rows MOE__PREFETCH_ROWS ahead requested: B's rows are often a page apart. */
 #define MOE__PREFETCH_ROWS 16
-static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32_t p1, int64_t k0, int64_t kc) {
+static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32_t p1, int64_t k0,
+                            int64_t kc) {
     int64_t k;
     int32_t p, j;
     for (k = k0; k < k0 + kc; k++) {
@@ -1726,12 +1804,14 @@ static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32
             for (j = p0 * MOE__NR; j < p1 * MOE__NR && j < g->N; j += 64 / (int32_t)sizeof(float))
                 MOE__PREFETCH(g->B + (size_t)(k + MOE__PREFETCH_ROWS) * g->ldb + (size_t)j);
         for (p = p0; p < p1; p++)
-            moe__pack_b_block(dst + ((size_t)(p - p0) * (size_t)kc + (size_t)(k - k0)) * MOE__NR, g, p, k, k + 1);
+            moe__pack_b_block(dst + ((size_t)(p - p0) * (size_t)kc + (size_t)(k - k0)) * MOE__NR, g,
+                              p, k, k + 1);
     }
 }
 static void moe__pack_b_task(void *arg, int32_t task) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
-    const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS, k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
+    const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS,
+                  k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
     int32_t p;
     for (p = 0; p < g->n_panels; p++)
         moe__pack_b_block(g->Bp + ((size_t)p * (size_t)g->K + (size_t)k0) * MOE__NR, g, p, k0, k1);
@@ -1746,9 +1826,11 @@ static void moe__pack_ab_task(void *arg, int32_t task) {
 
 static void moe__gemm_pp_task(void *arg, int32_t task) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
-    const int32_t t0 = (task / g->n_pc) * g->tiles_per_task, p0 = (task % g->n_pc) * g->panels_per_task;
+    const int32_t t0 = (task / g->n_pc) * g->tiles_per_task,
+                  p0 = (task % g->n_pc) * g->panels_per_task;
     const int32_t t1 = t0 + g->tiles_per_task < g->n_tiles ? t0 + g->tiles_per_task : g->n_tiles;
-    const int32_t p1 = p0 + g->panels_per_task < g->n_panels ? p0 + g->panels_per_task : g->n_panels;
+    const int32_t p1 = p0 + g->panels_per_task < g->n_panels ? p0 + g->panels_per_task
+                                                             : g->n_panels;
     const size_t K = (size_t)g->K;
     size_t k0;
     int32_t p, t, i, j;
@@ -1763,7 +1845,8 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
             if (g->b_in_task) bp = slot + (size_t)(p - p0) * (size_t)kc * MOE__NR;
             for (t = t0; t < t1; t++) {
                 const float *ap = g->Ap + ((size_t)t * K + k0) * MOE__MR;
-                const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR ? g->m - (int64_t)t * MOE__MR : MOE__MR);
+                const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR
+                                             ? g->m - (int64_t)t * MOE__MR : MOE__MR);
                 float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
                 /* A weight gradient's C (accumulate, many row tiles) is in memory
                    and read only after the tile's k loop: fetch the next tile's
@@ -1780,10 +1863,13 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
                 } else {             /* ragged right edge: through a full tile */
                     float tile[MOE__MR * MOE__NR];
                     for (i = 0; i < mr; i++)
-                        for (j = 0; j < MOE__NR; j++) tile[i * MOE__NR + j] = acc && j < nr ? cp[(size_t)i * g->ldc + (size_t)j] : 0.0f;
+                        for (j = 0; j < MOE__NR; j++)
+                            tile[i * MOE__NR + j] = acc && j < nr
+                                                    ? cp[(size_t)i * g->ldc + (size_t)j] : 0.0f;
                     moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, tile, MOE__NR, 1);
                     for (i = 0; i < mr; i++)
-                        for (j = 0; j < nr; j++) cp[(size_t)i * g->ldc + (size_t)j] = tile[i * MOE__NR + j];
+                        for (j = 0; j < nr; j++)
+                            cp[(size_t)i * g->ldc + (size_t)j] = tile[i * MOE__NR + j];
                 }
             }
         }
@@ -1825,10 +1911,13 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         g.tiles_per_task = (g.n_tiles + n_rt - 1) / n_rt;
         n_rt = (g.n_tiles + g.tiles_per_task - 1) / g.tiles_per_task;
         g.panels_per_task = g.n_panels < 16 ? g.n_panels : 16;
-        while (g.panels_per_task > 1 && n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
+        while (g.panels_per_task > 1 &&
+               n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
             g.panels_per_task /= 2;
         g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
-        moe__parallel_for(c, g.b_in_task ? g.n_tiles : g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) / MOE__PACK_B_ROWS),
+        moe__parallel_for(c, g.b_in_task ? g.n_tiles
+                                         : g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) /
+                                                                 MOE__PACK_B_ROWS),
                           moe__pack_ab_task, &g, flops);
         moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
         return;
@@ -1842,7 +1931,8 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
    width F over at most n rows: the largest of its four GEMM shapes.        */
 static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F) {
 #if MOE__HAS_SIMD
-    const int64_t D = c->d_model, Fi = (int64_t)F, ni = (int64_t)(n < (size_t)INT64_MAX / 2 ? n : (size_t)INT64_MAX / 2);
+    const int64_t D = c->d_model, Fi = (int64_t)F,
+                  ni = (int64_t)(n < (size_t)INT64_MAX / 2 ? n : (size_t)INT64_MAX / 2);
     const size_t s[4] = {moe__gemm_pack_floats(ni, Fi, D), moe__gemm_pack_floats(D, Fi, ni),
                          moe__gemm_pack_floats(Fi, D, ni), moe__gemm_pack_floats(ni, D, Fi)};
     size_t m = 0;
@@ -1931,7 +2021,8 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
         moe__bad_float(c.norm_eps, 0.0f) || moe__bad_float(c.second_threshold, 0.0f) ||
         moe__out_of(c.routed_scale, -MOE__COEF_MAX, MOE__COEF_MAX) ||
         moe__out_of(c.noise_epsilon, 0.0f, MOE__COEF_MAX) ||
-        moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f || moe__bad_float(c.router_grad_clip, 0.0f) ||
+        moe__bad_float(c.jitter, 0.0f) || c.jitter >= 1.0f ||
+        moe__bad_float(c.router_grad_clip, 0.0f) ||
         moe__out_of(c.router_noise_std, 0.0f, MOE__COEF_MAX) ||
         moe__bad_float(c.expert_dropout, 0.0f) || c.expert_dropout >= 1.0f ||
         moe__out_of(c.balance_coef, 0.0f, MOE__COEF_MAX) ||
@@ -2086,7 +2177,8 @@ MOEDEF moe_status moe_capacity(moe_capacity_formula formula, int32_t num_tokens,
                                     C = moe__round_up_to(C == 0.0 ? 4.0 : C, 4.0); break;
     case MOE_CAPACITY_MESH:         C = fmax(fmin(S, floor(cf * S / E)), 4.0); break;
     case MOE_CAPACITY_FLAXFORMER:   C = fmax(moe__round_half_even(cf * S / E), 4.0); break;
-    case MOE_CAPACITY_VMOE:         C = fmax(moe__round_up_to(ceil(cf * S * K / E), 4.0), 1.0); break;
+    case MOE_CAPACITY_VMOE:         C = fmax(moe__round_up_to(ceil(cf * S * K / E), 4.0), 1.0);
+                                    break;
     default: return MOE_STATUS_BAD_ENUM;
     }
     *out_capacity = C > 2147483647.0 ? 2147483647 : (int32_t)C;
@@ -2099,7 +2191,8 @@ static int32_t moe__capacity_of(const moe_config *c, int32_t T) {
     int32_t C = c->capacity;
     if (C == 0 && c->capacity_factor > 0.0f) {
         int32_t K = c->routing == MOE_ROUTING_TOPK ? c->top_k : 1;
-        if (moe_capacity(c->capacity_formula, T, c->num_experts, K, c->capacity_factor, &C) != MOE_STATUS_OK)
+        if (moe_capacity(c->capacity_formula, T, c->num_experts, K, c->capacity_factor,
+                         &C) != MOE_STATUS_OK)
             C = 0;   /* unreachable for a resolved config */
     }
     if (c->routing == MOE_ROUTING_EXPERT_CHOICE && C > T) C = T;
@@ -2186,9 +2279,11 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         /* the backward always rebuilds the router input x * U here */
         int jitter = (c->training && c->jitter > 0.0f) || mode == MOE__PLAN_BACKWARD;
         L->logits       = moe__reserve(&t, TR, sizeof(float), &ok);
-        L->noise_logits = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0, sizeof(float), &ok);
+        L->noise_logits = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0,
+                                       sizeof(float), &ok);
         L->xr           = moe__reserve(&t, jitter ? moe__mul(nT, D) : 0, sizeof(float), &ok);
-        L->slot_norm    = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? R : 0, sizeof(float), &ok);
+        L->slot_norm    = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? R : 0,
+                                       sizeof(float), &ok);
         L->pair_row     = moe__reserve(&t, TS, sizeof(int64_t), &ok);
         L->offsets      = moe__reserve(&t, E + 1, sizeof(int64_t), &ok);
         L->row_pair     = moe__reserve(&t, N, sizeof(int64_t), &ok);
@@ -2210,14 +2305,18 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
             const size_t a_rows = moe__add(N, E * MOE__MR);   /* N may have saturated */
             const size_t a_max = a_rows > nT + MOE__MR ? a_rows : nT + MOE__MR;
             const size_t p1_max = p1 > p1s ? p1 : p1s, f_max = F > Fs ? F : Fs;
-            L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR), sizeof(float), &ok);
-            L->sh_tiles    = moe__reserve(&t, Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0, sizeof(float), &ok);
+            L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR),
+                                          sizeof(float), &ok);
+            L->sh_tiles    = moe__reserve(&t,
+                                          Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0,
+                                          sizeof(float), &ok);
             L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
             L->task_panels = moe__reserve(&t, E + 1, sizeof(int32_t), &ok);
             L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
             /* A as k-major MR-row tiles: each expert's last tile padded */
             L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
-            L->apack       = moe__reserve(&t, moe__mul(a_max, D > F && D > Fs ? D : (F > Fs ? F : Fs)),
+            L->apack       = moe__reserve(&t,
+                                          moe__mul(a_max, D > F && D > Fs ? D : (F > Fs ? F : Fs)),
                                           sizeof(float), &ok);
             /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
             L->pack        = moe__reserve(&t, moe__add(moe__mul(D + (D & 1), p1_max * MOE__NR),
@@ -2233,7 +2332,8 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
         L->dscore  = moe__reserve(&t, TR, sizeof(float), &ok);
         L->dz      = moe__reserve(&t, TR, sizeof(float), &ok);
-        L->dsig    = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0, sizeof(float), &ok);
+        L->dsig    = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0,
+                                  sizeof(float), &ok);
         L->dD      = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
         L->sh_dout = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
         L->sh_da   = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
@@ -2246,12 +2346,14 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
         L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
         L->tmp_td  = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
         {   /* the largest of the expert, shared-expert and router GEMMs */
-            const size_t routed = moe__backward_pack_floats(c, N, F), shared = Fs ? moe__backward_pack_floats(c, nT, Fs) : 0;
+            const size_t routed = moe__backward_pack_floats(c, N, F),
+                         shared = Fs ? moe__backward_pack_floats(c, nT, Fs) : 0;
             size_t most = routed > shared ? routed : shared;
 #if MOE__HAS_SIMD
             if (c->isa != MOE_ISA_REFERENCE) {
-                const size_t r1 = moe__gemm_pack_floats((int64_t)E, (int64_t)D, (int64_t)nT);   /* dW_router */
-                const size_t r2 = moe__gemm_pack_floats((int64_t)nT, (int64_t)D, (int64_t)E);   /* dz . W */
+                /* r1: dW_router, r2: dz . W */
+                const size_t r1 = moe__gemm_pack_floats((int64_t)E, (int64_t)D, (int64_t)nT);
+                const size_t r2 = moe__gemm_pack_floats((int64_t)nT, (int64_t)D, (int64_t)E);
                 if (r1 > most) most = r1;
                 if (r2 > most) most = r2;
             }
@@ -2348,8 +2450,9 @@ static void moe__normalize(const moe_config *c, const float *g, const uint8_t *k
            + N'(0,1) * cfg.router_noise_std                      (warm-up noise)
    sigma and the Shazeer draws N come back for the Shazeer losses and the
    backward. Every draw is a pure function of (seed, t, e).                */
-static void moe__noisy_logits(const moe_config *c, int32_t t, const float *z, const float *noise_row,
-                              const float *noise_samples, float *H, float *sigma, float *N) {
+static void moe__noisy_logits(const moe_config *c, int32_t t, const float *z,
+                              const float *noise_row, const float *noise_samples, float *H,
+                              float *sigma, float *N) {
     const int32_t E = c->num_experts;
     const int warm = c->training && c->router_noise_std > 0.0f;
     int32_t e;
@@ -2358,10 +2461,12 @@ static void moe__noisy_logits(const moe_config *c, int32_t t, const float *z, co
         H[e] = z[e];
         if (noise_row) {
             sigma[e] = moe__softplus(noise_row[e]) + c->noise_epsilon;
-            N[e] = noise_samples ? noise_samples[ctr] : (float)moe__rng_normal(c->seed, MOE__RNG_NOISE, ctr);
+            N[e] = noise_samples ? noise_samples[ctr]
+                                 : (float)moe__rng_normal(c->seed, MOE__RNG_NOISE, ctr);
             H[e] += N[e] * sigma[e];
         }
-        if (warm) H[e] += c->router_noise_std * (float)moe__rng_normal(c->seed, MOE__RNG_WARMUP, ctr);
+        if (warm)
+            H[e] += c->router_noise_std * (float)moe__rng_normal(c->seed, MOE__RNG_WARMUP, ctr);
     }
 }
 
@@ -2410,7 +2515,8 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
         float best = -INFINITY;
         int32_t arg = -1;
         for (e = 0; e < E; e++) {
-            double u = moe__rng_uniform(c->seed, MOE__RNG_GUMBEL, (uint64_t)tg * (uint64_t)E + (uint64_t)e);
+            double u = moe__rng_uniform(c->seed, MOE__RNG_GUMBEL,
+                                        (uint64_t)tg * (uint64_t)E + (uint64_t)e);
             float v = z[e] - (float)log(-log(u));
             if (e == idx[0] || sel[e] == -INFINITY) continue;
             if (arg < 0 || v > best) { best = v; arg = e; }
@@ -2425,7 +2531,8 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
     /* GShard random routing: keep expert 2 iff U < w2 / theta; a rejected
        choice is deleted before capacity positions are counted.            */
     if (c->second_expert == MOE_SECOND_RANDOM &&
-        !(moe__rng_uniform(c->seed, MOE__RNG_SECOND, (uint64_t)tg) < (double)w[1] / c->second_threshold)) {
+        !(moe__rng_uniform(c->seed, MOE__RNG_SECOND, (uint64_t)tg) <
+          (double)w[1] / c->second_threshold)) {
         r->res->dropped[(size_t)t * S + 1] = MOE__REJECTED;   /* idx[1] kept for backward */
         w[1] = 0.0f;
     }
@@ -2470,7 +2577,8 @@ static void moe__apply_capacity(moe__router *r) {
             moe__sort_desc(r->key, r->order, r->order_tmp, n);
             for (i = C; i < n; i++)
                 for (j = 0; j < S; j++)
-                    if (expert[(size_t)r->order[i] * S + j] == e) dropped[(size_t)r->order[i] * S + j] = MOE__DROPPED;
+                    if (expert[(size_t)r->order[i] * S + j] == e)
+                        dropped[(size_t)r->order[i] * S + j] = MOE__DROPPED;
         }
         return;
     }
@@ -2507,7 +2615,8 @@ static moe__token_scratch moe__token_scratch_of(const moe__router *r, int32_t ch
 static void moe__route_chunk_task(void *arg, int32_t chunk) {
     const moe__router *r = (const moe__router *)arg;
     const int32_t n = moe__route_nchunk((size_t)r->T), E = r->c->num_experts;
-    const int32_t t0 = (int32_t)((int64_t)r->T * chunk / n), t1 = (int32_t)((int64_t)r->T * (chunk + 1) / n);
+    const int32_t t0 = (int32_t)((int64_t)r->T * chunk / n),
+                  t1 = (int32_t)((int64_t)r->T * (chunk + 1) / n);
     const moe__token_scratch x = moe__token_scratch_of(r, chunk);
     int32_t t, e;
     for (e = 0; e < 2 * E; e++) x.imp[e] = 0.0;
@@ -2602,7 +2711,8 @@ static void moe__route_soft(moe__router *r) {
         moe__softmax_ref(r->res->scores + (size_t)t * R, r->logits + (size_t)t * R, R);
     for (s = 0; s < R; s++) {
         float m = -INFINITY, sum = 0.0f;
-        for (t = 0; t < T; t++) if (r->logits[(size_t)t * R + s] > m) m = r->logits[(size_t)t * R + s];
+        for (t = 0; t < T; t++)
+            if (r->logits[(size_t)t * R + s] > m) m = r->logits[(size_t)t * R + s];
         for (t = 0; t < T; t++) {
             float v = expf(r->logits[(size_t)t * R + s] - m);
             r->res->dispatch[(size_t)t * R + s] = v;
@@ -2667,7 +2777,10 @@ static void moe__aux_losses(moe__router *r) {
     double z = 0.0, bal = 0.0;
     if (T == 0) return;
     if (c->routing != MOE_ROUTING_SOFT) {          /* z-loss: mean LSE^2 */
-        for (t = 0; t < T; t++) { double l = moe__logsumexp(r->logits + (size_t)t * E, E); z += l * l; }
+        for (t = 0; t < T; t++) {
+            double l = moe__logsumexp(r->logits + (size_t)t * E, E);
+            z += l * l;
+        }
         res->aux_z = (float)(z / T);
     }
     if (c->routing != MOE_ROUTING_TOPK) return;
@@ -2678,7 +2791,8 @@ static void moe__aux_losses(moe__router *r) {
         for (t = 0; t < T; t++) P += moe__balance_prob(c, res->scores + (size_t)t * E, e);
         for (t = 0; t < T; t++)
             for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++)
-                f += res->expert[(size_t)t * S + j] == e && res->dropped[(size_t)t * S + j] != MOE__REJECTED;
+                f += res->expert[(size_t)t * S + j] == e &&
+                     res->dropped[(size_t)t * S + j] != MOE__REJECTED;
         f /= (double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
         bal += f * (P / T);
     }
@@ -2718,7 +2832,8 @@ static moe_status moe__route(moe__router *r) {
     if (r->noise_logits && c->training)
         for (i = 0; i < (size_t)T * (size_t)E; i++)
             if (!moe__isfinite(r->noise_logits[i])) return MOE_STATUS_NONFINITE;
-    if (r->sel_bias) for (e = 0; e < E; e++) if (!moe__isfinite(r->sel_bias[e])) return MOE_STATUS_NONFINITE;
+    if (r->sel_bias)
+        for (e = 0; e < E; e++) if (!moe__isfinite(r->sel_bias[e])) return MOE_STATUS_NONFINITE;
 
     res->slots = S; res->capacity = r->C;
     res->dropped_pairs = res->dropped_tokens = 0;
@@ -2775,17 +2890,20 @@ typedef struct moe__ffn {
    1/(1 - p). A pure function of (seed, key, f): the backward regenerates the
    forward's mask, and it does not depend on row order or threads.         */
 static float moe__dropout_scale(const moe_config *c, uint64_t key, int32_t f) {
-    const double u = moe__rng_uniform(c->seed, MOE__RNG_DROPOUT, key * (uint64_t)c->d_ff + (uint64_t)f);
+    const double u = moe__rng_uniform(c->seed, MOE__RNG_DROPOUT,
+                                      key * (uint64_t)c->d_ff + (uint64_t)f);
     return u < c->expert_dropout ? 0.0f : 1.0f / (1.0f - c->expert_dropout);
 }
 /* h[r][u] *= mask for rows [r0, r1) and units [u0, u1) (row stride F). */
-static void moe__dropout_apply(const moe__ffn *f, float *h, int64_t r0, int64_t r1, int32_t u0, int32_t u1) {
+static void moe__dropout_apply(const moe__ffn *f, float *h, int64_t r0, int64_t r1, int32_t u0,
+                               int32_t u1) {
     int64_t r;
     int32_t u;
     if (!f->dropout) return;
     for (r = r0; r < r1; r++) {
         const uint64_t key = f->row_key ? (uint64_t)f->row_key[r] : (uint64_t)r;
-        for (u = u0; u < u1; u++) h[(size_t)r * (size_t)f->F + (size_t)u] *= moe__dropout_scale(f->dropout, key, u);
+        for (u = u0; u < u1; u++)
+            h[(size_t)r * (size_t)f->F + (size_t)u] *= moe__dropout_scale(f->dropout, key, u);
     }
 }
 
@@ -2812,7 +2930,8 @@ static moe__ffn moe__routed_ffn(const moe_config *c, const moe_weights *w) {
 }
 /* The routed experts as a training layer sees them: with expert dropout
    keyed by the pair each row processes (Soft MoE: by the slot).           */
-static moe__ffn moe__routed_ffn_train(const moe_config *c, const moe_weights *w, const int64_t *row_pair) {
+static moe__ffn moe__routed_ffn_train(const moe_config *c, const moe_weights *w,
+                                      const int64_t *row_pair) {
     moe__ffn f = moe__routed_ffn(c, w);
     if (c->training && c->expert_dropout > 0.0f) {
         f.dropout = c;
@@ -2913,7 +3032,8 @@ static int moe__pack_check(const moe_config *c, const moe_weights *w) {
     return memcmp(h.magic, "moe.pk2", 8) == 0 && h.vl == MOE__VL && h.bytes <= w->packed_bytes &&
            h.num_experts == (uint32_t)c->num_experts && h.d_model == (uint32_t)c->d_model &&
            h.d_ff == (uint32_t)c->d_ff && h.shared_d_ff == (uint32_t)c->shared_d_ff &&
-           h.glu == (uint32_t)moe__act_is_glu(c->activation) && h.bf16 == (uint32_t)(c->pack_bf16 != 0) &&
+           h.glu == (uint32_t)moe__act_is_glu(c->activation) &&
+           h.bf16 == (uint32_t)(c->pack_bf16 != 0) &&
            moe__pack_plan(c, &P) == MOE_STATUS_OK && h.bytes == P.bytes;
 }
 
@@ -2974,25 +3094,29 @@ static void moe__packed_task(void *arg, int32_t task) {
     r0 = J->off[e] + rb * MOE__ROW_BLOCK;
     nr = J->off[e + 1] - r0 < MOE__ROW_BLOCK ? J->off[e + 1] - r0 : MOE__ROW_BLOCK;
     {
-        const unsigned char *w = J->panels + (size_t)e * J->set_stride + (J->stage == 1 ? 0 : J->g->w13 * J->esize);
-        const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) * MOE__MR * (size_t)K;
+        const unsigned char *w = J->panels + (size_t)e * J->set_stride +
+                                 (J->stage == 1 ? 0 : J->g->w13 * J->esize);
+        const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) *
+                                 MOE__MR * (size_t)K;
         const size_t rows = J->stage == 1 ? J->g->k1 : J->g->k2;   /* K rounded up to even */
         for (p = p0; p < p1; p++) {
             const void *panel = w + (size_t)p * rows * MOE__NR * J->esize;
             for (i = 0; i < nr; i += MOE__MR) {
                 const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
-                const float *a = A + (size_t)i * (size_t)K;      /* tile i / MR, MR * K floats each */
+                const float *a = A + (size_t)i * (size_t)K;   /* tile i / MR, MR * K floats each */
                 float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
                 size_t ldc = J->ldS;
-                if (J->stage == 2 && (p + 1) * MOE__NR <= J->D) {   /* a whole panel of out: straight there */
+                if (J->stage == 2 && (p + 1) * MOE__NR <= J->D) {
+                    /* a whole panel of out: straight there */
                     C = J->out + (size_t)(r0 + i) * (size_t)J->D + (size_t)p * MOE__NR;
                     ldc = (size_t)J->D;
                 }
-                if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {   /* this task's next panel, 1/n each */
-                    const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n, k1 = K * (t + 1) / n;
-                    moe__tile_simd_next(J->kind, K, a, panel, C, ldc,
-                                        (const unsigned char *)panel + (rows + (size_t)k0) * MOE__NR * J->esize,
-                                        k1 - k0, n);
+                if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {
+                    /* this task's next panel, 1/n each */
+                    const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n,
+                                  k1 = K * (t + 1) / n;
+                    moe__tile_simd_next(J->kind, K, a, panel, C, ldc, (const unsigned char *)panel +
+                                        (rows + (size_t)k0) * MOE__NR * J->esize, k1 - k0, n);
                 } else {
                     moe__tile_simd_packed(J->kind, mr, K, a, panel, C, ldc);
                 }
@@ -3035,7 +3159,8 @@ static void moe__packed_task(void *arg, int32_t task) {
                 const float gv = Sr[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
                 J->hg[o] = gv;
                 if (J->glu) {
-                    const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
+                    const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] +
+                                     (bu ? bu[f] : 0.0f);
                     J->hu[o] = uv;
                     J->ha[o] = moe__act_isa(J->c->activation, 1, gv) * uv;
                 } else {
@@ -3048,7 +3173,8 @@ static void moe__packed_task(void *arg, int32_t task) {
             const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
             float *o = J->out + (size_t)r * J->D;
             int32_t d = p0 * MOE__NR;
-            const int32_t d_mid = d_end < d_full ? d_end : d_full;   /* whole panels: in out already */
+            /* whole panels: in out already */
+            const int32_t d_mid = d_end < d_full ? d_end : d_full;
             if (bd) for (; d < d_mid; d++) o[d] += bd[d];
             for (d = d > d_mid ? d : d_mid; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
         }
@@ -3095,7 +3221,8 @@ static void moe__packed_a_task(void *arg, int32_t t) {
             return;
         }
         moe__pack_a_tile(dst, src, (size_t)K, 1, mr, K);
-        if (J->kind == MOE__B_BF16 && J->c->pack_bf16 == 2)   /* bf16 activations without VDPBF16PS */
+        /* bf16 activations without VDPBF16PS */
+        if (J->kind == MOE__B_BF16 && J->c->pack_bf16 == 2)
             for (i = 0; i < n; i++) dst[i] = moe__bf16_float(dst[i]);
     }
 }
@@ -3118,7 +3245,8 @@ static void moe__packed_ffn(moe__packed_job *J) {
             const int64_t n = J->off[e + 1] - J->off[e];
             const int64_t n_rb = (n + MOE__ROW_BLOCK - 1) / MOE__ROW_BLOCK;
             const double rows = n < MOE__ROW_BLOCK ? (double)n : MOE__ROW_BLOCK;
-            int32_t tb = rows > 0 ? (int32_t)(MOE__PACKED_TASK_FLOPS / (2.0 * rows * K * MOE__NR)) : P;
+            int32_t tb = rows > 0 ? (int32_t)(MOE__PACKED_TASK_FLOPS / (2.0 * rows * K * MOE__NR))
+                                  : P;
             if (tb < 2) tb = 2;     /* a task's tiles prefetch its next panel */
             if (tb > P) tb = P;
             /* a few rows (decode) stream the weights: a set as one or two tasks would
@@ -3146,7 +3274,8 @@ static void moe__packed_ffn(moe__packed_job *J) {
 
 
 /* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
-   x belong to expert e. This is where the fast kernels plug in.
+   x belong to expert e. The reference ISA's (moe__gemm_ref per projection);
+   a SIMD ISA runs moe__experts_simd instead (moe__experts_stage picks).
      x: [N][D]   hg, hu: [N][F] pre-activations (hu only for GLU)
      ha: [N][F] activation   out: [N][D]
      hg = gate_e.x + bg;  hu = up_e.x + bu;  ha = act(hg) [* hu];  out = down_e.ha + bd */
@@ -3220,7 +3349,8 @@ static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
         for (j = 0; j < S; j++) {
             const int64_t row = pair_row[(size_t)t * S + j];
             if (row < 0) continue;
-            moe__add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, 1, J->simd);
+            moe__add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j],
+                            (size_t)D, 1, J->simd);
         }
     }
 }
@@ -3246,12 +3376,15 @@ static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x
     }
 }
 
-typedef struct moe__gather_job { float *xg; const float *x; const int64_t *row_pair; int32_t S, D; } moe__gather_job;
+typedef struct moe__gather_job {
+    float *xg; const float *x; const int64_t *row_pair; int32_t S, D;
+} moe__gather_job;
 static void moe__gather_rows(void *arg, int64_t r0, int64_t r1) {
     const moe__gather_job *J = (const moe__gather_job *)arg;
     int64_t r;
     for (r = r0; r < r1; r++)
-        memcpy(J->xg + (size_t)r * J->D, J->x + (size_t)(J->row_pair[r] / J->S) * J->D, (size_t)J->D * sizeof(float));
+        memcpy(J->xg + (size_t)r * J->D, J->x + (size_t)(J->row_pair[r] / J->S) * J->D,
+               (size_t)J->D * sizeof(float));
 }
 
 /* Stage 3 of the layer: expert inputs in expert-contiguous rows xg (a gather,
@@ -3288,7 +3421,8 @@ typedef struct moe__pack_job {
 /* Element (k, v) of the panel at o: fp32 rows [k][NR], or bf16 row pairs
    [k/2][NR][2] (k + 1 beside k, for moe__v_bf16_lo/hi and VDPBF16PS). */
 static void moe__pack_put(const moe__pack_job *J, size_t o, size_t k, size_t v, float x) {
-    if (J->bf16) ((uint16_t *)J->dst)[o + (k & ~(size_t)1) * MOE__NR + 2 * v + (k & 1)] = moe__bf16_of(x);
+    if (J->bf16)
+        ((uint16_t *)J->dst)[o + (k & ~(size_t)1) * MOE__NR + 2 * v + (k & 1)] = moe__bf16_of(x);
     else ((float *)J->dst)[o + k * MOE__NR + v] = x;
 }
 
@@ -3322,9 +3456,9 @@ static void moe__pack_task(void *arg, int32_t task) {
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
    over its weights), then run.                                             */
-static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsigned char *packed_set,
-                              int32_t n_sets, const int64_t *off, const float *x,
-                              float *hg, float *hu, float *ha, float *out, float *S,
+static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
+                              const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
+                              const float *x, float *hg, float *hu, float *ha, float *out, float *S,
                               const moe__layout *L, unsigned char *b) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     moe__packed_job J;
@@ -3339,16 +3473,18 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f, const unsi
     J.Ap = MOE__AT(b, L->apack, float);
     if (packed_set) {
         J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
-        J.kind = !c->pack_bf16 ? MOE__B_F32 : c->pack_bf16 == 2 && MOE__HAS_BF16_DOT ? MOE__B_DOT : MOE__B_BF16;
-        J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize; J.n_sets = n_sets; J.off = off;
+        J.kind = !c->pack_bf16 ? MOE__B_F32
+                               : c->pack_bf16 == 2 && MOE__HAS_BF16_DOT ? MOE__B_DOT : MOE__B_BF16;
+        J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize;
+        J.n_sets = n_sets; J.off = off;
         J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
         moe__packed_ffn(&J);
     } else {
         moe__pack_job P;
         int32_t e;
         P.f = f; P.g = &g; P.glu = J.glu; P.bf16 = 0; P.dst = MOE__AT(b, L->pack, float);
-        J.panels = (const unsigned char *)P.dst; J.set_stride = 0; J.esize = sizeof(float); J.n_sets = 1;
-        J.kind = MOE__B_F32;
+        J.panels = (const unsigned char *)P.dst; J.set_stride = 0; J.esize = sizeof(float);
+        J.n_sets = 1; J.kind = MOE__B_F32;
         for (e = 0; e < n_sets; e++) {
             if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
             P.e = e;
@@ -3371,8 +3507,10 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
     const int glu = moe__act_is_glu(c->activation);
     const int64_t *offsets = MOE__AT(b, L->offsets, int64_t);
     const int64_t sh_off[2] = {0, (int64_t)T};
-    const moe__ffn ffn = moe__routed_ffn_train(c, w, MOE__AT(b, L->row_pair, int64_t)), sh = moe__shared_ffn(c, w);
-    float *hu = glu ? MOE__AT(b, L->hu, float) : NULL, *sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
+    const moe__ffn ffn = moe__routed_ffn_train(c, w, MOE__AT(b, L->row_pair, int64_t)),
+                   sh = moe__shared_ffn(c, w);
+    float *hu = glu ? MOE__AT(b, L->hu, float) : NULL,
+          *sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
     moe__expert_inputs(c, x, T, expert, dropped, dispatch, L, b);
 #if MOE__HAS_SIMD
     if (c->isa != MOE_ISA_REFERENCE) {
@@ -3381,7 +3519,8 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
         moe__pack_plan(c, &P);
         moe__experts_simd(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
                           MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
-                          MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float), MOE__AT(b, L->tiles, float), L, b);
+                          MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
+                          MOE__AT(b, L->tiles, float), L, b);
         if (c->shared_d_ff > 0)
             moe__experts_simd(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
                               MOE__AT(b, L->sh_g, float), sh_u, MOE__AT(b, L->sh_a, float),
@@ -3389,8 +3528,9 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
         return;
     }
 #endif
-    moe__experts_forward_ref(&ffn, c->num_experts, offsets, MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float),
-                             hu, MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float));
+    moe__experts_forward_ref(&ffn, c->num_experts, offsets, MOE__AT(b, L->xg, float),
+                             MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float),
+                             MOE__AT(b, L->out, float));
     if (c->shared_d_ff > 0)
         moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L->sh_g, float), sh_u,
                                  MOE__AT(b, L->sh_a, float), MOE__AT(b, L->sh_out, float));
@@ -3439,7 +3579,9 @@ static int moe__spans_overlap(const moe__spans *S) {
 }
 
 /* The tensors of a moe_grads-shaped set with their sizes and fans. */
-typedef struct moe__tensor { float *p; size_t n, per_expert; double fan_in, fan_out; int bias; } moe__tensor;
+typedef struct moe__tensor {
+    float *p; size_t n, per_expert; double fan_in, fan_out; int bias;
+} moe__tensor;
 
 static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor *t) {
     const double D = c->d_model, F = c->d_ff, Fs = c->shared_d_ff, E = c->num_experts;
@@ -3454,7 +3596,8 @@ static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor
     MOE__T(g->router_noise, E * D, D, D, E, 0);
     /* fused: gate is [E][2F][D] (the layer reads it with that stride whatever
        the activation), one stream per expert covering both halves */
-    MOE__T(g->gate, E * (g->gate_up_fused ? 2 : 1) * F * D, (g->gate_up_fused ? 2 : 1) * F * D, D, F, 0);
+    MOE__T(g->gate, E * (g->gate_up_fused ? 2 : 1) * F * D, (g->gate_up_fused ? 2 : 1) * F * D,
+           D, F, 0);
     MOE__T(glu && !g->gate_up_fused ? g->up : NULL, E * F * D, F * D, D, F, 0);
     MOE__T(g->down, E * D * F, D * F, F, D, 0);
     MOE__T(g->gate_bias, E * F, F, D, F, 1);
@@ -3529,16 +3672,20 @@ static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weig
    from w.packed (SIMD ISA), so w.gate/up/down may be NULL.                 */
 static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, int packed) {
     const int glu = moe__act_is_glu(c->activation);
-    if (c->routing == MOE_ROUTING_SOFT ? !w->soft_phi : !w->router) return MOE_STATUS_MISSING_WEIGHT;
+    if (c->routing == MOE_ROUTING_SOFT ? !w->soft_phi : !w->router)
+        return MOE_STATUS_MISSING_WEIGHT;
     if ((c->router_bias && !w->router_bias) || (c->selection_bias && !w->selection_bias) ||
         (c->noise == MOE_NOISE_SHAZEER && !w->router_noise))
         return MOE_STATUS_MISSING_WEIGHT;
-    if (!packed && (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up))) return MOE_STATUS_MISSING_WEIGHT;
+    if (!packed && (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up)))
+        return MOE_STATUS_MISSING_WEIGHT;
     if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
         return MOE_STATUS_MISSING_WEIGHT;
     if (c->shared_d_ff > 0) {
-        if (!packed && (!w->shared_gate || !w->shared_down || (glu && !w->shared_up))) return MOE_STATUS_MISSING_WEIGHT;
-        if (c->expert_bias && (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
+        if (!packed && (!w->shared_gate || !w->shared_down || (glu && !w->shared_up)))
+            return MOE_STATUS_MISSING_WEIGHT;
+        if (c->expert_bias &&
+            (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
             return MOE_STATUS_MISSING_WEIGHT;
         if (c->shared_gate && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
     }
@@ -3558,7 +3705,8 @@ typedef struct moe__info_layout {
     size_t total;
 } moe__info_layout;
 
-static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c, moe__info_layout *L) {
+static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c,
+                                 moe__info_layout *L) {
     size_t t = 0, TR, TS, N = 0, Ts = 0;
     int ok = 1, glu;
     moe__layout P;
@@ -3582,8 +3730,10 @@ static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c
     L->up       = moe__reserve(&t, glu ? moe__mul(N, (size_t)c->d_ff) : 0, sizeof(float), &ok);
     L->out      = moe__reserve(&t, moe__mul(N, (size_t)c->d_model), sizeof(float), &ok);
     L->sh_hidden = moe__reserve(&t, moe__mul(Ts, (size_t)c->shared_d_ff), sizeof(float), &ok);
-    L->sh_up    = moe__reserve(&t, glu ? moe__mul(Ts, (size_t)c->shared_d_ff) : 0, sizeof(float), &ok);
-    L->sh_out   = moe__reserve(&t, c->shared_d_ff ? moe__mul(Ts, (size_t)c->d_model) : 0, sizeof(float), &ok);
+    L->sh_up    = moe__reserve(&t, glu ? moe__mul(Ts, (size_t)c->shared_d_ff) : 0,
+                               sizeof(float), &ok);
+    L->sh_out   = moe__reserve(&t, c->shared_d_ff ? moe__mul(Ts, (size_t)c->d_model) : 0,
+                               sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
@@ -3609,7 +3759,10 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
     if (!cfg || !info || !buffer) return MOE_STATUS_NULL_ARGUMENT;
     st = moe__info_plan(cfg, num_tokens, &c, &L);
     if (st != MOE_STATUS_OK) return st;
-    if (bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    if (bytes < L.total) {
+        info->workspace_required = L.total;
+        return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    }
     b = moe__align_ptr(buffer);
     cache = c.training && !c.recompute;
     glu = moe__act_is_glu(c.activation);
@@ -3661,11 +3814,13 @@ static void moe__info_export(moe_info *dst, const moe_info *src, const float *lo
     const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
     if (dst->logits && TR) memcpy(dst->logits, logits, TR * sizeof(float));
     if (dst->scores && TR) memcpy(dst->scores, src->scores, TR * sizeof(float));
-    if (dst->dispatch && TR && src->dispatch) memcpy(dst->dispatch, src->dispatch, TR * sizeof(float));
+    if (dst->dispatch && TR && src->dispatch)
+        memcpy(dst->dispatch, src->dispatch, TR * sizeof(float));
     if (dst->expert && TS) memcpy(dst->expert, src->expert, TS * sizeof(int32_t));
     if (dst->weight && TS) memcpy(dst->weight, src->weight, TS * sizeof(float));
     if (dst->dropped && TS) memcpy(dst->dropped, src->dropped, TS);
-    if (dst->expert_routed) memcpy(dst->expert_routed, src->expert_routed, (size_t)E * sizeof(int32_t));
+    if (dst->expert_routed)
+        memcpy(dst->expert_routed, src->expert_routed, (size_t)E * sizeof(int32_t));
     if (dst->expert_kept) memcpy(dst->expert_kept, src->expert_kept, (size_t)E * sizeof(int32_t));
     dst->slots = src->slots; dst->capacity = src->capacity;
     dst->dropped_pairs = src->dropped_pairs; dst->dropped_tokens = src->dropped_tokens;
@@ -3780,7 +3935,8 @@ static uint64_t moe__routing_check(const moe_config *c, const moe_info *info, in
     const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
     uint64_t h = moe__hash_bytes(0, info->logits, TR * sizeof(float));
     h = moe__hash_bytes(h, info->scores, TR * sizeof(float));
-    if (c->routing == MOE_ROUTING_SOFT) return moe__hash_bytes(h, info->dispatch, TR * sizeof(float));
+    if (c->routing == MOE_ROUTING_SOFT)
+        return moe__hash_bytes(h, info->dispatch, TR * sizeof(float));
     h = moe__hash_bytes(h, info->expert, TS * sizeof(int32_t));
     h = moe__hash_bytes(h, info->weight, TS * sizeof(float));
     return moe__hash_bytes(h, info->dropped, TS);
@@ -3792,13 +3948,19 @@ static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
     const size_t rows = (size_t)MOE__AT(b, L->offsets, int64_t)[c->num_experts];
     const size_t F = (size_t)c->d_ff, D = (size_t)c->d_model, Fs = (size_t)c->shared_d_ff;
     const int glu = moe__act_is_glu(c->activation);
-    if (dst->cache_hidden) memcpy(dst->cache_hidden, MOE__AT(b, L->hg, float), rows * F * sizeof(float));
-    if (dst->cache_up && glu) memcpy(dst->cache_up, MOE__AT(b, L->hu, float), rows * F * sizeof(float));
+    if (dst->cache_hidden)
+        memcpy(dst->cache_hidden, MOE__AT(b, L->hg, float), rows * F * sizeof(float));
+    if (dst->cache_up && glu)
+        memcpy(dst->cache_up, MOE__AT(b, L->hu, float), rows * F * sizeof(float));
     if (dst->cache_out) memcpy(dst->cache_out, MOE__AT(b, L->out, float), rows * D * sizeof(float));
     if (!Fs) return;
-    if (dst->cache_shared_hidden) memcpy(dst->cache_shared_hidden, MOE__AT(b, L->sh_g, float), (size_t)T * Fs * sizeof(float));
-    if (dst->cache_shared_up && glu) memcpy(dst->cache_shared_up, MOE__AT(b, L->sh_u, float), (size_t)T * Fs * sizeof(float));
-    if (dst->cache_shared_out) memcpy(dst->cache_shared_out, MOE__AT(b, L->sh_out, float), (size_t)T * D * sizeof(float));
+    if (dst->cache_shared_hidden)
+        memcpy(dst->cache_shared_hidden, MOE__AT(b, L->sh_g, float),
+               (size_t)T * Fs * sizeof(float));
+    if (dst->cache_shared_up && glu)
+        memcpy(dst->cache_shared_up, MOE__AT(b, L->sh_u, float), (size_t)T * Fs * sizeof(float));
+    if (dst->cache_shared_out)
+        memcpy(dst->cache_shared_out, MOE__AT(b, L->sh_out, float), (size_t)T * D * sizeof(float));
 }
 
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes) {
@@ -3844,8 +4006,10 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
         J.bf16 = c.pack_bf16 != 0;
         for (e = 0; e < (set ? 1 : c.num_experts); e++) {
             J.e = e;
-            J.dst = (unsigned char *)packed + (set ? P.shared_off : P.experts + (size_t)e * P.expert_stride);
-            moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J, (double)(J.g->w13 + J.g->w2));
+            J.dst = (unsigned char *)packed +
+                    (set ? P.shared_off : P.experts + (size_t)e * P.expert_stride);
+            moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J,
+                              (double)(J.g->w13 + J.g->w2));
         }
     }
     memset(&h, 0, sizeof h);
@@ -3859,7 +4023,8 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
 }
 
 /* The three workspace size queries: resolve, check T, lay out, report. */
-static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode, size_t *out_bytes) {
+static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode,
+                                      size_t *out_bytes) {
     moe_config c;
     moe__layout L;
     moe_status st;
@@ -3871,7 +4036,8 @@ static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode
     return MOE_STATUS_OK;
 }
 
-MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+MOEDEF moe_status moe_route_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                           size_t *out_bytes) {
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_ROUTE, out_bytes);
 }
 
@@ -3899,14 +4065,18 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
         moe__span(&sp, logits, (size_t)T * (size_t)L.R, sizeof(float), 0);
         if (c.noise == MOE_NOISE_SHAZEER)
             moe__span(&sp, noise_logits, (size_t)T * (size_t)c.num_experts, sizeof(float), 0);
-        if (c.selection_bias) moe__span(&sp, w->selection_bias, (size_t)c.num_experts, sizeof(float), 0);
+        if (c.selection_bias)
+            moe__span(&sp, w->selection_bias, (size_t)c.num_experts, sizeof(float), 0);
         moe__info_spans(&sp, &c, info, T, &L, 1, 0, 1);
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (T == 0) { moe__info_no_tokens(info, &c); return MOE_STATUS_OK; }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    if (workspace_bytes < L.total) {
+        info->workspace_required = L.total;
+        return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    }
     b = moe__align_ptr(workspace);
     moe__router_init(&r, &c, &L, b, T, &res);
     r.logits = logits;
@@ -3917,15 +4087,17 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
     return MOE_STATUS_OK;
 }
 
-MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                             size_t *out_bytes) {
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_FORWARD, out_bytes);
 }
 
 /* y[T][E] = x . W^T + bias for a small W [E][D] (the router): on a SIMD ISA
    W is transposed into the workspace ([D][E_pad]) so the parallel GEMM can
    stream it; the reference computes moe__gemm_ref.                        */
-static void moe__linear(const moe_config *c, float *y, const float *x, const float *W, const float *bias,
-                        int32_t T, int32_t E, int32_t D, const moe__layout *L, unsigned char *b) {
+static void moe__linear(const moe_config *c, float *y, const float *x, const float *W,
+                        const float *bias, int32_t T, int32_t E, int32_t D, const moe__layout *L,
+                        unsigned char *b) {
     if (c->isa != MOE_ISA_REFERENCE) {
         const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
         float *Wt = MOE__AT(b, L->router_t, float);
@@ -3956,7 +4128,8 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
         const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
         for (s = 0; s < R; s++) {
             float ss = 0.0f;
-            for (d = 0; d < D; d++) ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
+            for (d = 0; d < D; d++)
+                ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
             norm[s] = sqrtf(ss + 1e-6f);
         }
         moe__gemm_ref(logits, x, w->soft_phi, NULL, T, R, D);
@@ -3964,7 +4137,8 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
             float ss = 0.0f, nx;
             for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
             nx = sqrtf(ss + 1e-6f);
-            for (s = 0; s < R; s++) logits[(size_t)t * R + s] = scale * (logits[(size_t)t * R + s] / (nx * norm[s]));
+            for (s = 0; s < R; s++)
+                logits[(size_t)t * R + s] = scale * (logits[(size_t)t * R + s] / (nx * norm[s]));
         }
         return;
     }
@@ -3972,12 +4146,14 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
         float *xj = MOE__AT(b, L->xr, float);
         size_t i, n = (size_t)T * (size_t)D;
         for (i = 0; i < n; i++)
-            xj[i] = x[i] * (float)(1.0 - c->jitter + 2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
+            xj[i] = x[i] * (float)(1.0 - c->jitter + 2.0 * c->jitter *
+                                   moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
         xr = xj;
     }
     moe__linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL, T, E, D, L, b);
     if (c->noise == MOE_NOISE_SHAZEER && c->training)
-        moe__linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL, T, E, D, L, b);
+        moe__linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL,
+                    T, E, D, L, b);
 }
 
 MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
@@ -4023,7 +4199,8 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     moe__router_logits_ref(&c, w, x, T, &L, b);
     moe__router_init(&r, &c, &L, b, T, &res);
     r.logits = MOE__AT(b, L.logits, float);
-    r.noise_logits = c.noise == MOE_NOISE_SHAZEER && c.training ? MOE__AT(b, L.noise_logits, float) : NULL;
+    r.noise_logits = c.noise == MOE_NOISE_SHAZEER && c.training
+                     ? MOE__AT(b, L.noise_logits, float) : NULL;
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
     if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
 
@@ -4032,7 +4209,8 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &L, b);
     if (c.shared_gate)
         for (t = 0; t < T; t++)
-            MOE__AT(b, L.sh_gamma, float)[t] = moe__shared_gate_of(&c, w, x + (size_t)t * c.d_model);
+            MOE__AT(b, L.sh_gamma, float)[t] = moe__shared_gate_of(&c, w,
+                                                                   x + (size_t)t * c.d_model);
 
     /* 5. combine in fixed slot order */
     {
@@ -4117,7 +4295,8 @@ static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
     const size_t F = (size_t)j->f->F;
     r0 += j->base; r1 += j->base;
     moe__dropout_apply(j->f, j->dh, r0, r1, 0, j->f->F);  /* through the dropout mask */
-    moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, j->ha, (size_t)r0 * F, (size_t)r1 * F);
+    moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, j->ha,
+                      (size_t)r0 * F, (size_t)r1 * F);
     if (j->ha) moe__dropout_apply(j->f, j->ha, r0, r1, 0, j->f->F);  /* the forward's mask on ha */
 }
 
@@ -4144,30 +4323,42 @@ static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const 
         const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
         if (n == 0) continue;
         /* da[n][F] = dout[n][D] . down[D][F] */
-        moe__gemm_packed(c, n, f->F, f->D, dout + x0, D, 1, f->down + (size_t)e * f->down_stride, F, dh + h0, F, 0, pack);
+        moe__gemm_packed(c, n, f->F, f->D, dout + x0, D, 1, f->down + (size_t)e * f->down_stride, F,
+                         dh + h0, F, 0, pack);
         moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
     }
     /* through the dropout mask and the activation, every row at once */
-    aj.f = f; aj.simd = c->isa != MOE_ISA_REFERENCE; aj.base = off[0]; aj.dh = dh; aj.du = du; aj.hg = hg; aj.hu = hu;
+    aj.f = f; aj.simd = c->isa != MOE_ISA_REFERENCE; aj.base = off[0];
+    aj.dh = dh; aj.du = du; aj.hg = hg; aj.hu = hu;
     aj.ha = rebuild_ha ? ha : NULL;
-    moe__parallel_rows(c, off[num_experts] - off[0], 256, moe__act_bw_rows, &aj, 20.0 * (double)(off[num_experts] - off[0]) * (double)F);
+    moe__parallel_rows(c, off[num_experts] - off[0], 256, moe__act_bw_rows, &aj,
+                       20.0 * (double)(off[num_experts] - off[0]) * (double)F);
     for (e = 0; e < num_experts; e++) {
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
         const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
         if (n == 0) continue;
         /* d down[D][F] += dout^T . ha */
-        if (g->down) moe__gemm_packed(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F, g->down + (size_t)e * f->down_stride, F, 1, pack);
+        if (g->down)
+            moe__gemm_packed(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F,
+                             g->down + (size_t)e * f->down_stride, F, 1, pack);
         /* d gate[F][D] += dh^T . x,  d up += du^T . x */
-        if (g->gate) moe__gemm_packed(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D, g->gate + (size_t)e * f->gate_stride, D, 1, pack);
+        if (g->gate)
+            moe__gemm_packed(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D,
+                             g->gate + (size_t)e * f->gate_stride, D, 1, pack);
         moe__sum_rows(g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, n, f->F, F);
         if (glu) {
-            if (g->up) moe__gemm_packed(c, f->F, f->D, n, du + h0, 1, F, x + x0, D, g->up + (size_t)e * f->up_stride, D, 1, pack);
+            if (g->up)
+                moe__gemm_packed(c, f->F, f->D, n, du + h0, 1, F, x + x0, D,
+                                 g->up + (size_t)e * f->up_stride, D, 1, pack);
             moe__sum_rows(g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, n, f->F, F);
         }
         /* dx[n][D] = dh . gate[F][D] (+ du . up) */
         if (!dx) continue;
-        moe__gemm_packed(c, n, f->D, f->F, dh + h0, F, 1, f->gate + (size_t)e * f->gate_stride, D, dx + x0, D, 0, pack);
-        if (glu) moe__gemm_packed(c, n, f->D, f->F, du + h0, F, 1, f->up + (size_t)e * f->up_stride, D, dx + x0, D, 1, pack);
+        moe__gemm_packed(c, n, f->D, f->F, dh + h0, F, 1, f->gate + (size_t)e * f->gate_stride, D,
+                         dx + x0, D, 0, pack);
+        if (glu)
+            moe__gemm_packed(c, n, f->D, f->F, du + h0, F, 1, f->up + (size_t)e * f->up_stride, D,
+                             dx + x0, D, 1, pack);
     }
 }
 
@@ -4217,7 +4408,8 @@ static void moe__cv_squared_grad(const double *v, int32_t n, double coef, double
     for (i = 0; i < n; i++) var += (v[i] - mean) * (v[i] - mean);
     var /= n;
     den = mean * mean + 1e-10;
-    for (i = 0; i < n; i++) grad[i] = coef * (2.0 * (v[i] - mean) / n / den - var * 2.0 * mean / (n * den * den));
+    for (i = 0; i < n; i++)
+        grad[i] = coef * (2.0 * (v[i] - mean) / n / den - var * 2.0 * mean / (n * den * den));
 }
 
 /* State the router backward shares between its passes. */
@@ -4249,7 +4441,8 @@ typedef struct moe__router_bw {
    training), as the forward drew them from the same seed.                  */
 static void moe__noisy_row(const moe__router_bw *B, int32_t t) {
     const size_t row = (size_t)t * (size_t)B->E;
-    moe__noisy_logits(B->c, t, B->info->logits + row, B->noise + row, B->noise_samples, B->H, B->sigma, B->N);
+    moe__noisy_logits(B->c, t, B->info->logits + row, B->noise + row, B->noise_samples, B->H,
+                      B->sigma, B->N);
 }
 
 /* Pass 1 of the router backward: the Shazeer importance and smooth-load
@@ -4279,7 +4472,8 @@ static void moe__shazeer_grads(moe__router_bw *B) {
             thr_in = B->H[B->top[K]]; thr_out = B->H[B->top[K - 1]];
             for (e = 0; e < E; e++) {
                 const float thr = B->H[e] > thr_in ? thr_in : thr_out;
-                load[e] += moe__load_prob((double)B->info->logits[(size_t)t * E + e] - thr, B->sigma[e]);
+                load[e] += moe__load_prob((double)B->info->logits[(size_t)t * E + e] - thr,
+                                          B->sigma[e]);
             }
         }
     }
@@ -4301,7 +4495,8 @@ static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t n
         for (j = 0; j < K; j++) B->fseq[B->top[j]] += 1.0;
     }
     for (e = 0; e < E; e++)
-        B->fseq[e] = B->c->seq_balance_coef * ((double)E / ((double)K * n) * B->fseq[e]) / ((double)n * nseq);
+        B->fseq[e] = B->c->seq_balance_coef * ((double)E / ((double)K * n) * B->fseq[e]) /
+                     ((double)n * nseq);
 }
 
 /* Router backward for top-k, expert-choice and dense routing: combine
@@ -4315,7 +4510,8 @@ static void moe__router_backward_ref(moe__router_bw *B) {
     const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
     const int32_t Ta = B->T_all;     /* losses normalise by the whole group */
     const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
-    const int32_t nseq = Ta > 0 ? 1 + (Ta - 1) / L : 0;   /* no Ta + L - 1: L may be near INT32_MAX */
+    /* no Ta + L - 1: L may be near INT32_MAX */
+    const int32_t nseq = Ta > 0 ? 1 + (Ta - 1) / L : 0;
     int32_t t, j, e;
     memset(B->dz, 0, (size_t)T * E * sizeof(float));
     if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
@@ -4327,14 +4523,16 @@ static void moe__router_backward_ref(moe__router_bw *B) {
     if (topk && c->balance_coef != 0.0f) {
         if (B->stats)   /* expert parallel: the pair counts of all ranks */
             for (e = 0; e < E; e++)
-                B->fbal[e] = B->stats[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+                B->fbal[e] = B->stats[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE
+                                       ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
         else for (t = 0; t < T; t++)
             for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++) {
                 const size_t p = (size_t)t * S + j;
                 if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
             }
         for (e = 0; e < E; e++)
-            B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
+            B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta *
+                         (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
     }
 
     for (t = 0; t < T; t++) {
@@ -4346,7 +4544,8 @@ static void moe__router_backward_ref(moe__router_bw *B) {
         /* gate weights -> scores (docs/ROUTING.md, "Router gradients") */
         if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
             for (e = 0; e < E; e++)
-                if (info->expert[(size_t)t * E + e] == e) ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
+                if (info->expert[(size_t)t * E + e] == e)
+                    ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
         } else {
             const int32_t *idx = info->expert + (size_t)t * S;
             const uint8_t *dr = info->dropped + (size_t)t * S;
@@ -4376,7 +4575,8 @@ static void moe__router_backward_ref(moe__router_bw *B) {
                 const int32_t g0 = (B->t0 + t) / L * L;   /* global start of t's sequence */
                 moe__seq_factors(B, t, Ta - g0 < L ? Ta - g0 : L, nseq);
             }
-            for (e = 0; e < E; e++) B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
+            for (e = 0; e < E; e++)
+                B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
             if (c->score == MOE_SCORE_SOFTMAX) {
                 for (e = 0; e < E; e++) ds[e] += B->dw[e];
             } else {
@@ -4442,13 +4642,15 @@ static void moe__router_backward_ref(moe__router_bw *B) {
 /* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
 static float moe__jitter_factor(const moe_config *c, size_t i) {
     if (!(c->training && c->jitter > 0.0f)) return 1.0f;
-    return (float)(1.0 - c->jitter + 2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
+    return (float)(1.0 - c->jitter +
+                   2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
 }
 
 /* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
    dx += (dz . W) * U  (U the jitter factors, xr = x * U given). tmp: [T][D]. */
-static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz, const float *W,
-                                      float *dW, float *db, const float *xr, float *tmp, float *dx, float *pack) {
+static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz,
+                                      const float *W, float *dW, float *db, const float *xr,
+                                      float *tmp, float *dx, float *pack) {
     const int32_t D = c->d_model, E = c->num_experts;
     const int jitter = c->training && c->jitter > 0.0f;
     size_t i, n = (size_t)T * (size_t)D;
@@ -4466,10 +4668,10 @@ static void moe__router_gemm_backward(const moe_config *c, int32_t T, const floa
      dx_t   += scale / |x_t| sum_s dl phi_s/|phi_s| - x_t scale (sum_s dl q) / |x_t|^2
      dphi_s += scale / |phi_s| sum_t dl x_t/|x_t| - phi_s scale (sum_t dl q) / |phi_s|^2
    with |v| = sqrt(sum v^2 + 1e-6). dC arrives in dl, dD in dD; q in qbuf.   */
-static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights *w, const moe_grads *gr,
-                                          const moe_info *info, const float *x, int32_t T, int32_t R,
-                                          float *dl, const float *dD, float *qbuf, float *nphi,
-                                          float *nx, float *dx) {
+static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights *w,
+                                          const moe_grads *gr, const moe_info *info, const float *x,
+                                          int32_t T, int32_t R, float *dl, const float *dD,
+                                          float *qbuf, float *nphi, float *nx, float *dx) {
     const int32_t D = c->d_model;
     const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
     const float *C = info->scores, *Dm = info->dispatch;
@@ -4477,7 +4679,8 @@ static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights
     int32_t t, s, d;
     for (s = 0; s < R; s++) {
         float ss = 0.0f;
-        for (d = 0; d < D; d++) ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
+        for (d = 0; d < D; d++)
+            ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
         nphi[s] = sqrtf(ss + 1e-6f);
     }
     moe__gemm_ref(qbuf, x, w->soft_phi, NULL, T, R, D);
@@ -4488,12 +4691,14 @@ static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights
         nx[t] = sqrtf(ss + 1e-6f);
         for (s = 0; s < R; s++) qbuf[(size_t)t * R + s] /= nx[t] * nphi[s];
         for (s = 0; s < R; s++) rdot += (double)C[(size_t)t * R + s] * dl[(size_t)t * R + s];
-        for (s = 0; s < R; s++) dl[(size_t)t * R + s] = C[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
+        for (s = 0; s < R; s++)
+            dl[(size_t)t * R + s] = C[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
     }
     for (s = 0; s < R; s++) {                              /* the column softmax */
         double cdot = 0.0;
         for (t = 0; t < T; t++) cdot += (double)Dm[(size_t)t * R + s] * dD[(size_t)t * R + s];
-        for (t = 0; t < T; t++) dl[(size_t)t * R + s] += Dm[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
+        for (t = 0; t < T; t++)
+            dl[(size_t)t * R + s] += Dm[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
     }
     for (t = 0; t < T; t++) {                              /* into x */
         const float *xt = x + (size_t)t * D;
@@ -4503,8 +4708,10 @@ static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights
         if (!dx) continue;
         for (d = 0; d < D; d++) {
             float acc = 0.0f;
-            for (s = 0; s < R; s++) acc += dl[(size_t)t * R + s] * w->soft_phi[(size_t)s * D + d] / nphi[s];
-            dx[(size_t)t * D + d] += scale / nx[t] * acc - xt[d] * (float)(scale * dq) / (nx[t] * nx[t]);
+            for (s = 0; s < R; s++)
+                acc += dl[(size_t)t * R + s] * w->soft_phi[(size_t)s * D + d] / nphi[s];
+            dx[(size_t)t * D + d] += scale / nx[t] * acc -
+                                     xt[d] * (float)(scale * dq) / (nx[t] * nx[t]);
         }
     }
     if (gr->soft_scale) gr->soft_scale[0] += (float)dscale;
@@ -4516,7 +4723,8 @@ static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights
         for (d = 0; d < D; d++) {
             float acc = 0.0f;
             for (t = 0; t < T; t++) acc += dl[(size_t)t * R + s] * x[(size_t)t * D + d] / nx[t];
-            gr->soft_phi[(size_t)s * D + d] += scale / nphi[s] * acc - ph[d] * (float)(scale * dq) / (nphi[s] * nphi[s]);
+            gr->soft_phi[(size_t)s * D + d] += scale / nphi[s] * acc -
+                                               ph[d] * (float)(scale * dq) / (nphi[s] * nphi[s]);
         }
     }
 }
@@ -4533,7 +4741,8 @@ static moe__ffn_grad moe__ffn_grad_make(const moe__ffn *f, float *gate, float *u
     return g;
 }
 
-MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
+MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num_tokens,
+                                              size_t *out_bytes) {
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_BACKWARD, out_bytes);
 }
 
@@ -4546,7 +4755,8 @@ static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
                                        : (!info->expert || !info->weight || !info->dropped))
         return MOE_STATUS_MISSING_CACHE;
     if (c->recompute) return MOE_STATUS_OK;
-    if (!info->cache_hidden || !info->cache_out || (glu && !info->cache_up)) return MOE_STATUS_MISSING_CACHE;
+    if (!info->cache_hidden || !info->cache_out || (glu && !info->cache_up))
+        return MOE_STATUS_MISSING_CACHE;
     if (c->shared_d_ff > 0 && (!info->cache_shared_hidden || !info->cache_shared_out ||
                                (glu && !info->cache_shared_up)))
         return MOE_STATUS_MISSING_CACHE;
@@ -4563,7 +4773,8 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
     if (c->routing == MOE_ROUTING_SOFT) return MOE_STATUS_OK;
     for (p = 0; p < n; p++) {
         const int32_t e = info->expert[p];
-        if (e < -1 || e >= c->num_experts || info->dropped[p] > MOE__REJECTED) return MOE_STATUS_BAD_CACHE;
+        if (e < -1 || e >= c->num_experts || info->dropped[p] > MOE__REJECTED)
+            return MOE_STATUS_BAD_CACHE;
         if (e < 0 && c->routing != MOE_ROUTING_EXPERT_CHOICE) return MOE_STATUS_BAD_CACHE;
         rows += e >= 0 && info->dropped[p] == MOE__KEPT;
     }
@@ -4604,7 +4815,9 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
     for (t = t0; t < t1; t++)
         for (j = 0; j < J->S; j++) {
             const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
-            if (row >= 0) moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, 1, J->simd);
+            if (row >= 0)
+                moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D,
+                                1.0f, D, 1, J->simd);
         }
 }
 
@@ -4648,7 +4861,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         moe__span(&sp, dy, TD, sizeof(float), 0);
         if (dx_out != x && dx_out != dy) moe__span(&sp, dx_out, TD, sizeof(float), 1);
         moe__weight_spans(&sp, &c, w, 1);
-        if (c.recompute && c.isa != MOE_ISA_REFERENCE) moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
+        if (c.recompute && c.isa != MOE_ISA_REFERENCE)
+            moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
         gu = *gr; gu.gate_up_fused = w->gate_up_fused;   /* the layout the backward writes */
         moe__tensor_spans(&sp, &c, &gu, 1, 1);
         moe__info_spans(&sp, &c, info, T, &L, 0, !c.recompute, 0);
@@ -4690,7 +4904,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         float *dxg = MOE__AT(b, L.dxg, float), *dscore = MOE__AT(b, L.dscore, float);
         moe__ffn ffn = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
         moe__ffn_grad fg = moe__ffn_grad_make(&ffn, gr->gate,
-                                              w->gate_up_fused && gr->gate ? gr->gate + (size_t)c.d_ff * D : gr->up,
+                                              w->gate_up_fused && gr->gate
+                                                  ? gr->gate + (size_t)c.d_ff * D : gr->up,
                                               gr->down, gr->gate_bias, gr->up_bias, gr->down_bias);
 
         /* 1. combine backward: g[t][j] = <dy_t, o>, dout = w dy  (Soft: dC, dY~) */
@@ -4715,9 +4930,10 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         }
 
         /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
-        moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha, !c.recompute, dout,
-                                  MOE__AT(b, L.da, float), glu ? MOE__AT(b, L.du, float) : NULL, dxg,
-                                  MOE__AT(b, L.gemm_pack, float));
+        moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha,
+                              !c.recompute, dout, MOE__AT(b, L.da, float),
+                              glu ? MOE__AT(b, L.du, float) : NULL, dxg,
+                              MOE__AT(b, L.gemm_pack, float));
 
         /* 3. back to tokens: dx_t = sum_j dxg[row(t, j)] in slot order (Soft: D dX~) */
         memset(dx, 0, (size_t)T * D * sizeof(float));
@@ -4736,7 +4952,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         } else {
             moe__bw_rows_job J;
             memset(&J, 0, sizeof J);
-            J.dxg = dxg; J.dx = dx; J.pair_row = pair_row; J.S = S; J.D = D; J.simd = c.isa != MOE_ISA_REFERENCE;
+            J.dxg = dxg; J.dx = dx; J.pair_row = pair_row; J.S = S; J.D = D;
+            J.simd = c.isa != MOE_ISA_REFERENCE;
             moe__parallel_rows(&c, T, 32, moe__bw_gather_rows, &J, (double)T * S * D);
         }
 
@@ -4745,8 +4962,9 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             const int64_t sh_off[2] = {0, (int64_t)T};
             float *sh_dout = MOE__AT(b, L.sh_dout, float), *sh_dx = MOE__AT(b, L.sh_dx, float);
             moe__ffn sh = moe__shared_ffn(&c, w);
-            moe__ffn_grad sg = moe__ffn_grad_make(&sh, gr->shared_gate, gr->shared_up, gr->shared_down,
-                                                  gr->shared_gate_bias, gr->shared_up_bias, gr->shared_down_bias);
+            moe__ffn_grad sg = moe__ffn_grad_make(&sh, gr->shared_gate, gr->shared_up,
+                                                  gr->shared_down, gr->shared_gate_bias,
+                                                  gr->shared_up_bias, gr->shared_down_bias);
             for (t = 0; t < T; t++) {
                 const float *xt = x + (size_t)t * D, *dyt = dy + (size_t)t * D;
                 const float gamma = moe__shared_gate_of(&c, w, xt);
@@ -4763,9 +4981,10 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                     }
                 }
             }
-            moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, !c.recompute, sh_dout,
-                                      MOE__AT(b, L.sh_da, float), glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx,
-                                      MOE__AT(b, L.gemm_pack, float));
+            moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, !c.recompute,
+                                  sh_dout, MOE__AT(b, L.sh_da, float),
+                                  glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx,
+                                  MOE__AT(b, L.gemm_pack, float));
             for (t = 0; t < T; t++)
                 for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
         }
@@ -4787,7 +5006,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             B.dz = MOE__AT(b, L.dz, float);
             B.dsig = noisy ? MOE__AT(b, L.dsig, float) : NULL;
             B.val = MOE__AT(b, L.bw_d, double); B.dval = B.val + 2 * E;
-            B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E; B.ds = B.val + 6 * E; B.dg = B.val + 7 * E;
+            B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E;
+            B.ds = B.val + 6 * E; B.dg = B.val + 7 * E;
             B.m = MOE__AT(b, L.bw_u8, uint8_t); B.q = B.m + E;
             B.g = MOE__AT(b, L.bw_f, float); B.dw = B.g + 2 * E;
             B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
@@ -4795,7 +5015,8 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             /* the router input the forward saw (x * jitter), built once */
             if (c.training && c.jitter > 0.0f) {
                 float *xj = MOE__AT(b, L.xr, float);
-                for (i = 0; i < (size_t)T * (size_t)D; i++) xj[i] = x[i] * moe__jitter_factor(&c, i);
+                for (i = 0; i < (size_t)T * (size_t)D; i++)
+                    xj[i] = x[i] * moe__jitter_factor(&c, i);
                 xr = xj;
             }
             if (noisy) {   /* raw noise logits, by the forward's own GEMM */
@@ -4805,14 +5026,17 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
             }
             moe__router_backward_ref(&B);
             moe__router_gemm_backward(&c, T, B.dz, w->router, gr->router,
-                                      c.router_bias ? gr->router_bias : NULL, xr, MOE__AT(b, L.tmp_td, float), dx,
+                                      c.router_bias ? gr->router_bias : NULL, xr,
+                                      MOE__AT(b, L.tmp_td, float), dx,
                                       MOE__AT(b, L.gemm_pack, float));
             if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
                 float *dr = B.dsig;
                 for (t = 0; t < T; t++)
-                    for (j = 0; j < E; j++) dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
+                    for (j = 0; j < E; j++)
+                        dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
                 moe__router_gemm_backward(&c, T, dr, w->router_noise, gr->router_noise, NULL, xr,
-                                          MOE__AT(b, L.tmp_td, float), dx, MOE__AT(b, L.gemm_pack, float));
+                                          MOE__AT(b, L.tmp_td, float), dx,
+                                          MOE__AT(b, L.gemm_pack, float));
             }
         }
     }
@@ -4824,7 +5048,8 @@ MOEDEF moe_status moe_backward(const moe_config *cfg, const moe_weights *w,
                                const float *x, int32_t num_tokens, const moe_info *info,
                                const float *dy, float *dx, const moe_grads *grads,
                                void *workspace, size_t workspace_bytes) {
-    return moe__backward(cfg, w, x, num_tokens, info, dy, dx, grads, workspace, workspace_bytes, NULL);
+    return moe__backward(cfg, w, x, num_tokens, info, dy, dx, grads,
+                         workspace, workspace_bytes, NULL);
 }
 
 MOEDEF moe_status moe_backward_alloc(const moe_config *cfg, const moe_weights *w,
@@ -4854,7 +5079,8 @@ static moe_status moe__ep_check(const moe_config *cfg, const moe_ep_plan *p, moe
     if ((st = moe_config_resolve(cfg, c)) != MOE_STATUS_OK) return st;
     if (c->routing != MOE_ROUTING_TOPK || c->noise != MOE_NOISE_NONE || c->shared_d_ff > 0)
         return MOE_STATUS_EP_UNSUPPORTED;
-    if (p->num_ranks < 1 || p->rank < 0 || p->rank >= p->num_ranks || c->num_experts % p->num_ranks != 0)
+    if (p->num_ranks < 1 || p->rank < 0 || p->rank >= p->num_ranks ||
+        c->num_experts % p->num_ranks != 0)
         return MOE_STATUS_BAD_PLAN;
     if (p->num_tokens < 0 || p->token_offset < 0 || p->local_tokens < 0 ||
         p->local_tokens > p->num_tokens - p->token_offset)
@@ -4874,7 +5100,8 @@ static moe_status moe__ep_check_info(const moe_config *c, const moe_info *info, 
     if (!info->logits || !info->scores || !info->expert || !info->weight || !info->dropped)
         return MOE_STATUS_MISSING_CACHE;
     for (p = 0; p < n; p++)
-        if (info->expert[p] < 0 || info->expert[p] >= c->num_experts || info->dropped[p] > MOE__REJECTED)
+        if (info->expert[p] < 0 || info->expert[p] >= c->num_experts ||
+            info->dropped[p] > MOE__REJECTED)
             return MOE_STATUS_BAD_CACHE;
     return MOE_STATUS_OK;
 }
@@ -4925,13 +5152,15 @@ static void moe__ep_info_spans(moe__spans *S, const moe_config *c, const moe_inf
     moe__info_spans(S, c, info, Tr, &L, counts, 0, written);
 }
 static void moe__ep_router_spans(moe__spans *S, const moe_config *c, const float *router,
-                                 const float *router_bias, const float *selection_bias, int written) {
+                                 const float *router_bias, const float *selection_bias,
+                                 int written) {
     const size_t E = (size_t)c->num_experts;
     moe__span(S, router, E * (size_t)c->d_model, sizeof(float), written);
     if (c->router_bias) moe__span(S, router_bias, E, sizeof(float), written);
     if (c->selection_bias) moe__span(S, selection_bias, E, sizeof(float), written);
 }
-static void moe__ep_expert_spans(moe__spans *S, const moe_config *cl, const moe_grads *g, int written) {
+static void moe__ep_expert_spans(moe__spans *S, const moe_config *cl, const moe_grads *g,
+                                 int written) {
     moe_grads u = *g;
     u.router = u.router_bias = u.router_noise = NULL;
     moe__tensor_spans(S, cl, &u, 1, written);
@@ -4947,7 +5176,8 @@ static moe_status moe__ep_src_plan(const moe_config *c, const moe_ep_plan *pl, m
     TS = moe__mul(Tr, (size_t)L->S); TE = moe__mul(Tr, E); TD = moe__mul(Tr, D);
     L->logits   = moe__reserve(&t, TE, sizeof(float), &ok);
     L->xr       = moe__reserve(&t, TD, sizeof(float), &ok);
-    L->router_t = moe__reserve(&t, c->isa != MOE_ISA_REFERENCE ? moe__mul(D, (E + MOE__NR - 1) / MOE__NR * MOE__NR) : 0,
+    L->router_t = moe__reserve(&t, c->isa != MOE_ISA_REFERENCE
+                                   ? moe__mul(D, (E + MOE__NR - 1) / MOE__NR * MOE__NR) : 0,
                                sizeof(float), &ok);
     L->pair_row = moe__reserve(&t, TS, sizeof(int64_t), &ok);
     L->gw       = moe__reserve(&t, TS, sizeof(float), &ok);
@@ -4974,7 +5204,8 @@ MOEDEF moe_status moe_ep_stats_count(const moe_config *cfg, int32_t *out_count) 
     return MOE_STATUS_OK;
 }
 
-MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan *plan, size_t *out_bytes) {
+MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
+                                        size_t *out_bytes) {
     moe_config c;
     moe__layout L;
     moe_status st;
@@ -4987,11 +5218,13 @@ MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan
 
 /* This rank's partial sums of everything the aux losses (and their
    gradients) take over the whole group; moe__aux_losses' formulas, split. */
-static void moe__ep_stats_local(const moe_config *c, const moe_ep_plan *pl, moe__router *r, double *st) {
+static void moe__ep_stats_local(const moe_config *c, const moe_ep_plan *pl, moe__router *r,
+                                double *st) {
     const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k, Ta = pl->num_tokens;
     const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
     const moe_info *res = r->res;
-    double *routed = st + MOE__EPS_ROUTED * E, *first = st + MOE__EPS_FIRST * E, *P = st + MOE__EPS_P * E;
+    double *routed = st + MOE__EPS_ROUTED * E, *first = st + MOE__EPS_FIRST * E,
+           *P = st + MOE__EPS_P * E;
     double *seqc = st + MOE__EPS_SEQC * E, *impg = st + MOE__EPS_IMPG * E;
     int32_t t, j, e;
     memset(st, 0, ((size_t)MOE__EPS_VECS * (size_t)E + 2) * sizeof(double));
@@ -5007,8 +5240,12 @@ static void moe__ep_stats_local(const moe_config *c, const moe_ep_plan *pl, moe_
         for (j = 0; j < S; j++) g[j] = res->scores[(size_t)t * E + res->expert[p0 + j]];
         moe__normalize(c, g, NULL, w, S);
         for (j = 0; j < S; j++)
-            if (res->dropped[p0 + j] != MOE__REJECTED) impg[res->expert[p0 + j]] += (double)w[j] * c->routed_scale;
-        { const double l = moe__logsumexp(r->logits + (size_t)t * E, E); st[MOE__EPS_VECS * E] += l * l; }
+            if (res->dropped[p0 + j] != MOE__REJECTED)
+                impg[res->expert[p0 + j]] += (double)w[j] * c->routed_scale;
+        {
+            const double l = moe__logsumexp(r->logits + (size_t)t * E, E);
+            st[MOE__EPS_VECS * E] += l * l;
+        }
     }
     for (e = 0; e < E; e++)
         for (t = 0; t < T; t++) P[e] += moe__balance_prob(c, res->scores + (size_t)t * E, e);
@@ -5035,7 +5272,8 @@ static void moe__ep_aux(const moe_config *c, int32_t Ta, const double *st, moe_i
     if (Ta > 0) {
         res->aux_z = (float)(st[MOE__EPS_VECS * E] / Ta);
         for (e = 0; e < E; e++) {
-            double f = st[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+            double f = st[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE
+                           ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
             f /= (double)Ta * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
             bal += f * (st[MOE__EPS_P * E + e] / Ta);
         }
@@ -5043,7 +5281,8 @@ static void moe__ep_aux(const moe_config *c, int32_t Ta, const double *st, moe_i
         if (L >= Ta) {
             double seq = 0.0;
             for (e = 0; e < E; e++)
-                seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] * (st[MOE__EPS_P * E + e] / Ta);
+                seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] *
+                       (st[MOE__EPS_P * E + e] / Ta);
             res->aux_seq = (float)seq;
         } else {
             res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / (double)moe__ceil_div(Ta, L));
@@ -5073,7 +5312,8 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     if (Tr > 0 && !x) return MOE_STATUS_NULL_ARGUMENT;
     if (!info->logits || !info->scores || !info->expert || !info->weight || !info->dropped)
         return MOE_STATUS_MISSING_CACHE;
-    if (!w->router || (c.router_bias && !w->router_bias) || (c.selection_bias && !w->selection_bias))
+    if (!w->router || (c.router_bias && !w->router_bias) ||
+        (c.selection_bias && !w->selection_bias))
         return MOE_STATUS_MISSING_WEIGHT;
     if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
     {
@@ -5088,7 +5328,10 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    if (workspace_bytes < L.total) {
+        info->workspace_required = L.total;
+        return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    }
     b = moe__align_ptr(workspace);
     n = (size_t)Tr * (size_t)E; TS = (size_t)Tr * (size_t)S;
 
@@ -5101,11 +5344,15 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
         for (i = 0; i < (size_t)Tr * (size_t)D; i++) xj[i] = x[i] * moe__jitter_factor(&c, off + i);
         xr = xj;
     }
-    if (Tr > 0) moe__linear(&c, logits, xr, w->router, c.router_bias ? w->router_bias : NULL, Tr, E, D, &L, b);
+    if (Tr > 0)
+        moe__linear(&c, logits, xr, w->router, c.router_bias ? w->router_bias : NULL,
+                    Tr, E, D, &L, b);
 
     /* 2. NaN/Inf policy, as moe__route */
     for (i = 0; i < n; i++) if (!moe__isfinite(logits[i])) return MOE_STATUS_NONFINITE;
-    if (c.selection_bias) for (e = 0; e < E; e++) if (!moe__isfinite(w->selection_bias[e])) return MOE_STATUS_NONFINITE;
+    if (c.selection_bias)
+        for (e = 0; e < E; e++)
+            if (!moe__isfinite(w->selection_bias[e])) return MOE_STATUS_NONFINITE;
 
     /* 3. selection and pre-capacity weights; capacity is the owners' job */
     moe__router_init(&r, &c, &L, b, Tr, &res);
@@ -5117,15 +5364,18 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     for (e = 0; e < 2 * E; e++) r.imp[e] = 0.0;
     moe__route_tokens_topk(&r);
     for (e = 0; e < E; e++) res.expert_routed[e] = 0;
-    for (i = 0; i < TS; i++) if (res.dropped[i] != MOE__REJECTED) res.expert_routed[res.expert[i]]++;
-    for (e = 0; e < E; e++) res.expert_kept[e] = res.expert_routed[e];   /* until the owners decide */
+    for (i = 0; i < TS; i++)
+        if (res.dropped[i] != MOE__REJECTED) res.expert_routed[res.expert[i]]++;
+    /* until the owners decide */
+    for (e = 0; e < E; e++) res.expert_kept[e] = res.expert_routed[e];
     res.slots = S;
     res.capacity = moe__capacity_of(&c, plan->num_tokens);
 
     /* 4. counts per owner rank, 5. this rank's statistics */
     per = E / plan->num_ranks;
     for (q = 0; q < plan->num_ranks; q++) send_counts[q] = 0;
-    for (i = 0; i < TS; i++) if (res.dropped[i] != MOE__REJECTED) send_counts[res.expert[i] / per]++;
+    for (i = 0; i < TS; i++)
+        if (res.dropped[i] != MOE__REJECTED) send_counts[res.expert[i] / per]++;
     moe__ep_stats_local(&c, plan, &r, stats);
     moe__info_export(info, &res, logits, Tr, E, S, E);
     return MOE_STATUS_OK;
@@ -5148,7 +5398,8 @@ MOEDEF moe_status moe_ep_pack(const moe_config *cfg, const moe_ep_plan *plan, co
     /* the counts must be this info's: one counting pass per rank first */
     for (q = 0; q < plan->num_ranks; q++) {
         int64_t cnt = 0;
-        for (p = 0; p < n; p++) cnt += info->dropped[p] != MOE__REJECTED && info->expert[p] / per == q;
+        for (p = 0; p < n; p++)
+            cnt += info->dropped[p] != MOE__REJECTED && info->expert[p] / per == q;
         if (cnt != send_counts[q]) return MOE_STATUS_BAD_PLAN;
         total += cnt;
     }
@@ -5165,7 +5416,8 @@ MOEDEF moe_status moe_ep_pack(const moe_config *cfg, const moe_ep_plan *plan, co
     }
     for (q = 0; q < plan->num_ranks; q++)
         for (p = 0; p < n; p++) {
-            const int32_t e = info->expert[p], t = (int32_t)(p / (size_t)S), j = (int32_t)(p % (size_t)S);
+            const int32_t e = info->expert[p], t = (int32_t)(p / (size_t)S),
+                          j = (int32_t)(p % (size_t)S);
             moe_ep_pair *pr;
             if (info->dropped[p] == MOE__REJECTED || e / per != q) continue;
             pr = send_pairs + s;
@@ -5210,7 +5462,8 @@ static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__ep_l
     X->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
     X->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
     X->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
-    X->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0, sizeof(float), &ok);
+    X->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0,
+                              sizeof(float), &ok);
     X->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
     X->gemm_pack = moe__reserve(&t, moe__backward_pack_floats(cl, N, F), sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
@@ -5249,7 +5502,8 @@ static moe_status moe__ep_expert_workspace(const moe_config *c, const moe_ep_pla
 
 /* Rows back in arrival order: dst[r] = src row of pair r, zeros for a
    dropped pair (pair_row < 0).                                            */
-static void moe__ep_rows_back(const int64_t *pair_row, int32_t n, int32_t D, const float *src, float *dst) {
+static void moe__ep_rows_back(const int64_t *pair_row, int32_t n, int32_t D, const float *src,
+                              float *dst) {
     int32_t r;
     for (r = 0; r < n; r++) {
         if (pair_row[r] < 0) memset(dst + (size_t)r * D, 0, (size_t)D * sizeof(float));
@@ -5260,16 +5514,19 @@ static void moe__ep_rows_back(const int64_t *pair_row, int32_t n, int32_t D, con
 /* Everything the owner calls check: weights of its experts, the received
    pairs (owned experts, valid slots and tokens, arriving in strictly
    increasing (token, slot) order, which contiguous rank slices give).     */
-static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl, const moe_weights *w,
-                                      const moe_ep_pair *pairs, const float *x, int32_t n) {
+static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl,
+                                      const moe_weights *w, const moe_ep_pair *pairs,
+                                      const float *x, int32_t n) {
     const int glu = moe__act_is_glu(c->activation);
     const int32_t per = c->num_experts / pl->num_ranks, e0 = pl->rank * per;
     int32_t r;
     if (!w) return MOE_STATUS_NULL_ARGUMENT;
     if (n < 0) return MOE_STATUS_BAD_DIMENSION;
     if (n > 0 && (!pairs || !x)) return MOE_STATUS_NULL_ARGUMENT;
-    if (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up)) return MOE_STATUS_MISSING_WEIGHT;
-    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias))) return MOE_STATUS_MISSING_WEIGHT;
+    if (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up))
+        return MOE_STATUS_MISSING_WEIGHT;
+    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
+        return MOE_STATUS_MISSING_WEIGHT;
     for (r = 0; r < n; r++) {
         const moe_ep_pair *p = pairs + r;
         if (p->expert < e0 || p->expert >= e0 + per || p->slot < 0 || p->slot >= c->top_k ||
@@ -5288,9 +5545,9 @@ static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl
      descending top-1 score (stable); WEIGHT: each expert keeps its C
      highest weights, ties to the lower token.
    expert[r]: local expert of pair r; drop[r] set to 1 beyond C.            */
-static void moe__ep_capacity(const moe_config *c, int32_t C, int32_t El, const moe_ep_pair *pairs, int32_t n,
-                             const int32_t *expert, uint8_t *drop, float *key, int32_t *order,
-                             int32_t *tmp, int32_t *count) {
+static void moe__ep_capacity(const moe_config *c, int32_t C, int32_t El, const moe_ep_pair *pairs,
+                             int32_t n, const int32_t *expert, uint8_t *drop, float *key,
+                             int32_t *order, int32_t *tmp, int32_t *count) {
     int32_t r, i, j, e;
     for (e = 0; e < El; e++) count[e] = 0;
     if (c->drop_policy == MOE_DROP_WEIGHT) {
@@ -5318,18 +5575,23 @@ static void moe__ep_capacity(const moe_config *c, int32_t C, int32_t El, const m
    sort into expert-contiguous rows (token order within an expert, as in one
    process), dropout keys and the gathered inputs xg.                      */
 static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const moe_ep_plan *pl,
-                               const moe_ep_pair *pairs, const float *x, int32_t n, const uint8_t *dropped_in,
-                               const moe__ep_layout *X, unsigned char *b) {
+                               const moe_ep_pair *pairs, const float *x, int32_t n,
+                               const uint8_t *dropped_in, const moe__ep_layout *X,
+                               unsigned char *b) {
     const moe__layout *L = &X->L;
     const int32_t El = cl->num_experts, e0 = pl->rank * El, D = c->d_model;
     int32_t *expert = MOE__AT(b, L->expert, int32_t);
     uint8_t *drop = MOE__AT(b, L->dropped, uint8_t);
-    int64_t *offsets = MOE__AT(b, L->offsets, int64_t), *row_pair = MOE__AT(b, L->row_pair, int64_t);
+    int64_t *offsets = MOE__AT(b, L->offsets, int64_t),
+            *row_pair = MOE__AT(b, L->row_pair, int64_t);
     int64_t *row_key = MOE__AT(b, X->row_key, int64_t);
     float *xg = MOE__AT(b, L->xg, float);
     int64_t row;
     int32_t r;
-    for (r = 0; r < n; r++) { expert[r] = pairs[r].expert - e0; drop[r] = dropped_in ? dropped_in[r] : 0; }
+    for (r = 0; r < n; r++) {
+        expert[r] = pairs[r].expert - e0;
+        drop[r] = dropped_in ? dropped_in[r] : 0;
+    }
     if (!dropped_in) {
         const int32_t C = moe__capacity_of(c, pl->num_tokens);
         if (C > 0)
@@ -5346,32 +5608,39 @@ static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const 
 }
 
 /* The owner's routed FFN, with expert dropout keyed by the global pair. */
-static moe__ffn moe__ep_ffn(const moe_config *cl, const moe_weights *w, const moe__ep_layout *X, unsigned char *b) {
+static moe__ffn moe__ep_ffn(const moe_config *cl, const moe_weights *w, const moe__ep_layout *X,
+                            unsigned char *b) {
     moe__ffn f = moe__routed_ffn(cl, w);
-    if (cl->training && cl->expert_dropout > 0.0f) { f.dropout = cl; f.row_key = MOE__AT(b, X->row_key, int64_t); }
+    if (cl->training && cl->expert_dropout > 0.0f) {
+        f.dropout = cl;
+        f.row_key = MOE__AT(b, X->row_key, int64_t);
+    }
     return f;
 }
 
 /* Expert FFN forward over the owner's rows (the ISA's kernels). */
-static void moe__ep_owner_ffn(const moe_config *cl, const moe__ffn *f, const moe__ep_layout *X, unsigned char *b) {
+static void moe__ep_owner_ffn(const moe_config *cl, const moe__ffn *f, const moe__ep_layout *X,
+                              unsigned char *b) {
     const moe__layout *L = &X->L;
     float *hu = moe__act_is_glu(cl->activation) ? MOE__AT(b, L->hu, float) : NULL;
 #if MOE__HAS_SIMD
     if (cl->isa != MOE_ISA_REFERENCE) {
-        moe__experts_simd(cl, f, NULL, cl->num_experts, MOE__AT(b, L->offsets, int64_t), MOE__AT(b, L->xg, float),
-                          MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
+        moe__experts_simd(cl, f, NULL, cl->num_experts, MOE__AT(b, L->offsets, int64_t),
+                          MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
+                          MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
                           MOE__AT(b, L->tiles, float), L, b);
         return;
     }
 #endif
-    moe__experts_forward_ref(f, cl->num_experts, MOE__AT(b, L->offsets, int64_t), MOE__AT(b, L->xg, float),
-                             MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float));
+    moe__experts_forward_ref(f, cl->num_experts, MOE__AT(b, L->offsets, int64_t),
+                             MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
+                             MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float));
 }
 
 MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights *w,
                                         const moe_ep_plan *plan, const moe_ep_pair *pairs,
-                                        const float *x, int32_t num_recv, float *out, uint8_t *dropped,
-                                        float *cache_hidden, float *cache_up,
+                                        const float *x, int32_t num_recv, float *out,
+                                        uint8_t *dropped, float *cache_hidden, float *cache_up,
                                         void *workspace, size_t workspace_bytes) {
     moe_config c, cl;
     moe__ep_layout X;
@@ -5401,7 +5670,9 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
-    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X, &b)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X,
+                                       &b)) != MOE_STATUS_OK)
+        return st;
     if (!b) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
     moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, NULL, &X, b);
@@ -5409,18 +5680,21 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
     moe__ep_owner_ffn(&cl, &f, &X, b);
     /* results back in arrival order; a dropped pair gets a zero row */
     pair_row = MOE__AT(b, X.L.pair_row, int64_t);
-    for (r = 0; r < n; r++) dropped[r] = pair_row[r] < 0 ? (uint8_t)MOE__DROPPED : (uint8_t)MOE__KEPT;
+    for (r = 0; r < n; r++)
+        dropped[r] = pair_row[r] < 0 ? (uint8_t)MOE__DROPPED : (uint8_t)MOE__KEPT;
     moe__ep_rows_back(pair_row, n, D, MOE__AT(b, X.L.out, float), out);
     rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
-    if (cache_hidden) memcpy(cache_hidden, MOE__AT(b, X.L.hg, float), (size_t)rows * F * sizeof(float));
+    if (cache_hidden)
+        memcpy(cache_hidden, MOE__AT(b, X.L.hg, float), (size_t)rows * F * sizeof(float));
     if (cache_up && moe__act_is_glu(c.activation))
         memcpy(cache_up, MOE__AT(b, X.L.hu, float), (size_t)rows * F * sizeof(float));
     return MOE_STATUS_OK;
 }
 
-MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan, const double *stats,
-                                 const float *ret_out, const uint8_t *ret_dropped, moe_info *info,
-                                 float *y, void *workspace, size_t workspace_bytes) {
+MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
+                                 const double *stats, const float *ret_out,
+                                 const uint8_t *ret_dropped, moe_info *info, float *y,
+                                 void *workspace, size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
     unsigned char *b;
@@ -5446,7 +5720,10 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) { info->workspace_required = L.total; return MOE_STATUS_WORKSPACE_TOO_SMALL; }
+    if (workspace_bytes < L.total) {
+        info->workspace_required = L.total;
+        return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    }
     b = moe__align_ptr(workspace);
     pair_row = MOE__AT(b, L.pair_row, int64_t);
     nsent = moe__ep_send_index(&c, plan, info, pair_row);
@@ -5591,7 +5868,9 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
-    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X, &b)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X,
+                                       &b)) != MOE_STATUS_OK)
+        return st;
     if (!b) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
 
@@ -5608,24 +5887,29 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     }
     row_pair = MOE__AT(b, X.L.row_pair, int64_t);
     for (row = 0; row < rows; row++)
-        memcpy(MOE__AT(b, X.dout, float) + (size_t)row * D, dout + (size_t)row_pair[row] * D, (size_t)D * sizeof(float));
+        memcpy(MOE__AT(b, X.dout, float) + (size_t)row * D, dout + (size_t)row_pair[row] * D,
+               (size_t)D * sizeof(float));
 
     /* the grouped expert backward of one process, on the owned experts */
-    g = moe__ffn_grad_make(&f, grads->gate, w->gate_up_fused && grads->gate ? grads->gate + (size_t)F * D : grads->up,
+    g = moe__ffn_grad_make(&f, grads->gate,
+                           w->gate_up_fused && grads->gate
+                               ? grads->gate + (size_t)F * D : grads->up,
                            grads->down, grads->gate_bias, grads->up_bias, grads->down_bias);
-    moe__experts_backward(&cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t), MOE__AT(b, X.L.xg, float),
-                          hg, hu, ha, cached, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
-                          glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float),
-                          MOE__AT(b, X.gemm_pack, float));
+    moe__experts_backward(&cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t),
+                          MOE__AT(b, X.L.xg, float), hg, hu, ha, cached, MOE__AT(b, X.dout, float),
+                          MOE__AT(b, X.da, float), glu ? MOE__AT(b, X.du, float) : NULL,
+                          MOE__AT(b, X.dxg, float), MOE__AT(b, X.gemm_pack, float));
     moe__ep_rows_back(MOE__AT(b, X.L.pair_row, int64_t), n, D, MOE__AT(b, X.dxg, float), dx);
     return MOE_STATUS_OK;
 }
 
 MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weights *w,
                                           const moe_ep_plan *plan, const float *x,
-                                          const moe_info *info, const double *stats, const float *dy,
-                                          const float *ret_out, const float *ret_dx, float *dx_out,
-                                          const moe_grads *grads, void *workspace, size_t workspace_bytes) {
+                                          const moe_info *info, const double *stats,
+                                          const float *dy, const float *ret_out,
+                                          const float *ret_dx, float *dx_out,
+                                          const moe_grads *grads, void *workspace,
+                                          size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
     moe__router_bw B;
@@ -5675,7 +5959,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     for (t = 0; t < Tr; t++)
         for (j = 0; j < S; j++) {
             const size_t p = (size_t)t * S + j;
-            const int simd = c.isa != MOE_ISA_REFERENCE;   /* as moe__bw_combine_rows, bit for bit */
+            /* as moe__bw_combine_rows, bit for bit */
+            const int simd = c.isa != MOE_ISA_REFERENCE;
             s = pair_row[p];
             if (s < 0 || info->dropped[p]) { gw[p] = 0.0f; continue; }
             gw[p] = moe__dot(dy + (size_t)t * D, ret_out + (size_t)s * D, (size_t)D, simd);
@@ -5697,7 +5982,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     moe__router_backward_ref(&B);
     /* router GEMM backward (moe__router_gemm_backward, jitter keyed globally):
        dW += dz^T xr over this rank's tokens in order, db += sum dz, dx += (dz W) U */
-    if (grads->router) moe__gemm(&c, E, D, Tr, B.dz, 1, (size_t)E, xr, (size_t)D, grads->router, (size_t)D, 1);
+    if (grads->router)
+        moe__gemm(&c, E, D, Tr, B.dz, 1, (size_t)E, xr, (size_t)D, grads->router, (size_t)D, 1);
     moe__sum_rows(c.router_bias ? grads->router_bias : NULL, B.dz, Tr, E, (size_t)E);
     moe__gemm(&c, Tr, D, E, B.dz, (size_t)E, 1, w->router, (size_t)D, tmp, (size_t)D, 0);
     for (i = 0; i < nTD; i++)
