@@ -197,7 +197,7 @@ extern "C" {
                               "info->workspace_required holds the size needed") \
     X(NONFINITE,          10, "a router logit or selection bias is NaN or Inf; " \
                               "nothing was written") \
-    X(UNSUPPORTED,        11, "requested ISA is not compiled in or not supported by this CPU, " \
+    X(UNSUPPORTED,        11, "requested ISA is not the one compiled in (moe_compiled_isa), " \
                               "or packing weights for the reference ISA " \
                               "(only SIMD kernels read w.packed)") \
     X(OUT_OF_MEMORY,      12, "MOE_MALLOC returned NULL") \
@@ -546,6 +546,13 @@ typedef struct moe_info {
    a status; on failure it writes nothing (except info->workspace_required). */
 
 MOEDEF const char *moe_status_string(moe_status status);
+
+/* The ISA that MOE_ISA_AUTO runs in this build: the SIMD kernels compiled in
+   (chosen by the compiler flags: -mavx512f, -mavx2 -mfma, aarch64 NEON), or
+   MOE_ISA_REFERENCE. moe_isa_name gives "auto", "reference", "avx2",
+   "avx512", "neon" ("unknown" outside the enum). */
+MOEDEF moe_isa moe_compiled_isa(void);
+MOEDEF const char *moe_isa_name(moe_isa isa);
 
 /* Check cfg and write it with every default applied to *out (out may be cfg). */
 MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out);
@@ -1961,6 +1968,19 @@ MOEDEF const char *moe_status_string(moe_status status) {
     MOE__STATUS_LIST(MOE__X)
 #undef MOE__X
     default: return "unknown moe_status";
+    }
+}
+
+MOEDEF moe_isa moe_compiled_isa(void) { return MOE__SIMD_ISA; }
+
+MOEDEF const char *moe_isa_name(moe_isa isa) {
+    switch (isa) {
+    case MOE_ISA_AUTO:      return "auto";
+    case MOE_ISA_REFERENCE: return "reference";
+    case MOE_ISA_AVX2:      return "avx2";
+    case MOE_ISA_AVX512:    return "avx512";
+    case MOE_ISA_NEON:      return "neon";
+    default:                return "unknown";
     }
 }
 

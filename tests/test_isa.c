@@ -6,6 +6,7 @@
 #include "../moe.h"
 #include "moe_test.h"
 #include <pthread.h>
+#include <string.h>
 
 /* Tolerance: the SIMD kernel sums each output in the same k order as the
    reference but with fused multiply-adds (one rounding per step instead of
@@ -195,6 +196,35 @@ static moe_config isa_config(int32_t E, int32_t K, int32_t D, int32_t F, moe_act
     c.num_experts = E; c.top_k = K; c.d_model = D; c.d_ff = F; c.activation = act;
     c.balance_coef = 0.01f; c.z_loss_coef = 0.001f;
     return c;
+}
+
+/* moe_compiled_isa is what AUTO resolves to, and what the compiler flags of
+   this build select (the same conditions as moe.h's); every ISA has a name. */
+TEST(isa, compiled_isa_and_names) {
+    moe_config c = moe_preset_mixtral(), r;
+    moe_isa want = MOE_ISA_REFERENCE;
+    int i;
+#if !defined(MOE_NO_SIMD) && defined(__AVX512F__)
+    want = MOE_ISA_AVX512;
+#elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+    want = MOE_ISA_AVX2;
+#elif !defined(MOE_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
+    want = MOE_ISA_NEON;
+#endif
+    CHECK(moe_compiled_isa() == want);
+    c.isa = MOE_ISA_AUTO;
+    CHECK(moe_config_resolve(&c, &r) == MOE_STATUS_OK && r.isa == want);
+    CHECK(strcmp(moe_isa_name(MOE_ISA_AUTO), "auto") == 0);
+    CHECK(strcmp(moe_isa_name(MOE_ISA_REFERENCE), "reference") == 0);
+    CHECK(strcmp(moe_isa_name(MOE_ISA_AVX2), "avx2") == 0);
+    CHECK(strcmp(moe_isa_name(MOE_ISA_AVX512), "avx512") == 0);
+    CHECK(strcmp(moe_isa_name(MOE_ISA_NEON), "neon") == 0);
+    CHECK(strcmp(moe_isa_name((moe_isa)99), "unknown") == 0);
+    for (i = MOE_ISA_REFERENCE; i <= MOE_ISA_NEON; i++) {   /* another ISA is refused */
+        c.isa = (moe_isa)i;
+        CHECK((moe_config_resolve(&c, &r) == MOE_STATUS_OK) ==
+               (i == MOE_ISA_REFERENCE || i == (int)want));
+    }
 }
 
 /* Odd shapes: T in {0, 1, 2, 7, 63}, D and F off the vector width, K = E. */
