@@ -1031,6 +1031,21 @@ static double moe__cv_squared(const double *v, int32_t n) {
     return var / (mean * mean + 1e-10);
 }
 
+/* d CV^2 / d v_i with CV^2 = var / (mean^2 + 1e-10), population variance. */
+static void moe__cv_squared_grad(const double *v, int32_t n, double coef, double *grad) {
+    double mean = 0.0, var = 0.0, den;
+    int32_t i;
+    for (i = 0; i < n; i++) grad[i] = 0.0;
+    if (n <= 1) return;
+    for (i = 0; i < n; i++) mean += v[i];
+    mean /= n;
+    for (i = 0; i < n; i++) var += (v[i] - mean) * (v[i] - mean);
+    var /= n;
+    den = mean * mean + 1e-10;
+    for (i = 0; i < n; i++)
+        grad[i] = coef * (2.0 * (v[i] - mean) / n / den - var * 2.0 * mean / (n * den * den));
+}
+
 // ----------------------------------------------------------------------------
 // Top-k and sorting. The rule everywhere (docs/ROUTING.md, "Tie rule"): larger value
 // first; on ties the lower index wins.
@@ -2465,6 +2480,41 @@ static void moe__normalize(const moe_config *c, const float *g, const uint8_t *k
     }
 }
 
+/* Gradient of w_j = r * m_j * g_j / den, den = sum_{q} g + eps (SUM),
+   (sum_{q} |g|^p)^(1/p) + eps (PNORM), or 1 (NONE), with respect to g:
+   dg_m += r m_m dw_m / den - r (sum_j m_j dw_j g_j) / den^2 * dden/dg_m.
+   m: which weights are nonzero, q: which scores form the denominator.    */
+static void moe__normalize_backward(const moe_config *c, const float *g, const uint8_t *m,
+                                    const uint8_t *q, const float *dw, double *dg, int32_t n) {
+    const double r = c->routed_scale;
+    double nrm = 0.0, den, a = 0.0;
+    int32_t j;
+    if (c->normalize == MOE_NORM_NONE) {
+        for (j = 0; j < n; j++) if (m[j]) dg[j] += r * dw[j];
+        return;
+    }
+    if (c->normalize == MOE_NORM_PNORM) nrm = moe__pnorm(g, q, n, c->norm_p);
+    else for (j = 0; j < n; j++) if (q[j]) nrm += g[j];
+    den = nrm + c->norm_eps;
+    if (!(den > 0.0)) return;                       /* the forward gave zeros */
+    for (j = 0; j < n; j++) if (m[j]) a += (double)dw[j] * g[j];
+    for (j = 0; j < n; j++) {
+        double dden = 0.0;
+        /* d||g||_p / dg_j = (|g_j| / ||g||_p)^(p-1) sign(g_j): a ratio <= 1 to a power
+           >= 0, finite for every p >= 1 (|g|^(p-1) * ||g||^(1-p) was 0 * Inf) */
+        if (q[j] && c->normalize == MOE_NORM_PNORM)
+            dden = (nrm > 0.0 ? pow(fabs(g[j]) / nrm, c->norm_p - 1.0) : c->norm_p == 1.0) *
+                   (g[j] < 0.0f ? -1.0 : 1.0);
+        else if (q[j])
+            dden = 1.0;
+        /* r / den (dw_j - a / den dden_j): with one expert selected (and no eps)
+           a / den is dw_j exactly, so the gate gets exactly the 0 it has in
+           exact arithmetic, on every ISA (r dw / den - r a / den^2 left a
+           rounding residue that grew with routed_scale) */
+        dg[j] += r / den * ((m[j] ? (double)dw[j] : 0.0) - a / den * dden);
+    }
+}
+
 /* Logits of token t as top-k routing scores them (training only adds noise):
      H = z + N(0,1) * sigma, sigma = softplus(x.W_noise) + eps   (Shazeer, cfg.noise)
            + N'(0,1) * cfg.router_noise_std                      (warm-up noise)
@@ -3380,6 +3430,46 @@ static void moe__combine(const moe_config *c, float *y, const float *out, const 
     J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
     J.simd = c->isa != MOE_ISA_REFERENCE;
     moe__parallel_rows(c, T, 64, moe__combine_rows, &J, 2.0 * (double)T * S * D);
+}
+
+/* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
+   token's pairs own distinct rows, so tokens are independent tasks).
+   combine: gw[t][j] = <dy_t, out[row]>, dout[row] = w[t][j] dy_t.
+   gather: dx_t = sum_j dxg[row(t, j)], slots in order.                   */
+typedef struct moe__bw_rows_job {
+    const float *dy, *out, *weight, *dxg;
+    float *gw, *dout, *dx;
+    const int64_t *pair_row;
+    int32_t S, D;
+    int simd;                       /* moe__dot / moe__add_scaled on vectors */
+} moe__bw_rows_job;
+static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
+    const size_t D = (size_t)J->D;
+    int64_t t;
+    int32_t j;
+    for (t = t0; t < t1; t++)
+        for (j = 0; j < J->S; j++) {
+            const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
+            const int64_t row = J->pair_row[p];
+            const float *dyt = J->dy + (size_t)t * D;
+            if (row < 0) { J->gw[p] = 0.0f; continue; }
+            moe__add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0, J->simd);
+            J->gw[p] = moe__dot(dyt, J->out + (size_t)row * D, D, J->simd);
+        }
+}
+static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
+    const size_t D = (size_t)J->D;
+    int64_t t;
+    int32_t j;
+    for (t = t0; t < t1; t++)
+        for (j = 0; j < J->S; j++) {
+            const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
+            if (row >= 0)
+                moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D,
+                                1.0f, D, 1, J->simd);
+        }
 }
 
 /* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
@@ -4382,56 +4472,6 @@ static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const 
     }
 }
 
-/* Gradient of w_j = r * m_j * g_j / den, den = sum_{q} g + eps (SUM),
-   (sum_{q} |g|^p)^(1/p) + eps (PNORM), or 1 (NONE), with respect to g:
-   dg_m += r m_m dw_m / den - r (sum_j m_j dw_j g_j) / den^2 * dden/dg_m.
-   m: which weights are nonzero, q: which scores form the denominator.    */
-static void moe__normalize_backward(const moe_config *c, const float *g, const uint8_t *m,
-                                    const uint8_t *q, const float *dw, double *dg, int32_t n) {
-    const double r = c->routed_scale;
-    double nrm = 0.0, den, a = 0.0;
-    int32_t j;
-    if (c->normalize == MOE_NORM_NONE) {
-        for (j = 0; j < n; j++) if (m[j]) dg[j] += r * dw[j];
-        return;
-    }
-    if (c->normalize == MOE_NORM_PNORM) nrm = moe__pnorm(g, q, n, c->norm_p);
-    else for (j = 0; j < n; j++) if (q[j]) nrm += g[j];
-    den = nrm + c->norm_eps;
-    if (!(den > 0.0)) return;                       /* the forward gave zeros */
-    for (j = 0; j < n; j++) if (m[j]) a += (double)dw[j] * g[j];
-    for (j = 0; j < n; j++) {
-        double dden = 0.0;
-        /* d||g||_p / dg_j = (|g_j| / ||g||_p)^(p-1) sign(g_j): a ratio <= 1 to a power
-           >= 0, finite for every p >= 1 (|g|^(p-1) * ||g||^(1-p) was 0 * Inf) */
-        if (q[j] && c->normalize == MOE_NORM_PNORM)
-            dden = (nrm > 0.0 ? pow(fabs(g[j]) / nrm, c->norm_p - 1.0) : c->norm_p == 1.0) *
-                   (g[j] < 0.0f ? -1.0 : 1.0);
-        else if (q[j])
-            dden = 1.0;
-        /* r / den (dw_j - a / den dden_j): with one expert selected (and no eps)
-           a / den is dw_j exactly, so the gate gets exactly the 0 it has in
-           exact arithmetic, on every ISA (r dw / den - r a / den^2 left a
-           rounding residue that grew with routed_scale) */
-        dg[j] += r / den * ((m[j] ? (double)dw[j] : 0.0) - a / den * dden);
-    }
-}
-
-/* d CV^2 / d v_i with CV^2 = var / (mean^2 + 1e-10), population variance. */
-static void moe__cv_squared_grad(const double *v, int32_t n, double coef, double *grad) {
-    double mean = 0.0, var = 0.0, den;
-    int32_t i;
-    for (i = 0; i < n; i++) grad[i] = 0.0;
-    if (n <= 1) return;
-    for (i = 0; i < n; i++) mean += v[i];
-    mean /= n;
-    for (i = 0; i < n; i++) var += (v[i] - mean) * (v[i] - mean);
-    var /= n;
-    den = mean * mean + 1e-10;
-    for (i = 0; i < n; i++)
-        grad[i] = coef * (2.0 * (v[i] - mean) / n / den - var * 2.0 * mean / (n * den * den));
-}
-
 /* State the router backward shares between its passes. */
 typedef struct moe__router_bw {
     const moe_config *c;
@@ -4799,46 +4839,6 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
         rows += e >= 0 && info->dropped[p] == MOE__KEPT;
     }
     return rows > L->N ? MOE_STATUS_BAD_CACHE : MOE_STATUS_OK;
-}
-
-/* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
-   token's pairs own distinct rows, so tokens are independent tasks).
-   combine: gw[t][j] = <dy_t, out[row]>, dout[row] = w[t][j] dy_t.
-   gather: dx_t = sum_j dxg[row(t, j)], slots in order.                   */
-typedef struct moe__bw_rows_job {
-    const float *dy, *out, *weight, *dxg;
-    float *gw, *dout, *dx;
-    const int64_t *pair_row;
-    int32_t S, D;
-    int simd;                       /* moe__dot / moe__add_scaled on vectors */
-} moe__bw_rows_job;
-static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
-    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
-    const size_t D = (size_t)J->D;
-    int64_t t;
-    int32_t j;
-    for (t = t0; t < t1; t++)
-        for (j = 0; j < J->S; j++) {
-            const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
-            const int64_t row = J->pair_row[p];
-            const float *dyt = J->dy + (size_t)t * D;
-            if (row < 0) { J->gw[p] = 0.0f; continue; }
-            moe__add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0, J->simd);
-            J->gw[p] = moe__dot(dyt, J->out + (size_t)row * D, D, J->simd);
-        }
-}
-static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
-    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
-    const size_t D = (size_t)J->D;
-    int64_t t;
-    int32_t j;
-    for (t = t0; t < t1; t++)
-        for (j = 0; j < J->S; j++) {
-            const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
-            if (row >= 0)
-                moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D,
-                                1.0f, D, 1, J->simd);
-        }
 }
 
 /* The backward with an optional noise seam (tests give the N of docs/ROUTING.md, "Noisy top-k"). */
