@@ -4841,19 +4841,257 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
     return rows > L->N ? MOE_STATUS_BAD_CACHE : MOE_STATUS_OK;
 }
 
-/* The backward with an optional noise seam (tests give the N of docs/ROUTING.md, "Noisy top-k"). */
+/* The checks of moe_backward that need the plan: the cache stamp and routing,
+   overlaps, the workspace. Writes the plan to *L. */
+static moe_status moe__backward_check(const moe_config *c, const moe_weights *w, const float *x,
+                                      int32_t T, const moe_info *info, const float *dy,
+                                      const float *dx_out, const moe_grads *gr,
+                                      const void *workspace, size_t workspace_bytes,
+                                      moe__layout *L) {
+    moe_status st;
+    moe__spans sp;
+    moe_grads gu;
+    const size_t TD = (size_t)T * (size_t)c->d_model;
+    if ((st = moe__check_cache(c, info)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(c, T, MOE__PLAN_BACKWARD, L)) != MOE_STATUS_OK) return st;
+    /* the stamp before any array is read: extents of another T or config
+       would be read out of bounds */
+    if (info->cache_tokens != T || !moe__cache_config_ok(c, info->cache_config) ||
+        info->cache_check != moe__routing_check(c, info, T, L->R, L->S))
+        return MOE_STATUS_BAD_CACHE;
+    if ((st = moe__check_routing(c, info, T, L)) != MOE_STATUS_OK) return st;
+    /* dx may be x or dy (it is written last); nothing else may overlap */
+    sp.n = 0;
+    moe__span(&sp, x, TD, sizeof(float), 0);
+    moe__span(&sp, dy, TD, sizeof(float), 0);
+    if (dx_out != x && dx_out != dy) moe__span(&sp, dx_out, TD, sizeof(float), 1);
+    moe__weight_spans(&sp, c, w, 1);
+    if (c->recompute && c->isa != MOE_ISA_REFERENCE)
+        moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
+    gu = *gr; gu.gate_up_fused = w->gate_up_fused;   /* the layout the backward writes */
+    moe__tensor_spans(&sp, c, &gu, 1, 1);
+    moe__info_spans(&sp, c, info, T, L, 0, !c->recompute, 0);
+    moe__span(&sp, workspace, workspace_bytes, 1, 1);
+    if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
+    if (workspace_bytes < L->total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    return MOE_STATUS_OK;
+}
+
+/* What the backward's stages share: the call, its plan and workspace, the
+   expert activations (recomputed or cached) and dx, which the stages add to
+   in the workspace (copied out last: dx may be x or dy). */
+typedef struct moe__bw_call {
+    const moe_config *c;
+    const moe_weights *w;
+    const moe_grads *gr;
+    const moe_info *info;
+    const moe__layout *L;
+    unsigned char *b;                 /* the aligned workspace                 */
+    const float *x, *dy;
+    int32_t T;
+    float *dx;                        /* [T][D] in the workspace              */
+    const float *hg, *hu, *out;       /* routed experts: pre-activations, out */
+    float *ha;                        /* activations (rebuilt from hg, hu)    */
+    const float *sh_g, *sh_u, *sh_out;   /* the shared expert's              */
+    float *sh_a;
+} moe__bw_call;
+
+/* The expert activations: rerun the forward's FFNs (cfg.recompute), or the
+   training forward's cache, with the rows gathered again either way. */
+static void moe__bw_activations(moe__bw_call *B) {
+    const moe_config *c = B->c;
+    const moe__layout *L = B->L;
+    const moe_info *info = B->info;
+    unsigned char *b = B->b;
+    const int glu = moe__act_is_glu(c->activation);
+    if (c->recompute) {
+        moe__experts_stage(c, B->w, B->x, B->T, info->expert, info->dropped, info->dispatch, L,
+                           b);
+        B->hg = MOE__AT(b, L->hg, float); B->hu = glu ? MOE__AT(b, L->hu, float) : NULL;
+        B->out = MOE__AT(b, L->out, float);
+        if (c->shared_d_ff) {
+            B->sh_g = MOE__AT(b, L->sh_g, float);
+            B->sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
+            B->sh_out = MOE__AT(b, L->sh_out, float);
+        }
+    } else {
+        moe__expert_inputs(c, B->x, B->T, info->expert, info->dropped, info->dispatch, L, b);
+        B->hg = info->cache_hidden; B->hu = glu ? info->cache_up : NULL;
+        B->out = info->cache_out;
+        if (c->shared_d_ff) {
+            B->sh_g = info->cache_shared_hidden;
+            B->sh_u = glu ? info->cache_shared_up : NULL;
+            B->sh_out = info->cache_shared_out;
+        }
+    }
+    B->ha = MOE__AT(b, L->ha, float);   /* (from the cache: rebuilt by moe__experts_backward) */
+    if (c->shared_d_ff) B->sh_a = MOE__AT(b, L->sh_a, float);
+}
+
+/* 1. combine backward: gw[t][j] = <dy_t, out[row]>, dout[row] = w dy_t
+   (Soft MoE: dC[t][s] = <dy_t, out_s>, dY~_s = sum_t C[t][s] dy_t). */
+static void moe__bw_combine(const moe__bw_call *B) {
+    const moe_config *c = B->c;
+    const moe__layout *L = B->L;
+    const int32_t T = B->T, D = c->d_model, R = L->R;
+    const float *dy = B->dy, *out = B->out;
+    float *dout = MOE__AT(B->b, L->dout, float);
+    int32_t t, s, d;
+    if (c->routing == MOE_ROUTING_SOFT) {
+        float *dscore = MOE__AT(B->b, L->dscore, float);
+        memset(dout, 0, (size_t)R * D * sizeof(float));
+        for (t = 0; t < T; t++)
+            for (s = 0; s < R; s++) {
+                const float cw = B->info->scores[(size_t)t * R + s];
+                float acc = 0.0f;
+                for (d = 0; d < D; d++) {
+                    dout[(size_t)s * D + d] += cw * dy[(size_t)t * D + d];
+                    acc += dy[(size_t)t * D + d] * out[(size_t)s * D + d];
+                }
+                dscore[(size_t)t * R + s] = acc;       /* dC */
+            }
+    } else {
+        moe__bw_rows_job J;
+        memset(&J, 0, sizeof J);
+        J.dy = dy; J.out = out; J.weight = B->info->weight; J.gw = MOE__AT(B->b, L->gw, float);
+        J.dout = dout; J.pair_row = MOE__AT(B->b, L->pair_row, int64_t); J.S = L->S; J.D = D;
+        J.simd = c->isa != MOE_ISA_REFERENCE;
+        moe__parallel_rows(c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * L->S * D);
+    }
+}
+
+/* 3. back to tokens: dx_t = sum_j dxg[row(t, j)] in slot order (Soft MoE:
+   dx_t = sum_s D[t][s] dX~_s, and dD[t][s] = <dX~_s, x_t>). */
+static void moe__bw_gather(const moe__bw_call *B) {
+    const moe_config *c = B->c;
+    const moe__layout *L = B->L;
+    const int32_t T = B->T, D = c->d_model, R = L->R;
+    const float *dxg = MOE__AT(B->b, L->dxg, float), *x = B->x;
+    float *dx = B->dx;
+    int32_t t, s, d;
+    memset(dx, 0, (size_t)T * D * sizeof(float));
+    if (c->routing == MOE_ROUTING_SOFT) {
+        float *dD = MOE__AT(B->b, L->dD, float);
+        for (t = 0; t < T; t++)
+            for (s = 0; s < R; s++) {
+                const float dw = B->info->dispatch[(size_t)t * R + s];
+                float acc = 0.0f;
+                for (d = 0; d < D; d++) {
+                    acc += dxg[(size_t)s * D + d] * x[(size_t)t * D + d];
+                    dx[(size_t)t * D + d] += dw * dxg[(size_t)s * D + d];
+                }
+                dD[(size_t)t * R + s] = acc;
+            }
+    } else {
+        moe__bw_rows_job J;
+        memset(&J, 0, sizeof J);
+        J.dxg = dxg; J.dx = dx; J.pair_row = MOE__AT(B->b, L->pair_row, int64_t); J.S = L->S;
+        J.D = D; J.simd = c->isa != MOE_ISA_REFERENCE;
+        moe__parallel_rows(c, T, 32, moe__bw_gather_rows, &J, (double)T * L->S * D);
+    }
+}
+
+/* 4. shared expert: y += gamma F(x), so dF = gamma dy and dgamma = <dy, F>;
+   with its sigmoid gate gamma = sigmoid(x . w_sg) that reaches w_sg and dx. */
+static void moe__bw_shared(const moe__bw_call *B) {
+    const moe_config *c = B->c;
+    const moe_weights *w = B->w;
+    const moe_grads *gr = B->gr;
+    const moe__layout *L = B->L;
+    const int32_t T = B->T, D = c->d_model;
+    const int64_t sh_off[2] = {0, (int64_t)T};
+    float *sh_dout = MOE__AT(B->b, L->sh_dout, float), *sh_dx = MOE__AT(B->b, L->sh_dx, float);
+    float *dx = B->dx;
+    moe__ffn sh = moe__shared_ffn(c, w);
+    moe__ffn_grad sg = moe__ffn_grad_make(&sh, gr->shared_gate, gr->shared_up, gr->shared_down,
+                                          gr->shared_gate_bias, gr->shared_up_bias,
+                                          gr->shared_down_bias);
+    int32_t t, d;
+    for (t = 0; t < T; t++) {
+        const float *xt = B->x + (size_t)t * D, *dyt = B->dy + (size_t)t * D;
+        const float gamma = moe__shared_gate_of(c, w, xt);
+        float dgamma = 0.0f;
+        for (d = 0; d < D; d++) {
+            sh_dout[(size_t)t * D + d] = gamma * dyt[d];
+            dgamma += dyt[d] * B->sh_out[(size_t)t * D + d];
+        }
+        if (c->shared_gate) {           /* gamma = sigmoid(x . w_sg) */
+            const float dzg = dgamma * gamma * (1.0f - gamma);
+            for (d = 0; d < D; d++) {
+                if (gr->shared_expert_gate) gr->shared_expert_gate[d] += dzg * xt[d];
+                dx[(size_t)t * D + d] += dzg * w->shared_expert_gate[d];
+            }
+        }
+    }
+    moe__experts_backward(c, &sh, &sg, 1, sh_off, B->x, B->sh_g, B->sh_u, B->sh_a,
+                          !c->recompute, sh_dout, MOE__AT(B->b, L->sh_da, float),
+                          moe__act_is_glu(c->activation) ? MOE__AT(B->b, L->sh_du, float)
+                                                         : NULL,
+                          sh_dx,
+                          MOE__AT(B->b, L->gemm_pack, float));
+    for (t = 0; t < T; t++)
+        for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
+}
+
+/* 5. token-choice and expert-choice router: gate weights -> scores ->
+   logits (+ aux losses, noise) -> the router weights and dx. */
+static void moe__bw_router(const moe__bw_call *B, const float *noise_samples) {
+    const moe_config *c = B->c;
+    const moe_weights *w = B->w;
+    const moe__layout *L = B->L;
+    unsigned char *b = B->b;
+    const int32_t T = B->T, E = c->num_experts, D = c->d_model;
+    const int noisy = c->noise == MOE_NOISE_SHAZEER && c->training;
+    const float *xr = B->x;
+    float *tmp = MOE__AT(b, L->tmp_td, float), *pack = MOE__AT(b, L->gemm_pack, float);
+    moe__router_bw R;
+    size_t i;
+    memset(&R, 0, sizeof R);
+    R.c = c; R.info = B->info; R.T = T; R.S = L->S; R.E = E; R.T_all = T;
+    R.K = c->routing == MOE_ROUTING_TOPK ? c->top_k : E;
+    R.gw = MOE__AT(b, L->gw, float); R.noise_samples = noise_samples;
+    R.dz = MOE__AT(b, L->dz, float);
+    R.dsig = noisy ? MOE__AT(b, L->dsig, float) : NULL;
+    R.val = MOE__AT(b, L->bw_d, double); R.dval = R.val + 2 * E;
+    R.fbal = R.val + 4 * E; R.fseq = R.val + 5 * E;
+    R.ds = R.val + 6 * E; R.dg = R.val + 7 * E;
+    R.m = MOE__AT(b, L->bw_u8, uint8_t); R.q = R.m + E;
+    R.g = MOE__AT(b, L->bw_f, float); R.dw = R.g + 2 * E;
+    R.H = R.g + 3 * E; R.sigma = R.g + 4 * E; R.N = R.g + 5 * E;
+    R.top = MOE__AT(b, L->small_i, int32_t);
+    /* the router input the forward saw (x * jitter), built once */
+    if (c->training && c->jitter > 0.0f) {
+        float *xj = MOE__AT(b, L->xr, float);
+        for (i = 0; i < (size_t)T * (size_t)D; i++) xj[i] = B->x[i] * moe__jitter_factor(c, i);
+        xr = xj;
+    }
+    if (noisy) {   /* raw noise logits, by the forward's own GEMM */
+        float *noise = MOE__AT(b, L->noise_logits, float);
+        moe__linear(c, noise, xr, w->router_noise, NULL, T, E, D, L, b);
+        R.noise = noise;
+    }
+    moe__router_backward_ref(&R);
+    moe__router_gemm_backward(c, T, R.dz, w->router, B->gr->router,
+                              c->router_bias ? B->gr->router_bias : NULL, xr, tmp, B->dx, pack);
+    if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
+        float *dr = R.dsig;
+        for (i = 0; i < (size_t)T * (size_t)E; i++) dr[i] *= moe__sigmoid(R.noise[i]);
+        moe__router_gemm_backward(c, T, dr, w->router_noise, B->gr->router_noise, NULL, xr, tmp,
+                                  B->dx, pack);
+    }
+}
+
+/* The backward with an optional noise seam (tests give the N of docs/ROUTING.md, "Noisy top-k"):
+   the forward's stages in reverse, each the transpose of its forward. */
 static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, const float *x,
                                 int32_t T, const moe_info *info, const float *dy, float *dx_out,
                                 const moe_grads *gr, void *workspace, size_t workspace_bytes,
                                 const float *noise_samples) {
     moe_config c;
     moe__layout L;
+    moe__bw_call B;
     moe_status st;
-    unsigned char *b;
-    const float *hg, *hu, *out, *sh_g = NULL, *sh_u = NULL, *sh_out = NULL;
-    float *ha, *sh_a = NULL, *dx;
-    int glu;
-    int32_t t, j, d, s, E, D, S, R;
     if (!cfg || !w || !info || !gr) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
@@ -4864,203 +5102,39 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if (c.recompute && w->packed && c.isa != MOE_ISA_REFERENCE && !moe__pack_check(&c, w))
         return MOE_STATUS_BAD_PACKED;
     if (T == 0) return MOE_STATUS_OK;   /* nothing to read or write */
-    if ((st = moe__check_cache(&c, info)) != MOE_STATUS_OK) return st;
-    if ((st = moe__plan(&c, T, MOE__PLAN_BACKWARD, &L)) != MOE_STATUS_OK) return st;
-    /* the stamp before any array is read: extents of another T or config
-       would be read out of bounds */
-    if (info->cache_tokens != T || !moe__cache_config_ok(&c, info->cache_config) ||
-        info->cache_check != moe__routing_check(&c, info, T, L.R, L.S))
-        return MOE_STATUS_BAD_CACHE;
-    if ((st = moe__check_routing(&c, info, T, &L)) != MOE_STATUS_OK) return st;
-    {   /* dx may be x or dy (it is written last); nothing else may overlap */
-        moe__spans sp;
-        moe_grads gu;
-        const size_t TD = (size_t)T * (size_t)c.d_model;
-        sp.n = 0;
-        moe__span(&sp, x, TD, sizeof(float), 0);
-        moe__span(&sp, dy, TD, sizeof(float), 0);
-        if (dx_out != x && dx_out != dy) moe__span(&sp, dx_out, TD, sizeof(float), 1);
-        moe__weight_spans(&sp, &c, w, 1);
-        if (c.recompute && c.isa != MOE_ISA_REFERENCE)
-            moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
-        gu = *gr; gu.gate_up_fused = w->gate_up_fused;   /* the layout the backward writes */
-        moe__tensor_spans(&sp, &c, &gu, 1, 1);
-        moe__info_spans(&sp, &c, info, T, &L, 0, !c.recompute, 0);
-        moe__span(&sp, workspace, workspace_bytes, 1, 1);
-        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
-    }
-    if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    b = moe__align_ptr(workspace);
-    glu = moe__act_is_glu(c.activation);
-    E = c.num_experts; D = c.d_model; S = L.S; R = L.R;
-    dx = MOE__AT(b, L.dx, float);
-
-    /* expert activations: recomputed, or from the cache (ha is cheap to redo) */
-    if (c.recompute) {
-        moe__experts_stage(&c, w, x, T, info->expert, info->dropped, info->dispatch, &L, b);
-        hg = MOE__AT(b, L.hg, float); hu = glu ? MOE__AT(b, L.hu, float) : NULL;
-        out = MOE__AT(b, L.out, float);
-        ha = MOE__AT(b, L.ha, float);
-        if (c.shared_d_ff) {
-            sh_g = MOE__AT(b, L.sh_g, float); sh_u = glu ? MOE__AT(b, L.sh_u, float) : NULL;
-            sh_a = MOE__AT(b, L.sh_a, float); sh_out = MOE__AT(b, L.sh_out, float);
-        }
-    } else {
-        moe__expert_inputs(&c, x, T, info->expert, info->dropped, info->dispatch, &L, b);
-        hg = info->cache_hidden; hu = glu ? info->cache_up : NULL; out = info->cache_out;
-        ha = MOE__AT(b, L.ha, float);   /* rebuilt by moe__experts_backward's activation pass */
-        if (c.shared_d_ff) {
-            sh_g = info->cache_shared_hidden; sh_u = glu ? info->cache_shared_up : NULL;
-            sh_out = info->cache_shared_out;
-            sh_a = MOE__AT(b, L.sh_a, float);
-        }
-    }
-
-    {
-        const int64_t *offsets = MOE__AT(b, L.offsets, int64_t);
-        const int64_t *pair_row = MOE__AT(b, L.pair_row, int64_t);
-        float *gw = MOE__AT(b, L.gw, float), *dout = MOE__AT(b, L.dout, float);
-        float *dxg = MOE__AT(b, L.dxg, float), *dscore = MOE__AT(b, L.dscore, float);
+    if ((st = moe__backward_check(&c, w, x, T, info, dy, dx_out, gr, workspace, workspace_bytes,
+                                  &L)) != MOE_STATUS_OK)
+        return st;
+    memset(&B, 0, sizeof B);
+    B.c = &c; B.w = w; B.gr = gr; B.info = info; B.L = &L; B.b = moe__align_ptr(workspace);
+    B.x = x; B.dy = dy; B.T = T; B.dx = MOE__AT(B.b, L.dx, float);
+    moe__bw_activations(&B);
+    moe__bw_combine(&B);                                            /* 1. */
+    {   /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
+        unsigned char *b = B.b;
         moe__ffn ffn = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
         moe__ffn_grad fg = moe__ffn_grad_make(&ffn, gr->gate,
                                               w->gate_up_fused && gr->gate
-                                                  ? gr->gate + (size_t)c.d_ff * D : gr->up,
+                                                  ? gr->gate + (size_t)c.d_ff * c.d_model
+                                                  : gr->up,
                                               gr->down, gr->gate_bias, gr->up_bias, gr->down_bias);
-
-        /* 1. combine backward: g[t][j] = <dy_t, o>, dout = w dy  (Soft: dC, dY~) */
-        if (c.routing == MOE_ROUTING_SOFT) {
-            memset(dout, 0, (size_t)R * D * sizeof(float));
-            for (t = 0; t < T; t++)
-                for (s = 0; s < R; s++) {
-                    const float cw = info->scores[(size_t)t * R + s];
-                    float acc = 0.0f;
-                    for (d = 0; d < D; d++) {
-                        dout[(size_t)s * D + d] += cw * dy[(size_t)t * D + d];
-                        acc += dy[(size_t)t * D + d] * out[(size_t)s * D + d];
-                    }
-                    dscore[(size_t)t * R + s] = acc;       /* dC */
-                }
-        } else {
-            moe__bw_rows_job J;
-            memset(&J, 0, sizeof J);
-            J.dy = dy; J.out = out; J.weight = info->weight; J.gw = gw; J.dout = dout;
-            J.pair_row = pair_row; J.S = S; J.D = D; J.simd = c.isa != MOE_ISA_REFERENCE;
-            moe__parallel_rows(&c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * S * D);
-        }
-
-        /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
-        moe__experts_backward(&c, &ffn, &fg, E, offsets, MOE__AT(b, L.xg, float), hg, hu, ha,
-                              !c.recompute, dout, MOE__AT(b, L.da, float),
-                              glu ? MOE__AT(b, L.du, float) : NULL, dxg,
+        moe__experts_backward(&c, &ffn, &fg, c.num_experts, MOE__AT(b, L.offsets, int64_t),
+                              MOE__AT(b, L.xg, float), B.hg, B.hu, B.ha, !c.recompute,
+                              MOE__AT(b, L.dout, float), MOE__AT(b, L.da, float),
+                              moe__act_is_glu(c.activation) ? MOE__AT(b, L.du, float) : NULL,
+                              MOE__AT(b, L.dxg, float),
                               MOE__AT(b, L.gemm_pack, float));
-
-        /* 3. back to tokens: dx_t = sum_j dxg[row(t, j)] in slot order (Soft: D dX~) */
-        memset(dx, 0, (size_t)T * D * sizeof(float));
-        if (c.routing == MOE_ROUTING_SOFT) {
-            float *dD = MOE__AT(b, L.dD, float);
-            for (t = 0; t < T; t++)
-                for (s = 0; s < R; s++) {
-                    const float dw = info->dispatch[(size_t)t * R + s];
-                    float acc = 0.0f;
-                    for (d = 0; d < D; d++) {
-                        acc += dxg[(size_t)s * D + d] * x[(size_t)t * D + d];
-                        dx[(size_t)t * D + d] += dw * dxg[(size_t)s * D + d];
-                    }
-                    dD[(size_t)t * R + s] = acc;
-                }
-        } else {
-            moe__bw_rows_job J;
-            memset(&J, 0, sizeof J);
-            J.dxg = dxg; J.dx = dx; J.pair_row = pair_row; J.S = S; J.D = D;
-            J.simd = c.isa != MOE_ISA_REFERENCE;
-            moe__parallel_rows(&c, T, 32, moe__bw_gather_rows, &J, (double)T * S * D);
-        }
-
-        /* 4. shared expert: y += gamma F(x);  dF = gamma dy, dgamma = <dy, F> */
-        if (c.shared_d_ff > 0) {
-            const int64_t sh_off[2] = {0, (int64_t)T};
-            float *sh_dout = MOE__AT(b, L.sh_dout, float), *sh_dx = MOE__AT(b, L.sh_dx, float);
-            moe__ffn sh = moe__shared_ffn(&c, w);
-            moe__ffn_grad sg = moe__ffn_grad_make(&sh, gr->shared_gate, gr->shared_up,
-                                                  gr->shared_down, gr->shared_gate_bias,
-                                                  gr->shared_up_bias, gr->shared_down_bias);
-            for (t = 0; t < T; t++) {
-                const float *xt = x + (size_t)t * D, *dyt = dy + (size_t)t * D;
-                const float gamma = moe__shared_gate_of(&c, w, xt);
-                float dgamma = 0.0f;
-                for (d = 0; d < D; d++) {
-                    sh_dout[(size_t)t * D + d] = gamma * dyt[d];
-                    dgamma += dyt[d] * sh_out[(size_t)t * D + d];
-                }
-                if (c.shared_gate) {           /* gamma = sigmoid(x . w_sg) */
-                    const float dzg = dgamma * gamma * (1.0f - gamma);
-                    for (d = 0; d < D; d++) {
-                        if (gr->shared_expert_gate) gr->shared_expert_gate[d] += dzg * xt[d];
-                        dx[(size_t)t * D + d] += dzg * w->shared_expert_gate[d];
-                    }
-                }
-            }
-            moe__experts_backward(&c, &sh, &sg, 1, sh_off, x, sh_g, sh_u, sh_a, !c.recompute,
-                                  sh_dout, MOE__AT(b, L.sh_da, float),
-                                  glu ? MOE__AT(b, L.sh_du, float) : NULL, sh_dx,
-                                  MOE__AT(b, L.gemm_pack, float));
-            for (t = 0; t < T; t++)
-                for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
-        }
-
-        /* 5. router: gate weights -> scores -> logits (+ aux losses) -> x, W */
-        if (c.routing == MOE_ROUTING_SOFT) {
-            moe__soft_router_backward_ref(&c, w, gr, info, x, T, R, dscore, MOE__AT(b, L.dD, float),
-                                          MOE__AT(b, L.dz, float), MOE__AT(b, L.slot_norm, float),
-                                          MOE__AT(b, L.gamma, float), dx);
-        } else {
-            moe__router_bw B;
-            const int noisy = c.noise == MOE_NOISE_SHAZEER && c.training;
-            const float *xr = x;
-            size_t i;
-            memset(&B, 0, sizeof B);
-            B.c = &c; B.info = info; B.T = T; B.S = S; B.E = E; B.T_all = T;
-            B.K = c.routing == MOE_ROUTING_TOPK ? c.top_k : E;
-            B.gw = gw; B.noise_samples = noise_samples;
-            B.dz = MOE__AT(b, L.dz, float);
-            B.dsig = noisy ? MOE__AT(b, L.dsig, float) : NULL;
-            B.val = MOE__AT(b, L.bw_d, double); B.dval = B.val + 2 * E;
-            B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E;
-            B.ds = B.val + 6 * E; B.dg = B.val + 7 * E;
-            B.m = MOE__AT(b, L.bw_u8, uint8_t); B.q = B.m + E;
-            B.g = MOE__AT(b, L.bw_f, float); B.dw = B.g + 2 * E;
-            B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
-            B.top = MOE__AT(b, L.small_i, int32_t);
-            /* the router input the forward saw (x * jitter), built once */
-            if (c.training && c.jitter > 0.0f) {
-                float *xj = MOE__AT(b, L.xr, float);
-                for (i = 0; i < (size_t)T * (size_t)D; i++)
-                    xj[i] = x[i] * moe__jitter_factor(&c, i);
-                xr = xj;
-            }
-            if (noisy) {   /* raw noise logits, by the forward's own GEMM */
-                float *noise = MOE__AT(b, L.noise_logits, float);
-                moe__linear(&c, noise, xr, w->router_noise, NULL, T, E, D, &L, b);
-                B.noise = noise;
-            }
-            moe__router_backward_ref(&B);
-            moe__router_gemm_backward(&c, T, B.dz, w->router, gr->router,
-                                      c.router_bias ? gr->router_bias : NULL, xr,
-                                      MOE__AT(b, L.tmp_td, float), dx,
-                                      MOE__AT(b, L.gemm_pack, float));
-            if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
-                float *dr = B.dsig;
-                for (t = 0; t < T; t++)
-                    for (j = 0; j < E; j++)
-                        dr[(size_t)t * E + j] *= moe__sigmoid(B.noise[(size_t)t * E + j]);
-                moe__router_gemm_backward(&c, T, dr, w->router_noise, gr->router_noise, NULL, xr,
-                                          MOE__AT(b, L.tmp_td, float), dx,
-                                          MOE__AT(b, L.gemm_pack, float));
-            }
-        }
     }
-    if (dx_out) memcpy(dx_out, dx, (size_t)T * D * sizeof(float));
+    moe__bw_gather(&B);                                             /* 3. */
+    if (c.shared_d_ff > 0) moe__bw_shared(&B);                      /* 4. */
+    if (c.routing == MOE_ROUTING_SOFT)                              /* 5. */
+        moe__soft_router_backward_ref(&c, w, gr, info, x, T, L.R, MOE__AT(B.b, L.dscore, float),
+                                      MOE__AT(B.b, L.dD, float), MOE__AT(B.b, L.dz, float),
+                                      MOE__AT(B.b, L.slot_norm, float),
+                                      MOE__AT(B.b, L.gamma, float), B.dx);
+    else
+        moe__bw_router(&B, noise_samples);
+    if (dx_out) memcpy(dx_out, B.dx, (size_t)T * c.d_model * sizeof(float));
     return MOE_STATUS_OK;
 }
 
