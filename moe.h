@@ -3472,6 +3472,31 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
         }
 }
 
+/* Soft MoE output y[t] = sum_s C[t][s] * out[s]  (Y = C . Y~), s in order. */
+static void moe__soft_combine_ref(float *y, const float *combine, const float *out, int32_t T,
+                                  int32_t R, int32_t D) {
+    int32_t t, s, d;
+    for (t = 0; t < T; t++) {
+        float *yt = y + (size_t)t * D;
+        for (d = 0; d < D; d++) yt[d] = 0.0f;
+        for (s = 0; s < R; s++) {
+            const float cw = combine[(size_t)t * R + s];
+            for (d = 0; d < D; d++) yt[d] += cw * out[(size_t)s * D + d];
+        }
+    }
+}
+
+/* y[t] += gamma[t] * sh_out[t]: the shared expert on every token (gamma
+   NULL: 1; else its sigmoid gate, Qwen2). */
+static void moe__add_shared(float *y, const float *sh_out, const float *gamma, int32_t T,
+                            int32_t D) {
+    int32_t t, d;
+    for (t = 0; t < T; t++) {
+        const float gate = gamma ? gamma[t] : 1.0f;
+        for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
+    }
+}
+
 /* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
 static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x,
                                 int32_t T, int32_t R, int32_t D) {
@@ -4266,6 +4291,19 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
                     T, E, D, L, b);
 }
 
+/* The forward's routing (res) into the caller's info, the training cache,
+   and the stamp that moe_backward checks. */
+static void moe__info_publish(moe_info *info, const moe_config *c, const moe_info *res,
+                              int32_t T, const moe__layout *L, unsigned char *b) {
+    moe__info_export(info, res, MOE__AT(b, L->logits, float), T, L->R, L->S, c->num_experts);
+    if (c->training && !c->recompute) moe__cache_export(info, c, T, L, b);
+    if (c->training) {
+        info->cache_tokens = T;
+        info->cache_config = moe__config_key(c);
+        info->cache_check = moe__routing_check(c, info, T, L->R, L->S);
+    }
+}
+
 MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
                               const float *x, int32_t num_tokens, float *y,
                               moe_info *info, void *workspace, size_t workspace_bytes) {
@@ -4276,7 +4314,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     unsigned char *b;
     moe_status st;
     const int32_t T = num_tokens;
-    int32_t t, d, s;
+    int32_t t;
     int forward_packed;
     if (!cfg || !w) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
@@ -4322,40 +4360,17 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
             MOE__AT(b, L.sh_gamma, float)[t] = moe__shared_gate_of(&c, w,
                                                                    x + (size_t)t * c.d_model);
 
-    /* 5. combine in fixed slot order */
-    {
-        const int32_t D = c.d_model, R = L.R;
-        const float *out = MOE__AT(b, L.out, float);
-        if (c.routing == MOE_ROUTING_SOFT) {          /* Y = C . Y~ */
-            for (t = 0; t < T; t++) {
-                float *yt = y + (size_t)t * D;
-                for (d = 0; d < D; d++) yt[d] = 0.0f;
-                for (s = 0; s < R; s++) {
-                    const float cw = res.scores[(size_t)t * R + s];
-                    for (d = 0; d < D; d++) yt[d] += cw * out[(size_t)s * D + d];
-                }
-            }
-        } else {
-            moe__combine(&c, y, out, res.weight, MOE__AT(b, L.pair_row, int64_t), T, L.S, D);
-        }
-        /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
-        if (c.shared_d_ff > 0) {
-            const float *sh_out = MOE__AT(b, L.sh_out, float);
-            for (t = 0; t < T; t++) {
-                const float gate = c.shared_gate ? MOE__AT(b, L.sh_gamma, float)[t] : 1.0f;
-                for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
-            }
-        }
-    }
-    if (info) {
-        moe__info_export(info, &res, MOE__AT(b, L.logits, float), T, L.R, L.S, c.num_experts);
-        if (c.training && !c.recompute) moe__cache_export(info, &c, T, &L, b);
-        if (c.training) {   /* what moe_backward will check */
-            info->cache_tokens = T;
-            info->cache_config = moe__config_key(&c);
-            info->cache_check = moe__routing_check(&c, info, T, L.R, L.S);
-        }
-    }
+    /* 5. combine in fixed slot order (Soft MoE: Y = C . Y~) */
+    if (c.routing == MOE_ROUTING_SOFT)
+        moe__soft_combine_ref(y, res.scores, MOE__AT(b, L.out, float), T, L.R, c.d_model);
+    else
+        moe__combine(&c, y, MOE__AT(b, L.out, float), res.weight,
+                     MOE__AT(b, L.pair_row, int64_t), T, L.S, c.d_model);
+    /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
+    if (c.shared_d_ff > 0)
+        moe__add_shared(y, MOE__AT(b, L.sh_out, float),
+                        c.shared_gate ? MOE__AT(b, L.sh_gamma, float) : NULL, T, c.d_model);
+    if (info) moe__info_publish(info, &c, &res, T, &L, b);
     return MOE_STATUS_OK;
 }
 
