@@ -4574,94 +4574,148 @@ static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t n
                      ((double)n * nseq);
 }
 
-/* Router backward for top-k, expert-choice and dense routing: combine
-   gradient -> gate weights -> scores -> logits, plus every aux loss.
-   Writes dz [T][E] and, with Shazeer noise, dsig [T][E].                  */
+/* The balance loss E * sum_e f~_e P_e: dL / d pn[t][e] = coef E f~_e / T for
+   every token, into B->fbal (f~ from the kept pair counts of the group). */
+static void moe__balance_factors(moe__router_bw *B) {
+    const moe_config *c = B->c;
+    const moe_info *info = B->info;
+    const int32_t T = B->T, S = B->S, E = B->E, K = B->K, Ta = B->T_all;
+    const int first = c->balance_loss == MOE_BALANCE_FIRST_CHOICE;
+    int32_t t, j, e;
+    for (e = 0; e < E; e++) B->fbal[e] = 0.0;
+    if (c->routing != MOE_ROUTING_TOPK || c->balance_coef == 0.0f) return;
+    if (B->stats)   /* expert parallel: the pair counts of all ranks */
+        for (e = 0; e < E; e++)
+            B->fbal[e] = B->stats[(first ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+    else for (t = 0; t < T; t++)
+        for (j = 0; j < (first ? 1 : S); j++) {
+            const size_t p = (size_t)t * S + j;
+            if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
+        }
+    for (e = 0; e < E; e++)
+        B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta *
+                     (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
+}
+
+/* Token t's gate weights -> its scores, into ds (docs/ROUTING.md, "Router
+   gradients"): through the normalisation, and the importance loss's
+   pre-drop weights. */
+static void moe__gate_weights_backward(moe__router_bw *B, int32_t t, double *ds) {
+    const moe_config *c = B->c;
+    const moe_info *info = B->info;
+    const int32_t S = B->S, E = B->E;
+    const float *sc = info->scores + (size_t)t * E;
+    const int32_t *idx = info->expert + (size_t)t * S;
+    const uint8_t *dr = info->dropped + (size_t)t * S;
+    int32_t j, e;
+    if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
+        for (e = 0; e < E; e++)
+            if (info->expert[(size_t)t * E + e] == e)
+                ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
+        return;
+    }
+    for (j = 0; j < S; j++) {
+        B->g[j] = sc[idx[j]];
+        B->dg[j] = 0.0;
+        B->dw[j] = B->gw[(size_t)t * S + j];
+        B->m[j] = dr[j] == MOE__KEPT;
+        B->q[j] = c->normalize_after_drop ? dr[j] == MOE__KEPT : 1;
+    }
+    moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
+    if (c->routing == MOE_ROUTING_TOPK && c->importance_coef != 0.0f) {
+        for (j = 0; j < S; j++) {    /* importance uses pre-drop weights */
+            B->m[j] = dr[j] != MOE__REJECTED;
+            B->q[j] = 1;
+            B->dw[j] = B->m[j] ? (float)B->dval[idx[j]] : 0.0f;
+        }
+        moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
+    }
+    for (j = 0; j < S; j++) ds[idx[j]] += B->dg[j];
+}
+
+/* Token t's balance and sequence-wise losses, into ds: both see pn = p
+   (softmax) or s / sum s (sigmoid). nseq sequences of L tokens. */
+static void moe__balance_backward_row(moe__router_bw *B, int32_t t, double *ds, int32_t L,
+                                      int32_t nseq) {
+    const moe_config *c = B->c;
+    const int32_t E = B->E, Ta = B->T_all;
+    const float *sc = B->info->scores + (size_t)t * E;
+    double ssum = 0.0, corr = 0.0;
+    int32_t e;
+    if (c->seq_balance_coef != 0.0f && (t == 0 || (B->t0 + t) % L == 0)) {
+        const int32_t g0 = (B->t0 + t) / L * L;   /* global start of t's sequence */
+        moe__seq_factors(B, t, Ta - g0 < L ? Ta - g0 : L, nseq);
+    }
+    for (e = 0; e < E; e++)
+        B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
+    if (c->score == MOE_SCORE_SOFTMAX) {
+        for (e = 0; e < E; e++) ds[e] += B->dw[e];
+    } else {
+        for (e = 0; e < E; e++) ssum += sc[e];
+        if (ssum > 0.0) {
+            for (e = 0; e < E; e++) corr += B->dw[e] * (sc[e] / ssum);
+            for (e = 0; e < E; e++) ds[e] += (B->dw[e] - corr) / ssum;
+        }
+    }
+}
+
+/* Shazeer noise of token t: H = z + N sigma gives dsigma = dH N, and the
+   smooth load loss Load_e = sum_t Phi((z_e - H_k) / sigma_e), H_k the
+   threshold, reaches z and sigma. */
+static void moe__noise_backward_row(moe__router_bw *B, int32_t t, float *dz) {
+    const moe_config *c = B->c;
+    const int32_t E = B->E, K = B->K;
+    const float *z = B->info->logits + (size_t)t * E;
+    float *dsig = B->dsig + (size_t)t * E;
+    float thr_in;
+    int32_t e;
+    moe__noisy_row(B, t);
+    for (e = 0; e < E; e++) dsig[e] = dz[e] * B->N[e];
+    if (!(K < E && c->load_coef != 0.0f)) return;
+    moe__topk_ref(B->H, E, K + 1, B->top);
+    thr_in = B->H[B->top[K]];
+    for (e = 0; e < E; e++) {
+        const int32_t k = B->H[e] > thr_in ? B->top[K] : B->top[K - 1];
+        double u, cf;
+        if (!(B->sigma[e] > 0.0f)) continue;     /* a step: no gradient */
+        u = ((double)z[e] - B->H[k]) / B->sigma[e];
+        cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
+        dz[e] += (float)cf;
+        dsig[e] += (float)(-cf * u);
+        dz[k] += (float)(-cf);
+        dsig[k] += (float)(-cf * B->N[k]);
+    }
+}
+
+/* Router backward for top-k, expert-choice and dense routing, token by
+   token: combine gradient -> gate weights -> scores (+ balance losses) ->
+   (noisy) logits (+ z-loss), then the optional clipping of the token's
+   gradient. Writes dz [T][E] and, with Shazeer noise, dsig [T][E].        */
 static void moe__router_backward_ref(moe__router_bw *B) {
     const moe_config *c = B->c;
     const moe_info *info = B->info;
-    const int32_t T = B->T, S = B->S, E = B->E, K = B->K;
+    const int32_t T = B->T, E = B->E;
     const int topk = c->routing == MOE_ROUTING_TOPK;
     const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
     const int32_t Ta = B->T_all;     /* losses normalise by the whole group */
     const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
     /* no Ta + L - 1: L may be near INT32_MAX */
     const int32_t nseq = Ta > 0 ? 1 + (Ta - 1) / L : 0;
-    int32_t t, j, e;
+    int32_t t, e;
     memset(B->dz, 0, (size_t)T * E * sizeof(float));
     if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
     if (T == 0) return;
     if (topk) moe__shazeer_grads(B);
-
-    /* balance loss E * sum_e f~_e P_e: dL/d pn[t][e] = coef * E * f~_e / T  */
-    for (e = 0; e < E; e++) B->fbal[e] = 0.0;
-    if (topk && c->balance_coef != 0.0f) {
-        if (B->stats)   /* expert parallel: the pair counts of all ranks */
-            for (e = 0; e < E; e++)
-                B->fbal[e] = B->stats[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE
-                                       ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
-        else for (t = 0; t < T; t++)
-            for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++) {
-                const size_t p = (size_t)t * S + j;
-                if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
-            }
-        for (e = 0; e < E; e++)
-            B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta *
-                         (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
-    }
+    moe__balance_factors(B);
 
     for (t = 0; t < T; t++) {
         const float *sc = info->scores + (size_t)t * E, *z = info->logits + (size_t)t * E;
         double *ds = B->ds, dot = 0.0;
         float *dz = B->dz + (size_t)t * E;
         for (e = 0; e < E; e++) ds[e] = 0.0;
-
-        /* gate weights -> scores (docs/ROUTING.md, "Router gradients") */
-        if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
-            for (e = 0; e < E; e++)
-                if (info->expert[(size_t)t * E + e] == e)
-                    ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
-        } else {
-            const int32_t *idx = info->expert + (size_t)t * S;
-            const uint8_t *dr = info->dropped + (size_t)t * S;
-            for (j = 0; j < S; j++) {
-                B->g[j] = sc[idx[j]];
-                B->dg[j] = 0.0;
-                B->dw[j] = B->gw[(size_t)t * S + j];
-                B->m[j] = dr[j] == MOE__KEPT;
-                B->q[j] = c->normalize_after_drop ? dr[j] == MOE__KEPT : 1;
-            }
-            moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
-            if (topk && c->importance_coef != 0.0f) {    /* importance uses pre-drop weights */
-                for (j = 0; j < S; j++) {
-                    B->m[j] = dr[j] != MOE__REJECTED;
-                    B->q[j] = 1;
-                    B->dw[j] = B->m[j] ? (float)B->dval[idx[j]] : 0.0f;
-                }
-                moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
-            }
-            for (j = 0; j < S; j++) ds[idx[j]] += B->dg[j];
-        }
-
-        /* balance losses see pn = p (softmax) or s / sum s (sigmoid) */
-        if (topk && (c->balance_coef != 0.0f || c->seq_balance_coef != 0.0f)) {
-            double ssum = 0.0, corr = 0.0;
-            if (c->seq_balance_coef != 0.0f && (t == 0 || (B->t0 + t) % L == 0)) {
-                const int32_t g0 = (B->t0 + t) / L * L;   /* global start of t's sequence */
-                moe__seq_factors(B, t, Ta - g0 < L ? Ta - g0 : L, nseq);
-            }
-            for (e = 0; e < E; e++)
-                B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
-            if (c->score == MOE_SCORE_SOFTMAX) {
-                for (e = 0; e < E; e++) ds[e] += B->dw[e];
-            } else {
-                for (e = 0; e < E; e++) ssum += sc[e];
-                if (ssum > 0.0) {
-                    for (e = 0; e < E; e++) corr += B->dw[e] * (sc[e] / ssum);
-                    for (e = 0; e < E; e++) ds[e] += (B->dw[e] - corr) / ssum;
-                }
-            }
-        }
+        moe__gate_weights_backward(B, t, ds);
+        if (topk && (c->balance_coef != 0.0f || c->seq_balance_coef != 0.0f))
+            moe__balance_backward_row(B, t, ds, L, nseq);
 
         /* scores -> (noisy) logits */
         if (c->score == MOE_SCORE_SOFTMAX) {
@@ -4670,28 +4724,7 @@ static void moe__router_backward_ref(moe__router_bw *B) {
         } else {
             for (e = 0; e < E; e++) dz[e] = (float)(ds[e] * sc[e] * (1.0 - sc[e]));
         }
-        if (noisy) {                 /* H = z + N sigma: dsigma = dH * N */
-            float *dsig = B->dsig + (size_t)t * E;
-            moe__noisy_row(B, t);
-            for (e = 0; e < E; e++) dsig[e] = dz[e] * B->N[e];
-            if (K < E && c->load_coef != 0.0f) {
-                /* Load_e = sum_t Phi((z_e - H_k) / sigma_e), H_k the threshold */
-                float thr_in;
-                moe__topk_ref(B->H, E, K + 1, B->top);
-                thr_in = B->H[B->top[K]];
-                for (e = 0; e < E; e++) {
-                    const int32_t k = B->H[e] > thr_in ? B->top[K] : B->top[K - 1];
-                    double u, cf;
-                    if (!(B->sigma[e] > 0.0f)) continue;     /* a step: no gradient */
-                    u = ((double)z[e] - B->H[k]) / B->sigma[e];
-                    cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
-                    dz[e] += (float)cf;
-                    dsig[e] += (float)(-cf * u);
-                    dz[k] += (float)(-cf);
-                    dsig[k] += (float)(-cf * B->N[k]);
-                }
-            }
-        }
+        if (noisy) moe__noise_backward_row(B, t, dz);
 
         /* router z-loss on the clean logits: dz += coef 2/T LSE_t softmax(z_t) */
         if (c->z_loss_coef != 0.0f) {
