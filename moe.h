@@ -2706,30 +2706,37 @@ static void moe__route_tokens_topk(moe__router *r) {
     }
 }
 
+/* A token's final gate weights w after capacity: renormalised over its kept
+   pairs (normalize_after_drop), or its pre-drop weights with the dropped
+   pairs' zeroed. scores: the token's row; keep, g: S entries of scratch.
+   The one-process and the expert-parallel routing both end here.        */
+static void moe__final_weights(const moe_config *c, const float *scores, const int32_t *idx,
+                               const uint8_t *drop, float *w, int32_t S, uint8_t *keep,
+                               float *g) {
+    int32_t j;
+    if (c->normalize_after_drop) {
+        for (j = 0; j < S; j++) {
+            keep[j] = idx[j] >= 0 && !drop[j];
+            g[j] = idx[j] >= 0 ? scores[idx[j]] : 0.0f;
+        }
+        moe__normalize(c, g, keep, w, S);
+        for (j = 0; j < S; j++) w[j] *= c->routed_scale;
+    } else {
+        for (j = 0; j < S; j++) if (drop[j]) w[j] = 0.0f;
+    }
+}
+
 /* Top-k routing of all tokens, then capacity and the final weights. */
 static void moe__route_topk(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, S = r->S;
-    int32_t t, j;
+    int32_t t;
     moe__route_tokens_topk(r);
     if (r->C > 0) moe__apply_capacity(r);
-    for (t = 0; t < T; t++) {
-        int32_t *idx = r->res->expert + (size_t)t * S;
-        float *w = r->res->weight + (size_t)t * S;
-        const uint8_t *drop = r->res->dropped + (size_t)t * S;
-        if (c->normalize_after_drop) {   /* renormalise over the surviving pairs */
-            uint8_t *keep = (uint8_t *)(void *)r->small_i;
-            float *g = r->small_f;
-            for (j = 0; j < S; j++) {
-                keep[j] = idx[j] >= 0 && !drop[j];
-                g[j] = idx[j] >= 0 ? r->res->scores[(size_t)t * r->R + idx[j]] : 0.0f;
-            }
-            moe__normalize(c, g, keep, w, S);
-            for (j = 0; j < S; j++) w[j] *= c->routed_scale;
-        } else {
-            for (j = 0; j < S; j++) if (drop[j]) w[j] = 0.0f;
-        }
-    }
+    for (t = 0; t < T; t++)
+        moe__final_weights(c, r->res->scores + (size_t)t * r->R, r->res->expert + (size_t)t * S,
+                           r->res->dropped + (size_t)t * S, r->res->weight + (size_t)t * S, S,
+                           (uint8_t *)(void *)r->small_i, r->small_f);
 }
 
 /* Expert choice (docs/ROUTING.md, "Expert choice"): each expert takes the C tokens with the
@@ -2889,13 +2896,37 @@ static void moe__aux_losses(moe__router *r) {
     res->aux_load = (float)moe__cv_squared(r->imp + E, E);
 }
 
+/* info's per-expert counts of routed and kept pairs (either array may be
+   NULL), its dropped pairs and its tokens with no kept pair, over T tokens
+   of S slots. A pair with no expert, or rejected by the second-expert
+   policy, is not routed. The one-process and the expert-parallel routing
+   both count here.                                                       */
+static void moe__count_pairs(moe_info *info, int32_t T, int32_t S, int32_t E) {
+    int32_t t, j, e;
+    info->dropped_pairs = info->dropped_tokens = 0;
+    if (info->expert_routed) for (e = 0; e < E; e++) info->expert_routed[e] = 0;
+    if (info->expert_kept) for (e = 0; e < E; e++) info->expert_kept[e] = 0;
+    for (t = 0; t < T; t++) {
+        int any = 0;
+        for (j = 0; j < S; j++) {
+            const size_t p = (size_t)t * S + j;
+            e = info->expert[p];
+            if (e < 0 || info->dropped[p] == MOE__REJECTED) continue;
+            if (info->expert_routed) info->expert_routed[e]++;
+            if (info->dropped[p]) info->dropped_pairs++;
+            else { if (info->expert_kept) info->expert_kept[e]++; any = 1; }
+        }
+        if (!any) info->dropped_tokens++;
+    }
+}
+
 /* The whole routing stage. Arrays of r->res must point into the workspace. */
 static moe_status moe__route(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, S = r->S, E = c->num_experts;
     moe_info *res = r->res;
     size_t i, n = (size_t)T * (size_t)r->R;
-    int32_t t, j, e;
+    int32_t e;
 
     /* NaN/Inf policy: refuse non-finite logits and biases before any output */
     for (i = 0; i < n; i++) if (!moe__isfinite(r->logits[i])) return MOE_STATUS_NONFINITE;
@@ -2918,22 +2949,11 @@ static moe_status moe__route(moe__router *r) {
     default:                        moe__route_soft(r); break;
     }
 
-    /* per-expert counts and drop statistics */
-    for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = 0;
-    for (t = 0; t < T; t++) {
-        int any = 0;
-        for (j = 0; j < S; j++) {
-            size_t p = (size_t)t * S + j;
-            e = res->expert[p];
-            if (e < 0 || res->dropped[p] == MOE__REJECTED) continue;
-            res->expert_routed[e]++;
-            if (res->dropped[p]) res->dropped_pairs++;
-            else { res->expert_kept[e]++; any = 1; }
-        }
-        if (!any && c->routing != MOE_ROUTING_SOFT) res->dropped_tokens++;
-    }
-    if (c->routing == MOE_ROUTING_SOFT)
+    moe__count_pairs(res, T, S, E);
+    if (c->routing == MOE_ROUTING_SOFT) {   /* every expert fills its slots; no drops */
         for (e = 0; e < E; e++) res->expert_routed[e] = res->expert_kept[e] = c->slots_per_expert;
+        res->dropped_tokens = 0;
+    }
     moe__aux_losses(r);
     moe__aux_total(c, res);
     return MOE_STATUS_OK;
@@ -4574,6 +4594,21 @@ static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t n
                      ((double)n * nseq);
 }
 
+/* The router backward's arrays in the workspace: dz [T][E] and per-token
+   scratch of E entries each (the one-process and the expert-parallel
+   backward share it). */
+static void moe__router_bw_scratch(moe__router_bw *B, const moe__layout *L, unsigned char *b,
+                                   int32_t E) {
+    B->dz = MOE__AT(b, L->dz, float);
+    B->val = MOE__AT(b, L->bw_d, double); B->dval = B->val + 2 * E;
+    B->fbal = B->val + 4 * E; B->fseq = B->val + 5 * E;
+    B->ds = B->val + 6 * E; B->dg = B->val + 7 * E;
+    B->m = MOE__AT(b, L->bw_u8, uint8_t); B->q = B->m + E;
+    B->g = MOE__AT(b, L->bw_f, float); B->dw = B->g + 2 * E;
+    B->H = B->g + 3 * E; B->sigma = B->g + 4 * E; B->N = B->g + 5 * E;
+    B->top = MOE__AT(b, L->small_i, int32_t);
+}
+
 /* The balance loss E * sum_e f~_e P_e: dL / d pn[t][e] = coef E f~_e / T for
    every token, into B->fbal (f~ from the kept pair counts of the group). */
 static void moe__balance_factors(moe__router_bw *B) {
@@ -5099,15 +5134,8 @@ static void moe__bw_router(const moe__bw_call *B, const float *noise_samples) {
     R.c = c; R.info = B->info; R.T = T; R.S = L->S; R.E = E; R.T_all = T;
     R.K = c->routing == MOE_ROUTING_TOPK ? c->top_k : E;
     R.gw = MOE__AT(b, L->gw, float); R.noise_samples = noise_samples;
-    R.dz = MOE__AT(b, L->dz, float);
+    moe__router_bw_scratch(&R, L, b, E);
     R.dsig = noisy ? MOE__AT(b, L->dsig, float) : NULL;
-    R.val = MOE__AT(b, L->bw_d, double); R.dval = R.val + 2 * E;
-    R.fbal = R.val + 4 * E; R.fseq = R.val + 5 * E;
-    R.ds = R.val + 6 * E; R.dg = R.val + 7 * E;
-    R.m = MOE__AT(b, L->bw_u8, uint8_t); R.q = R.m + E;
-    R.g = MOE__AT(b, L->bw_f, float); R.dw = R.g + 2 * E;
-    R.H = R.g + 3 * E; R.sigma = R.g + 4 * E; R.N = R.g + 5 * E;
-    R.top = MOE__AT(b, L->small_i, int32_t);
     /* the router input the forward saw (x * jitter), built once */
     if (c->training && c->jitter > 0.0f) {
         float *xj = MOE__AT(b, L->xr, float);
@@ -5842,7 +5870,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
     unsigned char *b;
     moe_status st;
     int64_t *pair_row, nsent, s;
-    int32_t Tr, E, D, S, t, j, d, e;
+    int32_t Tr, E, D, S, t, j, d;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!info || !stats) return MOE_STATUS_NULL_ARGUMENT;
     Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
@@ -5882,18 +5910,8 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
             s = pair_row[(size_t)t * S + j];
             if (s >= 0 && ret_dropped[s]) drop[j] = MOE__DROPPED;
         }
-        if (c.normalize_after_drop) {
-            uint8_t *keep = MOE__AT(b, L.small_i, uint8_t);
-            float *g = MOE__AT(b, L.small_f, float);
-            for (j = 0; j < S; j++) {
-                keep[j] = !drop[j];
-                g[j] = info->scores[(size_t)t * E + idx[j]];
-            }
-            moe__normalize(&c, g, keep, wt, S);
-            for (j = 0; j < S; j++) wt[j] *= c.routed_scale;
-        } else {
-            for (j = 0; j < S; j++) if (drop[j]) wt[j] = 0.0f;
-        }
+        moe__final_weights(&c, info->scores + (size_t)t * E, idx, drop, wt, S,
+                           MOE__AT(b, L.small_i, uint8_t), MOE__AT(b, L.small_f, float));
         /* 3. y_t = sum of the kept slots in slot order (moe__combine_rows) */
         for (d = 0; d < D; d++) yt[d] = 0.0f;
         for (j = 0; j < S; j++) {
@@ -5905,21 +5923,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
         }
     }
     /* 4. counts over this rank's tokens; aux losses of the whole group */
-    info->dropped_pairs = info->dropped_tokens = 0;
-    if (info->expert_routed) for (e = 0; e < E; e++) info->expert_routed[e] = 0;
-    if (info->expert_kept) for (e = 0; e < E; e++) info->expert_kept[e] = 0;
-    for (t = 0; t < Tr; t++) {
-        int any = 0;
-        for (j = 0; j < S; j++) {
-            const size_t p = (size_t)t * S + j;
-            e = info->expert[p];
-            if (info->dropped[p] == MOE__REJECTED) continue;
-            if (info->expert_routed) info->expert_routed[e]++;
-            if (info->dropped[p]) info->dropped_pairs++;
-            else { if (info->expert_kept) info->expert_kept[e]++; any = 1; }
-        }
-        if (!any) info->dropped_tokens++;
-    }
+    moe__count_pairs(info, Tr, S, E);
     info->slots = S;
     info->capacity = moe__capacity_of(&c, plan->num_tokens);
     moe__unstamp(info);
@@ -6113,13 +6117,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     memset(&B, 0, sizeof B);
     B.c = &c; B.info = info; B.T = Tr; B.S = S; B.E = E; B.K = S;
     B.T_all = plan->num_tokens; B.t0 = plan->token_offset; B.stats = stats;
-    B.gw = gw; B.dz = MOE__AT(b, L.dz, float);
-    B.val = MOE__AT(b, L.bw_d, double); B.dval = B.val + 2 * E;
-    B.fbal = B.val + 4 * E; B.fseq = B.val + 5 * E; B.ds = B.val + 6 * E; B.dg = B.val + 7 * E;
-    B.m = MOE__AT(b, L.bw_u8, uint8_t); B.q = B.m + E;
-    B.g = MOE__AT(b, L.bw_f, float); B.dw = B.g + 2 * E;
-    B.H = B.g + 3 * E; B.sigma = B.g + 4 * E; B.N = B.g + 5 * E;
-    B.top = MOE__AT(b, L.small_i, int32_t);
+    B.gw = gw;
+    moe__router_bw_scratch(&B, &L, b, E);
     for (i = 0; i < nTD; i++) xr[i] = x[i] * moe__jitter_factor(&c, off + i);
     moe__router_backward_ref(&B);
     /* router GEMM backward (moe__router_gemm_backward, jitter keyed globally):
