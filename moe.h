@@ -2540,6 +2540,28 @@ static void moe__noisy_logits(const moe_config *c, int32_t t, const float *z,
     }
 }
 
+/* Group-limited top-k (docs/ROUTING.md, "Group-limited top-k"): the E keys
+   in n_group groups; a group's score is the sum of its group_score_top best
+   keys; outside the topk_group best groups every key becomes -inf (or 0 with
+   group_mask_zero). top: 2 E ints and gscore: n_group floats of scratch. */
+static void moe__group_limit(const moe_config *c, float *sel, int32_t *top, float *gscore) {
+    const int32_t G = c->n_group, gsz = c->num_experts / G;
+    int32_t gi, j, e, *kept = top + c->num_experts;
+    for (gi = 0; gi < G; gi++) {
+        moe__topk_ref(sel + gi * gsz, gsz, c->group_score_top, top);
+        gscore[gi] = 0.0f;
+        for (j = 0; j < c->group_score_top; j++) gscore[gi] += sel[gi * gsz + top[j]];
+    }
+    moe__topk_ref(gscore, G, c->topk_group, kept);
+    for (gi = 0; gi < G; gi++) {
+        int keep = 0;
+        for (j = 0; j < c->topk_group; j++) keep |= kept[j] == gi;
+        if (!keep)
+            for (e = gi * gsz; e < (gi + 1) * gsz; e++)
+                sel[e] = c->group_mask_zero ? 0.0f : -INFINITY;
+    }
+}
+
 /* Token t of top-k routing: noisy logits, scores, (group-limited) top-k,
    second-expert policy, pre-capacity weights and the Shazeer statistics.  */
 static void moe__route_token_topk(const moe__router *r, const moe__token_scratch *x, int32_t t) {
@@ -2561,23 +2583,8 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
 
     /* pass 2: selection key = score (+ selection bias), group limit */
     for (e = 0; e < E; e++) sel[e] = sc[e] + (r->sel_bias ? r->sel_bias[e] : 0.0f);
-    if (c->n_group > 1) {
-        const int32_t G = c->n_group, gsz = E / G;
-        int32_t gi, *top = x->small_i, *kept = x->small_i + E;
-        float *gscore = x->small_f;   /* reused: g[] is filled only after this */
-        for (gi = 0; gi < G; gi++) {  /* group score = sum of its top-n keys */
-            moe__topk_ref(sel + gi * gsz, gsz, c->group_score_top, top);
-            gscore[gi] = 0.0f;
-            for (j = 0; j < c->group_score_top; j++) gscore[gi] += sel[gi * gsz + top[j]];
-        }
-        moe__topk_ref(gscore, G, c->topk_group, kept);
-        for (gi = 0; gi < G; gi++) {
-            int keep = 0;
-            for (j = 0; j < c->topk_group; j++) keep |= kept[j] == gi;
-            if (!keep) for (e = gi * gsz; e < (gi + 1) * gsz; e++)
-                sel[e] = c->group_mask_zero ? 0.0f : -INFINITY;
-        }
-    }
+    /* (g[] is filled only after this: its memory is the group limit's scratch) */
+    if (c->n_group > 1) moe__group_limit(c, sel, x->small_i, x->small_f);
     moe__topk_ref(sel, E, K, idx);
 
     /* fairseq sampling: the second expert is argmax over e != e1 of z + Gumbel */
