@@ -2276,10 +2276,134 @@ typedef struct moe__layout {
 
 enum { MOE__PLAN_ROUTE = 0, MOE__PLAN_FORWARD = 1, MOE__PLAN_BACKWARD = 2 };
 
+/* The planner's sizes, computed once from the config and T. */
+typedef struct moe__plan_dims {
+    size_t nT, E, D, F, Fs, R, S, TR, TS, N, big;
+    int glu;
+} moe__plan_dims;
+
+/* Routing arrays and scratch: moe_route's, and the first part of every plan. */
+static void moe__plan_routing(const moe_config *c, const moe__plan_dims *d, moe__layout *L,
+                              size_t *t, int *ok) {
+    L->scores    = moe__reserve(t, d->TR, sizeof(float), ok);
+    L->dispatch  = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float),
+                                ok);
+    L->expert    = moe__reserve(t, d->TS, sizeof(int32_t), ok);
+    L->weight    = moe__reserve(t, d->TS, sizeof(float), ok);
+    L->dropped   = moe__reserve(t, d->TS, sizeof(uint8_t), ok);
+    L->routed    = moe__reserve(t, d->E, sizeof(int32_t), ok);
+    L->kept      = moe__reserve(t, d->E, sizeof(int32_t), ok);
+    L->key       = moe__reserve(t, d->big + d->R, sizeof(float), ok);
+    L->order     = moe__reserve(t, d->big, sizeof(int32_t), ok);
+    L->order_tmp = moe__reserve(t, d->big, sizeof(int32_t), ok);
+    L->small_i   = moe__reserve(t, 2 * d->E + 2, sizeof(int32_t), ok);
+    L->small_f   = moe__reserve(t, 2 * d->E + 2, sizeof(float), ok);
+    L->count     = moe__reserve(t, d->E, sizeof(int32_t), ok);
+    L->imp       = moe__reserve(t, 2 * d->E, sizeof(double), ok);
+    L->route_chunks = moe__reserve(t, (size_t)moe__route_nchunk(d->nT) *
+                                          moe__route_chunk_doubles(d->E),
+                                   sizeof(double), ok);
+}
+
+/* The forward's arrays: logits, the dispatch, the expert FFNs' rows. */
+static void moe__plan_forward(const moe_config *c, const moe__plan_dims *d, int mode,
+                              moe__layout *L, size_t *t, int *ok) {
+    /* the backward always rebuilds the router input x * U here */
+    int jitter = (c->training && c->jitter > 0.0f) || mode == MOE__PLAN_BACKWARD;
+    L->logits       = moe__reserve(t, d->TR, sizeof(float), ok);
+    L->noise_logits = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
+                                   sizeof(float), ok);
+    L->xr           = moe__reserve(t, jitter ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    L->slot_norm    = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->R : 0,
+                                   sizeof(float), ok);
+    L->pair_row     = moe__reserve(t, d->TS, sizeof(int64_t), ok);
+    L->offsets      = moe__reserve(t, d->E + 1, sizeof(int64_t), ok);
+    L->row_pair     = moe__reserve(t, d->N, sizeof(int64_t), ok);
+    L->xg           = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    L->hg           = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
+    L->hu           = moe__reserve(t, d->glu ? moe__mul(d->N, d->F) : 0, sizeof(float), ok);
+    L->ha           = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
+    L->out          = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    L->sh_g         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
+    L->sh_u         = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
+    L->sh_a         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
+    L->sh_out       = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    L->sh_gamma     = moe__reserve(t, c->shared_gate ? d->nT : 0, sizeof(float), ok);
+}
+
+/* What the SIMD forward adds: packed-panel tiles, task lists, packed A. */
+static void moe__plan_forward_simd(const moe__plan_dims *d, moe__layout *L, size_t *t,
+                                   int *ok) {
+    /* packed-panel tile results: N x (panels * NR), the wider stage */
+    const size_t fc = d->glu ? MOE__VL : MOE__NR, p2 = (d->D + MOE__NR - 1) / MOE__NR;
+    const size_t p1 = (d->F + fc - 1) / fc, p1s = (d->Fs + fc - 1) / fc;
+    const size_t e_pad = (d->E + MOE__NR - 1) / MOE__NR * MOE__NR;
+    const size_t a_rows = moe__add(d->N, d->E * MOE__MR);   /* N may have saturated */
+    const size_t a_max = a_rows > d->nT + MOE__MR ? a_rows : d->nT + MOE__MR;
+    const size_t p1_max = p1 > p1s ? p1 : p1s, f_max = d->F > d->Fs ? d->F : d->Fs;
+    const size_t k_max = d->D > f_max ? d->D : f_max;   /* A's widest row */
+    L->tiles       = moe__reserve(t, moe__mul(d->N, (p1 > p2 ? p1 : p2) * MOE__NR),
+                                  sizeof(float), ok);
+    L->sh_tiles    = moe__reserve(t,
+                                  d->Fs ? moe__mul(d->nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0,
+                                  sizeof(float), ok);
+    L->task_off    = moe__reserve(t, d->E + 2, sizeof(int64_t), ok);
+    L->task_panels = moe__reserve(t, d->E + 1, sizeof(int32_t), ok);
+    L->router_t    = moe__reserve(t, moe__mul(d->D, e_pad), sizeof(float), ok);
+    /* A as k-major MR-row tiles: each expert's last tile padded */
+    L->tile_off    = moe__reserve(t, d->E + 2, sizeof(int64_t), ok);
+    L->apack       = moe__reserve(t, moe__mul(a_max, k_max), sizeof(float), ok);
+    /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
+    L->pack        = moe__reserve(t, moe__add(moe__mul(d->D + (d->D & 1), p1_max * MOE__NR),
+                                               moe__mul(p2 * MOE__NR, f_max + 1)),
+                                  sizeof(float), ok);
+}
+
+/* The backward's arrays: gradients of the rows, the router's scratch and
+   the packed operands of its GEMMs. */
+static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe__layout *L,
+                               size_t *t, int *ok) {
+    L->gw      = moe__reserve(t, d->TS, sizeof(float), ok);
+    L->dout    = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    L->da      = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
+    L->du      = moe__reserve(t, d->glu ? moe__mul(d->N, d->F) : 0, sizeof(float), ok);
+    L->dxg     = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    L->dscore  = moe__reserve(t, d->TR, sizeof(float), ok);
+    L->dz      = moe__reserve(t, d->TR, sizeof(float), ok);
+    L->dsig    = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
+                              sizeof(float), ok);
+    L->dD      = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float), ok);
+    L->sh_dout = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    L->sh_da   = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
+    L->sh_du   = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
+    L->sh_dx   = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    L->dx      = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
+    L->gamma   = moe__reserve(t, d->nT, sizeof(float), ok);
+    L->bw_d    = moe__reserve(t, 8 * d->E, sizeof(double), ok);
+    L->bw_f    = moe__reserve(t, 6 * d->E, sizeof(float), ok);
+    L->bw_u8   = moe__reserve(t, 2 * d->E, sizeof(uint8_t), ok);
+    L->tmp_td  = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
+    {   /* the largest of the expert, shared-expert and router GEMMs */
+        const size_t routed = moe__backward_pack_floats(c, d->N, d->F),
+                     shared = d->Fs ? moe__backward_pack_floats(c, d->nT, d->Fs) : 0;
+        size_t most = routed > shared ? routed : shared;
+#if MOE__HAS_SIMD
+        if (c->isa != MOE_ISA_REFERENCE) {
+            /* r1: dW_router, r2: dz . W */
+            const size_t r1 = moe__gemm_pack_floats((int64_t)d->E, (int64_t)d->D, (int64_t)d->nT);
+            const size_t r2 = moe__gemm_pack_floats((int64_t)d->nT, (int64_t)d->D, (int64_t)d->E);
+            if (r1 > most) most = r1;
+            if (r2 > most) most = r2;
+        }
+#endif
+        L->gemm_pack = moe__reserve(t, most, sizeof(float), ok);
+    }
+}
+
 static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layout *L) {
-    size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, D = (size_t)c->d_model;
-    size_t F = (size_t)c->d_ff, Fs = (size_t)c->shared_d_ff, R, S, TR, TS, N, big;
-    int ok = 1, glu = moe__act_is_glu(c->activation);
+    moe__plan_dims d;
+    size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, R, S, TR, TS, N;
+    int ok = 1;
     memset(L, 0, sizeof *L);
     L->R = c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts;
     L->S = moe_routing_slots(c);
@@ -2293,109 +2417,14 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
     default:                        N = R; break;   /* Soft MoE: one row per slot */
     }
     L->N = (int64_t)N;
-    big = nT > R ? nT : R;
-    L->scores    = moe__reserve(&t, TR, sizeof(float), &ok);
-    L->dispatch  = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
-    L->expert    = moe__reserve(&t, TS, sizeof(int32_t), &ok);
-    L->weight    = moe__reserve(&t, TS, sizeof(float), &ok);
-    L->dropped   = moe__reserve(&t, TS, sizeof(uint8_t), &ok);
-    L->routed    = moe__reserve(&t, E, sizeof(int32_t), &ok);
-    L->kept      = moe__reserve(&t, E, sizeof(int32_t), &ok);
-    L->key       = moe__reserve(&t, big + R, sizeof(float), &ok);
-    L->order     = moe__reserve(&t, big, sizeof(int32_t), &ok);
-    L->order_tmp = moe__reserve(&t, big, sizeof(int32_t), &ok);
-    L->small_i   = moe__reserve(&t, 2 * E + 2, sizeof(int32_t), &ok);
-    L->small_f   = moe__reserve(&t, 2 * E + 2, sizeof(float), &ok);
-    L->count     = moe__reserve(&t, E, sizeof(int32_t), &ok);
-    L->imp       = moe__reserve(&t, 2 * E, sizeof(double), &ok);
-    L->route_chunks = moe__reserve(&t, (size_t)moe__route_nchunk(nT) * moe__route_chunk_doubles(E),
-                                   sizeof(double), &ok);
-    if (mode >= MOE__PLAN_FORWARD) {
-        /* the backward always rebuilds the router input x * U here */
-        int jitter = (c->training && c->jitter > 0.0f) || mode == MOE__PLAN_BACKWARD;
-        L->logits       = moe__reserve(&t, TR, sizeof(float), &ok);
-        L->noise_logits = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0,
-                                       sizeof(float), &ok);
-        L->xr           = moe__reserve(&t, jitter ? moe__mul(nT, D) : 0, sizeof(float), &ok);
-        L->slot_norm    = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? R : 0,
-                                       sizeof(float), &ok);
-        L->pair_row     = moe__reserve(&t, TS, sizeof(int64_t), &ok);
-        L->offsets      = moe__reserve(&t, E + 1, sizeof(int64_t), &ok);
-        L->row_pair     = moe__reserve(&t, N, sizeof(int64_t), &ok);
-        L->xg           = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-        L->hg           = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
-        L->hu           = moe__reserve(&t, glu ? moe__mul(N, F) : 0, sizeof(float), &ok);
-        L->ha           = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
-        L->out          = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-        L->sh_g         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
-        L->sh_u         = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
-        L->sh_a         = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
-        L->sh_out       = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
-        L->sh_gamma     = moe__reserve(&t, c->shared_gate ? nT : 0, sizeof(float), &ok);
-        if (c->isa != MOE_ISA_REFERENCE) {
-            /* packed-panel tile results: N x (panels * NR), the wider stage */
-            const size_t fc = glu ? MOE__VL : MOE__NR, p2 = (D + MOE__NR - 1) / MOE__NR;
-            const size_t p1 = (F + fc - 1) / fc, p1s = (Fs + fc - 1) / fc;
-            const size_t e_pad = (E + MOE__NR - 1) / MOE__NR * MOE__NR;
-            const size_t a_rows = moe__add(N, E * MOE__MR);   /* N may have saturated */
-            const size_t a_max = a_rows > nT + MOE__MR ? a_rows : nT + MOE__MR;
-            const size_t p1_max = p1 > p1s ? p1 : p1s, f_max = F > Fs ? F : Fs;
-            L->tiles       = moe__reserve(&t, moe__mul(N, (p1 > p2 ? p1 : p2) * MOE__NR),
-                                          sizeof(float), &ok);
-            L->sh_tiles    = moe__reserve(&t,
-                                          Fs ? moe__mul(nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0,
-                                          sizeof(float), &ok);
-            L->task_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
-            L->task_panels = moe__reserve(&t, E + 1, sizeof(int32_t), &ok);
-            L->router_t    = moe__reserve(&t, moe__mul(D, e_pad), sizeof(float), &ok);
-            /* A as k-major MR-row tiles: each expert's last tile padded */
-            L->tile_off    = moe__reserve(&t, E + 2, sizeof(int64_t), &ok);
-            L->apack       = moe__reserve(&t,
-                                          moe__mul(a_max, D > F && D > Fs ? D : (F > Fs ? F : Fs)),
-                                          sizeof(float), &ok);
-            /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
-            L->pack        = moe__reserve(&t, moe__add(moe__mul(D + (D & 1), p1_max * MOE__NR),
-                                                       moe__mul(p2 * MOE__NR, f_max + 1)),
-                                          sizeof(float), &ok);
-        }
-    }
-    if (mode == MOE__PLAN_BACKWARD) {
-        L->gw      = moe__reserve(&t, TS, sizeof(float), &ok);
-        L->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-        L->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
-        L->du      = moe__reserve(&t, glu ? moe__mul(N, F) : 0, sizeof(float), &ok);
-        L->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-        L->dscore  = moe__reserve(&t, TR, sizeof(float), &ok);
-        L->dz      = moe__reserve(&t, TR, sizeof(float), &ok);
-        L->dsig    = moe__reserve(&t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(nT, E) : 0,
-                                  sizeof(float), &ok);
-        L->dD      = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
-        L->sh_dout = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
-        L->sh_da   = moe__reserve(&t, moe__mul(nT, Fs), sizeof(float), &ok);
-        L->sh_du   = moe__reserve(&t, glu ? moe__mul(nT, Fs) : 0, sizeof(float), &ok);
-        L->sh_dx   = moe__reserve(&t, Fs ? moe__mul(nT, D) : 0, sizeof(float), &ok);
-        L->dx      = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
-        L->gamma   = moe__reserve(&t, nT, sizeof(float), &ok);
-        L->bw_d    = moe__reserve(&t, 8 * E, sizeof(double), &ok);
-        L->bw_f    = moe__reserve(&t, 6 * E, sizeof(float), &ok);
-        L->bw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
-        L->tmp_td  = moe__reserve(&t, moe__mul(nT, D), sizeof(float), &ok);
-        {   /* the largest of the expert, shared-expert and router GEMMs */
-            const size_t routed = moe__backward_pack_floats(c, N, F),
-                         shared = Fs ? moe__backward_pack_floats(c, nT, Fs) : 0;
-            size_t most = routed > shared ? routed : shared;
-#if MOE__HAS_SIMD
-            if (c->isa != MOE_ISA_REFERENCE) {
-                /* r1: dW_router, r2: dz . W */
-                const size_t r1 = moe__gemm_pack_floats((int64_t)E, (int64_t)D, (int64_t)nT);
-                const size_t r2 = moe__gemm_pack_floats((int64_t)nT, (int64_t)D, (int64_t)E);
-                if (r1 > most) most = r1;
-                if (r2 > most) most = r2;
-            }
-#endif
-            L->gemm_pack = moe__reserve(&t, most, sizeof(float), &ok);
-        }
-    }
+    d.nT = nT; d.E = E; d.D = (size_t)c->d_model; d.F = (size_t)c->d_ff;
+    d.Fs = (size_t)c->shared_d_ff; d.R = R; d.S = S; d.TR = TR; d.TS = TS; d.N = N;
+    d.big = nT > R ? nT : R; d.glu = moe__act_is_glu(c->activation);
+    moe__plan_routing(c, &d, L, &t, &ok);
+    if (mode >= MOE__PLAN_FORWARD) moe__plan_forward(c, &d, mode, L, &t, &ok);
+    if (mode >= MOE__PLAN_FORWARD && c->isa != MOE_ISA_REFERENCE)
+        moe__plan_forward_simd(&d, L, &t, &ok);
+    if (mode == MOE__PLAN_BACKWARD) moe__plan_backward(c, &d, L, &t, &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
     return MOE_STATUS_OK;
