@@ -4304,6 +4304,24 @@ static void moe__linear(const moe_config *c, float *y, const float *x, const flo
     moe__gemm_ref(y, x, W, bias, T, E, D);
 }
 
+/* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
+static float moe__jitter_factor(const moe_config *c, size_t i) {
+    if (!(c->training && c->jitter > 0.0f)) return 1.0f;
+    return (float)(1.0 - c->jitter +
+                   2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
+}
+
+/* The router's input for n elements of x: x itself, or with input jitter in
+   training x * U, U keyed by the global element index off + i, into xj.
+   The forward, the backward and the expert-parallel calls all build it here. */
+static const float *moe__router_input(const moe_config *c, const float *x, size_t n, size_t off,
+                                      float *xj) {
+    size_t i;
+    if (!(c->training && c->jitter > 0.0f)) return x;
+    for (i = 0; i < n; i++) xj[i] = x[i] * moe__jitter_factor(c, off + i);
+    return xj;
+}
+
 /* Router logits [T][R] (and the Shazeer noise logits [T][E]).
    Top-k / expert choice / dense: z = xr . router^T (+ router_bias), where xr
    is x times U[1-eps, 1+eps] per element when training with jitter.
@@ -4333,14 +4351,7 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
         }
         return;
     }
-    if (c->training && c->jitter > 0.0f) {
-        float *xj = MOE__AT(b, L->xr, float);
-        size_t i, n = (size_t)T * (size_t)D;
-        for (i = 0; i < n; i++)
-            xj[i] = x[i] * (float)(1.0 - c->jitter + 2.0 * c->jitter *
-                                   moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
-        xr = xj;
-    }
+    xr = moe__router_input(c, x, (size_t)T * (size_t)D, 0, MOE__AT(b, L->xr, float));
     moe__linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL, T, E, D, L, b);
     if (c->noise == MOE_NOISE_SHAZEER && c->training)
         moe__linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL,
@@ -4818,13 +4829,6 @@ static void moe__router_backward_ref(moe__router_bw *B) {
     }
 }
 
-/* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
-static float moe__jitter_factor(const moe_config *c, size_t i) {
-    if (!(c->training && c->jitter > 0.0f)) return 1.0f;
-    return (float)(1.0 - c->jitter +
-                   2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
-}
-
 /* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
    dx += (dz . W) * U  (U the jitter factors, xr = x * U given). tmp: [T][D]. */
 static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz,
@@ -5173,11 +5177,7 @@ static void moe__bw_router(const moe__bw_call *B, const float *noise_samples) {
     moe__router_bw_scratch(&R, L, b, E);
     R.dsig = noisy ? MOE__AT(b, L->dsig, float) : NULL;
     /* the router input the forward saw (x * jitter), built once */
-    if (c->training && c->jitter > 0.0f) {
-        float *xj = MOE__AT(b, L->xr, float);
-        for (i = 0; i < (size_t)T * (size_t)D; i++) xj[i] = B->x[i] * moe__jitter_factor(c, i);
-        xr = xj;
-    }
+    xr = moe__router_input(c, B->x, (size_t)T * (size_t)D, 0, MOE__AT(b, L->xr, float));
     if (noisy) {   /* raw noise logits, by the forward's own GEMM */
         float *noise = MOE__AT(b, L->noise_logits, float);
         moe__linear(c, noise, xr, w->router_noise, NULL, T, E, D, L, b);
@@ -5543,13 +5543,8 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
 
     /* 1. router logits of this rank's tokens; jitter keyed by global element */
     logits = MOE__AT(b, L.logits, float);
-    xr = x;
-    if (c.training && c.jitter > 0.0f) {
-        float *xj = MOE__AT(b, L.xr, float);
-        const size_t off = (size_t)plan->token_offset * (size_t)D;
-        for (i = 0; i < (size_t)Tr * (size_t)D; i++) xj[i] = x[i] * moe__jitter_factor(&c, off + i);
-        xr = xj;
-    }
+    xr = moe__router_input(&c, x, (size_t)Tr * (size_t)D,
+                           (size_t)plan->token_offset * (size_t)D, MOE__AT(b, L.xr, float));
     if (Tr > 0)
         moe__linear(&c, logits, xr, w->router, c.router_bias ? w->router_bias : NULL,
                     Tr, E, D, &L, b);
@@ -6098,7 +6093,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     unsigned char *b;
     moe_status st;
     int64_t *pair_row, nsent, s;
-    float *gw, *dx, *xr, *tmp;
+    float *gw, *dx, *xr_buf, *tmp;
+    const float *xr;
     int32_t Tr, E, D, S, t, j;
     size_t i, nTD, off;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
@@ -6132,7 +6128,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     if (nsent > 0 && (!ret_out || !ret_dx)) return MOE_STATUS_NULL_ARGUMENT;
     if (Tr == 0) return MOE_STATUS_OK;
     gw = MOE__AT(b, L.gw, float); dx = MOE__AT(b, L.dx, float);
-    xr = MOE__AT(b, L.xr, float); tmp = MOE__AT(b, L.tmp_td, float);
+    xr_buf = MOE__AT(b, L.xr, float); tmp = MOE__AT(b, L.tmp_td, float);
     nTD = (size_t)Tr * (size_t)D;
     off = (size_t)plan->token_offset * (size_t)D;
 
@@ -6155,7 +6151,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     B.T_all = plan->num_tokens; B.t0 = plan->token_offset; B.stats = stats;
     B.gw = gw;
     moe__router_bw_scratch(&B, &L, b, E);
-    for (i = 0; i < nTD; i++) xr[i] = x[i] * moe__jitter_factor(&c, off + i);
+    xr = moe__router_input(&c, x, nTD, off, xr_buf);
     moe__router_backward_ref(&B);
     /* router GEMM backward (moe__router_gemm_backward, jitter keyed globally):
        dW += dz^T xr over this rank's tokens in order, db += sum dz, dx += (dz W) U */
