@@ -3200,12 +3200,112 @@ typedef struct moe__packed_job {
    0.96-0.98x (mixtral-mini, deepseek-mini), T=1024 unchanged.              */
 #define MOE__PACKED_TASK_FLOPS 16.0e6
 
+/* The tiles of one task: panels [p0, p1) of expert e against its rows
+   [r0, r0 + nr) (row block rb), each MR-row tile into S, or straight into
+   out for a whole panel of the down projection. */
+static void moe__packed_tiles(const moe__packed_job *J, int32_t e, int64_t rb, int32_t p0,
+                              int32_t p1, int64_t r0, int64_t nr, int64_t K) {
+    const unsigned char *w = J->panels + (size_t)e * J->set_stride +
+                             (J->stage == 1 ? 0 : J->g->w13 * J->esize);
+    const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) *
+                             MOE__MR * (size_t)K;
+    const size_t rows = J->stage == 1 ? J->g->k1 : J->g->k2;   /* K rounded up to even */
+    int32_t p;
+    int64_t i;
+    for (p = p0; p < p1; p++) {
+        const void *panel = w + (size_t)p * rows * MOE__NR * J->esize;
+        for (i = 0; i < nr; i += MOE__MR) {
+            const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
+            const float *a = A + (size_t)i * (size_t)K;   /* tile i / MR, MR * K floats each */
+            float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
+            size_t ldc = J->ldS;
+            if (J->stage == 2 && (p + 1) * MOE__NR <= J->D) {
+                /* a whole panel of out: straight there */
+                C = J->out + (size_t)(r0 + i) * (size_t)J->D + (size_t)p * MOE__NR;
+                ldc = (size_t)J->D;
+            }
+            if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {
+                /* this task's next panel, 1/n each */
+                const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n,
+                              k1 = K * (t + 1) / n;
+                moe__tile_simd_next(J->kind, K, a, panel, C, ldc, (const unsigned char *)panel +
+                                    (rows + (size_t)k0) * MOE__NR * J->esize, k1 - k0, n);
+            } else {
+                moe__tile_simd_packed(J->kind, mr, K, a, panel, C, ldc);
+            }
+        }
+    }
+}
+
+/* Stage 1's epilogue on row r, units of panels [p0, p1) of P: hg (+ gate
+   bias), hu (+ up bias), ha = act(hg) (* hu), then expert dropout. */
+static void moe__packed_hidden_row(const moe__packed_job *J, int32_t e, int64_t r, int32_t p0,
+                                   int32_t p1, int32_t P) {
+    const float *Sr = J->S + (size_t)r * J->ldS;
+    /* p1 * fc only below the last panel: F near INT32_MAX overflowed it */
+    const int32_t fc = J->g->f_cols, f_end = p1 < P ? p1 * fc : J->F;
+    const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
+    const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
+    int32_t f = p0 * fc;
+    if (moe__act_has_simd(J->c->activation))    /* whole panels on vectors */
+        for (; f <= f_end - fc; f += fc) {
+            const float *sp = Sr + (size_t)(f / fc) * MOE__NR;
+            const size_t o = (size_t)r * J->F + (size_t)f;
+            int32_t q;
+            if (J->glu) {                        /* gate lanes, then up lanes */
+                moe__vf gv = moe__v_load(sp), uv = moe__v_load(sp + MOE__VL);
+                if (bg) gv = moe__v_add(gv, moe__v_load(bg + f));
+                if (bu) uv = moe__v_add(uv, moe__v_load(bu + f));
+                moe__v_store(J->hg + o, gv);
+                moe__v_store(J->hu + o, uv);
+                moe__v_store(J->ha + o, moe__v_mul(moe__v_mul(gv, moe__v_sigmoid(gv)), uv));
+            } else {
+                for (q = 0; q < fc; q += MOE__VL) {
+                    moe__vf gv = moe__v_load(sp + q);
+                    if (bg) gv = moe__v_add(gv, moe__v_load(bg + f + q));
+                    moe__v_store(J->hg + o + (size_t)q, gv);
+                    moe__v_store(J->ha + o + (size_t)q, moe__v_mul(gv, moe__v_sigmoid(gv)));
+                }
+            }
+        }
+    for (; f < f_end; f++) {
+        const int32_t pp = f / fc, v = f % fc;
+        const size_t o = (size_t)r * J->F + (size_t)f;
+        const float gv = Sr[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
+        J->hg[o] = gv;
+        if (J->glu) {
+            const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
+            J->hu[o] = uv;
+            J->ha[o] = moe__act_isa(J->c->activation, 1, gv) * uv;
+        } else {
+            J->ha[o] = moe__act_isa(J->c->activation, 1, gv);
+        }
+    }
+    moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
+}
+
+/* Stage 2's epilogue on row r, columns of panels [p0, p1) of P: out (+ down
+   bias); whole panels are in out already, the partial last one in S. */
+static void moe__packed_out_row(const moe__packed_job *J, int32_t e, int64_t r, int32_t p0,
+                                int32_t p1, int32_t P) {
+    const float *Sr = J->S + (size_t)r * J->ldS;
+    const int32_t d_end = p1 < P ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
+    const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
+    float *o = J->out + (size_t)r * J->D;
+    int32_t d = p0 * MOE__NR;
+    const int32_t d_mid = d_end < d_full ? d_end : d_full;
+    if (bd) for (; d < d_mid; d++) o[d] += bd[d];
+    for (d = d > d_mid ? d : d_mid; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
+}
+
+/* One task of a packed stage: its expert, row block and panel range from
+   the task index, the tiles, then the epilogue on its rows. */
 static void moe__packed_task(void *arg, int32_t task) {
     const moe__packed_job *J = (const moe__packed_job *)arg;
     const int32_t P = J->stage == 1 ? J->g->p1 : J->g->p2;
     const int64_t K = J->stage == 1 ? J->D : J->F;
-    int32_t lo = 0, hi = J->n_sets, e, p, p0, p1, tb, n_tb;
-    int64_t local, rb, r0, nr, i, r;
+    int32_t lo = 0, hi = J->n_sets, e, p0, p1, tb, n_tb;
+    int64_t local, rb, r0, nr, r;
     while (hi - lo > 1) {                    /* expert of this task */
         const int32_t mid = (lo + hi) / 2;
         if (J->task_off[mid] <= task) lo = mid; else hi = mid;
@@ -3219,91 +3319,10 @@ static void moe__packed_task(void *arg, int32_t task) {
     p1 = p0 + tb < P ? p0 + tb : P;
     r0 = J->off[e] + rb * MOE__ROW_BLOCK;
     nr = J->off[e + 1] - r0 < MOE__ROW_BLOCK ? J->off[e + 1] - r0 : MOE__ROW_BLOCK;
-    {
-        const unsigned char *w = J->panels + (size_t)e * J->set_stride +
-                                 (J->stage == 1 ? 0 : J->g->w13 * J->esize);
-        const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) *
-                                 MOE__MR * (size_t)K;
-        const size_t rows = J->stage == 1 ? J->g->k1 : J->g->k2;   /* K rounded up to even */
-        for (p = p0; p < p1; p++) {
-            const void *panel = w + (size_t)p * rows * MOE__NR * J->esize;
-            for (i = 0; i < nr; i += MOE__MR) {
-                const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
-                const float *a = A + (size_t)i * (size_t)K;   /* tile i / MR, MR * K floats each */
-                float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
-                size_t ldc = J->ldS;
-                if (J->stage == 2 && (p + 1) * MOE__NR <= J->D) {
-                    /* a whole panel of out: straight there */
-                    C = J->out + (size_t)(r0 + i) * (size_t)J->D + (size_t)p * MOE__NR;
-                    ldc = (size_t)J->D;
-                }
-                if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {
-                    /* this task's next panel, 1/n each */
-                    const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n,
-                                  k1 = K * (t + 1) / n;
-                    moe__tile_simd_next(J->kind, K, a, panel, C, ldc, (const unsigned char *)panel +
-                                        (rows + (size_t)k0) * MOE__NR * J->esize, k1 - k0, n);
-                } else {
-                    moe__tile_simd_packed(J->kind, mr, K, a, panel, C, ldc);
-                }
-            }
-        }
-    }
-    /* epilogue on this task's rows and panels */
+    moe__packed_tiles(J, e, rb, p0, p1, r0, nr, K);
     for (r = r0; r < r0 + nr; r++) {
-        const float *Sr = J->S + (size_t)r * J->ldS;
-        if (J->stage == 1) {
-            /* p1 * fc only below the last panel: F near INT32_MAX overflowed it */
-            const int32_t fc = J->g->f_cols, f_end = p1 < P ? p1 * fc : J->F;
-            const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
-            const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
-            int32_t f = p0 * fc;
-            if (moe__act_has_simd(J->c->activation))    /* whole panels on vectors */
-                for (; f <= f_end - fc; f += fc) {
-                    const float *sp = Sr + (size_t)(f / fc) * MOE__NR;
-                    const size_t o = (size_t)r * J->F + (size_t)f;
-                    int32_t q;
-                    if (J->glu) {                        /* gate lanes, then up lanes */
-                        moe__vf gv = moe__v_load(sp), uv = moe__v_load(sp + MOE__VL);
-                        if (bg) gv = moe__v_add(gv, moe__v_load(bg + f));
-                        if (bu) uv = moe__v_add(uv, moe__v_load(bu + f));
-                        moe__v_store(J->hg + o, gv);
-                        moe__v_store(J->hu + o, uv);
-                        moe__v_store(J->ha + o, moe__v_mul(moe__v_mul(gv, moe__v_sigmoid(gv)), uv));
-                    } else {
-                        for (q = 0; q < fc; q += MOE__VL) {
-                            moe__vf gv = moe__v_load(sp + q);
-                            if (bg) gv = moe__v_add(gv, moe__v_load(bg + f + q));
-                            moe__v_store(J->hg + o + (size_t)q, gv);
-                            moe__v_store(J->ha + o + (size_t)q, moe__v_mul(gv, moe__v_sigmoid(gv)));
-                        }
-                    }
-                }
-            for (; f < f_end; f++) {
-                const int32_t pp = f / fc, v = f % fc;
-                const size_t o = (size_t)r * J->F + (size_t)f;
-                const float gv = Sr[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
-                J->hg[o] = gv;
-                if (J->glu) {
-                    const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] +
-                                     (bu ? bu[f] : 0.0f);
-                    J->hu[o] = uv;
-                    J->ha[o] = moe__act_isa(J->c->activation, 1, gv) * uv;
-                } else {
-                    J->ha[o] = moe__act_isa(J->c->activation, 1, gv);
-                }
-            }
-            moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
-        } else {
-            const int32_t d_end = p1 < P ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
-            const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
-            float *o = J->out + (size_t)r * J->D;
-            int32_t d = p0 * MOE__NR;
-            /* whole panels: in out already */
-            const int32_t d_mid = d_end < d_full ? d_end : d_full;
-            if (bd) for (; d < d_mid; d++) o[d] += bd[d];
-            for (d = d > d_mid ? d : d_mid; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
-        }
+        if (J->stage == 1) moe__packed_hidden_row(J, e, r, p0, p1, P);
+        else moe__packed_out_row(J, e, r, p0, p1, P);
     }
 }
 
