@@ -2956,21 +2956,27 @@ static void moe__count_pairs(moe_info *info, int32_t T, int32_t S, int32_t E) {
     }
 }
 
+/* 1 when all n values are finite (v NULL: nothing to check). The routing
+   refuses non-finite logits and biases before writing anything. */
+static int moe__all_finite(const float *v, size_t n) {
+    size_t i;
+    for (i = 0; v && i < n; i++) if (!moe__isfinite(v[i])) return 0;
+    return 1;
+}
+
 /* The whole routing stage. Arrays of r->res must point into the workspace. */
 static moe_status moe__route(moe__router *r) {
     const moe_config *c = r->c;
     const int32_t T = r->T, S = r->S, E = c->num_experts;
     moe_info *res = r->res;
-    size_t i, n = (size_t)T * (size_t)r->R;
+    const size_t n = (size_t)T * (size_t)r->R;
     int32_t e;
 
     /* NaN/Inf policy: refuse non-finite logits and biases before any output */
-    for (i = 0; i < n; i++) if (!moe__isfinite(r->logits[i])) return MOE_STATUS_NONFINITE;
-    if (r->noise_logits && c->training)
-        for (i = 0; i < (size_t)T * (size_t)E; i++)
-            if (!moe__isfinite(r->noise_logits[i])) return MOE_STATUS_NONFINITE;
-    if (r->sel_bias)
-        for (e = 0; e < E; e++) if (!moe__isfinite(r->sel_bias[e])) return MOE_STATUS_NONFINITE;
+    if (!moe__all_finite(r->logits, n) || !moe__all_finite(r->sel_bias, (size_t)E) ||
+        (r->noise_logits && c->training &&
+         !moe__all_finite(r->noise_logits, (size_t)T * (size_t)E)))
+        return MOE_STATUS_NONFINITE;
 
     res->slots = S; res->capacity = r->C;
     res->dropped_pairs = res->dropped_tokens = 0;
@@ -5569,10 +5575,9 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
                     Tr, E, D, &L, b);
 
     /* 2. NaN/Inf policy, as moe__route */
-    for (i = 0; i < n; i++) if (!moe__isfinite(logits[i])) return MOE_STATUS_NONFINITE;
-    if (c.selection_bias)
-        for (e = 0; e < E; e++)
-            if (!moe__isfinite(w->selection_bias[e])) return MOE_STATUS_NONFINITE;
+    if (!moe__all_finite(logits, n) ||
+        !moe__all_finite(c.selection_bias ? w->selection_bias : NULL, (size_t)E))
+        return MOE_STATUS_NONFINITE;
 
     /* 3. selection and pre-capacity weights; capacity is the owners' job */
     moe__router_init(&r, &c, &L, b, Tr, &res);
@@ -6099,6 +6104,24 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     return MOE_STATUS_OK;
 }
 
+/* The router GEMM backward of T_r tokens, as moe__router_gemm_backward with
+   the jitter keyed by global elements (off = the first one): dW += dz^T xr
+   over this rank's tokens in order, db += sum dz, dx += (dz W) U. */
+static void moe__ep_router_gemm_backward(const moe_config *c, int32_t Tr, const float *dz,
+                                         const float *W, const moe_grads *grads, const float *xr,
+                                         float *tmp, float *dx, size_t off) {
+    const int32_t E = c->num_experts, D = c->d_model;
+    const size_t n = (size_t)Tr * (size_t)D;
+    size_t i;
+    if (grads->router)
+        moe__gemm(c, E, D, Tr, dz, 1, (size_t)E, xr, (size_t)D, grads->router, (size_t)D, 1);
+    moe__sum_rows(c->router_bias ? grads->router_bias : NULL, dz, Tr, E, (size_t)E);
+    moe__gemm(c, Tr, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0);
+    for (i = 0; i < n; i++)
+        dx[i] += c->training && c->jitter > 0.0f ? tmp[i] * moe__jitter_factor(c, off + i)
+                                                 : tmp[i];
+}
+
 MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weights *w,
                                           const moe_ep_plan *plan, const float *x,
                                           const moe_info *info, const double *stats,
@@ -6115,7 +6138,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     float *gw, *dx, *xr_buf, *tmp;
     const float *xr;
     int32_t Tr, E, D, S, t, j;
-    size_t i, nTD, off;
+    size_t nTD, off;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!w || !info || !stats || !grads) return MOE_STATUS_NULL_ARGUMENT;
     Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
@@ -6172,14 +6195,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     moe__router_bw_scratch(&B, &L, b, E);
     xr = moe__router_input(&c, x, nTD, off, xr_buf);
     moe__router_backward_ref(&B);
-    /* router GEMM backward (moe__router_gemm_backward, jitter keyed globally):
-       dW += dz^T xr over this rank's tokens in order, db += sum dz, dx += (dz W) U */
-    if (grads->router)
-        moe__gemm(&c, E, D, Tr, B.dz, 1, (size_t)E, xr, (size_t)D, grads->router, (size_t)D, 1);
-    moe__sum_rows(c.router_bias ? grads->router_bias : NULL, B.dz, Tr, E, (size_t)E);
-    moe__gemm(&c, Tr, D, E, B.dz, (size_t)E, 1, w->router, (size_t)D, tmp, (size_t)D, 0);
-    for (i = 0; i < nTD; i++)
-        dx[i] += c.training && c.jitter > 0.0f ? tmp[i] * moe__jitter_factor(&c, off + i) : tmp[i];
+    moe__ep_router_gemm_backward(&c, Tr, B.dz, w->router, grads, xr, tmp, dx, off);
     if (dx_out) memcpy(dx_out, dx, nTD * sizeof(float));
     return MOE_STATUS_OK;
 }
