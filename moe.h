@@ -5588,11 +5588,7 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     if (TS) memset(res.dropped, 0, TS);
     for (e = 0; e < 2 * E; e++) r.imp[e] = 0.0;
     moe__route_tokens_topk(&r);
-    for (e = 0; e < E; e++) res.expert_routed[e] = 0;
-    for (i = 0; i < TS; i++)
-        if (res.dropped[i] != MOE__REJECTED) res.expert_routed[res.expert[i]]++;
-    /* until the owners decide */
-    for (e = 0; e < E; e++) res.expert_kept[e] = res.expert_routed[e];
+    moe__count_pairs(&res, Tr, S, E);   /* kept = routed until the owners decide */
     res.slots = S;
     res.capacity = moe__capacity_of(&c, plan->num_tokens);
 
