@@ -4,11 +4,10 @@
    STATUS
      The forward of token-choice (top-k) routing runs: routing, capacity,
      dispatch, the grouped expert GEMMs on tensor cores, the shared expert,
-     the combine and the aux losses, all on the device. The backward of every
-     config the forward runs is there, on plain fp32 kernels (no tensor cores
-     yet). Verified on the CPU emulator in
-     tests/cuda_emu against moe.h; built by nvcc for sm_80 and sm_90a without
-     spills; NOT YET MEASURED ON A GPU.
+     the combine and the aux losses, all on the device; and the backward of
+     every config the forward runs, its expert GEMMs on the tensor cores too.
+     Verified on the CPU emulator in tests/cuda_emu against moe.h; built by
+     nvcc for sm_80 and sm_90a without spills; NOT YET MEASURED ON A GPU.
 
    USAGE
      In a .cu file, after moe.h (with MOE_IMPLEMENTATION in one file):
@@ -2442,7 +2441,6 @@ static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info
     return MOE_STATUS_OK;
 }
 
-/* The backward's plan: the forward's, on the fp32 kernels. */
 /* Where a set's gradients go (moe_grads' fields for its tensors). */
 static inline moe_cuda__ffn_grads moe_cuda__grads_of(const moe_cuda__plan *p,
                                                      const moe_grads *grads, int fused,
@@ -2530,6 +2528,7 @@ static inline cudaError_t moe_cuda__experts_backward_tensor(
     return e;
 }
 
+/* The backward's plan: the forward's (same path), with the backward's workspace. */
 static inline moe_status moe_cuda__backward_plan(const moe_config *cfg, int32_t T,
                                                  moe_cuda__plan *p) {
     const moe_status st = moe_cuda__plan_of(cfg, T, p);
