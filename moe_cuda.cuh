@@ -1875,9 +1875,12 @@ static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base
             MOE_CUDA__TAKE(Dy, __nv_bfloat16, (size_t)p->rows * p->d_out_pad);
             MOE_CUDA__TAKE(dH, __nv_bfloat16, (size_t)p->rows * p->n1_pad);
         }
+        /* fp32 dG, dU: the fp32 path's, or the tensor path's bias gradients */
+        const int fp32_grads = p->simt || p->c.expert_bias;
         MOE_CUDA__TAKE(G, float, RF);
-        MOE_CUDA__TAKE(dG, float, RF);
-        if (p->glu) { MOE_CUDA__TAKE(U, float, RF); MOE_CUDA__TAKE(dU, float, RF); }
+        if (p->glu) MOE_CUDA__TAKE(U, float, RF);
+        if (fp32_grads) MOE_CUDA__TAKE(dG, float, RF);
+        if (fp32_grads && p->glu) MOE_CUDA__TAKE(dU, float, RF);
         MOE_CUDA__TAKE(O, float, RD);
         MOE_CUDA__TAKE(dXr, float, RD);
         MOE_CUDA__TAKE(gw, float, TK);
@@ -1897,8 +1900,9 @@ static inline size_t moe_cuda__bind(const moe_cuda__plan *p, unsigned char *base
                 MOE_CUDA__TAKE(dHs, __nv_bfloat16, T * p->n1s_pad);
             }
             MOE_CUDA__TAKE(Gs, float, TF);
-            MOE_CUDA__TAKE(dGs, float, TF);
-            if (p->glu) { MOE_CUDA__TAKE(Us, float, TF); MOE_CUDA__TAKE(dUs, float, TF); }
+            if (p->glu) MOE_CUDA__TAKE(Us, float, TF);
+            if (fp32_grads) MOE_CUDA__TAKE(dGs, float, TF);
+            if (fp32_grads && p->glu) MOE_CUDA__TAKE(dUs, float, TF);
             MOE_CUDA__TAKE(Os, float, T * (size_t)p->D);
             MOE_CUDA__TAKE(dXs, float, T * (size_t)p->D);
             MOE_CUDA__TAKE(gamma, float, T);
