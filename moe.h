@@ -1473,87 +1473,105 @@ MOE__INLINE moe__vf moe__v_sigmoid(moe__vf z) {
 static int moe__act_has_simd(moe_activation a) { return a == MOE_ACT_SILU || a == MOE_ACT_SWIGLU; }
 #endif
 
-/* act(v) as an ISA path computes it (simd): the SiLU family through the
-   vector sigmoid, lane 0 for a single value, so an element gets the same
-   bits in the forward's epilogue, the backward's rebuild of ha from the
-   cache and the recompute, wherever it sits in a vector.                  */
-static float moe__act_isa(moe_activation act, int simd, float v) {
-#if MOE__HAS_SIMD
-    if (simd && moe__act_has_simd(act)) {
-        float lanes[MOE__VL];
-        moe__v_store(lanes, moe__v_sigmoid(moe__v_set1(v)));
-        return v * lanes[0];
-    }
-#else
-    (void)simd;
-#endif
-    return moe__act(act, v);
-}
+/* Row kernels of the activation backward, the combine, its backward and the
+   gather to tokens, as _ref (plain loops, the spec) and _simd twins with the
+   same signatures; the kernel table (moe__kernels) picks one set per call.
 
-/* Activation backward over elements [i0, i1) (moe__act_grad's formulas):
+   Activation backward over elements [i0, i1) (moe__act_grad's formulas):
    GLU: du = da act(hg), dh = da hu act'(hg);  else dh = da act'(hg).
-   dh holds da on entry. simd: the vector sigmoid where moe__act_has_simd.
-   ha (or NULL): also rebuild the activation act(hg) [* hu] from a training
-   cache, in the forward's bits (moe__act_isa), while hg, hu pass by anyway. */
-static void moe__act_backward(moe_activation act, int simd, float *dh, float *du, const float *hg,
-                              const float *hu, float *ha, size_t i0, size_t i1) {
+   dh holds da on entry. ha (or NULL): also rebuild the activation
+   act(hg) [* hu] from a training cache while hg, hu pass by anyway.        */
+static void moe__act_backward_ref(moe_activation act, float *dh, float *du, const float *hg,
+                                  const float *hu, float *ha, size_t i0, size_t i1) {
     const int glu = moe__act_is_glu(act);
-    size_t i = i0;
-#if MOE__HAS_SIMD
-    if (simd && moe__act_has_simd(act)) {
-        const moe__vf one = moe__v_set1(1.0f);
-        for (; i + MOE__VL <= i1; i += MOE__VL) {
-            const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
-            const moe__vf a = moe__v_mul(v, s);
-            /* act' = s (1 + v (1 - s)) */
-            const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one),
-                                                          one));
-            if (glu) {
-                const moe__vf u = moe__v_load(hu + i);
-                if (ha) moe__v_store(ha + i, moe__v_mul(a, u));
-                moe__v_store(du + i, moe__v_mul(da, a));
-                moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, u), grad));
-            } else {
-                if (ha) moe__v_store(ha + i, a);
-                moe__v_store(dh + i, moe__v_mul(da, grad));
-            }
-        }
-    }
-#endif
-    for (; i < i1; i++) {
+    size_t i;
+    for (i = i0; i < i1; i++) {
         const float da = dh[i];
-        if (ha)
-            ha[i] = glu ? moe__act_isa(act, simd, hg[i]) * hu[i] : moe__act_isa(act, simd, hg[i]);
+        if (ha) ha[i] = glu ? moe__act(act, hg[i]) * hu[i] : moe__act(act, hg[i]);
         if (glu) {
             du[i] = da * moe__act(act, hg[i]);
             dh[i] = da * hu[i] * moe__act_grad(act, hg[i]);
         } else dh[i] = da * moe__act_grad(act, hg[i]);
     }
 }
-/* Row helpers of the combine, its backward and the gather to tokens. simd:
-   on vectors. y += w x is a multiply then an add, as the scalar loop, so
-   both give the same bits; the dot product on vectors keeps 2 VL partial
-   sums added in lane order at the end: fixed, whatever the thread count. */
-static void moe__add_scaled(float *y, const float *x, float w, size_t n, int accumulate, int simd) {
-    size_t i = 0;                        /* y = w x, or y += w x with accumulate */
+
+/* y = w x, or y += w x with accumulate. */
+static void moe__add_scaled_ref(float *y, const float *x, float w, size_t n, int accumulate) {
+    size_t i;
+    for (i = 0; i < n; i++) y[i] = accumulate ? y[i] + w * x[i] : w * x[i];
+}
+
+static float moe__dot_ref(const float *a, const float *b, size_t n) {
+    float acc = 0.0f;
+    size_t i;
+    for (i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
 #if MOE__HAS_SIMD
-    if (simd) {
-        const moe__vf wv = moe__v_set1(w);
-        for (; i + MOE__VL <= n; i += MOE__VL) {
-            const moe__vf v = moe__v_mul(wv, moe__v_load(x + i));
-            moe__v_store(y + i, accumulate ? moe__v_add(moe__v_load(y + i), v) : v);
+/* act(v) as the SIMD kernels compute it: the SiLU family through the vector
+   sigmoid, lane 0 for a single value, so an element gets the same bits in
+   the forward's epilogue, the backward's rebuild of ha from the cache and
+   the recompute, wherever it sits in a vector.                            */
+static float moe__act_simd(moe_activation act, float v) {
+    if (moe__act_has_simd(act)) {
+        float lanes[MOE__VL];
+        moe__v_store(lanes, moe__v_sigmoid(moe__v_set1(v)));
+        return v * lanes[0];
+    }
+    return moe__act(act, v);
+}
+
+/* moe__act_backward_ref on vectors where moe__act_has_simd; ha in the
+   forward's bits (moe__act_simd) in vector lanes and tail alike.          */
+static void moe__act_backward_simd(moe_activation act, float *dh, float *du, const float *hg,
+                                   const float *hu, float *ha, size_t i0, size_t i1) {
+    const int glu = moe__act_is_glu(act);
+    size_t i = i0, q;
+    if (!moe__act_has_simd(act)) {
+        moe__act_backward_ref(act, dh, du, hg, hu, ha, i0, i1);
+        return;
+    }
+    for (; i + MOE__VL <= i1; i += MOE__VL) {
+        const moe__vf one = moe__v_set1(1.0f);
+        const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
+        const moe__vf a = moe__v_mul(v, s);
+        /* act' = s (1 + v (1 - s)) */
+        const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one),
+                                                      one));
+        if (glu) {
+            const moe__vf u = moe__v_load(hu + i);
+            if (ha) moe__v_store(ha + i, moe__v_mul(a, u));
+            moe__v_store(du + i, moe__v_mul(da, a));
+            moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, u), grad));
+        } else {
+            if (ha) moe__v_store(ha + i, a);
+            moe__v_store(dh + i, moe__v_mul(da, grad));
         }
     }
-#else
-    (void)simd;
-#endif
-    for (; i < n; i++) y[i] = accumulate ? y[i] + w * x[i] : w * x[i];
+    if (ha)   /* the tail's ha from the vector sigmoid too: the forward's bits */
+        for (q = i; q < i1; q++)
+            ha[q] = glu ? moe__act_simd(act, hg[q]) * hu[q] : moe__act_simd(act, hg[q]);
+    moe__act_backward_ref(act, dh, du, hg, hu, NULL, i, i1);
 }
-static float moe__dot(const float *a, const float *b, size_t n, int simd) {
+
+/* y = w x is a multiply then an add, as the scalar loop: the same bits. */
+static void moe__add_scaled_simd(float *y, const float *x, float w, size_t n, int accumulate) {
+    const moe__vf wv = moe__v_set1(w);
+    size_t i = 0;
+    for (; i + MOE__VL <= n; i += MOE__VL) {
+        const moe__vf v = moe__v_mul(wv, moe__v_load(x + i));
+        moe__v_store(y + i, accumulate ? moe__v_add(moe__v_load(y + i), v) : v);
+    }
+    moe__add_scaled_ref(y + i, x + i, w, n - i, accumulate);
+}
+
+/* 2 VL partial sums added in lane order at the end: fixed, whatever the
+   thread count; then the tail in order.                                  */
+static float moe__dot_simd(const float *a, const float *b, size_t n) {
     float acc = 0.0f;
     size_t i = 0;
-#if MOE__HAS_SIMD
-    if (simd && n >= MOE__NR) {
+    if (n >= MOE__NR) {
         float lanes[MOE__NR];
         moe__vf s0 = moe__v_zero(), s1 = moe__v_zero();
         int32_t l;
@@ -1565,12 +1583,10 @@ static float moe__dot(const float *a, const float *b, size_t n, int simd) {
         moe__v_store(lanes + MOE__VL, s1);
         for (l = 0; l < MOE__NR; l++) acc += lanes[l];
     }
-#else
-    (void)simd;
-#endif
     for (; i < n; i++) acc += a[i] * b[i];
     return acc;
 }
+#endif
 
 #if MOE__HAS_SIMD
 
@@ -1629,15 +1645,6 @@ static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
 typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t K,
                               const float *A, size_t a_rs, size_t a_cs,
                               const float *B, size_t ldb, float *C, size_t ldc, int accumulate);
-
-/* The GEMM of a resolved config's ISA. */
-static moe__sgemm_fn moe__pick_sgemm(const moe_config *c) {
-#if MOE__HAS_SIMD
-    if (c->isa == MOE__SIMD_ISA) return moe__sgemm_simd;
-#endif
-    (void)c;
-    return moe__sgemm_ref;
-}
 
 // ----------------------------------------------------------------------------
 // Threads: the library cuts work into a flat list of independent tasks and
@@ -1706,14 +1713,14 @@ static void moe__gemm_task(void *arg, int32_t task) {
 /* C[m][N] (+)= A . B over the whole matrix, in parallel tasks of about
    MOE__TASK_FLOPS each (column chunks a multiple of the tile width).       */
 #define MOE__TASK_FLOPS 4000000.0
-static void moe__gemm(const moe_config *c, int64_t m, int32_t N, int64_t K,
+static void moe__gemm(const moe_config *c, moe__sgemm_fn fn, int64_t m, int32_t N, int64_t K,
                       const float *A, size_t a_rs, size_t a_cs, const float *B, size_t ldb,
                       float *C, size_t ldc, int accumulate) {
     moe__gemm_job g;
     double tile_flops;
     int64_t n_rb;
     if (m <= 0 || N <= 0) return;
-    g.fn = moe__pick_sgemm(c);
+    g.fn = fn;
     g.m = m; g.K = K; g.N = N;
     g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
     g.accumulate = accumulate;
@@ -1899,16 +1906,24 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
 }
 #endif
 
-/* moe__gemm through packed copies in pack (moe__gemm_pack_floats(m, N, K)
-   floats) when the SIMD kernel runs and N has a full panel; else moe__gemm.
+/* The kernel table's parallel GEMM (moe__kernels.gemm): the reference runs
+   moe__sgemm_ref in tasks (pack unused). The SIMD one goes through packed
+   copies in pack (moe__gemm_pack_floats(m, N, K) floats) when it is given
+   and N has a full panel; else moe__sgemm_simd in tasks.
    Even a few rows gain: an expert with under 2 MR rows read its weight
    rows 4 KiB apart in place (deepseek-mini's backward at T = 16 and 128:
    up to 25 % faster packed).                                              */
-static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t K,
-                             const float *A, size_t a_rs, size_t a_cs, const float *B, size_t ldb,
-                             float *C, size_t ldc, int accumulate, float *pack) {
+static void moe__gemm_par_ref(const moe_config *c, int64_t m, int32_t N, int64_t K,
+                              const float *A, size_t a_rs, size_t a_cs, const float *B,
+                              size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
+    (void)pack;
+    moe__gemm(c, moe__sgemm_ref, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
 #if MOE__HAS_SIMD
-    if (pack && c->isa == MOE__SIMD_ISA && m >= 1 && N >= MOE__NR && K >= 1) {
+static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t N, int64_t K,
+                               const float *A, size_t a_rs, size_t a_cs, const float *B,
+                               size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
+    if (pack && m >= 1 && N >= MOE__NR && K >= 1) {
         moe__gemm_pp g;
         const double flops = 2.0 * (double)m * N * (double)K;
         int32_t n_rt;
@@ -1944,12 +1959,11 @@ static void moe__gemm_packed(const moe_config *c, int64_t m, int32_t N, int64_t 
         moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
         return;
     }
-#endif
-    (void)pack;
-    moe__gemm(c, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+    moe__gemm(c, moe__sgemm_simd, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
+#endif
 
-/* Packed-operand scratch (floats) for moe__experts_backward on an FFN of
+/* Packed-operand scratch (floats) for moe__kernels_of(c)->experts_backward on an FFN of
    width F over at most n rows: the largest of its four GEMM shapes.        */
 static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F) {
 #if MOE__HAS_SIMD
@@ -3017,6 +3031,47 @@ typedef struct moe__ffn {
     const int64_t *row_key;      /* row -> dropout key (the pair t*S + j); NULL: the row */
 } moe__ffn;
 
+/* Gradient tensors of one expert set, laid out like moe__ffn. */
+typedef struct moe__ffn_grad {
+    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+} moe__ffn_grad;
+
+/* The kernel table: the kernels of one ISA, picked once per call by
+   moe__kernels_of(cfg) from the resolved cfg.isa. Stages and drivers call
+   through it and never test the ISA. The _ref entries are plain loops, the
+   spec; a SIMD build's _simd entries have the same signatures and contracts
+   (tests/test_isa.c compares the twins on ragged shapes).                  */
+typedef struct moe__kernels {
+    moe_isa isa;
+    /* C (+)= A . B as moe__sgemm_ref, in parallel tasks; pack: scratch of
+       moe__backward_pack_floats for packed operands (the SIMD kernel's) */
+    void (*gemm)(const moe_config *c, int64_t m, int32_t N, int64_t K, const float *A,
+                 size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C, size_t ldc,
+                 int accumulate, float *pack);
+    /* y[T][E] = x . W^T + bias, the router's small GEMM */
+    void (*linear)(const moe_config *c, float *y, const float *x, const float *W,
+                   const float *bias, int32_t T, int32_t E, int32_t D, const moe__layout *L,
+                   unsigned char *b);
+    /* y = w x or y += w x;  <a, b> */
+    void (*add_scaled)(float *y, const float *x, float w, size_t n, int accumulate);
+    float (*dot)(const float *a, const float *b, size_t n);
+    /* activation backward over elements [i0, i1) (moe__act_backward_ref) */
+    void (*act_backward)(moe_activation act, float *dh, float *du, const float *hg,
+                         const float *hu, float *ha, size_t i0, size_t i1);
+    /* expert FFNs of a set over expert-contiguous rows (moe__experts_forward_ref);
+       packed_set: the set's panels in w.packed, or NULL */
+    void (*experts)(const moe_config *c, const moe__ffn *f, const unsigned char *packed_set,
+                    int32_t n_sets, const int64_t *off, const float *x, float *hg, float *hu,
+                    float *ha, float *out, float *tiles, const moe__layout *L,
+                    unsigned char *b);
+    /* their backward (moe__experts_backward_ref) */
+    void (*experts_backward)(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
+                             int32_t n_sets, const int64_t *off, const float *x,
+                             const float *hg, const float *hu, float *ha, int rebuild_ha,
+                             const float *dout, float *dh, float *du, float *dx, float *pack);
+} moe__kernels;
+static const moe__kernels *moe__kernels_of(const moe_config *c);
+
 /* Inverted expert dropout (cfg.expert_dropout = p, training): hidden unit f of
    the row processing pair `key` is kept with probability 1 - p and scaled by
    1/(1 - p). A pure function of (seed, key, f): the backward regenerates the
@@ -3153,6 +3208,12 @@ static uint16_t moe__bf16_of(float v) {
     return (uint16_t)(u >> 16);
 }
 
+/* Whether a call reads w.packed: only the SIMD kernels run on panels; the
+   reference runs from the nn.Linear tensors and ignores a blob.            */
+static int moe__reads_packed(const moe_config *c, const moe_weights *w) {
+    return w->packed != NULL && c->isa != MOE_ISA_REFERENCE;
+}
+
 /* Was w.packed made by moe_pack_weights for this config and vector width,
    and does w.packed_bytes hold all of it? (the header is read only then) */
 static int moe__pack_check(const moe_config *c, const moe_weights *w) {
@@ -3282,9 +3343,9 @@ static void moe__packed_hidden_row(const moe__packed_job *J, int32_t e, int64_t 
         if (J->glu) {
             const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
             J->hu[o] = uv;
-            J->ha[o] = moe__act_isa(J->c->activation, 1, gv) * uv;
+            J->ha[o] = moe__act_simd(J->c->activation, gv) * uv;
         } else {
-            J->ha[o] = moe__act_isa(J->c->activation, 1, gv);
+            J->ha[o] = moe__act_simd(J->c->activation, gv);
         }
     }
     moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
@@ -3451,6 +3512,80 @@ static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, con
     }
 }
 
+/* Backward of moe__experts_forward_ref in plain loops, expert by expert, row
+   by row (the spec of moe__experts_backward_simd):
+     da = dout . down_e                       d bd += sum dout
+     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
+     d down_e += dout^T . ha
+     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
+     dx = dh . gate_e + du . up_e   (overwritten, [N][D]; NULL: not wanted)
+   Every sum runs in ascending order, a gradient's from its value on entry,
+   as moe__sgemm_ref sums. rebuild_ha: hg and hu come from a training cache
+   and ha is rebuilt from them first. NULL gradient tensors are skipped.    */
+static void moe__experts_backward_ref(const moe_config *c, const moe__ffn *f,
+                                      const moe__ffn_grad *g, int32_t n_sets, const int64_t *off,
+                                      const float *x, const float *hg, const float *hu, float *ha,
+                                      int rebuild_ha, const float *dout, float *dh, float *du,
+                                      float *dx, float *pack) {
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    int32_t e;
+    int64_t r;
+    size_t i, j;
+    (void)c; (void)pack;
+    for (e = 0; e < n_sets; e++) {
+        const float *gate = f->gate + (size_t)e * f->gate_stride,
+                    *up = glu ? f->up + (size_t)e * f->up_stride : NULL,
+                    *down = f->down + (size_t)e * f->down_stride;
+        float *d_gate = g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
+              *d_up = glu && g->up ? g->up + (size_t)e * f->up_stride : NULL,
+              *d_down = g->down ? g->down + (size_t)e * f->down_stride : NULL,
+              *d_bg = g->gate_bias ? g->gate_bias + (size_t)e * F : NULL,
+              *d_bu = glu && g->up_bias ? g->up_bias + (size_t)e * F : NULL,
+              *d_bd = g->down_bias ? g->down_bias + (size_t)e * D : NULL;
+        for (r = off[e]; r < off[e + 1]; r++) {
+            const float *dy = dout + (size_t)r * D, *xr = x + (size_t)r * D;
+            float *dhr = dh + (size_t)r * F, *dur = glu ? du + (size_t)r * F : NULL,
+                  *har = ha + (size_t)r * F;
+            for (j = 0; j < F; j++) {                       /* da = dout . down_e */
+                float acc = 0.0f;
+                for (i = 0; i < D; i++) acc += dy[i] * down[i * F + j];
+                dhr[j] = acc;
+            }
+            if (d_bd) for (i = 0; i < D; i++) d_bd[i] += dy[i];
+            moe__dropout_apply(f, dh, r, r + 1, 0, f->F);   /* through the dropout mask */
+            moe__act_backward_ref(f->act, dhr, dur, hg + (size_t)r * F,
+                                  glu ? hu + (size_t)r * F : NULL, rebuild_ha ? har : NULL, 0, F);
+            if (rebuild_ha) moe__dropout_apply(f, ha, r, r + 1, 0, f->F);
+            if (d_down)
+                for (i = 0; i < D; i++)
+                    for (j = 0; j < F; j++) d_down[i * F + j] += dy[i] * har[j];
+            for (j = 0; j < F; j++) {
+                if (d_gate) for (i = 0; i < D; i++) d_gate[j * D + i] += dhr[j] * xr[i];
+                if (d_up) for (i = 0; i < D; i++) d_up[j * D + i] += dur[j] * xr[i];
+                if (d_bg) d_bg[j] += dhr[j];
+                if (d_bu) d_bu[j] += dur[j];
+            }
+            if (!dx) continue;
+            for (i = 0; i < D; i++) {                       /* dx = dh . gate_e + du . up_e */
+                float acc = 0.0f;
+                for (j = 0; j < F; j++) acc += dhr[j] * gate[j * D + i];
+                if (glu) for (j = 0; j < F; j++) acc += dur[j] * up[j * D + i];
+                dx[(size_t)r * D + i] = acc;
+            }
+        }
+    }
+}
+
+/* The kernel table's experts entry on the reference: moe__experts_forward_ref. */
+static void moe__experts_ref(const moe_config *c, const moe__ffn *f,
+                             const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
+                             const float *x, float *hg, float *hu, float *ha, float *out,
+                             float *tiles, const moe__layout *L, unsigned char *b) {
+    (void)c; (void)packed_set; (void)tiles; (void)L; (void)b;
+    moe__experts_forward_ref(f, n_sets, off, x, hg, hu, ha, out);
+}
+
 /* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
    Stable: within an expert, rows follow token order. pair_row[t][j] is the
    row of pair (t, j), or -1 when the pair was not routed, was dropped or was
@@ -3484,7 +3619,7 @@ typedef struct moe__combine_job {
     const float *out, *weight;
     const int64_t *pair_row;
     int32_t S, D;
-    int simd;
+    const moe__kernels *k;
 } moe__combine_job;
 static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
     const moe__combine_job *J = (const moe__combine_job *)arg;
@@ -3500,8 +3635,7 @@ static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
         for (j = 0; j < S; j++) {
             const int64_t row = pair_row[(size_t)t * S + j];
             if (row < 0) continue;
-            moe__add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j],
-                            (size_t)D, 1, J->simd);
+            J->k->add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, 1);
         }
     }
 }
@@ -3509,7 +3643,7 @@ static void moe__combine(const moe_config *c, float *y, const float *out, const 
                          const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
     moe__combine_job J;
     J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
-    J.simd = c->isa != MOE_ISA_REFERENCE;
+    J.k = moe__kernels_of(c);
     moe__parallel_rows(c, T, 64, moe__combine_rows, &J, 2.0 * (double)T * S * D);
 }
 
@@ -3522,7 +3656,7 @@ typedef struct moe__bw_rows_job {
     float *gw, *dout, *dx;
     const int64_t *pair_row;
     int32_t S, D;
-    int simd;                       /* moe__dot / moe__add_scaled on vectors */
+    const moe__kernels *k;
 } moe__bw_rows_job;
 static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
     const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
@@ -3535,8 +3669,8 @@ static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
             const int64_t row = J->pair_row[p];
             const float *dyt = J->dy + (size_t)t * D;
             if (row < 0) { J->gw[p] = 0.0f; continue; }
-            moe__add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0, J->simd);
-            J->gw[p] = moe__dot(dyt, J->out + (size_t)row * D, D, J->simd);
+            J->k->add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0);
+            J->gw[p] = J->k->dot(dyt, J->out + (size_t)row * D, D);
         }
 }
 static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
@@ -3548,8 +3682,7 @@ static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
         for (j = 0; j < J->S; j++) {
             const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
             if (row >= 0)
-                moe__add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D,
-                                1.0f, D, 1, J->simd);
+                J->k->add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, 1);
         }
 }
 
@@ -3715,6 +3848,138 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
 }
 #endif
 
+/* The kernel table's router GEMM, y[T][E] = x . W^T + bias for a small W
+   [E][D]: moe__gemm_ref on the reference; on a SIMD ISA W is transposed into
+   the workspace ([D][E_pad]) so the parallel GEMM can stream it.           */
+static void moe__linear_ref(const moe_config *c, float *y, const float *x, const float *W,
+                            const float *bias, int32_t T, int32_t E, int32_t D,
+                            const moe__layout *L, unsigned char *b) {
+    (void)c; (void)L; (void)b;
+    moe__gemm_ref(y, x, W, bias, T, E, D);
+}
+#if MOE__HAS_SIMD
+static void moe__linear_simd(const moe_config *c, float *y, const float *x, const float *W,
+                             const float *bias, int32_t T, int32_t E, int32_t D,
+                             const moe__layout *L, unsigned char *b) {
+    const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
+    float *Wt = MOE__AT(b, L->router_t, float);
+    int32_t e, d, t;
+    for (e = 0; e < E; e++)
+        for (d = 0; d < D; d++) Wt[(size_t)d * ld + (size_t)e] = W[(size_t)e * D + d];
+    moe__gemm(c, moe__sgemm_simd, T, E, D, x, (size_t)D, 1, Wt, ld, y, (size_t)E, 0);
+    if (bias)
+        for (t = 0; t < T; t++)
+            for (e = 0; e < E; e++) y[(size_t)t * E + e] += bias[e];
+}
+#endif
+
+/* bias[j] += sum over n rows of A[i][j] (row stride lda): bias gradients. */
+static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, size_t lda) {
+    int64_t i;
+    int32_t j;
+    if (!bias) return;
+    for (i = 0; i < n; i++)
+        for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
+}
+
+#if MOE__HAS_SIMD
+/* Activation backward of rows [r0, r1) of an expert set, as parallel tasks
+   (and ha rebuilt from the cache, when ha is set).                         */
+typedef struct moe__act_bw_job {
+    const moe__ffn *f;
+    int64_t base;                   /* first row of the set */
+    float *dh, *du, *ha;
+    const float *hg, *hu;
+} moe__act_bw_job;
+static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
+    const moe__act_bw_job *j = (const moe__act_bw_job *)arg;
+    const size_t F = (size_t)j->f->F;
+    r0 += j->base; r1 += j->base;
+    moe__dropout_apply(j->f, j->dh, r0, r1, 0, j->f->F);  /* through the dropout mask */
+    moe__act_backward_simd(j->f->act, j->dh, j->du, j->hg, j->hu, j->ha, (size_t)r0 * F,
+                           (size_t)r1 * F);
+    if (j->ha) moe__dropout_apply(j->f, j->ha, r0, r1, 0, j->f->F);  /* the forward's mask on ha */
+}
+
+/* moe__experts_backward_ref on the SIMD kernels: rows of each expert at
+   once, every product one GEMM in parallel tasks (moe__gemm_par_simd:
+   through packed copies in pack when the product is big enough), the
+   activation backward over all rows in one pass (with rebuild_ha it writes
+   ha too: one pass over hg and hu instead of two) before d down_e.        */
+static void moe__experts_backward_simd(const moe_config *c, const moe__ffn *f,
+                                       const moe__ffn_grad *g, int32_t num_experts,
+                                       const int64_t *off, const float *x, const float *hg,
+                                       const float *hu, float *ha, int rebuild_ha,
+                                       const float *dout, float *dh, float *du, float *dx,
+                                       float *pack) {
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    moe__act_bw_job aj;
+    int32_t e;
+    for (e = 0; e < num_experts; e++) {
+        const int64_t r0 = off[e], n = off[e + 1] - off[e];
+        const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
+        if (n == 0) continue;
+        /* da[n][F] = dout[n][D] . down[D][F] */
+        moe__gemm_par_simd(c, n, f->F, f->D, dout + x0, D, 1,
+                           f->down + (size_t)e * f->down_stride, F, dh + h0, F, 0, pack);
+        moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
+    }
+    /* through the dropout mask and the activation, every row at once */
+    aj.f = f; aj.base = off[0];
+    aj.dh = dh; aj.du = du; aj.hg = hg; aj.hu = hu;
+    aj.ha = rebuild_ha ? ha : NULL;
+    moe__parallel_rows(c, off[num_experts] - off[0], 256, moe__act_bw_rows, &aj,
+                       20.0 * (double)(off[num_experts] - off[0]) * (double)F);
+    for (e = 0; e < num_experts; e++) {
+        const int64_t r0 = off[e], n = off[e + 1] - off[e];
+        const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
+        if (n == 0) continue;
+        /* d down[D][F] += dout^T . ha */
+        if (g->down)
+            moe__gemm_par_simd(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F,
+                               g->down + (size_t)e * f->down_stride, F, 1, pack);
+        /* d gate[F][D] += dh^T . x,  d up += du^T . x */
+        if (g->gate)
+            moe__gemm_par_simd(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D,
+                               g->gate + (size_t)e * f->gate_stride, D, 1, pack);
+        moe__sum_rows(g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, n, f->F, F);
+        if (glu) {
+            if (g->up)
+                moe__gemm_par_simd(c, f->F, f->D, n, du + h0, 1, F, x + x0, D,
+                                   g->up + (size_t)e * f->up_stride, D, 1, pack);
+            moe__sum_rows(g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, n, f->F, F);
+        }
+        /* dx[n][D] = dh . gate[F][D] (+ du . up) */
+        if (!dx) continue;
+        moe__gemm_par_simd(c, n, f->D, f->F, dh + h0, F, 1,
+                           f->gate + (size_t)e * f->gate_stride, D, dx + x0, D, 0, pack);
+        if (glu)
+            moe__gemm_par_simd(c, n, f->D, f->F, du + h0, F, 1,
+                               f->up + (size_t)e * f->up_stride, D, dx + x0, D, 1, pack);
+    }
+}
+#endif
+
+/* The two kernel tables and the one place that picks between them. */
+static const moe__kernels moe__kernels_ref = {
+    MOE_ISA_REFERENCE, moe__gemm_par_ref, moe__linear_ref, moe__add_scaled_ref, moe__dot_ref,
+    moe__act_backward_ref, moe__experts_ref, moe__experts_backward_ref
+};
+#if MOE__HAS_SIMD
+static const moe__kernels moe__kernels_simd = {
+    MOE__SIMD_ISA, moe__gemm_par_simd, moe__linear_simd, moe__add_scaled_simd, moe__dot_simd,
+    moe__act_backward_simd, moe__experts_simd, moe__experts_backward_simd
+};
+#endif
+static const moe__kernels *moe__kernels_of(const moe_config *c) {
+#if MOE__HAS_SIMD
+    if (c->isa == MOE__SIMD_ISA) return &moe__kernels_simd;
+#endif
+    (void)c;
+    return &moe__kernels_ref;
+}
+
 /* Stages 3-4, shared by the forward and the backward's recompute: expert
    inputs, the grouped FFN, and the shared expert's FFN on every token.     */
 static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
@@ -3727,29 +3992,19 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
                    sh = moe__shared_ffn(c, w);
     float *hu = glu ? MOE__AT(b, L->hu, float) : NULL,
           *sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
+    const moe__kernels *k = moe__kernels_of(c);
+    const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
+    moe__pack_layout P;
+    memset(&P, 0, sizeof P);
+    if (packed) moe__pack_plan(c, &P);
     moe__expert_inputs(c, x, T, expert, dropped, dispatch, L, b);
-#if MOE__HAS_SIMD
-    if (c->isa != MOE_ISA_REFERENCE) {
-        moe__pack_layout P;
-        const unsigned char *packed = (const unsigned char *)w->packed;
-        moe__pack_plan(c, &P);
-        moe__experts_simd(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
-                          MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
-                          MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
-                          MOE__AT(b, L->tiles, float), L, b);
-        if (c->shared_d_ff > 0)
-            moe__experts_simd(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
-                              MOE__AT(b, L->sh_g, float), sh_u, MOE__AT(b, L->sh_a, float),
-                              MOE__AT(b, L->sh_out, float), MOE__AT(b, L->sh_tiles, float), L, b);
-        return;
-    }
-#endif
-    moe__experts_forward_ref(&ffn, c->num_experts, offsets, MOE__AT(b, L->xg, float),
-                             MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float),
-                             MOE__AT(b, L->out, float));
+    k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
+               MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float),
+               MOE__AT(b, L->out, float), MOE__AT(b, L->tiles, float), L, b);
     if (c->shared_d_ff > 0)
-        moe__experts_forward_ref(&sh, 1, sh_off, x, MOE__AT(b, L->sh_g, float), sh_u,
-                                 MOE__AT(b, L->sh_a, float), MOE__AT(b, L->sh_out, float));
+        k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
+                   MOE__AT(b, L->sh_g, float), sh_u, MOE__AT(b, L->sh_a, float),
+                   MOE__AT(b, L->sh_out, float), MOE__AT(b, L->sh_tiles, float), L, b);
 }
 
 /* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
@@ -4308,27 +4563,6 @@ MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_FORWARD, out_bytes);
 }
 
-/* y[T][E] = x . W^T + bias for a small W [E][D] (the router): on a SIMD ISA
-   W is transposed into the workspace ([D][E_pad]) so the parallel GEMM can
-   stream it; the reference computes moe__gemm_ref.                        */
-static void moe__linear(const moe_config *c, float *y, const float *x, const float *W,
-                        const float *bias, int32_t T, int32_t E, int32_t D, const moe__layout *L,
-                        unsigned char *b) {
-    if (c->isa != MOE_ISA_REFERENCE) {
-        const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
-        float *Wt = MOE__AT(b, L->router_t, float);
-        int32_t e, d, t;
-        for (e = 0; e < E; e++)
-            for (d = 0; d < D; d++) Wt[(size_t)d * ld + (size_t)e] = W[(size_t)e * D + d];
-        moe__gemm(c, T, E, D, x, (size_t)D, 1, Wt, ld, y, (size_t)E, 0);
-        if (bias)
-            for (t = 0; t < T; t++)
-                for (e = 0; e < E; e++) y[(size_t)t * E + e] += bias[e];
-        return;
-    }
-    moe__gemm_ref(y, x, W, bias, T, E, D);
-}
-
 /* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
 static float moe__jitter_factor(const moe_config *c, size_t i) {
     if (!(c->training && c->jitter > 0.0f)) return 1.0f;
@@ -4377,10 +4611,11 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
         return;
     }
     xr = moe__router_input(c, x, (size_t)T * (size_t)D, 0, MOE__AT(b, L->xr, float));
-    moe__linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL, T, E, D, L, b);
+    moe__kernels_of(c)->linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL,
+                               T, E, D, L, b);
     if (c->noise == MOE_NOISE_SHAZEER && c->training)
-        moe__linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise, NULL,
-                    T, E, D, L, b);
+        moe__kernels_of(c)->linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise,
+                                   NULL, T, E, D, L, b);
 }
 
 /* The forward's routing (res) into the caller's info, the training cache,
@@ -4412,7 +4647,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !y)) return MOE_STATUS_NULL_ARGUMENT;
-    forward_packed = w->packed != NULL && c.isa != MOE_ISA_REFERENCE;
+    forward_packed = moe__reads_packed(&c, w);
     if (forward_packed && !moe__pack_check(&c, w)) return MOE_STATUS_BAD_PACKED;
     if ((st = moe__check_weights(&c, w, forward_packed)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
@@ -4483,101 +4718,6 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
 // ----------------------------------------------------------------------------
 // Backward pass (docs/ROUTING.md, "Backward"). Each step is the transpose of its forward
 // twin above; parameter gradients accumulate, dx is overwritten.
-
-/* Gradient tensors of one expert set, laid out like moe__ffn. */
-typedef struct moe__ffn_grad {
-    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
-} moe__ffn_grad;
-
-/* bias[j] += sum over n rows of A[i][j] (row stride lda): bias gradients. */
-static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, size_t lda) {
-    int64_t i;
-    int32_t j;
-    if (!bias) return;
-    for (i = 0; i < n; i++)
-        for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
-}
-
-/* Activation backward of rows [r0, r1) of an expert set, as parallel tasks
-   (and ha rebuilt from the cache, when ha is set).                         */
-typedef struct moe__act_bw_job {
-    const moe__ffn *f;
-    int simd;
-    int64_t base;                   /* first row of the set */
-    float *dh, *du, *ha;
-    const float *hg, *hu;
-} moe__act_bw_job;
-static void moe__act_bw_rows(void *arg, int64_t r0, int64_t r1) {
-    const moe__act_bw_job *j = (const moe__act_bw_job *)arg;
-    const size_t F = (size_t)j->f->F;
-    r0 += j->base; r1 += j->base;
-    moe__dropout_apply(j->f, j->dh, r0, r1, 0, j->f->F);  /* through the dropout mask */
-    moe__act_backward(j->f->act, j->simd, j->dh, j->du, j->hg, j->hu, j->ha,
-                      (size_t)r0 * F, (size_t)r1 * F);
-    if (j->ha) moe__dropout_apply(j->f, j->ha, r0, r1, 0, j->f->F);  /* the forward's mask on ha */
-}
-
-/* Backward of the expert FFNs, rows of each expert at once; every product is
-   one GEMM on the ISA's kernel in parallel tasks (moe__gemm_packed: through
-   packed copies in pack, when given and the product is big enough).
-     da = dout . down_e                       d bd += sum dout
-     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
-     d down_e += dout^T . ha
-     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
-     dx = dh . gate_e + du . up_e   (overwritten, [N][D])
-   rebuild_ha: hg and hu come from a training cache and ha is written by the
-   activation pass (one pass over them instead of two), before d down_e.    */
-static void moe__experts_backward(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
-                                  int32_t num_experts, const int64_t *off, const float *x,
-                                  const float *hg, const float *hu, float *ha, int rebuild_ha,
-                                  const float *dout, float *dh, float *du, float *dx, float *pack) {
-    const size_t D = (size_t)f->D, F = (size_t)f->F;
-    const int glu = moe__act_is_glu(f->act);
-    moe__act_bw_job aj;
-    int32_t e;
-    for (e = 0; e < num_experts; e++) {
-        const int64_t r0 = off[e], n = off[e + 1] - off[e];
-        const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
-        if (n == 0) continue;
-        /* da[n][F] = dout[n][D] . down[D][F] */
-        moe__gemm_packed(c, n, f->F, f->D, dout + x0, D, 1, f->down + (size_t)e * f->down_stride, F,
-                         dh + h0, F, 0, pack);
-        moe__sum_rows(g->down_bias ? g->down_bias + (size_t)e * D : NULL, dout + x0, n, f->D, D);
-    }
-    /* through the dropout mask and the activation, every row at once */
-    aj.f = f; aj.simd = c->isa != MOE_ISA_REFERENCE; aj.base = off[0];
-    aj.dh = dh; aj.du = du; aj.hg = hg; aj.hu = hu;
-    aj.ha = rebuild_ha ? ha : NULL;
-    moe__parallel_rows(c, off[num_experts] - off[0], 256, moe__act_bw_rows, &aj,
-                       20.0 * (double)(off[num_experts] - off[0]) * (double)F);
-    for (e = 0; e < num_experts; e++) {
-        const int64_t r0 = off[e], n = off[e + 1] - off[e];
-        const size_t h0 = (size_t)r0 * F, x0 = (size_t)r0 * D;
-        if (n == 0) continue;
-        /* d down[D][F] += dout^T . ha */
-        if (g->down)
-            moe__gemm_packed(c, f->D, f->F, n, dout + x0, 1, D, ha + h0, F,
-                             g->down + (size_t)e * f->down_stride, F, 1, pack);
-        /* d gate[F][D] += dh^T . x,  d up += du^T . x */
-        if (g->gate)
-            moe__gemm_packed(c, f->F, f->D, n, dh + h0, 1, F, x + x0, D,
-                             g->gate + (size_t)e * f->gate_stride, D, 1, pack);
-        moe__sum_rows(g->gate_bias ? g->gate_bias + (size_t)e * F : NULL, dh + h0, n, f->F, F);
-        if (glu) {
-            if (g->up)
-                moe__gemm_packed(c, f->F, f->D, n, du + h0, 1, F, x + x0, D,
-                                 g->up + (size_t)e * f->up_stride, D, 1, pack);
-            moe__sum_rows(g->up_bias ? g->up_bias + (size_t)e * F : NULL, du + h0, n, f->F, F);
-        }
-        /* dx[n][D] = dh . gate[F][D] (+ du . up) */
-        if (!dx) continue;
-        moe__gemm_packed(c, n, f->D, f->F, dh + h0, F, 1, f->gate + (size_t)e * f->gate_stride, D,
-                         dx + x0, D, 0, pack);
-        if (glu)
-            moe__gemm_packed(c, n, f->D, f->F, du + h0, F, 1, f->up + (size_t)e * f->up_stride, D,
-                             dx + x0, D, 1, pack);
-    }
-}
 
 /* State the router backward shares between its passes. */
 typedef struct moe__router_bw {
@@ -4855,18 +4995,21 @@ static void moe__router_backward_ref(moe__router_bw *B) {
 }
 
 /* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
-   dx += (dz . W) * U  (U the jitter factors, xr = x * U given). tmp: [T][D]. */
+   dx += (dz . W) * U (U the jitter factors keyed by the global element
+   index, off the first one's; xr = x * U given). tmp: [T][D]. The expert-
+   parallel backward runs it on a rank's tokens with no pack scratch.      */
 static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz,
                                       const float *W, float *dW, float *db, const float *xr,
-                                      float *tmp, float *dx, float *pack) {
+                                      float *tmp, float *dx, float *pack, size_t off) {
+    const moe__kernels *k = moe__kernels_of(c);
     const int32_t D = c->d_model, E = c->num_experts;
     const int jitter = c->training && c->jitter > 0.0f;
     size_t i, n = (size_t)T * (size_t)D;
-    if (dW) moe__gemm_packed(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
+    if (dW) k->gemm(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
     moe__sum_rows(db, dz, T, E, (size_t)E);
-    moe__gemm_packed(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
-    if (!jitter) moe__add_scaled(dx, tmp, 1.0f, n, 1, c->isa != MOE_ISA_REFERENCE);
-    else for (i = 0; i < n; i++) dx[i] += tmp[i] * moe__jitter_factor(c, i);
+    k->gemm(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
+    if (!jitter) k->add_scaled(dx, tmp, 1.0f, n, 1);
+    else for (i = 0; i < n; i++) dx[i] += tmp[i] * moe__jitter_factor(c, off + i);
 }
 
 /* Soft MoE router backward. Forward: q = <x_t, phi_s> / (|x_t| |phi_s|),
@@ -5014,7 +5157,7 @@ static moe_status moe__backward_check(const moe_config *c, const moe_weights *w,
     moe__span(&sp, dy, TD, sizeof(float), 0);
     if (dx_out != x && dx_out != dy) moe__span(&sp, dx_out, TD, sizeof(float), 1);
     moe__weight_spans(&sp, c, w, 1);
-    if (c->recompute && c->isa != MOE_ISA_REFERENCE)
+    if (c->recompute && moe__reads_packed(c, w))
         moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
     gu = *gr; gu.gate_up_fused = w->gate_up_fused;   /* the layout the backward writes */
     moe__tensor_spans(&sp, c, &gu, 1, 1);
@@ -5073,7 +5216,7 @@ static void moe__bw_activations(moe__bw_call *B) {
             B->sh_out = info->cache_shared_out;
         }
     }
-    B->ha = MOE__AT(b, L->ha, float);   /* (from the cache: rebuilt by moe__experts_backward) */
+    B->ha = MOE__AT(b, L->ha, float);   /* (from the cache: rebuilt by the expert backward) */
     if (c->shared_d_ff) B->sh_a = MOE__AT(b, L->sh_a, float);
 }
 
@@ -5104,7 +5247,7 @@ static void moe__bw_combine(const moe__bw_call *B) {
         memset(&J, 0, sizeof J);
         J.dy = dy; J.out = out; J.weight = B->info->weight; J.gw = MOE__AT(B->b, L->gw, float);
         J.dout = dout; J.pair_row = MOE__AT(B->b, L->pair_row, int64_t); J.S = L->S; J.D = D;
-        J.simd = c->isa != MOE_ISA_REFERENCE;
+        J.k = moe__kernels_of(c);
         moe__parallel_rows(c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * L->S * D);
     }
 }
@@ -5135,7 +5278,7 @@ static void moe__bw_gather(const moe__bw_call *B) {
         moe__bw_rows_job J;
         memset(&J, 0, sizeof J);
         J.dxg = dxg; J.dx = dx; J.pair_row = MOE__AT(B->b, L->pair_row, int64_t); J.S = L->S;
-        J.D = D; J.simd = c->isa != MOE_ISA_REFERENCE;
+        J.D = D; J.k = moe__kernels_of(c);
         moe__parallel_rows(c, T, 32, moe__bw_gather_rows, &J, (double)T * L->S * D);
     }
 }
@@ -5172,12 +5315,11 @@ static void moe__bw_shared(const moe__bw_call *B) {
             }
         }
     }
-    moe__experts_backward(c, &sh, &sg, 1, sh_off, B->x, B->sh_g, B->sh_u, B->sh_a,
-                          !c->recompute, sh_dout, MOE__AT(B->b, L->sh_da, float),
-                          moe__act_is_glu(c->activation) ? MOE__AT(B->b, L->sh_du, float)
-                                                         : NULL,
-                          sh_dx,
-                          MOE__AT(B->b, L->gemm_pack, float));
+    moe__kernels_of(c)->experts_backward(
+        c, &sh, &sg, 1, sh_off, B->x, B->sh_g, B->sh_u, B->sh_a, !c->recompute, sh_dout,
+        MOE__AT(B->b, L->sh_da, float),
+        moe__act_is_glu(c->activation) ? MOE__AT(B->b, L->sh_du, float) : NULL, sh_dx,
+        MOE__AT(B->b, L->gemm_pack, float));
     for (t = 0; t < T; t++)
         for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
 }
@@ -5205,17 +5347,17 @@ static void moe__bw_router(const moe__bw_call *B, const float *noise_samples) {
     xr = moe__router_input(c, B->x, (size_t)T * (size_t)D, 0, MOE__AT(b, L->xr, float));
     if (noisy) {   /* raw noise logits, by the forward's own GEMM */
         float *noise = MOE__AT(b, L->noise_logits, float);
-        moe__linear(c, noise, xr, w->router_noise, NULL, T, E, D, L, b);
+        moe__kernels_of(c)->linear(c, noise, xr, w->router_noise, NULL, T, E, D, L, b);
         R.noise = noise;
     }
     moe__router_backward_ref(&R);
     moe__router_gemm_backward(c, T, R.dz, w->router, B->gr->router,
-                              c->router_bias ? B->gr->router_bias : NULL, xr, tmp, B->dx, pack);
+                              c->router_bias ? B->gr->router_bias : NULL, xr, tmp, B->dx, pack, 0);
     if (noisy) {   /* sigma = softplus(r) + eps, r = xr . W_noise^T */
         float *dr = R.dsig;
         for (i = 0; i < (size_t)T * (size_t)E; i++) dr[i] *= moe__sigmoid(R.noise[i]);
         moe__router_gemm_backward(c, T, dr, w->router_noise, B->gr->router_noise, NULL, xr, tmp,
-                                  B->dx, pack);
+                                  B->dx, pack, 0);
     }
 }
 
@@ -5236,7 +5378,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
     /* recompute reruns the forward's expert FFNs, from w.packed where the
        forward would: the same check as moe_forward's */
-    if (c.recompute && w->packed && c.isa != MOE_ISA_REFERENCE && !moe__pack_check(&c, w))
+    if (c.recompute && moe__reads_packed(&c, w) && !moe__pack_check(&c, w))
         return MOE_STATUS_BAD_PACKED;
     if (T == 0) return MOE_STATUS_OK;   /* nothing to read or write */
     if ((st = moe__backward_check(&c, w, x, T, info, dy, dx_out, gr, workspace, workspace_bytes,
@@ -5255,12 +5397,11 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                                                   ? gr->gate + (size_t)c.d_ff * c.d_model
                                                   : gr->up,
                                               gr->down, gr->gate_bias, gr->up_bias, gr->down_bias);
-        moe__experts_backward(&c, &ffn, &fg, c.num_experts, MOE__AT(b, L.offsets, int64_t),
-                              MOE__AT(b, L.xg, float), B.hg, B.hu, B.ha, !c.recompute,
-                              MOE__AT(b, L.dout, float), MOE__AT(b, L.da, float),
-                              moe__act_is_glu(c.activation) ? MOE__AT(b, L.du, float) : NULL,
-                              MOE__AT(b, L.dxg, float),
-                              MOE__AT(b, L.gemm_pack, float));
+        moe__kernels_of(&c)->experts_backward(
+            &c, &ffn, &fg, c.num_experts, MOE__AT(b, L.offsets, int64_t), MOE__AT(b, L.xg, float),
+            B.hg, B.hu, B.ha, !c.recompute, MOE__AT(b, L.dout, float), MOE__AT(b, L.da, float),
+            moe__act_is_glu(c.activation) ? MOE__AT(b, L.du, float) : NULL,
+            MOE__AT(b, L.dxg, float), MOE__AT(b, L.gemm_pack, float));
     }
     moe__bw_gather(&B);                                             /* 3. */
     if (c.shared_d_ff > 0) moe__bw_shared(&B);                      /* 4. */
@@ -5571,8 +5712,8 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     xr = moe__router_input(&c, x, (size_t)Tr * (size_t)D,
                            (size_t)plan->token_offset * (size_t)D, MOE__AT(b, L.xr, float));
     if (Tr > 0)
-        moe__linear(&c, logits, xr, w->router, c.router_bias ? w->router_bias : NULL,
-                    Tr, E, D, &L, b);
+        moe__kernels_of(&c)->linear(&c, logits, xr, w->router,
+                                    c.router_bias ? w->router_bias : NULL, Tr, E, D, &L, b);
 
     /* 2. NaN/Inf policy, as moe__route */
     if (!moe__all_finite(logits, n) ||
@@ -5844,18 +5985,10 @@ static void moe__ep_owner_ffn(const moe_config *cl, const moe__ffn *f, const moe
                               unsigned char *b) {
     const moe__layout *L = &X->L;
     float *hu = moe__act_is_glu(cl->activation) ? MOE__AT(b, L->hu, float) : NULL;
-#if MOE__HAS_SIMD
-    if (cl->isa != MOE_ISA_REFERENCE) {
-        moe__experts_simd(cl, f, NULL, cl->num_experts, MOE__AT(b, L->offsets, int64_t),
-                          MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
-                          MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
-                          MOE__AT(b, L->tiles, float), L, b);
-        return;
-    }
-#endif
-    moe__experts_forward_ref(f, cl->num_experts, MOE__AT(b, L->offsets, int64_t),
-                             MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
-                             MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float));
+    moe__kernels_of(cl)->experts(cl, f, NULL, cl->num_experts, MOE__AT(b, L->offsets, int64_t),
+                                 MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
+                                 MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
+                                 MOE__AT(b, L->tiles, float), L, b);
 }
 
 MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights *w,
@@ -6076,7 +6209,7 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
     f = moe__ep_ffn(&cl, w, &X, b);
     rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
     ha = MOE__AT(b, X.L.ha, float);
-    if (cached) {   /* ha: rebuilt by moe__experts_backward's activation pass */
+    if (cached) {   /* ha: rebuilt by the expert backward's activation pass */
         hg = cache_hidden; hu = glu ? cache_up : NULL;
     } else {
         moe__ep_owner_ffn(&cl, &f, &X, b);
@@ -6092,30 +6225,13 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
                            w->gate_up_fused && grads->gate
                                ? grads->gate + (size_t)F * D : grads->up,
                            grads->down, grads->gate_bias, grads->up_bias, grads->down_bias);
-    moe__experts_backward(&cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t),
-                          MOE__AT(b, X.L.xg, float), hg, hu, ha, cached, MOE__AT(b, X.dout, float),
-                          MOE__AT(b, X.da, float), glu ? MOE__AT(b, X.du, float) : NULL,
-                          MOE__AT(b, X.dxg, float), MOE__AT(b, X.gemm_pack, float));
+    moe__kernels_of(&cl)->experts_backward(
+        &cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t), MOE__AT(b, X.L.xg, float),
+        hg, hu, ha, cached, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
+        glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float),
+        MOE__AT(b, X.gemm_pack, float));
     moe__ep_rows_back(MOE__AT(b, X.L.pair_row, int64_t), n, D, MOE__AT(b, X.dxg, float), dx);
     return MOE_STATUS_OK;
-}
-
-/* The router GEMM backward of T_r tokens, as moe__router_gemm_backward with
-   the jitter keyed by global elements (off = the first one): dW += dz^T xr
-   over this rank's tokens in order, db += sum dz, dx += (dz W) U. */
-static void moe__ep_router_gemm_backward(const moe_config *c, int32_t Tr, const float *dz,
-                                         const float *W, const moe_grads *grads, const float *xr,
-                                         float *tmp, float *dx, size_t off) {
-    const int32_t E = c->num_experts, D = c->d_model;
-    const size_t n = (size_t)Tr * (size_t)D;
-    size_t i;
-    if (grads->router)
-        moe__gemm(c, E, D, Tr, dz, 1, (size_t)E, xr, (size_t)D, grads->router, (size_t)D, 1);
-    moe__sum_rows(c->router_bias ? grads->router_bias : NULL, dz, Tr, E, (size_t)E);
-    moe__gemm(c, Tr, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0);
-    for (i = 0; i < n; i++)
-        dx[i] += c->training && c->jitter > 0.0f ? tmp[i] * moe__jitter_factor(c, off + i)
-                                                 : tmp[i];
 }
 
 MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weights *w,
@@ -6130,12 +6246,14 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     moe__router_bw B;
     unsigned char *b;
     moe_status st;
+    const moe__kernels *k;
     int64_t *pair_row, nsent, s;
     float *gw, *dx, *xr_buf, *tmp;
     const float *xr;
     int32_t Tr, E, D, S, t, j;
     size_t nTD, off;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
+    k = moe__kernels_of(&c);
     if (!w || !info || !stats || !grads) return MOE_STATUS_NULL_ARGUMENT;
     Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
     if (Tr > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
@@ -6176,11 +6294,10 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
         for (j = 0; j < S; j++) {
             const size_t p = (size_t)t * S + j;
             /* as moe__bw_combine_rows, bit for bit */
-            const int simd = c.isa != MOE_ISA_REFERENCE;
             s = pair_row[p];
             if (s < 0 || info->dropped[p]) { gw[p] = 0.0f; continue; }
-            gw[p] = moe__dot(dy + (size_t)t * D, ret_out + (size_t)s * D, (size_t)D, simd);
-            moe__add_scaled(dx + (size_t)t * D, ret_dx + (size_t)s * D, 1.0f, (size_t)D, 1, simd);
+            gw[p] = k->dot(dy + (size_t)t * D, ret_out + (size_t)s * D, (size_t)D);
+            k->add_scaled(dx + (size_t)t * D, ret_dx + (size_t)s * D, 1.0f, (size_t)D, 1);
         }
 
     /* 5. router backward with the group's statistics, as in moe__backward */
@@ -6191,7 +6308,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     moe__router_bw_scratch(&B, &L, b, E);
     xr = moe__router_input(&c, x, nTD, off, xr_buf);
     moe__router_backward_ref(&B);
-    moe__ep_router_gemm_backward(&c, Tr, B.dz, w->router, grads, xr, tmp, dx, off);
+    moe__router_gemm_backward(&c, Tr, B.dz, w->router, grads->router,
+                              c.router_bias ? grads->router_bias : NULL, xr, tmp, dx, NULL, off);
     if (dx_out) memcpy(dx_out, dx, nTD * sizeof(float));
     return MOE_STATUS_OK;
 }

@@ -165,10 +165,10 @@ TEST(spec_internal, vector_sigmoid_matches_scalar) {
     CHECK(worst < 4e-7);
 }
 
-/* moe__act_backward: the vector path (SiLU, SwiGLU) against the scalar one
-   it shares formulas with; lengths off the vector width; Inf and NaN land
+/* moe__act_backward_simd (SiLU, SwiGLU) against its plain twin
+   moe__act_backward_ref; lengths off the vector width; Inf and NaN land
    where the scalar ones do. The ha it rebuilds from a cache has the
-   forward epilogue's bits (moe__act_isa) in vector lanes and tail alike.   */
+   forward epilogue's bits (moe__act_simd) in vector lanes and tail alike.  */
 TEST(spec_internal, vector_act_backward_matches_scalar) {
     enum { N = 77 };
     float hg[N], hu[N], dh_v[N], du_v[N], dh_s[N], du_s[N], ha[N];
@@ -182,10 +182,10 @@ TEST(spec_internal, vector_act_backward_matches_scalar) {
         }
         hg[3] = INFINITY; hg[4] = -INFINITY; hg[5] = NAN; hg[6] = -95.0f; hg[7] = 95.0f;
         memset(du_v, 0, sizeof du_v); memset(du_s, 0, sizeof du_s);
-        moe__act_backward(act, 1, dh_v, du_v, hg, hu, ha, 2, N);   /* unaligned start, ragged end */
-        moe__act_backward(act, 0, dh_s, du_s, hg, hu, NULL, 2, N);
+        moe__act_backward_simd(act, dh_v, du_v, hg, hu, ha, 2, N);  /* unaligned start, ragged end */
+        moe__act_backward_ref(act, dh_s, du_s, hg, hu, NULL, 2, N);
         for (i = 2; i < N; i++) {
-            const float want = a ? moe__act_isa(act, 1, hg[i]) * hu[i] : moe__act_isa(act, 1, hg[i]);
+            const float want = a ? moe__act_simd(act, hg[i]) * hu[i] : moe__act_simd(act, hg[i]);
             CHECK(isnan(want) ? isnan(ha[i]) : memcmp(&ha[i], &want, sizeof want) == 0);
         }
         for (i = 0; i < N; i++) {
