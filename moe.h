@@ -2268,25 +2268,49 @@ static size_t moe__route_chunk_doubles(int32_t E) {
     return 2 * e + (2 * e + (2 * e + 2) + (2 * e + 2) + 1) / 2;   /* 4-byte items, rounded up */
 }
 
+/* The workspace's arrays, (element type, name), in the order the planner
+   reserves them. moe__plan gives each an offset in a moe__layout (no bytes
+   where a call needs none); moe__ws_bind turns the offsets into the typed
+   pointers of a moe__ws, which the stages read their arrays from. Shapes
+   are in the planner (moe__plan_routing / _forward / _forward_simd / _backward). */
+#define MOE__WS_ARRAYS(X)                                                                      \
+    /* routing (moe_route and moe_forward): the info arrays, then scratch */                   \
+    X(float, scores) X(float, dispatch) X(int32_t, expert) X(float, weight)                    \
+    X(uint8_t, dropped) X(int32_t, routed) X(int32_t, kept)                                    \
+    X(float, key) X(int32_t, order) X(int32_t, order_tmp) X(int32_t, small_i)                  \
+    X(float, small_f) X(int32_t, count) X(double, imp)                                         \
+    X(double, route_chunks)   /* per-chunk scratch of the token-parallel top-k */              \
+    /* the forward: router input and logits, dispatch, expert rows, shared expert */           \
+    X(float, logits) X(float, noise_logits) X(float, xr) X(float, slot_norm)                   \
+    X(int64_t, pair_row) X(int64_t, offsets) X(int64_t, row_pair) X(int64_t, row_key)          \
+    X(float, xg) X(float, hg) X(float, hu) X(float, ha) X(float, out)                          \
+    X(float, sh_g) X(float, sh_u) X(float, sh_a) X(float, sh_out) X(float, sh_gamma)           \
+    /* the SIMD forward: tile results, task lists, the router's W^T, packed operands */        \
+    X(float, tiles) X(float, sh_tiles) X(int64_t, task_off) X(int32_t, task_panels)            \
+    X(float, router_t) X(float, pack) X(int64_t, tile_off) X(float, apack)                     \
+    /* the backward: gradients of the rows and routing, the router's scratch */                \
+    X(float, gw) X(float, dout) X(float, da) X(float, du) X(float, dxg)                        \
+    X(float, dscore) X(float, dz) X(float, dsig) X(float, d_dispatch)                          \
+    X(float, sh_dout) X(float, sh_da) X(float, sh_du) X(float, sh_dx) X(float, dx)             \
+    X(float, gamma) X(double, rbw_f64) X(float, rbw_f32) X(uint8_t, rbw_u8)                    \
+    X(float, tmp_x)        /* [T][D] */                                                       \
+    X(float, gemm_pack)    /* packed GEMM operands of the backward (SIMD) */
+
+#define MOE__WS_OFFSET(type, name) size_t name;
+#define MOE__WS_POINTER(type, name) type *name;
 typedef struct moe__layout {
     int32_t R, S, C;      /* router columns, slots per token, capacity        */
     int64_t N;            /* rows the grouped FFN may see                     */
-    /* routing (moe_route and moe_forward) */
-    size_t scores, dispatch, expert, weight, dropped, routed, kept; /* info arrays */
-    size_t key, order, order_tmp, small_i, small_f, count, imp;      /* scratch */
-    size_t route_chunks;  /* per-chunk scratch of the token-parallel top-k    */
-    /* forward only */
-    size_t logits, noise_logits, xr, slot_norm;
-    size_t pair_row, offsets, row_pair, xg, hg, hu, ha, out, sh_g, sh_u, sh_a, sh_out, sh_gamma;
-    size_t tiles, sh_tiles, task_off, task_panels, router_t, pack;   /* SIMD forward only */
-    size_t tile_off, apack;                                           /* SIMD forward only */
-    /* backward only */
-    size_t gw, dout, da, du, dxg, dscore, dz, dsig, dD, sh_dout, sh_da, sh_du, sh_dx, dx, gamma;
-    size_t bw_d, bw_f, bw_u8;   /* router-backward scratch: 8E doubles, 6E floats, 2E bytes */
-    size_t tmp_td;              /* [T][D] */
-    size_t gemm_pack;           /* packed GEMM operands of the expert backward (SIMD) */
+    MOE__WS_ARRAYS(MOE__WS_OFFSET)
     size_t total;         /* bytes, including slack to align the base pointer */
 } moe__layout;
+typedef struct moe__ws {
+    int32_t R, S, C;
+    int64_t N;
+    MOE__WS_ARRAYS(MOE__WS_POINTER)
+} moe__ws;
+#undef MOE__WS_OFFSET
+#undef MOE__WS_POINTER
 
 enum { MOE__PLAN_ROUTE = 0, MOE__PLAN_FORWARD = 1, MOE__PLAN_BACKWARD = 2 };
 
@@ -2386,17 +2410,18 @@ static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe
     L->dz      = moe__reserve(t, d->TR, sizeof(float), ok);
     L->dsig    = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
                               sizeof(float), ok);
-    L->dD      = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float), ok);
+    L->d_dispatch = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float),
+                                 ok);
     L->sh_dout = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
     L->sh_da   = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
     L->sh_du   = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
     L->sh_dx   = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
     L->dx      = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
     L->gamma   = moe__reserve(t, d->nT, sizeof(float), ok);
-    L->bw_d    = moe__reserve(t, 8 * d->E, sizeof(double), ok);
-    L->bw_f    = moe__reserve(t, 6 * d->E, sizeof(float), ok);
-    L->bw_u8   = moe__reserve(t, 2 * d->E, sizeof(uint8_t), ok);
-    L->tmp_td  = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
+    L->rbw_f64 = moe__reserve(t, 8 * d->E, sizeof(double), ok);
+    L->rbw_f32 = moe__reserve(t, 6 * d->E, sizeof(float), ok);
+    L->rbw_u8  = moe__reserve(t, 2 * d->E, sizeof(uint8_t), ok);
+    L->tmp_x   = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
     {   /* the largest of the expert, shared-expert and router GEMMs */
         const size_t routed = moe__backward_pack_floats(c, d->N, d->F),
                      shared = d->Fs ? moe__backward_pack_floats(c, d->nT, d->Fs) : 0;
@@ -2449,6 +2474,16 @@ static unsigned char *moe__align_ptr(void *p) {
     return (unsigned char *)p + ((MOE__ALIGN - (u % MOE__ALIGN)) % MOE__ALIGN);
 }
 #define MOE__AT(base, off, type) ((type *)(void *)((base) + (off)))
+
+/* The typed arrays of a planned workspace whose aligned base is b. */
+static moe__ws moe__ws_bind(const moe__layout *L, unsigned char *b) {
+    moe__ws ws;
+    ws.R = L->R; ws.S = L->S; ws.C = L->C; ws.N = L->N;
+#define MOE__WS_BIND(type, name) ws.name = MOE__AT(b, L->name, type);
+    MOE__WS_ARRAYS(MOE__WS_BIND)
+#undef MOE__WS_BIND
+    return ws;
+}
 
 // ----------------------------------------------------------------------------
 // Routing: scores -> selection -> capacity -> gate weights -> aux losses.
@@ -3050,8 +3085,7 @@ typedef struct moe__kernels {
                  int accumulate, float *pack);
     /* y[T][E] = x . W^T + bias, the router's small GEMM */
     void (*linear)(const moe_config *c, float *y, const float *x, const float *W,
-                   const float *bias, int32_t T, int32_t E, int32_t D, const moe__layout *L,
-                   unsigned char *b);
+                   const float *bias, int32_t T, int32_t E, int32_t D, const moe__ws *ws);
     /* y = w x or y += w x;  <a, b> */
     void (*add_scaled)(float *y, const float *x, float w, size_t n, int accumulate);
     float (*dot)(const float *a, const float *b, size_t n);
@@ -3062,8 +3096,7 @@ typedef struct moe__kernels {
        packed_set: the set's panels in w.packed, or NULL */
     void (*experts)(const moe_config *c, const moe__ffn *f, const unsigned char *packed_set,
                     int32_t n_sets, const int64_t *off, const float *x, float *hg, float *hu,
-                    float *ha, float *out, float *tiles, const moe__layout *L,
-                    unsigned char *b);
+                    float *ha, float *out, float *tiles, const moe__ws *ws);
     /* their backward (moe__experts_backward_ref) */
     void (*experts_backward)(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
                              int32_t n_sets, const int64_t *off, const float *x,
@@ -3581,8 +3614,8 @@ static void moe__experts_backward_ref(const moe_config *c, const moe__ffn *f,
 static void moe__experts_ref(const moe_config *c, const moe__ffn *f,
                              const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
                              const float *x, float *hg, float *hu, float *ha, float *out,
-                             float *tiles, const moe__layout *L, unsigned char *b) {
-    (void)c; (void)packed_set; (void)tiles; (void)L; (void)b;
+                             float *tiles, const moe__ws *ws) {
+    (void)c; (void)packed_set; (void)tiles; (void)ws;
     moe__experts_forward_ref(f, n_sets, off, x, hg, hu, ha, out);
 }
 
@@ -3740,20 +3773,20 @@ static void moe__gather_rows(void *arg, int64_t r0, int64_t r1) {
    or Soft MoE's dispatch mixtures), with offsets, pair_row and row_pair.    */
 static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
                                const int32_t *expert, const uint8_t *dropped, const float *dispatch,
-                               const moe__layout *L, unsigned char *b) {
+                               const moe__ws *ws) {
     const int32_t E = c->num_experts, D = c->d_model;
-    int64_t *offsets = MOE__AT(b, L->offsets, int64_t);
-    const int64_t *row_pair = MOE__AT(b, L->row_pair, int64_t);
-    float *xg = MOE__AT(b, L->xg, float);
+    int64_t *offsets = ws->offsets;
+    const int64_t *row_pair = ws->row_pair;
+    float *xg = ws->xg;
     if (c->routing == MOE_ROUTING_SOFT) {
         int32_t e;
         for (e = 0; e <= E; e++) offsets[e] = (int64_t)e * c->slots_per_expert;
-        moe__soft_slots_ref(xg, dispatch, x, T, L->R, D);
+        moe__soft_slots_ref(xg, dispatch, x, T, ws->R, D);
     } else {
-        moe__dispatch_ref(expert, dropped, T, L->S, E, offsets, MOE__AT(b, L->pair_row, int64_t),
-                          MOE__AT(b, L->row_pair, int64_t));
+        moe__dispatch_ref(expert, dropped, T, ws->S, E, offsets, ws->pair_row,
+                          ws->row_pair);
         moe__gather_job J;
-        J.xg = xg; J.x = x; J.row_pair = row_pair; J.S = L->S; J.D = D;
+        J.xg = xg; J.x = x; J.row_pair = row_pair; J.S = ws->S; J.D = D;
         moe__parallel_rows(c, offsets[E], 256, moe__gather_rows, &J, (double)offsets[E] * D);
     }
 }
@@ -3808,7 +3841,7 @@ static void moe__pack_task(void *arg, int32_t task) {
 static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
                               const float *x, float *hg, float *hu, float *ha, float *out, float *S,
-                              const moe__layout *L, unsigned char *b) {
+                              const moe__ws *ws) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     moe__packed_job J;
     memset(&J, 0, sizeof J);
@@ -3816,10 +3849,10 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     J.F = f->F; J.D = f->D;
     J.x = x; J.hg = hg; J.hu = hu; J.ha = ha; J.out = out; J.S = S;
     J.ldS = (size_t)(g.p1 > g.p2 ? g.p1 : g.p2) * MOE__NR;
-    J.task_off = MOE__AT(b, L->task_off, int64_t);
-    J.panels_per_task = MOE__AT(b, L->task_panels, int32_t);
-    J.tile_off = MOE__AT(b, L->tile_off, int64_t);
-    J.Ap = MOE__AT(b, L->apack, float);
+    J.task_off = ws->task_off;
+    J.panels_per_task = ws->task_panels;
+    J.tile_off = ws->tile_off;
+    J.Ap = ws->apack;
     if (packed_set) {
         J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
         J.kind = !c->pack_bf16 ? MOE__B_F32
@@ -3831,7 +3864,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     } else {
         moe__pack_job P;
         int32_t e;
-        P.f = f; P.g = &g; P.glu = J.glu; P.bf16 = 0; P.dst = MOE__AT(b, L->pack, float);
+        P.f = f; P.g = &g; P.glu = J.glu; P.bf16 = 0; P.dst = ws->pack;
         J.panels = (const unsigned char *)P.dst; J.set_stride = 0; J.esize = sizeof(float);
         J.n_sets = 1; J.kind = MOE__B_F32;
         for (e = 0; e < n_sets; e++) {
@@ -3853,16 +3886,16 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
    the workspace ([D][E_pad]) so the parallel GEMM can stream it.           */
 static void moe__linear_ref(const moe_config *c, float *y, const float *x, const float *W,
                             const float *bias, int32_t T, int32_t E, int32_t D,
-                            const moe__layout *L, unsigned char *b) {
-    (void)c; (void)L; (void)b;
+                            const moe__ws *ws) {
+    (void)c; (void)ws;
     moe__gemm_ref(y, x, W, bias, T, E, D);
 }
 #if MOE__HAS_SIMD
 static void moe__linear_simd(const moe_config *c, float *y, const float *x, const float *W,
                              const float *bias, int32_t T, int32_t E, int32_t D,
-                             const moe__layout *L, unsigned char *b) {
+                             const moe__ws *ws) {
     const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
-    float *Wt = MOE__AT(b, L->router_t, float);
+    float *Wt = ws->router_t;
     int32_t e, d, t;
     for (e = 0; e < E; e++)
         for (d = 0; d < D; d++) Wt[(size_t)d * ld + (size_t)e] = W[(size_t)e * D + d];
@@ -3984,27 +4017,27 @@ static const moe__kernels *moe__kernels_of(const moe_config *c) {
    inputs, the grouped FFN, and the shared expert's FFN on every token.     */
 static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
                                const int32_t *expert, const uint8_t *dropped, const float *dispatch,
-                               const moe__layout *L, unsigned char *b) {
+                               const moe__ws *ws) {
     const int glu = moe__act_is_glu(c->activation);
-    const int64_t *offsets = MOE__AT(b, L->offsets, int64_t);
+    const int64_t *offsets = ws->offsets;
     const int64_t sh_off[2] = {0, (int64_t)T};
-    const moe__ffn ffn = moe__routed_ffn_train(c, w, MOE__AT(b, L->row_pair, int64_t)),
+    const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair),
                    sh = moe__shared_ffn(c, w);
-    float *hu = glu ? MOE__AT(b, L->hu, float) : NULL,
-          *sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
+    float *hu = glu ? ws->hu : NULL,
+          *sh_u = glu ? ws->sh_u : NULL;
     const moe__kernels *k = moe__kernels_of(c);
     const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
     moe__pack_layout P;
     memset(&P, 0, sizeof P);
     if (packed) moe__pack_plan(c, &P);
-    moe__expert_inputs(c, x, T, expert, dropped, dispatch, L, b);
+    moe__expert_inputs(c, x, T, expert, dropped, dispatch, ws);
     k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
-               MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu, MOE__AT(b, L->ha, float),
-               MOE__AT(b, L->out, float), MOE__AT(b, L->tiles, float), L, b);
+               ws->xg, ws->hg, hu, ws->ha,
+               ws->out, ws->tiles, ws);
     if (c->shared_d_ff > 0)
         k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
-                   MOE__AT(b, L->sh_g, float), sh_u, MOE__AT(b, L->sh_a, float),
-                   MOE__AT(b, L->sh_out, float), MOE__AT(b, L->sh_tiles, float), L, b);
+                   ws->sh_g, sh_u, ws->sh_a,
+                   ws->sh_out, ws->sh_tiles, ws);
 }
 
 /* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
@@ -4256,26 +4289,26 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
 }
 
 /* Point a router's result arrays and scratch into the aligned workspace. */
-static void moe__router_init(moe__router *r, const moe_config *c, const moe__layout *L,
-                             unsigned char *b, int32_t T, moe_info *res) {
+static void moe__router_init(moe__router *r, const moe_config *c, const moe__ws *ws, int32_t T,
+                             moe_info *res) {
     memset(res, 0, sizeof *res);
-    res->scores = MOE__AT(b, L->scores, float);
-    res->dispatch = c->routing == MOE_ROUTING_SOFT ? MOE__AT(b, L->dispatch, float) : NULL;
-    res->expert = MOE__AT(b, L->expert, int32_t);
-    res->weight = MOE__AT(b, L->weight, float);
-    res->dropped = MOE__AT(b, L->dropped, uint8_t);
-    res->expert_routed = MOE__AT(b, L->routed, int32_t);
-    res->expert_kept = MOE__AT(b, L->kept, int32_t);
+    res->scores = ws->scores;
+    res->dispatch = c->routing == MOE_ROUTING_SOFT ? ws->dispatch : NULL;
+    res->expert = ws->expert;
+    res->weight = ws->weight;
+    res->dropped = ws->dropped;
+    res->expert_routed = ws->routed;
+    res->expert_kept = ws->kept;
     memset(r, 0, sizeof *r);
-    r->c = c; r->T = T; r->R = L->R; r->S = L->S; r->C = L->C; r->res = res;
-    r->key = MOE__AT(b, L->key, float);
-    r->order = MOE__AT(b, L->order, int32_t);
-    r->order_tmp = MOE__AT(b, L->order_tmp, int32_t);
-    r->small_i = MOE__AT(b, L->small_i, int32_t);
-    r->small_f = MOE__AT(b, L->small_f, float);
-    r->count = MOE__AT(b, L->count, int32_t);
-    r->imp = MOE__AT(b, L->imp, double);
-    r->chunks = MOE__AT(b, L->route_chunks, double);
+    r->c = c; r->T = T; r->R = ws->R; r->S = ws->S; r->C = ws->C; r->res = res;
+    r->key = ws->key;
+    r->order = ws->order;
+    r->order_tmp = ws->order_tmp;
+    r->small_i = ws->small_i;
+    r->small_f = ws->small_f;
+    r->count = ws->count;
+    r->imp = ws->imp;
+    r->chunks = ws->route_chunks;
 }
 
 /* Copy a finished routing result to the caller's info: arrays it asked for,
@@ -4415,23 +4448,23 @@ static uint64_t moe__routing_check(const moe_config *c, const moe_info *info, in
 
 /* Copy the expert activations of a training forward into the info cache. */
 static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
-                              const moe__layout *L, unsigned char *b) {
-    const size_t rows = (size_t)MOE__AT(b, L->offsets, int64_t)[c->num_experts];
+                              const moe__ws *ws) {
+    const size_t rows = (size_t)ws->offsets[c->num_experts];
     const size_t F = (size_t)c->d_ff, D = (size_t)c->d_model, Fs = (size_t)c->shared_d_ff;
     const int glu = moe__act_is_glu(c->activation);
     if (dst->cache_hidden)
-        memcpy(dst->cache_hidden, MOE__AT(b, L->hg, float), rows * F * sizeof(float));
+        memcpy(dst->cache_hidden, ws->hg, rows * F * sizeof(float));
     if (dst->cache_up && glu)
-        memcpy(dst->cache_up, MOE__AT(b, L->hu, float), rows * F * sizeof(float));
-    if (dst->cache_out) memcpy(dst->cache_out, MOE__AT(b, L->out, float), rows * D * sizeof(float));
+        memcpy(dst->cache_up, ws->hu, rows * F * sizeof(float));
+    if (dst->cache_out) memcpy(dst->cache_out, ws->out, rows * D * sizeof(float));
     if (!Fs) return;
     if (dst->cache_shared_hidden)
-        memcpy(dst->cache_shared_hidden, MOE__AT(b, L->sh_g, float),
+        memcpy(dst->cache_shared_hidden, ws->sh_g,
                (size_t)T * Fs * sizeof(float));
     if (dst->cache_shared_up && glu)
-        memcpy(dst->cache_shared_up, MOE__AT(b, L->sh_u, float), (size_t)T * Fs * sizeof(float));
+        memcpy(dst->cache_shared_up, ws->sh_u, (size_t)T * Fs * sizeof(float));
     if (dst->cache_shared_out)
-        memcpy(dst->cache_shared_out, MOE__AT(b, L->sh_out, float), (size_t)T * D * sizeof(float));
+        memcpy(dst->cache_shared_out, ws->sh_out, (size_t)T * D * sizeof(float));
 }
 
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes) {
@@ -4518,9 +4551,9 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
                             void *workspace, size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
+    moe__ws ws;
     moe__router r;
     moe_info res;
-    unsigned char *b;
     moe_status st;
     const int32_t T = num_tokens;
     if (!cfg || !info) return MOE_STATUS_NULL_ARGUMENT;
@@ -4548,8 +4581,8 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
         info->workspace_required = L.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    b = moe__align_ptr(workspace);
-    moe__router_init(&r, &c, &L, b, T, &res);
+    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    moe__router_init(&r, &c, &ws, T, &res);
     r.logits = logits;
     r.noise_logits = c.noise == MOE_NOISE_SHAZEER ? noise_logits : NULL;
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
@@ -4586,13 +4619,13 @@ static const float *moe__router_input(const moe_config *c, const float *x, size_
    is x times U[1-eps, 1+eps] per element when training with jitter.
    Soft MoE: z[t][s] = scale * <x_t, phi_s> / (|x_t| |phi_s|), |v| = sqrt(sum v^2 + 1e-6). */
 static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, const float *x,
-                                   int32_t T, const moe__layout *L, unsigned char *b) {
-    const int32_t D = c->d_model, E = c->num_experts, R = L->R;
-    float *logits = MOE__AT(b, L->logits, float);
+                                   int32_t T, const moe__ws *ws) {
+    const int32_t D = c->d_model, E = c->num_experts, R = ws->R;
+    float *logits = ws->logits;
     const float *xr = x;
     int32_t t, s, d;
     if (c->routing == MOE_ROUTING_SOFT) {
-        float *norm = MOE__AT(b, L->slot_norm, float);
+        float *norm = ws->slot_norm;
         const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
         for (s = 0; s < R; s++) {
             float ss = 0.0f;
@@ -4610,24 +4643,24 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
         }
         return;
     }
-    xr = moe__router_input(c, x, (size_t)T * (size_t)D, 0, MOE__AT(b, L->xr, float));
+    xr = moe__router_input(c, x, (size_t)T * (size_t)D, 0, ws->xr);
     moe__kernels_of(c)->linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL,
-                               T, E, D, L, b);
+                               T, E, D, ws);
     if (c->noise == MOE_NOISE_SHAZEER && c->training)
-        moe__kernels_of(c)->linear(c, MOE__AT(b, L->noise_logits, float), xr, w->router_noise,
-                                   NULL, T, E, D, L, b);
+        moe__kernels_of(c)->linear(c, ws->noise_logits, xr, w->router_noise,
+                                   NULL, T, E, D, ws);
 }
 
 /* The forward's routing (res) into the caller's info, the training cache,
    and the stamp that moe_backward checks. */
 static void moe__info_publish(moe_info *info, const moe_config *c, const moe_info *res,
-                              int32_t T, const moe__layout *L, unsigned char *b) {
-    moe__info_export(info, res, MOE__AT(b, L->logits, float), T, L->R, L->S, c->num_experts);
-    if (c->training && !c->recompute) moe__cache_export(info, c, T, L, b);
+                              int32_t T, const moe__ws *ws) {
+    moe__info_export(info, res, ws->logits, T, ws->R, ws->S, c->num_experts);
+    if (c->training && !c->recompute) moe__cache_export(info, c, T, ws);
     if (c->training) {
         info->cache_tokens = T;
         info->cache_config = moe__config_key(c);
-        info->cache_check = moe__routing_check(c, info, T, L->R, L->S);
+        info->cache_check = moe__routing_check(c, info, T, ws->R, ws->S);
     }
 }
 
@@ -4636,9 +4669,9 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
                               moe_info *info, void *workspace, size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
+    moe__ws ws;
     moe__router r;
     moe_info res;
-    unsigned char *b;
     moe_status st;
     const int32_t T = num_tokens;
     int32_t t;
@@ -4668,36 +4701,36 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
         if (info) info->workspace_required = L.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    b = moe__align_ptr(workspace);
+    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
 
     /* 1. router logits, 2. routing (the only step that can refuse the input) */
-    moe__router_logits_ref(&c, w, x, T, &L, b);
-    moe__router_init(&r, &c, &L, b, T, &res);
-    r.logits = MOE__AT(b, L.logits, float);
+    moe__router_logits_ref(&c, w, x, T, &ws);
+    moe__router_init(&r, &c, &ws, T, &res);
+    r.logits = ws.logits;
     r.noise_logits = c.noise == MOE_NOISE_SHAZEER && c.training
-                     ? MOE__AT(b, L.noise_logits, float) : NULL;
+                     ? ws.noise_logits : NULL;
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
     if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
 
     /* 3-4. expert inputs and the grouped expert FFN (and the shared expert);
        the shared gates too: the last reads of x, since y may be x */
-    moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &L, b);
+    moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &ws);
     if (c.shared_gate)
         for (t = 0; t < T; t++)
-            MOE__AT(b, L.sh_gamma, float)[t] = moe__shared_gate_of(&c, w,
+            ws.sh_gamma[t] = moe__shared_gate_of(&c, w,
                                                                    x + (size_t)t * c.d_model);
 
     /* 5. combine in fixed slot order (Soft MoE: Y = C . Y~) */
     if (c.routing == MOE_ROUTING_SOFT)
-        moe__soft_combine_ref(y, res.scores, MOE__AT(b, L.out, float), T, L.R, c.d_model);
+        moe__soft_combine_ref(y, res.scores, ws.out, T, L.R, c.d_model);
     else
-        moe__combine(&c, y, MOE__AT(b, L.out, float), res.weight,
-                     MOE__AT(b, L.pair_row, int64_t), T, L.S, c.d_model);
+        moe__combine(&c, y, ws.out, res.weight,
+                     ws.pair_row, T, L.S, c.d_model);
     /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
     if (c.shared_d_ff > 0)
-        moe__add_shared(y, MOE__AT(b, L.sh_out, float),
-                        c.shared_gate ? MOE__AT(b, L.sh_gamma, float) : NULL, T, c.d_model);
-    if (info) moe__info_publish(info, &c, &res, T, &L, b);
+        moe__add_shared(y, ws.sh_out,
+                        c.shared_gate ? ws.sh_gamma : NULL, T, c.d_model);
+    if (info) moe__info_publish(info, &c, &res, T, &ws);
     return MOE_STATUS_OK;
 }
 
@@ -4809,16 +4842,15 @@ static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t n
 /* The router backward's arrays in the workspace: dz [T][E] and per-token
    scratch of E entries each (the one-process and the expert-parallel
    backward share it). */
-static void moe__router_bw_scratch(moe__router_bw *B, const moe__layout *L, unsigned char *b,
-                                   int32_t E) {
-    B->dz = MOE__AT(b, L->dz, float);
-    B->val = MOE__AT(b, L->bw_d, double); B->dval = B->val + 2 * E;
+static void moe__router_bw_scratch(moe__router_bw *B, const moe__ws *ws, int32_t E) {
+    B->dz = ws->dz;
+    B->val = ws->rbw_f64; B->dval = B->val + 2 * E;
     B->fbal = B->val + 4 * E; B->fseq = B->val + 5 * E;
     B->ds = B->val + 6 * E; B->dg = B->val + 7 * E;
-    B->m = MOE__AT(b, L->bw_u8, uint8_t); B->q = B->m + E;
-    B->g = MOE__AT(b, L->bw_f, float); B->dw = B->g + 2 * E;
+    B->m = ws->rbw_u8; B->q = B->m + E;
+    B->g = ws->rbw_f32; B->dw = B->g + 2 * E;
     B->H = B->g + 3 * E; B->sigma = B->g + 4 * E; B->N = B->g + 5 * E;
-    B->top = MOE__AT(b, L->small_i, int32_t);
+    B->top = ws->small_i;
 }
 
 /* The balance loss E * sum_e f~_e P_e: dL / d pn[t][e] = coef E f~_e / T for
@@ -5177,8 +5209,7 @@ typedef struct moe__bw_call {
     const moe_weights *w;
     const moe_grads *gr;
     const moe_info *info;
-    const moe__layout *L;
-    unsigned char *b;                 /* the aligned workspace                 */
+    const moe__ws *ws;                /* the workspace's arrays               */
     const float *x, *dy;
     int32_t T;
     float *dx;                        /* [T][D] in the workspace              */
@@ -5192,22 +5223,20 @@ typedef struct moe__bw_call {
    training forward's cache, with the rows gathered again either way. */
 static void moe__bw_activations(moe__bw_call *B) {
     const moe_config *c = B->c;
-    const moe__layout *L = B->L;
+    const moe__ws *ws = B->ws;
     const moe_info *info = B->info;
-    unsigned char *b = B->b;
     const int glu = moe__act_is_glu(c->activation);
     if (c->recompute) {
-        moe__experts_stage(c, B->w, B->x, B->T, info->expert, info->dropped, info->dispatch, L,
-                           b);
-        B->hg = MOE__AT(b, L->hg, float); B->hu = glu ? MOE__AT(b, L->hu, float) : NULL;
-        B->out = MOE__AT(b, L->out, float);
+        moe__experts_stage(c, B->w, B->x, B->T, info->expert, info->dropped, info->dispatch, ws);
+        B->hg = ws->hg; B->hu = glu ? ws->hu : NULL;
+        B->out = ws->out;
         if (c->shared_d_ff) {
-            B->sh_g = MOE__AT(b, L->sh_g, float);
-            B->sh_u = glu ? MOE__AT(b, L->sh_u, float) : NULL;
-            B->sh_out = MOE__AT(b, L->sh_out, float);
+            B->sh_g = ws->sh_g;
+            B->sh_u = glu ? ws->sh_u : NULL;
+            B->sh_out = ws->sh_out;
         }
     } else {
-        moe__expert_inputs(c, B->x, B->T, info->expert, info->dropped, info->dispatch, L, b);
+        moe__expert_inputs(c, B->x, B->T, info->expert, info->dropped, info->dispatch, ws);
         B->hg = info->cache_hidden; B->hu = glu ? info->cache_up : NULL;
         B->out = info->cache_out;
         if (c->shared_d_ff) {
@@ -5216,21 +5245,21 @@ static void moe__bw_activations(moe__bw_call *B) {
             B->sh_out = info->cache_shared_out;
         }
     }
-    B->ha = MOE__AT(b, L->ha, float);   /* (from the cache: rebuilt by the expert backward) */
-    if (c->shared_d_ff) B->sh_a = MOE__AT(b, L->sh_a, float);
+    B->ha = ws->ha;   /* (from the cache: rebuilt by the expert backward) */
+    if (c->shared_d_ff) B->sh_a = ws->sh_a;
 }
 
 /* 1. combine backward: gw[t][j] = <dy_t, out[row]>, dout[row] = w dy_t
    (Soft MoE: dC[t][s] = <dy_t, out_s>, dY~_s = sum_t C[t][s] dy_t). */
 static void moe__bw_combine(const moe__bw_call *B) {
     const moe_config *c = B->c;
-    const moe__layout *L = B->L;
-    const int32_t T = B->T, D = c->d_model, R = L->R;
+    const moe__ws *ws = B->ws;
+    const int32_t T = B->T, D = c->d_model, R = ws->R;
     const float *dy = B->dy, *out = B->out;
-    float *dout = MOE__AT(B->b, L->dout, float);
+    float *dout = ws->dout;
     int32_t t, s, d;
     if (c->routing == MOE_ROUTING_SOFT) {
-        float *dscore = MOE__AT(B->b, L->dscore, float);
+        float *dscore = ws->dscore;
         memset(dout, 0, (size_t)R * D * sizeof(float));
         for (t = 0; t < T; t++)
             for (s = 0; s < R; s++) {
@@ -5245,10 +5274,10 @@ static void moe__bw_combine(const moe__bw_call *B) {
     } else {
         moe__bw_rows_job J;
         memset(&J, 0, sizeof J);
-        J.dy = dy; J.out = out; J.weight = B->info->weight; J.gw = MOE__AT(B->b, L->gw, float);
-        J.dout = dout; J.pair_row = MOE__AT(B->b, L->pair_row, int64_t); J.S = L->S; J.D = D;
+        J.dy = dy; J.out = out; J.weight = B->info->weight; J.gw = ws->gw;
+        J.dout = dout; J.pair_row = ws->pair_row; J.S = ws->S; J.D = D;
         J.k = moe__kernels_of(c);
-        moe__parallel_rows(c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * L->S * D);
+        moe__parallel_rows(c, T, 32, moe__bw_combine_rows, &J, 2.0 * (double)T * ws->S * D);
     }
 }
 
@@ -5256,14 +5285,14 @@ static void moe__bw_combine(const moe__bw_call *B) {
    dx_t = sum_s D[t][s] dX~_s, and dD[t][s] = <dX~_s, x_t>). */
 static void moe__bw_gather(const moe__bw_call *B) {
     const moe_config *c = B->c;
-    const moe__layout *L = B->L;
-    const int32_t T = B->T, D = c->d_model, R = L->R;
-    const float *dxg = MOE__AT(B->b, L->dxg, float), *x = B->x;
+    const moe__ws *ws = B->ws;
+    const int32_t T = B->T, D = c->d_model, R = ws->R;
+    const float *dxg = ws->dxg, *x = B->x;
     float *dx = B->dx;
     int32_t t, s, d;
     memset(dx, 0, (size_t)T * D * sizeof(float));
     if (c->routing == MOE_ROUTING_SOFT) {
-        float *dD = MOE__AT(B->b, L->dD, float);
+        float *dD = ws->d_dispatch;
         for (t = 0; t < T; t++)
             for (s = 0; s < R; s++) {
                 const float dw = B->info->dispatch[(size_t)t * R + s];
@@ -5277,9 +5306,9 @@ static void moe__bw_gather(const moe__bw_call *B) {
     } else {
         moe__bw_rows_job J;
         memset(&J, 0, sizeof J);
-        J.dxg = dxg; J.dx = dx; J.pair_row = MOE__AT(B->b, L->pair_row, int64_t); J.S = L->S;
+        J.dxg = dxg; J.dx = dx; J.pair_row = ws->pair_row; J.S = ws->S;
         J.D = D; J.k = moe__kernels_of(c);
-        moe__parallel_rows(c, T, 32, moe__bw_gather_rows, &J, (double)T * L->S * D);
+        moe__parallel_rows(c, T, 32, moe__bw_gather_rows, &J, (double)T * ws->S * D);
     }
 }
 
@@ -5289,10 +5318,10 @@ static void moe__bw_shared(const moe__bw_call *B) {
     const moe_config *c = B->c;
     const moe_weights *w = B->w;
     const moe_grads *gr = B->gr;
-    const moe__layout *L = B->L;
+    const moe__ws *ws = B->ws;
     const int32_t T = B->T, D = c->d_model;
     const int64_t sh_off[2] = {0, (int64_t)T};
-    float *sh_dout = MOE__AT(B->b, L->sh_dout, float), *sh_dx = MOE__AT(B->b, L->sh_dx, float);
+    float *sh_dout = ws->sh_dout, *sh_dx = ws->sh_dx;
     float *dx = B->dx;
     moe__ffn sh = moe__shared_ffn(c, w);
     moe__ffn_grad sg = moe__ffn_grad_make(&sh, gr->shared_gate, gr->shared_up, gr->shared_down,
@@ -5317,9 +5346,9 @@ static void moe__bw_shared(const moe__bw_call *B) {
     }
     moe__kernels_of(c)->experts_backward(
         c, &sh, &sg, 1, sh_off, B->x, B->sh_g, B->sh_u, B->sh_a, !c->recompute, sh_dout,
-        MOE__AT(B->b, L->sh_da, float),
-        moe__act_is_glu(c->activation) ? MOE__AT(B->b, L->sh_du, float) : NULL, sh_dx,
-        MOE__AT(B->b, L->gemm_pack, float));
+        ws->sh_da,
+        moe__act_is_glu(c->activation) ? ws->sh_du : NULL, sh_dx,
+        ws->gemm_pack);
     for (t = 0; t < T; t++)
         for (d = 0; d < D; d++) dx[(size_t)t * D + d] += sh_dx[(size_t)t * D + d];
 }
@@ -5329,25 +5358,24 @@ static void moe__bw_shared(const moe__bw_call *B) {
 static void moe__bw_router(const moe__bw_call *B, const float *noise_samples) {
     const moe_config *c = B->c;
     const moe_weights *w = B->w;
-    const moe__layout *L = B->L;
-    unsigned char *b = B->b;
+    const moe__ws *ws = B->ws;
     const int32_t T = B->T, E = c->num_experts, D = c->d_model;
     const int noisy = c->noise == MOE_NOISE_SHAZEER && c->training;
     const float *xr = B->x;
-    float *tmp = MOE__AT(b, L->tmp_td, float), *pack = MOE__AT(b, L->gemm_pack, float);
+    float *tmp = ws->tmp_x, *pack = ws->gemm_pack;
     moe__router_bw R;
     size_t i;
     memset(&R, 0, sizeof R);
-    R.c = c; R.info = B->info; R.T = T; R.S = L->S; R.E = E; R.T_all = T;
+    R.c = c; R.info = B->info; R.T = T; R.S = ws->S; R.E = E; R.T_all = T;
     R.K = c->routing == MOE_ROUTING_TOPK ? c->top_k : E;
-    R.gw = MOE__AT(b, L->gw, float); R.noise_samples = noise_samples;
-    moe__router_bw_scratch(&R, L, b, E);
-    R.dsig = noisy ? MOE__AT(b, L->dsig, float) : NULL;
+    R.gw = ws->gw; R.noise_samples = noise_samples;
+    moe__router_bw_scratch(&R, ws, E);
+    R.dsig = noisy ? ws->dsig : NULL;
     /* the router input the forward saw (x * jitter), built once */
-    xr = moe__router_input(c, B->x, (size_t)T * (size_t)D, 0, MOE__AT(b, L->xr, float));
+    xr = moe__router_input(c, B->x, (size_t)T * (size_t)D, 0, ws->xr);
     if (noisy) {   /* raw noise logits, by the forward's own GEMM */
-        float *noise = MOE__AT(b, L->noise_logits, float);
-        moe__kernels_of(c)->linear(c, noise, xr, w->router_noise, NULL, T, E, D, L, b);
+        float *noise = ws->noise_logits;
+        moe__kernels_of(c)->linear(c, noise, xr, w->router_noise, NULL, T, E, D, ws);
         R.noise = noise;
     }
     moe__router_backward_ref(&R);
@@ -5369,6 +5397,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                                 const float *noise_samples) {
     moe_config c;
     moe__layout L;
+    moe__ws ws;
     moe__bw_call B;
     moe_status st;
     if (!cfg || !w || !info || !gr) return MOE_STATUS_NULL_ARGUMENT;
@@ -5385,31 +5414,31 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                                   &L)) != MOE_STATUS_OK)
         return st;
     memset(&B, 0, sizeof B);
-    B.c = &c; B.w = w; B.gr = gr; B.info = info; B.L = &L; B.b = moe__align_ptr(workspace);
-    B.x = x; B.dy = dy; B.T = T; B.dx = MOE__AT(B.b, L.dx, float);
+    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    B.c = &c; B.w = w; B.gr = gr; B.info = info; B.ws = &ws;
+    B.x = x; B.dy = dy; B.T = T; B.dx = ws.dx;
     moe__bw_activations(&B);
     moe__bw_combine(&B);                                            /* 1. */
     {   /* 2. grouped expert FFN backward -> weight gradients and dxg rows */
-        unsigned char *b = B.b;
-        moe__ffn ffn = moe__routed_ffn_train(&c, w, MOE__AT(b, L.row_pair, int64_t));
+        moe__ffn ffn = moe__routed_ffn_train(&c, w, ws.row_pair);
         moe__ffn_grad fg = moe__ffn_grad_make(&ffn, gr->gate,
                                               w->gate_up_fused && gr->gate
                                                   ? gr->gate + (size_t)c.d_ff * c.d_model
                                                   : gr->up,
                                               gr->down, gr->gate_bias, gr->up_bias, gr->down_bias);
         moe__kernels_of(&c)->experts_backward(
-            &c, &ffn, &fg, c.num_experts, MOE__AT(b, L.offsets, int64_t), MOE__AT(b, L.xg, float),
-            B.hg, B.hu, B.ha, !c.recompute, MOE__AT(b, L.dout, float), MOE__AT(b, L.da, float),
-            moe__act_is_glu(c.activation) ? MOE__AT(b, L.du, float) : NULL,
-            MOE__AT(b, L.dxg, float), MOE__AT(b, L.gemm_pack, float));
+            &c, &ffn, &fg, c.num_experts, ws.offsets, ws.xg,
+            B.hg, B.hu, B.ha, !c.recompute, ws.dout, ws.da,
+            moe__act_is_glu(c.activation) ? ws.du : NULL,
+            ws.dxg, ws.gemm_pack);
     }
     moe__bw_gather(&B);                                             /* 3. */
     if (c.shared_d_ff > 0) moe__bw_shared(&B);                      /* 4. */
     if (c.routing == MOE_ROUTING_SOFT)                              /* 5. */
-        moe__soft_router_backward_ref(&c, w, gr, info, x, T, L.R, MOE__AT(B.b, L.dscore, float),
-                                      MOE__AT(B.b, L.dD, float), MOE__AT(B.b, L.dz, float),
-                                      MOE__AT(B.b, L.slot_norm, float),
-                                      MOE__AT(B.b, L.gamma, float), B.dx);
+        moe__soft_router_backward_ref(&c, w, gr, info, x, T, L.R, ws.dscore,
+                                      ws.d_dispatch, ws.dz,
+                                      ws.slot_norm,
+                                      ws.gamma, B.dx);
     else
         moe__bw_router(&B, noise_samples);
     if (dx_out) memcpy(dx_out, B.dx, (size_t)T * c.d_model * sizeof(float));
@@ -5554,10 +5583,10 @@ static moe_status moe__ep_src_plan(const moe_config *c, const moe_ep_plan *pl, m
     L->pair_row = moe__reserve(&t, TS, sizeof(int64_t), &ok);
     L->gw       = moe__reserve(&t, TS, sizeof(float), &ok);
     L->dz       = moe__reserve(&t, TE, sizeof(float), &ok);
-    L->bw_d     = moe__reserve(&t, 8 * E, sizeof(double), &ok);   /* as moe__plan's */
-    L->bw_f     = moe__reserve(&t, 6 * E, sizeof(float), &ok);
-    L->bw_u8    = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
-    L->tmp_td   = moe__reserve(&t, TD, sizeof(float), &ok);
+    L->rbw_f64  = moe__reserve(&t, 8 * E, sizeof(double), &ok);   /* as moe__plan's */
+    L->rbw_f32  = moe__reserve(&t, 6 * E, sizeof(float), &ok);
+    L->rbw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
+    L->tmp_x    = moe__reserve(&t, TD, sizeof(float), &ok);
     L->dx       = moe__reserve(&t, TD, sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
     L->total = t + MOE__ALIGN;
@@ -5670,9 +5699,9 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
                                void *workspace, size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
+    moe__ws ws;
     moe__router r;
     moe_info res;
-    unsigned char *b;
     moe_status st;
     float *logits;
     const float *xr;
@@ -5704,16 +5733,16 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
         info->workspace_required = L.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    b = moe__align_ptr(workspace);
+    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
     n = (size_t)Tr * (size_t)E; TS = (size_t)Tr * (size_t)S;
 
     /* 1. router logits of this rank's tokens; jitter keyed by global element */
-    logits = MOE__AT(b, L.logits, float);
+    logits = ws.logits;
     xr = moe__router_input(&c, x, (size_t)Tr * (size_t)D,
-                           (size_t)plan->token_offset * (size_t)D, MOE__AT(b, L.xr, float));
+                           (size_t)plan->token_offset * (size_t)D, ws.xr);
     if (Tr > 0)
         moe__kernels_of(&c)->linear(&c, logits, xr, w->router,
-                                    c.router_bias ? w->router_bias : NULL, Tr, E, D, &L, b);
+                                    c.router_bias ? w->router_bias : NULL, Tr, E, D, &ws);
 
     /* 2. NaN/Inf policy, as moe__route */
     if (!moe__all_finite(logits, n) ||
@@ -5721,7 +5750,7 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
         return MOE_STATUS_NONFINITE;
 
     /* 3. selection and pre-capacity weights; capacity is the owners' job */
-    moe__router_init(&r, &c, &L, b, Tr, &res);
+    moe__router_init(&r, &c, &ws, Tr, &res);
     r.logits = logits;
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
     r.t0 = plan->token_offset;
@@ -5806,44 +5835,37 @@ static moe_config moe__ep_local_config(const moe_config *c, const moe_ep_plan *p
     return l;
 }
 
-typedef struct moe__ep_layout {
-    moe__layout L;            /* the forward layout of the local config      */
-    size_t row_key;           /* int64_t[N] row -> global pair t*K + j (dropout) */
-    size_t dout, da, du, dxg; /* backward: [N][D], [N][F], [N][F], [N][D]    */
-    size_t gemm_pack;         /* packed GEMM operands of the backward (SIMD) */
-    size_t total;
-} moe__ep_layout;
 
-static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__ep_layout *X) {
+static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__layout *L) {
     const size_t N = (size_t)n, D = (size_t)cl->d_model, F = (size_t)cl->d_ff;
     size_t t;
     int ok = 1;
-    moe_status st = moe__plan(cl, n, MOE__PLAN_FORWARD, &X->L);
+    moe_status st = moe__plan(cl, n, MOE__PLAN_FORWARD, L);
     if (st != MOE_STATUS_OK) return st;
-    t = X->L.total - MOE__ALIGN;
-    X->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
-    X->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-    X->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
-    X->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0,
+    t = L->total - MOE__ALIGN;
+    L->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
+    L->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    L->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
+    L->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0,
                               sizeof(float), &ok);
-    X->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-    X->gemm_pack = moe__reserve(&t, moe__backward_pack_floats(cl, N, F), sizeof(float), &ok);
+    L->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    L->gemm_pack = moe__reserve(&t, moe__backward_pack_floats(cl, N, F), sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
-    X->total = t + MOE__ALIGN;
+    L->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
 }
 
 MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
                                                int32_t num_recv, size_t *out_bytes) {
     moe_config c, cl;
-    moe__ep_layout X;
+    moe__layout L;
     moe_status st;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if (num_recv < 0) return MOE_STATUS_BAD_DIMENSION;
     cl = moe__ep_local_config(&c, plan);
-    if ((st = moe__ep_expert_plan(&cl, num_recv, &X)) != MOE_STATUS_OK) return st;
-    *out_bytes = X.total;
+    if ((st = moe__ep_expert_plan(&cl, num_recv, &L)) != MOE_STATUS_OK) return st;
+    *out_bytes = L.total;
     return MOE_STATUS_OK;
 }
 
@@ -5851,14 +5873,14 @@ MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_
    (*b = NULL with n = 0: nothing to do).                                  */
 static moe_status moe__ep_expert_workspace(const moe_config *c, const moe_ep_plan *plan, int32_t n,
                                            void *workspace, size_t workspace_bytes,
-                                           moe_config *cl, moe__ep_layout *X, unsigned char **b) {
+                                           moe_config *cl, moe__ws *ws) {
+    moe__layout L;
     moe_status st;
     *cl = moe__ep_local_config(c, plan);
-    *b = NULL;
-    if ((st = moe__ep_expert_plan(cl, n, X)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_expert_plan(cl, n, &L)) != MOE_STATUS_OK) return st;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < X->total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    if (n > 0) *b = moe__align_ptr(workspace);
+    if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    *ws = moe__ws_bind(&L, moe__align_ptr(workspace));
     return MOE_STATUS_OK;
 }
 
@@ -5938,16 +5960,14 @@ static void moe__ep_capacity(const moe_config *c, int32_t C, int32_t El, const m
    process), dropout keys and the gathered inputs xg.                      */
 static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const moe_ep_plan *pl,
                                const moe_ep_pair *pairs, const float *x, int32_t n,
-                               const uint8_t *dropped_in, const moe__ep_layout *X,
-                               unsigned char *b) {
-    const moe__layout *L = &X->L;
+                               const uint8_t *dropped_in, const moe__ws *ws) {
     const int32_t El = cl->num_experts, e0 = pl->rank * El, D = c->d_model;
-    int32_t *expert = MOE__AT(b, L->expert, int32_t);
-    uint8_t *drop = MOE__AT(b, L->dropped, uint8_t);
-    int64_t *offsets = MOE__AT(b, L->offsets, int64_t),
-            *row_pair = MOE__AT(b, L->row_pair, int64_t);
-    int64_t *row_key = MOE__AT(b, X->row_key, int64_t);
-    float *xg = MOE__AT(b, L->xg, float);
+    int32_t *expert = ws->expert;
+    uint8_t *drop = ws->dropped;
+    int64_t *offsets = ws->offsets,
+            *row_pair = ws->row_pair;
+    int64_t *row_key = ws->row_key;
+    float *xg = ws->xg;
     int64_t row;
     int32_t r;
     for (r = 0; r < n; r++) {
@@ -5957,11 +5977,11 @@ static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const 
     if (!dropped_in) {
         const int32_t C = moe__capacity_of(c, pl->num_tokens);
         if (C > 0)
-            moe__ep_capacity(c, C, El, pairs, n, expert, drop, MOE__AT(b, L->key, float),
-                             MOE__AT(b, L->order, int32_t), MOE__AT(b, L->order_tmp, int32_t),
-                             MOE__AT(b, L->count, int32_t));
+            moe__ep_capacity(c, C, El, pairs, n, expert, drop, ws->key,
+                             ws->order, ws->order_tmp,
+                             ws->count);
     }
-    moe__dispatch_ref(expert, drop, n, 1, El, offsets, MOE__AT(b, L->pair_row, int64_t), row_pair);
+    moe__dispatch_ref(expert, drop, n, 1, El, offsets, ws->pair_row, row_pair);
     for (row = 0; row < offsets[El]; row++) {
         const moe_ep_pair *p = pairs + row_pair[row];
         row_key[row] = p->token * c->top_k + p->slot;
@@ -5970,25 +5990,22 @@ static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const 
 }
 
 /* The owner's routed FFN, with expert dropout keyed by the global pair. */
-static moe__ffn moe__ep_ffn(const moe_config *cl, const moe_weights *w, const moe__ep_layout *X,
-                            unsigned char *b) {
+static moe__ffn moe__ep_ffn(const moe_config *cl, const moe_weights *w, const moe__ws *ws) {
     moe__ffn f = moe__routed_ffn(cl, w);
     if (cl->training && cl->expert_dropout > 0.0f) {
         f.dropout = cl;
-        f.row_key = MOE__AT(b, X->row_key, int64_t);
+        f.row_key = ws->row_key;
     }
     return f;
 }
 
 /* Expert FFN forward over the owner's rows (the ISA's kernels). */
-static void moe__ep_owner_ffn(const moe_config *cl, const moe__ffn *f, const moe__ep_layout *X,
-                              unsigned char *b) {
-    const moe__layout *L = &X->L;
-    float *hu = moe__act_is_glu(cl->activation) ? MOE__AT(b, L->hu, float) : NULL;
-    moe__kernels_of(cl)->experts(cl, f, NULL, cl->num_experts, MOE__AT(b, L->offsets, int64_t),
-                                 MOE__AT(b, L->xg, float), MOE__AT(b, L->hg, float), hu,
-                                 MOE__AT(b, L->ha, float), MOE__AT(b, L->out, float),
-                                 MOE__AT(b, L->tiles, float), L, b);
+static void moe__ep_owner_ffn(const moe_config *cl, const moe__ffn *f, const moe__ws *ws) {
+    float *hu = moe__act_is_glu(cl->activation) ? ws->hu : NULL;
+    moe__kernels_of(cl)->experts(cl, f, NULL, cl->num_experts, ws->offsets,
+                                 ws->xg, ws->hg, hu,
+                                 ws->ha, ws->out,
+                                 ws->tiles, ws);
 }
 
 MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights *w,
@@ -5997,9 +6014,8 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
                                         uint8_t *dropped, float *cache_hidden, float *cache_up,
                                         void *workspace, size_t workspace_bytes) {
     moe_config c, cl;
-    moe__ep_layout X;
+    moe__ws ws;
     moe__ffn f;
-    unsigned char *b;
     moe_status st;
     const int32_t n = num_recv;
     int64_t rows;
@@ -6024,24 +6040,24 @@ MOEDEF moe_status moe_ep_expert_forward(const moe_config *cfg, const moe_weights
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
-    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X,
-                                       &b)) != MOE_STATUS_OK)
+    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &ws)) !=
+        MOE_STATUS_OK)
         return st;
-    if (!b) return MOE_STATUS_OK;
+    if (n == 0) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
-    moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, NULL, &X, b);
-    f = moe__ep_ffn(&cl, w, &X, b);
-    moe__ep_owner_ffn(&cl, &f, &X, b);
+    moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, NULL, &ws);
+    f = moe__ep_ffn(&cl, w, &ws);
+    moe__ep_owner_ffn(&cl, &f, &ws);
     /* results back in arrival order; a dropped pair gets a zero row */
-    pair_row = MOE__AT(b, X.L.pair_row, int64_t);
+    pair_row = ws.pair_row;
     for (r = 0; r < n; r++)
         dropped[r] = pair_row[r] < 0 ? (uint8_t)MOE__DROPPED : (uint8_t)MOE__KEPT;
-    moe__ep_rows_back(pair_row, n, D, MOE__AT(b, X.L.out, float), out);
-    rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
+    moe__ep_rows_back(pair_row, n, D, ws.out, out);
+    rows = ws.offsets[cl.num_experts];
     if (cache_hidden)
-        memcpy(cache_hidden, MOE__AT(b, X.L.hg, float), (size_t)rows * F * sizeof(float));
+        memcpy(cache_hidden, ws.hg, (size_t)rows * F * sizeof(float));
     if (cache_up && moe__act_is_glu(c.activation))
-        memcpy(cache_up, MOE__AT(b, X.L.hu, float), (size_t)rows * F * sizeof(float));
+        memcpy(cache_up, ws.hu, (size_t)rows * F * sizeof(float));
     return MOE_STATUS_OK;
 }
 
@@ -6051,7 +6067,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
                                  void *workspace, size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
-    unsigned char *b;
+    moe__ws ws;
     moe_status st;
     int64_t *pair_row, nsent, s;
     int32_t Tr, E, D, S, t, j, d;
@@ -6078,8 +6094,8 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
         info->workspace_required = L.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    b = moe__align_ptr(workspace);
-    pair_row = MOE__AT(b, L.pair_row, int64_t);
+    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    pair_row = ws.pair_row;
     nsent = moe__ep_send_index(&c, plan, info, pair_row);
     if (nsent > 0 && (!ret_out || !ret_dropped)) return MOE_STATUS_NULL_ARGUMENT;
     for (s = 0; s < nsent; s++) if (ret_dropped[s] > MOE__DROPPED) return MOE_STATUS_BAD_CACHE;
@@ -6095,7 +6111,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
             if (s >= 0 && ret_dropped[s]) drop[j] = MOE__DROPPED;
         }
         moe__final_weights(&c, info->scores + (size_t)t * E, idx, drop, wt, S,
-                           MOE__AT(b, L.small_i, uint8_t), MOE__AT(b, L.small_f, float));
+                           (uint8_t *)ws.small_i, ws.small_f);
         /* 3. y_t = sum of the kept slots in slot order (moe__combine_rows) */
         for (d = 0; d < D; d++) yt[d] = 0.0f;
         for (j = 0; j < S; j++) {
@@ -6159,10 +6175,9 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
                                          const float *dout, float *dx, const moe_grads *grads,
                                          void *workspace, size_t workspace_bytes) {
     moe_config c, cl;
-    moe__ep_layout X;
+    moe__ws ws;
     moe__ffn f;
     moe__ffn_grad g;
-    unsigned char *b;
     moe_status st;
     const int32_t n = num_recv;
     const float *hg, *hu;
@@ -6198,26 +6213,26 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
-    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &X,
-                                       &b)) != MOE_STATUS_OK)
+    if ((st = moe__ep_expert_workspace(&c, plan, n, workspace, workspace_bytes, &cl, &ws)) !=
+        MOE_STATUS_OK)
         return st;
-    if (!b) return MOE_STATUS_OK;
+    if (n == 0) return MOE_STATUS_OK;
     D = c.d_model; F = c.d_ff;
 
     /* the forward's rows (its drop decisions), activations cached or redone */
-    moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, dropped, &X, b);
-    f = moe__ep_ffn(&cl, w, &X, b);
-    rows = MOE__AT(b, X.L.offsets, int64_t)[cl.num_experts];
-    ha = MOE__AT(b, X.L.ha, float);
+    moe__ep_owner_rows(&c, &cl, plan, pairs, x, n, dropped, &ws);
+    f = moe__ep_ffn(&cl, w, &ws);
+    rows = ws.offsets[cl.num_experts];
+    ha = ws.ha;
     if (cached) {   /* ha: rebuilt by the expert backward's activation pass */
         hg = cache_hidden; hu = glu ? cache_up : NULL;
     } else {
-        moe__ep_owner_ffn(&cl, &f, &X, b);
-        hg = MOE__AT(b, X.L.hg, float); hu = glu ? MOE__AT(b, X.L.hu, float) : NULL;
+        moe__ep_owner_ffn(&cl, &f, &ws);
+        hg = ws.hg; hu = glu ? ws.hu : NULL;
     }
-    row_pair = MOE__AT(b, X.L.row_pair, int64_t);
+    row_pair = ws.row_pair;
     for (row = 0; row < rows; row++)
-        memcpy(MOE__AT(b, X.dout, float) + (size_t)row * D, dout + (size_t)row_pair[row] * D,
+        memcpy(ws.dout + (size_t)row * D, dout + (size_t)row_pair[row] * D,
                (size_t)D * sizeof(float));
 
     /* the grouped expert backward of one process, on the owned experts */
@@ -6226,11 +6241,11 @@ MOEDEF moe_status moe_ep_expert_backward(const moe_config *cfg, const moe_weight
                                ? grads->gate + (size_t)F * D : grads->up,
                            grads->down, grads->gate_bias, grads->up_bias, grads->down_bias);
     moe__kernels_of(&cl)->experts_backward(
-        &cl, &f, &g, cl.num_experts, MOE__AT(b, X.L.offsets, int64_t), MOE__AT(b, X.L.xg, float),
-        hg, hu, ha, cached, MOE__AT(b, X.dout, float), MOE__AT(b, X.da, float),
-        glu ? MOE__AT(b, X.du, float) : NULL, MOE__AT(b, X.dxg, float),
-        MOE__AT(b, X.gemm_pack, float));
-    moe__ep_rows_back(MOE__AT(b, X.L.pair_row, int64_t), n, D, MOE__AT(b, X.dxg, float), dx);
+        &cl, &f, &g, cl.num_experts, ws.offsets, ws.xg,
+        hg, hu, ha, cached, ws.dout, ws.da,
+        glu ? ws.du : NULL, ws.dxg,
+        ws.gemm_pack);
+    moe__ep_rows_back(ws.pair_row, n, D, ws.dxg, dx);
     return MOE_STATUS_OK;
 }
 
@@ -6243,8 +6258,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
                                           size_t workspace_bytes) {
     moe_config c;
     moe__layout L;
+    moe__ws ws;
     moe__router_bw B;
-    unsigned char *b;
     moe_status st;
     const moe__kernels *k;
     int64_t *pair_row, nsent, s;
@@ -6278,13 +6293,13 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
     if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    b = moe__align_ptr(workspace);
-    pair_row = MOE__AT(b, L.pair_row, int64_t);
+    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    pair_row = ws.pair_row;
     nsent = moe__ep_send_index(&c, plan, info, pair_row);
     if (nsent > 0 && (!ret_out || !ret_dx)) return MOE_STATUS_NULL_ARGUMENT;
     if (Tr == 0) return MOE_STATUS_OK;
-    gw = MOE__AT(b, L.gw, float); dx = MOE__AT(b, L.dx, float);
-    xr_buf = MOE__AT(b, L.xr, float); tmp = MOE__AT(b, L.tmp_td, float);
+    gw = ws.gw; dx = ws.dx;
+    xr_buf = ws.xr; tmp = ws.tmp_x;
     nTD = (size_t)Tr * (size_t)D;
     off = (size_t)plan->token_offset * (size_t)D;
 
@@ -6305,7 +6320,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     B.c = &c; B.info = info; B.T = Tr; B.S = S; B.E = E; B.K = S;
     B.T_all = plan->num_tokens; B.t0 = plan->token_offset; B.stats = stats;
     B.gw = gw;
-    moe__router_bw_scratch(&B, &L, b, E);
+    moe__router_bw_scratch(&B, &ws, E);
     xr = moe__router_input(&c, x, nTD, off, xr_buf);
     moe__router_backward_ref(&B);
     moe__router_gemm_backward(&c, Tr, B.dz, w->router, grads->router,

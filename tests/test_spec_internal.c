@@ -27,6 +27,7 @@ typedef struct spec2_out {
 static moe_status spec2_route(float noise_epsilon, int training, spec2_out *o) {
     moe_config c, rc;
     moe__layout L;
+    moe__ws ws;
     moe__router r;
     moe_info res;
     void *buf;
@@ -38,7 +39,8 @@ static moe_status spec2_route(float noise_epsilon, int training, spec2_out *o) {
     if ((st = moe_config_resolve(&c, &rc)) != MOE_STATUS_OK) return st;
     if ((st = moe__plan(&rc, 3, 0, &L)) != MOE_STATUS_OK) return st;
     if (!(buf = malloc(L.total))) return MOE_STATUS_OUT_OF_MEMORY;
-    moe__router_init(&r, &rc, &L, moe__align_ptr(buf), 3, &res);
+    ws = moe__ws_bind(&L, moe__align_ptr(buf));
+    moe__router_init(&r, &rc, &ws, 3, &res);
     r.logits = spec2_z;
     r.noise_logits = spec2_r;
     r.noise_samples = spec2_N;
