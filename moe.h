@@ -1963,8 +1963,8 @@ static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t N, int64_
 }
 #endif
 
-/* Packed-operand scratch (floats) for moe__kernels_of(c)->experts_backward on an FFN of
-   width F over at most n rows: the largest of its four GEMM shapes.        */
+/* Packed-operand scratch (floats) for moe__experts_backward_simd on an FFN
+   of width F over at most n rows: the largest of its four GEMM shapes.    */
 static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F) {
 #if MOE__HAS_SIMD
     const int64_t D = c->d_model, Fi = (int64_t)F,
