@@ -389,8 +389,8 @@ typedef struct moe_config {
     int32_t shared_d_ff;      /* 0 -> no shared expert; Fs: hidden width of the
                                  always-on shared FFN (N shared experts of width
                                  F are one FFN of width N*F, as DeepSeek fuses) */
-    int32_t shared_gate;      /* 0 -> ungated; 1: y += sigmoid(x.w.shared_expert_gate)
-                                 * shared(x) (Qwen2-MoE)                       */
+    int32_t shared_expert_gated; /* 0 -> ungated; 1: y += sigmoid(x .
+                                 w.shared_expert_gate) * shared(x) (Qwen2-MoE) */
     int32_t slots_per_expert; /* 0 -> 1: P, Soft MoE slots per expert          */
 
     /* --- auxiliary losses (values in moe_info; coefficients weight aux_total,
@@ -457,7 +457,8 @@ typedef struct moe_weights {
     const float *shared_gate_bias;/* [Fs]     cfg.expert_bias                 */
     const float *shared_up_bias;  /* [Fs]                                     */
     const float *shared_down_bias;/* [D]                                      */
-    const float *shared_expert_gate; /* [D]   cfg.shared_gate (Qwen2 [1][D])  */
+    const float *shared_expert_gate; /* [D]   cfg.shared_expert_gated (Qwen2
+                                     shared_expert_gate [1][D])               */
     /* Soft MoE */
     const float *soft_phi;        /* [E*P][D] slot parameters (row s = slot s%P
                                      of expert s/P)                           */
@@ -2048,7 +2049,7 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
         return MOE_STATUS_BAD_OPTION;
     if ((c.noise != MOE_NOISE_NONE || c.router_noise_std > 0.0f) && c.routing != MOE_ROUTING_TOPK)
         return MOE_STATUS_BAD_OPTION;
-    if (c.shared_gate && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
+    if (c.shared_expert_gated && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
     if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
     if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
     if (c.routed_scale == 0.0f) c.routed_scale = 1.0f;
@@ -2118,7 +2119,7 @@ MOEDEF moe_config moe_preset_shazeer(void) {   /* noisy top-k, t2t epsilon */
 }
 MOEDEF moe_config moe_preset_qwen2_moe(void) { /* no renorm, gated shared expert */
     moe_config c = moe__preset(60, 4, 2048, 1408);
-    c.normalize = MOE_NORM_NONE; c.shared_d_ff = 5632; c.shared_gate = 1;
+    c.normalize = MOE_NORM_NONE; c.shared_d_ff = 5632; c.shared_expert_gated = 1;
     c.balance_coef = 0.001f;
     return c;
 }
@@ -2328,7 +2329,7 @@ static void moe__plan_forward(const moe_config *c, const moe__plan_dims *d, int 
     L->sh_u         = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
     L->sh_a         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
     L->sh_out       = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
-    L->sh_gamma     = moe__reserve(t, c->shared_gate ? d->nT : 0, sizeof(float), ok);
+    L->sh_gamma     = moe__reserve(t, c->shared_expert_gated ? d->nT : 0, sizeof(float), ok);
 }
 
 /* What the SIMD forward adds: packed-panel tiles, task lists, packed A. */
@@ -3753,10 +3754,11 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
 }
 
 /* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
-static float moe__shared_gate_of(const moe_config *c, const moe_weights *w, const float *xt) {
+static float moe__shared_expert_gate_of(const moe_config *c, const moe_weights *w,
+                                        const float *xt) {
     float z = 0.0f;
     int32_t d;
-    if (!c->shared_gate) return 1.0f;
+    if (!c->shared_expert_gated) return 1.0f;
     for (d = 0; d < c->d_model; d++) z += xt[d] * w->shared_expert_gate[d];
     return moe__sigmoid(z);
 }
@@ -3825,7 +3827,7 @@ static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor
     MOE__T(Fs > 0 ? g->shared_gate_bias : NULL, Fs, Fs, D, Fs, 1);
     MOE__T(Fs > 0 && glu ? g->shared_up_bias : NULL, Fs, Fs, D, Fs, 1);
     MOE__T(Fs > 0 ? g->shared_down_bias : NULL, D, D, Fs, D, 1);
-    MOE__T(c->shared_gate ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
+    MOE__T(c->shared_expert_gated ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
     MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_phi : NULL, (double)R * D, D, D, (double)R, 0);
     MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_scale : NULL, 1, 1, 1, 1, 2);
 #undef MOE__T
@@ -3903,7 +3905,7 @@ static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, 
         if (c->expert_bias &&
             (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
             return MOE_STATUS_MISSING_WEIGHT;
-        if (c->shared_gate && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
+        if (c->shared_expert_gated && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
     }
     return MOE_STATUS_OK;
 }
@@ -4120,8 +4122,8 @@ static uint64_t moe__config_key(const moe_config *c) {
                          c->n_group, c->topk_group, c->group_score_top, c->group_mask_zero,
                          c->second_expert, c->normalize, c->normalize_after_drop, c->training,
                          c->noise, c->capacity, c->capacity_formula, c->drop_policy,
-                         c->shared_d_ff, c->shared_gate, c->slots_per_expert, c->balance_loss,
-                         c->seq_len, c->recompute};
+                         c->shared_d_ff, c->shared_expert_gated, c->slots_per_expert,
+                         c->balance_loss, c->seq_len, c->recompute};
     const float f[] = {c->second_threshold, c->norm_p, c->norm_eps, c->routed_scale,
                        c->noise_epsilon, c->jitter, c->router_noise_std, c->expert_dropout,
                        c->capacity_factor, c->balance_coef, c->z_loss_coef, c->importance_coef,
@@ -4447,10 +4449,10 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     /* 3-4. expert inputs and the grouped expert FFN (and the shared expert);
        the shared gates too: the last reads of x, since y may be x */
     moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &L, b);
-    if (c.shared_gate)
+    if (c.shared_expert_gated)
         for (t = 0; t < T; t++)
-            MOE__AT(b, L.sh_gamma, float)[t] = moe__shared_gate_of(&c, w,
-                                                                   x + (size_t)t * c.d_model);
+            MOE__AT(b, L.sh_gamma, float)[t] =
+                moe__shared_expert_gate_of(&c, w, x + (size_t)t * c.d_model);
 
     /* 5. combine in fixed slot order (Soft MoE: Y = C . Y~) */
     if (c.routing == MOE_ROUTING_SOFT)
@@ -4461,7 +4463,8 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
     if (c.shared_d_ff > 0)
         moe__add_shared(y, MOE__AT(b, L.sh_out, float),
-                        c.shared_gate ? MOE__AT(b, L.sh_gamma, float) : NULL, T, c.d_model);
+                        c.shared_expert_gated ? MOE__AT(b, L.sh_gamma, float) : NULL, T,
+                        c.d_model);
     if (info) moe__info_publish(info, &c, &res, T, &L, b);
     return MOE_STATUS_OK;
 }
@@ -5158,13 +5161,13 @@ static void moe__bw_shared(const moe__bw_call *B) {
     int32_t t, d;
     for (t = 0; t < T; t++) {
         const float *xt = B->x + (size_t)t * D, *dyt = B->dy + (size_t)t * D;
-        const float gamma = moe__shared_gate_of(c, w, xt);
+        const float gamma = moe__shared_expert_gate_of(c, w, xt);
         float dgamma = 0.0f;
         for (d = 0; d < D; d++) {
             sh_dout[(size_t)t * D + d] = gamma * dyt[d];
             dgamma += dyt[d] * B->sh_out[(size_t)t * D + d];
         }
-        if (c->shared_gate) {           /* gamma = sigmoid(x . w_sg) */
+        if (c->shared_expert_gated) {   /* gamma = sigmoid(x . w_sg) */
             const float dzg = dgamma * gamma * (1.0f - gamma);
             for (d = 0; d < D; d++) {
                 if (gr->shared_expert_gate) gr->shared_expert_gate[d] += dzg * xt[d];

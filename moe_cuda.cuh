@@ -1513,9 +1513,9 @@ __global__ void moe_cuda__bw_bias(const float *src, const float *dy, const float
 /* 2s. the shared expert's gate, one thread per token: gamma = sigmoid(x_t .
    shared_expert_gate) (1 without), and with the gate dL / d z = <dy_t, O_t +
    shared_down_bias> gamma (1 - gamma) */
-__global__ void moe_cuda__bw_shared_gate(const float *x, const float *dy, const float *Os,
-                                         const float *down_bias, const float *gate_w, int tokens,
-                                         int d, float *gamma, float *dzg) {
+__global__ void moe_cuda__bw_shared_expert_gate(const float *x, const float *dy, const float *Os,
+                                                const float *down_bias, const float *gate_w,
+                                                int tokens, int d, float *gamma, float *dzg) {
     const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (t >= tokens) return;
     const float *xt = x + (size_t)t * d, *dyt = dy + (size_t)t * d, *o = Os + (size_t)t * d;
@@ -2017,7 +2017,7 @@ static inline void moe_cuda__weight_spans(moe_cuda__spans *sp, const moe_cuda__p
         moe_cuda__span(sp, w->shared_up_bias, p->glu ? Fs * f4 : 0, 0);
         moe_cuda__span(sp, w->shared_down_bias, Fs ? D * f4 : 0, 0);
     }
-    moe_cuda__span(sp, w->shared_expert_gate, p->c.shared_gate ? D * f4 : 0, 0);
+    moe_cuda__span(sp, w->shared_expert_gate, p->c.shared_expert_gated ? D * f4 : 0, 0);
 }
 
 /* The weights a forward of this plan needs (MOE_STATUS_MISSING_WEIGHT). */
@@ -2025,7 +2025,8 @@ static inline int moe_cuda__weights_present(const moe_cuda__plan *p, const moe_w
                                             int fp32_experts) {
     const moe_config *c = &p->c;
     if (!w->router || (c->router_bias && !w->router_bias) ||
-        (c->selection_bias && !w->selection_bias) || (c->shared_gate && !w->shared_expert_gate))
+        (c->selection_bias && !w->selection_bias) ||
+        (c->shared_expert_gated && !w->shared_expert_gate))
         return 0;
     if (c->expert_bias && (!w->gate_bias || (p->glu && !w->up_bias) || !w->down_bias))
         return 0;
@@ -2372,7 +2373,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
         if (p.Fs > 0) {
             ca.shared_out = ws.Os;
             ca.shared_down_bias = c->expert_bias ? w->shared_down_bias : NULL;
-            ca.shared_expert_gate = c->shared_gate ? w->shared_expert_gate : NULL;
+            ca.shared_expert_gate = c->shared_expert_gated ? w->shared_expert_gate : NULL;
         }
         ca.x = x; ca.y = y; ca.top_k = p.K; ca.d = p.D; ca.halt = halt;
         MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__combine, dim3(blocks_t),
@@ -2590,7 +2591,7 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     const moe_cuda__ffn_grads g = moe_cuda__grads_of(&p, grads, fused, 0);
     const moe_cuda__ffn_grads sg = moe_cuda__grads_of(&p, grads, 0, 1);
     float *g_router = grads->router, *g_rbias = c->router_bias ? grads->router_bias : NULL;
-    float *g_seg = Fs && c->shared_gate ? grads->shared_expert_gate : NULL;
+    float *g_seg = Fs && c->shared_expert_gated ? grads->shared_expert_gate : NULL;
     {   /* dx may be x or dy (written last); no other written buffer may overlap */
         const size_t TD = (size_t)T * D * 4, TE = (size_t)T * E * 4;
         moe_cuda__spans sp;
@@ -2673,13 +2674,13 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
                                           (const float *)(c->expert_bias ? w->down_bias : NULL),
                                           p.pairs, p.K, p.D, ws.gw));
         else
-            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_gate,
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_expert_gate,
                                           dim3((unsigned)((T + 127) / 128)), dim3(128), 0,
                                           stream, x, dy, (const float *)O,
                                           (const float *)(c->expert_bias ? w->shared_down_bias
                                                                          : NULL),
-                                          (const float *)(c->shared_gate ? w->shared_expert_gate
-                                                                         : NULL),
+                                          (const float *)(c->shared_expert_gated
+                                                              ? w->shared_expert_gate : NULL),
                                           T, p.D, ws.gamma, ws.dzg));
         /* 3.-4. through the FFN to its weights and its rows' dx */
         if (p.simt) {
@@ -2738,7 +2739,7 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
                                       stream, (const float *)ws.dXr,
                                       (const int32_t *)ws.row_of_pair, p.K,
                                       (const float *)ws.dzg,
-                                      (const float *)(Fs && c->shared_gate
+                                      (const float *)(Fs && c->shared_expert_gated
                                                           ? w->shared_expert_gate : NULL),
                                       (const float *)ws.dXs, (const float *)ws.dz, w->router,
                                       p.E, p.D, dx));

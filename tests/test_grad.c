@@ -178,7 +178,7 @@ static void gp_init_ex(gp *p, const moe_config *cfg, int32_t T, uint32_t seed, i
         used[GT_SH_UP] = Fs > 0 && p->glu;
         used[GT_SH_GATE_BIAS] = used[GT_SH_DOWN_BIAS] = Fs > 0 && c.expert_bias;
         used[GT_SH_UP_BIAS] = Fs > 0 && c.expert_bias && p->glu;
-        used[GT_SH_EXPERT_GATE] = Fs > 0 && c.shared_gate;
+        used[GT_SH_EXPERT_GATE] = Fs > 0 && c.shared_expert_gated;
         used[GT_PHI] = soft;
         used[GT_SCALE] = soft && !no_scale;
         for (k = 0; k < GT_COUNT; k++) {
@@ -716,7 +716,8 @@ TEST(grad, soft_moe) {
 
 TEST(grad, shared_expert_gated) {
     moe_config c = base_cfg(6, 2, 6, 4);
-    c.shared_d_ff = 5; c.shared_gate = 1; c.normalize = MOE_NORM_NONE; c.balance_coef = 0.1f;
+    c.shared_d_ff = 5; c.shared_expert_gated = 1;
+    c.normalize = MOE_NORM_NONE; c.balance_coef = 0.1f;
     run_grad(&c, 9, 71, "shared gated");
 }
 
@@ -728,7 +729,7 @@ TEST(grad, shared_expert_ungated) {
 
 TEST(grad, expert_and_router_bias) {
     moe_config c = base_cfg(6, 2, 6, 4);
-    c.expert_bias = 1; c.router_bias = 1; c.shared_d_ff = 3; c.shared_gate = 1;
+    c.expert_bias = 1; c.router_bias = 1; c.shared_d_ff = 3; c.shared_expert_gated = 1;
     c.balance_coef = 0.1f; c.z_loss_coef = 0.05f;
     run_grad(&c, 9, 73, "biases SwiGLU");
     c.activation = MOE_ACT_GELU_TANH;
@@ -825,7 +826,7 @@ TEST(grad, recompute_bitwise) {
     moe_config c = base_cfg(6, 2, 6, 4);
     c.balance_coef = 0.1f; c.z_loss_coef = 0.05f;
     recompute_case(&c, 9, 101, 0);
-    c.expert_bias = 1; c.shared_d_ff = 3; c.shared_gate = 1; c.capacity = 2;
+    c.expert_bias = 1; c.shared_d_ff = 3; c.shared_expert_gated = 1; c.capacity = 2;
     recompute_case(&c, 9, 102, 0);
     recompute_case(&c, 9, 103, 1);
     c.activation = MOE_ACT_RELU;
@@ -850,7 +851,7 @@ TEST(grad, accumulate_and_dx_conventions) {
     size_t i, n;
     c.score = MOE_SCORE_SIGMOID; c.selection_bias = 1; c.n_group = 4; c.topk_group = 2;
     c.routed_scale = 2.5f; c.seq_balance_coef = 0.1f; c.seq_len = 4; c.balance_coef = 0.1f;
-    c.z_loss_coef = 0.05f; c.shared_d_ff = 3; c.shared_gate = 1; c.expert_bias = 1;
+    c.z_loss_coef = 0.05f; c.shared_d_ff = 3; c.shared_expert_gated = 1; c.expert_bias = 1;
     c.router_bias = 1; c.capacity = 3;
     gp_init(&p, &c, 9, 111);
     CHECK_STATUS(gp_forward(&p), MOE_STATUS_OK);

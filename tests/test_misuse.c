@@ -492,7 +492,7 @@ TEST(misuse, bad_option) {
     EXPECT_CFG("random 2nd expert, expert choice", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_DENSE); c.noise = MOE_NOISE_SHAZEER; EXPECT_CFG("noise, dense", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_SOFT); c.noise = MOE_NOISE_SHAZEER; EXPECT_CFG("noise, soft", c, MOE_STATUS_BAD_OPTION);
-    c = base(MOE_ROUTING_TOPK); c.shared_gate = 1; EXPECT_CFG("shared_gate without shared_d_ff", c, MOE_STATUS_BAD_OPTION);
+    c = base(MOE_ROUTING_TOPK); c.shared_expert_gated = 1; EXPECT_CFG("shared_expert_gated without shared_d_ff", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_TOPK); c.normalize = MOE_NORM_PNORM; c.norm_p = -1.0f; EXPECT_CFG("norm_p -1", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_TOPK); c.normalize = MOE_NORM_PNORM; c.norm_p = NAN; EXPECT_CFG("norm_p NaN", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_TOPK); c.norm_eps = -1e-9f; EXPECT_CFG("norm_eps < 0", c, MOE_STATUS_BAD_OPTION);
@@ -786,7 +786,7 @@ TEST(misuse, missing_weights) {
         case SHARED: c.shared_d_ff = FS; break;
         case SHARED_RELU: c.shared_d_ff = FS; c.activation = MOE_ACT_RELU; break;
         case SHARED_BIAS: c.shared_d_ff = FS; c.expert_bias = 1; break;
-        case SHARED_GATE: c.shared_d_ff = FS; c.shared_gate = 1; break;
+        case SHARED_GATE: c.shared_d_ff = FS; c.shared_expert_gated = 1; break;
         case SOFT: c = base(MOE_ROUTING_SOFT); c.activation = MOE_ACT_GELU; break;
         case EC: c = base(MOE_ROUTING_EXPERT_CHOICE); break;
         case DENSE: c = base(MOE_ROUTING_DENSE); break;
@@ -1093,7 +1093,7 @@ TEST(misuse, guard_zones_untouched) {
             moe_config c = base((moe_routing)r);
             const int soft = r == MOE_ROUTING_SOFT;
             size_t TR = (size_t)FT * (soft ? FR : FE), TS, N;
-            if (v) { c.training = 1; c.shared_d_ff = FS; c.shared_gate = 1; }
+            if (v) { c.training = 1; c.shared_d_ff = FS; c.shared_expert_gated = 1; }
             if (v == 2 && r == MOE_ROUTING_TOPK) c.capacity = 1;
             if (v == 2 && r == MOE_ROUTING_EXPERT_CHOICE) { c.capacity = 0; c.capacity_factor = 1.0f; }
             if (v == 2 && soft) { c.slots_per_expert = 1; TR = (size_t)FT * FE; }
@@ -1308,7 +1308,7 @@ TEST(misuse, backward_guard_zones) {
             moe_weights w = f->w;
             moe_info info;
             void *buf;
-            c.training = 1; c.shared_d_ff = FS; c.shared_gate = 1; c.expert_bias = 1;
+            c.training = 1; c.shared_d_ff = FS; c.shared_expert_gated = 1; c.expert_bias = 1;
             c.balance_coef = 0.01f; c.z_loss_coef = 1e-3f;
             if (v) {
                 w.gate_up_fused = 1; w.up = NULL; c.recompute = 1; c.router_bias = 1;

@@ -539,7 +539,7 @@ static int make_layer(layer &L, const moe_config &cfg, int T, int fused, uint32_
         h.shared_gate = L.sgate.data(); h.shared_up = L.glu ? L.sup.data() : NULL;
         h.shared_down = L.sdown.data();
     }
-    h.shared_expert_gate = c.shared_gate ? L.segate.data() : NULL;
+    h.shared_expert_gate = c.shared_expert_gated ? L.segate.data() : NULL;
     d = h;   /* the same tensors on the device */
     d.router = L.put(L.router); d.router_bias = L.put(L.rbias); d.selection_bias = L.put(L.sbias);
     d.gate = L.put(L.gate); d.up = h.up ? L.put(L.upw) : NULL; d.down = L.put(L.down);

@@ -176,7 +176,7 @@ static void report_case(const fcase *k) {
     fprintf(stderr,
             "  case: T=%d E=%d K=%d D=%d F=%d Fs=%d P=%d routing=%d score=%d act=%d norm=%d noise=%d\n"
             "        second=%d drop=%d formula=%d balance=%d isa=%d expert_bias=%d router_bias=%d\n"
-            "        selection_bias=%d shared_gate=%d n_group=%d topk_group=%d gst=%d mask0=%d\n"
+            "        selection_bias=%d shared_expert_gated=%d n_group=%d topk_group=%d gst=%d mask0=%d\n"
             "        after_drop=%d training=%d recompute=%d capacity=%d cf=%g seq_len=%d seed=%llu\n"
             "        norm_p=%g norm_eps=%g thr=%g scale=%g noise_eps=%g jitter=%g coefs=%g,%g,%g,%g,%g\n"
             "        clip=%g fused=%d soft_scale=%s%g missing=%d vclass=%d\n",
@@ -184,7 +184,8 @@ static void report_case(const fcase *k) {
             (int)c->shared_d_ff, (int)c->slots_per_expert, (int)c->routing, (int)c->score,
             (int)c->activation, (int)c->normalize, (int)c->noise, (int)c->second_expert,
             (int)c->drop_policy, (int)c->capacity_formula, (int)c->balance_loss, (int)c->isa,
-            (int)c->expert_bias, (int)c->router_bias, (int)c->selection_bias, (int)c->shared_gate,
+            (int)c->expert_bias, (int)c->router_bias, (int)c->selection_bias,
+            (int)c->shared_expert_gated,
             (int)c->n_group, (int)c->topk_group, (int)c->group_score_top, (int)c->group_mask_zero,
             (int)c->normalize_after_drop, (int)c->training, (int)c->recompute, (int)c->capacity,
             (double)c->capacity_factor, (int)c->seq_len, (unsigned long long)c->seed,
@@ -411,7 +412,8 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
         else if (h[H_SEQLEN] >= 232)   /* near the int32 limit: valid, one sequence */
             c->seq_len = 2147483647 - (h[H_SEQLEN] & 1);
         else c->seq_len = h[H_SEQLEN] % (k->T > 0 ? k->T + 2 : 2);
-        c->shared_gate = (h[H_FLAGS] & F_SHARED_GATE) && (c->shared_d_ff > 0 || h[H_FS] >= 230);
+        c->shared_expert_gated = (h[H_FLAGS] & F_SHARED_GATE) &&
+                                 (c->shared_d_ff > 0 || h[H_FS] >= 230);
     }
     c->seed = (uint64_t)h[H_SEED] * 0x9E3779B97F4A7C15ull;
     {   /* float options: in-range values (bounded so OK implies finite in the
