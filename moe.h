@@ -434,26 +434,34 @@ typedef struct moe_config {
 
 /* ---------------------------------------------------------------------------
    moe_weights: caller-owned float tensors in PyTorch nn.Linear layout. Only
-   the ones the config uses are read; the others may be NULL.                */
+   the ones the config uses are read; the others may be NULL. Each expert is
+   an FFN of its first matrix W1 = gate and second W2 = down, with W3 = up
+   for the GLU activations (cfg.activation, biases with cfg.expert_bias):
+     GLU (SwiGLU, GeGLU):     down . (act(gate . x + b1) * (up . x + b3)) + b2
+     non-GLU (ReLU, GELU...): down . act(gate . x + b1) + b2
+   so gate holds a GLU's gate projection (gate_proj, Mixtral w1) or a
+   two-matrix FFN's fc1 (T5 wi); up is unused there (leave it NULL); down is
+   W2 (down_proj, fc2, T5 wo) either way. The shared expert's shared_gate,
+   shared_up and shared_down play the same three roles.                      */
 typedef struct moe_weights {
     const float *router;          /* [E][D]   z = x . router^T                */
     const float *router_bias;     /* [E]      cfg.router_bias                 */
     const float *selection_bias;  /* [E]      cfg.selection_bias (V3 e_score_correction_bias) */
     const float *router_noise;    /* [E][D]   W_noise of MOE_NOISE_SHAZEER    */
-    const float *gate;            /* [E][F][D] W1 / gate_proj, or W_in of a
+    const float *gate;            /* [E][F][D] W1: gate_proj (GLU), or fc1 of a
                                      two-matrix FFN; [E][2F][D] when fused    */
-    const float *up;              /* [E][F][D] W3 / up_proj (GLU only; NULL
-                                     when gate_up_fused)                      */
-    const float *down;            /* [E][D][F] W2 / down_proj                 */
+    const float *up;              /* [E][F][D] W3: up_proj (GLU only, else
+                                     unused; NULL when gate_up_fused)         */
+    const float *down;            /* [E][D][F] W2: down_proj / fc2            */
     const float *gate_bias;       /* [E][F]   cfg.expert_bias                 */
     const float *up_bias;         /* [E][F]                                   */
     const float *down_bias;       /* [E][D]                                   */
     int32_t gate_up_fused;        /* 1: gate points at HF 5.x gate_up_proj
                                      [E][2F][D], gate rows then up rows       */
     /* shared expert (cfg.shared_d_ff = Fs > 0), same activation as routed   */
-    const float *shared_gate;     /* [Fs][D]                                  */
-    const float *shared_up;       /* [Fs][D]  (GLU only)                      */
-    const float *shared_down;     /* [D][Fs]                                  */
+    const float *shared_gate;     /* [Fs][D]  W1 (gate_proj, or fc1)          */
+    const float *shared_up;       /* [Fs][D]  W3 (GLU only)                   */
+    const float *shared_down;     /* [D][Fs]  W2 (down_proj, or fc2)          */
     const float *shared_gate_bias;/* [Fs]     cfg.expert_bias                 */
     const float *shared_up_bias;  /* [Fs]                                     */
     const float *shared_down_bias;/* [D]                                      */
