@@ -72,8 +72,10 @@
      Source: 4-space indents, lines at most 100 columns.
 
    TRAINING
-     Run moe_forward with cfg.training = 1 and an info bound by moe_info_bind,
-     then moe_backward with the same info. Gradient convention (llm.c):
+     Run moe_forward with cfg.save_for_backward = 1 and an info bound by
+     moe_info_bind, then moe_backward with the same info; cfg.training = 1
+     (train mode, as PyTorch's module.training) also turns on the noise,
+     jitter and dropout the config asks for. Gradient convention (llm.c):
      parameter gradients ACCUMULATE (+=, zero them per step), the activation
      gradient dx is OVERWRITTEN. The backward differentiates <dy, y> plus
      every aux loss times its coefficient (balance_coef, z_loss_coef, ...).
@@ -118,9 +120,10 @@
      dx == x. Any other overlap of a written buffer (outputs, info arrays,
      gradients, workspace, packed blob) with another buffer of the call is
      MOE_STATUS_ALIASING, nothing written; the moe_ep_* calls have no in-place
-     form. A training forward stamps its info (T, config fingerprint, routing
-     checksum); moe_backward refuses an info without that stamp or with
-     another T, config or changed routing (MISSING_CACHE / BAD_CACHE).
+     form. A forward with cfg.save_for_backward = 1 stamps its info (T, config
+     fingerprint, routing checksum); moe_backward refuses an info without that
+     stamp or with another T, config or changed routing (MISSING_CACHE /
+     BAD_CACHE).
 
    DETERMINISM
      Same inputs, config and seed give bitwise-identical outputs. Top-k breaks
@@ -190,7 +193,8 @@ extern "C" {
     X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
     X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another " \
                               "(e.g. random/sampled second expert needs top_k == 2; p-norm " \
-                              "needs norm_p >= 1; aux-loss coefficients, router_noise_std and " \
+                              "needs norm_p >= 1; training and save_for_backward are 0 or 1; " \
+                              "aux-loss coefficients, router_noise_std and " \
                               "noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
     X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; " \
@@ -204,9 +208,9 @@ extern "C" {
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
     X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: " \
                               "bind them with moe_info_bind and run the forward " \
-                              "with training = 1") \
-    X(BAD_CACHE,          15, "moe_info is not the cache of a training forward of this config " \
-                              "and T, or its routing arrays changed since " \
+                              "with save_for_backward = 1") \
+    X(BAD_CACHE,          15, "moe_info is not the cache of a save_for_backward forward of " \
+                              "this config and T, or its routing arrays changed since " \
                               "(or hold routing no forward produces)") \
     X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and " \
                               "this build's vector width, " \
@@ -360,8 +364,12 @@ typedef struct moe_config {
     float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5);
                                  |routed_scale| <= 1e6                         */
 
-    /* --- training-time randomness (off unless training != 0) --------------- */
-    int32_t training;         /* 0 -> inference: no noise, no jitter           */
+    /* --- train-mode randomness (off unless training = 1) ------------------- */
+    int32_t training;         /* 0 -> eval mode; 1: train mode, as PyTorch's
+                                 module.training: the noise, jitter and expert
+                                 dropout set below apply (a random or sampled
+                                 second expert samples in both modes). Keeping
+                                 what moe_backward needs: save_for_backward    */
     uint64_t seed;            /* 0 -> 0: key of the counter-based RNG; change it
                                  every step (and micro-batch) you want fresh noise */
     moe_noise noise;          /* 0 -> none. SHAZEER needs w.router_noise       */
@@ -405,10 +413,18 @@ typedef struct moe_config {
                                  loss (tokens are batch-major, t = b*L + s)    */
 
     /* --- backward ------------------------------------------------------------ */
-    int32_t recompute;        /* 0 -> a training forward stores the expert hidden
-                                 activations in moe_info for the backward pass;
-                                 1: store nothing, moe_backward recomputes them
-                                 (less memory, one more expert forward)        */
+    int32_t save_for_backward; /* 0 -> the forward keeps nothing for moe_backward
+                                 (its info holds no stamp: MISSING_CACHE); 1: it
+                                 keeps what moe_backward reads in the bound info
+                                 (routing arrays; the expert cache unless
+                                 recompute) and stamps it. Independent of
+                                 training: with training = 0 the gradients are
+                                 those of the noise-free eval-mode forward     */
+    int32_t recompute;        /* 0 -> a save_for_backward forward stores the
+                                 expert hidden activations in moe_info for the
+                                 backward pass; 1: store nothing, moe_backward
+                                 recomputes them (less memory, one more expert
+                                 forward)                                      */
     float router_grad_clip;   /* 0 -> off; > 0: each token's router-logit
                                  gradient dz_t is scaled to L2 norm <= clip     */
 
@@ -518,7 +534,7 @@ typedef struct moe_info {
     int32_t *expert_routed;   /* [E] pairs routed to e before capacity (random-
                                  routing rejections excluded)                  */
     int32_t *expert_kept;     /* [E] pairs e actually processed                */
-    /* Training cache (written by a forward with cfg.training = 1 and
+    /* Training cache (written by a forward with cfg.save_for_backward = 1 and
        cfg.recompute = 0, read by moe_backward). Rows are the processed pairs in
        expert-contiguous order, token order within an expert; N = rows bound
        (T*K top-k, E*C expert choice, T*E dense, E*P Soft MoE).               */
@@ -541,11 +557,12 @@ typedef struct moe_info {
     float aux_total;          /* sum of coef * value over the five above       */
     size_t workspace_required;/* set with MOE_STATUS_WORKSPACE_TOO_SMALL       */
     /* What the arrays hold, for moe_backward: every call that fills them
-       (and moe_info_bind) rewrites this stamp. A training forward records its
-       T, a fingerprint of its config and a checksum of the routing arrays it
-       wrote; any other call clears it. moe_backward runs only on the stamp of
-       a training forward of its own config and T, with the arrays unchanged. */
-    int32_t cache_tokens;     /* T of that training forward                    */
+       (and moe_info_bind) rewrites this stamp. A forward with
+       cfg.save_for_backward = 1 records its T, a fingerprint of its config and
+       a checksum of the routing arrays it wrote; any other call clears it.
+       moe_backward runs only on the stamp of such a forward of its own config
+       and T, with the arrays unchanged.                                      */
+    int32_t cache_tokens;     /* T of that forward                             */
     uint64_t cache_config;    /* fingerprint of its config; 0: no cache        */
     uint64_t cache_check;     /* checksum of its routing arrays                */
 } moe_info;
@@ -565,9 +582,10 @@ MOEDEF const char *moe_isa_name(moe_isa isa);
 
 /* Check cfg and write it with every default applied to *out (out may be cfg). */
 MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out);
-/* The fingerprint a training forward stamps into moe_info.cache_config: a
-   hash of every resolved field that shapes its routing and cache (all but
-   isa, threads, pool, pack_bf16 and router_grad_clip). 0 for a bad config.
+/* The fingerprint a save_for_backward forward stamps into
+   moe_info.cache_config: a hash of every resolved field that shapes its
+   routing and cache (all but isa, threads, pool, pack_bf16, router_grad_clip
+   and save_for_backward itself). 0 for a bad config.
    moe_cuda.cuh stamps its forwards with it too.                           */
 MOEDEF uint64_t moe_config_fingerprint(const moe_config *cfg);
 
@@ -673,18 +691,20 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
 
 /* Backward pass of the layer for the loss  L = <dy, y> + info.aux_total,
    i.e. every aux loss enters with its coefficient from cfg. info is the one
-   the training forward (cfg.training = 1, same cfg, x, T and seed) filled; it
-   must have logits, scores, expert, weight, dropped (Soft MoE: scores and
-   dispatch) and, unless cfg.recompute, the cache arrays (moe_info_bind binds
-   all of them). Its stamp is checked first: an info no training forward
-   filled is MOE_STATUS_MISSING_CACHE; one from another T or config (fields
-   other than isa, threads, pool, pack_bf16 and router_grad_clip; a recompute
-   backward also takes the info of a forward that kept the cache), or whose
-   routing arrays were rewritten since (e.g. by an evaluation forward
-   through the same info or buffer), is MOE_STATUS_BAD_CACHE. dx [T][D] is
-   OVERWRITTEN; grads ACCUMULATE. dx may be NULL, or x or dy (in place); no
-   other pair of the call's buffers may overlap where one is written
-   (grads, dx, workspace): MOE_STATUS_ALIASING. T = 0 needs no workspace.
+   the forward with cfg.save_for_backward = 1 (same cfg, training included,
+   x, T and seed) filled; it must have logits, scores, expert, weight, dropped
+   (Soft MoE: scores and dispatch) and, unless cfg.recompute, the cache
+   arrays (moe_info_bind binds all of them). Its stamp is checked first: an
+   info no such forward filled (training = 1 alone saves nothing) is
+   MOE_STATUS_MISSING_CACHE; one from another T or config (fields other than
+   isa, threads, pool, pack_bf16, router_grad_clip and save_for_backward; a
+   recompute backward also takes the info of a forward that kept the
+   cache), or whose routing arrays were rewritten since (e.g. by an
+   evaluation forward through the same info or buffer), is
+   MOE_STATUS_BAD_CACHE. dx [T][D] is OVERWRITTEN; grads ACCUMULATE. dx may
+   be NULL, or x or dy (in place); no other pair of the call's buffers may
+   overlap where one is written (grads, dx, workspace): MOE_STATUS_ALIASING.
+   T = 0 needs no workspace.
    What is a constant (docs/ROUTING.md, "Backward"): top-k / group / capacity choices,
    noise samples, jitter factors, the selection bias and the count vectors f
    of the balance losses. On a SIMD ISA the workspace also holds packed
@@ -2058,6 +2078,8 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
     if ((c.noise != MOE_NOISE_NONE || c.router_noise_std > 0.0f) && c.routing != MOE_ROUTING_TOPK)
         return MOE_STATUS_BAD_OPTION;
     if (c.shared_expert_gated && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
+    if (c.training < 0 || c.training > 1 || c.save_for_backward < 0 || c.save_for_backward > 1)
+        return MOE_STATUS_BAD_OPTION;
     if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
     if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
     if (c.routed_scale == 0.0f) c.routed_scale = 1.0f;
@@ -3918,13 +3940,14 @@ static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, 
     return MOE_STATUS_OK;
 }
 
-/* The info's arrays hold no training forward's cache (moe_info.cache_*). */
+/* The info's arrays hold no saved forward's cache (moe_info.cache_*). */
 static void moe__unstamp(moe_info *info) {
     info->cache_tokens = 0; info->cache_config = 0; info->cache_check = 0;
 }
 
 /* moe_info arrays, in one order shared by moe_info_size and moe_info_bind.
-   The training cache is included when cfg.training and not cfg.recompute. */
+   The training cache is included when cfg.save_for_backward and not
+   cfg.recompute.                                                          */
 typedef struct moe__info_layout {
     size_t logits, scores, dispatch, expert, weight, dropped, routed, kept;
     size_t hidden, up, out, sh_hidden, sh_up, sh_out;
@@ -3943,7 +3966,7 @@ static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c
     glu = moe__act_is_glu(c->activation);
     TR = moe__mul((size_t)T, (size_t)P.R);
     TS = moe__mul((size_t)T, (size_t)P.S);
-    if (c->training && !c->recompute) { N = (size_t)P.N; Ts = (size_t)T; }
+    if (c->save_for_backward && !c->recompute) { N = (size_t)P.N; Ts = (size_t)T; }
     L->logits   = moe__reserve(&t, TR, sizeof(float), &ok);
     L->scores   = moe__reserve(&t, TR, sizeof(float), &ok);
     L->dispatch = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
@@ -3990,7 +4013,7 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
     b = moe__align_ptr(buffer);
-    cache = c.training && !c.recompute;
+    cache = c.save_for_backward && !c.recompute;
     glu = moe__act_is_glu(c.activation);
     info->logits = MOE__AT(b, L.logits, float);
     info->scores = MOE__AT(b, L.scores, float);
@@ -4034,7 +4057,7 @@ static void moe__router_init(moe__router *r, const moe_config *c, const moe__lay
 }
 
 /* Copy a finished routing result to the caller's info: arrays it asked for,
-   and every scalar (and no cache stamp: a training forward adds it).        */
+   and every scalar (and no cache stamp: a saving forward adds it).          */
 static void moe__info_export(moe_info *dst, const moe_info *src, const float *logits,
                              int32_t T, int32_t R, int32_t S, int32_t E) {
     const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
@@ -4075,7 +4098,7 @@ static void moe__info_no_tokens(moe_info *info, const moe_config *c) {
 
 /* Spans of the info arrays a call writes (forward, route) or reads
    (backward): the routing arrays, the counts, and the N-row training cache
-   (cache: 1 when cfg.training and not cfg.recompute).                    */
+   (cache: 1 when cfg.save_for_backward and not cfg.recompute).           */
 static void moe__info_spans(moe__spans *S, const moe_config *c, const moe_info *info, int32_t T,
                             const moe__layout *L, int counts, int cache, int written) {
     const size_t TR = (size_t)T * (size_t)L->R, TS = (size_t)T * (size_t)L->S;
@@ -4121,9 +4144,10 @@ static uint64_t moe__hash_bytes(uint64_t h, const void *p, size_t n) {
     return moe__hash(h, p ? (uint64_t)n : ~(uint64_t)0);
 }
 
-/* Every resolved config field that shapes a training forward's routing or
+/* Every resolved config field that shapes a saving forward's routing or
    cache: all but isa, the threads and pool, pack_bf16 (the backward runs
-   on the fp32 tensors) and router_grad_clip (read by the backward only).  */
+   on the fp32 tensors), router_grad_clip (read by the backward only) and
+   save_for_backward (1 in every forward that stamps).                     */
 static uint64_t moe__config_key(const moe_config *c) {
     const int64_t i[] = {c->num_experts, c->top_k, c->d_model, c->d_ff, c->activation,
                          c->expert_bias, c->routing, c->score, c->router_bias, c->selection_bias,
@@ -4168,7 +4192,7 @@ static uint64_t moe__routing_check(const moe_config *c, const moe_info *info, in
     return moe__hash_bytes(h, info->dropped, TS);
 }
 
-/* Copy the expert activations of a training forward into the info cache. */
+/* Copy the expert activations of a saving forward into the info cache. */
 static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
                               const moe__layout *L, unsigned char *b) {
     const size_t rows = (size_t)MOE__AT(b, L->offsets, int64_t)[c->num_experts];
@@ -4398,8 +4422,8 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
 static void moe__info_publish(moe_info *info, const moe_config *c, const moe_info *res,
                               int32_t T, const moe__layout *L, unsigned char *b) {
     moe__info_export(info, res, MOE__AT(b, L->logits, float), T, L->R, L->S, c->num_experts);
-    if (c->training && !c->recompute) moe__cache_export(info, c, T, L, b);
-    if (c->training) {
+    if (c->save_for_backward && !c->recompute) moe__cache_export(info, c, T, L, b);
+    if (c->save_for_backward) {
         info->cache_tokens = T;
         info->cache_config = moe__config_key(c);
         info->cache_check = moe__routing_check(c, info, T, L->R, L->S);
@@ -4433,7 +4457,8 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
         moe__span(&sp, y, TD, sizeof(float), 1);
         if (x != y) moe__span(&sp, x, TD, sizeof(float), 0);
         moe__weight_spans(&sp, &c, w, !forward_packed);
-        if (info) moe__info_spans(&sp, &c, info, T, &L, 1, c.training && !c.recompute, 1);
+        if (info)
+            moe__info_spans(&sp, &c, info, T, &L, 1, c.save_for_backward && !c.recompute, 1);
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
@@ -4968,7 +4993,7 @@ MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num
 /* Does info hold what moe_backward reads? */
 static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
     const int glu = moe__act_is_glu(c->activation);
-    if (info->cache_config == 0) return MOE_STATUS_MISSING_CACHE;   /* no training forward */
+    if (info->cache_config == 0) return MOE_STATUS_MISSING_CACHE;   /* no saving forward */
     if (!info->logits || !info->scores) return MOE_STATUS_MISSING_CACHE;
     if (c->routing == MOE_ROUTING_SOFT ? !info->dispatch
                                        : (!info->expert || !info->weight || !info->dropped))
@@ -5057,7 +5082,7 @@ typedef struct moe__bw_call {
 } moe__bw_call;
 
 /* The expert activations: rerun the forward's FFNs (cfg.recompute), or the
-   training forward's cache, with the rows gathered again either way. */
+   saving forward's cache, with the rows gathered again either way. */
 static void moe__bw_activations(moe__bw_call *B) {
     const moe_config *c = B->c;
     const moe__layout *L = B->L;

@@ -23,8 +23,8 @@
          st = moe_cuda_forward(&cfg, &w, x, T, y, &info, ws, wb, stream);
          ... more work on the stream ...
          st = moe_cuda_forward_result(ws, &info, stream);     (waits)
-     Training: cfg.training = 1 and info's device arrays logits, scores,
-     expert, weight and dropped; the result stamps info; then
+     Training: cfg.save_for_backward = 1 and info's device arrays logits,
+     scores, expert, weight and dropped; the result stamps info; then
          moe_cuda_backward_workspace_size(&cfg, T, &bb);      (cudaMalloc once)
          st = moe_cuda_backward(&cfg, &w, x, T, &info, dy, dx, &grads, bws, bb,
                                 stream);     (dx overwritten, grads accumulate)
@@ -1143,8 +1143,8 @@ typedef struct moe_cuda__report {
     int32_t done;           /* the forward's last kernel ran                    */
     int32_t slots, capacity, dropped_pairs, dropped_tokens;
     float aux_balance, aux_z, aux_importance, aux_load, aux_seq, aux_total;
-    int32_t stamp_tokens;   /* a training forward's T and config fingerprint    */
-    uint64_t stamp_config;  /* (0: not training), for moe_cuda_backward's check */
+    int32_t stamp_tokens;   /* a saving forward's T and config fingerprint      */
+    uint64_t stamp_config;  /* (0: not saving), for moe_cuda_backward's check   */
 } moe_cuda__report;
 
 typedef struct moe_cuda__stats_args {
@@ -1159,7 +1159,7 @@ typedef struct moe_cuda__stats_args {
     int32_t *sum_i;                      /* [chunk][4E + 2]: f, routed, kept,
                                             seq count; dropped pairs, tokens     */
     float coef[5];                       /* balance, z, importance, load, seq     */
-    uint64_t stamp_config;               /* moe_config_fingerprint when training  */
+    uint64_t stamp_config;               /* moe_config_fingerprint when saving    */
     int32_t *expert_routed, *expert_kept;   /* info arrays [E] or NULL            */
     moe_cuda__report *report;
 } moe_cuda__stats_args;
@@ -1336,7 +1336,7 @@ __global__ void moe_cuda__publish(moe_cuda__publish_args a) {
 
 // ----------------------------------------------------------------------------
 // Backward: the gradient of L = <dy, y> + aux_total, as moe_backward
-// computes it. The routing arrays come from the training forward's
+// computes it. The routing arrays come from the saving forward's
 // moe_info; the rows are re-dispatched from them and the expert FFNs
 // recomputed (no activation cache). The experts' steps 1, 3 and 4 run on
 // the path the forward runs: the tensor-core GEMMs (bf16 operands, fp32
@@ -2266,7 +2266,8 @@ static inline cudaError_t moe_cuda__route(const moe_cuda__plan *p, const moe_wei
    arrays are device memory; info (host struct, may be NULL) names the arrays
    to fill: logits, scores, expert, weight, dropped, expert_routed,
    expert_kept (each may be NULL; no activation cache: the backward
-   recomputes). Queuing clears info's training stamp; the result sets it.
+   recomputes). Queuing clears info's training stamp; the result sets it
+   when cfg.save_for_backward = 1.
    y may be x; no other written buffer may overlap another buffer
    (MOE_STATUS_ALIASING). OK means queued: moe_cuda_forward_result gives the
    outcome. The workspace must not be reused before that. */
@@ -2404,7 +2405,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
     sa.expert_routed = info ? info->expert_routed : NULL;
     sa.expert_kept = info ? info->expert_kept : NULL;
     sa.report = ws.report;
-    sa.stamp_config = c->training ? moe_config_fingerprint(cfg) : 0;
+    sa.stamp_config = c->save_for_backward ? moe_config_fingerprint(cfg) : 0;
     if (p.n_chunks > 0)
         MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__chunk_stats, dim3((unsigned)p.n_chunks),
                                       dim3(MOE_CUDA__BLOCK), 0, stream, sa));
@@ -2417,7 +2418,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
 
 /* Wait for `stream` and read the outcome of the forward that last used this
    workspace: MOE_STATUS_OK, with info's scalars written (slots, capacity,
-   drops, aux losses; a training forward's stamp), or MOE_STATUS_NONFINITE
+   drops, aux losses; a saving forward's stamp), or MOE_STATUS_NONFINITE
    (a NaN / Inf router logit or selection bias: y, the info arrays and info
    are as they were), or MOE_STATUS_CUDA_ERROR (the stream failed, or no
    forward finished on this workspace). info may be NULL. */
@@ -2437,7 +2438,7 @@ static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info
         info->aux_balance = r.aux_balance; info->aux_z = r.aux_z;
         info->aux_importance = r.aux_importance; info->aux_load = r.aux_load;
         info->aux_seq = r.aux_seq; info->aux_total = r.aux_total;
-        /* a training forward stamps info for moe_cuda_backward (no checksum
+        /* a saving forward stamps info for moe_cuda_backward (no checksum
            of the arrays: cache_check stays 0, which moe_backward refuses) */
         info->cache_tokens = r.stamp_config ? r.stamp_tokens : 0;
         info->cache_config = r.stamp_config;
@@ -2555,8 +2556,8 @@ static inline moe_status moe_cuda_backward_workspace_size(const moe_config *cfg,
 
 /* Queue the gradient of L = <dy, y> + info.aux_total on `stream`, as
    moe_backward: dx [T][D] is OVERWRITTEN (may be NULL, x or dy), the
-   gradients ACCUMULATE (each field may be NULL). info is the one a training
-   forward (cfg.training = 1, same config and T) filled through
+   gradients ACCUMULATE (each field may be NULL). info is the one a forward
+   with cfg.save_for_backward = 1 (same config and T) filled through
    moe_cuda_forward and moe_cuda_forward_result: its device arrays logits,
    scores, expert, weight and dropped, and its stamp (none:
    MOE_STATUS_MISSING_CACHE; another T or config: MOE_STATUS_BAD_CACHE; the

@@ -352,7 +352,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     const int backward = variant == 1 || variant == 4;
     const double esize = variant == 6 ? 2.0 : 4.0;
     void *packed = NULL;
-    cfg.training = backward;
+    cfg.training = cfg.save_for_backward = backward;
     if (variant <= 1) cfg.isa = MOE_ISA_REFERENCE;
     w.router = tensor((size_t)E * D, 0.03f);
     w.gate = tensor((size_t)E * F * D, 0.03f); w.up = tensor((size_t)E * F * D, 0.03f);

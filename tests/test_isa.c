@@ -103,7 +103,7 @@ static void isa_run_layer(const isa_layer *L, moe_isa isa, int packed, int threa
     size_t bytes = 0;
     void *pk = NULL;
     int i;
-    c.isa = isa; c.training = 1; c.num_threads = threads;
+    c.isa = isa; c.training = 1; c.save_for_backward = 1; c.num_threads = threads;
     memset(R, 0, sizeof *R);
     R->y = (float *)calloc(T * D + 1, sizeof(float));
     R->dx = (float *)calloc(T * D + 1, sizeof(float));

@@ -50,7 +50,7 @@ static void tlayer_init(tlayer *L, int which) {
     moe_config *c = &L->c;
     memset(L, 0, sizeof *L);
     c->num_experts = TE; c->top_k = 2; c->d_model = TD; c->d_ff = TF;
-    c->training = 1; c->seed = 1234u + (uint64_t)which;
+    c->training = 1; c->save_for_backward = 1; c->seed = 1234u + (uint64_t)which;
     c->balance_coef = 0.01f; c->z_loss_coef = 1e-3f;
     switch (which) {
     case 0: break;
