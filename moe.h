@@ -72,8 +72,10 @@
      Source: 4-space indents, lines at most 100 columns.
 
    TRAINING
-     Run moe_forward with cfg.training = 1 and an info bound by moe_info_bind,
-     then moe_backward with the same info. Gradient convention (llm.c):
+     Run moe_forward with cfg.save_for_backward = 1 and an info bound by
+     moe_info_bind, then moe_backward with the same info; cfg.training = 1
+     (train mode, as PyTorch's module.training) also turns on the noise,
+     jitter and dropout the config asks for. Gradient convention (llm.c):
      parameter gradients ACCUMULATE (+=, zero them per step), the activation
      gradient dx is OVERWRITTEN. The backward differentiates <dy, y> plus
      every aux loss times its coefficient (balance_coef, z_loss_coef, ...).
@@ -118,9 +120,10 @@
      dx == x. Any other overlap of a written buffer (outputs, info arrays,
      gradients, workspace, packed blob) with another buffer of the call is
      MOE_STATUS_ALIASING, nothing written; the moe_ep_* calls have no in-place
-     form. A training forward stamps its info (T, config fingerprint, routing
-     checksum); moe_backward refuses an info without that stamp or with
-     another T, config or changed routing (MISSING_CACHE / BAD_CACHE).
+     form. A forward with cfg.save_for_backward = 1 stamps its info (T, config
+     fingerprint, routing checksum); moe_backward refuses an info without that
+     stamp or with another T, config or changed routing (MISSING_CACHE /
+     BAD_CACHE).
 
    DETERMINISM
      Same inputs, config and seed give bitwise-identical outputs. Top-k breaks
@@ -190,7 +193,8 @@ extern "C" {
     X(BAD_ENUM,            6, "a config field holds an unknown enum value") \
     X(BAD_OPTION,          7, "a config option is out of its range or conflicts with another " \
                               "(e.g. random/sampled second expert needs top_k == 2; p-norm " \
-                              "needs norm_p >= 1; aux-loss coefficients, router_noise_std and " \
+                              "needs norm_p >= 1; training and save_for_backward are 0 or 1; " \
+                              "aux-loss coefficients, router_noise_std and " \
                               "noise_epsilon in [0, 1e6]; |routed_scale| <= 1e6)") \
     X(MISSING_WEIGHT,      8, "a weight tensor that the config needs is NULL") \
     X(WORKSPACE_TOO_SMALL, 9, "workspace smaller than the size query returned; " \
@@ -204,9 +208,9 @@ extern "C" {
     X(SIZE_OVERFLOW,      13, "a buffer size does not fit in size_t") \
     X(MISSING_CACHE,      14, "moe_backward needs moe_info arrays the forward did not fill: " \
                               "bind them with moe_info_bind and run the forward " \
-                              "with training = 1") \
-    X(BAD_CACHE,          15, "moe_info is not the cache of a training forward of this config " \
-                              "and T, or its routing arrays changed since " \
+                              "with save_for_backward = 1") \
+    X(BAD_CACHE,          15, "moe_info is not the cache of a save_for_backward forward of " \
+                              "this config and T, or its routing arrays changed since " \
                               "(or hold routing no forward produces)") \
     X(BAD_PACKED,         16, "w.packed was not made by moe_pack_weights for this config and " \
                               "this build's vector width, " \
@@ -360,8 +364,12 @@ typedef struct moe_config {
     float routed_scale;       /* 0 -> 1.0: routed_scaling_factor (V2 16, V3 2.5);
                                  |routed_scale| <= 1e6                         */
 
-    /* --- training-time randomness (off unless training != 0) --------------- */
-    int32_t training;         /* 0 -> inference: no noise, no jitter           */
+    /* --- train-mode randomness (off unless training = 1) ------------------- */
+    int32_t training;         /* 0 -> eval mode; 1: train mode, as PyTorch's
+                                 module.training: the noise, jitter and expert
+                                 dropout set below apply (a random or sampled
+                                 second expert samples in both modes). Keeping
+                                 what moe_backward needs: save_for_backward    */
     uint64_t seed;            /* 0 -> 0: key of the counter-based RNG; change it
                                  every step (and micro-batch) you want fresh noise */
     moe_noise noise;          /* 0 -> none. SHAZEER needs w.router_noise       */
@@ -389,8 +397,8 @@ typedef struct moe_config {
     int32_t shared_d_ff;      /* 0 -> no shared expert; Fs: hidden width of the
                                  always-on shared FFN (N shared experts of width
                                  F are one FFN of width N*F, as DeepSeek fuses) */
-    int32_t shared_gate;      /* 0 -> ungated; 1: y += sigmoid(x.w.shared_expert_gate)
-                                 * shared(x) (Qwen2-MoE)                       */
+    int32_t shared_expert_gated; /* 0 -> ungated; 1: y += sigmoid(x .
+                                 w.shared_expert_gate) * shared(x) (Qwen2-MoE) */
     int32_t slots_per_expert; /* 0 -> 1: P, Soft MoE slots per expert          */
 
     /* --- auxiliary losses (values in moe_info; coefficients weight aux_total,
@@ -405,10 +413,18 @@ typedef struct moe_config {
                                  loss (tokens are batch-major, t = b*L + s)    */
 
     /* --- backward ------------------------------------------------------------ */
-    int32_t recompute;        /* 0 -> a training forward stores the expert hidden
-                                 activations in moe_info for the backward pass;
-                                 1: store nothing, moe_backward recomputes them
-                                 (less memory, one more expert forward)        */
+    int32_t save_for_backward; /* 0 -> the forward keeps nothing for moe_backward
+                                 (its info holds no stamp: MISSING_CACHE); 1: it
+                                 keeps what moe_backward reads in the bound info
+                                 (routing arrays; the expert cache unless
+                                 recompute) and stamps it. Independent of
+                                 training: with training = 0 the gradients are
+                                 those of the noise-free eval-mode forward     */
+    int32_t recompute;        /* 0 -> a save_for_backward forward stores the
+                                 expert hidden activations in moe_info for the
+                                 backward pass; 1: store nothing, moe_backward
+                                 recomputes them (less memory, one more expert
+                                 forward)                                      */
     float router_grad_clip;   /* 0 -> off; > 0: each token's router-logit
                                  gradient dz_t is scaled to L2 norm <= clip     */
 
@@ -434,30 +450,39 @@ typedef struct moe_config {
 
 /* ---------------------------------------------------------------------------
    moe_weights: caller-owned float tensors in PyTorch nn.Linear layout. Only
-   the ones the config uses are read; the others may be NULL.                */
+   the ones the config uses are read; the others may be NULL. Each expert is
+   an FFN of its first matrix W1 = gate and second W2 = down, with W3 = up
+   for the GLU activations (cfg.activation, biases with cfg.expert_bias):
+     GLU (SwiGLU, GeGLU):     down . (act(gate . x + b1) * (up . x + b3)) + b2
+     non-GLU (ReLU, GELU...): down . act(gate . x + b1) + b2
+   so gate holds a GLU's gate projection (gate_proj, Mixtral w1) or a
+   two-matrix FFN's fc1 (T5 wi); up is unused there (leave it NULL); down is
+   W2 (down_proj, fc2, T5 wo) either way. The shared expert's shared_gate,
+   shared_up and shared_down play the same three roles.                      */
 typedef struct moe_weights {
     const float *router;          /* [E][D]   z = x . router^T                */
     const float *router_bias;     /* [E]      cfg.router_bias                 */
     const float *selection_bias;  /* [E]      cfg.selection_bias (V3 e_score_correction_bias) */
     const float *router_noise;    /* [E][D]   W_noise of MOE_NOISE_SHAZEER    */
-    const float *gate;            /* [E][F][D] W1 / gate_proj, or W_in of a
+    const float *gate;            /* [E][F][D] W1: gate_proj (GLU), or fc1 of a
                                      two-matrix FFN; [E][2F][D] when fused    */
-    const float *up;              /* [E][F][D] W3 / up_proj (GLU only; NULL
-                                     when gate_up_fused)                      */
-    const float *down;            /* [E][D][F] W2 / down_proj                 */
+    const float *up;              /* [E][F][D] W3: up_proj (GLU only, else
+                                     unused; NULL when gate_up_fused)         */
+    const float *down;            /* [E][D][F] W2: down_proj / fc2            */
     const float *gate_bias;       /* [E][F]   cfg.expert_bias                 */
     const float *up_bias;         /* [E][F]                                   */
     const float *down_bias;       /* [E][D]                                   */
     int32_t gate_up_fused;        /* 1: gate points at HF 5.x gate_up_proj
                                      [E][2F][D], gate rows then up rows       */
     /* shared expert (cfg.shared_d_ff = Fs > 0), same activation as routed   */
-    const float *shared_gate;     /* [Fs][D]                                  */
-    const float *shared_up;       /* [Fs][D]  (GLU only)                      */
-    const float *shared_down;     /* [D][Fs]                                  */
+    const float *shared_gate;     /* [Fs][D]  W1 (gate_proj, or fc1)          */
+    const float *shared_up;       /* [Fs][D]  W3 (GLU only)                   */
+    const float *shared_down;     /* [D][Fs]  W2 (down_proj, or fc2)          */
     const float *shared_gate_bias;/* [Fs]     cfg.expert_bias                 */
     const float *shared_up_bias;  /* [Fs]                                     */
     const float *shared_down_bias;/* [D]                                      */
-    const float *shared_expert_gate; /* [D]   cfg.shared_gate (Qwen2 [1][D])  */
+    const float *shared_expert_gate; /* [D]   cfg.shared_expert_gated (Qwen2
+                                     shared_expert_gate [1][D])               */
     /* Soft MoE */
     const float *soft_phi;        /* [E*P][D] slot parameters (row s = slot s%P
                                      of expert s/P)                           */
@@ -509,7 +534,7 @@ typedef struct moe_info {
     int32_t *expert_routed;   /* [E] pairs routed to e before capacity (random-
                                  routing rejections excluded)                  */
     int32_t *expert_kept;     /* [E] pairs e actually processed                */
-    /* Training cache (written by a forward with cfg.training = 1 and
+    /* Training cache (written by a forward with cfg.save_for_backward = 1 and
        cfg.recompute = 0, read by moe_backward). Rows are the processed pairs in
        expert-contiguous order, token order within an expert; N = rows bound
        (T*K top-k, E*C expert choice, T*E dense, E*P Soft MoE).               */
@@ -532,11 +557,12 @@ typedef struct moe_info {
     float aux_total;          /* sum of coef * value over the five above       */
     size_t workspace_required;/* set with MOE_STATUS_WORKSPACE_TOO_SMALL       */
     /* What the arrays hold, for moe_backward: every call that fills them
-       (and moe_info_bind) rewrites this stamp. A training forward records its
-       T, a fingerprint of its config and a checksum of the routing arrays it
-       wrote; any other call clears it. moe_backward runs only on the stamp of
-       a training forward of its own config and T, with the arrays unchanged. */
-    int32_t cache_tokens;     /* T of that training forward                    */
+       (and moe_info_bind) rewrites this stamp. A forward with
+       cfg.save_for_backward = 1 records its T, a fingerprint of its config and
+       a checksum of the routing arrays it wrote; any other call clears it.
+       moe_backward runs only on the stamp of such a forward of its own config
+       and T, with the arrays unchanged.                                      */
+    int32_t cache_tokens;     /* T of that forward                             */
     uint64_t cache_config;    /* fingerprint of its config; 0: no cache        */
     uint64_t cache_check;     /* checksum of its routing arrays                */
 } moe_info;
@@ -556,9 +582,10 @@ MOEDEF const char *moe_isa_name(moe_isa isa);
 
 /* Check cfg and write it with every default applied to *out (out may be cfg). */
 MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out);
-/* The fingerprint a training forward stamps into moe_info.cache_config: a
-   hash of every resolved field that shapes its routing and cache (all but
-   isa, threads, pool, pack_bf16 and router_grad_clip). 0 for a bad config.
+/* The fingerprint a save_for_backward forward stamps into
+   moe_info.cache_config: a hash of every resolved field that shapes its
+   routing and cache (all but isa, threads, pool, pack_bf16, router_grad_clip
+   and save_for_backward itself). 0 for a bad config.
    moe_cuda.cuh stamps its forwards with it too.                           */
 MOEDEF uint64_t moe_config_fingerprint(const moe_config *cfg);
 
@@ -664,18 +691,20 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
 
 /* Backward pass of the layer for the loss  L = <dy, y> + info.aux_total,
    i.e. every aux loss enters with its coefficient from cfg. info is the one
-   the training forward (cfg.training = 1, same cfg, x, T and seed) filled; it
-   must have logits, scores, expert, weight, dropped (Soft MoE: scores and
-   dispatch) and, unless cfg.recompute, the cache arrays (moe_info_bind binds
-   all of them). Its stamp is checked first: an info no training forward
-   filled is MOE_STATUS_MISSING_CACHE; one from another T or config (fields
-   other than isa, threads, pool, pack_bf16 and router_grad_clip; a recompute
-   backward also takes the info of a forward that kept the cache), or whose
-   routing arrays were rewritten since (e.g. by an evaluation forward
-   through the same info or buffer), is MOE_STATUS_BAD_CACHE. dx [T][D] is
-   OVERWRITTEN; grads ACCUMULATE. dx may be NULL, or x or dy (in place); no
-   other pair of the call's buffers may overlap where one is written
-   (grads, dx, workspace): MOE_STATUS_ALIASING. T = 0 needs no workspace.
+   the forward with cfg.save_for_backward = 1 (same cfg, training included,
+   x, T and seed) filled; it must have logits, scores, expert, weight, dropped
+   (Soft MoE: scores and dispatch) and, unless cfg.recompute, the cache
+   arrays (moe_info_bind binds all of them). Its stamp is checked first: an
+   info no such forward filled (training = 1 alone saves nothing) is
+   MOE_STATUS_MISSING_CACHE; one from another T or config (fields other than
+   isa, threads, pool, pack_bf16, router_grad_clip and save_for_backward; a
+   recompute backward also takes the info of a forward that kept the
+   cache), or whose routing arrays were rewritten since (e.g. by an
+   evaluation forward through the same info or buffer), is
+   MOE_STATUS_BAD_CACHE. dx [T][D] is OVERWRITTEN; grads ACCUMULATE. dx may
+   be NULL, or x or dy (in place); no other pair of the call's buffers may
+   overlap where one is written (grads, dx, workspace): MOE_STATUS_ALIASING.
+   T = 0 needs no workspace.
    What is a constant (docs/ROUTING.md, "Backward"): top-k / group / capacity choices,
    noise samples, jitter factors, the selection bias and the count vectors f
    of the balance losses. On a SIMD ISA the workspace also holds packed
@@ -2062,7 +2091,9 @@ MOEDEF moe_status moe_config_resolve(const moe_config *cfg, moe_config *out) {
         return MOE_STATUS_BAD_OPTION;
     if ((c.noise != MOE_NOISE_NONE || c.router_noise_std > 0.0f) && c.routing != MOE_ROUTING_TOPK)
         return MOE_STATUS_BAD_OPTION;
-    if (c.shared_gate && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
+    if (c.shared_expert_gated && c.shared_d_ff == 0) return MOE_STATUS_BAD_OPTION;
+    if (c.training < 0 || c.training > 1 || c.save_for_backward < 0 || c.save_for_backward > 1)
+        return MOE_STATUS_BAD_OPTION;
     if (c.normalize == MOE_NORM_PNORM && c.norm_p == 0.0f) c.norm_p = 1.0f;
     if (c.second_threshold == 0.0f) c.second_threshold = 0.5f;
     if (c.routed_scale == 0.0f) c.routed_scale = 1.0f;
@@ -2132,7 +2163,7 @@ MOEDEF moe_config moe_preset_shazeer(void) {   /* noisy top-k, t2t epsilon */
 }
 MOEDEF moe_config moe_preset_qwen2_moe(void) { /* no renorm, gated shared expert */
     moe_config c = moe__preset(60, 4, 2048, 1408);
-    c.normalize = MOE_NORM_NONE; c.shared_d_ff = 5632; c.shared_gate = 1;
+    c.normalize = MOE_NORM_NONE; c.shared_d_ff = 5632; c.shared_expert_gated = 1;
     c.balance_coef = 0.001f;
     return c;
 }
@@ -2366,7 +2397,7 @@ static void moe__plan_forward(const moe_config *c, const moe__plan_dims *d, int 
     L->sh_u         = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
     L->sh_a         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
     L->sh_out       = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
-    L->sh_gamma     = moe__reserve(t, c->shared_gate ? d->nT : 0, sizeof(float), ok);
+    L->sh_gamma     = moe__reserve(t, c->shared_expert_gated ? d->nT : 0, sizeof(float), ok);
 }
 
 /* What the SIMD forward adds: packed-panel tiles, task lists, packed A. */
@@ -4041,10 +4072,11 @@ static void moe__experts_stage(const moe_config *c, const moe_weights *w, const 
 }
 
 /* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
-static float moe__shared_gate_of(const moe_config *c, const moe_weights *w, const float *xt) {
+static float moe__shared_expert_gate_of(const moe_config *c, const moe_weights *w,
+                                        const float *xt) {
     float z = 0.0f;
     int32_t d;
-    if (!c->shared_gate) return 1.0f;
+    if (!c->shared_expert_gated) return 1.0f;
     for (d = 0; d < c->d_model; d++) z += xt[d] * w->shared_expert_gate[d];
     return moe__sigmoid(z);
 }
@@ -4113,7 +4145,7 @@ static int32_t moe__tensors(const moe_config *c, const moe_grads *g, moe__tensor
     MOE__T(Fs > 0 ? g->shared_gate_bias : NULL, Fs, Fs, D, Fs, 1);
     MOE__T(Fs > 0 && glu ? g->shared_up_bias : NULL, Fs, Fs, D, Fs, 1);
     MOE__T(Fs > 0 ? g->shared_down_bias : NULL, D, D, Fs, D, 1);
-    MOE__T(c->shared_gate ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
+    MOE__T(c->shared_expert_gated ? g->shared_expert_gate : NULL, D, D, D, 1, 0);
     MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_phi : NULL, (double)R * D, D, D, (double)R, 0);
     MOE__T(c->routing == MOE_ROUTING_SOFT ? g->soft_scale : NULL, 1, 1, 1, 1, 2);
 #undef MOE__T
@@ -4191,18 +4223,19 @@ static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, 
         if (c->expert_bias &&
             (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
             return MOE_STATUS_MISSING_WEIGHT;
-        if (c->shared_gate && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
+        if (c->shared_expert_gated && !w->shared_expert_gate) return MOE_STATUS_MISSING_WEIGHT;
     }
     return MOE_STATUS_OK;
 }
 
-/* The info's arrays hold no training forward's cache (moe_info.cache_*). */
+/* The info's arrays hold no saved forward's cache (moe_info.cache_*). */
 static void moe__unstamp(moe_info *info) {
     info->cache_tokens = 0; info->cache_config = 0; info->cache_check = 0;
 }
 
 /* moe_info arrays, in one order shared by moe_info_size and moe_info_bind.
-   The training cache is included when cfg.training and not cfg.recompute. */
+   The training cache is included when cfg.save_for_backward and not
+   cfg.recompute.                                                          */
 typedef struct moe__info_layout {
     size_t logits, scores, dispatch, expert, weight, dropped, routed, kept;
     size_t hidden, up, out, sh_hidden, sh_up, sh_out;
@@ -4221,7 +4254,7 @@ static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c
     glu = moe__act_is_glu(c->activation);
     TR = moe__mul((size_t)T, (size_t)P.R);
     TS = moe__mul((size_t)T, (size_t)P.S);
-    if (c->training && !c->recompute) { N = (size_t)P.N; Ts = (size_t)T; }
+    if (c->save_for_backward && !c->recompute) { N = (size_t)P.N; Ts = (size_t)T; }
     L->logits   = moe__reserve(&t, TR, sizeof(float), &ok);
     L->scores   = moe__reserve(&t, TR, sizeof(float), &ok);
     L->dispatch = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
@@ -4268,7 +4301,7 @@ MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_i
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
     b = moe__align_ptr(buffer);
-    cache = c.training && !c.recompute;
+    cache = c.save_for_backward && !c.recompute;
     glu = moe__act_is_glu(c.activation);
     info->logits = MOE__AT(b, L.logits, float);
     info->scores = MOE__AT(b, L.scores, float);
@@ -4312,7 +4345,7 @@ static void moe__router_init(moe__router *r, const moe_config *c, const moe__ws 
 }
 
 /* Copy a finished routing result to the caller's info: arrays it asked for,
-   and every scalar (and no cache stamp: a training forward adds it).        */
+   and every scalar (and no cache stamp: a saving forward adds it).          */
 static void moe__info_export(moe_info *dst, const moe_info *src, const float *logits,
                              int32_t T, int32_t R, int32_t S, int32_t E) {
     const size_t TR = (size_t)T * (size_t)R, TS = (size_t)T * (size_t)S;
@@ -4353,7 +4386,7 @@ static void moe__info_no_tokens(moe_info *info, const moe_config *c) {
 
 /* Spans of the info arrays a call writes (forward, route) or reads
    (backward): the routing arrays, the counts, and the N-row training cache
-   (cache: 1 when cfg.training and not cfg.recompute).                    */
+   (cache: 1 when cfg.save_for_backward and not cfg.recompute).           */
 static void moe__info_spans(moe__spans *S, const moe_config *c, const moe_info *info, int32_t T,
                             const moe__layout *L, int counts, int cache, int written) {
     const size_t TR = (size_t)T * (size_t)L->R, TS = (size_t)T * (size_t)L->S;
@@ -4399,17 +4432,18 @@ static uint64_t moe__hash_bytes(uint64_t h, const void *p, size_t n) {
     return moe__hash(h, p ? (uint64_t)n : ~(uint64_t)0);
 }
 
-/* Every resolved config field that shapes a training forward's routing or
+/* Every resolved config field that shapes a saving forward's routing or
    cache: all but isa, the threads and pool, pack_bf16 (the backward runs
-   on the fp32 tensors) and router_grad_clip (read by the backward only).  */
+   on the fp32 tensors), router_grad_clip (read by the backward only) and
+   save_for_backward (1 in every forward that stamps).                     */
 static uint64_t moe__config_key(const moe_config *c) {
     const int64_t i[] = {c->num_experts, c->top_k, c->d_model, c->d_ff, c->activation,
                          c->expert_bias, c->routing, c->score, c->router_bias, c->selection_bias,
                          c->n_group, c->topk_group, c->group_score_top, c->group_mask_zero,
                          c->second_expert, c->normalize, c->normalize_after_drop, c->training,
                          c->noise, c->capacity, c->capacity_formula, c->drop_policy,
-                         c->shared_d_ff, c->shared_gate, c->slots_per_expert, c->balance_loss,
-                         c->seq_len, c->recompute};
+                         c->shared_d_ff, c->shared_expert_gated, c->slots_per_expert,
+                         c->balance_loss, c->seq_len, c->recompute};
     const float f[] = {c->second_threshold, c->norm_p, c->norm_eps, c->routed_scale,
                        c->noise_epsilon, c->jitter, c->router_noise_std, c->expert_dropout,
                        c->capacity_factor, c->balance_coef, c->z_loss_coef, c->importance_coef,
@@ -4446,7 +4480,7 @@ static uint64_t moe__routing_check(const moe_config *c, const moe_info *info, in
     return moe__hash_bytes(h, info->dropped, TS);
 }
 
-/* Copy the expert activations of a training forward into the info cache. */
+/* Copy the expert activations of a saving forward into the info cache. */
 static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
                               const moe__ws *ws) {
     const size_t rows = (size_t)ws->offsets[c->num_experts];
@@ -4656,8 +4690,8 @@ static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, co
 static void moe__info_publish(moe_info *info, const moe_config *c, const moe_info *res,
                               int32_t T, const moe__ws *ws) {
     moe__info_export(info, res, ws->logits, T, ws->R, ws->S, c->num_experts);
-    if (c->training && !c->recompute) moe__cache_export(info, c, T, ws);
-    if (c->training) {
+    if (c->save_for_backward && !c->recompute) moe__cache_export(info, c, T, ws);
+    if (c->save_for_backward) {
         info->cache_tokens = T;
         info->cache_config = moe__config_key(c);
         info->cache_check = moe__routing_check(c, info, T, ws->R, ws->S);
@@ -4691,7 +4725,8 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
         moe__span(&sp, y, TD, sizeof(float), 1);
         if (x != y) moe__span(&sp, x, TD, sizeof(float), 0);
         moe__weight_spans(&sp, &c, w, !forward_packed);
-        if (info) moe__info_spans(&sp, &c, info, T, &L, 1, c.training && !c.recompute, 1);
+        if (info)
+            moe__info_spans(&sp, &c, info, T, &L, 1, c.save_for_backward && !c.recompute, 1);
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
@@ -4715,10 +4750,9 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     /* 3-4. expert inputs and the grouped expert FFN (and the shared expert);
        the shared gates too: the last reads of x, since y may be x */
     moe__experts_stage(&c, w, x, T, res.expert, res.dropped, res.dispatch, &ws);
-    if (c.shared_gate)
+    if (c.shared_expert_gated)
         for (t = 0; t < T; t++)
-            ws.sh_gamma[t] = moe__shared_gate_of(&c, w,
-                                                                   x + (size_t)t * c.d_model);
+            ws.sh_gamma[t] = moe__shared_expert_gate_of(&c, w, x + (size_t)t * c.d_model);
 
     /* 5. combine in fixed slot order (Soft MoE: Y = C . Y~) */
     if (c.routing == MOE_ROUTING_SOFT)
@@ -4728,8 +4762,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
                      ws.pair_row, T, L.S, c.d_model);
     /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
     if (c.shared_d_ff > 0)
-        moe__add_shared(y, ws.sh_out,
-                        c.shared_gate ? ws.sh_gamma : NULL, T, c.d_model);
+        moe__add_shared(y, ws.sh_out, c.shared_expert_gated ? ws.sh_gamma : NULL, T, c.d_model);
     if (info) moe__info_publish(info, &c, &res, T, &ws);
     return MOE_STATUS_OK;
 }
@@ -5132,7 +5165,7 @@ MOEDEF moe_status moe_backward_workspace_size(const moe_config *cfg, int32_t num
 /* Does info hold what moe_backward reads? */
 static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
     const int glu = moe__act_is_glu(c->activation);
-    if (info->cache_config == 0) return MOE_STATUS_MISSING_CACHE;   /* no training forward */
+    if (info->cache_config == 0) return MOE_STATUS_MISSING_CACHE;   /* no saving forward */
     if (!info->logits || !info->scores) return MOE_STATUS_MISSING_CACHE;
     if (c->routing == MOE_ROUTING_SOFT ? !info->dispatch
                                        : (!info->expert || !info->weight || !info->dropped))
@@ -5220,7 +5253,7 @@ typedef struct moe__bw_call {
 } moe__bw_call;
 
 /* The expert activations: rerun the forward's FFNs (cfg.recompute), or the
-   training forward's cache, with the rows gathered again either way. */
+   saving forward's cache, with the rows gathered again either way. */
 static void moe__bw_activations(moe__bw_call *B) {
     const moe_config *c = B->c;
     const moe__ws *ws = B->ws;
@@ -5330,13 +5363,13 @@ static void moe__bw_shared(const moe__bw_call *B) {
     int32_t t, d;
     for (t = 0; t < T; t++) {
         const float *xt = B->x + (size_t)t * D, *dyt = B->dy + (size_t)t * D;
-        const float gamma = moe__shared_gate_of(c, w, xt);
+        const float gamma = moe__shared_expert_gate_of(c, w, xt);
         float dgamma = 0.0f;
         for (d = 0; d < D; d++) {
             sh_dout[(size_t)t * D + d] = gamma * dyt[d];
             dgamma += dyt[d] * B->sh_out[(size_t)t * D + d];
         }
-        if (c->shared_gate) {           /* gamma = sigmoid(x . w_sg) */
+        if (c->shared_expert_gated) {   /* gamma = sigmoid(x . w_sg) */
             const float dzg = dgamma * gamma * (1.0f - gamma);
             for (d = 0; d < D; d++) {
                 if (gr->shared_expert_gate) gr->shared_expert_gate[d] += dzg * xt[d];

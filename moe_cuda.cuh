@@ -23,8 +23,8 @@
          st = moe_cuda_forward(&cfg, &w, x, T, y, &info, ws, wb, stream);
          ... more work on the stream ...
          st = moe_cuda_forward_result(ws, &info, stream);     (waits)
-     Training: cfg.training = 1 and info's device arrays logits, scores,
-     expert, weight and dropped; the result stamps info; then
+     Training: cfg.save_for_backward = 1 and info's device arrays logits,
+     scores, expert, weight and dropped; the result stamps info; then
          moe_cuda_backward_workspace_size(&cfg, T, &bb);      (cudaMalloc once)
          st = moe_cuda_backward(&cfg, &w, x, T, &info, dy, dx, &grads, bws, bb,
                                 stream);     (dx overwritten, grads accumulate)
@@ -1143,8 +1143,8 @@ typedef struct moe_cuda__report {
     int32_t done;           /* the forward's last kernel ran                    */
     int32_t slots, capacity, dropped_pairs, dropped_tokens;
     float aux_balance, aux_z, aux_importance, aux_load, aux_seq, aux_total;
-    int32_t stamp_tokens;   /* a training forward's T and config fingerprint    */
-    uint64_t stamp_config;  /* (0: not training), for moe_cuda_backward's check */
+    int32_t stamp_tokens;   /* a saving forward's T and config fingerprint      */
+    uint64_t stamp_config;  /* (0: not saving), for moe_cuda_backward's check   */
 } moe_cuda__report;
 
 typedef struct moe_cuda__stats_args {
@@ -1159,7 +1159,7 @@ typedef struct moe_cuda__stats_args {
     int32_t *sum_i;                      /* [chunk][4E + 2]: f, routed, kept,
                                             seq count; dropped pairs, tokens     */
     float coef[5];                       /* balance, z, importance, load, seq     */
-    uint64_t stamp_config;               /* moe_config_fingerprint when training  */
+    uint64_t stamp_config;               /* moe_config_fingerprint when saving    */
     int32_t *expert_routed, *expert_kept;   /* info arrays [E] or NULL            */
     moe_cuda__report *report;
 } moe_cuda__stats_args;
@@ -1336,7 +1336,7 @@ __global__ void moe_cuda__publish(moe_cuda__publish_args a) {
 
 // ----------------------------------------------------------------------------
 // Backward: the gradient of L = <dy, y> + aux_total, as moe_backward
-// computes it. The routing arrays come from the training forward's
+// computes it. The routing arrays come from the saving forward's
 // moe_info; the rows are re-dispatched from them and the expert FFNs
 // recomputed (no activation cache). The experts' steps 1, 3 and 4 run on
 // the path the forward runs: the tensor-core GEMMs (bf16 operands, fp32
@@ -1513,9 +1513,9 @@ __global__ void moe_cuda__bw_bias(const float *src, const float *dy, const float
 /* 2s. the shared expert's gate, one thread per token: gamma = sigmoid(x_t .
    shared_expert_gate) (1 without), and with the gate dL / d z = <dy_t, O_t +
    shared_down_bias> gamma (1 - gamma) */
-__global__ void moe_cuda__bw_shared_gate(const float *x, const float *dy, const float *Os,
-                                         const float *down_bias, const float *gate_w, int tokens,
-                                         int d, float *gamma, float *dzg) {
+__global__ void moe_cuda__bw_shared_expert_gate(const float *x, const float *dy, const float *Os,
+                                                const float *down_bias, const float *gate_w,
+                                                int tokens, int d, float *gamma, float *dzg) {
     const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (t >= tokens) return;
     const float *xt = x + (size_t)t * d, *dyt = dy + (size_t)t * d, *o = Os + (size_t)t * d;
@@ -2017,7 +2017,7 @@ static inline void moe_cuda__weight_spans(moe_cuda__spans *sp, const moe_cuda__p
         moe_cuda__span(sp, w->shared_up_bias, p->glu ? Fs * f4 : 0, 0);
         moe_cuda__span(sp, w->shared_down_bias, Fs ? D * f4 : 0, 0);
     }
-    moe_cuda__span(sp, w->shared_expert_gate, p->c.shared_gate ? D * f4 : 0, 0);
+    moe_cuda__span(sp, w->shared_expert_gate, p->c.shared_expert_gated ? D * f4 : 0, 0);
 }
 
 /* The weights a forward of this plan needs (MOE_STATUS_MISSING_WEIGHT). */
@@ -2025,7 +2025,8 @@ static inline int moe_cuda__weights_present(const moe_cuda__plan *p, const moe_w
                                             int fp32_experts) {
     const moe_config *c = &p->c;
     if (!w->router || (c->router_bias && !w->router_bias) ||
-        (c->selection_bias && !w->selection_bias) || (c->shared_gate && !w->shared_expert_gate))
+        (c->selection_bias && !w->selection_bias) ||
+        (c->shared_expert_gated && !w->shared_expert_gate))
         return 0;
     if (c->expert_bias && (!w->gate_bias || (p->glu && !w->up_bias) || !w->down_bias))
         return 0;
@@ -2265,7 +2266,8 @@ static inline cudaError_t moe_cuda__route(const moe_cuda__plan *p, const moe_wei
    arrays are device memory; info (host struct, may be NULL) names the arrays
    to fill: logits, scores, expert, weight, dropped, expert_routed,
    expert_kept (each may be NULL; no activation cache: the backward
-   recomputes). Queuing clears info's training stamp; the result sets it.
+   recomputes). Queuing clears info's training stamp; the result sets it
+   when cfg.save_for_backward = 1.
    y may be x; no other written buffer may overlap another buffer
    (MOE_STATUS_ALIASING). OK means queued: moe_cuda_forward_result gives the
    outcome. The workspace must not be reused before that. */
@@ -2372,7 +2374,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
         if (p.Fs > 0) {
             ca.shared_out = ws.Os;
             ca.shared_down_bias = c->expert_bias ? w->shared_down_bias : NULL;
-            ca.shared_expert_gate = c->shared_gate ? w->shared_expert_gate : NULL;
+            ca.shared_expert_gate = c->shared_expert_gated ? w->shared_expert_gate : NULL;
         }
         ca.x = x; ca.y = y; ca.top_k = p.K; ca.d = p.D; ca.halt = halt;
         MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__combine, dim3(blocks_t),
@@ -2403,7 +2405,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
     sa.expert_routed = info ? info->expert_routed : NULL;
     sa.expert_kept = info ? info->expert_kept : NULL;
     sa.report = ws.report;
-    sa.stamp_config = c->training ? moe_config_fingerprint(cfg) : 0;
+    sa.stamp_config = c->save_for_backward ? moe_config_fingerprint(cfg) : 0;
     if (p.n_chunks > 0)
         MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__chunk_stats, dim3((unsigned)p.n_chunks),
                                       dim3(MOE_CUDA__BLOCK), 0, stream, sa));
@@ -2416,7 +2418,7 @@ static inline moe_status moe_cuda_forward(const moe_config *cfg, const moe_weigh
 
 /* Wait for `stream` and read the outcome of the forward that last used this
    workspace: MOE_STATUS_OK, with info's scalars written (slots, capacity,
-   drops, aux losses; a training forward's stamp), or MOE_STATUS_NONFINITE
+   drops, aux losses; a saving forward's stamp), or MOE_STATUS_NONFINITE
    (a NaN / Inf router logit or selection bias: y, the info arrays and info
    are as they were), or MOE_STATUS_CUDA_ERROR (the stream failed, or no
    forward finished on this workspace). info may be NULL. */
@@ -2436,7 +2438,7 @@ static inline moe_status moe_cuda_forward_result(const void *workspace, moe_info
         info->aux_balance = r.aux_balance; info->aux_z = r.aux_z;
         info->aux_importance = r.aux_importance; info->aux_load = r.aux_load;
         info->aux_seq = r.aux_seq; info->aux_total = r.aux_total;
-        /* a training forward stamps info for moe_cuda_backward (no checksum
+        /* a saving forward stamps info for moe_cuda_backward (no checksum
            of the arrays: cache_check stays 0, which moe_backward refuses) */
         info->cache_tokens = r.stamp_config ? r.stamp_tokens : 0;
         info->cache_config = r.stamp_config;
@@ -2554,8 +2556,8 @@ static inline moe_status moe_cuda_backward_workspace_size(const moe_config *cfg,
 
 /* Queue the gradient of L = <dy, y> + info.aux_total on `stream`, as
    moe_backward: dx [T][D] is OVERWRITTEN (may be NULL, x or dy), the
-   gradients ACCUMULATE (each field may be NULL). info is the one a training
-   forward (cfg.training = 1, same config and T) filled through
+   gradients ACCUMULATE (each field may be NULL). info is the one a forward
+   with cfg.save_for_backward = 1 (same config and T) filled through
    moe_cuda_forward and moe_cuda_forward_result: its device arrays logits,
    scores, expert, weight and dropped, and its stamp (none:
    MOE_STATUS_MISSING_CACHE; another T or config: MOE_STATUS_BAD_CACHE; the
@@ -2590,7 +2592,7 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
     const moe_cuda__ffn_grads g = moe_cuda__grads_of(&p, grads, fused, 0);
     const moe_cuda__ffn_grads sg = moe_cuda__grads_of(&p, grads, 0, 1);
     float *g_router = grads->router, *g_rbias = c->router_bias ? grads->router_bias : NULL;
-    float *g_seg = Fs && c->shared_gate ? grads->shared_expert_gate : NULL;
+    float *g_seg = Fs && c->shared_expert_gated ? grads->shared_expert_gate : NULL;
     {   /* dx may be x or dy (written last); no other written buffer may overlap */
         const size_t TD = (size_t)T * D * 4, TE = (size_t)T * E * 4;
         moe_cuda__spans sp;
@@ -2673,13 +2675,13 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
                                           (const float *)(c->expert_bias ? w->down_bias : NULL),
                                           p.pairs, p.K, p.D, ws.gw));
         else
-            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_gate,
+            MOE_CUDA__RUN(MOE_CUDA_LAUNCH(moe_cuda__bw_shared_expert_gate,
                                           dim3((unsigned)((T + 127) / 128)), dim3(128), 0,
                                           stream, x, dy, (const float *)O,
                                           (const float *)(c->expert_bias ? w->shared_down_bias
                                                                          : NULL),
-                                          (const float *)(c->shared_gate ? w->shared_expert_gate
-                                                                         : NULL),
+                                          (const float *)(c->shared_expert_gated
+                                                              ? w->shared_expert_gate : NULL),
                                           T, p.D, ws.gamma, ws.dzg));
         /* 3.-4. through the FFN to its weights and its rows' dx */
         if (p.simt) {
@@ -2738,7 +2740,7 @@ static inline moe_status moe_cuda_backward(const moe_config *cfg, const moe_weig
                                       stream, (const float *)ws.dXr,
                                       (const int32_t *)ws.row_of_pair, p.K,
                                       (const float *)ws.dzg,
-                                      (const float *)(Fs && c->shared_gate
+                                      (const float *)(Fs && c->shared_expert_gated
                                                           ? w->shared_expert_gate : NULL),
                                       (const float *)ws.dXs, (const float *)ws.dz, w->router,
                                       p.E, p.D, dx));

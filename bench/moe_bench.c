@@ -320,9 +320,9 @@ static void blas_forward(const moe_config *cfg, const moe_weights *w, const floa
         linear(T, Fs, D, x, w->shared_up, P->sh_u);
         swiglu(P->sh_g, P->sh_u, (size_t)T * Fs);
         linear(T, D, Fs, P->sh_g, w->shared_down, P->sh_out);
-        if (cfg->shared_gate) linear(T, 1, D, x, w->shared_expert_gate, P->sh_z);
+        if (cfg->shared_expert_gated) linear(T, 1, D, x, w->shared_expert_gate, P->sh_z);
         for (t = 0; t < T; t++) {
-            const float g = cfg->shared_gate ? 1.0f / (1.0f + expf(-P->sh_z[t])) : 1.0f;
+            const float g = cfg->shared_expert_gated ? 1.0f / (1.0f + expf(-P->sh_z[t])) : 1.0f;
             for (d = 0; d < D; d++) y[(size_t)t * D + d] += g * P->sh_out[(size_t)t * D + d];
         }
     }
@@ -352,7 +352,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     const int backward = variant == 1 || variant == 4;
     const double esize = variant == 6 ? 2.0 : 4.0;
     void *packed = NULL;
-    cfg.training = backward;
+    cfg.training = cfg.save_for_backward = backward;
     if (variant <= 1) cfg.isa = MOE_ISA_REFERENCE;
     w.router = tensor((size_t)E * D, 0.03f);
     w.gate = tensor((size_t)E * F * D, 0.03f); w.up = tensor((size_t)E * F * D, 0.03f);
@@ -360,7 +360,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     if (Fs > 0) {
         w.shared_gate = tensor((size_t)Fs * D, 0.03f); w.shared_up = tensor((size_t)Fs * D, 0.03f);
         w.shared_down = tensor((size_t)D * Fs, 0.03f);
-        if (cfg.shared_gate) w.shared_expert_gate = tensor((size_t)D, 0.03f);
+        if (cfg.shared_expert_gated) w.shared_expert_gate = tensor((size_t)D, 0.03f);
     }
     if (variant == 6) cfg.pack_bf16 = 1;
     if (variant == 2 || variant == 4 || variant == 6) {
@@ -378,7 +378,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
         if (Fs > 0) {
             g.shared_gate = tensor((size_t)Fs * D, 0.0f); g.shared_up = tensor((size_t)Fs * D, 0.0f);
             g.shared_down = tensor((size_t)D * Fs, 0.0f);
-            if (cfg.shared_gate) g.shared_expert_gate = tensor((size_t)D, 0.0f);
+            if (cfg.shared_expert_gated) g.shared_expert_gate = tensor((size_t)D, 0.0f);
         }
         moe_backward_workspace_size(&cfg, T, &bb);
         bws = malloc(bb);
@@ -442,12 +442,12 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
         flops += 6.0 * info.expert_kept[e] * D * F;
         used += info.expert_kept[e] > 0;
     }
-    if (Fs > 0) flops += 6.0 * T * D * Fs + (cfg.shared_gate ? 2.0 * T * D : 0.0);
+    if (Fs > 0) flops += 6.0 * T * D * Fs + (cfg.shared_expert_gated ? 2.0 * T * D : 0.0);
     if (backward) flops *= 3.0;
     /* weight bytes a forward must read at least: the router, every used expert
        and the shared expert (its gate vector stays fp32) */
     bytes_touched = 4.0 * E * D + esize * 3.0 * used * D * F;
-    if (Fs > 0) bytes_touched += esize * 3.0 * D * Fs + (cfg.shared_gate ? 4.0 * D : 0.0);
+    if (Fs > 0) bytes_touched += esize * 3.0 * D * Fs + (cfg.shared_expert_gated ? 4.0 * D : 0.0);
     med = times[runs / 2];
     gflops = flops / med * 1e-9;
     gbs = bytes_touched / med * 1e-9;

@@ -305,7 +305,7 @@ int main(int argc, char **argv) {
             table.push_back(row);
         }
 
-        /* the backward after a training forward, on the tensor cores at each T
+        /* the backward after a saving forward, on the tensor cores at each T
            (its TFLOP/s against the forward's) and on the fp32 kernels at
            T = 1024 at most (plain loops: seconds per call on the large shapes).
            Counted FLOPs: dx and the weight gradients, twice the forward's
@@ -315,7 +315,7 @@ int main(int argc, char **argv) {
         for (size_t ti = 0; ti <= s.Ts.size(); ti++) {
             const int simt = ti == s.Ts.size(), T = simt ? std::min(s.Ts[0], 1024) : s.Ts[ti];
             moe_config tc = L.c;
-            tc.training = 1;
+            tc.training = 1; tc.save_for_backward = 1;
             if (simt) tc.isa = MOE_ISA_REFERENCE;
             const size_t TE = (size_t)T * s.E, TK = (size_t)T * s.K, TD = (size_t)T * s.D;
             const size_t E = (size_t)s.E, D = (size_t)s.D, F = (size_t)s.F;

@@ -73,7 +73,8 @@ typedef struct acts {
 static moe_config moe_cfg(void) {
     moe_config c = moe_preset_mixtral();        /* softmax, top-2, renormalise, balance 0.02 */
     c.num_experts = E; c.top_k = K; c.d_model = D; c.d_ff = F;
-    c.training = 1;                             /* keep what moe_backward needs      */
+    c.training = 1;                             /* train mode (no noise in this preset) */
+    c.save_for_backward = 1;                    /* keep what moe_backward needs         */
     return c;
 }
 static moe_weights moe_w(const block *b) {
@@ -211,7 +212,8 @@ static double block_forward(const block *bk, const float *x, const float *dy, ac
     rmsnorm(a->u2, a->n2, a->r2, a->h, bk->g2);
     /* 7. m = MoE(u2): z = u2 Wr^T, p = softmax(z), top-2, w = p_e / (p_e1 + p_e2),
           m_t = sum_slots w_e * down_e (silu(gate_e u2_t) * (up_e u2_t)); the
-          training forward also stores routing and expert activations in info */
+          forward (save_for_backward) also stores routing and expert
+          activations in info */
     st = moe_forward_alloc(&c, &w, a->u2, T, a->m, &a->info);
     if (st != MOE_STATUS_OK) { fprintf(stderr, "moe_forward: %s\n", moe_status_string(st)); exit(1); }
     /* 8. y = h + m   (second residual);  L = sum(dy * y) + aux_total */

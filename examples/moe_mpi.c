@@ -94,7 +94,7 @@ static void ep_init(ep_state *s, const layer *l) {
     s->g_own.up = fzeros((size_t)per * F * D);
     s->g_own.down = fzeros((size_t)per * D * F);
     s->g_router = fzeros((size_t)E * D);
-    icfg.training = 0;                  /* routing arrays only: the owners hold the cache */
+    icfg.save_for_backward = 0;         /* routing arrays only: the owners hold the cache */
     CHECK_MOE(moe_info_size(&icfg, s->plan.local_tokens, &bytes));
     s->info_buf = xmalloc(bytes);
     CHECK_MOE(moe_info_bind(&icfg, s->plan.local_tokens, &s->info, s->info_buf, bytes));
@@ -199,7 +199,7 @@ static int run_test(const char *name, moe_config cfg, int32_t T) {
     float *x, *dy, *y, *dx, *ye, *dxe;
     int bad = 0, all_bad = 0;
     double aux_err;
-    cfg.training = 1;
+    cfg.training = 1; cfg.save_for_backward = 1;
     cfg.isa = MOE_ISA_REFERENCE;
     layer_make(&l, &cfg, T, 42);
     x = frandom((size_t)T * D, 1.0f);
@@ -268,7 +268,8 @@ static void run_bench(int32_t D, int32_t F, int32_t E, int32_t K, int32_t T, int
     double *tf = (double *)xmalloc((size_t)reps * sizeof(double)), *tb = (double *)xmalloc((size_t)reps * sizeof(double));
     float *x, *dy, *y, *dx;
     int i;
-    cfg.num_experts = E; cfg.top_k = K; cfg.d_model = D; cfg.d_ff = F; cfg.training = 1;
+    cfg.num_experts = E; cfg.top_k = K; cfg.d_model = D; cfg.d_ff = F;
+    cfg.training = 1; cfg.save_for_backward = 1;
     layer_make(&l, &cfg, T, 42);
     ep_init(&s, &l);
     x = frandom((size_t)s.plan.local_tokens * D, 1.0f);

@@ -8,8 +8,9 @@
    Causal multi-head self-attention, LayerNorm and the residual additions are
    written here, each with its backward pass, every step under its formula.
    The MoE sublayer is moe.h's public API: moe_forward with cfg.training = 1
-   and a moe_info bound by moe_info_bind (it keeps what the backward needs),
-   then moe_backward. The loss is a task loss plus the MoE auxiliary loss:
+   (train mode), cfg.save_for_backward = 1 and a moe_info bound by
+   moe_info_bind (it keeps what the backward needs), then moe_backward. The
+   loss is a task loss plus the MoE auxiliary loss:
          loss = mean((z - target)^2) + info.aux_total,
          info.aux_total = cfg.balance_coef * info.aux_balance (Switch/HF form)
    and moe_backward differentiates <dy, MoE output> + info.aux_total, so the
@@ -505,13 +506,14 @@ static int run_variant(int pre_ln) {
     params_init(&p);
 
     /* the MoE sublayer: Mixtral routing (softmax, top-2, renormalised, SwiGLU),
-       shrunk; the Switch/HF balance loss with coefficient 0.01; training = 1
-       so the forward keeps what moe_backward reads                          */
+       shrunk; the Switch/HF balance loss with coefficient 0.01; train mode,
+       and save_for_backward = 1 so the forward keeps what moe_backward reads */
     memset(&M, 0, sizeof M);
     M.cfg = moe_preset_mixtral();
     M.cfg.num_experts = E; M.cfg.top_k = K; M.cfg.d_model = D; M.cfg.d_ff = F;
     M.cfg.balance_coef = BALANCE_COEF;
     M.cfg.training = 1;
+    M.cfg.save_for_backward = 1;
     if (moe_forward_workspace_size(&M.cfg, T, &M.ws_bytes) != MOE_STATUS_OK ||
         moe_backward_workspace_size(&M.cfg, T, &bw_bytes) != MOE_STATUS_OK ||
         moe_info_size(&M.cfg, T, &info_bytes) != MOE_STATUS_OK)

@@ -953,7 +953,7 @@ st_status st_load_layer(const st_file *f, const st_layer_options *opt, st_layer 
     /* 6. the config: the preset, the shape, the routing fields */
     L->cfg.num_experts = L->E; L->cfg.d_model = L->D; L->cfg.d_ff = L->F;
     L->cfg.shared_d_ff = L->Fs;
-    L->cfg.shared_gate = L->buf[ST__SH_EGATE] != NULL;
+    L->cfg.shared_expert_gated = L->buf[ST__SH_EGATE] != NULL;
     L->cfg.selection_bias = L->buf[ST__BIAS] != NULL;
     if ((s = st__opt_int(L, f, o.top_k, "num_experts_per_tok", 0, &L->cfg.top_k))) goto fail;
     if ((s = st__opt_int(L, f, o.norm_topk_prob, "norm_topk_prob", 1, &norm))) goto fail;
@@ -1136,7 +1136,7 @@ int main(int argc, char **argv) {
     printf("%s: %s layer, tensors %s* (%s experts)\n", path, st_model_name(L.model), L.block_prefix,
            L.fused ? "fused 5.x" : "per-expert checkpoint");
     printf("  E %d  K %d  D %d  F %d  shared F %d%s  normalise %s  scale %g  groups %d/%d\n",
-           (int)L.E, (int)L.cfg.top_k, (int)L.D, (int)L.F, (int)L.Fs, L.cfg.shared_gate ? " (gated)" : "",
+           (int)L.E, (int)L.cfg.top_k, (int)L.D, (int)L.F, (int)L.Fs, L.cfg.shared_expert_gated ? " (gated)" : "",
            L.cfg.normalize == MOE_NORM_SUM ? "yes" : "no", (double)L.cfg.routed_scale,
            (int)L.cfg.topk_group, (int)L.cfg.n_group);
 

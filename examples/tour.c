@@ -311,7 +311,7 @@ static void section_layer(void) {
             }
     c.num_experts = 4; c.top_k = 2; c.d_model = 3; c.d_ff = 2;
     c.balance_coef = 0.0f;             /* the spec's backward is of <dy, y> alone */
-    c.training = 1;                    /* keep the expert activations for the backward */
+    c.save_for_backward = 1;           /* keep the expert activations for the backward */
     memset(&w, 0, sizeof w);
     w.router = WG; w.gate = W1; w.up = W3; w.down = W2;
     if (moe_info_size(&c, 3, &bytes) != MOE_STATUS_OK) exit(1);

@@ -8,11 +8,11 @@
      bias   DeepSeek-V3 aux-loss-free balancing: sigmoid scores,
             cfg.selection_bias = 1, and moe_selection_bias_update(E,
             info.expert_routed, gamma, bias) after every step.
-   Public API only: moe_forward with cfg.training = 1 and an info bound by
-   moe_info_bind, then moe_backward; the readout, the loss, its gradient dy and
-   Adam are written here. Writes train_balance.csv (every step of every run)
-   and train_balance.svg (max/mean expert load and loss over the steps, final
-   load per expert), and prints a summary table.
+   Public API only: moe_forward with cfg.training = 1, cfg.save_for_backward =
+   1 and an info bound by moe_info_bind, then moe_backward; the readout, the
+   loss, its gradient dy and Adam are written here. Writes train_balance.csv
+   (every step of every run) and train_balance.svg (max/mean expert load and
+   loss over the steps, final load per expert), and prints a summary table.
 
    build: cc -std=c99 -O2 -o train_balance examples/train_balance.c -lm
    run:   ./train_balance [output directory] [steps] [seed]   (defaults: . 400 1)
@@ -137,7 +137,7 @@ int train_balance_train(int mode, int steps, unsigned seed, tb_step *history) {
     memset(p, 0, sizeof p);
     if (mode < 0 || mode >= TB_MODES || steps < 1) return 0;
     cfg.num_experts = E; cfg.top_k = K; cfg.d_model = D; cfg.d_ff = F;
-    cfg.training = 1;
+    cfg.training = 1; cfg.save_for_backward = 1;
     cfg.balance_coef = mode == TB_AUX ? TB_BALANCE_COEF : 0.0f;
     if (mode == TB_BIAS) {                   /* V3: sigmoid, bias for selection only, */
         cfg.score = MOE_SCORE_SIGMOID;       /* weights s / sum of the selected s     */

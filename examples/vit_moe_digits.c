@@ -12,7 +12,9 @@
 
    What it shows: the tokens of all the images of a minibatch go through ONE
    moe_forward call per layer (T = 32 images x 9 tokens = 288), with
-   cfg.training = 1 and a moe_info bound by moe_info_bind; moe_backward then
+   cfg.training = 1 (train mode: the noise and dropout below),
+   cfg.save_for_backward = 1 and a moe_info bound by moe_info_bind (what the
+   backward reads); moe_backward then
    returns the input gradient the rest of the network needs and adds the
    balance loss's gradient (cfg.balance_coef). The training recipe uses the
    library's helpers: moe_init_weights (one stream per expert, so experts
@@ -321,12 +323,14 @@ static int vm_model_init(vm_model *mo, uint64_t seed) {
     return 1;
 }
 
-/* The training config of a MoE layer at one step: cfg.training = 1 with a
-   fresh seed per step and layer (new noise and dropout masks), the warm-up
-   noise of the step and expert dropout. The backward gets the same one.   */
+/* The training config of a MoE layer at one step: cfg.training = 1 (train
+   mode) and save_for_backward = 1 with a fresh seed per step and layer (new
+   noise and dropout masks), the warm-up noise of the step and expert
+   dropout. The backward gets the same one.                                */
 static moe_config vm_train_cfg(const moe_config *base, float noise_std, uint64_t seed) {
     moe_config c = *base;
     c.training = 1;
+    c.save_for_backward = 1;
     c.seed = seed;
     c.router_noise_std = noise_std;   /* selection sees z + N(0, std^2)       */
     c.expert_dropout = VM_DROPOUT;    /* expert hidden units dropped w.p. 0.1 */

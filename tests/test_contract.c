@@ -143,7 +143,7 @@ TEST(contract, in_place_every_family) {
         const size_t TD = (size_t)CT * CD;
         float *y = cl_alloc(TD), *buf = cl_alloc(TD), *dy = cl_alloc(TD), *dx = cl_alloc(TD);
         size_t k;
-        c.training = 1;
+        c.training = 1; c.save_for_backward = 1;
         cl_make(&L, c, CT, 5 + (uint64_t)i);
         for (k = 0; k < TD; k++) dy[k] = (float)cos(0.11 * (double)k);
         cl_bind(&c, CT, &info, &ibuf);
@@ -180,7 +180,8 @@ TEST(contract, forward_overlaps_refused) {
     const size_t TD = (size_t)CT * CD;
     unsigned char *ws;
     float *big, *y = cl_alloc(TD);
-    c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.shared_d_ff = CFS; c.training = 1;
+    c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.shared_d_ff = CFS;
+    c.training = 1; c.save_for_backward = 1;
     cl_make(&L, c, CT, 3);
     cl_bind(&c, CT, &info, &ibuf);
     CHECK_STATUS(moe_forward_workspace_size(&c, CT, &ws_bytes), MOE_STATUS_OK);
@@ -226,7 +227,7 @@ TEST(contract, backward_overlaps_refused) {
     float *y = cl_alloc(TD), *dy = cl_alloc(TD), *dx = cl_alloc(TD);
     float *want = cl_alloc((size_t)CE * CF * CD);
     moe_grads g;
-    c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1;
+    c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1; c.save_for_backward = 1;
     cl_make(&L, c, CT, 4);
     g = cl_grads(&L);
     for (k = 0; k < TD; k++) dy[k] = 0.25f;
@@ -304,7 +305,7 @@ TEST(contract, backward_other_config_or_t) {
         float *y = cl_alloc((size_t)64 * CD), *dy = cl_alloc((size_t)64 * CD);
         float *dx = cl_alloc((size_t)64 * CD), *xb = cl_alloc((size_t)64 * CD);
         moe_grads g;
-        c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1;
+        c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1; c.save_for_backward = 1;
         c.top_k = k == 0 ? 1 : 2;
         cb = c;
         switch (k) {
@@ -332,8 +333,9 @@ TEST(contract, backward_other_config_or_t) {
 }
 
 /* Kernel choices are not part of the cache: a SIMD forward's info serves a
-   reference backward, another thread count, or a gradient clip; and a
-   recompute backward runs on the info of a forward that kept its cache. */
+   reference backward, another thread count, or a gradient clip (nor is
+   save_for_backward, which only the forward reads); and a recompute
+   backward runs on the info of a forward that kept its cache. */
 TEST(contract, backward_kernel_fields_free) {
     moe_config c = moe_preset_mixtral(), cb;
     clayer L;
@@ -342,13 +344,13 @@ TEST(contract, backward_kernel_fields_free) {
     float *y = cl_alloc((size_t)CT * CD), *dy = cl_alloc((size_t)CT * CD);
     float *dx = cl_alloc((size_t)CT * CD);
     moe_grads g;
-    c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1;
+    c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1; c.save_for_backward = 1;
     cl_make(&L, c, CT, 9);
     g = cl_grads(&L);
     cl_bind(&c, CT, &info, &ibuf);
     CHECK_STATUS(moe_forward_alloc(&c, &L.w, L.x, CT, y, &info), MOE_STATUS_OK);
     cb = c; cb.isa = MOE_ISA_REFERENCE; cb.num_threads = 1; cb.router_grad_clip = 0.5f;
-    cb.pack_bf16 = 1;
+    cb.pack_bf16 = 1; cb.save_for_backward = 0;
     CHECK_STATUS(moe_backward_alloc(&cb, &L.w, L.x, CT, &info, dy, dx, &g), MOE_STATUS_OK);
     cb.recompute = 1;   /* a recompute backward may ignore a kept cache */
     CHECK_STATUS(moe_backward_alloc(&cb, &L.w, L.x, CT, &info, dy, dx, &g), MOE_STATUS_OK);
@@ -357,17 +359,18 @@ TEST(contract, backward_kernel_fields_free) {
     cl_free(&L);
 }
 
-/* The cache is valid from a training forward until anything rewrites the
-   arrays: an evaluation forward through the same info clears it
+/* The cache is valid from a save_for_backward forward until anything
+   rewrites the arrays: an evaluation forward through the same info clears it
    (MISSING_CACHE; 0.3.1: OK, off by 0.66), so does moe_info_bind; a forward
    through another info bound to the same buffer is seen by the checksum
    (BAD_CACHE); an evaluation forward alone never made one (0.3.1: OK, off by
-   0.48), nor does a recompute forward fill the activation cache bound for
-   it. A forward with info = NULL leaves the cache as it was. */
+   0.48), nor does a train-mode forward that does not save (MISSING_CACHE),
+   nor a recompute forward fill the activation cache bound for it. A
+   forward with info = NULL leaves the cache as it was. */
 TEST(contract, stale_cache) {
     int k;
-    for (k = 0; k < 7; k++) {
-        moe_config c = moe_preset_switch(), ev, rc;
+    for (k = 0; k < 8; k++) {
+        moe_config c = moe_preset_switch(), ev, rc, tr;
         clayer L;
         moe_info info, other;
         void *ibuf;
@@ -377,14 +380,16 @@ TEST(contract, stale_cache) {
         moe_grads g;
         moe_status want = MOE_STATUS_OK, st;
         size_t i;
-        c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1;
-        ev = c; ev.training = 0;
+        c.num_experts = CE; c.d_model = CD; c.d_ff = CF; c.training = 1; c.save_for_backward = 1;
+        ev = c; ev.training = 0; ev.save_for_backward = 0;
         rc = c; rc.recompute = 1;
+        tr = c; tr.save_for_backward = 0;   /* train mode (jitter), nothing saved */
         cl_make(&L, c, CT, 10);
         for (i = 0; i < TD; i++) { dy[i] = 1.0f; xb[i] = -L.x[i]; }   /* batch B */
         g = cl_grads(&L);
         cl_bind(&c, CT, &info, &ibuf);
-        CHECK_STATUS(moe_forward_alloc(k == 3 ? &ev : k == 6 ? &rc : &c, &L.w, L.x, CT, y, &info),
+        CHECK_STATUS(moe_forward_alloc(k == 3 ? &ev : k == 6 ? &rc : k == 7 ? &tr : &c, &L.w, L.x,
+                                       CT, y, &info),
                      MOE_STATUS_OK);
         switch (k) {
         case 0:
@@ -403,10 +408,11 @@ TEST(contract, stale_cache) {
             CHECK_STATUS(moe_forward_alloc(&ev, &L.w, xb, CT, y, &other), MOE_STATUS_OK);
             want = MOE_STATUS_BAD_CACHE;
             break;
-        case 3: want = MOE_STATUS_MISSING_CACHE; break;   /* never a training forward */
+        case 3: want = MOE_STATUS_MISSING_CACHE; break;   /* never a saving forward */
         case 4: CHECK_STATUS(moe_forward_alloc(&ev, &L.w, xb, CT, y, NULL), MOE_STATUS_OK); break;
         case 5: info.weight[0] += 1.0f; want = MOE_STATUS_BAD_CACHE; break;   /* edited */
-        default: want = MOE_STATUS_BAD_CACHE; break;   /* cache arrays bound, not written */
+        case 6: want = MOE_STATUS_BAD_CACHE; break;   /* cache arrays bound, not written */
+        default: want = MOE_STATUS_MISSING_CACHE; break;   /* training = 1 alone saves nothing */
         }
         st = moe_backward_alloc(&c, &L.w, L.x, CT, &info, dy, dx, &g);
         if (st != want)

@@ -171,7 +171,7 @@ TEST(edge, all_equal_logits) {
         edge L;
         egrad G;
         int32_t t, j, e;
-        c.training = 1;
+        c.training = 1; c.save_for_backward = 1;
         if (v == 1) c.normalize = MOE_NORM_NONE;
         if (v == 2) c.score = MOE_SCORE_SIGMOID;
         if (v == 3) { c.n_group = 2; c.topk_group = 1; }
@@ -231,7 +231,7 @@ TEST(edge, huge_logits) {
         egrad G;
         int32_t t, e;
         c.score = sig ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX;
-        c.training = 1;
+        c.training = 1; c.save_for_backward = 1;
         edge_init(&L, &c, T, 30 + (uint32_t)sig);
         memcpy(L.router, rw, sizeof rw);
         L.x[0] = 1.0f; L.x[1] = -1.0f; L.x[2] = 0.5f; L.x[3] = -2.0f;
@@ -269,7 +269,7 @@ TEST(edge, denormal_inputs) {
         edge L;
         egrad G;
         int32_t i;
-        c.training = 1;
+        c.training = 1; c.save_for_backward = 1;
         if (v == 2) c.score = MOE_SCORE_SIGMOID;
         edge_init(&L, &c, T, 40 + (uint32_t)v);
         for (i = 0; i < T * D; i++) L.x[i] *= 1e-39f;                      /* denormal x */
@@ -295,7 +295,7 @@ TEST(edge, underflowed_sigmoid_scores_give_zero_weights) {
     edge L;
     egrad G;
     int32_t i;
-    c.score = MOE_SCORE_SIGMOID; c.training = 1;
+    c.score = MOE_SCORE_SIGMOID; c.training = 1; c.save_for_backward = 1;
     edge_init(&L, &c, T, 50);
     for (i = 0; i < E * D; i++) L.router[i] = -100.0f;
     for (i = 0; i < T * D; i++) L.x[i] = 1.0f;   /* z = -200, sigmoid = 0 exactly */
@@ -321,7 +321,7 @@ TEST(edge, k_equals_e) {
     edge L;
     egrad G;
     int32_t t, j;
-    c.training = 1; c.balance_coef = 0.01f; c.z_loss_coef = 1e-3f;
+    c.training = 1; c.save_for_backward = 1; c.balance_coef = 0.01f; c.z_loss_coef = 1e-3f;
     edge_init(&L, &c, T, 60);
     CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
     for (t = 0; t < T; t++) {
@@ -359,7 +359,7 @@ TEST(edge, single_expert) {
     edge L;
     egrad G;
     int32_t t, d, f, i;
-    c.training = 1; c.balance_coef = 0.5f;
+    c.training = 1; c.save_for_backward = 1; c.balance_coef = 0.5f;
     edge_init(&L, &c, T, 70);
     CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
     CHECK_NEAR(L.info.aux_balance, 1.0, 1e-6, 0.0);
@@ -407,7 +407,7 @@ TEST(edge, expert_choice_token_with_no_expert) {
     edge L;
     egrad G;
     int32_t t, e, unserved = 0;
-    c.routing = MOE_ROUTING_EXPERT_CHOICE; c.capacity = 1; c.training = 1;
+    c.routing = MOE_ROUTING_EXPERT_CHOICE; c.capacity = 1; c.training = 1; c.save_for_backward = 1;
     edge_init(&L, &c, T, 80);
     CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
     for (t = 0; t < T; t++) {
@@ -441,7 +441,8 @@ TEST(edge, one_expert_takes_all_capacity_one) {
         edge L;
         egrad G;
         int32_t t, e, kept_token = -1;
-        c.capacity = 1; c.training = 1; c.drop_policy = (moe_drop_policy)policy;
+        c.capacity = 1; c.training = 1; c.save_for_backward = 1;
+        c.drop_policy = (moe_drop_policy)policy;
         edge_init(&L, &c, T, 90 + (uint32_t)policy);
         for (e = 0; e < E * D; e++) L.router[e] = e < D ? 1.0f : -1.0f;   /* expert 0 wins ... */
         for (t = 0; t < T * D; t++) L.x[t] = 0.1f + 0.01f * (float)t;     /* ... for x > 0 */
@@ -478,7 +479,8 @@ TEST(edge, capacity_one_top2) {
         edge L;
         egrad G;
         int32_t t, e, kept = 0;
-        c.capacity = 1; c.training = 1; c.drop_policy = (moe_drop_policy)policy;
+        c.capacity = 1; c.training = 1; c.save_for_backward = 1;
+        c.drop_policy = (moe_drop_policy)policy;
         c.normalize_after_drop = policy == 2;
         edge_init(&L, &c, T, 100 + (uint32_t)policy);
         CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
@@ -504,7 +506,7 @@ TEST(edge, tokens_far_beyond_capacity) {
         edge L;
         egrad G;
         int32_t t, e, kept = 0, unserved = 0;
-        c.capacity = 2; c.training = 1;
+        c.capacity = 2; c.training = 1; c.save_for_backward = 1;
         if (r) c.routing = MOE_ROUTING_EXPERT_CHOICE;
         edge_init(&L, &c, T, 110 + (uint32_t)r);
         CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
@@ -534,7 +536,7 @@ TEST(edge, regress_denormal_sigmoid_backward) {
     moe_config c = cfg(2, 2, 1, 1);
     edge L;
     egrad G;
-    c.score = MOE_SCORE_SIGMOID; c.training = 1;
+    c.score = MOE_SCORE_SIGMOID; c.training = 1; c.save_for_backward = 1;
     edge_init(&L, &c, 1, 120);
     L.x[0] = 1.0f; L.router[0] = -93.0f; L.router[1] = -94.0f;
     L.gate[0] = L.gate[1] = 1.0f; L.up[0] = 1.0f; L.up[1] = 2.0f; L.down[0] = L.down[1] = 1.0f;
@@ -556,7 +558,7 @@ TEST(edge, regress_shazeer_zero_sigma) {
     egrad G;
     float noise[4] = {-200.0f, -200.0f, -200.0f, -200.0f};
     int32_t e;
-    c.noise = MOE_NOISE_SHAZEER; c.training = 1; c.load_coef = 1.0f;
+    c.noise = MOE_NOISE_SHAZEER; c.training = 1; c.save_for_backward = 1; c.load_coef = 1.0f;
     edge_init(&L, &c, 2, 130);
     L.x[0] = L.x[1] = 1.0f;
     for (e = 0; e < 4; e++) L.router[e] = 0.5f;
@@ -608,7 +610,7 @@ TEST(edge, regress_seq_len_int32_overflow) {
     moe_config c = cfg(2, 1, 2, 2);
     edge L;
     egrad G;
-    c.training = 1; c.seq_len = 2147483647; c.seq_balance_coef = 0.01f;
+    c.training = 1; c.save_for_backward = 1; c.seq_len = 2147483647; c.seq_balance_coef = 0.01f;
     edge_init(&L, &c, 3, 150);
     CHECK_STATUS(edge_forward(&L), MOE_STATUS_OK);
     egrad_init(&G, &L, 151);
@@ -627,7 +629,7 @@ TEST(edge, regress_backward_unchecked_packed) {
     size_t bytes = 0;
     void *blob;
     moe_status st;
-    c.training = 1; c.recompute = 1;
+    c.training = 1; c.save_for_backward = 1; c.recompute = 1;
     CHECK_STATUS(moe_config_resolve(&c, &r), MOE_STATUS_OK);
     if (r.isa == MOE_ISA_REFERENCE) SKIP("no SIMD ISA in this build");
     small = c; small.d_ff = 1;

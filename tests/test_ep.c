@@ -72,7 +72,7 @@ static void ep_check(const moe_config *cfg_in, int32_t T, int32_t P, int fused, 
     uint8_t *odrop[8], *rdrop[8];
     int32_t nsend[8], nrecv[8];
     if (P > 8) return;
-    cfg.training = 1;
+    cfg.training = 1; cfg.save_for_backward = 1;
     cfg.isa = MOE_ISA_REFERENCE;
     ep_rng = 12345 + (uint64_t)T * 7 + (uint64_t)P;
     memset(&l, 0, sizeof l);
@@ -115,7 +115,7 @@ static void ep_check(const moe_config *cfg_in, int32_t T, int32_t P, int fused, 
     stats_sum = (double *)calloc((size_t)nstats, sizeof(double));
     cnt = (int32_t *)calloc((size_t)P * P, sizeof(int32_t));
     cntT = (int32_t *)calloc((size_t)P * P, sizeof(int32_t));
-    icfg = cfg; icfg.training = 0;     /* source-side info: routing arrays only */
+    icfg = cfg; icfg.save_for_backward = 0;   /* source-side info: routing arrays only */
     off[0] = 0;
     for (r = 0; r < P; r++) {          /* uneven slices: the first T % P ranks get one more */
         size_t bytes;

@@ -37,6 +37,7 @@ static int fastpath_count(moe_isa isa, int32_t T, int *backward_lists) {
     int forward_lists = -1;
     c.d_model = D; c.d_ff = F; c.num_experts = E; c.isa = isa;
     c.parallel_for = fastpath_pool; c.training = backward_lists != NULL;
+    c.save_for_backward = c.training;
     if (!x || !wt) goto done;
     for (i = 0; i < nx; i++) x[i] = (float)((i * 7919u) % 1000u) / 1000.0f - 0.5f;
     for (i = 0; i < (size_t)E * D; i++) wt[i] = (float)((i * 104729u) % 1000u) / 1000.0f - 0.5f;

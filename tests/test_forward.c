@@ -166,7 +166,7 @@ static void layer_ref(const layer *L, const moe_config *c, const moe_weights *w,
         }
         if (c->shared_d_ff > 0) {
             double g = 1.0;
-            if (c->shared_gate) {
+            if (c->shared_expert_gated) {
                 double z = 0.0;
                 for (d = 0; d < D; d++) z += xd[d] * w->shared_expert_gate[d];
                 g = sigmoid_ref(z);
@@ -303,7 +303,7 @@ TEST(forward, gate_up_fused_bitwise) {
 }
 
 /* A shared expert adds FFN_shared(x) to every token, sigmoid-gated by
-   x . w_sg when shared_gate = 1 (Qwen2), matching the float64 reference. */
+   x . w_sg when shared_expert_gated = 1 (Qwen2), matching the float64 reference. */
 TEST(forward, shared_expert) {
     static const moe_activation acts[3] = {MOE_ACT_SWIGLU, MOE_ACT_GELU, MOE_ACT_RELU};
     int a, gated, bias;
@@ -315,7 +315,7 @@ TEST(forward, shared_expert) {
                 outs o;
                 float *y;
                 double *yref;
-                c.activation = acts[a]; c.shared_d_ff = 11; c.shared_gate = gated; c.expert_bias = bias;
+                c.activation = acts[a]; c.shared_d_ff = 11; c.shared_expert_gated = gated; c.expert_bias = bias;
                 c.normalize = MOE_NORM_NONE;
                 layer_init(&L, &c, 13, 100 + (uint32_t)(a * 4 + gated * 2 + bias));
                 outs_init(&o, &c, 13);

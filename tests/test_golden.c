@@ -171,7 +171,7 @@ static void golden_backward(golden_case *gc, const char *file, moe_config c, int
     moe_status st;
     CHECK(dy != NULL && bc != NULL && zc != NULL);
     if (!dy || !bc || !zc) { free(dy); return; }
-    c.training = 1; c.recompute = recompute;
+    c.training = 1; c.save_for_backward = 1; c.recompute = recompute;
     c.jitter = 0.0f;                               /* golden x is the router input */
     c.noise = MOE_NOISE_NONE;
     c.balance_coef = (float)bc[0]; c.z_loss_coef = (float)zc[0];

@@ -110,16 +110,17 @@ static int gp_glu(moe_activation a) {
     return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU || a == MOE_ACT_GEGLU_TANH;
 }
 
-/* Build a problem for config c (training is forced on), T tokens. Soft MoE
-   gets a learnable scale of 1.5 unless no_scale. Every tensor is drawn
-   whether used or not, so a config change does not reshuffle the others. */
+/* Build a problem for config c (save_for_backward is forced on; training as
+   c has it: base_cfg turns it on), T tokens. Soft MoE gets a learnable
+   scale of 1.5 unless no_scale. Every tensor is drawn whether used or not,
+   so a config change does not reshuffle the others. */
 static void gp_init_ex(gp *p, const moe_config *cfg, int32_t T, uint32_t seed, int fused, int no_scale) {
     uint32_t s = seed * 2654435761u + 77u;
     moe_config c = *cfg, r;
     size_t E, D, F, Fs, i, bytes = 0, b2 = 0;
     int k;
     memset(p, 0, sizeof *p);
-    c.training = 1;
+    c.save_for_backward = 1;
     p->c = c;
     CHECK_STATUS(moe_config_resolve(&c, &r), MOE_STATUS_OK);
     p->T = T; p->E = c.num_experts; p->D = c.d_model; p->F = c.d_ff; p->Fs = c.shared_d_ff;
@@ -178,7 +179,7 @@ static void gp_init_ex(gp *p, const moe_config *cfg, int32_t T, uint32_t seed, i
         used[GT_SH_UP] = Fs > 0 && p->glu;
         used[GT_SH_GATE_BIAS] = used[GT_SH_DOWN_BIAS] = Fs > 0 && c.expert_bias;
         used[GT_SH_UP_BIAS] = Fs > 0 && c.expert_bias && p->glu;
-        used[GT_SH_EXPERT_GATE] = Fs > 0 && c.shared_gate;
+        used[GT_SH_EXPERT_GATE] = Fs > 0 && c.shared_expert_gated;
         used[GT_PHI] = soft;
         used[GT_SCALE] = soft && !no_scale;
         for (k = 0; k < GT_COUNT; k++) {
@@ -343,7 +344,7 @@ static void grad_check(gp *p, const char *variant) {
     size_t sig_n;
     int k;
     uint32_t s = 12345u;
-    CHECK(p->c.training);
+    CHECK(p->c.save_for_backward);
     CHECK(!p->c.recompute || p->c.activation != MOE_ACT_RELU);   /* the signature reads the cache */
     CHECK_STATUS(gp_forward(p), MOE_STATUS_OK);
     L0 = gp_loss(p, &M);
@@ -423,7 +424,7 @@ static moe_config base_cfg(int32_t E, int32_t K, int32_t D, int32_t F) {
     moe_config c;
     memset(&c, 0, sizeof c);
     c.num_experts = E; c.top_k = K; c.d_model = D; c.d_ff = F;
-    c.training = 1; c.seed = 1234;
+    c.training = 1; c.save_for_backward = 1; c.seed = 1234;
     return c;
 }
 
@@ -716,7 +717,8 @@ TEST(grad, soft_moe) {
 
 TEST(grad, shared_expert_gated) {
     moe_config c = base_cfg(6, 2, 6, 4);
-    c.shared_d_ff = 5; c.shared_gate = 1; c.normalize = MOE_NORM_NONE; c.balance_coef = 0.1f;
+    c.shared_d_ff = 5; c.shared_expert_gated = 1;
+    c.normalize = MOE_NORM_NONE; c.balance_coef = 0.1f;
     run_grad(&c, 9, 71, "shared gated");
 }
 
@@ -728,7 +730,7 @@ TEST(grad, shared_expert_ungated) {
 
 TEST(grad, expert_and_router_bias) {
     moe_config c = base_cfg(6, 2, 6, 4);
-    c.expert_bias = 1; c.router_bias = 1; c.shared_d_ff = 3; c.shared_gate = 1;
+    c.expert_bias = 1; c.router_bias = 1; c.shared_d_ff = 3; c.shared_expert_gated = 1;
     c.balance_coef = 0.1f; c.z_loss_coef = 0.05f;
     run_grad(&c, 9, 73, "biases SwiGLU");
     c.activation = MOE_ACT_GELU_TANH;
@@ -825,7 +827,7 @@ TEST(grad, recompute_bitwise) {
     moe_config c = base_cfg(6, 2, 6, 4);
     c.balance_coef = 0.1f; c.z_loss_coef = 0.05f;
     recompute_case(&c, 9, 101, 0);
-    c.expert_bias = 1; c.shared_d_ff = 3; c.shared_gate = 1; c.capacity = 2;
+    c.expert_bias = 1; c.shared_d_ff = 3; c.shared_expert_gated = 1; c.capacity = 2;
     recompute_case(&c, 9, 102, 0);
     recompute_case(&c, 9, 103, 1);
     c.activation = MOE_ACT_RELU;
@@ -850,7 +852,7 @@ TEST(grad, accumulate_and_dx_conventions) {
     size_t i, n;
     c.score = MOE_SCORE_SIGMOID; c.selection_bias = 1; c.n_group = 4; c.topk_group = 2;
     c.routed_scale = 2.5f; c.seq_balance_coef = 0.1f; c.seq_len = 4; c.balance_coef = 0.1f;
-    c.z_loss_coef = 0.05f; c.shared_d_ff = 3; c.shared_gate = 1; c.expert_bias = 1;
+    c.z_loss_coef = 0.05f; c.shared_d_ff = 3; c.shared_expert_gated = 1; c.expert_bias = 1;
     c.router_bias = 1; c.capacity = 3;
     gp_init(&p, &c, 9, 111);
     CHECK_STATUS(gp_forward(&p), MOE_STATUS_OK);
@@ -1047,4 +1049,42 @@ TEST(grad, warmup_router_noise) {
     run_grad(&c, 9, 84, "warm-up noise");
     c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 0.01f; c.importance_coef = 0.5f; c.load_coef = 0.5f;
     run_grad(&c, 9, 85, "warm-up noise + Shazeer");
+}
+
+/* save_for_backward = 1 with training = 0: an eval-mode forward keeps what
+   the backward reads. Shazeer and warm-up noise, jitter and expert dropout
+   are configured but off, so finite differences agree, and the gradients
+   (dx too) are bitwise those of the same layer without those knobs; the
+   unused noise weights get a zero gradient.                               */
+TEST(grad, save_for_backward_eval_mode) {
+    moe_config c = base_cfg(6, 2, 6, 4), clean;
+    gp a, b;
+    size_t i;
+    int k;
+    c.training = 0; c.seed = 13;
+    c.balance_coef = 0.1f; c.z_loss_coef = 0.05f; c.importance_coef = 0.5f; c.load_coef = 0.5f;
+    c.noise = MOE_NOISE_SHAZEER; c.noise_epsilon = 0.01f; c.jitter = 0.1f;
+    c.router_noise_std = 0.5f; c.expert_dropout = 0.3f;
+    run_grad(&c, 9, 86, "eval mode, save_for_backward");
+    clean = c;
+    clean.noise = MOE_NOISE_NONE; clean.noise_epsilon = 0.0f; clean.jitter = 0.0f;
+    clean.router_noise_std = 0.0f; clean.expert_dropout = 0.0f;
+    gp_init(&a, &c, 9, 87);
+    gp_init(&b, &clean, 9, 87);
+    CHECK_STATUS(gp_forward(&a), MOE_STATUS_OK);
+    CHECK_STATUS(gp_forward(&b), MOE_STATUS_OK);
+    CHECK(memcmp(a.y, b.y, (size_t)9 * 6 * sizeof(float)) == 0);
+    gp_zero_grads(&a); gp_zero_grads(&b);
+    CHECK_STATUS(gp_backward(&a), MOE_STATUS_OK);
+    CHECK_STATUS(gp_backward(&b), MOE_STATUS_OK);
+    for (k = 0; k < GT_COUNT; k++) {
+        if (!b.g[k]) continue;
+        CHECK(a.g[k] != NULL);
+        if (a.g[k] && memcmp(a.g[k], b.g[k], b.n[k] * sizeof(float)) != 0)
+            moe_test_fail(__FILE__, __LINE__, "%s: not bitwise the clean layer's", gt_name[k]);
+    }
+    CHECK(a.g[GT_ROUTER_NOISE] != NULL && b.g[GT_ROUTER_NOISE] == NULL);
+    for (i = 0; a.g[GT_ROUTER_NOISE] && i < a.n[GT_ROUTER_NOISE]; i++)
+        CHECK(a.g[GT_ROUTER_NOISE][i] == 0.0f);
+    gp_free(&a); gp_free(&b);
 }

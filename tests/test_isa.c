@@ -103,7 +103,7 @@ static void isa_run_layer(const isa_layer *L, moe_isa isa, int packed, int threa
     size_t bytes = 0;
     void *pk = NULL;
     int i;
-    c.isa = isa; c.training = 1; c.num_threads = threads;
+    c.isa = isa; c.training = 1; c.save_for_backward = 1; c.num_threads = threads;
     memset(R, 0, sizeof *R);
     R->y = (float *)calloc(T * D + 1, sizeof(float));
     R->dx = (float *)calloc(T * D + 1, sizeof(float));
@@ -284,7 +284,7 @@ TEST(isa, packed_tasks_split_panels) {
    biases, shared expert, fused-layout-free paths of every routing family.  */
 TEST(isa, routing_families_match_reference) {
     moe_config c = isa_config(6, 2, 24, 20, MOE_ACT_GEGLU);
-    c.expert_bias = 1; c.shared_d_ff = 12; c.shared_gate = 1;
+    c.expert_bias = 1; c.shared_d_ff = 12; c.shared_expert_gated = 1;
     isa_compare(c, 31, 11);
     c.capacity = 3;                                        /* drops */
     isa_compare(c, 31, 12);
@@ -292,7 +292,8 @@ TEST(isa, routing_families_match_reference) {
     isa_compare(c, 20, 13);
     c.capacity_factor = 0.0f; c.routing = MOE_ROUTING_DENSE;
     isa_compare(c, 9, 14);
-    c.routing = MOE_ROUTING_SOFT; c.slots_per_expert = 2; c.shared_d_ff = 0; c.shared_gate = 0;
+    c.routing = MOE_ROUTING_SOFT; c.slots_per_expert = 2;
+    c.shared_d_ff = 0; c.shared_expert_gated = 0;
     isa_compare(c, 9, 15);
     c = isa_config(8, 1, 20, 17, MOE_ACT_RELU);             /* experts without tokens */
     isa_compare(c, 3, 16);

@@ -112,7 +112,7 @@ TEST(layer, spec_13_5_mixtral_backward) {
     memset(&w, 0, sizeof w);
     w.router = s.wg; w.gate = s.w1; w.up = s.w3; w.down = s.w2;
     for (recompute = 0; recompute <= 1; recompute++) {
-        c.training = 1; c.recompute = recompute; c.balance_coef = 0.0f;
+        c.training = 1; c.save_for_backward = 1; c.recompute = recompute; c.balance_coef = 0.0f;
         memset(&info, 0, sizeof info);
         CHECK_STATUS(moe_info_size(&c, 3, &bytes), MOE_STATUS_OK);
         buf = malloc(bytes);

@@ -41,7 +41,7 @@ static lim_step lim_run(const moe_config *cfg_in, float router_amp) {
     void *ibuf = NULL;
     const size_t E = LE, D = LD, F = LF, Fs = LFS;
     int i;
-    c.training = 1;
+    c.training = 1; c.save_for_backward = 1;
     c.num_experts = LE; c.d_model = LD; c.d_ff = LF;
     memset(&s, 0, sizeof s);
     lim_rng = 99;

@@ -375,7 +375,7 @@ TEST(misuse, resolve_defaults_in_place) {
     CHECK(c.routed_scale == 1.0f && c.second_threshold == 0.5f);
 }
 
-/* moe_config_fingerprint: what a training forward stamps; 0 for no config. */
+/* moe_config_fingerprint: what a save_for_backward forward stamps; 0 for no config. */
 TEST(misuse, config_fingerprint) {
     moe_config c = base(MOE_ROUTING_TOPK), d;
     const uint64_t key = moe_config_fingerprint(&c);
@@ -384,6 +384,7 @@ TEST(misuse, config_fingerprint) {
     d = c; d.top_k = 0;
     CHECK(moe_config_fingerprint(&d) == 0);             /* invalid */
     d = c; d.isa = MOE_ISA_REFERENCE; d.num_threads = 3; d.router_grad_clip = 1.0f;
+    d.save_for_backward = !c.save_for_backward;
     CHECK(moe_config_fingerprint(&d) == key);           /* not part of it */
     d = c; d.z_loss_coef = 0.25f;
     CHECK(moe_config_fingerprint(&d) != key);
@@ -492,7 +493,13 @@ TEST(misuse, bad_option) {
     EXPECT_CFG("random 2nd expert, expert choice", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_DENSE); c.noise = MOE_NOISE_SHAZEER; EXPECT_CFG("noise, dense", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_SOFT); c.noise = MOE_NOISE_SHAZEER; EXPECT_CFG("noise, soft", c, MOE_STATUS_BAD_OPTION);
-    c = base(MOE_ROUTING_TOPK); c.shared_gate = 1; EXPECT_CFG("shared_gate without shared_d_ff", c, MOE_STATUS_BAD_OPTION);
+    c = base(MOE_ROUTING_TOPK); c.shared_expert_gated = 1; EXPECT_CFG("shared_expert_gated without shared_d_ff", c, MOE_STATUS_BAD_OPTION);
+    c = base(MOE_ROUTING_TOPK); c.training = 2; EXPECT_CFG("training 2", c, MOE_STATUS_BAD_OPTION);
+    c = base(MOE_ROUTING_TOPK); c.training = -1; EXPECT_CFG("training -1", c, MOE_STATUS_BAD_OPTION);
+    c = base(MOE_ROUTING_TOPK); c.save_for_backward = 2;
+    EXPECT_CFG("save_for_backward 2", c, MOE_STATUS_BAD_OPTION);
+    c = base(MOE_ROUTING_TOPK); c.save_for_backward = -1;
+    EXPECT_CFG("save_for_backward -1", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_TOPK); c.normalize = MOE_NORM_PNORM; c.norm_p = -1.0f; EXPECT_CFG("norm_p -1", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_TOPK); c.normalize = MOE_NORM_PNORM; c.norm_p = NAN; EXPECT_CFG("norm_p NaN", c, MOE_STATUS_BAD_OPTION);
     c = base(MOE_ROUTING_TOPK); c.norm_eps = -1e-9f; EXPECT_CFG("norm_eps < 0", c, MOE_STATUS_BAD_OPTION);
@@ -662,7 +669,7 @@ TEST(misuse, info_bind) {
         const int train = r % 2;
         size_t TR, TS, E = FE, N;
         unsigned char *lo = buf + 1, *hi;
-        if (train) { k.training = 1; k.shared_d_ff = FS; }   /* binds the backward cache too */
+        if (train) { k.save_for_backward = 1; k.shared_d_ff = FS; }   /* binds the backward cache too */
         CHECK_STATUS(moe_info_size(&k, FT, &need), MOE_STATUS_OK);
         free(buf);
         buf = (unsigned char *)malloc(need + 1);
@@ -786,7 +793,7 @@ TEST(misuse, missing_weights) {
         case SHARED: c.shared_d_ff = FS; break;
         case SHARED_RELU: c.shared_d_ff = FS; c.activation = MOE_ACT_RELU; break;
         case SHARED_BIAS: c.shared_d_ff = FS; c.expert_bias = 1; break;
-        case SHARED_GATE: c.shared_d_ff = FS; c.shared_gate = 1; break;
+        case SHARED_GATE: c.shared_d_ff = FS; c.shared_expert_gated = 1; break;
         case SOFT: c = base(MOE_ROUTING_SOFT); c.activation = MOE_ACT_GELU; break;
         case EC: c = base(MOE_ROUTING_EXPERT_CHOICE); break;
         case DENSE: c = base(MOE_ROUTING_DENSE); break;
@@ -1093,7 +1100,10 @@ TEST(misuse, guard_zones_untouched) {
             moe_config c = base((moe_routing)r);
             const int soft = r == MOE_ROUTING_SOFT;
             size_t TR = (size_t)FT * (soft ? FR : FE), TS, N;
-            if (v) { c.training = 1; c.shared_d_ff = FS; c.shared_gate = 1; }
+            if (v) {
+                c.training = 1; c.save_for_backward = 1;
+                c.shared_d_ff = FS; c.shared_expert_gated = 1;
+            }
             if (v == 2 && r == MOE_ROUTING_TOPK) c.capacity = 1;
             if (v == 2 && r == MOE_ROUTING_EXPERT_CHOICE) { c.capacity = 0; c.capacity_factor = 1.0f; }
             if (v == 2 && soft) { c.slots_per_expert = 1; TR = (size_t)FT * FE; }
@@ -1161,7 +1171,7 @@ TEST(misuse, selection_bias_update_bad_args) {
 
 /* --- moe_backward ------------------------------------------------------------ */
 
-/* A training forward of (c, w, x) into an info bound by moe_info_bind. */
+/* A forward of (c, w, x; c saves for the backward) into an info bound by moe_info_bind. */
 static void *train_forward(const moe_config *c, const moe_weights *w, moe_info *info) {
     size_t need = 0;
     void *buf;
@@ -1183,7 +1193,7 @@ TEST(misuse, backward_null_arguments) {
     moe_info info;
     size_t need = 0;
     void *buf, *ws;
-    c.training = 1;
+    c.training = 1; c.save_for_backward = 1;
     buf = train_forward(&c, &f->w, &info);
     CHECK_STATUS(moe_backward_workspace_size(&c, FT, &need), MOE_STATUS_OK);
     ws = malloc(need);
@@ -1206,7 +1216,7 @@ TEST(misuse, backward_null_arguments) {
 }
 
 /* The info must hold what the backward reads: each needed array NULL in turn
-   (or a forward bound without training) -> MISSING_CACHE; recompute = 1
+   (or a forward bound without the cache) -> MISSING_CACHE; recompute = 1
    needs no activation cache. */
 TEST(misuse, backward_missing_cache) {
     fixture *f = fx();
@@ -1218,7 +1228,7 @@ TEST(misuse, backward_missing_cache) {
         void *buf, *buf2;
         size_t k;
         const int soft = r == MOE_ROUTING_SOFT;
-        c.training = 1; c.shared_d_ff = FS;
+        c.training = 1; c.save_for_backward = 1; c.shared_d_ff = FS;
         buf = train_forward(&c, &f->w, &info);
         garm(&gb);
         CHECK_STATUS(bwd(&c, &f->w, f->x, FT, &info, f->x, gb.dx + GUARD, &gb.g), MOE_STATUS_OK);
@@ -1267,7 +1277,7 @@ TEST(misuse, backward_workspace_and_zero_tokens) {
         size_t need = 0;
         unsigned char *ws;
         void *buf;
-        c.training = 1;
+        c.training = 1; c.save_for_backward = 1;
         buf = train_forward(&c, &f->w, &info);
         CHECK_STATUS(moe_backward_workspace_size(&c, FT, &need), MOE_STATUS_OK);
         ws = (unsigned char *)malloc(need + 1);
@@ -1308,7 +1318,8 @@ TEST(misuse, backward_guard_zones) {
             moe_weights w = f->w;
             moe_info info;
             void *buf;
-            c.training = 1; c.shared_d_ff = FS; c.shared_gate = 1; c.expert_bias = 1;
+            c.training = 1; c.save_for_backward = 1;
+            c.shared_d_ff = FS; c.shared_expert_gated = 1; c.expert_bias = 1;
             c.balance_coef = 0.01f; c.z_loss_coef = 1e-3f;
             if (v) {
                 w.gate_up_fused = 1; w.up = NULL; c.recompute = 1; c.router_bias = 1;
@@ -1338,7 +1349,7 @@ TEST(misuse, backward_bad_cache) {
         moe_info info;
         void *buf;
         const int S = moe_routing_slots(&c);
-        c.training = 1;
+        c.training = 1; c.save_for_backward = 1;
         buf = train_forward(&c, &f->w, &info);
         for (k = 0; k < 4; k++) {
             const int32_t saved_e = info.expert[S + 1];

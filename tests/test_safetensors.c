@@ -518,7 +518,7 @@ TEST(safetensors, layer_from_written_file_matches_direct_weights) {
             for (i = 0; i < LT * LD; i++) x[i] = (float)((i * 7) % 11) * 0.1f - 0.5f;
             /* the same layer from the floats directly */
             c.num_experts = LE; c.top_k = 2; c.d_model = LD; c.d_ff = LF;
-            c.shared_d_ff = qwen ? LFS : 0; c.shared_gate = qwen;
+            c.shared_d_ff = qwen ? LFS : 0; c.shared_expert_gated = qwen;
             memset(&w, 0, sizeof w);
             w.router = m.router; w.gate = m.gate; w.up = m.up; w.down = m.down;
             if (qwen) { w.shared_gate = m.sg; w.shared_up = m.su; w.shared_down = m.sd; w.shared_expert_gate = m.seg; }

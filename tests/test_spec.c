@@ -423,7 +423,7 @@ TEST(spec, qwen2_shared_gate_layer) {
     c.d_model = 3; c.d_ff = 1;
     c.activation = MOE_ACT_RELU;
     c.normalize = MOE_NORM_NONE;
-    c.shared_d_ff = 6; c.shared_gate = 1;
+    c.shared_d_ff = 6; c.shared_expert_gated = 1;
     for (d = 0; d < 3; d++) {
         sh_gate[d * 3 + d] = 1.0f;  sh_gate[(3 + d) * 3 + d] = -1.0f;   /* [Fs][D] */
         sh_down[d * 6 + d] = 1.0f;  sh_down[d * 6 + 3 + d] = -1.0f;     /* [D][Fs] */

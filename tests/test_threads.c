@@ -50,13 +50,13 @@ static void tlayer_init(tlayer *L, int which) {
     moe_config *c = &L->c;
     memset(L, 0, sizeof *L);
     c->num_experts = TE; c->top_k = 2; c->d_model = TD; c->d_ff = TF;
-    c->training = 1; c->seed = 1234u + (uint64_t)which;
+    c->training = 1; c->save_for_backward = 1; c->seed = 1234u + (uint64_t)which;
     c->balance_coef = 0.01f; c->z_loss_coef = 1e-3f;
     switch (which) {
     case 0: break;
     case 1: c->top_k = 1; c->jitter = 0.05f; c->capacity_factor = 1.0f; c->activation = MOE_ACT_RELU; break;
     case 2: c->noise = MOE_NOISE_SHAZEER; c->noise_epsilon = 0.01f; c->importance_coef = 0.1f; c->load_coef = 0.1f; break;
-    case 3: c->second_expert = MOE_SECOND_RANDOM; c->shared_d_ff = TFS; c->shared_gate = 1; c->capacity = 6; break;
+    case 3: c->second_expert = MOE_SECOND_RANDOM; c->shared_d_ff = TFS; c->shared_expert_gated = 1; c->capacity = 6; break;
     case 4: c->routing = MOE_ROUTING_EXPERT_CHOICE; c->capacity = 5; c->top_k = 0; c->activation = MOE_ACT_GELU; break;
     default: c->routing = MOE_ROUTING_SOFT; c->slots_per_expert = TP; c->top_k = 0; c->balance_coef = 0.0f;
              c->z_loss_coef = 0.0f; break;
@@ -237,7 +237,8 @@ TEST(determinism, random_routing_independent_of_batch_size) {
         float *x2, *y1, *y2;
         int32_t i;
         tlayer_init(&L, k == 0 ? 1 : k == 1 ? 2 : 3);
-        L.c.capacity = 0; L.c.capacity_factor = 0.0f; L.c.shared_d_ff = 0; L.c.shared_gate = 0;
+        L.c.capacity = 0; L.c.capacity_factor = 0.0f;
+        L.c.shared_d_ff = 0; L.c.shared_expert_gated = 0;
         L.c.balance_coef = L.c.z_loss_coef = L.c.importance_coef = L.c.load_coef = 0.0f;
         x2 = (float *)malloc(T2 * TD * sizeof(float));
         y1 = (float *)malloc(TT * TD * sizeof(float));

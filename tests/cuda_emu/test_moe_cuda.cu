@@ -539,7 +539,7 @@ static int make_layer(layer &L, const moe_config &cfg, int T, int fused, uint32_
         h.shared_gate = L.sgate.data(); h.shared_up = L.glu ? L.sup.data() : NULL;
         h.shared_down = L.sdown.data();
     }
-    h.shared_expert_gate = c.shared_gate ? L.segate.data() : NULL;
+    h.shared_expert_gate = c.shared_expert_gated ? L.segate.data() : NULL;
     d = h;   /* the same tensors on the device */
     d.router = L.put(L.router); d.router_bias = L.put(L.rbias); d.selection_bias = L.put(L.sbias);
     d.gate = L.put(L.gate); d.up = h.up ? L.put(L.upw) : NULL; d.down = L.put(L.down);
@@ -908,7 +908,7 @@ static int backward_case(const char *name, moe_config cfg, int T, int fused, int
                          uint32_t seed, std::vector<std::vector<float> > *out, int verbose) {
     layer L;
     cfg.isa = MOE_ISA_REFERENCE;   /* moe.h's, and then the GPU's fp32 path ... */
-    cfg.training = 1;
+    cfg.training = 1; cfg.save_for_backward = 1;
     if (!make_layer(L, cfg, T, fused, seed)) return 0;
     if (!simt) cfg.isa = MOE_ISA_AUTO;   /* ... or its tensor cores */
     const double tol = simt ? 1e-4 : 2e-2;
@@ -1024,7 +1024,8 @@ static void test_backward_contract(void) {
     use_schedule(0);
     layer L;
     moe_config c = moe_preset_mixtral();
-    c.num_experts = 4; c.d_model = 12; c.d_ff = 10; c.training = 1; c.isa = MOE_ISA_REFERENCE;
+    c.num_experts = 4; c.d_model = 12; c.d_ff = 10; c.isa = MOE_ISA_REFERENCE;
+    c.training = 1; c.save_for_backward = 1;
     CHECK(make_layer(L, c, 9, 0, 77u));
     const size_t TD = (size_t)L.T * L.D;
     std::vector<float> dyh;
@@ -1041,12 +1042,19 @@ static void test_backward_contract(void) {
     moe_grads g = grad_set::bind(G.d, 0);
     const std::vector<float> router0 = fetch(G.d[0], G.h[0].size());
 
-    /* an evaluation forward leaves no stamp; a training one does */
+    /* a forward without save_for_backward leaves no stamp (in train mode
+       too), nor does an evaluation forward; a saving one does */
     moe_info info = di.info;
-    moe_config eval = c;
-    eval.training = 0;
+    moe_config eval = c, nosave = c;
+    eval.training = 0; eval.save_for_backward = 0;
+    nosave.save_for_backward = 0;
     CHECK(moe_cuda_forward(&eval, &L.dev, x, L.T, y, &info, fws, fb) == MOE_STATUS_OK);
     CHECK(moe_cuda_forward_result(fws, &info) == MOE_STATUS_OK);
+    CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) ==
+          MOE_STATUS_MISSING_CACHE);
+    CHECK(moe_cuda_forward(&nosave, &L.dev, x, L.T, y, &info, fws, fb) == MOE_STATUS_OK);
+    CHECK(moe_cuda_forward_result(fws, &info) == MOE_STATUS_OK);
+    CHECK(info.cache_config == 0);
     CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) ==
           MOE_STATUS_MISSING_CACHE);
     CHECK(moe_cuda_forward(&c, &L.dev, x, L.T, y, &info, fws, fb) == MOE_STATUS_OK);
@@ -1062,8 +1070,11 @@ static void test_backward_contract(void) {
     CHECK(moe_cuda_backward(&other, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb) ==
           MOE_STATUS_BAD_CACHE);
     other = moe_preset_shazeer();   /* noisy training: the forward's refusal */
-    other.training = 1;
+    other.training = 1; other.save_for_backward = 1;
     CHECK(moe_cuda_backward_workspace_size(&other, L.T, &fb) == MOE_STATUS_CUDA_UNSUPPORTED);
+    other.training = 0;             /* eval mode saving for the backward: noise-free, runs */
+    size_t eval_bb = 0;
+    CHECK(moe_cuda_backward_workspace_size(&other, L.T, &eval_bb) == MOE_STATUS_OK);
     CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, NULL, bws, bb) ==
           MOE_STATUS_NULL_ARGUMENT);
     CHECK(moe_cuda_backward(&c, &L.dev, x, L.T, &info, dy, dx, &g, bws, bb - 1) ==
@@ -1139,7 +1150,7 @@ static void test_forward_contract(void) {
     /* configs the GPU path does not run */
     moe_config u[8];
     u[0] = moe_preset_expert_choice(); u[1] = moe_preset_dense(); u[2] = moe_preset_soft_moe();
-    u[3] = moe_preset_gshard(); u[4] = moe_preset_shazeer(); u[4].training = 1;
+    u[3] = moe_preset_gshard(); u[4] = moe_preset_shazeer(); u[4].training = 1;   /* noise */
     u[5] = moe_preset_switch(); u[5].training = 1;   /* jitter */
     u[6] = moe_preset_mixtral(); u[6].capacity = 4; u[6].drop_policy = MOE_DROP_BPR;
     u[7] = moe_preset_mixtral(); u[7].num_experts = 300;
@@ -1149,6 +1160,8 @@ static void test_forward_contract(void) {
         CHECK(moe_cuda_forward(&u[i], &w, dx, 4, dy, NULL, ws, wb) == MOE_STATUS_CUDA_UNSUPPORTED);
     }
     u[4].training = 0;   /* Shazeer's noise is training-only: inference runs */
+    CHECK(moe_cuda_pack_size(&u[4], &b) == MOE_STATUS_OK);
+    u[4].save_for_backward = 1;   /* and so does an eval-mode forward that saves */
     CHECK(moe_cuda_pack_size(&u[4], &b) == MOE_STATUS_OK);
 
     /* weights, sizes, pointers */

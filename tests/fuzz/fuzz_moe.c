@@ -113,7 +113,7 @@ enum hdr {
    H_WARM / H_DROPOUT: cfg.router_noise_std / expert_dropout. H_CLIPNORM, H_INIT:
    max_norm of moe_grads_clip_norm and the scheme of moe_init_weights. */
 enum { PK_NONE = 0, PK_GOOD = 4, PK_ONLY = 6, PK_BAD = 7 };
-/* H_FLAGS bits */
+/* H_FLAGS bits (F_TRAINING: cfg.training and cfg.save_for_backward) */
 enum { F_EXPERT_BIAS = 1, F_ROUTER_BIAS = 2, F_SEL_BIAS = 4, F_SHARED_GATE = 8,
        F_MASK_ZERO = 16, F_NORM_AFTER_DROP = 32, F_TRAINING = 64, F_RECOMPUTE = 128 };
 /* H_FLAGS2 bits */
@@ -176,17 +176,19 @@ static void report_case(const fcase *k) {
     fprintf(stderr,
             "  case: T=%d E=%d K=%d D=%d F=%d Fs=%d P=%d routing=%d score=%d act=%d norm=%d noise=%d\n"
             "        second=%d drop=%d formula=%d balance=%d isa=%d expert_bias=%d router_bias=%d\n"
-            "        selection_bias=%d shared_gate=%d n_group=%d topk_group=%d gst=%d mask0=%d\n"
-            "        after_drop=%d training=%d recompute=%d capacity=%d cf=%g seq_len=%d seed=%llu\n"
+            "        selection_bias=%d shared_expert_gated=%d n_group=%d topk_group=%d gst=%d mask0=%d\n"
+            "        after_drop=%d training=%d save=%d recompute=%d capacity=%d cf=%g seq_len=%d seed=%llu\n"
             "        norm_p=%g norm_eps=%g thr=%g scale=%g noise_eps=%g jitter=%g coefs=%g,%g,%g,%g,%g\n"
             "        clip=%g fused=%d soft_scale=%s%g missing=%d vclass=%d\n",
             (int)k->T, (int)c->num_experts, (int)c->top_k, (int)c->d_model, (int)c->d_ff,
             (int)c->shared_d_ff, (int)c->slots_per_expert, (int)c->routing, (int)c->score,
             (int)c->activation, (int)c->normalize, (int)c->noise, (int)c->second_expert,
             (int)c->drop_policy, (int)c->capacity_formula, (int)c->balance_loss, (int)c->isa,
-            (int)c->expert_bias, (int)c->router_bias, (int)c->selection_bias, (int)c->shared_gate,
+            (int)c->expert_bias, (int)c->router_bias, (int)c->selection_bias,
+            (int)c->shared_expert_gated,
             (int)c->n_group, (int)c->topk_group, (int)c->group_score_top, (int)c->group_mask_zero,
-            (int)c->normalize_after_drop, (int)c->training, (int)c->recompute, (int)c->capacity,
+            (int)c->normalize_after_drop, (int)c->training, (int)c->save_for_backward,
+            (int)c->recompute, (int)c->capacity,
             (double)c->capacity_factor, (int)c->seq_len, (unsigned long long)c->seed,
             (double)c->norm_p, (double)c->norm_eps, (double)c->second_threshold,
             (double)c->routed_scale, (double)c->noise_epsilon, (double)c->jitter,
@@ -368,7 +370,7 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
     c->selection_bias = !!(h[H_FLAGS] & F_SEL_BIAS);
     c->group_mask_zero = !!(h[H_FLAGS] & F_MASK_ZERO);
     c->normalize_after_drop = !!(h[H_FLAGS] & F_NORM_AFTER_DROP);
-    c->training = !!(h[H_FLAGS] & F_TRAINING);
+    c->training = c->save_for_backward = !!(h[H_FLAGS] & F_TRAINING);
     c->recompute = !!(h[H_FLAGS] & F_RECOMPUTE);
     k->fused = !!(h[H_FLAGS2] & F2_FUSED);
     k->has_scale = !!(h[H_FLAGS2] & F2_SCALE);
@@ -411,7 +413,8 @@ static void decode(fcase *k, const uint8_t *data, size_t size) {
         else if (h[H_SEQLEN] >= 232)   /* near the int32 limit: valid, one sequence */
             c->seq_len = 2147483647 - (h[H_SEQLEN] & 1);
         else c->seq_len = h[H_SEQLEN] % (k->T > 0 ? k->T + 2 : 2);
-        c->shared_gate = (h[H_FLAGS] & F_SHARED_GATE) && (c->shared_d_ff > 0 || h[H_FS] >= 230);
+        c->shared_expert_gated = (h[H_FLAGS] & F_SHARED_GATE) &&
+                                 (c->shared_d_ff > 0 || h[H_FS] >= 230);
     }
     c->seed = (uint64_t)h[H_SEED] * 0x9E3779B97F4A7C15ull;
     {   /* float options: in-range values (bounded so OK implies finite in the
@@ -644,7 +647,7 @@ static void info_alloc(infobuf *b, const moe_config *rc, int32_t T) {
     b->TR = Tn * (soft ? E * (size_t)rc->slots_per_expert : E);
     b->TS = Tn * (size_t)moe_routing_slots(rc);
     b->glu = is_glu(rc->activation);
-    b->cache = rc->training && !rc->recompute;
+    b->cache = rc->save_for_backward && !rc->recompute;
     b->F = (size_t)rc->d_ff; b->D = (size_t)rc->d_model; b->Fs = (size_t)rc->shared_d_ff;
     b->N = b->cache ? cache_rows(rc, T) : 0;
     b->Tc = b->cache ? Tn : 0;
@@ -1301,7 +1304,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
             size_t bneed = 0;
             moe_status st;
             gradbuf g2;
-            const int expect_ok = rc.training;   /* an evaluation forward leaves no cache */
+            const int expect_ok = rc.save_for_backward;   /* else the forward left no cache */
             REQUIRE(moe_backward_workspace_size(&c, k->T, &bneed) == MOE_STATUS_OK);
             grads_alloc(&gref, k);
             st = bwd(k, &c, &bound, &gref, bneed, 0x00);
@@ -1328,7 +1331,7 @@ static void run_layer(const fcase *k, const moe_config *rc0) {
                 REQUIRE(grads_same(&gref, &g2));
                 grads_free(&g2);
                 /* recompute instead of the cache: bitwise the same */
-                if (rc.training && !rc.recompute) {
+                if (rc.save_for_backward && !rc.recompute) {
                     moe_config cr = c;
                     size_t rneed = 0;
                     cr.recompute = 1;
@@ -1537,7 +1540,7 @@ static void size_check_info(const moe_config *rc, int32_t T) {
     const uint64_t Tn = (uint64_t)T, E = (uint64_t)rc->num_experts, D = (uint64_t)rc->d_model;
     const uint64_t F = (uint64_t)rc->d_ff, Fs = (uint64_t)rc->shared_d_ff;
     const int soft = rc->routing == MOE_ROUTING_SOFT, glu = is_glu(rc->activation);
-    const int cache = rc->training && !rc->recompute;
+    const int cache = rc->save_for_backward && !rc->recompute;
     int over = 0, i;
     uint64_t R, TR, TS, N, Tc, sum = 0, piece[14], hi;
     size_t got = 0;
@@ -1590,7 +1593,7 @@ static void size_only(const uint8_t *data, size_t size) {
         c.capacity_factor = 1.25f;
     }
     c.noise = (moe_noise)(c.routing == MOE_ROUTING_TOPK && (h[H_NOISE] & 1));
-    c.training = !!(h[H_FLAGS] & F_TRAINING);
+    c.training = c.save_for_backward = !!(h[H_FLAGS] & F_TRAINING);
     c.recompute = !!(h[H_FLAGS] & F_RECOMPUTE);
     c.pack_bf16 = !!(h[H_PACK] & 16);
     c.isa = (h[H_ISA] & 1) ? MOE_ISA_REFERENCE : MOE_ISA_AUTO;
