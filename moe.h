@@ -53,11 +53,17 @@
         moe_grads, moe_info, then the API in pipeline order:
         config -> packing -> capacity -> routing (moe_route) -> forward ->
         backward -> expert parallelism (moe_ep_*) -> bias update.
-     2. Implementation (MOE_IMPLEMENTATION): helpers, RNG, activations,
-        top-k, the reference GEMMs, the SIMD micro-kernel and threads,
-        config, workspace layout, routing, aux losses, dispatch, packed
-        panels, expert FFNs, combine, public functions, the backward pass,
-        the expert-parallel plan, training helpers.
+     2. Implementation (MOE_IMPLEMENTATION), its banners in order: helpers
+        (RNG, activations, top-k, the reference GEMMs), ISA selection,
+        threads, config, capacity, workspace layout, the kernel table, then
+        the pipeline's stages as plain references, each backward below its
+        forward: routing (router logits, scores, top-k and groups,
+        capacity, gate weights, aux losses) and its backward; experts
+        (dispatch, expert FFNs, combine). Then the fast kernels (ISA
+        primitives, micro-kernel, blocked GEMM, packed weights and the
+        packed expert FFN, the kernel tables), the drivers (moe_route,
+        moe_forward, the backward driver), expert parallelism, training
+        helpers.
      TOUR: docs/TOUR.md walks through all of it with worked numbers.
      3. License.
 
@@ -1113,8 +1119,8 @@ static void moe__sort_desc(const float *key, int32_t *idx, int32_t *tmp, int32_t
 
 // ----------------------------------------------------------------------------
 // Reference GEMMs: moe__gemm_ref (y = x . W^T + bias, nn.Linear layout) and
-// moe__sgemm_ref (strided). The SIMD GEMM below, moe__sgemm_simd, has
-// moe__sgemm_ref's contract and signature (moe__sgemm_fn).
+// moe__sgemm_ref (strided). The SIMD GEMM, moe__sgemm_simd (fast kernels),
+// has moe__sgemm_ref's contract and signature (moe__sgemm_fn).
 
 /* y[i][o] = bias[o] + sum_k x[i][k] * w[o][k]
    x: [n][n_in]   w: [n_out][n_in] (nn.Linear)   bias: [n_out] or NULL   y: [n][n_out]
@@ -1156,10 +1162,22 @@ static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
     }
 }
 
+/* bias[j] += sum over n rows of A[i][j] (row stride lda): bias gradients. */
+static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, size_t lda) {
+    int64_t i;
+    int32_t j;
+    if (!bias) return;
+    for (i = 0; i < n; i++)
+        for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
+}
+
+typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t K,
+                              const float *A, size_t a_rs, size_t a_cs,
+                              const float *B, size_t ldb, float *C, size_t ldc, int accumulate);
+
 // ----------------------------------------------------------------------------
-// SIMD: one vector ISA per build, chosen at compile time. Each has
-// the same primitives; the micro-kernel and the vector sigmoid below are
-// written once on them.
+// ISA selection: one vector ISA per build, chosen at compile time; the fast
+// kernels (the last layer of the implementation) are written on it.
 //   AVX-512 (-mavx512f): 16 floats, 12x32 register tile
 //   AVX2 + FMA (-mavx2 -mfma): 8 floats, 6x16 tile
 //   NEON (aarch64): 4 floats, 8x8 tile
@@ -1170,113 +1188,18 @@ static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
 #  define MOE__HAS_SIMD 1
 #  define MOE__VL 16
 #  define MOE__MR 12
-typedef __m512 moe__vf;
-static moe__vf moe__v_load(const float *p) { return _mm512_loadu_ps(p); }
-static void moe__v_store(float *p, moe__vf v) { _mm512_storeu_ps(p, v); }
-static moe__vf moe__v_set1(float a) { return _mm512_set1_ps(a); }
-static moe__vf moe__v_zero(void) { return _mm512_setzero_ps(); }
-static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm512_fmadd_ps(a, b, c); }
-static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
-/* A row pair of a bf16 panel holds column j's weights for k and k + 1 in
-   one 32-bit word, k in the low half: lo widens the k row (a shift), hi the
-   k + 1 row (a mask). Each loads the pair itself, so the kernel need not
-   hold both rows' vectors at once (AVX2's 6x16 tile has no registers to
-   spare; see MOE__OPAQUE).
-   (Zero-masked forms: GCC 12's unmasked ones start from an "undefined"
-   register that g++ -O3 reports as maybe-uninitialized.)                  */
-static moe__vf moe__v_bf16_lo(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32((__mmask16)0xFFFF,
-                                                       _mm512_loadu_si512((const void *)p), 16));
-}
-static moe__vf moe__v_bf16_hi(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_maskz_and_epi32((__mmask16)0xFFFF,
-                                                      _mm512_loadu_si512((const void *)p),
-                                                      _mm512_set1_epi32((int)0xffff0000u)));
-}
-static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm512_mul_ps(a, b); }
-static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm512_div_ps(a, b); }
-static moe__vf moe__v_neg_abs(moe__vf a) {               /* -|a|: set the sign bit */
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a),
-                                               _mm512_set1_epi32((int)0x80000000u)));
-}
-static moe__vf moe__v_round(moe__vf a) {
-    return _mm512_maskz_roundscale_ps((__mmask16)0xFFFF, a,
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
-    const __mmask16 all = (__mmask16)0xFFFF;
-    const __m512i e = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, n), _mm512_set1_epi32(127));
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, e, 23));
-}
-static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, c, _CMP_LT_OQ), b, a);
-}
 #elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
 #  include <immintrin.h>
 #  define MOE__SIMD_ISA MOE_ISA_AVX2
 #  define MOE__HAS_SIMD 1
 #  define MOE__VL 8
 #  define MOE__MR 6
-typedef __m256 moe__vf;
-static moe__vf moe__v_load(const float *p) { return _mm256_loadu_ps(p); }
-static void moe__v_store(float *p, moe__vf v) { _mm256_storeu_ps(p, v); }
-static moe__vf moe__v_set1(float a) { return _mm256_set1_ps(a); }
-static moe__vf moe__v_zero(void) { return _mm256_setzero_ps(); }
-static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm256_fmadd_ps(a, b, c); }
-static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
-static moe__vf moe__v_bf16_lo(const uint16_t *p) {
-    return _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16));
-}
-static moe__vf moe__v_bf16_hi(const uint16_t *p) {   /* shifts: no mask register */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16), 16));
-}
-static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm256_mul_ps(a, b); }
-static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm256_div_ps(a, b); }
-static moe__vf moe__v_neg_abs(moe__vf a) {   /* -|a| */
-    return _mm256_or_ps(a, _mm256_set1_ps(-0.0f));
-}
-static moe__vf moe__v_round(moe__vf a) {
-    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                                  _mm256_set1_epi32(127)), 23));
-}
-static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
-    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, c, _CMP_LT_OQ));
-}
 #elif !defined(MOE_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
 #  include <arm_neon.h>
 #  define MOE__SIMD_ISA MOE_ISA_NEON
 #  define MOE__HAS_SIMD 1
 #  define MOE__VL 4
 #  define MOE__MR 8
-typedef float32x4_t moe__vf;
-static moe__vf moe__v_load(const float *p) { return vld1q_f32(p); }
-static void moe__v_store(float *p, moe__vf v) { vst1q_f32(p, v); }
-static moe__vf moe__v_set1(float a) { return vdupq_n_f32(a); }
-static moe__vf moe__v_zero(void) { return vdupq_n_f32(0.0f); }
-static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return vfmaq_f32(c, a, b); }
-static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
-static moe__vf moe__v_bf16_lo(const uint16_t *p) {
-    return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32((const uint32_t *)(const void *)p), 16));
-}
-static moe__vf moe__v_bf16_hi(const uint16_t *p) {
-    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32((const uint32_t *)(const void *)p),
-                                           vdupq_n_u32(0xffff0000u)));
-}
-static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return vmulq_f32(a, b); }
-static moe__vf moe__v_div(moe__vf a, moe__vf b) { return vdivq_f32(a, b); }
-static moe__vf moe__v_neg_abs(moe__vf a) { return vnegq_f32(vabsq_f32(a)); }
-static moe__vf moe__v_round(moe__vf a) { return vrndnq_f32(a); }
-static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
-    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
-}
-static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
-    return vbslq_f32(vcltq_f32(x, c), a, b);
-}
 #else
 #  define MOE__SIMD_ISA MOE_ISA_REFERENCE
 #  define MOE__HAS_SIMD 0
@@ -1284,396 +1207,6 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #  define MOE__MR 1          /* no micro-kernel: workspace sizes only */
 #endif
 #define MOE__NR (2 * MOE__VL) /* register tile width: two vectors           */
-
-#if defined(__GNUC__) || defined(__clang__)
-#  define MOE__PREFETCH(p) __builtin_prefetch(p)
-#  define MOE__PREFETCH_L2(p) __builtin_prefetch(p, 0, 2)
-#  define MOE__UNROLL _Pragma("GCC unroll 16")
-#  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% on AVX2 (loop overhead) */
-/* z keeps its value (0), but the compiler no longer knows it: p + z is then
-   loaded again, not taken from a register the compiler would have to keep */
-#  define MOE__OPAQUE(z) __asm__("" : "+r"(z))
-#else
-#  define MOE__PREFETCH(p) ((void)0)
-#  define MOE__PREFETCH_L2(p) ((void)0)
-#  define MOE__UNROLL
-#  define MOE__UNROLL_K
-#  define MOE__OPAQUE(z) ((void)0)
-#endif
-
-#if MOE__HAS_SIMD
-#if defined(__GNUC__) || defined(__clang__)
-#  define MOE__INLINE static inline __attribute__((always_inline))
-#else
-#  define MOE__INLINE static inline
-#endif
-/* What a micro-kernel tile reads as B (and A):
-     MOE__B_F32   fp32 rows [K][NR]
-     MOE__B_BF16  bf16 row pairs [K/2][NR][2] (moe__v_bf16_lo/hi), widened
-                  to fp32 exactly: fp32 products of bf16 weights
-     MOE__B_DOT   bf16 row pairs, and A as bf16 pairs too (one 32-bit word per
-                  row and pair of k): VDPBF16PS, 2 k steps per instruction.
-                  AVX512-BF16 builds only (cfg.pack_bf16 = 2).              */
-#define MOE__B_F32 0
-#define MOE__B_BF16 1
-#define MOE__B_DOT 2
-#if defined(__AVX512BF16__) && MOE__SIMD_ISA == MOE_ISA_AVX512
-#  define MOE__HAS_BF16_DOT 1
-#else
-#  define MOE__HAS_BF16_DOT 0
-#endif
-
-/* C tile rows += a(., k) * (b0 | b1): one rank-1 update. */
-MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, const float *const *a,
-                                 size_t ak, moe__vf b0, moe__vf b1) {
-    int32_t i;
-    MOE__UNROLL
-    for (i = 0; i < mr; i++) {
-        const moe__vf av = moe__v_set1(a[i][ak]);
-        c0[i] = moe__v_fma(av, b0, c0[i]);
-        c1[i] = moe__v_fma(av, b1, c1[i]);
-    }
-}
-
-/* Micro-kernel (bench/moe_bench.c variants 2-4): an mr x NR tile of C in
-   registers, one rank-1 update per k: two vector loads of B, mr broadcasts
-   of A, 2*mr FMAs. mr is a compile-time constant in each instance below, so
-   a one-token (decode) tile does one row of work, not MR. Each C element
-   sums k in ascending order, like the reference (results differ by FMA
-   rounding only; MOE__B_DOT adds each pair k+1 first, as VDPBF16PS does).
-   pf (a constant too): on the way, prefetch pf_rows rows of a packed panel
-   from next, one every pf_every k steps.                                  */
-MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, const float *A,
-                                size_t a_rs, size_t a_cs, const void *B, size_t ldb, float *C,
-                                size_t ldc, int accumulate, const int pf, const char *next,
-                                int64_t pf_rows, int64_t pf_every) {
-    moe__vf c0[MOE__MR], c1[MOE__MR];
-    const float *a[MOE__MR];
-    const int64_t step = kind == MOE__B_F32 ? 1 : 2;
-    /* MOE__B_DOT: an odd K's last pair runs whole (A's and the panel's k + 1 are 0) */
-    const int64_t k_end = kind == MOE__B_DOT ? K + (K & 1) : K;
-    const size_t row = MOE__NR * (kind == MOE__B_F32 ? sizeof(float) : sizeof(uint16_t));
-    size_t again = 0;       /* hi loads the pair again in a tall tile: no spills */
-    int64_t k, pf_k = 0;
-    int32_t i;
-    if (2 * mr > MOE__MR) MOE__OPAQUE(again);
-    MOE__UNROLL
-    for (i = 0; i < mr; i++) {
-        a[i] = A + (size_t)i * a_rs;
-        c0[i] = moe__v_zero();
-        c1[i] = moe__v_zero();
-    }
-    MOE__UNROLL_K
-    for (k = 0; k + step <= k_end; k += step) {
-        const size_t bk = (size_t)k * ldb;      /* a row pair of NR columns is 2 * NR bf16 */
-        if (pf && k >= pf_k && pf_rows > 0) {   /* a row of the next panel, towards L2 */
-            size_t o;
-            for (o = 0; o < row; o += 64) MOE__PREFETCH_L2(next + o);
-            next += row; pf_rows--; pf_k += pf_every;
-        }
-        if (kind == MOE__B_F32) {
-            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_load((const float *)B + bk),
-                            moe__v_load((const float *)B + bk + MOE__VL));
-        } else if (kind == MOE__B_BF16) {
-            const uint16_t *bp = (const uint16_t *)B + bk;
-            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
-                            moe__v_bf16_lo(bp + 2 * MOE__VL));
-            moe__tile_rank1(mr, c0, c1, a, (size_t)(k + 1) * a_cs, moe__v_bf16_hi(bp + again),
-                            moe__v_bf16_hi(bp + again + 2 * MOE__VL));
-        }
-#if MOE__HAS_BF16_DOT
-        else {                                  /* A: [K/2][a_cs] words, row i at i * a_rs */
-            const __m512i w0 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk));
-            const __m512i w1 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk +
-                                                                 2 * MOE__VL));
-            const uint32_t *ap = (const uint32_t *)(const void *)A + (size_t)(k / 2) * a_cs;
-            MOE__UNROLL
-            for (i = 0; i < mr; i++) {
-                const __m512i av = _mm512_set1_epi32((int)ap[(size_t)i * a_rs]);
-                c0[i] = _mm512_dpbf16_ps(c0[i], (__m512bh)av, (__m512bh)w0);
-                c1[i] = _mm512_dpbf16_ps(c1[i], (__m512bh)av, (__m512bh)w1);
-            }
-        }
-#endif
-    }
-    if (kind == MOE__B_BF16 && k < K) {        /* odd K: the last pair's k half */
-        const uint16_t *bp = (const uint16_t *)B + (size_t)k * ldb;
-        moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
-                        moe__v_bf16_lo(bp + 2 * MOE__VL));
-    }
-    MOE__UNROLL
-    for (i = 0; i < mr; i++) {
-        float *ci = C + (size_t)i * ldc;
-        if (accumulate) {
-            c0[i] = moe__v_add(c0[i], moe__v_load(ci));
-            c1[i] = moe__v_add(c1[i], moe__v_load(ci + MOE__VL));
-        }
-        moe__v_store(ci, c0[i]);
-        moe__v_store(ci + MOE__VL, c1[i]);
-    }
-}
-
-/* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
-   kind (MOE__B_*).                                                        */
-#define MOE__TILE_CASE(n, t) case n: \
-    moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
-#if MOE__MR > 8
-#  define MOE__TILE_SWITCH(t) switch (mr) { \
-     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
-     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
-     MOE__TILE_CASE(9, t) MOE__TILE_CASE(10, t) MOE__TILE_CASE(11, t) MOE__TILE_CASE(12, t) \
-     default: MOE_ASSERT(0); }
-#elif MOE__MR > 6
-#  define MOE__TILE_SWITCH(t) switch (mr) { \
-     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
-     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
-     default: MOE_ASSERT(0); }
-#else
-#  define MOE__TILE_SWITCH(t) switch (mr) { \
-     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
-     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) default: MOE_ASSERT(0); }
-#endif
-static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
-                           const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
-    MOE__TILE_SWITCH(MOE__B_F32)
-}
-/* X(kind) with kind a compile-time MOE__B_* constant: one instance per kind. */
-#if MOE__HAS_BF16_DOT
-#  define MOE__KIND_SWITCH(kind, X) \
-     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } \
-     else if ((kind) == MOE__B_DOT) { X(MOE__B_DOT) } \
-     else { X(MOE__B_BF16) }
-#else
-#  define MOE__KIND_SWITCH(kind, X) \
-     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else { X(MOE__B_BF16) }
-#endif
-/* A tile of a packed expert (moe__packed_task): A in MR-row k-major tiles,
-   B a packed panel of the given kind.                                    */
-static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *A, const void *B,
-                                  float *C, size_t ldc) {
-    const size_t a_rs = 1, a_cs = MOE__MR, ldb = MOE__NR;
-    const int accumulate = 0;
-    MOE__KIND_SWITCH(kind, MOE__TILE_SWITCH)
-}
-/* A full tile on a packed panel that also prefetches rows of the next
-   panel: each of a row block's n full tiles on a panel brings in its 1/n of
-   the panel after it, one row every n k steps, so the weights' first pass
-   (from memory) does not wait and the requests stay spread out.           */
-static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C,
-                                size_t ldc, const void *next, int64_t rows, int64_t every) {
-#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, \
-                                         (const char *)next, rows, every);
-    MOE__KIND_SWITCH(kind, MOE__TILE_NEXT)
-#undef MOE__TILE_NEXT
-}
-#undef MOE__KIND_SWITCH
-#undef MOE__TILE_SWITCH
-#undef MOE__TILE_CASE
-
-/* e^x for x <= 0 (the -|z| of moe__v_sigmoid), as Cephes' expf: x = n ln2 + r,
-   |r| <= ln2/2, e^r by a degree-6 polynomial (about 1 ulp), times 2^n.
-   Below ln(FLT_MIN) it returns 0 where expf gives a denormal (1 + e and
-   e / (1 + e) do not see the difference); NaN stays NaN.                  */
-MOE__INLINE moe__vf moe__v_exp_nonpos(moe__vf x) {
-    const moe__vf n = moe__v_round(moe__v_mul(x, moe__v_set1(1.44269504088896341f)));
-    const moe__vf r = moe__v_fma(n, moe__v_set1(2.12194440e-4f),
-                                 moe__v_fma(n, moe__v_set1(-0.693359375f), x));
-    moe__vf p = moe__v_set1(1.9875691500e-4f);
-    p = moe__v_fma(p, r, moe__v_set1(1.3981999507e-3f));
-    p = moe__v_fma(p, r, moe__v_set1(8.3334519073e-3f));
-    p = moe__v_fma(p, r, moe__v_set1(4.1665795894e-2f));
-    p = moe__v_fma(p, r, moe__v_set1(1.6666665459e-1f));
-    p = moe__v_fma(p, r, moe__v_set1(5.0000001201e-1f));
-    p = moe__v_fma(moe__v_mul(p, r), r, moe__v_add(r, moe__v_set1(1.0f)));
-    return moe__v_select_lt(x, moe__v_set1(-87.33654475f), moe__v_zero(),
-                            moe__v_mul(p, moe__v_pow2i(n)));
-}
-
-/* moe__sigmoid on a vector: 1 / (1 + e^-z) for z >= 0, e^z / (1 + e^z) below,
-   so the exponential never overflows; +-Inf and NaN come out as there.     */
-MOE__INLINE moe__vf moe__v_sigmoid(moe__vf z) {
-    const moe__vf one = moe__v_set1(1.0f), e = moe__v_exp_nonpos(moe__v_neg_abs(z));
-    const moe__vf s = moe__v_div(one, moe__v_add(one, e));
-    return moe__v_select_lt(z, moe__v_zero(), moe__v_mul(e, s), s);
-}
-
-/* Activations with a vector form here: the SiLU family (SiLU, SwiGLU), the
-   one whose expf dominates the epilogue. GELU stays on the scalar code.    */
-static int moe__act_has_simd(moe_activation a) { return a == MOE_ACT_SILU || a == MOE_ACT_SWIGLU; }
-#endif
-
-/* Row kernels of the activation backward, the combine, its backward and the
-   gather to tokens, as _ref (plain loops, the spec) and _simd twins with the
-   same signatures; the kernel table (moe__kernels) picks one set per call.
-
-   Activation backward over elements [i0, i1) (moe__act_grad's formulas):
-   GLU: du = da act(hg), dh = da hu act'(hg);  else dh = da act'(hg).
-   dh holds da on entry. ha (or NULL): also rebuild the activation
-   act(hg) [* hu] from a training cache while hg, hu pass by anyway.        */
-static void moe__act_backward_ref(moe_activation act, float *dh, float *du, const float *hg,
-                                  const float *hu, float *ha, size_t i0, size_t i1) {
-    const int glu = moe__act_is_glu(act);
-    size_t i;
-    for (i = i0; i < i1; i++) {
-        const float da = dh[i];
-        if (ha) ha[i] = glu ? moe__act(act, hg[i]) * hu[i] : moe__act(act, hg[i]);
-        if (glu) {
-            du[i] = da * moe__act(act, hg[i]);
-            dh[i] = da * hu[i] * moe__act_grad(act, hg[i]);
-        } else dh[i] = da * moe__act_grad(act, hg[i]);
-    }
-}
-
-/* y = w x, or y += w x with accumulate. */
-static void moe__add_scaled_ref(float *y, const float *x, float w, size_t n, int accumulate) {
-    size_t i;
-    for (i = 0; i < n; i++) y[i] = accumulate ? y[i] + w * x[i] : w * x[i];
-}
-
-static float moe__dot_ref(const float *a, const float *b, size_t n) {
-    float acc = 0.0f;
-    size_t i;
-    for (i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
-}
-
-#if MOE__HAS_SIMD
-/* act(v) as the SIMD kernels compute it: the SiLU family through the vector
-   sigmoid, lane 0 for a single value, so an element gets the same bits in
-   the forward's epilogue, the backward's rebuild of ha from the cache and
-   the recompute, wherever it sits in a vector.                            */
-static float moe__act_simd(moe_activation act, float v) {
-    if (moe__act_has_simd(act)) {
-        float lanes[MOE__VL];
-        moe__v_store(lanes, moe__v_sigmoid(moe__v_set1(v)));
-        return v * lanes[0];
-    }
-    return moe__act(act, v);
-}
-
-/* moe__act_backward_ref on vectors where moe__act_has_simd; ha in the
-   forward's bits (moe__act_simd) in vector lanes and tail alike.          */
-static void moe__act_backward_simd(moe_activation act, float *dh, float *du, const float *hg,
-                                   const float *hu, float *ha, size_t i0, size_t i1) {
-    const int glu = moe__act_is_glu(act);
-    size_t i = i0, q;
-    if (!moe__act_has_simd(act)) {
-        moe__act_backward_ref(act, dh, du, hg, hu, ha, i0, i1);
-        return;
-    }
-    for (; i + MOE__VL <= i1; i += MOE__VL) {
-        const moe__vf one = moe__v_set1(1.0f);
-        const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
-        const moe__vf a = moe__v_mul(v, s);
-        /* act' = s (1 + v (1 - s)) */
-        const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one),
-                                                      one));
-        if (glu) {
-            const moe__vf u = moe__v_load(hu + i);
-            if (ha) moe__v_store(ha + i, moe__v_mul(a, u));
-            moe__v_store(du + i, moe__v_mul(da, a));
-            moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, u), grad));
-        } else {
-            if (ha) moe__v_store(ha + i, a);
-            moe__v_store(dh + i, moe__v_mul(da, grad));
-        }
-    }
-    if (ha)   /* the tail's ha from the vector sigmoid too: the forward's bits */
-        for (q = i; q < i1; q++)
-            ha[q] = glu ? moe__act_simd(act, hg[q]) * hu[q] : moe__act_simd(act, hg[q]);
-    moe__act_backward_ref(act, dh, du, hg, hu, NULL, i, i1);
-}
-
-/* y = w x is a multiply then an add, as the scalar loop: the same bits. */
-static void moe__add_scaled_simd(float *y, const float *x, float w, size_t n, int accumulate) {
-    const moe__vf wv = moe__v_set1(w);
-    size_t i = 0;
-    for (; i + MOE__VL <= n; i += MOE__VL) {
-        const moe__vf v = moe__v_mul(wv, moe__v_load(x + i));
-        moe__v_store(y + i, accumulate ? moe__v_add(moe__v_load(y + i), v) : v);
-    }
-    moe__add_scaled_ref(y + i, x + i, w, n - i, accumulate);
-}
-
-/* 2 VL partial sums added in lane order at the end: fixed, whatever the
-   thread count; then the tail in order.                                  */
-static float moe__dot_simd(const float *a, const float *b, size_t n) {
-    float acc = 0.0f;
-    size_t i = 0;
-    if (n >= MOE__NR) {
-        float lanes[MOE__NR];
-        moe__vf s0 = moe__v_zero(), s1 = moe__v_zero();
-        int32_t l;
-        for (; i + MOE__NR <= n; i += MOE__NR) {
-            s0 = moe__v_fma(moe__v_load(a + i), moe__v_load(b + i), s0);
-            s1 = moe__v_fma(moe__v_load(a + i + MOE__VL), moe__v_load(b + i + MOE__VL), s1);
-        }
-        moe__v_store(lanes, s0);
-        moe__v_store(lanes + MOE__VL, s1);
-        for (l = 0; l < MOE__NR; l++) acc += lanes[l];
-    }
-    for (; i < n; i++) acc += a[i] * b[i];
-    return acc;
-}
-#endif
-
-#if MOE__HAS_SIMD
-
-/* The ragged right edge, nr < NR columns from j, on the micro-kernel too:
-   MOE__EDGE_K rows of those columns at a time into a zero-padded panel on
-   the stack, each row tile through a full tile there. (A router with E = 60
-   or 8 experts has one; the reference loop took 3 % of a qwen-mini forward.) */
-#define MOE__EDGE_K 64
-static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, const float *A,
-                                 size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C,
-                                 size_t ldc, int accumulate) {
-    float panel[MOE__EDGE_K * MOE__NR], tile[MOE__MR * MOE__NR];
-    int64_t k0, k, i;
-    int32_t r, q;
-    for (k0 = 0; k0 < K; k0 += MOE__EDGE_K) {
-        const int64_t kb = K - k0 < MOE__EDGE_K ? K - k0 : MOE__EDGE_K;
-        for (k = 0; k < kb; k++)
-            for (q = 0; q < MOE__NR; q++)
-                panel[k * MOE__NR + q] = q < nr ? B[(size_t)(k0 + k) * ldb + (size_t)(j + q)]
-                                                : 0.0f;
-        for (i = 0; i < m; i += MOE__MR) {
-            const int32_t mr = (int32_t)(m - i < MOE__MR ? m - i : MOE__MR);
-            float *ci = C + (size_t)i * ldc + (size_t)j;
-            for (r = 0; r < mr; r++)
-                for (q = 0; q < MOE__NR; q++)
-                    tile[r * MOE__NR + q] = (accumulate || k0 > 0) && q < nr
-                                            ? ci[(size_t)r * ldc + (size_t)q] : 0.0f;
-            moe__tile_simd(mr, kb, A + (size_t)i * a_rs + (size_t)k0 * a_cs, a_rs, a_cs, panel,
-                           MOE__NR, tile, MOE__NR, 1);
-            for (r = 0; r < mr; r++)
-                for (q = 0; q < nr; q++) ci[(size_t)r * ldc + (size_t)q] = tile[r * MOE__NR + q];
-        }
-    }
-}
-
-/* moe__sgemm_ref's contract on the micro-kernel: full NR-wide column tiles in
-   registers, the ragged right edge (j1 - j0 not a multiple of NR) by
-   moe__sgemm_simd_edge. With accumulate the sum is C + (sum over k), one
-   rounding later than the reference's running sum (the edge: one per
-   MOE__EDGE_K block of k): same tolerance class.                          */
-static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
-                            const float *A, size_t a_rs, size_t a_cs,
-                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
-    int64_t i;
-    int32_t j = j0;
-    for (; j + MOE__NR <= j1; j += MOE__NR)
-        for (i = 0; i < m; i += MOE__MR)
-            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), K, A + (size_t)i * a_rs,
-                           a_rs, a_cs, B + j, ldb, C + (size_t)i * ldc + j, ldc, accumulate);
-    if (j < j1 && K > 0)
-        moe__sgemm_simd_edge(m, j, j1 - j, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-    else if (j < j1) moe__sgemm_ref(m, j, j1, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-#endif
-
-typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t K,
-                              const float *A, size_t a_rs, size_t a_cs,
-                              const float *B, size_t ldb, float *C, size_t ldc, int accumulate);
 
 // ----------------------------------------------------------------------------
 // Threads: the library cuts work into a flat list of independent tasks and
@@ -1775,240 +1308,13 @@ static void moe__gemm(const moe_config *c, moe__sgemm_fn fn, int64_t m, int32_t 
                       2.0 * (double)m * N * (double)K);
 }
 
-/* The same product on packed copies (GotoBLAS / BLIS): A is copied into
-   MR-row tiles stored k-major, B into NR-column panels, both zero-padded, so
-   the micro-kernel reads both front to back whatever the caller's strides.
-   Unpacked, the backward's operands are slow: a transposed activation gives
-   one useful float per cache line, and rows of a [D][F] weight 4 KiB apart
-   all map to one L1 set. Each task then sweeps its panels in KC-deep blocks,
-   a B block (KC x NR) staying in L1 while the task's row tiles pass over
-   it. Every C element is summed by one task, k ascending, KC at a time:
-   the result does not depend on the thread count.                          */
-#define MOE__KC 256
-#define MOE__FEW_ROWS 288    /* a KC-deep A block of them (288 KiB) stays in L2 */
-#if MOE__HAS_SIMD
-static size_t moe__gemm_pack_floats(int64_t m, int64_t N, int64_t K) {
-    return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR +
-                    (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
-                    (size_t)K);
-}
-
-typedef struct moe__gemm_pp {
-    int64_t m, K;
-    int32_t N, n_tiles, n_panels, tiles_per_task, panels_per_task, n_pc;
-    const float *A; size_t a_rs, a_cs;
-    const float *B; size_t ldb;
-    float *C; size_t ldc;
-    float *Ap, *Bp;                 /* [n_tiles][K][MR], [n_panels][K][NR] */
-    int accumulate;
-    int b_in_task;                  /* tasks pack their own B blocks (one row block) */
-} moe__gemm_pp;
-
-/* mr rows of K elements (strides a_rs, a_cs) -> one k-major tile
-   dst[k][MR], rows past mr zero.                                          */
-static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a_cs, int32_t mr,
-                             int64_t K) {
-    int64_t k;
-    int32_t i;
-    if (a_cs == 1) {                 /* rows contiguous: read along rows */
-        for (i = 0; i < MOE__MR; i++)
-            for (k = 0; k < K; k++)
-                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k] : 0.0f;
-    } else {
-        for (k = 0; k < K; k++)
-            for (i = 0; i < MOE__MR; i++)
-                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k * a_cs]
-                                                      : 0.0f;
-    }
-}
-
-static void moe__pack_a_task(void *arg, int32_t t) {
-    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
-    const int64_t i0 = (int64_t)t * MOE__MR;
-    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->K, g->A + (size_t)i0 * g->a_rs,
-                     g->a_rs, g->a_cs, (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR), g->K);
-}
-
-/* B in blocks of 16 rows: 16 read streams, and 16 x NR contiguous floats
-   written per panel (a panel at a time would read one line per 4 KiB page). */
-#define MOE__PACK_B_ROWS 16
-/* Rows [k0, k1) of B's panel p -> dst[k1 - k0][NR], columns past N zero. */
-static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int64_t k0,
-                              int64_t k1) {
-    const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
-    int64_t k;
-    int32_t j;
-    for (k = k0; k < k1; k++, dst += MOE__NR) {
-        const float *row = g->B + (size_t)k * g->ldb + (size_t)j0;
-        if (nr == MOE__NR) {
-            moe__v_store(dst, moe__v_load(row));
-            moe__v_store(dst + MOE__VL, moe__v_load(row + MOE__VL));
-            continue;
-        }
-        for (j = 0; j < nr; j++) dst[j] = row[j];
-        for (; j < MOE__NR; j++) dst[j] = 0.0f;
-    }
-}
-/* Rows [k0, k0 + kc) of panels [p0, p1) -> dst[p1 - p0][kc][NR]: a task's
-   own B block. Row by row (the run's columns of a row are adjacent), with
-   rows MOE__PREFETCH_ROWS ahead requested: B's rows are often a page apart. */
-#define MOE__PREFETCH_ROWS 16
-static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32_t p1, int64_t k0,
-                            int64_t kc) {
-    int64_t k;
-    int32_t p, j;
-    for (k = k0; k < k0 + kc; k++) {
-        if (k + MOE__PREFETCH_ROWS < g->K)
-            for (j = p0 * MOE__NR; j < p1 * MOE__NR && j < g->N; j += 64 / (int32_t)sizeof(float))
-                MOE__PREFETCH(g->B + (size_t)(k + MOE__PREFETCH_ROWS) * g->ldb + (size_t)j);
-        for (p = p0; p < p1; p++)
-            moe__pack_b_block(dst + ((size_t)(p - p0) * (size_t)kc + (size_t)(k - k0)) * MOE__NR, g,
-                              p, k, k + 1);
-    }
-}
-static void moe__pack_b_task(void *arg, int32_t task) {
-    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
-    const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS,
-                  k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
-    int32_t p;
-    for (p = 0; p < g->n_panels; p++)
-        moe__pack_b_block(g->Bp + ((size_t)p * (size_t)g->K + (size_t)k0) * MOE__NR, g, p, k0, k1);
-}
-
-/* One task list for both copies: A tiles first, then B row blocks. */
-static void moe__pack_ab_task(void *arg, int32_t task) {
-    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
-    if (task < g->n_tiles) moe__pack_a_task(arg, task);
-    else moe__pack_b_task(arg, task - g->n_tiles);
-}
-
-static void moe__gemm_pp_task(void *arg, int32_t task) {
-    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
-    const int32_t t0 = (task / g->n_pc) * g->tiles_per_task,
-                  p0 = (task % g->n_pc) * g->panels_per_task;
-    const int32_t t1 = t0 + g->tiles_per_task < g->n_tiles ? t0 + g->tiles_per_task : g->n_tiles;
-    const int32_t p1 = p0 + g->panels_per_task < g->n_panels ? p0 + g->panels_per_task
-                                                             : g->n_panels;
-    const size_t K = (size_t)g->K;
-    size_t k0;
-    int32_t p, t, i, j;
-    for (k0 = 0; k0 < K; k0 += MOE__KC) {
-        const int64_t kc = K - k0 < MOE__KC ? (int64_t)(K - k0) : MOE__KC;
-        const int acc = g->accumulate || k0 > 0;
-        float *slot = g->Bp + (size_t)p0 * (K < MOE__KC ? K : MOE__KC) * MOE__NR;
-        if (g->b_in_task) moe__pack_b_run(slot, g, p0, p1, (int64_t)k0, kc);
-        for (p = p0; p < p1; p++) {
-            float *bp = g->Bp + ((size_t)p * K + k0) * MOE__NR;
-            const int32_t nr = g->N - p * MOE__NR < MOE__NR ? g->N - p * MOE__NR : MOE__NR;
-            if (g->b_in_task) bp = slot + (size_t)(p - p0) * (size_t)kc * MOE__NR;
-            for (t = t0; t < t1; t++) {
-                const float *ap = g->Ap + ((size_t)t * K + k0) * MOE__MR;
-                const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR
-                                             ? g->m - (int64_t)t * MOE__MR : MOE__MR);
-                float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
-                /* A weight gradient's C (accumulate, many row tiles) is in memory
-                   and read only after the tile's k loop: fetch the next tile's
-                   rows now (its dW GEMMs 15-30 % faster).                    */
-                if (g->accumulate && !g->b_in_task && k0 == 0 && t + 1 < t1) {
-                    const int64_t r = (int64_t)(t + 1) * MOE__MR;
-                    for (i = 0; i < MOE__MR && r + i < g->m; i++) {
-                        MOE__PREFETCH(cp + (size_t)(MOE__MR + i) * g->ldc);
-                        MOE__PREFETCH(cp + (size_t)(MOE__MR + i) * g->ldc + (size_t)(nr - 1));
-                    }
-                }
-                if (nr == MOE__NR) {
-                    moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, cp, g->ldc, acc);
-                } else {             /* ragged right edge: through a full tile */
-                    float tile[MOE__MR * MOE__NR];
-                    for (i = 0; i < mr; i++)
-                        for (j = 0; j < MOE__NR; j++)
-                            tile[i * MOE__NR + j] = acc && j < nr
-                                                    ? cp[(size_t)i * g->ldc + (size_t)j] : 0.0f;
-                    moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, tile, MOE__NR, 1);
-                    for (i = 0; i < mr; i++)
-                        for (j = 0; j < nr; j++)
-                            cp[(size_t)i * g->ldc + (size_t)j] = tile[i * MOE__NR + j];
-                }
-            }
-        }
-    }
-}
-#endif
-
-/* The kernel table's parallel GEMM (moe__kernels.gemm): the reference runs
-   moe__sgemm_ref in tasks (pack unused). The SIMD one goes through packed
-   copies in pack (moe__gemm_pack_floats(m, N, K) floats) when it is given
-   and N has a full panel; else moe__sgemm_simd in tasks.
-   Even a few rows gain: an expert with under 2 MR rows read its weight
-   rows 4 KiB apart in place (deepseek-mini's backward at T = 16 and 128:
-   up to 25 % faster packed).                                              */
+/* The kernel table's parallel GEMM (moe__kernels.gemm) on the reference:
+   moe__sgemm_ref in tasks (pack unused).                                  */
 static void moe__gemm_par_ref(const moe_config *c, int64_t m, int32_t N, int64_t K,
                               const float *A, size_t a_rs, size_t a_cs, const float *B,
                               size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
     (void)pack;
     moe__gemm(c, moe__sgemm_ref, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-#if MOE__HAS_SIMD
-static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t N, int64_t K,
-                               const float *A, size_t a_rs, size_t a_cs, const float *B,
-                               size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
-    if (pack && m >= 1 && N >= MOE__NR && K >= 1) {
-        moe__gemm_pp g;
-        const double flops = 2.0 * (double)m * N * (double)K;
-        int32_t n_rt;
-        g.m = m; g.N = N; g.K = K;
-        g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
-        g.accumulate = accumulate;
-        g.n_tiles = (int32_t)((m + MOE__MR - 1) / MOE__MR);
-        g.n_panels = (int32_t)moe__ceil_div(N, MOE__NR);
-        g.Ap = pack;
-        g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
-        /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
-           (each A block serves 16 B blocks before the next is fetched), fewer
-           panels when that leaves under 8 tasks for the threads. Up to
-           MOE__FEW_ROWS rows (an expert's rows times a weight: da, dx) are
-           one row block: each B block is then used by one task only, which
-           packs it into its own slot right before its tiles pass over it,
-           instead of a separate pass writing all of B out to memory and
-           reading it back (da and dx of deepseek-mini and qwen-mini's
-           experts: 5-15 % faster).                                         */
-        g.b_in_task = m <= MOE__FEW_ROWS;
-        n_rt = g.b_in_task ? 1 : (g.n_tiles + 11) / 12;     /* row blocks of <= 12 tiles, even */
-        g.tiles_per_task = (g.n_tiles + n_rt - 1) / n_rt;
-        n_rt = (g.n_tiles + g.tiles_per_task - 1) / g.tiles_per_task;
-        g.panels_per_task = g.n_panels < 16 ? g.n_panels : 16;
-        while (g.panels_per_task > 1 &&
-               n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
-            g.panels_per_task /= 2;
-        g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
-        moe__parallel_for(c, g.b_in_task ? g.n_tiles
-                                         : g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) /
-                                                                 MOE__PACK_B_ROWS),
-                          moe__pack_ab_task, &g, flops);
-        moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
-        return;
-    }
-    moe__gemm(c, moe__sgemm_simd, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-#endif
-
-/* Packed-operand scratch (floats) for moe__experts_backward_simd on an FFN
-   of width F over at most n rows: the largest of its four GEMM shapes.    */
-static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F) {
-#if MOE__HAS_SIMD
-    const int64_t D = c->d_model, Fi = (int64_t)F,
-                  ni = (int64_t)(n < (size_t)INT64_MAX / 2 ? n : (size_t)INT64_MAX / 2);
-    const size_t s[4] = {moe__gemm_pack_floats(ni, Fi, D), moe__gemm_pack_floats(D, Fi, ni),
-                         moe__gemm_pack_floats(Fi, D, ni), moe__gemm_pack_floats(ni, D, Fi)};
-    size_t m = 0;
-    int i;
-    if (c->isa == MOE_ISA_REFERENCE) return 0;
-    for (i = 0; i < 4; i++) m = s[i] > m ? s[i] : m;
-    return m;
-#else
-    (void)c; (void)n; (void)F;
-    return 0;
-#endif
 }
 
 // ----------------------------------------------------------------------------
@@ -2299,6 +1605,28 @@ static size_t moe__route_chunk_doubles(int32_t E) {
     return 2 * e + (2 * e + (2 * e + 2) + (2 * e + 2) + 1) / 2;   /* 4-byte items, rounded up */
 }
 
+/* Floats of the packed operands of an m x N x K product (moe__gemm_par_simd):
+   A in whole MR-row tiles and B in whole NR-column panels, K deep.        */
+static size_t moe__gemm_pack_floats(int64_t m, int64_t N, int64_t K) {
+    return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR +
+                    (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
+                    (size_t)K);
+}
+
+/* Packed-operand scratch (floats) for moe__experts_backward_simd on an FFN
+   of width F over at most n rows: the largest of its four GEMM shapes.    */
+static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F) {
+    const int64_t D = c->d_model, Fi = (int64_t)F,
+                  ni = (int64_t)(n < (size_t)INT64_MAX / 2 ? n : (size_t)INT64_MAX / 2);
+    const size_t s[4] = {moe__gemm_pack_floats(ni, Fi, D), moe__gemm_pack_floats(D, Fi, ni),
+                         moe__gemm_pack_floats(Fi, D, ni), moe__gemm_pack_floats(ni, D, Fi)};
+    size_t m = 0;
+    int i;
+    if (c->isa == MOE_ISA_REFERENCE) return 0;
+    for (i = 0; i < 4; i++) m = s[i] > m ? s[i] : m;
+    return m;
+}
+
 /* The workspace's arrays, (element type, name), in the order the planner
    reserves them. moe__plan gives each an offset in a moe__layout (no bytes
    where a call needs none); moe__ws_bind turns the offsets into the typed
@@ -2457,7 +1785,6 @@ static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe
         const size_t routed = moe__backward_pack_floats(c, d->N, d->F),
                      shared = d->Fs ? moe__backward_pack_floats(c, d->nT, d->Fs) : 0;
         size_t most = routed > shared ? routed : shared;
-#if MOE__HAS_SIMD
         if (c->isa != MOE_ISA_REFERENCE) {
             /* r1: dW_router, r2: dz . W */
             const size_t r1 = moe__gemm_pack_floats((int64_t)d->E, (int64_t)d->D, (int64_t)d->nT);
@@ -2465,7 +1792,6 @@ static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe
             if (r1 > most) most = r1;
             if (r2 > most) most = r2;
         }
-#endif
         L->gemm_pack = moe__reserve(t, most, sizeof(float), ok);
     }
 }
@@ -2517,6 +1843,62 @@ static moe__ws moe__ws_bind(const moe__layout *L, unsigned char *b) {
 }
 
 // ----------------------------------------------------------------------------
+// The kernel table: the contract between the stages and the kernels. An
+// expert set (moe__ffn), its gradients, and the entries every ISA provides.
+
+/* One set of experts in nn.Linear layout; expert e's tensors start at
+   e * *_stride elements (the shared expert is a set of one). The same struct
+   describes the gradient tensors (moe_grads), whose pointers it casts back. */
+typedef struct moe__ffn {
+    const float *gate, *up, *down;                 /* [F][D], [F][D], [D][F] each */
+    const float *gate_bias, *up_bias, *down_bias;  /* [F], [F], [D] each or NULL  */
+    size_t gate_stride, up_stride, down_stride;
+    int32_t D, F;
+    moe_activation act;
+    const moe_config *dropout;   /* non-NULL: expert dropout on (routed experts, training) */
+    const int64_t *row_key;      /* row -> dropout key (the pair t*S + j); NULL: the row */
+} moe__ffn;
+
+/* Gradient tensors of one expert set, laid out like moe__ffn. */
+typedef struct moe__ffn_grad {
+    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+} moe__ffn_grad;
+
+/* The kernel table: the kernels of one ISA, picked once per call by
+   moe__kernels_of(cfg) from the resolved cfg.isa. Stages and drivers call
+   through it and never test the ISA. The _ref entries are plain loops, the
+   spec; a SIMD build's _simd entries have the same signatures and contracts
+   (tests/test_isa.c compares the twins on ragged shapes).                  */
+typedef struct moe__kernels {
+    moe_isa isa;
+    /* C (+)= A . B as moe__sgemm_ref, in parallel tasks; pack: scratch of
+       moe__backward_pack_floats for packed operands (the SIMD kernel's) */
+    void (*gemm)(const moe_config *c, int64_t m, int32_t N, int64_t K, const float *A,
+                 size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C, size_t ldc,
+                 int accumulate, float *pack);
+    /* y[T][E] = x . W^T + bias, the router's small GEMM */
+    void (*linear)(const moe_config *c, float *y, const float *x, const float *W,
+                   const float *bias, int32_t T, int32_t E, int32_t D, const moe__ws *ws);
+    /* y = w x or y += w x;  <a, b> */
+    void (*add_scaled)(float *y, const float *x, float w, size_t n, int accumulate);
+    float (*dot)(const float *a, const float *b, size_t n);
+    /* activation backward over elements [i0, i1) (moe__act_backward_ref) */
+    void (*act_backward)(moe_activation act, float *dh, float *du, const float *hg,
+                         const float *hu, float *ha, size_t i0, size_t i1);
+    /* expert FFNs of a set over expert-contiguous rows (moe__experts_forward_ref);
+       packed_set: the set's panels in w.packed, or NULL */
+    void (*experts)(const moe_config *c, const moe__ffn *f, const unsigned char *packed_set,
+                    int32_t n_sets, const int64_t *off, const float *x, float *hg, float *hu,
+                    float *ha, float *out, float *tiles, const moe__ws *ws);
+    /* their backward (moe__experts_backward_ref) */
+    void (*experts_backward)(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
+                             int32_t n_sets, const int64_t *off, const float *x,
+                             const float *hg, const float *hu, float *ha, int rebuild_ha,
+                             const float *dout, float *dh, float *du, float *dx, float *pack);
+} moe__kernels;
+static const moe__kernels *moe__kernels_of(const moe_config *c);
+
+// ----------------------------------------------------------------------------
 // Routing: scores -> selection -> capacity -> gate weights -> aux losses.
 // Results go to a moe_info whose arrays point into the workspace; the public
 // calls copy them out only once everything succeeded.
@@ -2547,6 +1929,88 @@ typedef struct moe__token_scratch {
     int32_t *small_i;           /* [2E + 2]                                   */
     double *imp;                /* [2E]: this chunk's importance and load     */
 } moe__token_scratch;
+
+/* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
+static float moe__jitter_factor(const moe_config *c, size_t i) {
+    if (!(c->training && c->jitter > 0.0f)) return 1.0f;
+    return (float)(1.0 - c->jitter +
+                   2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
+}
+
+/* The router's input for n elements of x: x itself, or with input jitter in
+   training x * U, U keyed by the global element index off + i, into xj.
+   The forward, the backward and the expert-parallel calls all build it here. */
+static const float *moe__router_input(const moe_config *c, const float *x, size_t n, size_t off,
+                                      float *xj) {
+    size_t i;
+    if (!(c->training && c->jitter > 0.0f)) return x;
+    for (i = 0; i < n; i++) xj[i] = x[i] * moe__jitter_factor(c, off + i);
+    return xj;
+}
+
+/* The kernel table's router GEMM (moe__kernels.linear), y[T][E] = x . W^T
+   + bias for a small W [E][D]; on the reference the plain moe__gemm_ref.  */
+static void moe__linear_ref(const moe_config *c, float *y, const float *x, const float *W,
+                            const float *bias, int32_t T, int32_t E, int32_t D,
+                            const moe__ws *ws) {
+    (void)c; (void)ws;
+    moe__gemm_ref(y, x, W, bias, T, E, D);
+}
+
+/* Router logits [T][R] (and the Shazeer noise logits [T][E]).
+   Top-k / expert choice / dense: z = xr . router^T (+ router_bias), where xr
+   is x times U[1-eps, 1+eps] per element when training with jitter.
+   Soft MoE: z[t][s] = scale * <x_t, phi_s> / (|x_t| |phi_s|), |v| = sqrt(sum v^2 + 1e-6). */
+static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, const float *x,
+                                   int32_t T, const moe__ws *ws) {
+    const int32_t D = c->d_model, E = c->num_experts, R = ws->R;
+    float *logits = ws->logits;
+    const float *xr = x;
+    int32_t t, s, d;
+    if (c->routing == MOE_ROUTING_SOFT) {
+        float *norm = ws->slot_norm;
+        const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
+        for (s = 0; s < R; s++) {
+            float ss = 0.0f;
+            for (d = 0; d < D; d++)
+                ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
+            norm[s] = sqrtf(ss + 1e-6f);
+        }
+        moe__gemm_ref(logits, x, w->soft_phi, NULL, T, R, D);
+        for (t = 0; t < T; t++) {
+            float ss = 0.0f, nx;
+            for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
+            nx = sqrtf(ss + 1e-6f);
+            for (s = 0; s < R; s++)
+                logits[(size_t)t * R + s] = scale * (logits[(size_t)t * R + s] / (nx * norm[s]));
+        }
+        return;
+    }
+    xr = moe__router_input(c, x, (size_t)T * (size_t)D, 0, ws->xr);
+    moe__kernels_of(c)->linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL,
+                               T, E, D, ws);
+    if (c->noise == MOE_NOISE_SHAZEER && c->training)
+        moe__kernels_of(c)->linear(c, ws->noise_logits, xr, w->router_noise,
+                                   NULL, T, E, D, ws);
+}
+
+/* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
+   dx += (dz . W) * U (U the jitter factors keyed by the global element
+   index, off the first one's; xr = x * U given). tmp: [T][D]. The expert-
+   parallel backward runs it on a rank's tokens with no pack scratch.      */
+static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz,
+                                      const float *W, float *dW, float *db, const float *xr,
+                                      float *tmp, float *dx, float *pack, size_t off) {
+    const moe__kernels *k = moe__kernels_of(c);
+    const int32_t D = c->d_model, E = c->num_experts;
+    const int jitter = c->training && c->jitter > 0.0f;
+    size_t i, n = (size_t)T * (size_t)D;
+    if (dW) k->gemm(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
+    moe__sum_rows(db, dz, T, E, (size_t)E);
+    k->gemm(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
+    if (!jitter) k->add_scaled(dx, tmp, 1.0f, n, 1);
+    else for (i = 0; i < n; i++) dx[i] += tmp[i] * moe__jitter_factor(c, off + i);
+}
 
 /* Score row: p = softmax(z) or s = sigmoid(z). */
 static void moe__score_row(moe_score_func f, float *out, const float *z, int32_t n) {
@@ -3082,59 +2546,354 @@ static moe_status moe__route(moe__router *r) {
 }
 
 // ----------------------------------------------------------------------------
+// Routing backward (docs/ROUTING.md, "Backward"): the gate weights, the aux
+// losses, noise and the scores back to the router logits, each step the
+// transpose of its forward twin above (the router GEMM's is beside it).
+
+/* State the router backward shares between its passes. */
+typedef struct moe__router_bw {
+    const moe_config *c;
+    const moe_info *info;
+    int32_t T, S, K, E;
+    int32_t T_all, t0;        /* tokens of the routing group and the global
+                                 index of token 0 (T and 0 in one process)      */
+    const double *stats;      /* expert parallel: the summed moe_ep statistics
+                                 (global counts); NULL in one process           */
+    const float *gw;          /* [T][S] dL/d weight (from the combine)          */
+    const float *noise;       /* [T][E] raw noise logits x.W_noise (Shazeer)    */
+    const float *noise_samples; /* test seam as in moe__router, or NULL         */
+    float *dz, *dsig;         /* [T][E] dL/d logit; dL/d sigma (Shazeer)        */
+    double *val;              /* [2E] Shazeer importance and load values        */
+    double *dval;             /* [2E] their d(coef * CV^2) / d value            */
+    double *fbal, *fseq;      /* [E] each: balance-loss factors                 */
+    /* dL/d score of one token and dL/d its S gate scores, in double: with
+       sigmoid scores summing to a denormal, a division by that sum overflows
+       float before the s (1 - s) that brings it back (docs/ROUTING.md, "Router gradients") */
+    double *ds, *dg;          /* [E] each                                       */
+    uint8_t *m, *q;           /* [S] masks for moe__normalize_backward          */
+    float *g, *dw, *H, *sigma, *N;   /* [E] scratch each                        */
+    int32_t *top;             /* [E + 1]                                        */
+} moe__router_bw;
+
+/* Noisy logits H = z + N * sigma (+ warm-up noise) of token t (Shazeer,
+   training), as the forward drew them from the same seed.                  */
+static void moe__noisy_row(const moe__router_bw *B, int32_t t) {
+    const size_t row = (size_t)t * (size_t)B->E;
+    moe__noisy_logits(B->c, t, B->info->logits + row, B->noise + row, B->noise_samples, B->H,
+                      B->sigma, B->N);
+}
+
+/* Pass 1 of the router backward: the Shazeer importance and smooth-load
+   vectors (recomputed), then d(coef * CV^2)/d value for each.            */
+static void moe__shazeer_grads(moe__router_bw *B) {
+    const moe_config *c = B->c;
+    const int32_t T = B->T, S = B->S, E = B->E, K = B->K;
+    const int smooth = c->noise == MOE_NOISE_SHAZEER && c->training && K < E;
+    double *imp = B->val, *load = B->val + E;
+    int32_t t, j, e;
+    for (e = 0; e < 2 * E; e++) B->val[e] = B->dval[e] = 0.0;
+    if (c->importance_coef == 0.0f && !(smooth && c->load_coef != 0.0f)) return;
+    if (B->stats)   /* expert parallel (never noisy): importance of all ranks */
+        for (e = 0; e < E; e++) imp[e] = B->stats[MOE__EPS_IMPG * E + e];
+    else for (t = 0; t < T; t++) {
+        const float *sc = B->info->scores + (size_t)t * E;
+        const int32_t *idx = B->info->expert + (size_t)t * S;
+        const uint8_t *dr = B->info->dropped + (size_t)t * S;
+        for (j = 0; j < S; j++) B->g[j] = sc[idx[j]];
+        moe__normalize(c, B->g, NULL, B->dw, S);       /* pre-drop weights */
+        for (j = 0; j < S; j++)
+            if (dr[j] != MOE__REJECTED) imp[idx[j]] += (double)B->dw[j] * c->routed_scale;
+        if (smooth) {
+            float thr_in, thr_out;
+            moe__noisy_row(B, t);
+            moe__topk_ref(B->H, E, K + 1, B->top);
+            thr_in = B->H[B->top[K]]; thr_out = B->H[B->top[K - 1]];
+            for (e = 0; e < E; e++) {
+                const float thr = B->H[e] > thr_in ? thr_in : thr_out;
+                load[e] += moe__load_prob((double)B->info->logits[(size_t)t * E + e] - thr,
+                                          B->sigma[e]);
+            }
+        }
+    }
+    moe__cv_squared_grad(imp, E, c->importance_coef, B->dval);
+    if (smooth) moe__cv_squared_grad(load, E, c->load_coef, B->dval + E);
+}
+
+/* Per-sequence factor of the sequence-wise loss for the sequence starting at
+   t0 with n tokens: fseq[e] = coef * f_e / (n * nseq), f_e = E/(K n) count_e
+   of a plain top-K of the unbiased scores.                                 */
+static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t nseq) {
+    const int32_t E = B->E, K = B->K;
+    int32_t t, j, e;
+    for (e = 0; e < E; e++) B->fseq[e] = 0.0;
+    if (B->stats && n == B->T_all)   /* expert parallel, one sequence: all ranks' counts */
+        for (e = 0; e < E; e++) B->fseq[e] = B->stats[MOE__EPS_SEQC * E + e];
+    else for (t = t0; t < t0 + n; t++) {
+        moe__topk_ref(B->info->scores + (size_t)t * E, E, K, B->top);
+        for (j = 0; j < K; j++) B->fseq[B->top[j]] += 1.0;
+    }
+    for (e = 0; e < E; e++)
+        B->fseq[e] = B->c->seq_balance_coef * ((double)E / ((double)K * n) * B->fseq[e]) /
+                     ((double)n * nseq);
+}
+
+/* The router backward's arrays in the workspace: dz [T][E] and per-token
+   scratch of E entries each (the one-process and the expert-parallel
+   backward share it). */
+static void moe__router_bw_scratch(moe__router_bw *B, const moe__ws *ws, int32_t E) {
+    B->dz = ws->dz;
+    B->val = ws->rbw_f64; B->dval = B->val + 2 * E;
+    B->fbal = B->val + 4 * E; B->fseq = B->val + 5 * E;
+    B->ds = B->val + 6 * E; B->dg = B->val + 7 * E;
+    B->m = ws->rbw_u8; B->q = B->m + E;
+    B->g = ws->rbw_f32; B->dw = B->g + 2 * E;
+    B->H = B->g + 3 * E; B->sigma = B->g + 4 * E; B->N = B->g + 5 * E;
+    B->top = ws->small_i;
+}
+
+/* The balance loss E * sum_e f~_e P_e: dL / d pn[t][e] = coef E f~_e / T for
+   every token, into B->fbal (f~ from the kept pair counts of the group). */
+static void moe__balance_factors(moe__router_bw *B) {
+    const moe_config *c = B->c;
+    const moe_info *info = B->info;
+    const int32_t T = B->T, S = B->S, E = B->E, K = B->K, Ta = B->T_all;
+    const int first = c->balance_loss == MOE_BALANCE_FIRST_CHOICE;
+    int32_t t, j, e;
+    for (e = 0; e < E; e++) B->fbal[e] = 0.0;
+    if (c->routing != MOE_ROUTING_TOPK || c->balance_coef == 0.0f) return;
+    if (B->stats)   /* expert parallel: the pair counts of all ranks */
+        for (e = 0; e < E; e++)
+            B->fbal[e] = B->stats[(first ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+    else for (t = 0; t < T; t++)
+        for (j = 0; j < (first ? 1 : S); j++) {
+            const size_t p = (size_t)t * S + j;
+            if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
+        }
+    for (e = 0; e < E; e++)
+        B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta *
+                     (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
+}
+
+/* Token t's gate weights -> its scores, into ds (docs/ROUTING.md, "Router
+   gradients"): through the normalisation, and the importance loss's
+   pre-drop weights. */
+static void moe__gate_weights_backward(moe__router_bw *B, int32_t t, double *ds) {
+    const moe_config *c = B->c;
+    const moe_info *info = B->info;
+    const int32_t S = B->S, E = B->E;
+    const float *sc = info->scores + (size_t)t * E;
+    const int32_t *idx = info->expert + (size_t)t * S;
+    const uint8_t *dr = info->dropped + (size_t)t * S;
+    int32_t j, e;
+    if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
+        for (e = 0; e < E; e++)
+            if (info->expert[(size_t)t * E + e] == e)
+                ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
+        return;
+    }
+    for (j = 0; j < S; j++) {
+        B->g[j] = sc[idx[j]];
+        B->dg[j] = 0.0;
+        B->dw[j] = B->gw[(size_t)t * S + j];
+        B->m[j] = dr[j] == MOE__KEPT;
+        B->q[j] = c->normalize_after_drop ? dr[j] == MOE__KEPT : 1;
+    }
+    moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
+    if (c->routing == MOE_ROUTING_TOPK && c->importance_coef != 0.0f) {
+        for (j = 0; j < S; j++) {    /* importance uses pre-drop weights */
+            B->m[j] = dr[j] != MOE__REJECTED;
+            B->q[j] = 1;
+            B->dw[j] = B->m[j] ? (float)B->dval[idx[j]] : 0.0f;
+        }
+        moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
+    }
+    for (j = 0; j < S; j++) ds[idx[j]] += B->dg[j];
+}
+
+/* Token t's balance and sequence-wise losses, into ds: both see pn = p
+   (softmax) or s / sum s (sigmoid). nseq sequences of L tokens. */
+static void moe__balance_backward_row(moe__router_bw *B, int32_t t, double *ds, int32_t L,
+                                      int32_t nseq) {
+    const moe_config *c = B->c;
+    const int32_t E = B->E, Ta = B->T_all;
+    const float *sc = B->info->scores + (size_t)t * E;
+    double ssum = 0.0, corr = 0.0;
+    int32_t e;
+    if (c->seq_balance_coef != 0.0f && (t == 0 || (B->t0 + t) % L == 0)) {
+        const int32_t g0 = (B->t0 + t) / L * L;   /* global start of t's sequence */
+        moe__seq_factors(B, t, Ta - g0 < L ? Ta - g0 : L, nseq);
+    }
+    for (e = 0; e < E; e++)
+        B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
+    if (c->score == MOE_SCORE_SOFTMAX) {
+        for (e = 0; e < E; e++) ds[e] += B->dw[e];
+    } else {
+        for (e = 0; e < E; e++) ssum += sc[e];
+        if (ssum > 0.0) {
+            for (e = 0; e < E; e++) corr += B->dw[e] * (sc[e] / ssum);
+            for (e = 0; e < E; e++) ds[e] += (B->dw[e] - corr) / ssum;
+        }
+    }
+}
+
+/* Shazeer noise of token t: H = z + N sigma gives dsigma = dH N, and the
+   smooth load loss Load_e = sum_t Phi((z_e - H_k) / sigma_e), H_k the
+   threshold, reaches z and sigma. */
+static void moe__noise_backward_row(moe__router_bw *B, int32_t t, float *dz) {
+    const moe_config *c = B->c;
+    const int32_t E = B->E, K = B->K;
+    const float *z = B->info->logits + (size_t)t * E;
+    float *dsig = B->dsig + (size_t)t * E;
+    float thr_in;
+    int32_t e;
+    moe__noisy_row(B, t);
+    for (e = 0; e < E; e++) dsig[e] = dz[e] * B->N[e];
+    if (!(K < E && c->load_coef != 0.0f)) return;
+    moe__topk_ref(B->H, E, K + 1, B->top);
+    thr_in = B->H[B->top[K]];
+    for (e = 0; e < E; e++) {
+        const int32_t k = B->H[e] > thr_in ? B->top[K] : B->top[K - 1];
+        double u, cf;
+        if (!(B->sigma[e] > 0.0f)) continue;     /* a step: no gradient */
+        u = ((double)z[e] - B->H[k]) / B->sigma[e];
+        cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
+        dz[e] += (float)cf;
+        dsig[e] += (float)(-cf * u);
+        dz[k] += (float)(-cf);
+        dsig[k] += (float)(-cf * B->N[k]);
+    }
+}
+
+/* Router backward for top-k, expert-choice and dense routing, token by
+   token: combine gradient -> gate weights -> scores (+ balance losses) ->
+   (noisy) logits (+ z-loss), then the optional clipping of the token's
+   gradient. Writes dz [T][E] and, with Shazeer noise, dsig [T][E].        */
+static void moe__router_backward_ref(moe__router_bw *B) {
+    const moe_config *c = B->c;
+    const moe_info *info = B->info;
+    const int32_t T = B->T, E = B->E;
+    const int topk = c->routing == MOE_ROUTING_TOPK;
+    const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
+    const int32_t Ta = B->T_all;     /* losses normalise by the whole group */
+    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
+    /* no Ta + L - 1: L may be near INT32_MAX */
+    const int32_t nseq = Ta > 0 ? 1 + (Ta - 1) / L : 0;
+    int32_t t, e;
+    memset(B->dz, 0, (size_t)T * E * sizeof(float));
+    if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
+    if (T == 0) return;
+    if (topk) moe__shazeer_grads(B);
+    moe__balance_factors(B);
+
+    for (t = 0; t < T; t++) {
+        const float *sc = info->scores + (size_t)t * E, *z = info->logits + (size_t)t * E;
+        double *ds = B->ds, dot = 0.0;
+        float *dz = B->dz + (size_t)t * E;
+        for (e = 0; e < E; e++) ds[e] = 0.0;
+        moe__gate_weights_backward(B, t, ds);
+        if (topk && (c->balance_coef != 0.0f || c->seq_balance_coef != 0.0f))
+            moe__balance_backward_row(B, t, ds, L, nseq);
+
+        /* scores -> (noisy) logits */
+        if (c->score == MOE_SCORE_SOFTMAX) {
+            for (e = 0; e < E; e++) dot += ds[e] * sc[e];
+            for (e = 0; e < E; e++) dz[e] = (float)(sc[e] * (ds[e] - dot));
+        } else {
+            for (e = 0; e < E; e++) dz[e] = (float)(ds[e] * sc[e] * (1.0 - sc[e]));
+        }
+        if (noisy) moe__noise_backward_row(B, t, dz);
+
+        /* router z-loss on the clean logits: dz += coef 2/T LSE_t softmax(z_t) */
+        if (c->z_loss_coef != 0.0f) {
+            const double lse = moe__logsumexp(z, E);
+            for (e = 0; e < E; e++)
+                dz[e] += (float)(c->z_loss_coef * 2.0 / Ta * lse * exp((double)z[e] - lse));
+        }
+
+        /* optional clipping of the token's router gradient */
+        if (c->router_grad_clip > 0.0f) {
+            double nrm = 0.0;
+            for (e = 0; e < E; e++) nrm += (double)dz[e] * dz[e];
+            nrm = sqrt(nrm);
+            if (nrm > c->router_grad_clip) {
+                const float k = (float)(c->router_grad_clip / nrm);
+                for (e = 0; e < E; e++) dz[e] *= k;
+                if (noisy) for (e = 0; e < E; e++) B->dsig[(size_t)t * E + e] *= k;
+            }
+        }
+    }
+}
+
+/* Soft MoE router backward. Forward: q = <x_t, phi_s> / (|x_t| |phi_s|),
+   l = scale q, C = softmax_s(l) (rows), D = softmax_t(l) (columns).
+     dl = C (dC - sum_s C dC) + D (dD - sum_t D dD)
+     dscale += sum dl q
+     dx_t   += scale / |x_t| sum_s dl phi_s/|phi_s| - x_t scale (sum_s dl q) / |x_t|^2
+     dphi_s += scale / |phi_s| sum_t dl x_t/|x_t| - phi_s scale (sum_t dl q) / |phi_s|^2
+   with |v| = sqrt(sum v^2 + 1e-6). dC arrives in dl, dD in dD; q in qbuf.   */
+static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights *w,
+                                          const moe_grads *gr, const moe_info *info, const float *x,
+                                          int32_t T, int32_t R, float *dl, const float *dD,
+                                          float *qbuf, float *nphi, float *nx, float *dx) {
+    const int32_t D = c->d_model;
+    const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
+    const float *C = info->scores, *Dm = info->dispatch;
+    double dscale = 0.0;
+    int32_t t, s, d;
+    for (s = 0; s < R; s++) {
+        float ss = 0.0f;
+        for (d = 0; d < D; d++)
+            ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
+        nphi[s] = sqrtf(ss + 1e-6f);
+    }
+    moe__gemm_ref(qbuf, x, w->soft_phi, NULL, T, R, D);
+    for (t = 0; t < T; t++) {                              /* q and the row softmax */
+        float ss = 0.0f;
+        double rdot = 0.0;
+        for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
+        nx[t] = sqrtf(ss + 1e-6f);
+        for (s = 0; s < R; s++) qbuf[(size_t)t * R + s] /= nx[t] * nphi[s];
+        for (s = 0; s < R; s++) rdot += (double)C[(size_t)t * R + s] * dl[(size_t)t * R + s];
+        for (s = 0; s < R; s++)
+            dl[(size_t)t * R + s] = C[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
+    }
+    for (s = 0; s < R; s++) {                              /* the column softmax */
+        double cdot = 0.0;
+        for (t = 0; t < T; t++) cdot += (double)Dm[(size_t)t * R + s] * dD[(size_t)t * R + s];
+        for (t = 0; t < T; t++)
+            dl[(size_t)t * R + s] += Dm[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
+    }
+    for (t = 0; t < T; t++) {                              /* into x */
+        const float *xt = x + (size_t)t * D;
+        double dq = 0.0;
+        for (s = 0; s < R; s++) dq += (double)dl[(size_t)t * R + s] * qbuf[(size_t)t * R + s];
+        dscale += dq;
+        if (!dx) continue;
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (s = 0; s < R; s++)
+                acc += dl[(size_t)t * R + s] * w->soft_phi[(size_t)s * D + d] / nphi[s];
+            dx[(size_t)t * D + d] += scale / nx[t] * acc -
+                                     xt[d] * (float)(scale * dq) / (nx[t] * nx[t]);
+        }
+    }
+    if (gr->soft_scale) gr->soft_scale[0] += (float)dscale;
+    if (!gr->soft_phi) return;
+    for (s = 0; s < R; s++) {                              /* into phi */
+        const float *ph = w->soft_phi + (size_t)s * D;
+        double dq = 0.0;
+        for (t = 0; t < T; t++) dq += (double)dl[(size_t)t * R + s] * qbuf[(size_t)t * R + s];
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (t = 0; t < T; t++) acc += dl[(size_t)t * R + s] * x[(size_t)t * D + d] / nx[t];
+            gr->soft_phi[(size_t)s * D + d] += scale / nphi[s] * acc -
+                                               ph[d] * (float)(scale * dq) / (nphi[s] * nphi[s]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Experts: dispatch, grouped FFN, combine
-
-/* One set of experts in nn.Linear layout; expert e's tensors start at
-   e * *_stride elements (the shared expert is a set of one). The same struct
-   describes the gradient tensors (moe_grads), whose pointers it casts back. */
-typedef struct moe__ffn {
-    const float *gate, *up, *down;                 /* [F][D], [F][D], [D][F] each */
-    const float *gate_bias, *up_bias, *down_bias;  /* [F], [F], [D] each or NULL  */
-    size_t gate_stride, up_stride, down_stride;
-    int32_t D, F;
-    moe_activation act;
-    const moe_config *dropout;   /* non-NULL: expert dropout on (routed experts, training) */
-    const int64_t *row_key;      /* row -> dropout key (the pair t*S + j); NULL: the row */
-} moe__ffn;
-
-/* Gradient tensors of one expert set, laid out like moe__ffn. */
-typedef struct moe__ffn_grad {
-    float *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
-} moe__ffn_grad;
-
-/* The kernel table: the kernels of one ISA, picked once per call by
-   moe__kernels_of(cfg) from the resolved cfg.isa. Stages and drivers call
-   through it and never test the ISA. The _ref entries are plain loops, the
-   spec; a SIMD build's _simd entries have the same signatures and contracts
-   (tests/test_isa.c compares the twins on ragged shapes).                  */
-typedef struct moe__kernels {
-    moe_isa isa;
-    /* C (+)= A . B as moe__sgemm_ref, in parallel tasks; pack: scratch of
-       moe__backward_pack_floats for packed operands (the SIMD kernel's) */
-    void (*gemm)(const moe_config *c, int64_t m, int32_t N, int64_t K, const float *A,
-                 size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C, size_t ldc,
-                 int accumulate, float *pack);
-    /* y[T][E] = x . W^T + bias, the router's small GEMM */
-    void (*linear)(const moe_config *c, float *y, const float *x, const float *W,
-                   const float *bias, int32_t T, int32_t E, int32_t D, const moe__ws *ws);
-    /* y = w x or y += w x;  <a, b> */
-    void (*add_scaled)(float *y, const float *x, float w, size_t n, int accumulate);
-    float (*dot)(const float *a, const float *b, size_t n);
-    /* activation backward over elements [i0, i1) (moe__act_backward_ref) */
-    void (*act_backward)(moe_activation act, float *dh, float *du, const float *hg,
-                         const float *hu, float *ha, size_t i0, size_t i1);
-    /* expert FFNs of a set over expert-contiguous rows (moe__experts_forward_ref);
-       packed_set: the set's panels in w.packed, or NULL */
-    void (*experts)(const moe_config *c, const moe__ffn *f, const unsigned char *packed_set,
-                    int32_t n_sets, const int64_t *off, const float *x, float *hg, float *hu,
-                    float *ha, float *out, float *tiles, const moe__ws *ws);
-    /* their backward (moe__experts_backward_ref) */
-    void (*experts_backward)(const moe_config *c, const moe__ffn *f, const moe__ffn_grad *g,
-                             int32_t n_sets, const int64_t *off, const float *x,
-                             const float *hg, const float *hu, float *ha, int rebuild_ha,
-                             const float *dout, float *dh, float *du, float *dx, float *pack);
-} moe__kernels;
-static const moe__kernels *moe__kernels_of(const moe_config *c);
 
 /* Inverted expert dropout (cfg.expert_dropout = p, training): hidden unit f of
    the row processing pair `key` is kept with probability 1 - p and scaled by
@@ -3194,6 +2953,1006 @@ static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
     return moe__ffn_make(c, c->shared_d_ff, 0, w->shared_gate, w->shared_up, w->shared_down,
                          w->shared_gate_bias, w->shared_up_bias, w->shared_down_bias, 1);
 }
+
+/* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
+   Stable: within an expert, rows follow token order. pair_row[t][j] is the
+   row of pair (t, j), or -1 when the pair was not routed, was dropped or was
+   rejected; row_pair is the inverse (row -> t * S + j). offsets: [E + 1] row
+   starts.                                                                  */
+static void moe__dispatch_ref(const int32_t *expert, const uint8_t *dropped, int32_t T, int32_t S,
+                              int32_t E, int64_t *offsets, int64_t *pair_row, int64_t *row_pair) {
+    int32_t t, j, e;
+    size_t p;
+    for (e = 0; e <= E; e++) offsets[e] = 0;
+    for (p = 0; p < (size_t)T * (size_t)S; p++)            /* pass 1: count */
+        if (expert[p] >= 0 && !dropped[p]) offsets[expert[p] + 1]++;
+    for (e = 0; e < E; e++) offsets[e + 1] += offsets[e];  /* pass 2: prefix sums */
+    for (t = 0; t < T; t++)                                /* pass 3: place, offsets[e] as cursor */
+        for (j = 0; j < S; j++) {
+            p = (size_t)t * S + j;
+            e = expert[p];
+            if (e < 0 || dropped[p]) { pair_row[p] = -1; continue; }
+            pair_row[p] = offsets[e]++;
+            row_pair[pair_row[p]] = (int64_t)p;
+        }
+    for (e = E; e > 0; e--) offsets[e] = offsets[e - 1];   /* cursors -> starts */
+    offsets[0] = 0;
+}
+
+typedef struct moe__gather_job {
+    float *xg; const float *x; const int64_t *row_pair; int32_t S, D;
+} moe__gather_job;
+static void moe__gather_rows(void *arg, int64_t r0, int64_t r1) {
+    const moe__gather_job *J = (const moe__gather_job *)arg;
+    int64_t r;
+    for (r = r0; r < r1; r++)
+        memcpy(J->xg + (size_t)r * J->D, J->x + (size_t)(J->row_pair[r] / J->S) * J->D,
+               (size_t)J->D * sizeof(float));
+}
+
+/* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
+static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x,
+                                int32_t T, int32_t R, int32_t D) {
+    int32_t s, t, d;
+    for (s = 0; s < R; s++) {
+        float *xsr = xs + (size_t)s * D;
+        for (d = 0; d < D; d++) xsr[d] = 0.0f;
+        for (t = 0; t < T; t++) {
+            const float dw = dispatch[(size_t)t * R + s];
+            for (d = 0; d < D; d++) xsr[d] += dw * x[(size_t)t * D + d];
+        }
+    }
+}
+
+/* Stage 3 of the layer: expert inputs in expert-contiguous rows xg (a gather,
+   or Soft MoE's dispatch mixtures), with offsets, pair_row and row_pair.    */
+static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
+                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
+                               const moe__ws *ws) {
+    const int32_t E = c->num_experts, D = c->d_model;
+    int64_t *offsets = ws->offsets;
+    const int64_t *row_pair = ws->row_pair;
+    float *xg = ws->xg;
+    if (c->routing == MOE_ROUTING_SOFT) {
+        int32_t e;
+        for (e = 0; e <= E; e++) offsets[e] = (int64_t)e * c->slots_per_expert;
+        moe__soft_slots_ref(xg, dispatch, x, T, ws->R, D);
+    } else {
+        moe__dispatch_ref(expert, dropped, T, ws->S, E, offsets, ws->pair_row,
+                          ws->row_pair);
+        moe__gather_job J;
+        J.xg = xg; J.x = x; J.row_pair = row_pair; J.S = ws->S; J.D = D;
+        moe__parallel_rows(c, offsets[E], 256, moe__gather_rows, &J, (double)offsets[E] * D);
+    }
+}
+
+/* Row kernels of the activation backward, the combine, its backward and the
+   gather to tokens, as _ref (plain loops, the spec) and _simd twins with the
+   same signatures; the kernel table (moe__kernels) picks one set per call.
+
+   Activation backward over elements [i0, i1) (moe__act_grad's formulas):
+   GLU: du = da act(hg), dh = da hu act'(hg);  else dh = da act'(hg).
+   dh holds da on entry. ha (or NULL): also rebuild the activation
+   act(hg) [* hu] from a training cache while hg, hu pass by anyway.        */
+static void moe__act_backward_ref(moe_activation act, float *dh, float *du, const float *hg,
+                                  const float *hu, float *ha, size_t i0, size_t i1) {
+    const int glu = moe__act_is_glu(act);
+    size_t i;
+    for (i = i0; i < i1; i++) {
+        const float da = dh[i];
+        if (ha) ha[i] = glu ? moe__act(act, hg[i]) * hu[i] : moe__act(act, hg[i]);
+        if (glu) {
+            du[i] = da * moe__act(act, hg[i]);
+            dh[i] = da * hu[i] * moe__act_grad(act, hg[i]);
+        } else dh[i] = da * moe__act_grad(act, hg[i]);
+    }
+}
+
+/* y = w x, or y += w x with accumulate. */
+static void moe__add_scaled_ref(float *y, const float *x, float w, size_t n, int accumulate) {
+    size_t i;
+    for (i = 0; i < n; i++) y[i] = accumulate ? y[i] + w * x[i] : w * x[i];
+}
+
+static float moe__dot_ref(const float *a, const float *b, size_t n) {
+    float acc = 0.0f;
+    size_t i;
+    for (i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+
+/* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
+   x belong to expert e. The reference ISA's (moe__gemm_ref per projection);
+   a SIMD ISA runs moe__experts_simd instead (moe__experts_stage picks).
+     x: [N][D]   hg, hu: [N][F] pre-activations (hu only for GLU)
+     ha: [N][F] activation   out: [N][D]
+     hg = gate_e.x + bg;  hu = up_e.x + bu;  ha = act(hg) [* hu];  out = down_e.ha + bd */
+static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, const int64_t *off,
+                                     const float *x, float *hg, float *hu, float *ha, float *out) {
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    int32_t e;
+    for (e = 0; e < num_experts; e++) {
+        const int64_t r0 = off[e], n = off[e + 1] - off[e];
+        const size_t h0 = (size_t)r0 * F;
+        if (n == 0) continue;
+        moe__gemm_ref(hg + h0, x + (size_t)r0 * D, f->gate + (size_t)e * f->gate_stride,
+                      f->gate_bias ? f->gate_bias + (size_t)e * F : NULL, n, f->F, f->D);
+        if (glu)
+            moe__gemm_ref(hu + h0, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
+                          f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F, f->D);
+        moe__activate_ref(f->act, ha + h0, hg + h0, glu ? hu + h0 : NULL, (size_t)n * F);
+        moe__dropout_apply(f, ha, r0, r0 + n, 0, f->F);
+        moe__gemm_ref(out + (size_t)r0 * D, ha + h0, f->down + (size_t)e * f->down_stride,
+                      f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D, f->F);
+    }
+}
+
+/* Backward of moe__experts_forward_ref in plain loops, expert by expert, row
+   by row (the spec of moe__experts_backward_simd):
+     da = dout . down_e                       d bd += sum dout
+     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
+     d down_e += dout^T . ha
+     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
+     dx = dh . gate_e + du . up_e   (overwritten, [N][D]; NULL: not wanted)
+   Every sum runs in ascending order, a gradient's from its value on entry,
+   as moe__sgemm_ref sums. rebuild_ha: hg and hu come from a training cache
+   and ha is rebuilt from them first. NULL gradient tensors are skipped.    */
+static void moe__experts_backward_ref(const moe_config *c, const moe__ffn *f,
+                                      const moe__ffn_grad *g, int32_t n_sets, const int64_t *off,
+                                      const float *x, const float *hg, const float *hu, float *ha,
+                                      int rebuild_ha, const float *dout, float *dh, float *du,
+                                      float *dx, float *pack) {
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    int32_t e;
+    int64_t r;
+    size_t i, j;
+    (void)c; (void)pack;
+    for (e = 0; e < n_sets; e++) {
+        const float *gate = f->gate + (size_t)e * f->gate_stride,
+                    *up = glu ? f->up + (size_t)e * f->up_stride : NULL,
+                    *down = f->down + (size_t)e * f->down_stride;
+        float *d_gate = g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
+              *d_up = glu && g->up ? g->up + (size_t)e * f->up_stride : NULL,
+              *d_down = g->down ? g->down + (size_t)e * f->down_stride : NULL,
+              *d_bg = g->gate_bias ? g->gate_bias + (size_t)e * F : NULL,
+              *d_bu = glu && g->up_bias ? g->up_bias + (size_t)e * F : NULL,
+              *d_bd = g->down_bias ? g->down_bias + (size_t)e * D : NULL;
+        for (r = off[e]; r < off[e + 1]; r++) {
+            const float *dy = dout + (size_t)r * D, *xr = x + (size_t)r * D;
+            float *dhr = dh + (size_t)r * F, *dur = glu ? du + (size_t)r * F : NULL,
+                  *har = ha + (size_t)r * F;
+            for (j = 0; j < F; j++) {                       /* da = dout . down_e */
+                float acc = 0.0f;
+                for (i = 0; i < D; i++) acc += dy[i] * down[i * F + j];
+                dhr[j] = acc;
+            }
+            if (d_bd) for (i = 0; i < D; i++) d_bd[i] += dy[i];
+            moe__dropout_apply(f, dh, r, r + 1, 0, f->F);   /* through the dropout mask */
+            moe__act_backward_ref(f->act, dhr, dur, hg + (size_t)r * F,
+                                  glu ? hu + (size_t)r * F : NULL, rebuild_ha ? har : NULL, 0, F);
+            if (rebuild_ha) moe__dropout_apply(f, ha, r, r + 1, 0, f->F);
+            if (d_down)
+                for (i = 0; i < D; i++)
+                    for (j = 0; j < F; j++) d_down[i * F + j] += dy[i] * har[j];
+            for (j = 0; j < F; j++) {
+                if (d_gate) for (i = 0; i < D; i++) d_gate[j * D + i] += dhr[j] * xr[i];
+                if (d_up) for (i = 0; i < D; i++) d_up[j * D + i] += dur[j] * xr[i];
+                if (d_bg) d_bg[j] += dhr[j];
+                if (d_bu) d_bu[j] += dur[j];
+            }
+            if (!dx) continue;
+            for (i = 0; i < D; i++) {                       /* dx = dh . gate_e + du . up_e */
+                float acc = 0.0f;
+                for (j = 0; j < F; j++) acc += dhr[j] * gate[j * D + i];
+                if (glu) for (j = 0; j < F; j++) acc += dur[j] * up[j * D + i];
+                dx[(size_t)r * D + i] = acc;
+            }
+        }
+    }
+}
+
+/* The kernel table's experts entry on the reference: moe__experts_forward_ref. */
+static void moe__experts_ref(const moe_config *c, const moe__ffn *f,
+                             const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
+                             const float *x, float *hg, float *hu, float *ha, float *out,
+                             float *tiles, const moe__ws *ws) {
+    (void)c; (void)packed_set; (void)tiles; (void)ws;
+    moe__experts_forward_ref(f, n_sets, off, x, hg, hu, ha, out);
+}
+
+/* y[t] = sum_j weight[t][j] * out[pair_row[t][j]], slots in order 0..S-1 so the
+   sum is the same on every run (each token pulls its own results: no
+   atomics, any thread count). A token with no kept pair gets 0.          */
+typedef struct moe__combine_job {
+    float *y;
+    const float *out, *weight;
+    const int64_t *pair_row;
+    int32_t S, D;
+    const moe__kernels *k;
+} moe__combine_job;
+static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__combine_job *J = (const moe__combine_job *)arg;
+    float *y = J->y;
+    const float *out = J->out, *weight = J->weight;
+    const int64_t *pair_row = J->pair_row;
+    const int32_t S = J->S, D = J->D;
+    int64_t t;
+    int32_t j, d;
+    for (t = t0; t < t1; t++) {
+        float *yt = y + (size_t)t * D;
+        for (d = 0; d < D; d++) yt[d] = 0.0f;
+        for (j = 0; j < S; j++) {
+            const int64_t row = pair_row[(size_t)t * S + j];
+            if (row < 0) continue;
+            J->k->add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, 1);
+        }
+    }
+}
+static void moe__combine(const moe_config *c, float *y, const float *out, const float *weight,
+                         const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
+    moe__combine_job J;
+    J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
+    J.k = moe__kernels_of(c);
+    moe__parallel_rows(c, T, 64, moe__combine_rows, &J, 2.0 * (double)T * S * D);
+}
+
+/* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
+   token's pairs own distinct rows, so tokens are independent tasks).
+   combine: gw[t][j] = <dy_t, out[row]>, dout[row] = w[t][j] dy_t.
+   gather: dx_t = sum_j dxg[row(t, j)], slots in order.                   */
+typedef struct moe__bw_rows_job {
+    const float *dy, *out, *weight, *dxg;
+    float *gw, *dout, *dx;
+    const int64_t *pair_row;
+    int32_t S, D;
+    const moe__kernels *k;
+} moe__bw_rows_job;
+static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
+    const size_t D = (size_t)J->D;
+    int64_t t;
+    int32_t j;
+    for (t = t0; t < t1; t++)
+        for (j = 0; j < J->S; j++) {
+            const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
+            const int64_t row = J->pair_row[p];
+            const float *dyt = J->dy + (size_t)t * D;
+            if (row < 0) { J->gw[p] = 0.0f; continue; }
+            J->k->add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0);
+            J->gw[p] = J->k->dot(dyt, J->out + (size_t)row * D, D);
+        }
+}
+static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
+    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
+    const size_t D = (size_t)J->D;
+    int64_t t;
+    int32_t j;
+    for (t = t0; t < t1; t++)
+        for (j = 0; j < J->S; j++) {
+            const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
+            if (row >= 0)
+                J->k->add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, 1);
+        }
+}
+
+/* Soft MoE output y[t] = sum_s C[t][s] * out[s]  (Y = C . Y~), s in order. */
+static void moe__soft_combine_ref(float *y, const float *combine, const float *out, int32_t T,
+                                  int32_t R, int32_t D) {
+    int32_t t, s, d;
+    for (t = 0; t < T; t++) {
+        float *yt = y + (size_t)t * D;
+        for (d = 0; d < D; d++) yt[d] = 0.0f;
+        for (s = 0; s < R; s++) {
+            const float cw = combine[(size_t)t * R + s];
+            for (d = 0; d < D; d++) yt[d] += cw * out[(size_t)s * D + d];
+        }
+    }
+}
+
+/* y[t] += gamma[t] * sh_out[t]: the shared expert on every token (gamma
+   NULL: 1; else its sigmoid gate, Qwen2). */
+static void moe__add_shared(float *y, const float *sh_out, const float *gamma, int32_t T,
+                            int32_t D) {
+    int32_t t, d;
+    for (t = 0; t < T; t++) {
+        const float gate = gamma ? gamma[t] : 1.0f;
+        for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
+    }
+}
+
+/* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
+static float moe__shared_expert_gate_of(const moe_config *c, const moe_weights *w,
+                                        const float *xt) {
+    float z = 0.0f;
+    int32_t d;
+    if (!c->shared_expert_gated) return 1.0f;
+    for (d = 0; d < c->d_model; d++) z += xt[d] * w->shared_expert_gate[d];
+    return moe__sigmoid(z);
+}
+
+// ----------------------------------------------------------------------------
+// Fast kernels (BLIS's layers): ISA primitives, the micro-kernel, the vector
+// activation and row kernels, the blocked GEMM on packed operands, the packed
+// expert FFN and its backward, and the kernel tables. Each is the twin of a
+// plain reference above with the same contract; the stages reach them only
+// through the kernel table (moe__kernels_of).
+
+/* ISA primitives: each ISA has the same ones, and the micro-kernel and the
+   vector sigmoid are written once on them. */
+#if MOE__HAS_SIMD && defined(__AVX512F__)
+typedef __m512 moe__vf;
+static moe__vf moe__v_load(const float *p) { return _mm512_loadu_ps(p); }
+static void moe__v_store(float *p, moe__vf v) { _mm512_storeu_ps(p, v); }
+static moe__vf moe__v_set1(float a) { return _mm512_set1_ps(a); }
+static moe__vf moe__v_zero(void) { return _mm512_setzero_ps(); }
+static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm512_fmadd_ps(a, b, c); }
+static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm512_add_ps(a, b); }
+/* A row pair of a bf16 panel holds column j's weights for k and k + 1 in
+   one 32-bit word, k in the low half: lo widens the k row (a shift), hi the
+   k + 1 row (a mask). Each loads the pair itself, so the kernel need not
+   hold both rows' vectors at once (AVX2's 6x16 tile has no registers to
+   spare; see MOE__OPAQUE).
+   (Zero-masked forms: GCC 12's unmasked ones start from an "undefined"
+   register that g++ -O3 reports as maybe-uninitialized.)                  */
+static moe__vf moe__v_bf16_lo(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32((__mmask16)0xFFFF,
+                                                       _mm512_loadu_si512((const void *)p), 16));
+}
+static moe__vf moe__v_bf16_hi(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_maskz_and_epi32((__mmask16)0xFFFF,
+                                                      _mm512_loadu_si512((const void *)p),
+                                                      _mm512_set1_epi32((int)0xffff0000u)));
+}
+static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm512_mul_ps(a, b); }
+static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm512_div_ps(a, b); }
+static moe__vf moe__v_neg_abs(moe__vf a) {               /* -|a|: set the sign bit */
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a),
+                                               _mm512_set1_epi32((int)0x80000000u)));
+}
+static moe__vf moe__v_round(moe__vf a) {
+    return _mm512_maskz_roundscale_ps((__mmask16)0xFFFF, a,
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
+    const __mmask16 all = (__mmask16)0xFFFF;
+    const __m512i e = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, e, 23));
+}
+static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, c, _CMP_LT_OQ), b, a);
+}
+#elif MOE__HAS_SIMD && defined(__AVX2__)
+typedef __m256 moe__vf;
+static moe__vf moe__v_load(const float *p) { return _mm256_loadu_ps(p); }
+static void moe__v_store(float *p, moe__vf v) { _mm256_storeu_ps(p, v); }
+static moe__vf moe__v_set1(float a) { return _mm256_set1_ps(a); }
+static moe__vf moe__v_zero(void) { return _mm256_setzero_ps(); }
+static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return _mm256_fmadd_ps(a, b, c); }
+static moe__vf moe__v_add(moe__vf a, moe__vf b) { return _mm256_add_ps(a, b); }
+static moe__vf moe__v_bf16_lo(const uint16_t *p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16));
+}
+static moe__vf moe__v_bf16_hi(const uint16_t *p) {   /* shifts: no mask register */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(const void *)p), 16), 16));
+}
+static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return _mm256_mul_ps(a, b); }
+static moe__vf moe__v_div(moe__vf a, moe__vf b) { return _mm256_div_ps(a, b); }
+static moe__vf moe__v_neg_abs(moe__vf a) {   /* -|a| */
+    return _mm256_or_ps(a, _mm256_set1_ps(-0.0f));
+}
+static moe__vf moe__v_round(moe__vf a) {
+    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                  _mm256_set1_epi32(127)), 23));
+}
+static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, c, _CMP_LT_OQ));
+}
+#elif MOE__HAS_SIMD
+typedef float32x4_t moe__vf;
+static moe__vf moe__v_load(const float *p) { return vld1q_f32(p); }
+static void moe__v_store(float *p, moe__vf v) { vst1q_f32(p, v); }
+static moe__vf moe__v_set1(float a) { return vdupq_n_f32(a); }
+static moe__vf moe__v_zero(void) { return vdupq_n_f32(0.0f); }
+static moe__vf moe__v_fma(moe__vf a, moe__vf b, moe__vf c) { return vfmaq_f32(c, a, b); }
+static moe__vf moe__v_add(moe__vf a, moe__vf b) { return vaddq_f32(a, b); }
+static moe__vf moe__v_bf16_lo(const uint16_t *p) {
+    return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32((const uint32_t *)(const void *)p), 16));
+}
+static moe__vf moe__v_bf16_hi(const uint16_t *p) {
+    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32((const uint32_t *)(const void *)p),
+                                           vdupq_n_u32(0xffff0000u)));
+}
+static moe__vf moe__v_mul(moe__vf a, moe__vf b) { return vmulq_f32(a, b); }
+static moe__vf moe__v_div(moe__vf a, moe__vf b) { return vdivq_f32(a, b); }
+static moe__vf moe__v_neg_abs(moe__vf a) { return vnegq_f32(vabsq_f32(a)); }
+static moe__vf moe__v_round(moe__vf a) { return vrndnq_f32(a); }
+static moe__vf moe__v_pow2i(moe__vf n) {                 /* 2^n, n integral in [-126, 127] */
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   /* x < c ? a : b */
+    return vbslq_f32(vcltq_f32(x, c), a, b);
+}
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define MOE__PREFETCH(p) __builtin_prefetch(p)
+#  define MOE__PREFETCH_L2(p) __builtin_prefetch(p, 0, 2)
+#  define MOE__UNROLL _Pragma("GCC unroll 16")
+#  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% on AVX2 (loop overhead) */
+/* z keeps its value (0), but the compiler no longer knows it: p + z is then
+   loaded again, not taken from a register the compiler would have to keep */
+#  define MOE__OPAQUE(z) __asm__("" : "+r"(z))
+#else
+#  define MOE__PREFETCH(p) ((void)0)
+#  define MOE__PREFETCH_L2(p) ((void)0)
+#  define MOE__UNROLL
+#  define MOE__UNROLL_K
+#  define MOE__OPAQUE(z) ((void)0)
+#endif
+
+#if MOE__HAS_SIMD
+#if defined(__GNUC__) || defined(__clang__)
+#  define MOE__INLINE static inline __attribute__((always_inline))
+#else
+#  define MOE__INLINE static inline
+#endif
+/* What a micro-kernel tile reads as B (and A):
+     MOE__B_F32   fp32 rows [K][NR]
+     MOE__B_BF16  bf16 row pairs [K/2][NR][2] (moe__v_bf16_lo/hi), widened
+                  to fp32 exactly: fp32 products of bf16 weights
+     MOE__B_DOT   bf16 row pairs, and A as bf16 pairs too (one 32-bit word per
+                  row and pair of k): VDPBF16PS, 2 k steps per instruction.
+                  AVX512-BF16 builds only (cfg.pack_bf16 = 2).              */
+#define MOE__B_F32 0
+#define MOE__B_BF16 1
+#define MOE__B_DOT 2
+#if defined(__AVX512BF16__) && MOE__SIMD_ISA == MOE_ISA_AVX512
+#  define MOE__HAS_BF16_DOT 1
+#else
+#  define MOE__HAS_BF16_DOT 0
+#endif
+
+/* C tile rows += a(., k) * (b0 | b1): one rank-1 update. */
+MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, const float *const *a,
+                                 size_t ak, moe__vf b0, moe__vf b1) {
+    int32_t i;
+    MOE__UNROLL
+    for (i = 0; i < mr; i++) {
+        const moe__vf av = moe__v_set1(a[i][ak]);
+        c0[i] = moe__v_fma(av, b0, c0[i]);
+        c1[i] = moe__v_fma(av, b1, c1[i]);
+    }
+}
+
+/* Micro-kernel (bench/moe_bench.c variants 2-4): an mr x NR tile of C in
+   registers, one rank-1 update per k: two vector loads of B, mr broadcasts
+   of A, 2*mr FMAs. mr is a compile-time constant in each instance below, so
+   a one-token (decode) tile does one row of work, not MR. Each C element
+   sums k in ascending order, like the reference (results differ by FMA
+   rounding only; MOE__B_DOT adds each pair k+1 first, as VDPBF16PS does).
+   pf (a constant too): on the way, prefetch pf_rows rows of a packed panel
+   from next, one every pf_every k steps.                                  */
+MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, const float *A,
+                                size_t a_rs, size_t a_cs, const void *B, size_t ldb, float *C,
+                                size_t ldc, int accumulate, const int pf, const char *next,
+                                int64_t pf_rows, int64_t pf_every) {
+    moe__vf c0[MOE__MR], c1[MOE__MR];
+    const float *a[MOE__MR];
+    const int64_t step = kind == MOE__B_F32 ? 1 : 2;
+    /* MOE__B_DOT: an odd K's last pair runs whole (A's and the panel's k + 1 are 0) */
+    const int64_t k_end = kind == MOE__B_DOT ? K + (K & 1) : K;
+    const size_t row = MOE__NR * (kind == MOE__B_F32 ? sizeof(float) : sizeof(uint16_t));
+    size_t again = 0;       /* hi loads the pair again in a tall tile: no spills */
+    int64_t k, pf_k = 0;
+    int32_t i;
+    if (2 * mr > MOE__MR) MOE__OPAQUE(again);
+    MOE__UNROLL
+    for (i = 0; i < mr; i++) {
+        a[i] = A + (size_t)i * a_rs;
+        c0[i] = moe__v_zero();
+        c1[i] = moe__v_zero();
+    }
+    MOE__UNROLL_K
+    for (k = 0; k + step <= k_end; k += step) {
+        const size_t bk = (size_t)k * ldb;      /* a row pair of NR columns is 2 * NR bf16 */
+        if (pf && k >= pf_k && pf_rows > 0) {   /* a row of the next panel, towards L2 */
+            size_t o;
+            for (o = 0; o < row; o += 64) MOE__PREFETCH_L2(next + o);
+            next += row; pf_rows--; pf_k += pf_every;
+        }
+        if (kind == MOE__B_F32) {
+            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_load((const float *)B + bk),
+                            moe__v_load((const float *)B + bk + MOE__VL));
+        } else if (kind == MOE__B_BF16) {
+            const uint16_t *bp = (const uint16_t *)B + bk;
+            moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
+                            moe__v_bf16_lo(bp + 2 * MOE__VL));
+            moe__tile_rank1(mr, c0, c1, a, (size_t)(k + 1) * a_cs, moe__v_bf16_hi(bp + again),
+                            moe__v_bf16_hi(bp + again + 2 * MOE__VL));
+        }
+#if MOE__HAS_BF16_DOT
+        else {                                  /* A: [K/2][a_cs] words, row i at i * a_rs */
+            const __m512i w0 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk));
+            const __m512i w1 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk +
+                                                                 2 * MOE__VL));
+            const uint32_t *ap = (const uint32_t *)(const void *)A + (size_t)(k / 2) * a_cs;
+            MOE__UNROLL
+            for (i = 0; i < mr; i++) {
+                const __m512i av = _mm512_set1_epi32((int)ap[(size_t)i * a_rs]);
+                c0[i] = _mm512_dpbf16_ps(c0[i], (__m512bh)av, (__m512bh)w0);
+                c1[i] = _mm512_dpbf16_ps(c1[i], (__m512bh)av, (__m512bh)w1);
+            }
+        }
+#endif
+    }
+    if (kind == MOE__B_BF16 && k < K) {        /* odd K: the last pair's k half */
+        const uint16_t *bp = (const uint16_t *)B + (size_t)k * ldb;
+        moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
+                        moe__v_bf16_lo(bp + 2 * MOE__VL));
+    }
+    MOE__UNROLL
+    for (i = 0; i < mr; i++) {
+        float *ci = C + (size_t)i * ldc;
+        if (accumulate) {
+            c0[i] = moe__v_add(c0[i], moe__v_load(ci));
+            c1[i] = moe__v_add(c1[i], moe__v_load(ci + MOE__VL));
+        }
+        moe__v_store(ci, c0[i]);
+        moe__v_store(ci + MOE__VL, c1[i]);
+    }
+}
+
+/* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
+   kind (MOE__B_*).                                                        */
+#define MOE__TILE_CASE(n, t) case n: \
+    moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
+#if MOE__MR > 8
+#  define MOE__TILE_SWITCH(t) switch (mr) { \
+     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
+     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
+     MOE__TILE_CASE(9, t) MOE__TILE_CASE(10, t) MOE__TILE_CASE(11, t) MOE__TILE_CASE(12, t) \
+     default: MOE_ASSERT(0); }
+#elif MOE__MR > 6
+#  define MOE__TILE_SWITCH(t) switch (mr) { \
+     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
+     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) MOE__TILE_CASE(7, t) MOE__TILE_CASE(8, t) \
+     default: MOE_ASSERT(0); }
+#else
+#  define MOE__TILE_SWITCH(t) switch (mr) { \
+     MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
+     MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) default: MOE_ASSERT(0); }
+#endif
+static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
+                           const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+    MOE__TILE_SWITCH(MOE__B_F32)
+}
+/* X(kind) with kind a compile-time MOE__B_* constant: one instance per kind. */
+#if MOE__HAS_BF16_DOT
+#  define MOE__KIND_SWITCH(kind, X) \
+     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } \
+     else if ((kind) == MOE__B_DOT) { X(MOE__B_DOT) } \
+     else { X(MOE__B_BF16) }
+#else
+#  define MOE__KIND_SWITCH(kind, X) \
+     if ((kind) == MOE__B_F32) { X(MOE__B_F32) } else { X(MOE__B_BF16) }
+#endif
+/* A tile of a packed expert (moe__packed_task): A in MR-row k-major tiles,
+   B a packed panel of the given kind.                                    */
+static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *A, const void *B,
+                                  float *C, size_t ldc) {
+    const size_t a_rs = 1, a_cs = MOE__MR, ldb = MOE__NR;
+    const int accumulate = 0;
+    MOE__KIND_SWITCH(kind, MOE__TILE_SWITCH)
+}
+/* A full tile on a packed panel that also prefetches rows of the next
+   panel: each of a row block's n full tiles on a panel brings in its 1/n of
+   the panel after it, one row every n k steps, so the weights' first pass
+   (from memory) does not wait and the requests stay spread out.           */
+static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C,
+                                size_t ldc, const void *next, int64_t rows, int64_t every) {
+#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, \
+                                         (const char *)next, rows, every);
+    MOE__KIND_SWITCH(kind, MOE__TILE_NEXT)
+#undef MOE__TILE_NEXT
+}
+#undef MOE__KIND_SWITCH
+#undef MOE__TILE_SWITCH
+#undef MOE__TILE_CASE
+
+/* e^x for x <= 0 (the -|z| of moe__v_sigmoid), as Cephes' expf: x = n ln2 + r,
+   |r| <= ln2/2, e^r by a degree-6 polynomial (about 1 ulp), times 2^n.
+   Below ln(FLT_MIN) it returns 0 where expf gives a denormal (1 + e and
+   e / (1 + e) do not see the difference); NaN stays NaN.                  */
+MOE__INLINE moe__vf moe__v_exp_nonpos(moe__vf x) {
+    const moe__vf n = moe__v_round(moe__v_mul(x, moe__v_set1(1.44269504088896341f)));
+    const moe__vf r = moe__v_fma(n, moe__v_set1(2.12194440e-4f),
+                                 moe__v_fma(n, moe__v_set1(-0.693359375f), x));
+    moe__vf p = moe__v_set1(1.9875691500e-4f);
+    p = moe__v_fma(p, r, moe__v_set1(1.3981999507e-3f));
+    p = moe__v_fma(p, r, moe__v_set1(8.3334519073e-3f));
+    p = moe__v_fma(p, r, moe__v_set1(4.1665795894e-2f));
+    p = moe__v_fma(p, r, moe__v_set1(1.6666665459e-1f));
+    p = moe__v_fma(p, r, moe__v_set1(5.0000001201e-1f));
+    p = moe__v_fma(moe__v_mul(p, r), r, moe__v_add(r, moe__v_set1(1.0f)));
+    return moe__v_select_lt(x, moe__v_set1(-87.33654475f), moe__v_zero(),
+                            moe__v_mul(p, moe__v_pow2i(n)));
+}
+
+/* moe__sigmoid on a vector: 1 / (1 + e^-z) for z >= 0, e^z / (1 + e^z) below,
+   so the exponential never overflows; +-Inf and NaN come out as there.     */
+MOE__INLINE moe__vf moe__v_sigmoid(moe__vf z) {
+    const moe__vf one = moe__v_set1(1.0f), e = moe__v_exp_nonpos(moe__v_neg_abs(z));
+    const moe__vf s = moe__v_div(one, moe__v_add(one, e));
+    return moe__v_select_lt(z, moe__v_zero(), moe__v_mul(e, s), s);
+}
+
+/* Activations with a vector form here: the SiLU family (SiLU, SwiGLU), the
+   one whose expf dominates the epilogue. GELU stays on the scalar code.    */
+static int moe__act_has_simd(moe_activation a) { return a == MOE_ACT_SILU || a == MOE_ACT_SWIGLU; }
+#endif
+
+#if MOE__HAS_SIMD
+/* act(v) as the SIMD kernels compute it: the SiLU family through the vector
+   sigmoid, lane 0 for a single value, so an element gets the same bits in
+   the forward's epilogue, the backward's rebuild of ha from the cache and
+   the recompute, wherever it sits in a vector.                            */
+static float moe__act_simd(moe_activation act, float v) {
+    if (moe__act_has_simd(act)) {
+        float lanes[MOE__VL];
+        moe__v_store(lanes, moe__v_sigmoid(moe__v_set1(v)));
+        return v * lanes[0];
+    }
+    return moe__act(act, v);
+}
+
+/* moe__act_backward_ref on vectors where moe__act_has_simd; ha in the
+   forward's bits (moe__act_simd) in vector lanes and tail alike.          */
+static void moe__act_backward_simd(moe_activation act, float *dh, float *du, const float *hg,
+                                   const float *hu, float *ha, size_t i0, size_t i1) {
+    const int glu = moe__act_is_glu(act);
+    size_t i = i0, q;
+    if (!moe__act_has_simd(act)) {
+        moe__act_backward_ref(act, dh, du, hg, hu, ha, i0, i1);
+        return;
+    }
+    for (; i + MOE__VL <= i1; i += MOE__VL) {
+        const moe__vf one = moe__v_set1(1.0f);
+        const moe__vf v = moe__v_load(hg + i), da = moe__v_load(dh + i), s = moe__v_sigmoid(v);
+        const moe__vf a = moe__v_mul(v, s);
+        /* act' = s (1 + v (1 - s)) */
+        const moe__vf grad = moe__v_mul(s, moe__v_fma(v, moe__v_fma(s, moe__v_set1(-1.0f), one),
+                                                      one));
+        if (glu) {
+            const moe__vf u = moe__v_load(hu + i);
+            if (ha) moe__v_store(ha + i, moe__v_mul(a, u));
+            moe__v_store(du + i, moe__v_mul(da, a));
+            moe__v_store(dh + i, moe__v_mul(moe__v_mul(da, u), grad));
+        } else {
+            if (ha) moe__v_store(ha + i, a);
+            moe__v_store(dh + i, moe__v_mul(da, grad));
+        }
+    }
+    if (ha)   /* the tail's ha from the vector sigmoid too: the forward's bits */
+        for (q = i; q < i1; q++)
+            ha[q] = glu ? moe__act_simd(act, hg[q]) * hu[q] : moe__act_simd(act, hg[q]);
+    moe__act_backward_ref(act, dh, du, hg, hu, NULL, i, i1);
+}
+
+/* y = w x is a multiply then an add, as the scalar loop: the same bits. */
+static void moe__add_scaled_simd(float *y, const float *x, float w, size_t n, int accumulate) {
+    const moe__vf wv = moe__v_set1(w);
+    size_t i = 0;
+    for (; i + MOE__VL <= n; i += MOE__VL) {
+        const moe__vf v = moe__v_mul(wv, moe__v_load(x + i));
+        moe__v_store(y + i, accumulate ? moe__v_add(moe__v_load(y + i), v) : v);
+    }
+    moe__add_scaled_ref(y + i, x + i, w, n - i, accumulate);
+}
+
+/* 2 VL partial sums added in lane order at the end: fixed, whatever the
+   thread count; then the tail in order.                                  */
+static float moe__dot_simd(const float *a, const float *b, size_t n) {
+    float acc = 0.0f;
+    size_t i = 0;
+    if (n >= MOE__NR) {
+        float lanes[MOE__NR];
+        moe__vf s0 = moe__v_zero(), s1 = moe__v_zero();
+        int32_t l;
+        for (; i + MOE__NR <= n; i += MOE__NR) {
+            s0 = moe__v_fma(moe__v_load(a + i), moe__v_load(b + i), s0);
+            s1 = moe__v_fma(moe__v_load(a + i + MOE__VL), moe__v_load(b + i + MOE__VL), s1);
+        }
+        moe__v_store(lanes, s0);
+        moe__v_store(lanes + MOE__VL, s1);
+        for (l = 0; l < MOE__NR; l++) acc += lanes[l];
+    }
+    for (; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+#endif
+
+#if MOE__HAS_SIMD
+
+/* The ragged right edge, nr < NR columns from j, on the micro-kernel too:
+   MOE__EDGE_K rows of those columns at a time into a zero-padded panel on
+   the stack, each row tile through a full tile there. (A router with E = 60
+   or 8 experts has one; the reference loop took 3 % of a qwen-mini forward.) */
+#define MOE__EDGE_K 64
+static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, const float *A,
+                                 size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C,
+                                 size_t ldc, int accumulate) {
+    float panel[MOE__EDGE_K * MOE__NR], tile[MOE__MR * MOE__NR];
+    int64_t k0, k, i;
+    int32_t r, q;
+    for (k0 = 0; k0 < K; k0 += MOE__EDGE_K) {
+        const int64_t kb = K - k0 < MOE__EDGE_K ? K - k0 : MOE__EDGE_K;
+        for (k = 0; k < kb; k++)
+            for (q = 0; q < MOE__NR; q++)
+                panel[k * MOE__NR + q] = q < nr ? B[(size_t)(k0 + k) * ldb + (size_t)(j + q)]
+                                                : 0.0f;
+        for (i = 0; i < m; i += MOE__MR) {
+            const int32_t mr = (int32_t)(m - i < MOE__MR ? m - i : MOE__MR);
+            float *ci = C + (size_t)i * ldc + (size_t)j;
+            for (r = 0; r < mr; r++)
+                for (q = 0; q < MOE__NR; q++)
+                    tile[r * MOE__NR + q] = (accumulate || k0 > 0) && q < nr
+                                            ? ci[(size_t)r * ldc + (size_t)q] : 0.0f;
+            moe__tile_simd(mr, kb, A + (size_t)i * a_rs + (size_t)k0 * a_cs, a_rs, a_cs, panel,
+                           MOE__NR, tile, MOE__NR, 1);
+            for (r = 0; r < mr; r++)
+                for (q = 0; q < nr; q++) ci[(size_t)r * ldc + (size_t)q] = tile[r * MOE__NR + q];
+        }
+    }
+}
+
+/* moe__sgemm_ref's contract on the micro-kernel: full NR-wide column tiles in
+   registers, the ragged right edge (j1 - j0 not a multiple of NR) by
+   moe__sgemm_simd_edge. With accumulate the sum is C + (sum over k), one
+   rounding later than the reference's running sum (the edge: one per
+   MOE__EDGE_K block of k): same tolerance class.                          */
+static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
+                            const float *A, size_t a_rs, size_t a_cs,
+                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
+    int64_t i;
+    int32_t j = j0;
+    for (; j + MOE__NR <= j1; j += MOE__NR)
+        for (i = 0; i < m; i += MOE__MR)
+            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), K, A + (size_t)i * a_rs,
+                           a_rs, a_cs, B + j, ldb, C + (size_t)i * ldc + j, ldc, accumulate);
+    if (j < j1 && K > 0)
+        moe__sgemm_simd_edge(m, j, j1 - j, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+    else if (j < j1) moe__sgemm_ref(m, j, j1, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+#endif
+
+/* The same product on packed copies (GotoBLAS / BLIS): A is copied into
+   MR-row tiles stored k-major, B into NR-column panels, both zero-padded, so
+   the micro-kernel reads both front to back whatever the caller's strides.
+   Unpacked, the backward's operands are slow: a transposed activation gives
+   one useful float per cache line, and rows of a [D][F] weight 4 KiB apart
+   all map to one L1 set. Each task then sweeps its panels in KC-deep blocks,
+   a B block (KC x NR) staying in L1 while the task's row tiles pass over
+   it. Every C element is summed by one task, k ascending, KC at a time:
+   the result does not depend on the thread count.                          */
+#define MOE__KC 256
+#define MOE__FEW_ROWS 288    /* a KC-deep A block of them (288 KiB) stays in L2 */
+#if MOE__HAS_SIMD
+typedef struct moe__gemm_pp {
+    int64_t m, K;
+    int32_t N, n_tiles, n_panels, tiles_per_task, panels_per_task, n_pc;
+    const float *A; size_t a_rs, a_cs;
+    const float *B; size_t ldb;
+    float *C; size_t ldc;
+    float *Ap, *Bp;                 /* [n_tiles][K][MR], [n_panels][K][NR] */
+    int accumulate;
+    int b_in_task;                  /* tasks pack their own B blocks (one row block) */
+} moe__gemm_pp;
+
+/* mr rows of K elements (strides a_rs, a_cs) -> one k-major tile
+   dst[k][MR], rows past mr zero.                                          */
+static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a_cs, int32_t mr,
+                             int64_t K) {
+    int64_t k;
+    int32_t i;
+    if (a_cs == 1) {                 /* rows contiguous: read along rows */
+        for (i = 0; i < MOE__MR; i++)
+            for (k = 0; k < K; k++)
+                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k] : 0.0f;
+    } else {
+        for (k = 0; k < K; k++)
+            for (i = 0; i < MOE__MR; i++)
+                dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k * a_cs]
+                                                      : 0.0f;
+    }
+}
+
+static void moe__pack_a_task(void *arg, int32_t t) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    const int64_t i0 = (int64_t)t * MOE__MR;
+    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->K, g->A + (size_t)i0 * g->a_rs,
+                     g->a_rs, g->a_cs, (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR), g->K);
+}
+
+/* B in blocks of 16 rows: 16 read streams, and 16 x NR contiguous floats
+   written per panel (a panel at a time would read one line per 4 KiB page). */
+#define MOE__PACK_B_ROWS 16
+/* Rows [k0, k1) of B's panel p -> dst[k1 - k0][NR], columns past N zero. */
+static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int64_t k0,
+                              int64_t k1) {
+    const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
+    int64_t k;
+    int32_t j;
+    for (k = k0; k < k1; k++, dst += MOE__NR) {
+        const float *row = g->B + (size_t)k * g->ldb + (size_t)j0;
+        if (nr == MOE__NR) {
+            moe__v_store(dst, moe__v_load(row));
+            moe__v_store(dst + MOE__VL, moe__v_load(row + MOE__VL));
+            continue;
+        }
+        for (j = 0; j < nr; j++) dst[j] = row[j];
+        for (; j < MOE__NR; j++) dst[j] = 0.0f;
+    }
+}
+/* Rows [k0, k0 + kc) of panels [p0, p1) -> dst[p1 - p0][kc][NR]: a task's
+   own B block. Row by row (the run's columns of a row are adjacent), with
+   rows MOE__PREFETCH_ROWS ahead requested: B's rows are often a page apart. */
+#define MOE__PREFETCH_ROWS 16
+static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32_t p1, int64_t k0,
+                            int64_t kc) {
+    int64_t k;
+    int32_t p, j;
+    for (k = k0; k < k0 + kc; k++) {
+        if (k + MOE__PREFETCH_ROWS < g->K)
+            for (j = p0 * MOE__NR; j < p1 * MOE__NR && j < g->N; j += 64 / (int32_t)sizeof(float))
+                MOE__PREFETCH(g->B + (size_t)(k + MOE__PREFETCH_ROWS) * g->ldb + (size_t)j);
+        for (p = p0; p < p1; p++)
+            moe__pack_b_block(dst + ((size_t)(p - p0) * (size_t)kc + (size_t)(k - k0)) * MOE__NR, g,
+                              p, k, k + 1);
+    }
+}
+static void moe__pack_b_task(void *arg, int32_t task) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS,
+                  k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
+    int32_t p;
+    for (p = 0; p < g->n_panels; p++)
+        moe__pack_b_block(g->Bp + ((size_t)p * (size_t)g->K + (size_t)k0) * MOE__NR, g, p, k0, k1);
+}
+
+/* One task list for both copies: A tiles first, then B row blocks. */
+static void moe__pack_ab_task(void *arg, int32_t task) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    if (task < g->n_tiles) moe__pack_a_task(arg, task);
+    else moe__pack_b_task(arg, task - g->n_tiles);
+}
+
+static void moe__gemm_pp_task(void *arg, int32_t task) {
+    const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
+    const int32_t t0 = (task / g->n_pc) * g->tiles_per_task,
+                  p0 = (task % g->n_pc) * g->panels_per_task;
+    const int32_t t1 = t0 + g->tiles_per_task < g->n_tiles ? t0 + g->tiles_per_task : g->n_tiles;
+    const int32_t p1 = p0 + g->panels_per_task < g->n_panels ? p0 + g->panels_per_task
+                                                             : g->n_panels;
+    const size_t K = (size_t)g->K;
+    size_t k0;
+    int32_t p, t, i, j;
+    for (k0 = 0; k0 < K; k0 += MOE__KC) {
+        const int64_t kc = K - k0 < MOE__KC ? (int64_t)(K - k0) : MOE__KC;
+        const int acc = g->accumulate || k0 > 0;
+        float *slot = g->Bp + (size_t)p0 * (K < MOE__KC ? K : MOE__KC) * MOE__NR;
+        if (g->b_in_task) moe__pack_b_run(slot, g, p0, p1, (int64_t)k0, kc);
+        for (p = p0; p < p1; p++) {
+            float *bp = g->Bp + ((size_t)p * K + k0) * MOE__NR;
+            const int32_t nr = g->N - p * MOE__NR < MOE__NR ? g->N - p * MOE__NR : MOE__NR;
+            if (g->b_in_task) bp = slot + (size_t)(p - p0) * (size_t)kc * MOE__NR;
+            for (t = t0; t < t1; t++) {
+                const float *ap = g->Ap + ((size_t)t * K + k0) * MOE__MR;
+                const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR
+                                             ? g->m - (int64_t)t * MOE__MR : MOE__MR);
+                float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
+                /* A weight gradient's C (accumulate, many row tiles) is in memory
+                   and read only after the tile's k loop: fetch the next tile's
+                   rows now (its dW GEMMs 15-30 % faster).                    */
+                if (g->accumulate && !g->b_in_task && k0 == 0 && t + 1 < t1) {
+                    const int64_t r = (int64_t)(t + 1) * MOE__MR;
+                    for (i = 0; i < MOE__MR && r + i < g->m; i++) {
+                        MOE__PREFETCH(cp + (size_t)(MOE__MR + i) * g->ldc);
+                        MOE__PREFETCH(cp + (size_t)(MOE__MR + i) * g->ldc + (size_t)(nr - 1));
+                    }
+                }
+                if (nr == MOE__NR) {
+                    moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, cp, g->ldc, acc);
+                } else {             /* ragged right edge: through a full tile */
+                    float tile[MOE__MR * MOE__NR];
+                    for (i = 0; i < mr; i++)
+                        for (j = 0; j < MOE__NR; j++)
+                            tile[i * MOE__NR + j] = acc && j < nr
+                                                    ? cp[(size_t)i * g->ldc + (size_t)j] : 0.0f;
+                    moe__tile_simd(mr, kc, ap, 1, MOE__MR, bp, MOE__NR, tile, MOE__NR, 1);
+                    for (i = 0; i < mr; i++)
+                        for (j = 0; j < nr; j++)
+                            cp[(size_t)i * g->ldc + (size_t)j] = tile[i * MOE__NR + j];
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* The kernel table's parallel GEMM on a SIMD ISA: through packed copies in
+   pack (moe__gemm_pack_floats(m, N, K) floats) when it is given and N has a
+   full panel; else moe__sgemm_simd in tasks. Even a few rows gain: an
+   expert with under 2 MR rows read its weight rows 4 KiB apart in place
+   (deepseek-mini's backward at T = 16 and 128: up to 25 % faster packed). */
+#if MOE__HAS_SIMD
+static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t N, int64_t K,
+                               const float *A, size_t a_rs, size_t a_cs, const float *B,
+                               size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
+    if (pack && m >= 1 && N >= MOE__NR && K >= 1) {
+        moe__gemm_pp g;
+        const double flops = 2.0 * (double)m * N * (double)K;
+        int32_t n_rt;
+        g.m = m; g.N = N; g.K = K;
+        g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
+        g.accumulate = accumulate;
+        g.n_tiles = (int32_t)((m + MOE__MR - 1) / MOE__MR);
+        g.n_panels = (int32_t)moe__ceil_div(N, MOE__NR);
+        g.Ap = pack;
+        g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
+        /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
+           (each A block serves 16 B blocks before the next is fetched), fewer
+           panels when that leaves under 8 tasks for the threads. Up to
+           MOE__FEW_ROWS rows (an expert's rows times a weight: da, dx) are
+           one row block: each B block is then used by one task only, which
+           packs it into its own slot right before its tiles pass over it,
+           instead of a separate pass writing all of B out to memory and
+           reading it back (da and dx of deepseek-mini and qwen-mini's
+           experts: 5-15 % faster).                                         */
+        g.b_in_task = m <= MOE__FEW_ROWS;
+        n_rt = g.b_in_task ? 1 : (g.n_tiles + 11) / 12;     /* row blocks of <= 12 tiles, even */
+        g.tiles_per_task = (g.n_tiles + n_rt - 1) / n_rt;
+        n_rt = (g.n_tiles + g.tiles_per_task - 1) / g.tiles_per_task;
+        g.panels_per_task = g.n_panels < 16 ? g.n_panels : 16;
+        while (g.panels_per_task > 1 &&
+               n_rt * ((g.n_panels + g.panels_per_task - 1) / g.panels_per_task) < 8)
+            g.panels_per_task /= 2;
+        g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
+        moe__parallel_for(c, g.b_in_task ? g.n_tiles
+                                         : g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) /
+                                                                 MOE__PACK_B_ROWS),
+                          moe__pack_ab_task, &g, flops);
+        moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
+        return;
+    }
+    moe__gemm(c, moe__sgemm_simd, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+#endif
+
+/* The router GEMM on a SIMD ISA: W is transposed into the workspace
+   ([D][E_pad]) so the parallel GEMM can stream it.                        */
+#if MOE__HAS_SIMD
+static void moe__linear_simd(const moe_config *c, float *y, const float *x, const float *W,
+                             const float *bias, int32_t T, int32_t E, int32_t D,
+                             const moe__ws *ws) {
+    const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
+    float *Wt = ws->router_t;
+    int32_t e, d, t;
+    for (e = 0; e < E; e++)
+        for (d = 0; d < D; d++) Wt[(size_t)d * ld + (size_t)e] = W[(size_t)e * D + d];
+    moe__gemm(c, moe__sgemm_simd, T, E, D, x, (size_t)D, 1, Wt, ld, y, (size_t)E, 0);
+    if (bias)
+        for (t = 0; t < T; t++)
+            for (e = 0; e < E; e++) y[(size_t)t * E + e] += bias[e];
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // Packed weights (moe_pack_weights): every expert matrix transposed into
@@ -3548,280 +4307,6 @@ static void moe__packed_ffn(moe__packed_job *J) {
 }
 #endif
 
-
-/* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
-   x belong to expert e. The reference ISA's (moe__gemm_ref per projection);
-   a SIMD ISA runs moe__experts_simd instead (moe__experts_stage picks).
-     x: [N][D]   hg, hu: [N][F] pre-activations (hu only for GLU)
-     ha: [N][F] activation   out: [N][D]
-     hg = gate_e.x + bg;  hu = up_e.x + bu;  ha = act(hg) [* hu];  out = down_e.ha + bd */
-static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, const int64_t *off,
-                                     const float *x, float *hg, float *hu, float *ha, float *out) {
-    const size_t D = (size_t)f->D, F = (size_t)f->F;
-    const int glu = moe__act_is_glu(f->act);
-    int32_t e;
-    for (e = 0; e < num_experts; e++) {
-        const int64_t r0 = off[e], n = off[e + 1] - off[e];
-        const size_t h0 = (size_t)r0 * F;
-        if (n == 0) continue;
-        moe__gemm_ref(hg + h0, x + (size_t)r0 * D, f->gate + (size_t)e * f->gate_stride,
-                      f->gate_bias ? f->gate_bias + (size_t)e * F : NULL, n, f->F, f->D);
-        if (glu)
-            moe__gemm_ref(hu + h0, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
-                          f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F, f->D);
-        moe__activate_ref(f->act, ha + h0, hg + h0, glu ? hu + h0 : NULL, (size_t)n * F);
-        moe__dropout_apply(f, ha, r0, r0 + n, 0, f->F);
-        moe__gemm_ref(out + (size_t)r0 * D, ha + h0, f->down + (size_t)e * f->down_stride,
-                      f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D, f->F);
-    }
-}
-
-/* Backward of moe__experts_forward_ref in plain loops, expert by expert, row
-   by row (the spec of moe__experts_backward_simd):
-     da = dout . down_e                       d bd += sum dout
-     GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
-     d down_e += dout^T . ha
-     d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
-     dx = dh . gate_e + du . up_e   (overwritten, [N][D]; NULL: not wanted)
-   Every sum runs in ascending order, a gradient's from its value on entry,
-   as moe__sgemm_ref sums. rebuild_ha: hg and hu come from a training cache
-   and ha is rebuilt from them first. NULL gradient tensors are skipped.    */
-static void moe__experts_backward_ref(const moe_config *c, const moe__ffn *f,
-                                      const moe__ffn_grad *g, int32_t n_sets, const int64_t *off,
-                                      const float *x, const float *hg, const float *hu, float *ha,
-                                      int rebuild_ha, const float *dout, float *dh, float *du,
-                                      float *dx, float *pack) {
-    const size_t D = (size_t)f->D, F = (size_t)f->F;
-    const int glu = moe__act_is_glu(f->act);
-    int32_t e;
-    int64_t r;
-    size_t i, j;
-    (void)c; (void)pack;
-    for (e = 0; e < n_sets; e++) {
-        const float *gate = f->gate + (size_t)e * f->gate_stride,
-                    *up = glu ? f->up + (size_t)e * f->up_stride : NULL,
-                    *down = f->down + (size_t)e * f->down_stride;
-        float *d_gate = g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
-              *d_up = glu && g->up ? g->up + (size_t)e * f->up_stride : NULL,
-              *d_down = g->down ? g->down + (size_t)e * f->down_stride : NULL,
-              *d_bg = g->gate_bias ? g->gate_bias + (size_t)e * F : NULL,
-              *d_bu = glu && g->up_bias ? g->up_bias + (size_t)e * F : NULL,
-              *d_bd = g->down_bias ? g->down_bias + (size_t)e * D : NULL;
-        for (r = off[e]; r < off[e + 1]; r++) {
-            const float *dy = dout + (size_t)r * D, *xr = x + (size_t)r * D;
-            float *dhr = dh + (size_t)r * F, *dur = glu ? du + (size_t)r * F : NULL,
-                  *har = ha + (size_t)r * F;
-            for (j = 0; j < F; j++) {                       /* da = dout . down_e */
-                float acc = 0.0f;
-                for (i = 0; i < D; i++) acc += dy[i] * down[i * F + j];
-                dhr[j] = acc;
-            }
-            if (d_bd) for (i = 0; i < D; i++) d_bd[i] += dy[i];
-            moe__dropout_apply(f, dh, r, r + 1, 0, f->F);   /* through the dropout mask */
-            moe__act_backward_ref(f->act, dhr, dur, hg + (size_t)r * F,
-                                  glu ? hu + (size_t)r * F : NULL, rebuild_ha ? har : NULL, 0, F);
-            if (rebuild_ha) moe__dropout_apply(f, ha, r, r + 1, 0, f->F);
-            if (d_down)
-                for (i = 0; i < D; i++)
-                    for (j = 0; j < F; j++) d_down[i * F + j] += dy[i] * har[j];
-            for (j = 0; j < F; j++) {
-                if (d_gate) for (i = 0; i < D; i++) d_gate[j * D + i] += dhr[j] * xr[i];
-                if (d_up) for (i = 0; i < D; i++) d_up[j * D + i] += dur[j] * xr[i];
-                if (d_bg) d_bg[j] += dhr[j];
-                if (d_bu) d_bu[j] += dur[j];
-            }
-            if (!dx) continue;
-            for (i = 0; i < D; i++) {                       /* dx = dh . gate_e + du . up_e */
-                float acc = 0.0f;
-                for (j = 0; j < F; j++) acc += dhr[j] * gate[j * D + i];
-                if (glu) for (j = 0; j < F; j++) acc += dur[j] * up[j * D + i];
-                dx[(size_t)r * D + i] = acc;
-            }
-        }
-    }
-}
-
-/* The kernel table's experts entry on the reference: moe__experts_forward_ref. */
-static void moe__experts_ref(const moe_config *c, const moe__ffn *f,
-                             const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
-                             const float *x, float *hg, float *hu, float *ha, float *out,
-                             float *tiles, const moe__ws *ws) {
-    (void)c; (void)packed_set; (void)tiles; (void)ws;
-    moe__experts_forward_ref(f, n_sets, off, x, hg, hu, ha, out);
-}
-
-/* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
-   Stable: within an expert, rows follow token order. pair_row[t][j] is the
-   row of pair (t, j), or -1 when the pair was not routed, was dropped or was
-   rejected; row_pair is the inverse (row -> t * S + j). offsets: [E + 1] row
-   starts.                                                                  */
-static void moe__dispatch_ref(const int32_t *expert, const uint8_t *dropped, int32_t T, int32_t S,
-                              int32_t E, int64_t *offsets, int64_t *pair_row, int64_t *row_pair) {
-    int32_t t, j, e;
-    size_t p;
-    for (e = 0; e <= E; e++) offsets[e] = 0;
-    for (p = 0; p < (size_t)T * (size_t)S; p++)            /* pass 1: count */
-        if (expert[p] >= 0 && !dropped[p]) offsets[expert[p] + 1]++;
-    for (e = 0; e < E; e++) offsets[e + 1] += offsets[e];  /* pass 2: prefix sums */
-    for (t = 0; t < T; t++)                                /* pass 3: place, offsets[e] as cursor */
-        for (j = 0; j < S; j++) {
-            p = (size_t)t * S + j;
-            e = expert[p];
-            if (e < 0 || dropped[p]) { pair_row[p] = -1; continue; }
-            pair_row[p] = offsets[e]++;
-            row_pair[pair_row[p]] = (int64_t)p;
-        }
-    for (e = E; e > 0; e--) offsets[e] = offsets[e - 1];   /* cursors -> starts */
-    offsets[0] = 0;
-}
-
-/* y[t] = sum_j weight[t][j] * out[pair_row[t][j]], slots in order 0..S-1 so the
-   sum is the same on every run (each token pulls its own results: no
-   atomics, any thread count). A token with no kept pair gets 0.          */
-typedef struct moe__combine_job {
-    float *y;
-    const float *out, *weight;
-    const int64_t *pair_row;
-    int32_t S, D;
-    const moe__kernels *k;
-} moe__combine_job;
-static void moe__combine_rows(void *arg, int64_t t0, int64_t t1) {
-    const moe__combine_job *J = (const moe__combine_job *)arg;
-    float *y = J->y;
-    const float *out = J->out, *weight = J->weight;
-    const int64_t *pair_row = J->pair_row;
-    const int32_t S = J->S, D = J->D;
-    int64_t t;
-    int32_t j, d;
-    for (t = t0; t < t1; t++) {
-        float *yt = y + (size_t)t * D;
-        for (d = 0; d < D; d++) yt[d] = 0.0f;
-        for (j = 0; j < S; j++) {
-            const int64_t row = pair_row[(size_t)t * S + j];
-            if (row < 0) continue;
-            J->k->add_scaled(yt, out + (size_t)row * D, weight[(size_t)t * S + j], (size_t)D, 1);
-        }
-    }
-}
-static void moe__combine(const moe_config *c, float *y, const float *out, const float *weight,
-                         const int64_t *pair_row, int32_t T, int32_t S, int32_t D) {
-    moe__combine_job J;
-    J.y = y; J.out = out; J.weight = weight; J.pair_row = pair_row; J.S = S; J.D = D;
-    J.k = moe__kernels_of(c);
-    moe__parallel_rows(c, T, 64, moe__combine_rows, &J, 2.0 * (double)T * S * D);
-}
-
-/* Row-parallel pieces of moe__backward (top-k, dense and expert choice: a
-   token's pairs own distinct rows, so tokens are independent tasks).
-   combine: gw[t][j] = <dy_t, out[row]>, dout[row] = w[t][j] dy_t.
-   gather: dx_t = sum_j dxg[row(t, j)], slots in order.                   */
-typedef struct moe__bw_rows_job {
-    const float *dy, *out, *weight, *dxg;
-    float *gw, *dout, *dx;
-    const int64_t *pair_row;
-    int32_t S, D;
-    const moe__kernels *k;
-} moe__bw_rows_job;
-static void moe__bw_combine_rows(void *arg, int64_t t0, int64_t t1) {
-    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
-    const size_t D = (size_t)J->D;
-    int64_t t;
-    int32_t j;
-    for (t = t0; t < t1; t++)
-        for (j = 0; j < J->S; j++) {
-            const size_t p = (size_t)t * (size_t)J->S + (size_t)j;
-            const int64_t row = J->pair_row[p];
-            const float *dyt = J->dy + (size_t)t * D;
-            if (row < 0) { J->gw[p] = 0.0f; continue; }
-            J->k->add_scaled(J->dout + (size_t)row * D, dyt, J->weight[p], D, 0);
-            J->gw[p] = J->k->dot(dyt, J->out + (size_t)row * D, D);
-        }
-}
-static void moe__bw_gather_rows(void *arg, int64_t t0, int64_t t1) {
-    const moe__bw_rows_job *J = (const moe__bw_rows_job *)arg;
-    const size_t D = (size_t)J->D;
-    int64_t t;
-    int32_t j;
-    for (t = t0; t < t1; t++)
-        for (j = 0; j < J->S; j++) {
-            const int64_t row = J->pair_row[(size_t)t * (size_t)J->S + (size_t)j];
-            if (row >= 0)
-                J->k->add_scaled(J->dx + (size_t)t * D, J->dxg + (size_t)row * D, 1.0f, D, 1);
-        }
-}
-
-/* Soft MoE output y[t] = sum_s C[t][s] * out[s]  (Y = C . Y~), s in order. */
-static void moe__soft_combine_ref(float *y, const float *combine, const float *out, int32_t T,
-                                  int32_t R, int32_t D) {
-    int32_t t, s, d;
-    for (t = 0; t < T; t++) {
-        float *yt = y + (size_t)t * D;
-        for (d = 0; d < D; d++) yt[d] = 0.0f;
-        for (s = 0; s < R; s++) {
-            const float cw = combine[(size_t)t * R + s];
-            for (d = 0; d < D; d++) yt[d] += cw * out[(size_t)s * D + d];
-        }
-    }
-}
-
-/* y[t] += gamma[t] * sh_out[t]: the shared expert on every token (gamma
-   NULL: 1; else its sigmoid gate, Qwen2). */
-static void moe__add_shared(float *y, const float *sh_out, const float *gamma, int32_t T,
-                            int32_t D) {
-    int32_t t, d;
-    for (t = 0; t < T; t++) {
-        const float gate = gamma ? gamma[t] : 1.0f;
-        for (d = 0; d < D; d++) y[(size_t)t * D + d] += gate * sh_out[(size_t)t * D + d];
-    }
-}
-
-/* Soft MoE slot inputs xs[s] = sum_t dispatch[t][s] * x[t]  (X~ = D^T X).  */
-static void moe__soft_slots_ref(float *xs, const float *dispatch, const float *x,
-                                int32_t T, int32_t R, int32_t D) {
-    int32_t s, t, d;
-    for (s = 0; s < R; s++) {
-        float *xsr = xs + (size_t)s * D;
-        for (d = 0; d < D; d++) xsr[d] = 0.0f;
-        for (t = 0; t < T; t++) {
-            const float dw = dispatch[(size_t)t * R + s];
-            for (d = 0; d < D; d++) xsr[d] += dw * x[(size_t)t * D + d];
-        }
-    }
-}
-
-typedef struct moe__gather_job {
-    float *xg; const float *x; const int64_t *row_pair; int32_t S, D;
-} moe__gather_job;
-static void moe__gather_rows(void *arg, int64_t r0, int64_t r1) {
-    const moe__gather_job *J = (const moe__gather_job *)arg;
-    int64_t r;
-    for (r = r0; r < r1; r++)
-        memcpy(J->xg + (size_t)r * J->D, J->x + (size_t)(J->row_pair[r] / J->S) * J->D,
-               (size_t)J->D * sizeof(float));
-}
-
-/* Stage 3 of the layer: expert inputs in expert-contiguous rows xg (a gather,
-   or Soft MoE's dispatch mixtures), with offsets, pair_row and row_pair.    */
-static void moe__expert_inputs(const moe_config *c, const float *x, int32_t T,
-                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
-                               const moe__ws *ws) {
-    const int32_t E = c->num_experts, D = c->d_model;
-    int64_t *offsets = ws->offsets;
-    const int64_t *row_pair = ws->row_pair;
-    float *xg = ws->xg;
-    if (c->routing == MOE_ROUTING_SOFT) {
-        int32_t e;
-        for (e = 0; e <= E; e++) offsets[e] = (int64_t)e * c->slots_per_expert;
-        moe__soft_slots_ref(xg, dispatch, x, T, ws->R, D);
-    } else {
-        moe__dispatch_ref(expert, dropped, T, ws->S, E, offsets, ws->pair_row,
-                          ws->row_pair);
-        moe__gather_job J;
-        J.xg = xg; J.x = x; J.row_pair = row_pair; J.S = ws->S; J.D = D;
-        moe__parallel_rows(c, offsets[E], 256, moe__gather_rows, &J, (double)offsets[E] * D);
-    }
-}
-
 /* Pack panels [p0, p1) of expert e's w13 (panels < g->p1) and w2 (the rest). */
 typedef struct moe__pack_job {
     const moe__ffn *f;
@@ -3911,40 +4396,6 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     }
 }
 #endif
-
-/* The kernel table's router GEMM, y[T][E] = x . W^T + bias for a small W
-   [E][D]: moe__gemm_ref on the reference; on a SIMD ISA W is transposed into
-   the workspace ([D][E_pad]) so the parallel GEMM can stream it.           */
-static void moe__linear_ref(const moe_config *c, float *y, const float *x, const float *W,
-                            const float *bias, int32_t T, int32_t E, int32_t D,
-                            const moe__ws *ws) {
-    (void)c; (void)ws;
-    moe__gemm_ref(y, x, W, bias, T, E, D);
-}
-#if MOE__HAS_SIMD
-static void moe__linear_simd(const moe_config *c, float *y, const float *x, const float *W,
-                             const float *bias, int32_t T, int32_t E, int32_t D,
-                             const moe__ws *ws) {
-    const size_t ld = ((size_t)E + MOE__NR - 1) / MOE__NR * MOE__NR;
-    float *Wt = ws->router_t;
-    int32_t e, d, t;
-    for (e = 0; e < E; e++)
-        for (d = 0; d < D; d++) Wt[(size_t)d * ld + (size_t)e] = W[(size_t)e * D + d];
-    moe__gemm(c, moe__sgemm_simd, T, E, D, x, (size_t)D, 1, Wt, ld, y, (size_t)E, 0);
-    if (bias)
-        for (t = 0; t < T; t++)
-            for (e = 0; e < E; e++) y[(size_t)t * E + e] += bias[e];
-}
-#endif
-
-/* bias[j] += sum over n rows of A[i][j] (row stride lda): bias gradients. */
-static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, size_t lda) {
-    int64_t i;
-    int32_t j;
-    if (!bias) return;
-    for (i = 0; i < n; i++)
-        for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
-}
 
 #if MOE__HAS_SIMD
 /* Activation backward of rows [r0, r1) of an expert set, as parallel tasks
@@ -4044,45 +4495,9 @@ static const moe__kernels *moe__kernels_of(const moe_config *c) {
     return &moe__kernels_ref;
 }
 
-/* Stages 3-4, shared by the forward and the backward's recompute: expert
-   inputs, the grouped FFN, and the shared expert's FFN on every token.     */
-static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
-                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
-                               const moe__ws *ws) {
-    const int glu = moe__act_is_glu(c->activation);
-    const int64_t *offsets = ws->offsets;
-    const int64_t sh_off[2] = {0, (int64_t)T};
-    const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair),
-                   sh = moe__shared_ffn(c, w);
-    float *hu = glu ? ws->hu : NULL,
-          *sh_u = glu ? ws->sh_u : NULL;
-    const moe__kernels *k = moe__kernels_of(c);
-    const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
-    moe__pack_layout P;
-    memset(&P, 0, sizeof P);
-    if (packed) moe__pack_plan(c, &P);
-    moe__expert_inputs(c, x, T, expert, dropped, dispatch, ws);
-    k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
-               ws->xg, ws->hg, hu, ws->ha,
-               ws->out, ws->tiles, ws);
-    if (c->shared_d_ff > 0)
-        k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
-                   ws->sh_g, sh_u, ws->sh_a,
-                   ws->sh_out, ws->sh_tiles, ws);
-}
-
-/* gamma_t = sigmoid(x_t . w_sg), the Qwen2-MoE shared-expert gate (1 if ungated). */
-static float moe__shared_expert_gate_of(const moe_config *c, const moe_weights *w,
-                                        const float *xt) {
-    float z = 0.0f;
-    int32_t d;
-    if (!c->shared_expert_gated) return 1.0f;
-    for (d = 0; d < c->d_model; d++) z += xt[d] * w->shared_expert_gate[d];
-    return moe__sigmoid(z);
-}
-
 // ----------------------------------------------------------------------------
-// Public functions
+// Drivers: the public calls. Each checks its arguments, plans the workspace
+// and runs the stages above in pipeline order through the kernel table.
 
 /* Buffer overlap (MOE_STATUS_ALIASING). A call lists the caller buffers it
    reads and writes as byte spans; two may share bytes only if neither is
@@ -4630,59 +5045,31 @@ MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_FORWARD, out_bytes);
 }
 
-/* Jitter factor U[t][d] the forward multiplied the router input by (1 without). */
-static float moe__jitter_factor(const moe_config *c, size_t i) {
-    if (!(c->training && c->jitter > 0.0f)) return 1.0f;
-    return (float)(1.0 - c->jitter +
-                   2.0 * c->jitter * moe__rng_uniform(c->seed, MOE__RNG_JITTER, i));
-}
-
-/* The router's input for n elements of x: x itself, or with input jitter in
-   training x * U, U keyed by the global element index off + i, into xj.
-   The forward, the backward and the expert-parallel calls all build it here. */
-static const float *moe__router_input(const moe_config *c, const float *x, size_t n, size_t off,
-                                      float *xj) {
-    size_t i;
-    if (!(c->training && c->jitter > 0.0f)) return x;
-    for (i = 0; i < n; i++) xj[i] = x[i] * moe__jitter_factor(c, off + i);
-    return xj;
-}
-
-/* Router logits [T][R] (and the Shazeer noise logits [T][E]).
-   Top-k / expert choice / dense: z = xr . router^T (+ router_bias), where xr
-   is x times U[1-eps, 1+eps] per element when training with jitter.
-   Soft MoE: z[t][s] = scale * <x_t, phi_s> / (|x_t| |phi_s|), |v| = sqrt(sum v^2 + 1e-6). */
-static void moe__router_logits_ref(const moe_config *c, const moe_weights *w, const float *x,
-                                   int32_t T, const moe__ws *ws) {
-    const int32_t D = c->d_model, E = c->num_experts, R = ws->R;
-    float *logits = ws->logits;
-    const float *xr = x;
-    int32_t t, s, d;
-    if (c->routing == MOE_ROUTING_SOFT) {
-        float *norm = ws->slot_norm;
-        const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
-        for (s = 0; s < R; s++) {
-            float ss = 0.0f;
-            for (d = 0; d < D; d++)
-                ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
-            norm[s] = sqrtf(ss + 1e-6f);
-        }
-        moe__gemm_ref(logits, x, w->soft_phi, NULL, T, R, D);
-        for (t = 0; t < T; t++) {
-            float ss = 0.0f, nx;
-            for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
-            nx = sqrtf(ss + 1e-6f);
-            for (s = 0; s < R; s++)
-                logits[(size_t)t * R + s] = scale * (logits[(size_t)t * R + s] / (nx * norm[s]));
-        }
-        return;
-    }
-    xr = moe__router_input(c, x, (size_t)T * (size_t)D, 0, ws->xr);
-    moe__kernels_of(c)->linear(c, logits, xr, w->router, c->router_bias ? w->router_bias : NULL,
-                               T, E, D, ws);
-    if (c->noise == MOE_NOISE_SHAZEER && c->training)
-        moe__kernels_of(c)->linear(c, ws->noise_logits, xr, w->router_noise,
-                                   NULL, T, E, D, ws);
+/* Stages 3-4, shared by the forward and the backward's recompute: expert
+   inputs, the grouped FFN, and the shared expert's FFN on every token.     */
+static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
+                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
+                               const moe__ws *ws) {
+    const int glu = moe__act_is_glu(c->activation);
+    const int64_t *offsets = ws->offsets;
+    const int64_t sh_off[2] = {0, (int64_t)T};
+    const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair),
+                   sh = moe__shared_ffn(c, w);
+    float *hu = glu ? ws->hu : NULL,
+          *sh_u = glu ? ws->sh_u : NULL;
+    const moe__kernels *k = moe__kernels_of(c);
+    const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
+    moe__pack_layout P;
+    memset(&P, 0, sizeof P);
+    if (packed) moe__pack_plan(c, &P);
+    moe__expert_inputs(c, x, T, expert, dropped, dispatch, ws);
+    k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
+               ws->xg, ws->hg, hu, ws->ha,
+               ws->out, ws->tiles, ws);
+    if (c->shared_d_ff > 0)
+        k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
+                   ws->sh_g, sh_u, ws->sh_a,
+                   ws->sh_out, ws->sh_tiles, ws);
 }
 
 /* The forward's routing (res) into the caller's info, the training cache,
@@ -4782,368 +5169,9 @@ MOEDEF moe_status moe_forward_alloc(const moe_config *cfg, const moe_weights *w,
 }
 
 // ----------------------------------------------------------------------------
-// Backward pass (docs/ROUTING.md, "Backward"). Each step is the transpose of its forward
-// twin above; parameter gradients accumulate, dx is overwritten.
-
-/* State the router backward shares between its passes. */
-typedef struct moe__router_bw {
-    const moe_config *c;
-    const moe_info *info;
-    int32_t T, S, K, E;
-    int32_t T_all, t0;        /* tokens of the routing group and the global
-                                 index of token 0 (T and 0 in one process)      */
-    const double *stats;      /* expert parallel: the summed moe_ep statistics
-                                 (global counts); NULL in one process           */
-    const float *gw;          /* [T][S] dL/d weight (from the combine)          */
-    const float *noise;       /* [T][E] raw noise logits x.W_noise (Shazeer)    */
-    const float *noise_samples; /* test seam as in moe__router, or NULL         */
-    float *dz, *dsig;         /* [T][E] dL/d logit; dL/d sigma (Shazeer)        */
-    double *val;              /* [2E] Shazeer importance and load values        */
-    double *dval;             /* [2E] their d(coef * CV^2) / d value            */
-    double *fbal, *fseq;      /* [E] each: balance-loss factors                 */
-    /* dL/d score of one token and dL/d its S gate scores, in double: with
-       sigmoid scores summing to a denormal, a division by that sum overflows
-       float before the s (1 - s) that brings it back (docs/ROUTING.md, "Router gradients") */
-    double *ds, *dg;          /* [E] each                                       */
-    uint8_t *m, *q;           /* [S] masks for moe__normalize_backward          */
-    float *g, *dw, *H, *sigma, *N;   /* [E] scratch each                        */
-    int32_t *top;             /* [E + 1]                                        */
-} moe__router_bw;
-
-/* Noisy logits H = z + N * sigma (+ warm-up noise) of token t (Shazeer,
-   training), as the forward drew them from the same seed.                  */
-static void moe__noisy_row(const moe__router_bw *B, int32_t t) {
-    const size_t row = (size_t)t * (size_t)B->E;
-    moe__noisy_logits(B->c, t, B->info->logits + row, B->noise + row, B->noise_samples, B->H,
-                      B->sigma, B->N);
-}
-
-/* Pass 1 of the router backward: the Shazeer importance and smooth-load
-   vectors (recomputed), then d(coef * CV^2)/d value for each.            */
-static void moe__shazeer_grads(moe__router_bw *B) {
-    const moe_config *c = B->c;
-    const int32_t T = B->T, S = B->S, E = B->E, K = B->K;
-    const int smooth = c->noise == MOE_NOISE_SHAZEER && c->training && K < E;
-    double *imp = B->val, *load = B->val + E;
-    int32_t t, j, e;
-    for (e = 0; e < 2 * E; e++) B->val[e] = B->dval[e] = 0.0;
-    if (c->importance_coef == 0.0f && !(smooth && c->load_coef != 0.0f)) return;
-    if (B->stats)   /* expert parallel (never noisy): importance of all ranks */
-        for (e = 0; e < E; e++) imp[e] = B->stats[MOE__EPS_IMPG * E + e];
-    else for (t = 0; t < T; t++) {
-        const float *sc = B->info->scores + (size_t)t * E;
-        const int32_t *idx = B->info->expert + (size_t)t * S;
-        const uint8_t *dr = B->info->dropped + (size_t)t * S;
-        for (j = 0; j < S; j++) B->g[j] = sc[idx[j]];
-        moe__normalize(c, B->g, NULL, B->dw, S);       /* pre-drop weights */
-        for (j = 0; j < S; j++)
-            if (dr[j] != MOE__REJECTED) imp[idx[j]] += (double)B->dw[j] * c->routed_scale;
-        if (smooth) {
-            float thr_in, thr_out;
-            moe__noisy_row(B, t);
-            moe__topk_ref(B->H, E, K + 1, B->top);
-            thr_in = B->H[B->top[K]]; thr_out = B->H[B->top[K - 1]];
-            for (e = 0; e < E; e++) {
-                const float thr = B->H[e] > thr_in ? thr_in : thr_out;
-                load[e] += moe__load_prob((double)B->info->logits[(size_t)t * E + e] - thr,
-                                          B->sigma[e]);
-            }
-        }
-    }
-    moe__cv_squared_grad(imp, E, c->importance_coef, B->dval);
-    if (smooth) moe__cv_squared_grad(load, E, c->load_coef, B->dval + E);
-}
-
-/* Per-sequence factor of the sequence-wise loss for the sequence starting at
-   t0 with n tokens: fseq[e] = coef * f_e / (n * nseq), f_e = E/(K n) count_e
-   of a plain top-K of the unbiased scores.                                 */
-static void moe__seq_factors(moe__router_bw *B, int32_t t0, int32_t n, int32_t nseq) {
-    const int32_t E = B->E, K = B->K;
-    int32_t t, j, e;
-    for (e = 0; e < E; e++) B->fseq[e] = 0.0;
-    if (B->stats && n == B->T_all)   /* expert parallel, one sequence: all ranks' counts */
-        for (e = 0; e < E; e++) B->fseq[e] = B->stats[MOE__EPS_SEQC * E + e];
-    else for (t = t0; t < t0 + n; t++) {
-        moe__topk_ref(B->info->scores + (size_t)t * E, E, K, B->top);
-        for (j = 0; j < K; j++) B->fseq[B->top[j]] += 1.0;
-    }
-    for (e = 0; e < E; e++)
-        B->fseq[e] = B->c->seq_balance_coef * ((double)E / ((double)K * n) * B->fseq[e]) /
-                     ((double)n * nseq);
-}
-
-/* The router backward's arrays in the workspace: dz [T][E] and per-token
-   scratch of E entries each (the one-process and the expert-parallel
-   backward share it). */
-static void moe__router_bw_scratch(moe__router_bw *B, const moe__ws *ws, int32_t E) {
-    B->dz = ws->dz;
-    B->val = ws->rbw_f64; B->dval = B->val + 2 * E;
-    B->fbal = B->val + 4 * E; B->fseq = B->val + 5 * E;
-    B->ds = B->val + 6 * E; B->dg = B->val + 7 * E;
-    B->m = ws->rbw_u8; B->q = B->m + E;
-    B->g = ws->rbw_f32; B->dw = B->g + 2 * E;
-    B->H = B->g + 3 * E; B->sigma = B->g + 4 * E; B->N = B->g + 5 * E;
-    B->top = ws->small_i;
-}
-
-/* The balance loss E * sum_e f~_e P_e: dL / d pn[t][e] = coef E f~_e / T for
-   every token, into B->fbal (f~ from the kept pair counts of the group). */
-static void moe__balance_factors(moe__router_bw *B) {
-    const moe_config *c = B->c;
-    const moe_info *info = B->info;
-    const int32_t T = B->T, S = B->S, E = B->E, K = B->K, Ta = B->T_all;
-    const int first = c->balance_loss == MOE_BALANCE_FIRST_CHOICE;
-    int32_t t, j, e;
-    for (e = 0; e < E; e++) B->fbal[e] = 0.0;
-    if (c->routing != MOE_ROUTING_TOPK || c->balance_coef == 0.0f) return;
-    if (B->stats)   /* expert parallel: the pair counts of all ranks */
-        for (e = 0; e < E; e++)
-            B->fbal[e] = B->stats[(first ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
-    else for (t = 0; t < T; t++)
-        for (j = 0; j < (first ? 1 : S); j++) {
-            const size_t p = (size_t)t * S + j;
-            if (info->dropped[p] != MOE__REJECTED) B->fbal[info->expert[p]] += 1.0;
-        }
-    for (e = 0; e < E; e++)
-        B->fbal[e] = c->balance_coef * E * (B->fbal[e] / ((double)Ta *
-                     (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1))) / Ta;
-}
-
-/* Token t's gate weights -> its scores, into ds (docs/ROUTING.md, "Router
-   gradients"): through the normalisation, and the importance loss's
-   pre-drop weights. */
-static void moe__gate_weights_backward(moe__router_bw *B, int32_t t, double *ds) {
-    const moe_config *c = B->c;
-    const moe_info *info = B->info;
-    const int32_t S = B->S, E = B->E;
-    const float *sc = info->scores + (size_t)t * E;
-    const int32_t *idx = info->expert + (size_t)t * S;
-    const uint8_t *dr = info->dropped + (size_t)t * S;
-    int32_t j, e;
-    if (c->routing == MOE_ROUTING_EXPERT_CHOICE) {
-        for (e = 0; e < E; e++)
-            if (info->expert[(size_t)t * E + e] == e)
-                ds[e] += c->routed_scale * B->gw[(size_t)t * E + e];
-        return;
-    }
-    for (j = 0; j < S; j++) {
-        B->g[j] = sc[idx[j]];
-        B->dg[j] = 0.0;
-        B->dw[j] = B->gw[(size_t)t * S + j];
-        B->m[j] = dr[j] == MOE__KEPT;
-        B->q[j] = c->normalize_after_drop ? dr[j] == MOE__KEPT : 1;
-    }
-    moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
-    if (c->routing == MOE_ROUTING_TOPK && c->importance_coef != 0.0f) {
-        for (j = 0; j < S; j++) {    /* importance uses pre-drop weights */
-            B->m[j] = dr[j] != MOE__REJECTED;
-            B->q[j] = 1;
-            B->dw[j] = B->m[j] ? (float)B->dval[idx[j]] : 0.0f;
-        }
-        moe__normalize_backward(c, B->g, B->m, B->q, B->dw, B->dg, S);
-    }
-    for (j = 0; j < S; j++) ds[idx[j]] += B->dg[j];
-}
-
-/* Token t's balance and sequence-wise losses, into ds: both see pn = p
-   (softmax) or s / sum s (sigmoid). nseq sequences of L tokens. */
-static void moe__balance_backward_row(moe__router_bw *B, int32_t t, double *ds, int32_t L,
-                                      int32_t nseq) {
-    const moe_config *c = B->c;
-    const int32_t E = B->E, Ta = B->T_all;
-    const float *sc = B->info->scores + (size_t)t * E;
-    double ssum = 0.0, corr = 0.0;
-    int32_t e;
-    if (c->seq_balance_coef != 0.0f && (t == 0 || (B->t0 + t) % L == 0)) {
-        const int32_t g0 = (B->t0 + t) / L * L;   /* global start of t's sequence */
-        moe__seq_factors(B, t, Ta - g0 < L ? Ta - g0 : L, nseq);
-    }
-    for (e = 0; e < E; e++)
-        B->dw[e] = (float)(B->fbal[e] + (c->seq_balance_coef != 0.0f ? B->fseq[e] : 0.0));
-    if (c->score == MOE_SCORE_SOFTMAX) {
-        for (e = 0; e < E; e++) ds[e] += B->dw[e];
-    } else {
-        for (e = 0; e < E; e++) ssum += sc[e];
-        if (ssum > 0.0) {
-            for (e = 0; e < E; e++) corr += B->dw[e] * (sc[e] / ssum);
-            for (e = 0; e < E; e++) ds[e] += (B->dw[e] - corr) / ssum;
-        }
-    }
-}
-
-/* Shazeer noise of token t: H = z + N sigma gives dsigma = dH N, and the
-   smooth load loss Load_e = sum_t Phi((z_e - H_k) / sigma_e), H_k the
-   threshold, reaches z and sigma. */
-static void moe__noise_backward_row(moe__router_bw *B, int32_t t, float *dz) {
-    const moe_config *c = B->c;
-    const int32_t E = B->E, K = B->K;
-    const float *z = B->info->logits + (size_t)t * E;
-    float *dsig = B->dsig + (size_t)t * E;
-    float thr_in;
-    int32_t e;
-    moe__noisy_row(B, t);
-    for (e = 0; e < E; e++) dsig[e] = dz[e] * B->N[e];
-    if (!(K < E && c->load_coef != 0.0f)) return;
-    moe__topk_ref(B->H, E, K + 1, B->top);
-    thr_in = B->H[B->top[K]];
-    for (e = 0; e < E; e++) {
-        const int32_t k = B->H[e] > thr_in ? B->top[K] : B->top[K - 1];
-        double u, cf;
-        if (!(B->sigma[e] > 0.0f)) continue;     /* a step: no gradient */
-        u = ((double)z[e] - B->H[k]) / B->sigma[e];
-        cf = B->dval[E + e] * 0.39894228040143268 * exp(-0.5 * u * u) / B->sigma[e];
-        dz[e] += (float)cf;
-        dsig[e] += (float)(-cf * u);
-        dz[k] += (float)(-cf);
-        dsig[k] += (float)(-cf * B->N[k]);
-    }
-}
-
-/* Router backward for top-k, expert-choice and dense routing, token by
-   token: combine gradient -> gate weights -> scores (+ balance losses) ->
-   (noisy) logits (+ z-loss), then the optional clipping of the token's
-   gradient. Writes dz [T][E] and, with Shazeer noise, dsig [T][E].        */
-static void moe__router_backward_ref(moe__router_bw *B) {
-    const moe_config *c = B->c;
-    const moe_info *info = B->info;
-    const int32_t T = B->T, E = B->E;
-    const int topk = c->routing == MOE_ROUTING_TOPK;
-    const int noisy = topk && c->noise == MOE_NOISE_SHAZEER && c->training;
-    const int32_t Ta = B->T_all;     /* losses normalise by the whole group */
-    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
-    /* no Ta + L - 1: L may be near INT32_MAX */
-    const int32_t nseq = Ta > 0 ? 1 + (Ta - 1) / L : 0;
-    int32_t t, e;
-    memset(B->dz, 0, (size_t)T * E * sizeof(float));
-    if (B->dsig) memset(B->dsig, 0, (size_t)T * E * sizeof(float));
-    if (T == 0) return;
-    if (topk) moe__shazeer_grads(B);
-    moe__balance_factors(B);
-
-    for (t = 0; t < T; t++) {
-        const float *sc = info->scores + (size_t)t * E, *z = info->logits + (size_t)t * E;
-        double *ds = B->ds, dot = 0.0;
-        float *dz = B->dz + (size_t)t * E;
-        for (e = 0; e < E; e++) ds[e] = 0.0;
-        moe__gate_weights_backward(B, t, ds);
-        if (topk && (c->balance_coef != 0.0f || c->seq_balance_coef != 0.0f))
-            moe__balance_backward_row(B, t, ds, L, nseq);
-
-        /* scores -> (noisy) logits */
-        if (c->score == MOE_SCORE_SOFTMAX) {
-            for (e = 0; e < E; e++) dot += ds[e] * sc[e];
-            for (e = 0; e < E; e++) dz[e] = (float)(sc[e] * (ds[e] - dot));
-        } else {
-            for (e = 0; e < E; e++) dz[e] = (float)(ds[e] * sc[e] * (1.0 - sc[e]));
-        }
-        if (noisy) moe__noise_backward_row(B, t, dz);
-
-        /* router z-loss on the clean logits: dz += coef 2/T LSE_t softmax(z_t) */
-        if (c->z_loss_coef != 0.0f) {
-            const double lse = moe__logsumexp(z, E);
-            for (e = 0; e < E; e++)
-                dz[e] += (float)(c->z_loss_coef * 2.0 / Ta * lse * exp((double)z[e] - lse));
-        }
-
-        /* optional clipping of the token's router gradient */
-        if (c->router_grad_clip > 0.0f) {
-            double nrm = 0.0;
-            for (e = 0; e < E; e++) nrm += (double)dz[e] * dz[e];
-            nrm = sqrt(nrm);
-            if (nrm > c->router_grad_clip) {
-                const float k = (float)(c->router_grad_clip / nrm);
-                for (e = 0; e < E; e++) dz[e] *= k;
-                if (noisy) for (e = 0; e < E; e++) B->dsig[(size_t)t * E + e] *= k;
-            }
-        }
-    }
-}
-
-/* Router GEMM backward: z = xr . W^T + b  =>  dW += dz^T xr, db += sum dz,
-   dx += (dz . W) * U (U the jitter factors keyed by the global element
-   index, off the first one's; xr = x * U given). tmp: [T][D]. The expert-
-   parallel backward runs it on a rank's tokens with no pack scratch.      */
-static void moe__router_gemm_backward(const moe_config *c, int32_t T, const float *dz,
-                                      const float *W, float *dW, float *db, const float *xr,
-                                      float *tmp, float *dx, float *pack, size_t off) {
-    const moe__kernels *k = moe__kernels_of(c);
-    const int32_t D = c->d_model, E = c->num_experts;
-    const int jitter = c->training && c->jitter > 0.0f;
-    size_t i, n = (size_t)T * (size_t)D;
-    if (dW) k->gemm(c, E, D, T, dz, 1, (size_t)E, xr, (size_t)D, dW, (size_t)D, 1, pack);
-    moe__sum_rows(db, dz, T, E, (size_t)E);
-    k->gemm(c, T, D, E, dz, (size_t)E, 1, W, (size_t)D, tmp, (size_t)D, 0, pack);
-    if (!jitter) k->add_scaled(dx, tmp, 1.0f, n, 1);
-    else for (i = 0; i < n; i++) dx[i] += tmp[i] * moe__jitter_factor(c, off + i);
-}
-
-/* Soft MoE router backward. Forward: q = <x_t, phi_s> / (|x_t| |phi_s|),
-   l = scale q, C = softmax_s(l) (rows), D = softmax_t(l) (columns).
-     dl = C (dC - sum_s C dC) + D (dD - sum_t D dD)
-     dscale += sum dl q
-     dx_t   += scale / |x_t| sum_s dl phi_s/|phi_s| - x_t scale (sum_s dl q) / |x_t|^2
-     dphi_s += scale / |phi_s| sum_t dl x_t/|x_t| - phi_s scale (sum_t dl q) / |phi_s|^2
-   with |v| = sqrt(sum v^2 + 1e-6). dC arrives in dl, dD in dD; q in qbuf.   */
-static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights *w,
-                                          const moe_grads *gr, const moe_info *info, const float *x,
-                                          int32_t T, int32_t R, float *dl, const float *dD,
-                                          float *qbuf, float *nphi, float *nx, float *dx) {
-    const int32_t D = c->d_model;
-    const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
-    const float *C = info->scores, *Dm = info->dispatch;
-    double dscale = 0.0;
-    int32_t t, s, d;
-    for (s = 0; s < R; s++) {
-        float ss = 0.0f;
-        for (d = 0; d < D; d++)
-            ss += w->soft_phi[(size_t)s * D + d] * w->soft_phi[(size_t)s * D + d];
-        nphi[s] = sqrtf(ss + 1e-6f);
-    }
-    moe__gemm_ref(qbuf, x, w->soft_phi, NULL, T, R, D);
-    for (t = 0; t < T; t++) {                              /* q and the row softmax */
-        float ss = 0.0f;
-        double rdot = 0.0;
-        for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
-        nx[t] = sqrtf(ss + 1e-6f);
-        for (s = 0; s < R; s++) qbuf[(size_t)t * R + s] /= nx[t] * nphi[s];
-        for (s = 0; s < R; s++) rdot += (double)C[(size_t)t * R + s] * dl[(size_t)t * R + s];
-        for (s = 0; s < R; s++)
-            dl[(size_t)t * R + s] = C[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
-    }
-    for (s = 0; s < R; s++) {                              /* the column softmax */
-        double cdot = 0.0;
-        for (t = 0; t < T; t++) cdot += (double)Dm[(size_t)t * R + s] * dD[(size_t)t * R + s];
-        for (t = 0; t < T; t++)
-            dl[(size_t)t * R + s] += Dm[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
-    }
-    for (t = 0; t < T; t++) {                              /* into x */
-        const float *xt = x + (size_t)t * D;
-        double dq = 0.0;
-        for (s = 0; s < R; s++) dq += (double)dl[(size_t)t * R + s] * qbuf[(size_t)t * R + s];
-        dscale += dq;
-        if (!dx) continue;
-        for (d = 0; d < D; d++) {
-            float acc = 0.0f;
-            for (s = 0; s < R; s++)
-                acc += dl[(size_t)t * R + s] * w->soft_phi[(size_t)s * D + d] / nphi[s];
-            dx[(size_t)t * D + d] += scale / nx[t] * acc -
-                                     xt[d] * (float)(scale * dq) / (nx[t] * nx[t]);
-        }
-    }
-    if (gr->soft_scale) gr->soft_scale[0] += (float)dscale;
-    if (!gr->soft_phi) return;
-    for (s = 0; s < R; s++) {                              /* into phi */
-        const float *ph = w->soft_phi + (size_t)s * D;
-        double dq = 0.0;
-        for (t = 0; t < T; t++) dq += (double)dl[(size_t)t * R + s] * qbuf[(size_t)t * R + s];
-        for (d = 0; d < D; d++) {
-            float acc = 0.0f;
-            for (t = 0; t < T; t++) acc += dl[(size_t)t * R + s] * x[(size_t)t * D + d] / nx[t];
-            gr->soft_phi[(size_t)s * D + d] += scale / nphi[s] * acc -
-                                               ph[d] * (float)(scale * dq) / (nphi[s] * nphi[s]);
-        }
-    }
-}
+// The backward driver: moe__backward mirrors moe_forward, one stage call per
+// forward stage in reverse (docs/ROUTING.md, "Backward"); parameter gradients
+// accumulate, dx is overwritten.
 
 static moe__ffn_grad moe__ffn_grad_make(const moe__ffn *f, float *gate, float *up, float *down,
                                         float *gb, float *ub, float *db) {
