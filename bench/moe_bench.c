@@ -94,7 +94,9 @@
    rows print ms to 4 decimals; %bw is against the DRAM read rate, so a stage
    whose data sit in cache (small T, warm runs) can show more than 100. A stage
    that fails (non-OK status, or an output that differs from the forward's:
-   router logits, topk routing, combine y) ends the run with exit status 1.  */
+   router logits, topk routing, dispatch rows, ffn outputs, combine y; the
+   workspace arrays are cleared before a stage's runs, so it must write them)
+   ends the run with exit status 1.                                          */
 #define _POSIX_C_SOURCE 199309L
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
@@ -601,7 +603,6 @@ static moe_status stage_bind(stage_ws *s, const moe_config *cfg, int32_t T, void
 static void stage_router(const stage_ws *s, const moe_weights *w, const float *x, int32_t T) {
     moe__router_logits_ref(&s->c, w, x, T, &s->L, s->b);
 }
-static const float *stage_logits(const stage_ws *s) { return MOE__AT(s->b, s->L.logits, float); }
 /* dispatch: counting sort of the kept pairs into expert-contiguous rows, gather of x rows */
 static void stage_dispatch(const stage_ws *s, const float *x, int32_t T, const moe_info *info) {
     moe__expert_inputs(&s->c, x, T, info->expert, info->dropped, NULL, &s->L, s->b);
@@ -652,6 +653,27 @@ static void stage_combine(const stage_ws *s, float *y, int32_t T, const moe_info
     if (c->shared_d_ff > 0)
         moe__add_shared(y, MOE__AT(b, s->L.sh_out, float),
                         c->shared_gate ? MOE__AT(b, s->L.sh_gamma, float) : NULL, T, c->d_model);
+}
+/* The float arrays a stage writes in the workspace, for the bench's check (it keeps
+   the forward's copy, clears them before timing and compares after): router the
+   logits, dispatch the gathered rows xg, ffn the rows' outputs and the shared expert's
+   (rows: the kept pairs). which: 0 router, 1 dispatch, 2 ffn. */
+typedef struct stage_out { float *p[2]; size_t n[2]; } stage_out;
+static stage_out stage_outputs(const stage_ws *s, int which, int32_t T, size_t rows) {
+    const size_t D = (size_t)s->c.d_model;
+    stage_out o;
+    memset(&o, 0, sizeof o);
+    if (which == 0) {
+        o.p[0] = MOE__AT(s->b, s->L.logits, float); o.n[0] = (size_t)T * (size_t)s->L.R;
+    } else if (which == 1) {
+        o.p[0] = MOE__AT(s->b, s->L.xg, float); o.n[0] = rows * D;
+    } else {
+        o.p[0] = MOE__AT(s->b, s->L.out, float); o.n[0] = rows * D;
+        if (s->c.shared_d_ff > 0) {
+            o.p[1] = MOE__AT(s->b, s->L.sh_out, float); o.n[1] = (size_t)T * D;
+        }
+    }
+    return o;
 }
 /* ==== end of the stage adapter ============================================== */
 
@@ -705,22 +727,27 @@ static double rel_diff(const float *a, const float *b, size_t n) {
     return scale > 0.0 ? err / scale : err;
 }
 
-/* A stage whose output is not the forward's would be timed for nothing: router
-   logits, topk routing and combine y are compared with what moe_forward gave. */
-static void stage_check(int stage, const stage_run *R, const char *name) {
-    const size_t T = (size_t)R->T, E = (size_t)R->cfg.num_experts, D = (size_t)R->cfg.d_model;
-    const size_t TS = T * (size_t)moe_routing_slots(&R->cfg);
-    double err = 0.0;
-    if (stage == ST_ROUTER) err = rel_diff(stage_logits(&R->ws), R->info.logits, T * E);
-    if (stage == ST_TOPK)
-        err = memcmp(R->rinfo.expert, R->info.expert, TS * sizeof(int32_t)) != 0
-              ? 1.0 : rel_diff(R->rinfo.weight, R->info.weight, TS);
-    if (stage == ST_COMBINE) err = rel_diff(R->y, R->y_fwd, T * D);
+static void check_err(double err, int stage, const stage_run *R, const char *name) {
     if (err > 1e-4) {
         fprintf(stderr, "stage %s, %s T=%d: differs from moe_forward's by %g (relative)\n",
                 stage_names[stage], name, R->T, err);
         exit(1);
     }
+}
+
+/* A stage whose output is not the forward's would be timed for nothing. Its outputs are
+   compared with what moe_forward gave: topk's routing and combine's y here (they write
+   their own buffers); router, dispatch and ffn write the forward's workspace, so
+   time_stage clears those arrays first and compares them with the forward's copy. */
+static void stage_check(int stage, const stage_run *R, const char *name) {
+    const size_t T = (size_t)R->T, D = (size_t)R->cfg.d_model;
+    const size_t TS = T * (size_t)moe_routing_slots(&R->cfg);
+    double err = 0.0;
+    if (stage == ST_TOPK)
+        err = memcmp(R->rinfo.expert, R->info.expert, TS * sizeof(int32_t)) != 0
+              ? 1.0 : rel_diff(R->rinfo.weight, R->info.weight, TS);
+    if (stage == ST_COMBINE) err = rel_diff(R->y, R->y_fwd, T * D);
+    check_err(err, stage, R, name);
 }
 
 /* FLOPs and bytes of one stage, counted as the comment at the top says. esize:
@@ -770,7 +797,21 @@ static void time_stage(int stage, stage_run *R, const char *name, int variant, d
     const int T = R->T, runs = reps_for(T), bw = stage == ST_BACKWARD;
     double times[MAX_REPS], flop, bytes, med, gflops, gbs;
     char gf[16], pk[16];
-    int r;
+    float *kept[2] = {NULL, NULL};
+    stage_out o;
+    size_t rows = 0;
+    int r, i, e;
+    memset(&o, 0, sizeof o);
+    for (e = 0; e < R->cfg.num_experts; e++) rows += (size_t)R->info.expert_kept[e];
+    if (stage == ST_ROUTER || stage == ST_DISPATCH || stage == ST_FFN) {
+        o = stage_outputs(&R->ws, stage == ST_ROUTER ? 0 : stage == ST_DISPATCH ? 1 : 2, T, rows);
+        for (i = 0; i < 2; i++)   /* the forward's copy, then cleared: the stage must write it */
+            if (o.p[i]) {
+                kept[i] = (float *)xmalloc(o.n[i] * sizeof(float));
+                memcpy(kept[i], o.p[i], o.n[i] * sizeof(float));
+                memset(o.p[i], 0, o.n[i] * sizeof(float));
+            }
+    }
     for (r = -1; r < runs; r++) {   /* one warm-up, then the timed runs */
         const double t0 = now();
         const moe_status st = stage_call(stage, R);
@@ -783,6 +824,11 @@ static void time_stage(int stage, stage_run *R, const char *name, int variant, d
         if (r >= 0) times[r] = dt;
     }
     stage_check(stage, R, name);
+    for (i = 0; i < 2; i++)
+        if (kept[i]) {
+            check_err(rel_diff(o.p[i], kept[i], o.n[i]), stage, R, name);
+            free(kept[i]);
+        }
     qsort(times, (size_t)runs, sizeof(double), cmp);
     stage_cost(stage, bw ? &R->cfg_train : &R->cfg, T, bw ? &R->tinfo : &R->info,
                stage == ST_FFN ? esize : 4.0, &flop, &bytes);
