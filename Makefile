@@ -44,7 +44,7 @@ TEST_RUNS := ../$(BUILD)/moe_tests \
              $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 ../$(BUILD)/moe_tests_avx512",)
 
 test: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 compile-checks doc-snippets \
-      examples-listed runner-check doc-numbers
+      examples-listed runner-check doc-numbers bench-stage-smoke
 	@$(if $(HOST_AVX512),,echo "this CPU has no AVX-512: its suite is built but not run")
 	tests/run_suites.sh $(TEST_RUNS)
 
@@ -213,6 +213,20 @@ $(BUILD)/moe_bench: bench/moe_bench.c moe.h | $(BUILD)
 bench: $(BUILD)/moe_bench
 	./$(BUILD)/moe_bench 2 1024
 	./$(BUILD)/moe_bench 4 128
+
+# Per-stage microbenchmarks: ./build/moe_bench --stage all [variants] [max_T] [json]
+# (router, topk, dispatch, ffn, combine, backward; bench/moe_bench.c says how each is
+# timed and counted). make test runs bench-stage-smoke: every stage of the smallest
+# shape at T = 1 and 7, one timed run each, on the reference and the SIMD paths; it
+# fails if a stage returns a non-OK status or differs from moe_forward (~10 s).
+comma := ,
+STAGE_SMOKE_VARIANTS := $(if $(HOST_AVX2)$(HOST_AVX512),0$(comma)2$(comma)3$(comma)6,0)
+.PHONY: bench-stage-smoke
+bench-stage-smoke: $(BUILD)/moe_bench
+	@OMP_NUM_THREADS=2 ./$(BUILD)/moe_bench --stage all --reps 1 --T 1,7 --shape qwen-mini \
+	    $(STAGE_SMOKE_VARIANTS) > $(BUILD)/bench-stage-smoke.log 2>&1 || \
+	    { cat $(BUILD)/bench-stage-smoke.log; echo "bench-stage-smoke: FAILED"; exit 1; }
+	@echo "bench-stage-smoke: ok (every stage, variants $(STAGE_SMOKE_VARIANTS), qwen-mini, T = 1, 7)"
 
 # moe.h and the peers (OpenBLAS per-expert loop, PyTorch) in one run
 bench-peers:

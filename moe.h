@@ -5045,31 +5045,33 @@ MOEDEF moe_status moe_forward_workspace_size(const moe_config *cfg, int32_t num_
     return moe__workspace_size(cfg, num_tokens, MOE__PLAN_FORWARD, out_bytes);
 }
 
-/* Stages 3-4, shared by the forward and the backward's recompute: expert
-   inputs, the grouped FFN, and the shared expert's FFN on every token.     */
-static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
-                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
-                               const moe__ws *ws) {
+/* Stage 4: the grouped expert FFN over the dispatched rows and the shared
+   expert's FFN on every token, on the kernel table's experts entry (from
+   w.packed where the ISA reads panels).                                   */
+static void moe__experts_ffn(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
+                             const moe__ws *ws) {
     const int glu = moe__act_is_glu(c->activation);
-    const int64_t *offsets = ws->offsets;
     const int64_t sh_off[2] = {0, (int64_t)T};
-    const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair),
-                   sh = moe__shared_ffn(c, w);
-    float *hu = glu ? ws->hu : NULL,
-          *sh_u = glu ? ws->sh_u : NULL;
+    const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair), sh = moe__shared_ffn(c, w);
     const moe__kernels *k = moe__kernels_of(c);
     const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
     moe__pack_layout P;
     memset(&P, 0, sizeof P);
     if (packed) moe__pack_plan(c, &P);
-    moe__expert_inputs(c, x, T, expert, dropped, dispatch, ws);
-    k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, offsets,
-               ws->xg, ws->hg, hu, ws->ha,
-               ws->out, ws->tiles, ws);
+    k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, ws->offsets, ws->xg,
+               ws->hg, glu ? ws->hu : NULL, ws->ha, ws->out, ws->tiles, ws);
     if (c->shared_d_ff > 0)
-        k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x,
-                   ws->sh_g, sh_u, ws->sh_a,
-                   ws->sh_out, ws->sh_tiles, ws);
+        k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x, ws->sh_g,
+                   glu ? ws->sh_u : NULL, ws->sh_a, ws->sh_out, ws->sh_tiles, ws);
+}
+
+/* Stages 3-4, shared by the forward and the backward's recompute: expert
+   inputs (moe__expert_inputs), then moe__experts_ffn.                    */
+static void moe__experts_stage(const moe_config *c, const moe_weights *w, const float *x, int32_t T,
+                               const int32_t *expert, const uint8_t *dropped, const float *dispatch,
+                               const moe__ws *ws) {
+    moe__expert_inputs(c, x, T, expert, dropped, dispatch, ws);
+    moe__experts_ffn(c, w, x, T, ws);
 }
 
 /* The forward's routing (res) into the caller's info, the training cache,
