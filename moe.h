@@ -68,9 +68,14 @@
      3. License.
 
    CONVENTIONS
-     Dimensions: T tokens, D d_model, F d_ff, E routed experts, K top-k,
-     C per-expert capacity, R router columns (E, or E*P slots for Soft MoE),
-     S routing slots per token (K for top-k, E for expert choice / dense).
+     Dimensions, one meaning per letter in the code and its comments:
+     T tokens, D d_model, F d_ff (Fs the shared expert's), E routed experts,
+     K top-k, C per-expert capacity, R router columns (E; Soft MoE: E times
+     cfg.slots_per_expert), S routing slots per token (K for top-k, E for
+     expert choice / dense), N rows of the grouped expert FFN (kept pairs),
+     L tokens per sequence (cfg.seq_len), P ranks (expert parallelism). The
+     GEMM layer sizes its products m x cols x depth; A, B, C there are
+     matrices (BLAS's operand names), not sizes.
      Weights use PyTorch nn.Linear layout [out][in], row-major, so HF
      checkpoint tensors are used as they are.
      One forward call = one routing group: capacity, Expert Choice, Soft MoE
@@ -490,8 +495,9 @@ typedef struct moe_weights {
     const float *shared_expert_gate; /* [D]   cfg.shared_expert_gated (Qwen2
                                      shared_expert_gate [1][D])               */
     /* Soft MoE */
-    const float *soft_phi;        /* [E*P][D] slot parameters (row s = slot s%P
-                                     of expert s/P)                           */
+    const float *soft_phi;        /* [R][D] slot parameters, R = E * p with
+                                     p = slots_per_expert (row s = slot s % p
+                                     of expert s / p)                         */
     const float *soft_scale;      /* [1]      learnable logit scale; NULL -> 1 */
     /* moe_pack_weights output: the routed and shared expert matrices in the
        SIMD kernels' panel order. When set (and the ISA is not REFERENCE) the
@@ -524,7 +530,7 @@ typedef struct moe_grads {
 /* ---------------------------------------------------------------------------
    moe_info: what a forward call reports. The scalars are always written on
    success. Each array pointer is optional (NULL = not wanted) and caller-owned;
-   moe_info_bind() points all of them into one buffer. R = E (Soft MoE: E*P),
+   moe_info_bind() points all of them into one buffer. R = E (Soft MoE: E*p),
    S = moe_routing_slots(cfg).                                              */
 typedef struct moe_info {
     float   *logits;          /* [T][R] router logits z (clean, before noise)  */
@@ -543,7 +549,7 @@ typedef struct moe_info {
     /* Training cache (written by a forward with cfg.save_for_backward = 1 and
        cfg.recompute = 0, read by moe_backward). Rows are the processed pairs in
        expert-contiguous order, token order within an expert; N = rows bound
-       (T*K top-k, E*C expert choice, T*E dense, E*P Soft MoE).               */
+       (T*K top-k, E*C expert choice, T*E dense, E*p Soft MoE).               */
     float   *cache_hidden;    /* [N][F] gate pre-activation gate.x + b          */
     float   *cache_up;        /* [N][F] up projection (GLU activations only)    */
     float   *cache_out;       /* [N][D] expert outputs, before the gate weight  */
@@ -1146,7 +1152,7 @@ static void moe__gemm_ref(float *MOE_RESTRICT y, const float *MOE_RESTRICT x,
    forward): C[i][j] (+)= sum_k A[i*a_rs + k*a_cs] * B[k*ldb + j] for i < m,
    j0 <= j < j1, k ascending. A is read element by element (broadcast), B and C
    by rows, so one kernel serves x.W^T on packed weights, dh.W, dW += dh^T.x.  */
-static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
+static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t depth,
                            const float *A, size_t a_rs, size_t a_cs,
                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     int64_t i, k;
@@ -1154,7 +1160,7 @@ static void moe__sgemm_ref(int64_t m, int32_t j0, int32_t j1, int64_t K,
     for (i = 0; i < m; i++) {
         float *ci = C + (size_t)i * ldc;
         if (!accumulate) for (j = j0; j < j1; j++) ci[j] = 0.0f;
-        for (k = 0; k < K; k++) {   /* row of B at a time: C[i][j] still sums k in order */
+        for (k = 0; k < depth; k++) {   /* row of B at a time: C[i][j] still sums k in order */
             const float a = A[(size_t)i * a_rs + (size_t)k * a_cs];
             const float *bk = B + (size_t)k * ldb;
             for (j = j0; j < j1; j++) ci[j] += a * bk[j];
@@ -1171,7 +1177,7 @@ static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, siz
         for (j = 0; j < m; j++) bias[j] += A[(size_t)i * lda + (size_t)j];
 }
 
-typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t K,
+typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t depth,
                               const float *A, size_t a_rs, size_t a_cs,
                               const float *B, size_t ldb, float *C, size_t ldc, int accumulate);
 
@@ -1254,8 +1260,8 @@ static void moe__parallel_rows(const moe_config *c, int64_t n, int64_t block, mo
 /* One GEMM (moe__sgemm_fn contract) split into row blocks x column chunks. */
 typedef struct moe__gemm_job {
     moe__sgemm_fn fn;
-    int64_t m, K;
-    int32_t N, rb, cb, n_cb;          /* row block, column chunk, chunks per row block */
+    int64_t m, depth;
+    int32_t cols, rb, cb, n_cb;          /* row block, column chunk, chunks per row block */
     const float *A; size_t a_rs, a_cs;
     const float *B; size_t ldb;
     float *C; size_t ldc;
@@ -1267,54 +1273,54 @@ static void moe__gemm_task(void *arg, int32_t task) {
     const int64_t i0 = (int64_t)(task / g->n_cb) * g->rb;
     const int32_t j0 = (task % g->n_cb) * g->cb;
     const int64_t m = g->m - i0 < g->rb ? g->m - i0 : g->rb;
-    const int32_t j1 = g->N - j0 < g->cb ? g->N : j0 + g->cb;
-    g->fn(m, j0, j1, g->K, g->A + (size_t)i0 * g->a_rs, g->a_rs, g->a_cs, g->B, g->ldb,
+    const int32_t j1 = g->cols - j0 < g->cb ? g->cols : j0 + g->cb;
+    g->fn(m, j0, j1, g->depth, g->A + (size_t)i0 * g->a_rs, g->a_rs, g->a_cs, g->B, g->ldb,
           g->C + (size_t)i0 * g->ldc, g->ldc, g->accumulate);
 }
 
-/* C[m][N] (+)= A . B over the whole matrix, in parallel tasks of about
+/* C[m][cols] (+)= A . B over the whole matrix, in parallel tasks of about
    MOE__TASK_FLOPS each (column chunks a multiple of the tile width).       */
 #define MOE__TASK_FLOPS 4000000.0
-static void moe__gemm(const moe_config *c, moe__sgemm_fn fn, int64_t m, int32_t N, int64_t K,
+static void moe__gemm(const moe_config *c, moe__sgemm_fn fn, int64_t m, int32_t cols, int64_t depth,
                       const float *A, size_t a_rs, size_t a_cs, const float *B, size_t ldb,
                       float *C, size_t ldc, int accumulate) {
     moe__gemm_job g;
     double tile_flops;
     int64_t n_rb;
-    if (m <= 0 || N <= 0) return;
+    if (m <= 0 || cols <= 0) return;
     g.fn = fn;
-    g.m = m; g.K = K; g.N = N;
+    g.m = m; g.depth = depth; g.cols = cols;
     g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
     g.accumulate = accumulate;
-    if (K == 0) {            /* empty sum: C = 0 (or unchanged) */
+    if (depth == 0) {            /* empty sum: C = 0 (or unchanged) */
         int64_t i;
         if (!accumulate)
-            for (i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
+            for (i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, (size_t)cols * sizeof(float));
         return;
     }
     /* blocks: whole tile rows, columns in NR multiples, ~TASK_FLOPS each */
-    tile_flops = 2.0 * (double)K * MOE__NR;
+    tile_flops = 2.0 * (double)depth * MOE__NR;
     g.rb = (int32_t)(m < 64 ? m : 64);
     g.cb = (int32_t)(MOE__TASK_FLOPS / (tile_flops * g.rb)) * MOE__NR;
     if (g.cb < MOE__NR) g.cb = MOE__NR;
-    if (g.cb > N) g.cb = N;
-    g.n_cb = (int32_t)moe__ceil_div(N, g.cb);   /* N + cb - 1 overflowed for N near INT32_MAX */
+    if (g.cb > cols) g.cb = cols;
+    g.n_cb = (int32_t)moe__ceil_div(cols, g.cb);   /* cols + cb - 1 overflows near INT32_MAX */
     n_rb = moe__ceil_div(m, g.rb);
     while (n_rb * g.n_cb > INT32_MAX && g.rb <= INT32_MAX / 2) {   /* tasks are counted in int32 */
         g.rb *= 2;
         n_rb = moe__ceil_div(m, g.rb);
     }
     moe__parallel_for(c, (int32_t)(n_rb * g.n_cb), moe__gemm_task, &g,
-                      2.0 * (double)m * N * (double)K);
+                      2.0 * (double)m * cols * (double)depth);
 }
 
 /* The kernel table's parallel GEMM (moe__kernels.gemm) on the reference:
    moe__sgemm_ref in tasks (pack unused).                                  */
-static void moe__gemm_par_ref(const moe_config *c, int64_t m, int32_t N, int64_t K,
+static void moe__gemm_par_ref(const moe_config *c, int64_t m, int32_t cols, int64_t depth,
                               const float *A, size_t a_rs, size_t a_cs, const float *B,
                               size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
     (void)pack;
-    moe__gemm(c, moe__sgemm_ref, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+    moe__gemm(c, moe__sgemm_ref, m, cols, depth, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 
 // ----------------------------------------------------------------------------
@@ -1605,12 +1611,12 @@ static size_t moe__route_chunk_doubles(int32_t E) {
     return 2 * e + (2 * e + (2 * e + 2) + (2 * e + 2) + 1) / 2;   /* 4-byte items, rounded up */
 }
 
-/* Floats of the packed operands of an m x N x K product (moe__gemm_par_simd):
-   A in whole MR-row tiles and B in whole NR-column panels, K deep.        */
-static size_t moe__gemm_pack_floats(int64_t m, int64_t N, int64_t K) {
+/* Floats of the packed operands of an m x cols x depth product (moe__gemm_par_simd):
+   A in whole MR-row tiles and B in whole NR-column panels, depth deep.        */
+static size_t moe__gemm_pack_floats(int64_t m, int64_t cols, int64_t depth) {
     return moe__mul((size_t)((m + MOE__MR - 1) / MOE__MR) * MOE__MR +
-                    (size_t)((N + MOE__NR - 1) / MOE__NR) * MOE__NR,
-                    (size_t)K);
+                    (size_t)((cols + MOE__NR - 1) / MOE__NR) * MOE__NR,
+                    (size_t)depth);
 }
 
 /* Packed-operand scratch (floats) for moe__experts_backward_simd on an FFN
@@ -1680,56 +1686,56 @@ typedef struct moe__plan_dims {
 } moe__plan_dims;
 
 /* Routing arrays and scratch: moe_route's, and the first part of every plan. */
-static void moe__plan_routing(const moe_config *c, const moe__plan_dims *d, moe__layout *L,
+static void moe__plan_routing(const moe_config *c, const moe__plan_dims *d, moe__layout *lay,
                               size_t *t, int *ok) {
-    L->scores    = moe__reserve(t, d->TR, sizeof(float), ok);
-    L->dispatch  = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float),
+    lay->scores    = moe__reserve(t, d->TR, sizeof(float), ok);
+    lay->dispatch  = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float),
                                 ok);
-    L->expert    = moe__reserve(t, d->TS, sizeof(int32_t), ok);
-    L->weight    = moe__reserve(t, d->TS, sizeof(float), ok);
-    L->dropped   = moe__reserve(t, d->TS, sizeof(uint8_t), ok);
-    L->routed    = moe__reserve(t, d->E, sizeof(int32_t), ok);
-    L->kept      = moe__reserve(t, d->E, sizeof(int32_t), ok);
-    L->key       = moe__reserve(t, d->big + d->R, sizeof(float), ok);
-    L->order     = moe__reserve(t, d->big, sizeof(int32_t), ok);
-    L->order_tmp = moe__reserve(t, d->big, sizeof(int32_t), ok);
-    L->small_i   = moe__reserve(t, 2 * d->E + 2, sizeof(int32_t), ok);
-    L->small_f   = moe__reserve(t, 2 * d->E + 2, sizeof(float), ok);
-    L->count     = moe__reserve(t, d->E, sizeof(int32_t), ok);
-    L->imp       = moe__reserve(t, 2 * d->E, sizeof(double), ok);
-    L->route_chunks = moe__reserve(t, (size_t)moe__route_nchunk(d->nT) *
+    lay->expert    = moe__reserve(t, d->TS, sizeof(int32_t), ok);
+    lay->weight    = moe__reserve(t, d->TS, sizeof(float), ok);
+    lay->dropped   = moe__reserve(t, d->TS, sizeof(uint8_t), ok);
+    lay->routed    = moe__reserve(t, d->E, sizeof(int32_t), ok);
+    lay->kept      = moe__reserve(t, d->E, sizeof(int32_t), ok);
+    lay->key       = moe__reserve(t, d->big + d->R, sizeof(float), ok);
+    lay->order     = moe__reserve(t, d->big, sizeof(int32_t), ok);
+    lay->order_tmp = moe__reserve(t, d->big, sizeof(int32_t), ok);
+    lay->small_i   = moe__reserve(t, 2 * d->E + 2, sizeof(int32_t), ok);
+    lay->small_f   = moe__reserve(t, 2 * d->E + 2, sizeof(float), ok);
+    lay->count     = moe__reserve(t, d->E, sizeof(int32_t), ok);
+    lay->imp       = moe__reserve(t, 2 * d->E, sizeof(double), ok);
+    lay->route_chunks = moe__reserve(t, (size_t)moe__route_nchunk(d->nT) *
                                           moe__route_chunk_doubles(d->E),
                                    sizeof(double), ok);
 }
 
 /* The forward's arrays: logits, the dispatch, the expert FFNs' rows. */
 static void moe__plan_forward(const moe_config *c, const moe__plan_dims *d, int mode,
-                              moe__layout *L, size_t *t, int *ok) {
+                              moe__layout *lay, size_t *t, int *ok) {
     /* the backward always rebuilds the router input x * U here */
     int jitter = (c->training && c->jitter > 0.0f) || mode == MOE__PLAN_BACKWARD;
-    L->logits       = moe__reserve(t, d->TR, sizeof(float), ok);
-    L->noise_logits = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
+    lay->logits       = moe__reserve(t, d->TR, sizeof(float), ok);
+    lay->noise_logits = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
                                    sizeof(float), ok);
-    L->xr           = moe__reserve(t, jitter ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
-    L->slot_norm    = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->R : 0,
+    lay->xr           = moe__reserve(t, jitter ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    lay->slot_norm    = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->R : 0,
                                    sizeof(float), ok);
-    L->pair_row     = moe__reserve(t, d->TS, sizeof(int64_t), ok);
-    L->offsets      = moe__reserve(t, d->E + 1, sizeof(int64_t), ok);
-    L->row_pair     = moe__reserve(t, d->N, sizeof(int64_t), ok);
-    L->xg           = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
-    L->hg           = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
-    L->hu           = moe__reserve(t, d->glu ? moe__mul(d->N, d->F) : 0, sizeof(float), ok);
-    L->ha           = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
-    L->out          = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
-    L->sh_g         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
-    L->sh_u         = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
-    L->sh_a         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
-    L->sh_out       = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
-    L->sh_gamma     = moe__reserve(t, c->shared_expert_gated ? d->nT : 0, sizeof(float), ok);
+    lay->pair_row     = moe__reserve(t, d->TS, sizeof(int64_t), ok);
+    lay->offsets      = moe__reserve(t, d->E + 1, sizeof(int64_t), ok);
+    lay->row_pair     = moe__reserve(t, d->N, sizeof(int64_t), ok);
+    lay->xg           = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    lay->hg           = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
+    lay->hu           = moe__reserve(t, d->glu ? moe__mul(d->N, d->F) : 0, sizeof(float), ok);
+    lay->ha           = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
+    lay->out          = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    lay->sh_g         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
+    lay->sh_u         = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
+    lay->sh_a         = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
+    lay->sh_out       = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    lay->sh_gamma     = moe__reserve(t, c->shared_expert_gated ? d->nT : 0, sizeof(float), ok);
 }
 
 /* What the SIMD forward adds: packed-panel tiles, task lists, packed A. */
-static void moe__plan_forward_simd(const moe__plan_dims *d, moe__layout *L, size_t *t,
+static void moe__plan_forward_simd(const moe__plan_dims *d, moe__layout *lay, size_t *t,
                                    int *ok) {
     /* packed-panel tile results: N x (panels * NR), the wider stage */
     const size_t fc = d->glu ? MOE__VL : MOE__NR, p2 = (d->D + MOE__NR - 1) / MOE__NR;
@@ -1739,48 +1745,48 @@ static void moe__plan_forward_simd(const moe__plan_dims *d, moe__layout *L, size
     const size_t a_max = a_rows > d->nT + MOE__MR ? a_rows : d->nT + MOE__MR;
     const size_t p1_max = p1 > p1s ? p1 : p1s, f_max = d->F > d->Fs ? d->F : d->Fs;
     const size_t k_max = d->D > f_max ? d->D : f_max;   /* A's widest row */
-    L->tiles       = moe__reserve(t, moe__mul(d->N, (p1 > p2 ? p1 : p2) * MOE__NR),
+    lay->tiles       = moe__reserve(t, moe__mul(d->N, (p1 > p2 ? p1 : p2) * MOE__NR),
                                   sizeof(float), ok);
-    L->sh_tiles    = moe__reserve(t,
+    lay->sh_tiles    = moe__reserve(t,
                                   d->Fs ? moe__mul(d->nT, (p1s > p2 ? p1s : p2) * MOE__NR) : 0,
                                   sizeof(float), ok);
-    L->task_off    = moe__reserve(t, d->E + 2, sizeof(int64_t), ok);
-    L->task_panels = moe__reserve(t, d->E + 1, sizeof(int32_t), ok);
-    L->router_t    = moe__reserve(t, moe__mul(d->D, e_pad), sizeof(float), ok);
+    lay->task_off    = moe__reserve(t, d->E + 2, sizeof(int64_t), ok);
+    lay->task_panels = moe__reserve(t, d->E + 1, sizeof(int32_t), ok);
+    lay->router_t    = moe__reserve(t, moe__mul(d->D, e_pad), sizeof(float), ok);
     /* A as k-major MR-row tiles: each expert's last tile padded */
-    L->tile_off    = moe__reserve(t, d->E + 2, sizeof(int64_t), ok);
-    L->apack       = moe__reserve(t, moe__mul(a_max, k_max), sizeof(float), ok);
+    lay->tile_off    = moe__reserve(t, d->E + 2, sizeof(int64_t), ok);
+    lay->apack       = moe__reserve(t, moe__mul(a_max, k_max), sizeof(float), ok);
     /* one expert's panels, for weights that come unpacked (rows rounded up to even) */
-    L->pack        = moe__reserve(t, moe__add(moe__mul(d->D + (d->D & 1), p1_max * MOE__NR),
+    lay->pack        = moe__reserve(t, moe__add(moe__mul(d->D + (d->D & 1), p1_max * MOE__NR),
                                                moe__mul(p2 * MOE__NR, f_max + 1)),
                                   sizeof(float), ok);
 }
 
 /* The backward's arrays: gradients of the rows, the router's scratch and
    the packed operands of its GEMMs. */
-static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe__layout *L,
+static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe__layout *lay,
                                size_t *t, int *ok) {
-    L->gw      = moe__reserve(t, d->TS, sizeof(float), ok);
-    L->dout    = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
-    L->da      = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
-    L->du      = moe__reserve(t, d->glu ? moe__mul(d->N, d->F) : 0, sizeof(float), ok);
-    L->dxg     = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
-    L->dscore  = moe__reserve(t, d->TR, sizeof(float), ok);
-    L->dz      = moe__reserve(t, d->TR, sizeof(float), ok);
-    L->dsig    = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
+    lay->gw      = moe__reserve(t, d->TS, sizeof(float), ok);
+    lay->dout    = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    lay->da      = moe__reserve(t, moe__mul(d->N, d->F), sizeof(float), ok);
+    lay->du      = moe__reserve(t, d->glu ? moe__mul(d->N, d->F) : 0, sizeof(float), ok);
+    lay->dxg     = moe__reserve(t, moe__mul(d->N, d->D), sizeof(float), ok);
+    lay->dscore  = moe__reserve(t, d->TR, sizeof(float), ok);
+    lay->dz      = moe__reserve(t, d->TR, sizeof(float), ok);
+    lay->dsig    = moe__reserve(t, c->noise == MOE_NOISE_SHAZEER ? moe__mul(d->nT, d->E) : 0,
                               sizeof(float), ok);
-    L->d_dispatch = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float),
+    lay->d_dispatch = moe__reserve(t, c->routing == MOE_ROUTING_SOFT ? d->TR : 0, sizeof(float),
                                  ok);
-    L->sh_dout = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
-    L->sh_da   = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
-    L->sh_du   = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
-    L->sh_dx   = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
-    L->dx      = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
-    L->gamma   = moe__reserve(t, d->nT, sizeof(float), ok);
-    L->rbw_f64 = moe__reserve(t, 8 * d->E, sizeof(double), ok);
-    L->rbw_f32 = moe__reserve(t, 6 * d->E, sizeof(float), ok);
-    L->rbw_u8  = moe__reserve(t, 2 * d->E, sizeof(uint8_t), ok);
-    L->tmp_x   = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
+    lay->sh_dout = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    lay->sh_da   = moe__reserve(t, moe__mul(d->nT, d->Fs), sizeof(float), ok);
+    lay->sh_du   = moe__reserve(t, d->glu ? moe__mul(d->nT, d->Fs) : 0, sizeof(float), ok);
+    lay->sh_dx   = moe__reserve(t, d->Fs ? moe__mul(d->nT, d->D) : 0, sizeof(float), ok);
+    lay->dx      = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
+    lay->gamma   = moe__reserve(t, d->nT, sizeof(float), ok);
+    lay->rbw_f64 = moe__reserve(t, 8 * d->E, sizeof(double), ok);
+    lay->rbw_f32 = moe__reserve(t, 6 * d->E, sizeof(float), ok);
+    lay->rbw_u8  = moe__reserve(t, 2 * d->E, sizeof(uint8_t), ok);
+    lay->tmp_x   = moe__reserve(t, moe__mul(d->nT, d->D), sizeof(float), ok);
     {   /* the largest of the expert, shared-expert and router GEMMs */
         const size_t routed = moe__backward_pack_floats(c, d->N, d->F),
                      shared = d->Fs ? moe__backward_pack_floats(c, d->nT, d->Fs) : 0;
@@ -1792,37 +1798,37 @@ static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe
             if (r1 > most) most = r1;
             if (r2 > most) most = r2;
         }
-        L->gemm_pack = moe__reserve(t, most, sizeof(float), ok);
+        lay->gemm_pack = moe__reserve(t, most, sizeof(float), ok);
     }
 }
 
-static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layout *L) {
+static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layout *lay) {
     moe__plan_dims d;
     size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, R, S, TR, TS, N;
     int ok = 1;
-    memset(L, 0, sizeof *L);
-    L->R = c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts;
-    L->S = moe_routing_slots(c);
-    L->C = moe__capacity_of(c, T);
-    R = (size_t)L->R; S = (size_t)L->S;
+    memset(lay, 0, sizeof *lay);
+    lay->R = c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts;
+    lay->S = moe_routing_slots(c);
+    lay->C = moe__capacity_of(c, T);
+    R = (size_t)lay->R; S = (size_t)lay->S;
     TR = moe__mul(nT, R); TS = moe__mul(nT, S);
     switch (c->routing) {
     case MOE_ROUTING_TOPK:          N = TS; break;
-    case MOE_ROUTING_EXPERT_CHOICE: N = moe__mul(E, (size_t)L->C); break;
+    case MOE_ROUTING_EXPERT_CHOICE: N = moe__mul(E, (size_t)lay->C); break;
     case MOE_ROUTING_DENSE:         N = TS; break;
     default:                        N = R; break;   /* Soft MoE: one row per slot */
     }
-    L->N = (int64_t)N;
+    lay->N = (int64_t)N;
     d.nT = nT; d.E = E; d.D = (size_t)c->d_model; d.F = (size_t)c->d_ff;
     d.Fs = (size_t)c->shared_d_ff; d.R = R; d.S = S; d.TR = TR; d.TS = TS; d.N = N;
     d.big = nT > R ? nT : R; d.glu = moe__act_is_glu(c->activation);
-    moe__plan_routing(c, &d, L, &t, &ok);
-    if (mode >= MOE__PLAN_FORWARD) moe__plan_forward(c, &d, mode, L, &t, &ok);
+    moe__plan_routing(c, &d, lay, &t, &ok);
+    if (mode >= MOE__PLAN_FORWARD) moe__plan_forward(c, &d, mode, lay, &t, &ok);
     if (mode >= MOE__PLAN_FORWARD && c->isa != MOE_ISA_REFERENCE)
-        moe__plan_forward_simd(&d, L, &t, &ok);
-    if (mode == MOE__PLAN_BACKWARD) moe__plan_backward(c, &d, L, &t, &ok);
+        moe__plan_forward_simd(&d, lay, &t, &ok);
+    if (mode == MOE__PLAN_BACKWARD) moe__plan_backward(c, &d, lay, &t, &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
-    L->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
+    lay->total = t + MOE__ALIGN;   /* slack: the caller's pointer need not be aligned */
     return MOE_STATUS_OK;
 }
 
@@ -1833,10 +1839,10 @@ static unsigned char *moe__align_ptr(void *p) {
 #define MOE__AT(base, off, type) ((type *)(void *)((base) + (off)))
 
 /* The typed arrays of a planned workspace whose aligned base is b. */
-static moe__ws moe__ws_bind(const moe__layout *L, unsigned char *b) {
+static moe__ws moe__ws_bind(const moe__layout *lay, unsigned char *b) {
     moe__ws ws;
-    ws.R = L->R; ws.S = L->S; ws.C = L->C; ws.N = L->N;
-#define MOE__WS_BIND(type, name) ws.name = MOE__AT(b, L->name, type);
+    ws.R = lay->R; ws.S = lay->S; ws.C = lay->C; ws.N = lay->N;
+#define MOE__WS_BIND(type, name) ws.name = MOE__AT(b, lay->name, type);
     MOE__WS_ARRAYS(MOE__WS_BIND)
 #undef MOE__WS_BIND
     return ws;
@@ -1873,7 +1879,7 @@ typedef struct moe__kernels {
     moe_isa isa;
     /* C (+)= A . B as moe__sgemm_ref, in parallel tasks; pack: scratch of
        moe__backward_pack_floats for packed operands (the SIMD kernel's) */
-    void (*gemm)(const moe_config *c, int64_t m, int32_t N, int64_t K, const float *A,
+    void (*gemm)(const moe_config *c, int64_t m, int32_t cols, int64_t depth, const float *A,
                  size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C, size_t ldc,
                  int accumulate, float *pack);
     /* y[T][E] = x . W^T + bias, the router's small GEMM */
@@ -2404,9 +2410,9 @@ static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
         for (j = 0; j < K; j++) r->count[r->small_i[j]]++;
     }
     for (e = 0; e < E; e++) {
-        double P = 0.0;
-        for (t = t0; t < t0 + n; t++) P += moe__balance_prob(c, sc + (size_t)t * E, e);
-        seq += (double)E / ((double)K * n) * r->count[e] * (P / n);
+        double P_e = 0.0;
+        for (t = t0; t < t0 + n; t++) P_e += moe__balance_prob(c, sc + (size_t)t * E, e);
+        seq += (double)E / ((double)K * n) * r->count[e] * (P_e / n);
     }
     return seq;
 }
@@ -2444,14 +2450,14 @@ static void moe__aux_losses(moe__router *r) {
 
     /* load balancing: E * sum_e f_e * P_e, counts taken before capacity */
     for (e = 0; e < E; e++) {
-        double P = 0.0, f = 0.0;
-        for (t = 0; t < T; t++) P += moe__balance_prob(c, res->scores + (size_t)t * E, e);
+        double P_e = 0.0, f = 0.0;
+        for (t = 0; t < T; t++) P_e += moe__balance_prob(c, res->scores + (size_t)t * E, e);
         for (t = 0; t < T; t++)
             for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++)
                 f += res->expert[(size_t)t * S + j] == e &&
                      res->dropped[(size_t)t * S + j] != MOE__REJECTED;
         f /= (double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
-        bal += f * (P / T);
+        bal += f * (P_e / T);
     }
     res->aux_balance = (float)(E * bal);
 
@@ -2837,7 +2843,7 @@ static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights
                                           float *qbuf, float *nphi, float *nx, float *dx) {
     const int32_t D = c->d_model;
     const float scale = w->soft_scale ? w->soft_scale[0] : 1.0f;
-    const float *C = info->scores, *Dm = info->dispatch;
+    const float *comb = info->scores, *disp = info->dispatch;
     double dscale = 0.0;
     int32_t t, s, d;
     for (s = 0; s < R; s++) {
@@ -2853,15 +2859,16 @@ static void moe__soft_router_backward_ref(const moe_config *c, const moe_weights
         for (d = 0; d < D; d++) ss += x[(size_t)t * D + d] * x[(size_t)t * D + d];
         nx[t] = sqrtf(ss + 1e-6f);
         for (s = 0; s < R; s++) qbuf[(size_t)t * R + s] /= nx[t] * nphi[s];
-        for (s = 0; s < R; s++) rdot += (double)C[(size_t)t * R + s] * dl[(size_t)t * R + s];
+        for (s = 0; s < R; s++) rdot += (double)comb[(size_t)t * R + s] * dl[(size_t)t * R + s];
         for (s = 0; s < R; s++)
-            dl[(size_t)t * R + s] = C[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
+            dl[(size_t)t * R + s] = comb[(size_t)t * R + s] * (float)(dl[(size_t)t * R + s] - rdot);
     }
     for (s = 0; s < R; s++) {                              /* the column softmax */
         double cdot = 0.0;
-        for (t = 0; t < T; t++) cdot += (double)Dm[(size_t)t * R + s] * dD[(size_t)t * R + s];
+        for (t = 0; t < T; t++) cdot += (double)disp[(size_t)t * R + s] * dD[(size_t)t * R + s];
         for (t = 0; t < T; t++)
-            dl[(size_t)t * R + s] += Dm[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
+            dl[(size_t)t * R + s] +=
+                disp[(size_t)t * R + s] * (float)(dD[(size_t)t * R + s] - cdot);
     }
     for (t = 0; t < T; t++) {                              /* into x */
         const float *xt = x + (size_t)t * D;
@@ -3405,8 +3412,8 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #  define MOE__INLINE static inline
 #endif
 /* What a micro-kernel tile reads as B (and A):
-     MOE__B_F32   fp32 rows [K][NR]
-     MOE__B_BF16  bf16 row pairs [K/2][NR][2] (moe__v_bf16_lo/hi), widened
+     MOE__B_F32   fp32 rows [depth][NR]
+     MOE__B_BF16  bf16 row pairs [depth/2][NR][2] (moe__v_bf16_lo/hi), widened
                   to fp32 exactly: fp32 products of bf16 weights
      MOE__B_DOT   bf16 row pairs, and A as bf16 pairs too (one 32-bit word per
                   row and pair of k): VDPBF16PS, 2 k steps per instruction.
@@ -3440,15 +3447,15 @@ MOE__INLINE void moe__tile_rank1(const int32_t mr, moe__vf *c0, moe__vf *c1, con
    rounding only; MOE__B_DOT adds each pair k+1 first, as VDPBF16PS does).
    pf (a constant too): on the way, prefetch pf_rows rows of a packed panel
    from next, one every pf_every k steps.                                  */
-MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, const float *A,
+MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t depth, const float *A,
                                 size_t a_rs, size_t a_cs, const void *B, size_t ldb, float *C,
                                 size_t ldc, int accumulate, const int pf, const char *next,
                                 int64_t pf_rows, int64_t pf_every) {
     moe__vf c0[MOE__MR], c1[MOE__MR];
     const float *a[MOE__MR];
     const int64_t step = kind == MOE__B_F32 ? 1 : 2;
-    /* MOE__B_DOT: an odd K's last pair runs whole (A's and the panel's k + 1 are 0) */
-    const int64_t k_end = kind == MOE__B_DOT ? K + (K & 1) : K;
+    /* MOE__B_DOT: an odd depth's last pair runs whole (A's and the panel's k + 1 are 0) */
+    const int64_t k_end = kind == MOE__B_DOT ? depth + (depth & 1) : depth;
     const size_t row = MOE__NR * (kind == MOE__B_F32 ? sizeof(float) : sizeof(uint16_t));
     size_t again = 0;       /* hi loads the pair again in a tall tile: no spills */
     int64_t k, pf_k = 0;
@@ -3479,7 +3486,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
                             moe__v_bf16_hi(bp + again + 2 * MOE__VL));
         }
 #if MOE__HAS_BF16_DOT
-        else {                                  /* A: [K/2][a_cs] words, row i at i * a_rs */
+        else {                                  /* A: [depth/2][a_cs] words, row i at i * a_rs */
             const __m512i w0 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk));
             const __m512i w1 = _mm512_loadu_si512((const void *)((const uint16_t *)B + bk +
                                                                  2 * MOE__VL));
@@ -3493,7 +3500,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
         }
 #endif
     }
-    if (kind == MOE__B_BF16 && k < K) {        /* odd K: the last pair's k half */
+    if (kind == MOE__B_BF16 && k < depth) {        /* odd depth: the last pair's k half */
         const uint16_t *bp = (const uint16_t *)B + (size_t)k * ldb;
         moe__tile_rank1(mr, c0, c1, a, (size_t)k * a_cs, moe__v_bf16_lo(bp),
                         moe__v_bf16_lo(bp + 2 * MOE__VL));
@@ -3513,7 +3520,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
 /* One instance per row count 1..MR (MR <= 12 on every ISA here) and per B
    kind (MOE__B_*).                                                        */
 #define MOE__TILE_CASE(n, t) case n: \
-    moe__tile_body(n, t, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
+    moe__tile_body(n, t, depth, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, 0, NULL, 0, 0); break;
 #if MOE__MR > 8
 #  define MOE__TILE_SWITCH(t) switch (mr) { \
      MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
@@ -3530,7 +3537,7 @@ MOE__INLINE void moe__tile_body(const int32_t mr, const int kind, int64_t K, con
      MOE__TILE_CASE(1, t) MOE__TILE_CASE(2, t) MOE__TILE_CASE(3, t) MOE__TILE_CASE(4, t) \
      MOE__TILE_CASE(5, t) MOE__TILE_CASE(6, t) default: MOE_ASSERT(0); }
 #endif
-static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, size_t a_cs,
+static void moe__tile_simd(int32_t mr, int64_t depth, const float *A, size_t a_rs, size_t a_cs,
                            const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     MOE__TILE_SWITCH(MOE__B_F32)
 }
@@ -3546,8 +3553,8 @@ static void moe__tile_simd(int32_t mr, int64_t K, const float *A, size_t a_rs, s
 #endif
 /* A tile of a packed expert (moe__packed_task): A in MR-row k-major tiles,
    B a packed panel of the given kind.                                    */
-static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *A, const void *B,
-                                  float *C, size_t ldc) {
+static void moe__tile_simd_packed(int kind, int32_t mr, int64_t depth, const float *A,
+                                  const void *B, float *C, size_t ldc) {
     const size_t a_rs = 1, a_cs = MOE__MR, ldb = MOE__NR;
     const int accumulate = 0;
     MOE__KIND_SWITCH(kind, MOE__TILE_SWITCH)
@@ -3556,10 +3563,10 @@ static void moe__tile_simd_packed(int kind, int32_t mr, int64_t K, const float *
    panel: each of a row block's n full tiles on a panel brings in its 1/n of
    the panel after it, one row every n k steps, so the weights' first pass
    (from memory) does not wait and the requests stay spread out.           */
-static void moe__tile_simd_next(int kind, int64_t K, const float *A, const void *B, float *C,
+static void moe__tile_simd_next(int kind, int64_t depth, const float *A, const void *B, float *C,
                                 size_t ldc, const void *next, int64_t rows, int64_t every) {
-#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, K, A, 1, MOE__MR, B, MOE__NR, C, ldc, 0, 1, \
-                                         (const char *)next, rows, every);
+#define MOE__TILE_NEXT(t) moe__tile_body(MOE__MR, t, depth, A, 1, MOE__MR, B, MOE__NR, C, ldc, \
+                                         0, 1, (const char *)next, rows, every);
     MOE__KIND_SWITCH(kind, MOE__TILE_NEXT)
 #undef MOE__TILE_NEXT
 }
@@ -3686,14 +3693,14 @@ static float moe__dot_simd(const float *a, const float *b, size_t n) {
    the stack, each row tile through a full tile there. (A router with E = 60
    or 8 experts has one; the reference loop took 3 % of a qwen-mini forward.) */
 #define MOE__EDGE_K 64
-static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, const float *A,
+static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t depth, const float *A,
                                  size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C,
                                  size_t ldc, int accumulate) {
     float panel[MOE__EDGE_K * MOE__NR], tile[MOE__MR * MOE__NR];
     int64_t k0, k, i;
     int32_t r, q;
-    for (k0 = 0; k0 < K; k0 += MOE__EDGE_K) {
-        const int64_t kb = K - k0 < MOE__EDGE_K ? K - k0 : MOE__EDGE_K;
+    for (k0 = 0; k0 < depth; k0 += MOE__EDGE_K) {
+        const int64_t kb = depth - k0 < MOE__EDGE_K ? depth - k0 : MOE__EDGE_K;
         for (k = 0; k < kb; k++)
             for (q = 0; q < MOE__NR; q++)
                 panel[k * MOE__NR + q] = q < nr ? B[(size_t)(k0 + k) * ldb + (size_t)(j + q)]
@@ -3718,18 +3725,19 @@ static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t K, co
    moe__sgemm_simd_edge. With accumulate the sum is C + (sum over k), one
    rounding later than the reference's running sum (the edge: one per
    MOE__EDGE_K block of k): same tolerance class.                          */
-static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
+static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t depth,
                             const float *A, size_t a_rs, size_t a_cs,
                             const float *B, size_t ldb, float *C, size_t ldc, int accumulate) {
     int64_t i;
     int32_t j = j0;
     for (; j + MOE__NR <= j1; j += MOE__NR)
         for (i = 0; i < m; i += MOE__MR)
-            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), K, A + (size_t)i * a_rs,
-                           a_rs, a_cs, B + j, ldb, C + (size_t)i * ldc + j, ldc, accumulate);
-    if (j < j1 && K > 0)
-        moe__sgemm_simd_edge(m, j, j1 - j, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-    else if (j < j1) moe__sgemm_ref(m, j, j1, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+            moe__tile_simd((int32_t)(m - i < MOE__MR ? m - i : MOE__MR), depth,
+                           A + (size_t)i * a_rs, a_rs, a_cs, B + j, ldb, C + (size_t)i * ldc + j,
+                           ldc, accumulate);
+    if (j < j1 && depth > 0)
+        moe__sgemm_simd_edge(m, j, j1 - j, depth, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+    else if (j < j1) moe__sgemm_ref(m, j, j1, depth, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 #endif
 
@@ -3746,28 +3754,28 @@ static void moe__sgemm_simd(int64_t m, int32_t j0, int32_t j1, int64_t K,
 #define MOE__FEW_ROWS 288    /* a KC-deep A block of them (288 KiB) stays in L2 */
 #if MOE__HAS_SIMD
 typedef struct moe__gemm_pp {
-    int64_t m, K;
-    int32_t N, n_tiles, n_panels, tiles_per_task, panels_per_task, n_pc;
+    int64_t m, depth;
+    int32_t cols, n_tiles, n_panels, tiles_per_task, panels_per_task, n_pc;
     const float *A; size_t a_rs, a_cs;
     const float *B; size_t ldb;
     float *C; size_t ldc;
-    float *Ap, *Bp;                 /* [n_tiles][K][MR], [n_panels][K][NR] */
+    float *Ap, *Bp;                 /* [n_tiles][depth][MR], [n_panels][depth][NR] */
     int accumulate;
     int b_in_task;                  /* tasks pack their own B blocks (one row block) */
 } moe__gemm_pp;
 
-/* mr rows of K elements (strides a_rs, a_cs) -> one k-major tile
+/* mr rows of depth elements (strides a_rs, a_cs) -> one k-major tile
    dst[k][MR], rows past mr zero.                                          */
 static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a_cs, int32_t mr,
-                             int64_t K) {
+                             int64_t depth) {
     int64_t k;
     int32_t i;
     if (a_cs == 1) {                 /* rows contiguous: read along rows */
         for (i = 0; i < MOE__MR; i++)
-            for (k = 0; k < K; k++)
+            for (k = 0; k < depth; k++)
                 dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k] : 0.0f;
     } else {
-        for (k = 0; k < K; k++)
+        for (k = 0; k < depth; k++)
             for (i = 0; i < MOE__MR; i++)
                 dst[(size_t)k * MOE__MR + i] = i < mr ? src[(size_t)i * a_rs + (size_t)k * a_cs]
                                                       : 0.0f;
@@ -3777,17 +3785,18 @@ static void moe__pack_a_tile(float *dst, const float *src, size_t a_rs, size_t a
 static void moe__pack_a_task(void *arg, int32_t t) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
     const int64_t i0 = (int64_t)t * MOE__MR;
-    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->K, g->A + (size_t)i0 * g->a_rs,
-                     g->a_rs, g->a_cs, (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR), g->K);
+    moe__pack_a_tile(g->Ap + (size_t)t * MOE__MR * (size_t)g->depth, g->A + (size_t)i0 * g->a_rs,
+                     g->a_rs, g->a_cs, (int32_t)(g->m - i0 < MOE__MR ? g->m - i0 : MOE__MR),
+                     g->depth);
 }
 
 /* B in blocks of 16 rows: 16 read streams, and 16 x NR contiguous floats
    written per panel (a panel at a time would read one line per 4 KiB page). */
 #define MOE__PACK_B_ROWS 16
-/* Rows [k0, k1) of B's panel p -> dst[k1 - k0][NR], columns past N zero. */
+/* Rows [k0, k1) of B's panel p -> dst[k1 - k0][NR], columns past cols zero. */
 static void moe__pack_b_block(float *dst, const moe__gemm_pp *g, int32_t p, int64_t k0,
                               int64_t k1) {
-    const int32_t j0 = p * MOE__NR, nr = g->N - j0 < MOE__NR ? g->N - j0 : MOE__NR;
+    const int32_t j0 = p * MOE__NR, nr = g->cols - j0 < MOE__NR ? g->cols - j0 : MOE__NR;
     int64_t k;
     int32_t j;
     for (k = k0; k < k1; k++, dst += MOE__NR) {
@@ -3810,8 +3819,9 @@ static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32
     int64_t k;
     int32_t p, j;
     for (k = k0; k < k0 + kc; k++) {
-        if (k + MOE__PREFETCH_ROWS < g->K)
-            for (j = p0 * MOE__NR; j < p1 * MOE__NR && j < g->N; j += 64 / (int32_t)sizeof(float))
+        if (k + MOE__PREFETCH_ROWS < g->depth)
+            for (j = p0 * MOE__NR; j < p1 * MOE__NR && j < g->cols;
+                 j += 64 / (int32_t)sizeof(float))
                 MOE__PREFETCH(g->B + (size_t)(k + MOE__PREFETCH_ROWS) * g->ldb + (size_t)j);
         for (p = p0; p < p1; p++)
             moe__pack_b_block(dst + ((size_t)(p - p0) * (size_t)kc + (size_t)(k - k0)) * MOE__NR, g,
@@ -3821,10 +3831,11 @@ static void moe__pack_b_run(float *dst, const moe__gemm_pp *g, int32_t p0, int32
 static void moe__pack_b_task(void *arg, int32_t task) {
     const moe__gemm_pp *g = (const moe__gemm_pp *)arg;
     const int64_t k0 = (int64_t)task * MOE__PACK_B_ROWS,
-                  k1 = k0 + MOE__PACK_B_ROWS < g->K ? k0 + MOE__PACK_B_ROWS : g->K;
+                  k1 = k0 + MOE__PACK_B_ROWS < g->depth ? k0 + MOE__PACK_B_ROWS : g->depth;
     int32_t p;
     for (p = 0; p < g->n_panels; p++)
-        moe__pack_b_block(g->Bp + ((size_t)p * (size_t)g->K + (size_t)k0) * MOE__NR, g, p, k0, k1);
+        moe__pack_b_block(g->Bp + ((size_t)p * (size_t)g->depth + (size_t)k0) * MOE__NR, g, p, k0,
+                          k1);
 }
 
 /* One task list for both copies: A tiles first, then B row blocks. */
@@ -3841,20 +3852,20 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
     const int32_t t1 = t0 + g->tiles_per_task < g->n_tiles ? t0 + g->tiles_per_task : g->n_tiles;
     const int32_t p1 = p0 + g->panels_per_task < g->n_panels ? p0 + g->panels_per_task
                                                              : g->n_panels;
-    const size_t K = (size_t)g->K;
+    const size_t depth = (size_t)g->depth;
     size_t k0;
     int32_t p, t, i, j;
-    for (k0 = 0; k0 < K; k0 += MOE__KC) {
-        const int64_t kc = K - k0 < MOE__KC ? (int64_t)(K - k0) : MOE__KC;
+    for (k0 = 0; k0 < depth; k0 += MOE__KC) {
+        const int64_t kc = depth - k0 < MOE__KC ? (int64_t)(depth - k0) : MOE__KC;
         const int acc = g->accumulate || k0 > 0;
-        float *slot = g->Bp + (size_t)p0 * (K < MOE__KC ? K : MOE__KC) * MOE__NR;
+        float *slot = g->Bp + (size_t)p0 * (depth < MOE__KC ? depth : MOE__KC) * MOE__NR;
         if (g->b_in_task) moe__pack_b_run(slot, g, p0, p1, (int64_t)k0, kc);
         for (p = p0; p < p1; p++) {
-            float *bp = g->Bp + ((size_t)p * K + k0) * MOE__NR;
-            const int32_t nr = g->N - p * MOE__NR < MOE__NR ? g->N - p * MOE__NR : MOE__NR;
+            float *bp = g->Bp + ((size_t)p * depth + k0) * MOE__NR;
+            const int32_t nr = g->cols - p * MOE__NR < MOE__NR ? g->cols - p * MOE__NR : MOE__NR;
             if (g->b_in_task) bp = slot + (size_t)(p - p0) * (size_t)kc * MOE__NR;
             for (t = t0; t < t1; t++) {
-                const float *ap = g->Ap + ((size_t)t * K + k0) * MOE__MR;
+                const float *ap = g->Ap + ((size_t)t * depth + k0) * MOE__MR;
                 const int32_t mr = (int32_t)(g->m - (int64_t)t * MOE__MR < MOE__MR
                                              ? g->m - (int64_t)t * MOE__MR : MOE__MR);
                 float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
@@ -3888,25 +3899,25 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
 #endif
 
 /* The kernel table's parallel GEMM on a SIMD ISA: through packed copies in
-   pack (moe__gemm_pack_floats(m, N, K) floats) when it is given and N has a
+   pack (moe__gemm_pack_floats(m, cols, depth) floats) when it is given and cols has a
    full panel; else moe__sgemm_simd in tasks. Even a few rows gain: an
    expert with under 2 MR rows read its weight rows 4 KiB apart in place
    (deepseek-mini's backward at T = 16 and 128: up to 25 % faster packed). */
 #if MOE__HAS_SIMD
-static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t N, int64_t K,
+static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t cols, int64_t depth,
                                const float *A, size_t a_rs, size_t a_cs, const float *B,
                                size_t ldb, float *C, size_t ldc, int accumulate, float *pack) {
-    if (pack && m >= 1 && N >= MOE__NR && K >= 1) {
+    if (pack && m >= 1 && cols >= MOE__NR && depth >= 1) {
         moe__gemm_pp g;
-        const double flops = 2.0 * (double)m * N * (double)K;
+        const double flops = 2.0 * (double)m * cols * (double)depth;
         int32_t n_rt;
-        g.m = m; g.N = N; g.K = K;
+        g.m = m; g.cols = cols; g.depth = depth;
         g.A = A; g.a_rs = a_rs; g.a_cs = a_cs; g.B = B; g.ldb = ldb; g.C = C; g.ldc = ldc;
         g.accumulate = accumulate;
         g.n_tiles = (int32_t)((m + MOE__MR - 1) / MOE__MR);
-        g.n_panels = (int32_t)moe__ceil_div(N, MOE__NR);
+        g.n_panels = (int32_t)moe__ceil_div(cols, MOE__NR);
         g.Ap = pack;
-        g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)K;
+        g.Bp = pack + (size_t)g.n_tiles * MOE__MR * (size_t)depth;
         /* tasks: <= 12 row tiles (a KC-deep A block of them fits L2) x 16 panels
            (each A block serves 16 B blocks before the next is fetched), fewer
            panels when that leaves under 8 tasks for the threads. Up to
@@ -3926,13 +3937,13 @@ static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t N, int64_
             g.panels_per_task /= 2;
         g.n_pc = (g.n_panels + g.panels_per_task - 1) / g.panels_per_task;
         moe__parallel_for(c, g.b_in_task ? g.n_tiles
-                                         : g.n_tiles + (int32_t)((K + MOE__PACK_B_ROWS - 1) /
+                                         : g.n_tiles + (int32_t)((depth + MOE__PACK_B_ROWS - 1) /
                                                                  MOE__PACK_B_ROWS),
                           moe__pack_ab_task, &g, flops);
         moe__parallel_for(c, n_rt * g.n_pc, moe__gemm_pp_task, &g, flops);
         return;
     }
-    moe__gemm(c, moe__sgemm_simd, m, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+    moe__gemm(c, moe__sgemm_simd, m, cols, depth, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 #endif
 
@@ -3956,7 +3967,7 @@ static void moe__linear_simd(const moe_config *c, float *y, const float *x, cons
 
 // ----------------------------------------------------------------------------
 // Packed weights (moe_pack_weights): every expert matrix transposed into
-// panels of NR output columns, K rows each, contiguous, so the micro-kernel
+// panels of NR output columns, depth rows each, contiguous, so the micro-kernel
 // streams one panel front to back (decode reads weights at bandwidth; large
 // batches reuse a panel from L2 across row blocks). The GLU gate and up
 // projections are interleaved VL columns at a time, so one tile holds gate
@@ -3972,7 +3983,7 @@ typedef struct moe__pack_header {
 } moe__pack_header;
 
 /* Panel geometry of one FFN of hidden width F. A panel has an even number
-   of rows (k), the last one zero when K is odd: bf16 panels store rows in
+   of rows (k), the last one zero when depth is odd: bf16 panels store rows in
    pairs (moe__v_bf16_lo/hi), fp32 panels keep the same offsets.      */
 typedef struct moe__pack_geom {
     int32_t p1, p2;           /* panels of w13 (over F) and of w2 (over D)    */
@@ -4006,18 +4017,18 @@ typedef struct moe__pack_layout {
 
 /* Exact size_t arithmetic: SIZE_OVERFLOW only when the blob exceeds SIZE_MAX
    (moe__mul / moe__add saturate, and no real sum reaches SIZE_MAX).      */
-static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *P) {
+static moe_status moe__pack_plan(const moe_config *c, moe__pack_layout *pk) {
     const size_t big = (size_t)-1;
     size_t shared = 0;
-    P->routed = moe__pack_geometry(c, c->d_ff);
-    P->shared = moe__pack_geometry(c, c->shared_d_ff > 0 ? c->shared_d_ff : 1);
-    P->esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
-    P->experts = 64;
-    P->expert_stride = moe__mul(moe__add(P->routed.w13, P->routed.w2), P->esize);
-    if (c->shared_d_ff > 0) shared = moe__mul(moe__add(P->shared.w13, P->shared.w2), P->esize);
-    P->shared_off = moe__add(P->experts, moe__mul((size_t)c->num_experts, P->expert_stride));
-    P->bytes = moe__add(P->shared_off, shared);
-    if (P->expert_stride == big || shared == big || P->shared_off == big || P->bytes == big)
+    pk->routed = moe__pack_geometry(c, c->d_ff);
+    pk->shared = moe__pack_geometry(c, c->shared_d_ff > 0 ? c->shared_d_ff : 1);
+    pk->esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
+    pk->experts = 64;
+    pk->expert_stride = moe__mul(moe__add(pk->routed.w13, pk->routed.w2), pk->esize);
+    if (c->shared_d_ff > 0) shared = moe__mul(moe__add(pk->shared.w13, pk->shared.w2), pk->esize);
+    pk->shared_off = moe__add(pk->experts, moe__mul((size_t)c->num_experts, pk->expert_stride));
+    pk->bytes = moe__add(pk->shared_off, shared);
+    if (pk->expert_stride == big || shared == big || pk->shared_off == big || pk->bytes == big)
         return MOE_STATUS_SIZE_OVERFLOW;
     return MOE_STATUS_OK;
 }
@@ -4041,7 +4052,7 @@ static int moe__reads_packed(const moe_config *c, const moe_weights *w) {
    and does w.packed_bytes hold all of it? (the header is read only then) */
 static int moe__pack_check(const moe_config *c, const moe_weights *w) {
     moe__pack_header h;
-    moe__pack_layout P;
+    moe__pack_layout pk;
     if (!w->packed || (uintptr_t)w->packed % sizeof(float) != 0 || w->packed_bytes < sizeof h)
         return 0;
     memcpy(&h, w->packed, sizeof h);
@@ -4050,7 +4061,7 @@ static int moe__pack_check(const moe_config *c, const moe_weights *w) {
            h.d_ff == (uint32_t)c->d_ff && h.shared_d_ff == (uint32_t)c->shared_d_ff &&
            h.glu == (uint32_t)moe__act_is_glu(c->activation) &&
            h.bf16 == (uint32_t)(c->pack_bf16 != 0) &&
-           moe__pack_plan(c, &P) == MOE_STATUS_OK && h.bytes == P.bytes;
+           moe__pack_plan(c, &pk) == MOE_STATUS_OK && h.bytes == pk.bytes;
 }
 
 #if MOE__HAS_SIMD
@@ -4071,8 +4082,8 @@ typedef struct moe__packed_job {
     const int64_t *off;             /* [n_sets + 1] row offsets              */
     const float *x;                 /* [N][D]                                */
     float *hg, *hu, *ha, *out;      /* [N][F], [N][F], [N][F], [N][D]        */
-    float *S;                       /* [N][ldS] tile results                 */
-    size_t ldS;
+    float *tiles;                   /* [N][ld_tiles] tile results             */
+    size_t ld_tiles;
     const float *gate_bias, *up_bias, *down_bias;   /* per expert F, F, D, or NULL */
     int64_t *task_off;              /* [n_sets + 1]                          */
     int32_t *panels_per_task;       /* [n_sets]                              */
@@ -4094,21 +4105,21 @@ typedef struct moe__packed_job {
    [r0, r0 + nr) (row block rb), each MR-row tile into S, or straight into
    out for a whole panel of the down projection. */
 static void moe__packed_tiles(const moe__packed_job *J, int32_t e, int64_t rb, int32_t p0,
-                              int32_t p1, int64_t r0, int64_t nr, int64_t K) {
+                              int32_t p1, int64_t r0, int64_t nr, int64_t depth) {
     const unsigned char *w = J->panels + (size_t)e * J->set_stride +
                              (J->stage == 1 ? 0 : J->g->w13 * J->esize);
     const float *A = J->Ap + (size_t)(J->tile_off[e] + rb * (MOE__ROW_BLOCK / MOE__MR)) *
-                             MOE__MR * (size_t)K;
-    const size_t rows = J->stage == 1 ? J->g->k1 : J->g->k2;   /* K rounded up to even */
+                             MOE__MR * (size_t)depth;
+    const size_t rows = J->stage == 1 ? J->g->k1 : J->g->k2;   /* depth rounded up to even */
     int32_t p;
     int64_t i;
     for (p = p0; p < p1; p++) {
         const void *panel = w + (size_t)p * rows * MOE__NR * J->esize;
         for (i = 0; i < nr; i += MOE__MR) {
             const int32_t mr = (int32_t)(nr - i < MOE__MR ? nr - i : MOE__MR);
-            const float *a = A + (size_t)i * (size_t)K;   /* tile i / MR, MR * K floats each */
-            float *C = J->S + (size_t)(r0 + i) * J->ldS + (size_t)p * MOE__NR;
-            size_t ldc = J->ldS;
+            const float *a = A + (size_t)i * (size_t)depth;   /* tile i / MR: MR * depth floats */
+            float *C = J->tiles + (size_t)(r0 + i) * J->ld_tiles + (size_t)p * MOE__NR;
+            size_t ldc = J->ld_tiles;
             if (J->stage == 2 && (p + 1) * MOE__NR <= J->D) {
                 /* a whole panel of out: straight there */
                 C = J->out + (size_t)(r0 + i) * (size_t)J->D + (size_t)p * MOE__NR;
@@ -4116,30 +4127,30 @@ static void moe__packed_tiles(const moe__packed_job *J, int32_t e, int64_t rb, i
             }
             if (mr == MOE__MR && p + 1 < p1 && nr > MOE__MR) {
                 /* this task's next panel, 1/n each */
-                const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = K * t / n,
-                              k1 = K * (t + 1) / n;
-                moe__tile_simd_next(J->kind, K, a, panel, C, ldc, (const unsigned char *)panel +
+                const int64_t n = nr / MOE__MR, t = i / MOE__MR, k0 = depth * t / n,
+                              k1 = depth * (t + 1) / n;
+                moe__tile_simd_next(J->kind, depth, a, panel, C, ldc, (const unsigned char *)panel +
                                     (rows + (size_t)k0) * MOE__NR * J->esize, k1 - k0, n);
             } else {
-                moe__tile_simd_packed(J->kind, mr, K, a, panel, C, ldc);
+                moe__tile_simd_packed(J->kind, mr, depth, a, panel, C, ldc);
             }
         }
     }
 }
 
-/* Stage 1's epilogue on row r, units of panels [p0, p1) of P: hg (+ gate
+/* Stage 1's epilogue on row r, units of panels [p0, p1) of n_pan: hg (+ gate
    bias), hu (+ up bias), ha = act(hg) (* hu), then expert dropout. */
 static void moe__packed_hidden_row(const moe__packed_job *J, int32_t e, int64_t r, int32_t p0,
-                                   int32_t p1, int32_t P) {
-    const float *Sr = J->S + (size_t)r * J->ldS;
+                                   int32_t p1, int32_t n_pan) {
+    const float *tile_row = J->tiles + (size_t)r * J->ld_tiles;
     /* p1 * fc only below the last panel: F near INT32_MAX overflowed it */
-    const int32_t fc = J->g->f_cols, f_end = p1 < P ? p1 * fc : J->F;
+    const int32_t fc = J->g->f_cols, f_end = p1 < n_pan ? p1 * fc : J->F;
     const float *bg = J->gate_bias ? J->gate_bias + (size_t)e * J->F : NULL;
     const float *bu = J->up_bias ? J->up_bias + (size_t)e * J->F : NULL;
     int32_t f = p0 * fc;
     if (moe__act_has_simd(J->c->activation))    /* whole panels on vectors */
         for (; f <= f_end - fc; f += fc) {
-            const float *sp = Sr + (size_t)(f / fc) * MOE__NR;
+            const float *sp = tile_row + (size_t)(f / fc) * MOE__NR;
             const size_t o = (size_t)r * J->F + (size_t)f;
             int32_t q;
             if (J->glu) {                        /* gate lanes, then up lanes */
@@ -4161,10 +4172,11 @@ static void moe__packed_hidden_row(const moe__packed_job *J, int32_t e, int64_t 
     for (; f < f_end; f++) {
         const int32_t pp = f / fc, v = f % fc;
         const size_t o = (size_t)r * J->F + (size_t)f;
-        const float gv = Sr[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
+        const float gv = tile_row[(size_t)pp * MOE__NR + (size_t)v] + (bg ? bg[f] : 0.0f);
         J->hg[o] = gv;
         if (J->glu) {
-            const float uv = Sr[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
+            const float uv =
+                tile_row[(size_t)pp * MOE__NR + MOE__VL + (size_t)v] + (bu ? bu[f] : 0.0f);
             J->hu[o] = uv;
             J->ha[o] = moe__act_simd(J->c->activation, gv) * uv;
         } else {
@@ -4174,26 +4186,26 @@ static void moe__packed_hidden_row(const moe__packed_job *J, int32_t e, int64_t 
     moe__dropout_apply(J->f, J->ha, r, r + 1, p0 * fc, f_end);
 }
 
-/* Stage 2's epilogue on row r, columns of panels [p0, p1) of P: out (+ down
+/* Stage 2's epilogue on row r, columns of panels [p0, p1) of n_pan: out (+ down
    bias); whole panels are in out already, the partial last one in S. */
 static void moe__packed_out_row(const moe__packed_job *J, int32_t e, int64_t r, int32_t p0,
-                                int32_t p1, int32_t P) {
-    const float *Sr = J->S + (size_t)r * J->ldS;
-    const int32_t d_end = p1 < P ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
+                                int32_t p1, int32_t n_pan) {
+    const float *tile_row = J->tiles + (size_t)r * J->ld_tiles;
+    const int32_t d_end = p1 < n_pan ? p1 * MOE__NR : J->D, d_full = J->D / MOE__NR * MOE__NR;
     const float *bd = J->down_bias ? J->down_bias + (size_t)e * J->D : NULL;
     float *o = J->out + (size_t)r * J->D;
     int32_t d = p0 * MOE__NR;
     const int32_t d_mid = d_end < d_full ? d_end : d_full;
     if (bd) for (; d < d_mid; d++) o[d] += bd[d];
-    for (d = d > d_mid ? d : d_mid; d < d_end; d++) o[d] = Sr[d] + (bd ? bd[d] : 0.0f);
+    for (d = d > d_mid ? d : d_mid; d < d_end; d++) o[d] = tile_row[d] + (bd ? bd[d] : 0.0f);
 }
 
 /* One task of a packed stage: its expert, row block and panel range from
    the task index, the tiles, then the epilogue on its rows. */
 static void moe__packed_task(void *arg, int32_t task) {
     const moe__packed_job *J = (const moe__packed_job *)arg;
-    const int32_t P = J->stage == 1 ? J->g->p1 : J->g->p2;
-    const int64_t K = J->stage == 1 ? J->D : J->F;
+    const int32_t n_pan = J->stage == 1 ? J->g->p1 : J->g->p2;
+    const int64_t depth = J->stage == 1 ? J->D : J->F;
     int32_t lo = 0, hi = J->n_sets, e, p0, p1, tb, n_tb;
     int64_t local, rb, r0, nr, r;
     while (hi - lo > 1) {                    /* expert of this task */
@@ -4203,16 +4215,16 @@ static void moe__packed_task(void *arg, int32_t task) {
     e = lo;
     local = task - J->task_off[e];
     tb = J->panels_per_task[e];
-    n_tb = (P + tb - 1) / tb;
+    n_tb = (n_pan + tb - 1) / tb;
     rb = local / n_tb;
     p0 = (int32_t)(local % n_tb) * tb;
-    p1 = p0 + tb < P ? p0 + tb : P;
+    p1 = p0 + tb < n_pan ? p0 + tb : n_pan;
     r0 = J->off[e] + rb * MOE__ROW_BLOCK;
     nr = J->off[e + 1] - r0 < MOE__ROW_BLOCK ? J->off[e + 1] - r0 : MOE__ROW_BLOCK;
-    moe__packed_tiles(J, e, rb, p0, p1, r0, nr, K);
+    moe__packed_tiles(J, e, rb, p0, p1, r0, nr, depth);
     for (r = r0; r < r0 + nr; r++) {
-        if (J->stage == 1) moe__packed_hidden_row(J, e, r, p0, p1, P);
-        else moe__packed_out_row(J, e, r, p0, p1, P);
+        if (J->stage == 1) moe__packed_hidden_row(J, e, r, p0, p1, n_pan);
+        else moe__packed_out_row(J, e, r, p0, p1, n_pan);
     }
 }
 
@@ -4228,7 +4240,7 @@ static float moe__bf16_float(float v) {
    micro-kernel then reads A front to back, not MR rows a row stride apart. */
 static void moe__packed_a_task(void *arg, int32_t t) {
     const moe__packed_job *J = (const moe__packed_job *)arg;
-    const int64_t K = J->stage == 1 ? J->D : J->F;
+    const int64_t depth = J->stage == 1 ? J->D : J->F;
     int32_t lo = 0, hi = J->n_sets;
     int64_t r0, left;
     while (hi - lo > 1) {                    /* set of this tile */
@@ -4238,24 +4250,24 @@ static void moe__packed_a_task(void *arg, int32_t t) {
     r0 = J->off[lo] + (t - J->tile_off[lo]) * MOE__MR;
     left = J->off[lo + 1] - r0;
     {
-        float *dst = J->Ap + (size_t)t * MOE__MR * (size_t)K;
-        const float *src = (J->stage == 1 ? J->x : J->ha) + (size_t)r0 * (size_t)K;
+        float *dst = J->Ap + (size_t)t * MOE__MR * (size_t)depth;
+        const float *src = (J->stage == 1 ? J->x : J->ha) + (size_t)r0 * (size_t)depth;
         const int32_t mr = (int32_t)(left < MOE__MR ? left : MOE__MR);
-        size_t i, n = (size_t)MOE__MR * (size_t)K;
-        if (J->kind == MOE__B_DOT) {         /* bf16 pairs: [K/2][MR] words, k in the low half */
+        size_t i, n = (size_t)MOE__MR * (size_t)depth;
+        if (J->kind == MOE__B_DOT) {   /* bf16 pairs: [depth/2][MR] words, k in the low half */
             uint32_t *d32 = (uint32_t *)(void *)dst;
             int64_t k;
             int32_t r;
-            for (k = 0; k < K; k += 2)
+            for (k = 0; k < depth; k += 2)
                 for (r = 0; r < MOE__MR; r++) {
-                    const float *a = src + (size_t)r * (size_t)K;
+                    const float *a = src + (size_t)r * (size_t)depth;
                     const uint32_t lo = r < mr ? moe__bf16_of(a[k]) : 0u;
-                    const uint32_t hi = r < mr && k + 1 < K ? moe__bf16_of(a[k + 1]) : 0u;
+                    const uint32_t hi = r < mr && k + 1 < depth ? moe__bf16_of(a[k + 1]) : 0u;
                     d32[(size_t)(k / 2) * MOE__MR + (size_t)r] = lo | hi << 16;
                 }
             return;
         }
-        moe__pack_a_tile(dst, src, (size_t)K, 1, mr, K);
+        moe__pack_a_tile(dst, src, (size_t)depth, 1, mr, depth);
         /* bf16 activations without VDPBF16PS */
         if (J->kind == MOE__B_BF16 && J->c->pack_bf16 == 2)
             for (i = 0; i < n; i++) dst[i] = moe__bf16_float(dst[i]);
@@ -4270,39 +4282,40 @@ static void moe__packed_ffn(moe__packed_job *J) {
     for (e = 0; e < J->n_sets; e++)
         J->tile_off[e + 1] = J->tile_off[e] + (J->off[e + 1] - J->off[e] + MOE__MR - 1) / MOE__MR;
     for (stage = 1; stage <= 2; stage++) {
-        const int32_t P = stage == 1 ? J->g->p1 : J->g->p2;
-        const double K = stage == 1 ? J->D : J->F;
+        const int32_t n_pan = stage == 1 ? J->g->p1 : J->g->p2;
+        const double depth = stage == 1 ? J->D : J->F;
         J->stage = stage;
         moe__parallel_for(J->c, (int32_t)J->tile_off[J->n_sets], moe__packed_a_task, J,
-                          2.0 * (double)(J->off[J->n_sets] - J->off[0]) * K * P * MOE__NR);
+                          2.0 * (double)(J->off[J->n_sets] - J->off[0]) * depth * n_pan * MOE__NR);
         J->task_off[0] = 0;
         for (e = 0; e < J->n_sets; e++) {
             const int64_t n = J->off[e + 1] - J->off[e];
             const int64_t n_rb = (n + MOE__ROW_BLOCK - 1) / MOE__ROW_BLOCK;
             const double rows = n < MOE__ROW_BLOCK ? (double)n : MOE__ROW_BLOCK;
-            int32_t tb = rows > 0 ? (int32_t)(MOE__PACKED_TASK_FLOPS / (2.0 * rows * K * MOE__NR))
-                                  : P;
+            int32_t tb = n_pan;
+            if (rows > 0) tb = (int32_t)(MOE__PACKED_TASK_FLOPS / (2.0 * rows * depth * MOE__NR));
             if (tb < 2) tb = 2;     /* a task's tiles prefetch its next panel */
-            if (tb > P) tb = P;
+            if (tb > n_pan) tb = n_pan;
             /* a few rows (decode) stream the weights: a set as one or two tasks would
                leave threads idle (a shared expert's stage 2 was one task), so at
                least 8 runs of panels per set (4: T=1 about 1.02x slower, a thread
                held up on a busy host left more of the stream to the other)       */
-            if (n < MOE__MR && tb > (P + 7) / 8) tb = (P + 7) / 8;
+            if (n < MOE__MR && tb > (n_pan + 7) / 8) tb = (n_pan + 7) / 8;
             J->panels_per_task[e] = tb;
-            J->task_off[e + 1] = J->task_off[e] + n_rb * ((P + tb - 1) / tb);
+            J->task_off[e + 1] = J->task_off[e] + n_rb * ((n_pan + tb - 1) / tb);
         }
         /* the task count is an int32: over 2^31 tasks (a few million tokens of a
            wide layer), twice the panels per task until it fits */
-        for (grow = 1; J->task_off[J->n_sets] > INT32_MAX && grow < P; grow *= 2)
+        for (grow = 1; J->task_off[J->n_sets] > INT32_MAX && grow < n_pan; grow *= 2)
             for (e = 0; e < J->n_sets; e++) {
-                const int32_t tb = J->panels_per_task[e] < P / 2 ? 2 * J->panels_per_task[e] : P;
+                const int32_t tb =
+                    J->panels_per_task[e] < n_pan / 2 ? 2 * J->panels_per_task[e] : n_pan;
                 const int64_t n_rb = moe__ceil_div(J->off[e + 1] - J->off[e], MOE__ROW_BLOCK);
                 J->panels_per_task[e] = tb;
-                J->task_off[e + 1] = J->task_off[e] + n_rb * moe__ceil_div(P, tb);
+                J->task_off[e + 1] = J->task_off[e] + n_rb * moe__ceil_div(n_pan, tb);
             }
         moe__parallel_for(J->c, (int32_t)J->task_off[J->n_sets], moe__packed_task, J,
-                          2.0 * (double)(J->off[J->n_sets] - J->off[0]) * K * P * MOE__NR);
+                          2.0 * (double)(J->off[J->n_sets] - J->off[0]) * depth * n_pan * MOE__NR);
     }
 }
 #endif
@@ -4356,15 +4369,15 @@ static void moe__pack_task(void *arg, int32_t task) {
    over its weights), then run.                                             */
 static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
-                              const float *x, float *hg, float *hu, float *ha, float *out, float *S,
-                              const moe__ws *ws) {
+                              const float *x, float *hg, float *hu, float *ha, float *out,
+                              float *tiles, const moe__ws *ws) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     moe__packed_job J;
     memset(&J, 0, sizeof J);
     J.c = c; J.f = f; J.g = &g; J.glu = moe__act_is_glu(c->activation);
     J.F = f->F; J.D = f->D;
-    J.x = x; J.hg = hg; J.hu = hu; J.ha = ha; J.out = out; J.S = S;
-    J.ldS = (size_t)(g.p1 > g.p2 ? g.p1 : g.p2) * MOE__NR;
+    J.x = x; J.hg = hg; J.hu = hu; J.ha = ha; J.out = out; J.tiles = tiles;
+    J.ld_tiles = (size_t)(g.p1 > g.p2 ? g.p1 : g.p2) * MOE__NR;
     J.task_off = ws->task_off;
     J.panels_per_task = ws->task_panels;
     J.tile_off = ws->tile_off;
@@ -4378,15 +4391,15 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
         J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
         moe__packed_ffn(&J);
     } else {
-        moe__pack_job P;
+        moe__pack_job pj;
         int32_t e;
-        P.f = f; P.g = &g; P.glu = J.glu; P.bf16 = 0; P.dst = ws->pack;
-        J.panels = (const unsigned char *)P.dst; J.set_stride = 0; J.esize = sizeof(float);
+        pj.f = f; pj.g = &g; pj.glu = J.glu; pj.bf16 = 0; pj.dst = ws->pack;
+        J.panels = (const unsigned char *)pj.dst; J.set_stride = 0; J.esize = sizeof(float);
         J.n_sets = 1; J.kind = MOE__B_F32;
         for (e = 0; e < n_sets; e++) {
             if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
-            P.e = e;
-            moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &P, (double)(g.w13 + g.w2));
+            pj.e = e;
+            moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &pj, (double)(g.w13 + g.w2));
             J.off = off + e;
             J.gate_bias = f->gate_bias ? f->gate_bias + (size_t)e * (size_t)f->F : NULL;
             J.up_bias = f->up_bias ? f->up_bias + (size_t)e * (size_t)f->F : NULL;
@@ -4658,80 +4671,80 @@ typedef struct moe__info_layout {
 } moe__info_layout;
 
 static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c,
-                                 moe__info_layout *L) {
+                                 moe__info_layout *il) {
     size_t t = 0, TR, TS, N = 0, Ts = 0;
     int ok = 1, glu;
-    moe__layout P;
+    moe__layout lay;
     moe_status st = moe_config_resolve(cfg, c);
     if (st != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(c, T, MOE__PLAN_ROUTE, &P)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(c, T, MOE__PLAN_ROUTE, &lay)) != MOE_STATUS_OK) return st;
     glu = moe__act_is_glu(c->activation);
-    TR = moe__mul((size_t)T, (size_t)P.R);
-    TS = moe__mul((size_t)T, (size_t)P.S);
-    if (c->save_for_backward && !c->recompute) { N = (size_t)P.N; Ts = (size_t)T; }
-    L->logits   = moe__reserve(&t, TR, sizeof(float), &ok);
-    L->scores   = moe__reserve(&t, TR, sizeof(float), &ok);
-    L->dispatch = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
-    L->expert   = moe__reserve(&t, TS, sizeof(int32_t), &ok);
-    L->weight   = moe__reserve(&t, TS, sizeof(float), &ok);
-    L->dropped  = moe__reserve(&t, TS, sizeof(uint8_t), &ok);
-    L->routed   = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
-    L->kept     = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
-    L->hidden   = moe__reserve(&t, moe__mul(N, (size_t)c->d_ff), sizeof(float), &ok);
-    L->up       = moe__reserve(&t, glu ? moe__mul(N, (size_t)c->d_ff) : 0, sizeof(float), &ok);
-    L->out      = moe__reserve(&t, moe__mul(N, (size_t)c->d_model), sizeof(float), &ok);
-    L->sh_hidden = moe__reserve(&t, moe__mul(Ts, (size_t)c->shared_d_ff), sizeof(float), &ok);
-    L->sh_up    = moe__reserve(&t, glu ? moe__mul(Ts, (size_t)c->shared_d_ff) : 0,
-                               sizeof(float), &ok);
-    L->sh_out   = moe__reserve(&t, c->shared_d_ff ? moe__mul(Ts, (size_t)c->d_model) : 0,
-                               sizeof(float), &ok);
+    TR = moe__mul((size_t)T, (size_t)lay.R);
+    TS = moe__mul((size_t)T, (size_t)lay.S);
+    if (c->save_for_backward && !c->recompute) { N = (size_t)lay.N; Ts = (size_t)T; }
+    il->logits   = moe__reserve(&t, TR, sizeof(float), &ok);
+    il->scores   = moe__reserve(&t, TR, sizeof(float), &ok);
+    il->dispatch = moe__reserve(&t, c->routing == MOE_ROUTING_SOFT ? TR : 0, sizeof(float), &ok);
+    il->expert   = moe__reserve(&t, TS, sizeof(int32_t), &ok);
+    il->weight   = moe__reserve(&t, TS, sizeof(float), &ok);
+    il->dropped  = moe__reserve(&t, TS, sizeof(uint8_t), &ok);
+    il->routed   = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
+    il->kept     = moe__reserve(&t, (size_t)c->num_experts, sizeof(int32_t), &ok);
+    il->hidden   = moe__reserve(&t, moe__mul(N, (size_t)c->d_ff), sizeof(float), &ok);
+    il->up       = moe__reserve(&t, glu ? moe__mul(N, (size_t)c->d_ff) : 0, sizeof(float), &ok);
+    il->out      = moe__reserve(&t, moe__mul(N, (size_t)c->d_model), sizeof(float), &ok);
+    il->sh_hidden = moe__reserve(&t, moe__mul(Ts, (size_t)c->shared_d_ff), sizeof(float), &ok);
+    il->sh_up    = moe__reserve(&t, glu ? moe__mul(Ts, (size_t)c->shared_d_ff) : 0,
+                              sizeof(float), &ok);
+    il->sh_out   = moe__reserve(&t, c->shared_d_ff ? moe__mul(Ts, (size_t)c->d_model) : 0,
+                              sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
-    L->total = t + MOE__ALIGN;
+    il->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
 }
 
 MOEDEF moe_status moe_info_size(const moe_config *cfg, int32_t num_tokens, size_t *out_bytes) {
     moe_config c;
-    moe__info_layout L;
+    moe__info_layout lay;
     moe_status st;
     if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
-    st = moe__info_plan(cfg, num_tokens, &c, &L);
-    if (st == MOE_STATUS_OK) *out_bytes = L.total;
+    st = moe__info_plan(cfg, num_tokens, &c, &lay);
+    if (st == MOE_STATUS_OK) *out_bytes = lay.total;
     return st;
 }
 
 MOEDEF moe_status moe_info_bind(const moe_config *cfg, int32_t num_tokens, moe_info *info,
                                 void *buffer, size_t bytes) {
     moe_config c;
-    moe__info_layout L;
+    moe__info_layout lay;
     unsigned char *b;
     moe_status st;
     int cache, glu;
     if (!cfg || !info || !buffer) return MOE_STATUS_NULL_ARGUMENT;
-    st = moe__info_plan(cfg, num_tokens, &c, &L);
+    st = moe__info_plan(cfg, num_tokens, &c, &lay);
     if (st != MOE_STATUS_OK) return st;
-    if (bytes < L.total) {
-        info->workspace_required = L.total;
+    if (bytes < lay.total) {
+        info->workspace_required = lay.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
     b = moe__align_ptr(buffer);
     cache = c.save_for_backward && !c.recompute;
     glu = moe__act_is_glu(c.activation);
-    info->logits = MOE__AT(b, L.logits, float);
-    info->scores = MOE__AT(b, L.scores, float);
-    info->dispatch = c.routing == MOE_ROUTING_SOFT ? MOE__AT(b, L.dispatch, float) : NULL;
-    info->expert = MOE__AT(b, L.expert, int32_t);
-    info->weight = MOE__AT(b, L.weight, float);
-    info->dropped = MOE__AT(b, L.dropped, uint8_t);
-    info->expert_routed = MOE__AT(b, L.routed, int32_t);
-    info->expert_kept = MOE__AT(b, L.kept, int32_t);
-    info->cache_hidden = cache ? MOE__AT(b, L.hidden, float) : NULL;
-    info->cache_up = cache && glu ? MOE__AT(b, L.up, float) : NULL;
-    info->cache_out = cache ? MOE__AT(b, L.out, float) : NULL;
-    info->cache_shared_hidden = cache && c.shared_d_ff ? MOE__AT(b, L.sh_hidden, float) : NULL;
-    info->cache_shared_up = cache && c.shared_d_ff && glu ? MOE__AT(b, L.sh_up, float) : NULL;
-    info->cache_shared_out = cache && c.shared_d_ff ? MOE__AT(b, L.sh_out, float) : NULL;
+    info->logits = MOE__AT(b, lay.logits, float);
+    info->scores = MOE__AT(b, lay.scores, float);
+    info->dispatch = c.routing == MOE_ROUTING_SOFT ? MOE__AT(b, lay.dispatch, float) : NULL;
+    info->expert = MOE__AT(b, lay.expert, int32_t);
+    info->weight = MOE__AT(b, lay.weight, float);
+    info->dropped = MOE__AT(b, lay.dropped, uint8_t);
+    info->expert_routed = MOE__AT(b, lay.routed, int32_t);
+    info->expert_kept = MOE__AT(b, lay.kept, int32_t);
+    info->cache_hidden = cache ? MOE__AT(b, lay.hidden, float) : NULL;
+    info->cache_up = cache && glu ? MOE__AT(b, lay.up, float) : NULL;
+    info->cache_out = cache ? MOE__AT(b, lay.out, float) : NULL;
+    info->cache_shared_hidden = cache && c.shared_d_ff ? MOE__AT(b, lay.sh_hidden, float) : NULL;
+    info->cache_shared_up = cache && c.shared_d_ff && glu ? MOE__AT(b, lay.sh_up, float) : NULL;
+    info->cache_shared_out = cache && c.shared_d_ff ? MOE__AT(b, lay.sh_out, float) : NULL;
     moe__unstamp(info);
     return MOE_STATUS_OK;
 }
@@ -4783,7 +4796,7 @@ static void moe__info_export(moe_info *dst, const moe_info *src, const float *lo
 }
 
 /* A call on T = 0 tokens routes nothing and needs no workspace: info gets
-   what moe__route reports for an empty batch (Soft MoE: P slots an expert). */
+   what moe__route reports for an empty batch (Soft MoE: slots_per_expert slots each). */
 static void moe__info_no_tokens(moe_info *info, const moe_config *c) {
     const int32_t per = c->routing == MOE_ROUTING_SOFT ? c->slots_per_expert : 0;
     int32_t e;
@@ -4803,9 +4816,9 @@ static void moe__info_no_tokens(moe_info *info, const moe_config *c) {
    (backward): the routing arrays, the counts, and the N-row training cache
    (cache: 1 when cfg.save_for_backward and not cfg.recompute).           */
 static void moe__info_spans(moe__spans *S, const moe_config *c, const moe_info *info, int32_t T,
-                            const moe__layout *L, int counts, int cache, int written) {
-    const size_t TR = (size_t)T * (size_t)L->R, TS = (size_t)T * (size_t)L->S;
-    const size_t N = (size_t)L->N, F = (size_t)c->d_ff, D = (size_t)c->d_model;
+                            const moe__layout *lay, int counts, int cache, int written) {
+    const size_t TR = (size_t)T * (size_t)lay->R, TS = (size_t)T * (size_t)lay->S;
+    const size_t N = (size_t)lay->N, F = (size_t)c->d_ff, D = (size_t)c->d_model;
     const size_t Ts = c->shared_d_ff > 0 ? (size_t)T : 0, Fs = (size_t)c->shared_d_ff;
     const int glu = moe__act_is_glu(c->activation);
     moe__span(S, info->logits, TR, sizeof(float), written);
@@ -4918,19 +4931,19 @@ static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
 
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes) {
     moe_config c;
-    moe__pack_layout P;
+    moe__pack_layout pk;
     moe_status st;
     if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
-    if ((st = moe__pack_plan(&c, &P)) != MOE_STATUS_OK) return st;
-    *out_bytes = P.bytes;
+    if ((st = moe__pack_plan(&c, &pk)) != MOE_STATUS_OK) return st;
+    *out_bytes = pk.bytes;
     return MOE_STATUS_OK;
 }
 
 MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
                                    void *packed, size_t bytes) {
     moe_config c;
-    moe__pack_layout P;
+    moe__pack_layout pk;
     moe__pack_header h;
     moe_status st;
     moe__ffn f[2];
@@ -4939,13 +4952,13 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (c.isa == MOE_ISA_REFERENCE) return MOE_STATUS_UNSUPPORTED;   /* no forward reads panels */
     if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
-    if ((st = moe__pack_plan(&c, &P)) != MOE_STATUS_OK) return st;
-    if (bytes < P.bytes) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if ((st = moe__pack_plan(&c, &pk)) != MOE_STATUS_OK) return st;
+    if (bytes < pk.bytes) return MOE_STATUS_WORKSPACE_TOO_SMALL;
     if ((uintptr_t)packed % sizeof(float) != 0) return MOE_STATUS_BAD_PACKED;
     {
         moe__spans sp;
         sp.n = 0;
-        moe__span(&sp, packed, P.bytes, 1, 1);
+        moe__span(&sp, packed, pk.bytes, 1, 1);
         moe__weight_spans(&sp, &c, w, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
@@ -4954,13 +4967,13 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     for (set = 0; set < (c.shared_d_ff > 0 ? 2 : 1); set++) {
         moe__pack_job J;
         J.f = &f[set];
-        J.g = set ? &P.shared : &P.routed;
+        J.g = set ? &pk.shared : &pk.routed;
         J.glu = moe__act_is_glu(c.activation);
         J.bf16 = c.pack_bf16 != 0;
         for (e = 0; e < (set ? 1 : c.num_experts); e++) {
             J.e = e;
             J.dst = (unsigned char *)packed +
-                    (set ? P.shared_off : P.experts + (size_t)e * P.expert_stride);
+                    (set ? pk.shared_off : pk.experts + (size_t)e * pk.expert_stride);
             moe__parallel_for(&c, J.g->p1 + J.g->p2, moe__pack_task, &J,
                               (double)(J.g->w13 + J.g->w2));
         }
@@ -4970,7 +4983,7 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     h.vl = MOE__VL; h.num_experts = (uint32_t)c.num_experts; h.d_model = (uint32_t)c.d_model;
     h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
     h.glu = (uint32_t)moe__act_is_glu(c.activation); h.bf16 = (uint32_t)(c.pack_bf16 != 0);
-    h.bytes = P.bytes;
+    h.bytes = pk.bytes;
     memcpy(packed, &h, sizeof h);
     return MOE_STATUS_OK;
 }
@@ -4979,13 +4992,13 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
 static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode,
                                       size_t *out_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe_status st;
     if (!cfg || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(&c, T, mode, &L)) != MOE_STATUS_OK) return st;
-    *out_bytes = L.total;
+    if ((st = moe__plan(&c, T, mode, &lay)) != MOE_STATUS_OK) return st;
+    *out_bytes = lay.total;
     return MOE_STATUS_OK;
 }
 
@@ -4999,7 +5012,7 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
                             int32_t num_tokens, moe_info *info,
                             void *workspace, size_t workspace_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe__ws ws;
     moe__router r;
     moe_info res;
@@ -5011,32 +5024,32 @@ MOEDEF moe_status moe_route(const moe_config *cfg, const moe_weights *w,
     if (T > 0 && (!logits || (c.noise == MOE_NOISE_SHAZEER && c.training && !noise_logits)))
         return MOE_STATUS_NULL_ARGUMENT;
     if (c.selection_bias && (!w || !w->selection_bias)) return MOE_STATUS_MISSING_WEIGHT;
-    if ((st = moe__plan(&c, T, MOE__PLAN_ROUTE, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, T, MOE__PLAN_ROUTE, &lay)) != MOE_STATUS_OK) return st;
     {
         moe__spans sp;
         sp.n = 0;
-        moe__span(&sp, logits, (size_t)T * (size_t)L.R, sizeof(float), 0);
+        moe__span(&sp, logits, (size_t)T * (size_t)lay.R, sizeof(float), 0);
         if (c.noise == MOE_NOISE_SHAZEER)
             moe__span(&sp, noise_logits, (size_t)T * (size_t)c.num_experts, sizeof(float), 0);
         if (c.selection_bias)
             moe__span(&sp, w->selection_bias, (size_t)c.num_experts, sizeof(float), 0);
-        moe__info_spans(&sp, &c, info, T, &L, 1, 0, 1);
+        moe__info_spans(&sp, &c, info, T, &lay, 1, 0, 1);
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (T == 0) { moe__info_no_tokens(info, &c); return MOE_STATUS_OK; }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) {
-        info->workspace_required = L.total;
+    if (workspace_bytes < lay.total) {
+        info->workspace_required = lay.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
     moe__router_init(&r, &c, &ws, T, &res);
     r.logits = logits;
     r.noise_logits = c.noise == MOE_NOISE_SHAZEER ? noise_logits : NULL;
     r.sel_bias = c.selection_bias ? w->selection_bias : NULL;
     if ((st = moe__route(&r)) != MOE_STATUS_OK) return st;
-    moe__info_export(info, &res, logits, T, L.R, L.S, c.num_experts);
+    moe__info_export(info, &res, logits, T, lay.R, lay.S, c.num_experts);
     return MOE_STATUS_OK;
 }
 
@@ -5055,13 +5068,13 @@ static void moe__experts_ffn(const moe_config *c, const moe_weights *w, const fl
     const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair), sh = moe__shared_ffn(c, w);
     const moe__kernels *k = moe__kernels_of(c);
     const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
-    moe__pack_layout P;
-    memset(&P, 0, sizeof P);
-    if (packed) moe__pack_plan(c, &P);
-    k->experts(c, &ffn, packed ? packed + P.experts : NULL, c->num_experts, ws->offsets, ws->xg,
+    moe__pack_layout pk;
+    memset(&pk, 0, sizeof pk);
+    if (packed) moe__pack_plan(c, &pk);
+    k->experts(c, &ffn, packed ? packed + pk.experts : NULL, c->num_experts, ws->offsets, ws->xg,
                ws->hg, glu ? ws->hu : NULL, ws->ha, ws->out, ws->tiles, ws);
     if (c->shared_d_ff > 0)
-        k->experts(c, &sh, packed ? packed + P.shared_off : NULL, 1, sh_off, x, ws->sh_g,
+        k->experts(c, &sh, packed ? packed + pk.shared_off : NULL, 1, sh_off, x, ws->sh_g,
                    glu ? ws->sh_u : NULL, ws->sh_a, ws->sh_out, ws->sh_tiles, ws);
 }
 
@@ -5091,7 +5104,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
                               const float *x, int32_t num_tokens, float *y,
                               moe_info *info, void *workspace, size_t workspace_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe__ws ws;
     moe__router r;
     moe_info res;
@@ -5106,7 +5119,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     forward_packed = moe__reads_packed(&c, w);
     if (forward_packed && !moe__pack_check(&c, w)) return MOE_STATUS_BAD_PACKED;
     if ((st = moe__check_weights(&c, w, forward_packed)) != MOE_STATUS_OK) return st;
-    if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &lay)) != MOE_STATUS_OK) return st;
     {   /* y may be x; nothing else written may overlap anything */
         moe__spans sp;
         const size_t TD = (size_t)T * (size_t)c.d_model;
@@ -5115,17 +5128,17 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
         if (x != y) moe__span(&sp, x, TD, sizeof(float), 0);
         moe__weight_spans(&sp, &c, w, !forward_packed);
         if (info)
-            moe__info_spans(&sp, &c, info, T, &L, 1, c.save_for_backward && !c.recompute, 1);
+            moe__info_spans(&sp, &c, info, T, &lay, 1, c.save_for_backward && !c.recompute, 1);
         moe__span(&sp, workspace, workspace_bytes, 1, 1);
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (T == 0) { if (info) moe__info_no_tokens(info, &c); return MOE_STATUS_OK; }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) {
-        if (info) info->workspace_required = L.total;
+    if (workspace_bytes < lay.total) {
+        if (info) info->workspace_required = lay.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
 
     /* 1. router logits, 2. routing (the only step that can refuse the input) */
     moe__router_logits_ref(&c, w, x, T, &ws);
@@ -5145,10 +5158,10 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
 
     /* 5. combine in fixed slot order (Soft MoE: Y = C . Y~) */
     if (c.routing == MOE_ROUTING_SOFT)
-        moe__soft_combine_ref(y, res.scores, ws.out, T, L.R, c.d_model);
+        moe__soft_combine_ref(y, res.scores, ws.out, T, lay.R, c.d_model);
     else
         moe__combine(&c, y, ws.out, res.weight,
-                     ws.pair_row, T, L.S, c.d_model);
+                     ws.pair_row, T, lay.S, c.d_model);
     /* 6. shared expert on every token, optionally sigmoid-gated (Qwen2) */
     if (c.shared_d_ff > 0)
         moe__add_shared(y, ws.sh_out, c.shared_expert_gated ? ws.sh_gamma : NULL, T, c.d_model);
@@ -5213,8 +5226,8 @@ static moe_status moe__check_cache(const moe_config *c, const moe_info *info) {
    forward of this config could have produced (indices in range, known drop
    flags, no more processed rows than the workspace holds).                */
 static moe_status moe__check_routing(const moe_config *c, const moe_info *info, int32_t T,
-                                     const moe__layout *L) {
-    size_t p, n = (size_t)T * (size_t)L->S;
+                                     const moe__layout *lay) {
+    size_t p, n = (size_t)T * (size_t)lay->S;
     int64_t rows = 0;
     if (c->routing == MOE_ROUTING_SOFT) return MOE_STATUS_OK;
     for (p = 0; p < n; p++) {
@@ -5224,28 +5237,28 @@ static moe_status moe__check_routing(const moe_config *c, const moe_info *info, 
         if (e < 0 && c->routing != MOE_ROUTING_EXPERT_CHOICE) return MOE_STATUS_BAD_CACHE;
         rows += e >= 0 && info->dropped[p] == MOE__KEPT;
     }
-    return rows > L->N ? MOE_STATUS_BAD_CACHE : MOE_STATUS_OK;
+    return rows > lay->N ? MOE_STATUS_BAD_CACHE : MOE_STATUS_OK;
 }
 
 /* The checks of moe_backward that need the plan: the cache stamp and routing,
-   overlaps, the workspace. Writes the plan to *L. */
+   overlaps, the workspace. Writes the plan to *lay. */
 static moe_status moe__backward_check(const moe_config *c, const moe_weights *w, const float *x,
                                       int32_t T, const moe_info *info, const float *dy,
                                       const float *dx_out, const moe_grads *gr,
                                       const void *workspace, size_t workspace_bytes,
-                                      moe__layout *L) {
+                                      moe__layout *lay) {
     moe_status st;
     moe__spans sp;
     moe_grads gu;
     const size_t TD = (size_t)T * (size_t)c->d_model;
     if ((st = moe__check_cache(c, info)) != MOE_STATUS_OK) return st;
-    if ((st = moe__plan(c, T, MOE__PLAN_BACKWARD, L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__plan(c, T, MOE__PLAN_BACKWARD, lay)) != MOE_STATUS_OK) return st;
     /* the stamp before any array is read: extents of another T or config
        would be read out of bounds */
     if (info->cache_tokens != T || !moe__cache_config_ok(c, info->cache_config) ||
-        info->cache_check != moe__routing_check(c, info, T, L->R, L->S))
+        info->cache_check != moe__routing_check(c, info, T, lay->R, lay->S))
         return MOE_STATUS_BAD_CACHE;
-    if ((st = moe__check_routing(c, info, T, L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__check_routing(c, info, T, lay)) != MOE_STATUS_OK) return st;
     /* dx may be x or dy (it is written last); nothing else may overlap */
     sp.n = 0;
     moe__span(&sp, x, TD, sizeof(float), 0);
@@ -5256,11 +5269,11 @@ static moe_status moe__backward_check(const moe_config *c, const moe_weights *w,
         moe__span(&sp, w->packed, w->packed_bytes, 1, 0);
     gu = *gr; gu.gate_up_fused = w->gate_up_fused;   /* the layout the backward writes */
     moe__tensor_spans(&sp, c, &gu, 1, 1);
-    moe__info_spans(&sp, c, info, T, L, 0, !c->recompute, 0);
+    moe__info_spans(&sp, c, info, T, lay, 0, !c->recompute, 0);
     moe__span(&sp, workspace, workspace_bytes, 1, 1);
     if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L->total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    if (workspace_bytes < lay->total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
     return MOE_STATUS_OK;
 }
 
@@ -5459,7 +5472,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
                                 const moe_grads *gr, void *workspace, size_t workspace_bytes,
                                 const float *noise_samples) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe__ws ws;
     moe__bw_call B;
     moe_status st;
@@ -5474,10 +5487,10 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
         return MOE_STATUS_BAD_PACKED;
     if (T == 0) return MOE_STATUS_OK;   /* nothing to read or write */
     if ((st = moe__backward_check(&c, w, x, T, info, dy, dx_out, gr, workspace, workspace_bytes,
-                                  &L)) != MOE_STATUS_OK)
+                                  &lay)) != MOE_STATUS_OK)
         return st;
     memset(&B, 0, sizeof B);
-    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
     B.c = &c; B.w = w; B.gr = gr; B.info = info; B.ws = &ws;
     B.x = x; B.dy = dy; B.T = T; B.dx = ws.dx;
     moe__bw_activations(&B);
@@ -5498,7 +5511,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     moe__bw_gather(&B);                                             /* 3. */
     if (c.shared_d_ff > 0) moe__bw_shared(&B);                      /* 4. */
     if (c.routing == MOE_ROUTING_SOFT)                              /* 5. */
-        moe__soft_router_backward_ref(&c, w, gr, info, x, T, L.R, ws.dscore,
+        moe__soft_router_backward_ref(&c, w, gr, info, x, T, lay.R, ws.dscore,
                                       ws.d_dispatch, ws.dz,
                                       ws.slot_norm,
                                       ws.gamma, B.dx);
@@ -5610,10 +5623,10 @@ static size_t moe__ep_sent(const moe_config *c, const moe_ep_plan *pl, const moe
    router tensors; the owner's expert tensors (weights, or written grads). */
 static void moe__ep_info_spans(moe__spans *S, const moe_config *c, const moe_info *info,
                                int32_t Tr, int counts, int written) {
-    moe__layout L;
-    memset(&L, 0, sizeof L);
-    L.R = c->num_experts; L.S = c->top_k;
-    moe__info_spans(S, c, info, Tr, &L, counts, 0, written);
+    moe__layout lay;
+    memset(&lay, 0, sizeof lay);
+    lay.R = c->num_experts; lay.S = c->top_k;
+    moe__info_spans(S, c, info, Tr, &lay, counts, 0, written);
 }
 static void moe__ep_router_spans(moe__spans *S, const moe_config *c, const float *router,
                                  const float *router_bias, const float *selection_bias,
@@ -5630,29 +5643,29 @@ static void moe__ep_expert_spans(moe__spans *S, const moe_config *cl, const moe_
     moe__tensor_spans(S, cl, &u, 1, written);
 }
 
-static moe_status moe__ep_src_plan(const moe_config *c, const moe_ep_plan *pl, moe__layout *L) {
+static moe_status moe__ep_src_plan(const moe_config *c, const moe_ep_plan *pl, moe__layout *lay) {
     const size_t Tr = (size_t)pl->local_tokens, E = (size_t)c->num_experts, D = (size_t)c->d_model;
     size_t t, TS, TE, TD;
     int ok = 1;
-    moe_status st = moe__plan(c, pl->local_tokens, MOE__PLAN_ROUTE, L);
+    moe_status st = moe__plan(c, pl->local_tokens, MOE__PLAN_ROUTE, lay);
     if (st != MOE_STATUS_OK) return st;
-    t = L->total - MOE__ALIGN;
-    TS = moe__mul(Tr, (size_t)L->S); TE = moe__mul(Tr, E); TD = moe__mul(Tr, D);
-    L->logits   = moe__reserve(&t, TE, sizeof(float), &ok);
-    L->xr       = moe__reserve(&t, TD, sizeof(float), &ok);
-    L->router_t = moe__reserve(&t, c->isa != MOE_ISA_REFERENCE
+    t = lay->total - MOE__ALIGN;
+    TS = moe__mul(Tr, (size_t)lay->S); TE = moe__mul(Tr, E); TD = moe__mul(Tr, D);
+    lay->logits   = moe__reserve(&t, TE, sizeof(float), &ok);
+    lay->xr       = moe__reserve(&t, TD, sizeof(float), &ok);
+    lay->router_t = moe__reserve(&t, c->isa != MOE_ISA_REFERENCE
                                    ? moe__mul(D, (E + MOE__NR - 1) / MOE__NR * MOE__NR) : 0,
                                sizeof(float), &ok);
-    L->pair_row = moe__reserve(&t, TS, sizeof(int64_t), &ok);
-    L->gw       = moe__reserve(&t, TS, sizeof(float), &ok);
-    L->dz       = moe__reserve(&t, TE, sizeof(float), &ok);
-    L->rbw_f64  = moe__reserve(&t, 8 * E, sizeof(double), &ok);   /* as moe__plan's */
-    L->rbw_f32  = moe__reserve(&t, 6 * E, sizeof(float), &ok);
-    L->rbw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
-    L->tmp_x    = moe__reserve(&t, TD, sizeof(float), &ok);
-    L->dx       = moe__reserve(&t, TD, sizeof(float), &ok);
+    lay->pair_row = moe__reserve(&t, TS, sizeof(int64_t), &ok);
+    lay->gw       = moe__reserve(&t, TS, sizeof(float), &ok);
+    lay->dz       = moe__reserve(&t, TE, sizeof(float), &ok);
+    lay->rbw_f64  = moe__reserve(&t, 8 * E, sizeof(double), &ok);   /* as moe__plan's */
+    lay->rbw_f32  = moe__reserve(&t, 6 * E, sizeof(float), &ok);
+    lay->rbw_u8   = moe__reserve(&t, 2 * E, sizeof(uint8_t), &ok);
+    lay->tmp_x    = moe__reserve(&t, TD, sizeof(float), &ok);
+    lay->dx       = moe__reserve(&t, TD, sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
-    L->total = t + MOE__ALIGN;
+    lay->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
 }
 
@@ -5671,12 +5684,12 @@ MOEDEF moe_status moe_ep_stats_count(const moe_config *cfg, int32_t *out_count) 
 MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
                                         size_t *out_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe_status st;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
-    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
-    *out_bytes = L.total;
+    if ((st = moe__ep_src_plan(&c, plan, &lay)) != MOE_STATUS_OK) return st;
+    *out_bytes = lay.total;
     return MOE_STATUS_OK;
 }
 
@@ -5761,7 +5774,7 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
                                const float *x, moe_info *info, int32_t *send_counts, double *stats,
                                void *workspace, size_t workspace_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe__ws ws;
     moe__router r;
     moe_info res;
@@ -5779,7 +5792,7 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     if (!w->router || (c.router_bias && !w->router_bias) ||
         (c.selection_bias && !w->selection_bias))
         return MOE_STATUS_MISSING_WEIGHT;
-    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_src_plan(&c, plan, &lay)) != MOE_STATUS_OK) return st;
     {
         moe__spans sp;
         sp.n = 0;
@@ -5792,11 +5805,11 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) {
-        info->workspace_required = L.total;
+    if (workspace_bytes < lay.total) {
+        info->workspace_required = lay.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
     n = (size_t)Tr * (size_t)E; TS = (size_t)Tr * (size_t)S;
 
     /* 1. router logits of this rank's tokens; jitter keyed by global element */
@@ -5899,36 +5912,36 @@ static moe_config moe__ep_local_config(const moe_config *c, const moe_ep_plan *p
 }
 
 
-static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__layout *L) {
+static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__layout *lay) {
     const size_t N = (size_t)n, D = (size_t)cl->d_model, F = (size_t)cl->d_ff;
     size_t t;
     int ok = 1;
-    moe_status st = moe__plan(cl, n, MOE__PLAN_FORWARD, L);
+    moe_status st = moe__plan(cl, n, MOE__PLAN_FORWARD, lay);
     if (st != MOE_STATUS_OK) return st;
-    t = L->total - MOE__ALIGN;
-    L->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
-    L->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-    L->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
-    L->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0,
+    t = lay->total - MOE__ALIGN;
+    lay->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
+    lay->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    lay->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
+    lay->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0,
                               sizeof(float), &ok);
-    L->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
-    L->gemm_pack = moe__reserve(&t, moe__backward_pack_floats(cl, N, F), sizeof(float), &ok);
+    lay->dxg     = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
+    lay->gemm_pack = moe__reserve(&t, moe__backward_pack_floats(cl, N, F), sizeof(float), &ok);
     if (!ok || t > (size_t)-1 - MOE__ALIGN) return MOE_STATUS_SIZE_OVERFLOW;
-    L->total = t + MOE__ALIGN;
+    lay->total = t + MOE__ALIGN;
     return MOE_STATUS_OK;
 }
 
 MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_ep_plan *plan,
                                                int32_t num_recv, size_t *out_bytes) {
     moe_config c, cl;
-    moe__layout L;
+    moe__layout lay;
     moe_status st;
     if ((st = moe__ep_check(cfg, plan, &c)) != MOE_STATUS_OK) return st;
     if (!out_bytes) return MOE_STATUS_NULL_ARGUMENT;
     if (num_recv < 0) return MOE_STATUS_BAD_DIMENSION;
     cl = moe__ep_local_config(&c, plan);
-    if ((st = moe__ep_expert_plan(&cl, num_recv, &L)) != MOE_STATUS_OK) return st;
-    *out_bytes = L.total;
+    if ((st = moe__ep_expert_plan(&cl, num_recv, &lay)) != MOE_STATUS_OK) return st;
+    *out_bytes = lay.total;
     return MOE_STATUS_OK;
 }
 
@@ -5937,13 +5950,13 @@ MOEDEF moe_status moe_ep_expert_workspace_size(const moe_config *cfg, const moe_
 static moe_status moe__ep_expert_workspace(const moe_config *c, const moe_ep_plan *plan, int32_t n,
                                            void *workspace, size_t workspace_bytes,
                                            moe_config *cl, moe__ws *ws) {
-    moe__layout L;
+    moe__layout lay;
     moe_status st;
     *cl = moe__ep_local_config(c, plan);
-    if ((st = moe__ep_expert_plan(cl, n, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_expert_plan(cl, n, &lay)) != MOE_STATUS_OK) return st;
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    *ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    if (workspace_bytes < lay.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    *ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
     return MOE_STATUS_OK;
 }
 
@@ -6129,7 +6142,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
                                  const uint8_t *ret_dropped, moe_info *info, float *y,
                                  void *workspace, size_t workspace_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe__ws ws;
     moe_status st;
     int64_t *pair_row, nsent, s;
@@ -6139,7 +6152,7 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
     Tr = plan->local_tokens; E = c.num_experts; D = c.d_model; S = c.top_k;
     if (Tr > 0 && !y) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe__ep_check_info(&c, info, Tr)) != MOE_STATUS_OK) return st;
-    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_src_plan(&c, plan, &lay)) != MOE_STATUS_OK) return st;
     {
         moe__spans sp;
         const size_t sent = moe__ep_sent(&c, plan, info);
@@ -6153,11 +6166,11 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) {
-        info->workspace_required = L.total;
+    if (workspace_bytes < lay.total) {
+        info->workspace_required = lay.total;
         return MOE_STATUS_WORKSPACE_TOO_SMALL;
     }
-    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
     pair_row = ws.pair_row;
     nsent = moe__ep_send_index(&c, plan, info, pair_row);
     if (nsent > 0 && (!ret_out || !ret_dropped)) return MOE_STATUS_NULL_ARGUMENT;
@@ -6320,7 +6333,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
                                           const moe_grads *grads, void *workspace,
                                           size_t workspace_bytes) {
     moe_config c;
-    moe__layout L;
+    moe__layout lay;
     moe__ws ws;
     moe__router_bw B;
     moe_status st;
@@ -6337,7 +6350,7 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
     if (Tr > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
     if (!w->router) return MOE_STATUS_MISSING_WEIGHT;
     if ((st = moe__ep_check_info(&c, info, Tr)) != MOE_STATUS_OK) return st;
-    if ((st = moe__ep_src_plan(&c, plan, &L)) != MOE_STATUS_OK) return st;
+    if ((st = moe__ep_src_plan(&c, plan, &lay)) != MOE_STATUS_OK) return st;
     {
         moe__spans sp;
         const size_t TD = (size_t)Tr * (size_t)D, sentD = moe__ep_sent(&c, plan, info) * (size_t)D;
@@ -6355,8 +6368,8 @@ MOEDEF moe_status moe_ep_combine_backward(const moe_config *cfg, const moe_weigh
         if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
     }
     if (!workspace) return MOE_STATUS_NULL_ARGUMENT;
-    if (workspace_bytes < L.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
-    ws = moe__ws_bind(&L, moe__align_ptr(workspace));
+    if (workspace_bytes < lay.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    ws = moe__ws_bind(&lay, moe__align_ptr(workspace));
     pair_row = ws.pair_row;
     nsent = moe__ep_send_index(&c, plan, info, pair_row);
     if (nsent > 0 && (!ret_out || !ret_dx)) return MOE_STATUS_NULL_ARGUMENT;
