@@ -1222,7 +1222,8 @@ typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t depth,
 
 /* work: the list's cost in flops (or element moves); below MOE__PARALLEL_MIN
    it runs on the calling thread, where waking a pool would cost more than
-   the work (measured: a T=16 layer took 100x longer on a busy machine). */
+   the work (measured on the 2-core AMD EPYC Zen 3 CI host: a T=16 layer
+   took 100x longer when it was busy).                                    */
 #define MOE__PARALLEL_MIN 2.0e6
 static void moe__parallel_for(const moe_config *c, int32_t n, moe_task_fn fn, void *arg,
                               double work) {
@@ -3096,69 +3097,87 @@ static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, con
     }
 }
 
-/* Backward of moe__experts_forward_ref in plain loops, expert by expert, row
-   by row (the spec of moe__experts_backward_simd):
+/* Backward of moe__experts_forward_ref in plain loops, row by row (the spec
+   of moe__experts_backward_simd):
      da = dout . down_e                       d bd += sum dout
      GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
      d down_e += dout^T . ha
      d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
      dx = dh . gate_e + du . up_e   (overwritten, [N][D]; NULL: not wanted)
    Every sum runs in ascending order, a gradient's from its value on entry,
-   as moe__sgemm_ref sums. rebuild_ha: hg and hu come from a training cache
-   and ha is rebuilt from them first. NULL gradient tensors are skipped.    */
+   as moe__sgemm_ref sums (and streams rows, as it does). rebuild_ha: hg and
+   hu come from a training cache and ha is rebuilt from them first. NULL
+   gradient tensors are skipped. Experts own disjoint rows and gradients, so
+   each is one task.                                                        */
+typedef struct moe__experts_bw_job {
+    const moe__ffn *f;
+    const moe__ffn_grad *g;
+    const int64_t *off;
+    const float *x, *hg, *hu, *dout;
+    float *ha, *dh, *du, *dx;
+    int rebuild_ha;
+} moe__experts_bw_job;
+static void moe__expert_backward_ref(void *arg, int32_t e) {
+    const moe__experts_bw_job *J = (const moe__experts_bw_job *)arg;
+    const moe__ffn *f = J->f;
+    const moe__ffn_grad *g = J->g;
+    const size_t D = (size_t)f->D, F = (size_t)f->F;
+    const int glu = moe__act_is_glu(f->act);
+    const float *gate = f->gate + (size_t)e * f->gate_stride,
+                *up = glu ? f->up + (size_t)e * f->up_stride : NULL,
+                *down = f->down + (size_t)e * f->down_stride;
+    float *d_gate = g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
+          *d_up = glu && g->up ? g->up + (size_t)e * f->up_stride : NULL,
+          *d_down = g->down ? g->down + (size_t)e * f->down_stride : NULL,
+          *d_bg = g->gate_bias ? g->gate_bias + (size_t)e * F : NULL,
+          *d_bu = glu && g->up_bias ? g->up_bias + (size_t)e * F : NULL,
+          *d_bd = g->down_bias ? g->down_bias + (size_t)e * D : NULL;
+    int64_t r;
+    size_t i, j;
+    for (r = J->off[e]; r < J->off[e + 1]; r++) {
+        const float *dy = J->dout + (size_t)r * D, *xr = J->x + (size_t)r * D;
+        float *dhr = J->dh + (size_t)r * F, *dur = glu ? J->du + (size_t)r * F : NULL,
+              *har = J->ha + (size_t)r * F;
+        for (j = 0; j < F; j++) dhr[j] = 0.0f;              /* da = dout . down_e */
+        for (i = 0; i < D; i++)
+            for (j = 0; j < F; j++) dhr[j] += dy[i] * down[i * F + j];
+        if (d_bd) for (i = 0; i < D; i++) d_bd[i] += dy[i];
+        moe__dropout_apply(f, J->dh, r, r + 1, 0, f->F);    /* through the dropout mask */
+        moe__act_backward_ref(f->act, dhr, dur, J->hg + (size_t)r * F,
+                              glu ? J->hu + (size_t)r * F : NULL, J->rebuild_ha ? har : NULL, 0,
+                              F);
+        if (J->rebuild_ha) moe__dropout_apply(f, J->ha, r, r + 1, 0, f->F);
+        if (d_down)
+            for (i = 0; i < D; i++)
+                for (j = 0; j < F; j++) d_down[i * F + j] += dy[i] * har[j];
+        for (j = 0; j < F; j++) {
+            if (d_gate) for (i = 0; i < D; i++) d_gate[j * D + i] += dhr[j] * xr[i];
+            if (d_up) for (i = 0; i < D; i++) d_up[j * D + i] += dur[j] * xr[i];
+            if (d_bg) d_bg[j] += dhr[j];
+            if (d_bu) d_bu[j] += dur[j];
+        }
+        if (J->dx) {                                        /* dx = dh . gate_e + du . up_e */
+            float *dxr = J->dx + (size_t)r * D;
+            for (i = 0; i < D; i++) dxr[i] = 0.0f;
+            for (j = 0; j < F; j++)
+                for (i = 0; i < D; i++) dxr[i] += dhr[j] * gate[j * D + i];
+            if (glu)
+                for (j = 0; j < F; j++)
+                    for (i = 0; i < D; i++) dxr[i] += dur[j] * up[j * D + i];
+        }
+    }
+}
 static void moe__experts_backward_ref(const moe_config *c, const moe__ffn *f,
                                       const moe__ffn_grad *g, int32_t n_sets, const int64_t *off,
                                       const float *x, const float *hg, const float *hu, float *ha,
                                       int rebuild_ha, const float *dout, float *dh, float *du,
                                       float *dx, float *pack) {
-    const size_t D = (size_t)f->D, F = (size_t)f->F;
-    const int glu = moe__act_is_glu(f->act);
-    int32_t e;
-    int64_t r;
-    size_t i, j;
-    (void)c; (void)pack;
-    for (e = 0; e < n_sets; e++) {
-        const float *gate = f->gate + (size_t)e * f->gate_stride,
-                    *up = glu ? f->up + (size_t)e * f->up_stride : NULL,
-                    *down = f->down + (size_t)e * f->down_stride;
-        float *d_gate = g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
-              *d_up = glu && g->up ? g->up + (size_t)e * f->up_stride : NULL,
-              *d_down = g->down ? g->down + (size_t)e * f->down_stride : NULL,
-              *d_bg = g->gate_bias ? g->gate_bias + (size_t)e * F : NULL,
-              *d_bu = glu && g->up_bias ? g->up_bias + (size_t)e * F : NULL,
-              *d_bd = g->down_bias ? g->down_bias + (size_t)e * D : NULL;
-        for (r = off[e]; r < off[e + 1]; r++) {
-            const float *dy = dout + (size_t)r * D, *xr = x + (size_t)r * D;
-            float *dhr = dh + (size_t)r * F, *dur = glu ? du + (size_t)r * F : NULL,
-                  *har = ha + (size_t)r * F;
-            for (j = 0; j < F; j++) {                       /* da = dout . down_e */
-                float acc = 0.0f;
-                for (i = 0; i < D; i++) acc += dy[i] * down[i * F + j];
-                dhr[j] = acc;
-            }
-            if (d_bd) for (i = 0; i < D; i++) d_bd[i] += dy[i];
-            moe__dropout_apply(f, dh, r, r + 1, 0, f->F);   /* through the dropout mask */
-            moe__act_backward_ref(f->act, dhr, dur, hg + (size_t)r * F,
-                                  glu ? hu + (size_t)r * F : NULL, rebuild_ha ? har : NULL, 0, F);
-            if (rebuild_ha) moe__dropout_apply(f, ha, r, r + 1, 0, f->F);
-            if (d_down)
-                for (i = 0; i < D; i++)
-                    for (j = 0; j < F; j++) d_down[i * F + j] += dy[i] * har[j];
-            for (j = 0; j < F; j++) {
-                if (d_gate) for (i = 0; i < D; i++) d_gate[j * D + i] += dhr[j] * xr[i];
-                if (d_up) for (i = 0; i < D; i++) d_up[j * D + i] += dur[j] * xr[i];
-                if (d_bg) d_bg[j] += dhr[j];
-                if (d_bu) d_bu[j] += dur[j];
-            }
-            if (!dx) continue;
-            for (i = 0; i < D; i++) {                       /* dx = dh . gate_e + du . up_e */
-                float acc = 0.0f;
-                for (j = 0; j < F; j++) acc += dhr[j] * gate[j * D + i];
-                if (glu) for (j = 0; j < F; j++) acc += dur[j] * up[j * D + i];
-                dx[(size_t)r * D + i] = acc;
-            }
-        }
-    }
+    moe__experts_bw_job J;
+    J.f = f; J.g = g; J.off = off; J.x = x; J.hg = hg; J.hu = hu; J.dout = dout;
+    J.ha = ha; J.dh = dh; J.du = du; J.dx = dx; J.rebuild_ha = rebuild_ha;
+    (void)pack;
+    moe__parallel_for(c, n_sets, moe__expert_backward_ref, &J,
+                      6.0 * (double)(off[n_sets] - off[0]) * (double)f->D * (double)f->F);
 }
 
 /* The kernel table's experts entry on the reference: moe__experts_forward_ref. */
@@ -3393,7 +3412,7 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #  define MOE__PREFETCH(p) __builtin_prefetch(p)
 #  define MOE__PREFETCH_L2(p) __builtin_prefetch(p, 0, 2)
 #  define MOE__UNROLL _Pragma("GCC unroll 16")
-#  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% on AVX2 (loop overhead) */
+#  define MOE__UNROLL_K _Pragma("GCC unroll 4")   /* the k loop: ~15% (AVX2, AMD Zen 3) */
 /* z keeps its value (0), but the compiler no longer knows it: p + z is then
    loaded again, not taken from a register the compiler would have to keep */
 #  define MOE__OPAQUE(z) __asm__("" : "+r"(z))
@@ -3691,7 +3710,8 @@ static float moe__dot_simd(const float *a, const float *b, size_t n) {
 /* The ragged right edge, nr < NR columns from j, on the micro-kernel too:
    MOE__EDGE_K rows of those columns at a time into a zero-padded panel on
    the stack, each row tile through a full tile there. (A router with E = 60
-   or 8 experts has one; the reference loop took 3 % of a qwen-mini forward.) */
+   or 8 experts has one; the reference loop took 3 % of a qwen-mini forward
+   on AMD Zen 3 with AVX2.)                                                */
 #define MOE__EDGE_K 64
 static void moe__sgemm_simd_edge(int64_t m, int32_t j, int32_t nr, int64_t depth, const float *A,
                                  size_t a_rs, size_t a_cs, const float *B, size_t ldb, float *C,
@@ -3871,7 +3891,7 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
                 float *cp = g->C + (size_t)t * MOE__MR * g->ldc + (size_t)p * MOE__NR;
                 /* A weight gradient's C (accumulate, many row tiles) is in memory
                    and read only after the tile's k loop: fetch the next tile's
-                   rows now (its dW GEMMs 15-30 % faster).                    */
+                   rows now (its dW GEMMs 15-30 % faster, AVX2 on AMD Zen 3). */
                 if (g->accumulate && !g->b_in_task && k0 == 0 && t + 1 < t1) {
                     const int64_t r = (int64_t)(t + 1) * MOE__MR;
                     for (i = 0; i < MOE__MR && r + i < g->m; i++) {
@@ -3902,7 +3922,8 @@ static void moe__gemm_pp_task(void *arg, int32_t task) {
    pack (moe__gemm_pack_floats(m, cols, depth) floats) when it is given and cols has a
    full panel; else moe__sgemm_simd in tasks. Even a few rows gain: an
    expert with under 2 MR rows read its weight rows 4 KiB apart in place
-   (deepseek-mini's backward at T = 16 and 128: up to 25 % faster packed). */
+   (deepseek-mini's backward at T = 16 and 128: up to 25 % faster packed,
+   AVX2 on the AMD EPYC Zen 3 host).                                       */
 #if MOE__HAS_SIMD
 static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t cols, int64_t depth,
                                const float *A, size_t a_rs, size_t a_cs, const float *B,
@@ -3926,7 +3947,7 @@ static void moe__gemm_par_simd(const moe_config *c, int64_t m, int32_t cols, int
            packs it into its own slot right before its tiles pass over it,
            instead of a separate pass writing all of B out to memory and
            reading it back (da and dx of deepseek-mini and qwen-mini's
-           experts: 5-15 % faster).                                         */
+           experts: 5-15 % faster, AVX2 on AMD Zen 3).                      */
         g.b_in_task = m <= MOE__FEW_ROWS;
         n_rt = g.b_in_task ? 1 : (g.n_tiles + 11) / 12;     /* row blocks of <= 12 tiles, even */
         g.tiles_per_task = (g.n_tiles + n_rt - 1) / n_rt;
@@ -4094,11 +4115,13 @@ typedef struct moe__packed_job {
 /* Rows per task: the B panels are streamed from memory once per row block
    (memory-bound below ~100 rows). 144, a multiple of every MR (6, 8, 12):
    mixtral-mini T=1024 forward 1.15x faster than 72 rows, 288 no better.
-   KC-blocking the k loop here measured 4 % slower (panels stream from L2). */
+   KC-blocking the k loop here measured 4 % slower (panels stream from L2).
+   Measured with AVX2 on the 2-core AMD EPYC Zen 3 host.                   */
 #define MOE__ROW_BLOCK 144
 /* Work per packed task: a task's last panel prefetches nothing, so tasks of
    several panels. 16e6 rather than MOE__TASK_FLOPS (4e6): T=128 forward
-   0.96-0.98x (mixtral-mini, deepseek-mini), T=1024 unchanged.              */
+   0.96-0.98x (mixtral-mini, deepseek-mini), T=1024 unchanged (AVX2, AMD
+   Zen 3).                                                                  */
 #define MOE__PACKED_TASK_FLOPS 16.0e6
 
 /* The tiles of one task: panels [p0, p1) of expert e against its rows
@@ -4298,8 +4321,9 @@ static void moe__packed_ffn(moe__packed_job *J) {
             if (tb > n_pan) tb = n_pan;
             /* a few rows (decode) stream the weights: a set as one or two tasks would
                leave threads idle (a shared expert's stage 2 was one task), so at
-               least 8 runs of panels per set (4: T=1 about 1.02x slower, a thread
-               held up on a busy host left more of the stream to the other)       */
+               least 8 runs of panels per set (4: T=1 about 1.02x slower on the
+               AMD Zen 3 host, a thread held up on a busy host left more of the
+               stream to the other)                                               */
             if (n < MOE__MR && tb > (n_pan + 7) / 8) tb = (n_pan + 7) / 8;
             J->panels_per_task[e] = tb;
             J->task_off[e + 1] = J->task_off[e] + n_rb * ((n_pan + tb - 1) / tb);
