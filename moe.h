@@ -1646,6 +1646,7 @@ static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F)
     X(float, key) X(int32_t, order) X(int32_t, order_tmp) X(int32_t, small_i)                  \
     X(float, small_f) X(int32_t, count) X(double, imp)                                         \
     X(double, route_chunks)   /* per-chunk scratch of the token-parallel top-k */              \
+    X(double, stats)          /* the batch statistics the aux losses come from */              \
     /* the forward: router input and logits, dispatch, expert rows, shared expert */           \
     X(float, logits) X(float, noise_logits) X(float, xr) X(float, slot_norm)                   \
     X(int64_t, pair_row) X(int64_t, offsets) X(int64_t, row_pair) X(int64_t, row_key)          \
@@ -1660,7 +1661,8 @@ static size_t moe__backward_pack_floats(const moe_config *c, size_t n, size_t F)
     X(float, sh_dout) X(float, sh_da) X(float, sh_du) X(float, sh_dx) X(float, dx)             \
     X(float, gamma) X(double, rbw_f64) X(float, rbw_f32) X(uint8_t, rbw_u8)                    \
     X(float, tmp_x)        /* [T][D] */                                                       \
-    X(float, gemm_pack)    /* packed GEMM operands of the backward (SIMD) */
+    X(float, gemm_pack)    /* packed GEMM operands of the backward (SIMD) */              \
+    X(int32_t, pair_slot)  /* an expert-parallel owner's received slots (capacity) */
 
 #define MOE__WS_OFFSET(type, name) size_t name;
 #define MOE__WS_POINTER(type, name) type *name;
@@ -1707,6 +1709,7 @@ static void moe__plan_routing(const moe_config *c, const moe__plan_dims *d, moe_
     lay->route_chunks = moe__reserve(t, (size_t)moe__route_nchunk(d->nT) *
                                           moe__route_chunk_doubles(d->E),
                                    sizeof(double), ok);
+    lay->stats = moe__reserve(t, MOE__EPS_VECS * d->E + 2, sizeof(double), ok);
 }
 
 /* The forward's arrays: logits, the dispatch, the expert FFNs' rows. */
@@ -1822,7 +1825,12 @@ static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layou
     lay->N = (int64_t)N;
     d.nT = nT; d.E = E; d.D = (size_t)c->d_model; d.F = (size_t)c->d_ff;
     d.Fs = (size_t)c->shared_d_ff; d.R = R; d.S = S; d.TR = TR; d.TS = TS; d.N = N;
-    d.big = nT > R ? nT : R; d.glu = moe__act_is_glu(c->activation);
+    d.big = nT > R ? nT : R;
+    if (c->routing == MOE_ROUTING_TOPK && lay->C > 0) {   /* capacity sorts the T x S pairs */
+        if (TS > (size_t)INT32_MAX) return MOE_STATUS_SIZE_OVERFLOW;
+        if (TS > d.big) d.big = TS;
+    }
+    d.glu = moe__act_is_glu(c->activation);
     moe__plan_routing(c, &d, lay, &t, &ok);
     if (mode >= MOE__PLAN_FORWARD) moe__plan_forward(c, &d, mode, lay, &t, &ok);
     if (mode >= MOE__PLAN_FORWARD && c->isa != MOE_ISA_REFERENCE)
@@ -1928,6 +1936,7 @@ typedef struct moe__router {
     int32_t *count;             /* scratch: E                                 */
     double *imp;                /* [2E]: Shazeer importance, then load        */
     double *chunks;             /* token-chunk scratch (moe__route_nchunk)    */
+    double *stats;              /* [MOE__EPS_VECS E + 2] batch statistics     */
 } moe__router;
 
 /* The scratch one token's top-k routing writes (one set per token chunk). */
@@ -2396,7 +2405,6 @@ static double moe__balance_prob(const moe_config *c, const float *sc_row, int32_
     return sum > 0.0 ? sc_row[e] / sum : 0.0;
 }
 
-/* Auxiliary losses (values; docs/ROUTING.md, "Balance losses" to "Sequence-wise balance"). */
 /* DeepSeek-V3 sequence-wise loss of the n tokens from t0: f from a plain
    top-K of the unbiased scores (no groups, no bias), P from s' = s/sum s. */
 static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
@@ -2420,8 +2428,8 @@ static double moe__seq_loss_of(const moe__router *r, int32_t t0, int32_t n) {
 
 /* aux_total = sum of coef * value. A loss switched off (coef 0) adds nothing,
    even an overflowed one (0 * Inf is NaN; aux_z overflows for logits ~1e20).
-   moe__route and the expert-parallel moe__ep_aux both form it here, so the
-   two paths cannot drift apart again.                                     */
+   moe__route and the expert-parallel combine both form it here, from the
+   same moe__aux_from_stats, so the two paths cannot drift apart again.    */
 static void moe__aux_total(const moe_config *c, moe_info *res) {
     const float coef[5] = {c->balance_coef, c->z_loss_coef, c->importance_coef, c->load_coef,
                            c->seq_balance_coef};
@@ -2433,54 +2441,107 @@ static void moe__aux_total(const moe_config *c, moe_info *res) {
     res->aux_total = total;
 }
 
+/* Top-k routing's aux losses come from batch statistics: moe__batch_stats
+   sums one batch's share of everything the losses (and their gradients)
+   take, Ta the tokens of the whole group; moe__aux_from_stats turns the
+   group's sums into the losses. One process is the P = 1 case; the
+   expert-parallel calls sum the vectors over the ranks in between.        */
+static void moe__batch_stats(const moe_config *c, int32_t Ta, moe__router *r, double *st) {
+    const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k;
+    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
+    const moe_info *res = r->res;
+    double *routed = st + MOE__EPS_ROUTED * E, *first = st + MOE__EPS_FIRST * E,
+           *P = st + MOE__EPS_P * E;
+    double *seqc = st + MOE__EPS_SEQC * E, *impg = st + MOE__EPS_IMPG * E;
+    int32_t t, j, e;
+    memset(st, 0, ((size_t)MOE__EPS_VECS * (size_t)E + 2) * sizeof(double));
+    for (t = 0; t < T; t++) {
+        const size_t p0 = (size_t)t * S;
+        float *g = r->small_f, *w = r->small_f + E;
+        for (j = 0; j < S; j++) {
+            if (res->dropped[p0 + j] == MOE__REJECTED) continue;
+            routed[res->expert[p0 + j]] += 1.0;
+            if (j == 0) first[res->expert[p0 + j]] += 1.0;
+        }
+        /* importance as moe__shazeer_grads recomputes it (pre-drop weights) */
+        for (j = 0; j < S; j++) g[j] = res->scores[(size_t)t * E + res->expert[p0 + j]];
+        moe__normalize(c, g, NULL, w, S);
+        for (j = 0; j < S; j++)
+            if (res->dropped[p0 + j] != MOE__REJECTED)
+                impg[res->expert[p0 + j]] += (double)w[j] * c->routed_scale;
+        {
+            const double l = moe__logsumexp(r->logits + (size_t)t * E, E);
+            st[MOE__EPS_VECS * E] += l * l;
+        }
+    }
+    for (e = 0; e < E; e++)
+        for (t = 0; t < T; t++) P[e] += moe__balance_prob(c, res->scores + (size_t)t * E, e);
+    for (e = 0; e < E; e++) st[MOE__EPS_IMP * E + e] = r->imp[e];
+    if (L >= Ta) {   /* one sequence over all ranks: counts are summed */
+        for (t = 0; t < T; t++) {
+            moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
+            for (j = 0; j < K; j++) seqc[r->small_i[j]] += 1.0;
+        }
+    } else {         /* whole sequences inside this batch (moe__ep_check) */
+        int32_t s0;
+        for (s0 = 0; s0 < T; s0 = T - s0 > L ? s0 + L : T)
+            st[MOE__EPS_VECS * E + 1] += moe__seq_loss_of(r, s0, T - s0 < L ? T - s0 : L);
+    }
+}
+
+static void moe__aux_from_stats(const moe_config *c, int32_t Ta, const double *st,
+                                moe_info *res) {
+    const int32_t E = c->num_experts, K = c->top_k;
+    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
+    double bal = 0.0;
+    int32_t e;
+    res->aux_balance = res->aux_z = res->aux_importance = res->aux_load = res->aux_seq = 0.0f;
+    if (Ta > 0) {
+        res->aux_z = (float)(st[MOE__EPS_VECS * E] / Ta);
+        for (e = 0; e < E; e++) {
+            double f = st[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE
+                           ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
+            f /= (double)Ta * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
+            bal += f * (st[MOE__EPS_P * E + e] / Ta);
+        }
+        res->aux_balance = (float)(E * bal);
+        if (L >= Ta) {
+            double seq = 0.0;
+            for (e = 0; e < E; e++)
+                seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] *
+                       (st[MOE__EPS_P * E + e] / Ta);
+            res->aux_seq = (float)seq;
+        } else {
+            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / (double)moe__ceil_div(Ta, L));
+        }
+        res->aux_importance = (float)moe__cv_squared(st + MOE__EPS_IMP * E, E);
+        res->aux_load = (float)moe__cv_squared(st + MOE__EPS_ROUTED * E, E);
+    }
+}
+
+/* Auxiliary losses (values; docs/ROUTING.md, "Balance losses" to "Sequence-wise balance"):
+   z-loss for every routing with logits, the rest for top-k from the batch
+   statistics; Shazeer's load is smooth when noisy (moe__route's imp[E..2E)). */
 static void moe__aux_losses(moe__router *r) {
     const moe_config *c = r->c;
-    const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k;
+    const int32_t T = r->T, E = c->num_experts, K = c->top_k;
     moe_info *res = r->res;
-    int32_t t, e, j;
-    double z = 0.0, bal = 0.0;
+    int32_t t;
+    double z = 0.0;
     if (T == 0) return;
-    if (c->routing != MOE_ROUTING_SOFT) {          /* z-loss: mean LSE^2 */
-        for (t = 0; t < T; t++) {
-            double l = moe__logsumexp(r->logits + (size_t)t * E, E);
-            z += l * l;
-        }
-        res->aux_z = (float)(z / T);
+    if (c->routing == MOE_ROUTING_TOPK) {
+        moe__batch_stats(c, T, r, r->stats);
+        moe__aux_from_stats(c, T, r->stats, res);
+        if (c->noise == MOE_NOISE_SHAZEER && c->training && K < E)
+            res->aux_load = (float)moe__cv_squared(r->imp + E, E);
+        return;
     }
-    if (c->routing != MOE_ROUTING_TOPK) return;
-
-    /* load balancing: E * sum_e f_e * P_e, counts taken before capacity */
-    for (e = 0; e < E; e++) {
-        double P_e = 0.0, f = 0.0;
-        for (t = 0; t < T; t++) P_e += moe__balance_prob(c, res->scores + (size_t)t * E, e);
-        for (t = 0; t < T; t++)
-            for (j = 0; j < (c->balance_loss == MOE_BALANCE_FIRST_CHOICE ? 1 : S); j++)
-                f += res->expert[(size_t)t * S + j] == e &&
-                     res->dropped[(size_t)t * S + j] != MOE__REJECTED;
-        f /= (double)T * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
-        bal += f * (P_e / T);
+    if (c->routing == MOE_ROUTING_SOFT) return;
+    for (t = 0; t < T; t++) {                      /* z-loss: mean LSE^2 */
+        const double l = moe__logsumexp(r->logits + (size_t)t * E, E);
+        z += l * l;
     }
-    res->aux_balance = (float)(E * bal);
-
-    /* DeepSeek-V3 sequence-wise loss: per sequence of L tokens, f from a plain
-       top-K of the unbiased scores (no groups, no bias), P from s' = s/sum s. */
-    {
-        const int32_t L = c->seq_len > 0 ? c->seq_len : T;
-        int32_t t0, nseq = 0;
-        double total = 0.0;
-        for (t0 = 0; t0 < T; t0 = T - t0 > L ? t0 + L : T) {   /* no t0 + L past INT32_MAX */
-            const int32_t n = T - t0 < L ? T - t0 : L;
-            total += moe__seq_loss_of(r, t0, n);
-            nseq++;
-        }
-        res->aux_seq = (float)(total / nseq);
-    }
-
-    /* Shazeer: CV^2 of importance and of load (smooth when noisy, else counts) */
-    if (!(c->noise == MOE_NOISE_SHAZEER && c->training && K < E))
-        for (e = 0; e < E; e++) r->imp[E + e] = res->expert_routed[e];
-    res->aux_importance = (float)moe__cv_squared(r->imp, E);
-    res->aux_load = (float)moe__cv_squared(r->imp + E, E);
+    res->aux_z = (float)(z / T);
 }
 
 /* info's per-expert counts of routed and kept pairs (either array may be
@@ -3071,8 +3132,8 @@ static float moe__dot_ref(const float *a, const float *b, size_t n) {
 
 
 /* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
-   x belong to expert e. The reference ISA's (moe__gemm_ref per projection);
-   a SIMD ISA runs moe__experts_simd instead (moe__experts_stage picks).
+   x belong to expert e. The reference (moe__gemm_ref per projection), the
+   spec of moe__experts_simd; the kernel table picks one of them.
      x: [N][D]   hg, hu: [N][F] pre-activations (hu only for GLU)
      ha: [N][F] activation   out: [N][D]
      hg = gate_e.x + bg;  hu = up_e.x + bu;  ha = act(hg) [* hu];  out = down_e.ha + bd */
@@ -3097,65 +3158,61 @@ static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, con
     }
 }
 
-/* Backward of moe__experts_forward_ref in plain loops, row by row (the spec
-   of moe__experts_backward_simd):
+/* Backward of moe__experts_forward_ref in plain loops (the spec of
+   moe__experts_backward_simd):
      da = dout . down_e                       d bd += sum dout
      GLU: du = da * act(hg), dh = da * hu * act'(hg);   else dh = da * act'(hg)
      d down_e += dout^T . ha
      d gate_e += dh^T . x,  d up_e += du^T . x,  d bg += sum dh,  d bu += sum du
      dx = dh . gate_e + du . up_e   (overwritten, [N][D]; NULL: not wanted)
-   Every sum runs in ascending order, a gradient's from its value on entry,
-   as moe__sgemm_ref sums (and streams rows, as it does). rebuild_ha: hg and
-   hu come from a training cache and ha is rebuilt from them first. NULL
-   gradient tensors are skipped. Experts own disjoint rows and gradients, so
-   each is one task.                                                        */
+   Every sum runs in ascending order, a gradient's over its expert's rows
+   from its value on entry, as moe__sgemm_ref sums (and streams rows, as it
+   does). Two passes of independent tasks: rows (da, the activation, dx),
+   then gradient rows (one output unit of one expert each). rebuild_ha: hg
+   and hu come from a training cache and ha is rebuilt from them first.
+   NULL gradient tensors are skipped.                                       */
 typedef struct moe__experts_bw_job {
     const moe__ffn *f;
     const moe__ffn_grad *g;
     const int64_t *off;
+    int32_t n_sets;
     const float *x, *hg, *hu, *dout;
     float *ha, *dh, *du, *dx;
     int rebuild_ha;
 } moe__experts_bw_job;
-static void moe__expert_backward_ref(void *arg, int32_t e) {
+static int32_t moe__expert_of_row(const int64_t *off, int32_t n_sets, int64_t r) {
+    int32_t lo = 0, hi = n_sets - 1;   /* the e with off[e] <= r < off[e + 1] */
+    while (lo < hi) {
+        const int32_t mid = lo + (hi - lo + 1) / 2;
+        if (off[mid] <= r) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+static void moe__experts_bw_rows_ref(void *arg, int64_t r0, int64_t r1) {
     const moe__experts_bw_job *J = (const moe__experts_bw_job *)arg;
     const moe__ffn *f = J->f;
-    const moe__ffn_grad *g = J->g;
     const size_t D = (size_t)f->D, F = (size_t)f->F;
     const int glu = moe__act_is_glu(f->act);
-    const float *gate = f->gate + (size_t)e * f->gate_stride,
-                *up = glu ? f->up + (size_t)e * f->up_stride : NULL,
-                *down = f->down + (size_t)e * f->down_stride;
-    float *d_gate = g->gate ? g->gate + (size_t)e * f->gate_stride : NULL,
-          *d_up = glu && g->up ? g->up + (size_t)e * f->up_stride : NULL,
-          *d_down = g->down ? g->down + (size_t)e * f->down_stride : NULL,
-          *d_bg = g->gate_bias ? g->gate_bias + (size_t)e * F : NULL,
-          *d_bu = glu && g->up_bias ? g->up_bias + (size_t)e * F : NULL,
-          *d_bd = g->down_bias ? g->down_bias + (size_t)e * D : NULL;
     int64_t r;
     size_t i, j;
-    for (r = J->off[e]; r < J->off[e + 1]; r++) {
-        const float *dy = J->dout + (size_t)r * D, *xr = J->x + (size_t)r * D;
-        float *dhr = J->dh + (size_t)r * F, *dur = glu ? J->du + (size_t)r * F : NULL,
-              *har = J->ha + (size_t)r * F;
+    int32_t e;
+    r0 += J->off[0]; r1 += J->off[0];
+    e = moe__expert_of_row(J->off, J->n_sets, r0);
+    for (r = r0; r < r1; r++) {
+        const float *dy = J->dout + (size_t)r * D, *down, *gate, *up;
+        float *dhr = J->dh + (size_t)r * F, *dur = glu ? J->du + (size_t)r * F : NULL;
+        while (J->off[e + 1] <= r) e++;
+        down = f->down + (size_t)e * f->down_stride;
+        gate = f->gate + (size_t)e * f->gate_stride;
+        up = glu ? f->up + (size_t)e * f->up_stride : NULL;
         for (j = 0; j < F; j++) dhr[j] = 0.0f;              /* da = dout . down_e */
         for (i = 0; i < D; i++)
             for (j = 0; j < F; j++) dhr[j] += dy[i] * down[i * F + j];
-        if (d_bd) for (i = 0; i < D; i++) d_bd[i] += dy[i];
         moe__dropout_apply(f, J->dh, r, r + 1, 0, f->F);    /* through the dropout mask */
         moe__act_backward_ref(f->act, dhr, dur, J->hg + (size_t)r * F,
-                              glu ? J->hu + (size_t)r * F : NULL, J->rebuild_ha ? har : NULL, 0,
-                              F);
+                              glu ? J->hu + (size_t)r * F : NULL,
+                              J->rebuild_ha ? J->ha + (size_t)r * F : NULL, 0, F);
         if (J->rebuild_ha) moe__dropout_apply(f, J->ha, r, r + 1, 0, f->F);
-        if (d_down)
-            for (i = 0; i < D; i++)
-                for (j = 0; j < F; j++) d_down[i * F + j] += dy[i] * har[j];
-        for (j = 0; j < F; j++) {
-            if (d_gate) for (i = 0; i < D; i++) d_gate[j * D + i] += dhr[j] * xr[i];
-            if (d_up) for (i = 0; i < D; i++) d_up[j * D + i] += dur[j] * xr[i];
-            if (d_bg) d_bg[j] += dhr[j];
-            if (d_bu) d_bu[j] += dur[j];
-        }
         if (J->dx) {                                        /* dx = dh . gate_e + du . up_e */
             float *dxr = J->dx + (size_t)r * D;
             for (i = 0; i < D; i++) dxr[i] = 0.0f;
@@ -3167,17 +3224,60 @@ static void moe__expert_backward_ref(void *arg, int32_t e) {
         }
     }
 }
+/* Gradient rows q of [q0, q1): q < n_sets F is hidden unit j of expert
+   q / F (d gate_e, d up_e rows j, d bg, d bu); the rest are model units i
+   of an expert (d down_e row i, d bd).                                    */
+static void moe__experts_bw_grads_ref(void *arg, int64_t q0, int64_t q1) {
+    const moe__experts_bw_job *J = (const moe__experts_bw_job *)arg;
+    const moe__ffn *f = J->f;
+    const moe__ffn_grad *g = J->g;
+    const size_t D = (size_t)f->D, F = (size_t)f->F, nF = (size_t)J->n_sets * F;
+    const int glu = moe__act_is_glu(f->act);
+    int64_t q, r;
+    size_t i, j;
+    for (q = q0; q < q1; q++) {
+        const int hidden = (size_t)q < nF;
+        const size_t e = hidden ? (size_t)q / F : ((size_t)q - nF) / D,
+                     o = hidden ? (size_t)q % F : ((size_t)q - nF) % D;
+        if (hidden) {
+            float *d_gate = g->gate ? g->gate + e * f->gate_stride + o * D : NULL,
+                  *d_up = glu && g->up ? g->up + e * f->up_stride + o * D : NULL,
+                  *d_bg = g->gate_bias ? g->gate_bias + e * F + o : NULL,
+                  *d_bu = glu && g->up_bias ? g->up_bias + e * F + o : NULL;
+            for (r = J->off[e]; r < J->off[e + 1]; r++) {
+                const float *xr = J->x + (size_t)r * D, dh = J->dh[(size_t)r * F + o],
+                            du = glu ? J->du[(size_t)r * F + o] : 0.0f;
+                if (d_gate) for (i = 0; i < D; i++) d_gate[i] += dh * xr[i];
+                if (d_up) for (i = 0; i < D; i++) d_up[i] += du * xr[i];
+                if (d_bg) *d_bg += dh;
+                if (d_bu) *d_bu += du;
+            }
+        } else {
+            float *d_down = g->down ? g->down + e * f->down_stride + o * F : NULL,
+                  *d_bd = g->down_bias ? g->down_bias + e * D + o : NULL;
+            for (r = J->off[e]; r < J->off[e + 1]; r++) {
+                const float dy = J->dout[(size_t)r * D + o], *har = J->ha + (size_t)r * F;
+                if (d_down) for (j = 0; j < F; j++) d_down[j] += dy * har[j];
+                if (d_bd) *d_bd += dy;
+            }
+        }
+    }
+}
 static void moe__experts_backward_ref(const moe_config *c, const moe__ffn *f,
                                       const moe__ffn_grad *g, int32_t n_sets, const int64_t *off,
                                       const float *x, const float *hg, const float *hu, float *ha,
                                       int rebuild_ha, const float *dout, float *dh, float *du,
                                       float *dx, float *pack) {
+    const double rows = (double)(off[n_sets] - off[0]), DF = (double)f->D * (double)f->F;
     moe__experts_bw_job J;
-    J.f = f; J.g = g; J.off = off; J.x = x; J.hg = hg; J.hu = hu; J.dout = dout;
-    J.ha = ha; J.dh = dh; J.du = du; J.dx = dx; J.rebuild_ha = rebuild_ha;
+    J.f = f; J.g = g; J.off = off; J.n_sets = n_sets; J.x = x; J.hg = hg; J.hu = hu;
+    J.dout = dout; J.ha = ha; J.dh = dh; J.du = du; J.dx = dx; J.rebuild_ha = rebuild_ha;
     (void)pack;
-    moe__parallel_for(c, n_sets, moe__expert_backward_ref, &J,
-                      6.0 * (double)(off[n_sets] - off[0]) * (double)f->D * (double)f->F);
+    if (n_sets <= 0) return;
+    moe__parallel_rows(c, off[n_sets] - off[0], 16, moe__experts_bw_rows_ref, &J,
+                       6.0 * rows * DF);
+    moe__parallel_rows(c, (int64_t)n_sets * (f->F + f->D), 16, moe__experts_bw_grads_ref, &J,
+                       6.0 * rows * DF);
 }
 
 /* The kernel table's experts entry on the reference: moe__experts_forward_ref. */
@@ -4794,6 +4894,7 @@ static void moe__router_init(moe__router *r, const moe_config *c, const moe__ws 
     r->count = ws->count;
     r->imp = ws->imp;
     r->chunks = ws->route_chunks;
+    r->stats = ws->stats;
 }
 
 /* Copy a finished routing result to the caller's info: arrays it asked for,
@@ -5717,82 +5818,6 @@ MOEDEF moe_status moe_ep_workspace_size(const moe_config *cfg, const moe_ep_plan
     return MOE_STATUS_OK;
 }
 
-/* This rank's partial sums of everything the aux losses (and their
-   gradients) take over the whole group; moe__aux_losses' formulas, split. */
-static void moe__ep_stats_local(const moe_config *c, const moe_ep_plan *pl, moe__router *r,
-                                double *st) {
-    const int32_t T = r->T, E = c->num_experts, S = r->S, K = c->top_k, Ta = pl->num_tokens;
-    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
-    const moe_info *res = r->res;
-    double *routed = st + MOE__EPS_ROUTED * E, *first = st + MOE__EPS_FIRST * E,
-           *P = st + MOE__EPS_P * E;
-    double *seqc = st + MOE__EPS_SEQC * E, *impg = st + MOE__EPS_IMPG * E;
-    int32_t t, j, e;
-    memset(st, 0, ((size_t)MOE__EPS_VECS * (size_t)E + 2) * sizeof(double));
-    for (t = 0; t < T; t++) {
-        const size_t p0 = (size_t)t * S;
-        float *g = r->small_f, *w = r->small_f + E;
-        for (j = 0; j < S; j++) {
-            if (res->dropped[p0 + j] == MOE__REJECTED) continue;
-            routed[res->expert[p0 + j]] += 1.0;
-            if (j == 0) first[res->expert[p0 + j]] += 1.0;
-        }
-        /* importance as moe__shazeer_grads recomputes it (pre-drop weights) */
-        for (j = 0; j < S; j++) g[j] = res->scores[(size_t)t * E + res->expert[p0 + j]];
-        moe__normalize(c, g, NULL, w, S);
-        for (j = 0; j < S; j++)
-            if (res->dropped[p0 + j] != MOE__REJECTED)
-                impg[res->expert[p0 + j]] += (double)w[j] * c->routed_scale;
-        {
-            const double l = moe__logsumexp(r->logits + (size_t)t * E, E);
-            st[MOE__EPS_VECS * E] += l * l;
-        }
-    }
-    for (e = 0; e < E; e++)
-        for (t = 0; t < T; t++) P[e] += moe__balance_prob(c, res->scores + (size_t)t * E, e);
-    for (e = 0; e < E; e++) st[MOE__EPS_IMP * E + e] = r->imp[e];
-    if (L >= Ta) {   /* one sequence over all ranks: counts are summed */
-        for (t = 0; t < T; t++) {
-            moe__topk_ref(res->scores + (size_t)t * E, E, K, r->small_i);
-            for (j = 0; j < K; j++) seqc[r->small_i[j]] += 1.0;
-        }
-    } else {         /* whole sequences inside this slice (moe__ep_check) */
-        int32_t s0;
-        for (s0 = 0; s0 < T; s0 = T - s0 > L ? s0 + L : T)
-            st[MOE__EPS_VECS * E + 1] += moe__seq_loss_of(r, s0, T - s0 < L ? T - s0 : L);
-    }
-}
-
-/* Aux-loss values of the group from the summed statistics. */
-static void moe__ep_aux(const moe_config *c, int32_t Ta, const double *st, moe_info *res) {
-    const int32_t E = c->num_experts, K = c->top_k;
-    const int32_t L = c->seq_len > 0 ? c->seq_len : Ta;
-    double bal = 0.0;
-    int32_t e;
-    res->aux_balance = res->aux_z = res->aux_importance = res->aux_load = res->aux_seq = 0.0f;
-    if (Ta > 0) {
-        res->aux_z = (float)(st[MOE__EPS_VECS * E] / Ta);
-        for (e = 0; e < E; e++) {
-            double f = st[(c->balance_loss == MOE_BALANCE_FIRST_CHOICE
-                           ? MOE__EPS_FIRST : MOE__EPS_ROUTED) * E + e];
-            f /= (double)Ta * (c->balance_loss == MOE_BALANCE_TOPK_NORMALIZED ? K : 1);
-            bal += f * (st[MOE__EPS_P * E + e] / Ta);
-        }
-        res->aux_balance = (float)(E * bal);
-        if (L >= Ta) {
-            double seq = 0.0;
-            for (e = 0; e < E; e++)
-                seq += (double)E / ((double)K * Ta) * st[MOE__EPS_SEQC * E + e] *
-                       (st[MOE__EPS_P * E + e] / Ta);
-            res->aux_seq = (float)seq;
-        } else {
-            res->aux_seq = (float)(st[MOE__EPS_VECS * E + 1] / (double)moe__ceil_div(Ta, L));
-        }
-        res->aux_importance = (float)moe__cv_squared(st + MOE__EPS_IMP * E, E);
-        res->aux_load = (float)moe__cv_squared(st + MOE__EPS_ROUTED * E, E);
-    }
-    moe__aux_total(c, res);
-}
 
 MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, const moe_ep_plan *plan,
                                const float *x, moe_info *info, int32_t *send_counts, double *stats,
@@ -5867,7 +5892,7 @@ MOEDEF moe_status moe_ep_route(const moe_config *cfg, const moe_weights *w, cons
     for (q = 0; q < plan->num_ranks; q++) send_counts[q] = 0;
     for (i = 0; i < TS; i++)
         if (res.dropped[i] != MOE__REJECTED) send_counts[res.expert[i] / per]++;
-    moe__ep_stats_local(&c, plan, &r, stats);
+    moe__batch_stats(&c, plan->num_tokens, &r, stats);
     moe__info_export(info, &res, logits, Tr, E, S, E);
     return MOE_STATUS_OK;
 }
@@ -5944,6 +5969,7 @@ static moe_status moe__ep_expert_plan(const moe_config *cl, int32_t n, moe__layo
     if (st != MOE_STATUS_OK) return st;
     t = lay->total - MOE__ALIGN;
     lay->row_key = moe__reserve(&t, N, sizeof(int64_t), &ok);
+    lay->pair_slot = moe__reserve(&t, N, sizeof(int32_t), &ok);
     lay->dout    = moe__reserve(&t, moe__mul(N, D), sizeof(float), &ok);
     lay->da      = moe__reserve(&t, moe__mul(N, F), sizeof(float), &ok);
     lay->du      = moe__reserve(&t, moe__act_is_glu(cl->activation) ? moe__mul(N, F) : 0,
@@ -6227,7 +6253,8 @@ MOEDEF moe_status moe_ep_combine(const moe_config *cfg, const moe_ep_plan *plan,
     info->slots = S;
     info->capacity = moe__capacity_of(&c, plan->num_tokens);
     moe__unstamp(info);
-    moe__ep_aux(&c, plan->num_tokens, stats, info);
+    moe__aux_from_stats(&c, plan->num_tokens, stats, info);
+    moe__aux_total(&c, info);
     return MOE_STATUS_OK;
 }
 
