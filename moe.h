@@ -2221,51 +2221,72 @@ static void moe__route_token_topk(const moe__router *r, const moe__token_scratch
     }
 }
 
-/* Capacity: mark pairs beyond C per expert as dropped (docs/ROUTING.md, "Drop policies"). */
-static void moe__apply_capacity(moe__router *r) {
-    const moe_config *c = r->c;
-    const int32_t T = r->T, S = r->S, E = c->num_experts, C = r->C;
-    const int32_t *expert = r->res->expert;
-    uint8_t *dropped = r->res->dropped;
-    int32_t t, j, e, i;
-    for (e = 0; e < E; e++) r->count[e] = 0;
+/* The pairs capacity decides over, in (token, slot) order: pair r goes to
+   expert[r] (< 0: none) from slot slot[r] (NULL: r % S, the dense T x S
+   layout of one process); key[r] is its pre-drop weight (WEIGHT) or its
+   token's top-1 score (BPR); drop[r] != 0 marks a pair already out
+   (a random-routing rejection), which takes no place.                    */
+typedef struct moe__pair_list {
+    int32_t n, S;
+    const int32_t *expert, *slot;
+    const float *key;
+    uint8_t *drop;
+} moe__pair_list;
+
+/* Capacity (docs/ROUTING.md, "Drop policies"): drop[r] = MOE__DROPPED for the
+   pairs beyond C per expert. The one process's routing and an expert-parallel
+   owner (with the pairs of its experts) both decide here.
+     POSITION: slot 0 of every token first, then slot 1, ...; BPR: the same
+     with tokens by descending top-1 score (stable); WEIGHT: each expert keeps
+     its C highest weights, ties to the lower token.
+   order, tmp: n entries of scratch; count: E.                             */
+static void moe__capacity_drops(const moe_config *c, int32_t C, int32_t E,
+                                const moe__pair_list *p, int32_t *order, int32_t *tmp,
+                                int32_t *count) {
+    const int32_t n = p->n;
+    int32_t r, i, j, e;
+    for (e = 0; e < E; e++) count[e] = 0;
     if (c->drop_policy == MOE_DROP_WEIGHT) {
-        /* each expert keeps its C highest pre-drop weights; ties -> lower token */
-        const float *w = r->res->weight;
         for (e = 0; e < E; e++) {
-            int32_t n = 0;
-            for (t = 0; t < T; t++)
-                for (j = 0; j < S; j++)
-                    if (expert[(size_t)t * S + j] == e && !dropped[(size_t)t * S + j]) {
-                        r->key[t] = w[(size_t)t * S + j];
-                        r->order[n++] = t;
-                    }
-            moe__sort_desc(r->key, r->order, r->order_tmp, n);
-            for (i = C; i < n; i++)
-                for (j = 0; j < S; j++)
-                    if (expert[(size_t)r->order[i] * S + j] == e)
-                        dropped[(size_t)r->order[i] * S + j] = MOE__DROPPED;
+            int32_t m = 0;
+            for (r = 0; r < n; r++)
+                if (p->expert[r] == e && !p->drop[r]) order[m++] = r;
+            moe__sort_desc(p->key, order, tmp, m);
+            for (i = C; i < m; i++) p->drop[order[i]] = MOE__DROPPED;
         }
         return;
     }
-    /* POSITION and BPR: slot 0 of every token, then slot 1, ...; within a slot
-       tokens in index order (POSITION) or by descending top-1 score (BPR).   */
-    for (t = 0; t < T; t++) r->order[t] = t;
+    for (r = 0; r < n; r++) order[r] = r;
+    if (c->drop_policy == MOE_DROP_BPR) moe__sort_desc(p->key, order, tmp, n);
+    for (j = 0; j < p->S; j++)
+        for (i = 0; i < n; i++) {
+            r = order[i];
+            e = p->expert[r];
+            if ((p->slot ? p->slot[r] : r % p->S) != j || e < 0 || p->drop[r]) continue;
+            if (count[e] < C) count[e]++;
+            else p->drop[r] = MOE__DROPPED;
+        }
+}
+
+/* Capacity over the T x S pairs of one process. */
+static void moe__apply_capacity(moe__router *r) {
+    const moe_config *c = r->c;
+    const int32_t T = r->T, S = r->S;
+    moe__pair_list p;
+    int32_t t, j;
+    p.n = T * S; p.S = S;
+    p.expert = r->res->expert; p.slot = NULL;
+    p.drop = r->res->dropped;
+    p.key = r->res->weight;
     if (c->drop_policy == MOE_DROP_BPR) {
         for (t = 0; t < T; t++) {
-            e = expert[(size_t)t * S];
-            r->key[t] = e >= 0 ? r->res->scores[(size_t)t * r->R + e] : -INFINITY;
+            const int32_t e = r->res->expert[(size_t)t * S];
+            const float top1 = e >= 0 ? r->res->scores[(size_t)t * r->R + e] : -INFINITY;
+            for (j = 0; j < S; j++) r->key[(size_t)t * S + j] = top1;
         }
-        moe__sort_desc(r->key, r->order, r->order_tmp, T);
+        p.key = r->key;
     }
-    for (j = 0; j < S; j++)
-        for (i = 0; i < T; i++) {
-            size_t p = (size_t)r->order[i] * S + j;
-            e = expert[p];
-            if (e < 0 || dropped[p]) continue;       /* random-routing rejection */
-            if (r->count[e] < C) r->count[e]++;
-            else dropped[p] = MOE__DROPPED;
-        }
+    moe__capacity_drops(c, r->C, c->num_experts, &p, r->order, r->order_tmp, r->count);
 }
 
 static moe__token_scratch moe__token_scratch_of(const moe__router *r, int32_t chunk) {
@@ -6049,38 +6070,6 @@ static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl
     return MOE_STATUS_OK;
 }
 
-/* Capacity on the owner (docs/ROUTING.md, "Drop policies"), the one-process rule restricted
-   to the pairs of the owned experts, which it sees in (token, slot) order:
-     POSITION: slot 0 of every token first, then slot 1, ...; BPR: tokens by
-     descending top-1 score (stable); WEIGHT: each expert keeps its C
-     highest weights, ties to the lower token.
-   expert[r]: local expert of pair r; drop[r] set to 1 beyond C.            */
-static void moe__ep_capacity(const moe_config *c, int32_t C, int32_t El, const moe_ep_pair *pairs,
-                             int32_t n, const int32_t *expert, uint8_t *drop, float *key,
-                             int32_t *order, int32_t *tmp, int32_t *count) {
-    int32_t r, i, j, e;
-    for (e = 0; e < El; e++) count[e] = 0;
-    if (c->drop_policy == MOE_DROP_WEIGHT) {
-        for (e = 0; e < El; e++) {
-            int32_t m = 0;
-            for (r = 0; r < n; r++)
-                if (expert[r] == e) { key[r] = pairs[r].weight; order[m++] = r; }
-            moe__sort_desc(key, order, tmp, m);
-            for (i = C; i < m; i++) drop[order[i]] = MOE__DROPPED;
-        }
-        return;
-    }
-    for (r = 0; r < n; r++) { order[r] = r; key[r] = pairs[r].priority; }
-    if (c->drop_policy == MOE_DROP_BPR) moe__sort_desc(key, order, tmp, n);
-    for (j = 0; j < c->top_k; j++)
-        for (i = 0; i < n; i++) {
-            r = order[i];
-            if (pairs[r].slot != j) continue;
-            if (count[expert[r]] < C) count[expert[r]]++;
-            else drop[r] = MOE__DROPPED;
-        }
-}
-
 /* Owner rows: local experts and drops of the received pairs, the counting
    sort into expert-contiguous rows (token order within an expert, as in one
    process), dropout keys and the gathered inputs xg.                      */
@@ -6102,10 +6091,18 @@ static void moe__ep_owner_rows(const moe_config *c, const moe_config *cl, const 
     }
     if (!dropped_in) {
         const int32_t C = moe__capacity_of(c, pl->num_tokens);
-        if (C > 0)
-            moe__ep_capacity(c, C, El, pairs, n, expert, drop, ws->key,
-                             ws->order, ws->order_tmp,
-                             ws->count);
+        if (C > 0) {   /* the pairs of the owned experts, in (token, slot) order */
+            moe__pair_list p;
+            int32_t *slot = ws->pair_slot;
+            p.n = n; p.S = c->top_k;
+            p.expert = expert; p.slot = slot; p.drop = drop; p.key = ws->key;
+            for (r = 0; r < n; r++) {
+                slot[r] = pairs[r].slot;
+                ws->key[r] = c->drop_policy == MOE_DROP_WEIGHT ? pairs[r].weight
+                                                               : pairs[r].priority;
+            }
+            moe__capacity_drops(c, C, El, &p, ws->order, ws->order_tmp, ws->count);
+        }
     }
     moe__dispatch_ref(expert, drop, n, 1, El, offsets, ws->pair_row, row_pair);
     for (row = 0; row < offsets[El]; row++) {
