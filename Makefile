@@ -9,7 +9,7 @@ PYTHON  ?= python3
 NVCC    ?= nvcc
 
 TEST_SRC := $(wildcard tests/test_*.c)
-TEST_HDR := moe.h tests/moe_test.h examples/train_balance.c examples/vit_moe_digits.c
+TEST_HDR := moe.h tests/moe_test.h tests/ref/quant_golden.h examples/train_balance.c examples/vit_moe_digits.c
 
 # moe.h picks its SIMD ISA at compile time. The suite is built once per ISA:
 # the reference (no -m flags), AVX2 + FMA, AVX-512 (run only where the CPU
@@ -248,6 +248,7 @@ docs-check:
 golden:
 	$(PYTHON) -m pip install -q -r tests/ref/requirements.txt
 	$(PYTHON) tests/ref/gen_golden.py
+	$(PYTHON) tests/ref/gen_quant.py
 
 clean:
 	rm -rf $(BUILD)

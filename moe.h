@@ -240,7 +240,13 @@ extern "C" {
                               "no noise, jitter or expert dropout in training, position drop " \
                               "policy, num_experts <= 256, top_k <= 32") \
     X(CUDA_ERROR,         21, "a CUDA runtime call or kernel launch failed; " \
-                              "moe_cuda_last_error() returns its cudaError_t")
+                              "moe_cuda_last_error() returns its cudaError_t") \
+    X(BAD_QUANT,          22, "a quantized weight is malformed: a type outside moe_qtype, a row " \
+                              "length that is not a multiple of its block size (32; 256 for " \
+                              "Q4_K), or a buffer smaller than rows x moe_qtype_row_bytes") \
+    X(QUANT_UNSUPPORTED,  23, "quantized expert weights run moe_forward and moe_pack_weights " \
+                              "only: moe_backward, the moe_ep_* expert calls and " \
+                              "moe_cuda.cuh take fp32 experts")
 
 typedef enum moe_status {
 #define MOE__X(name, value, text) MOE_STATUS_##name = value,
@@ -460,6 +466,25 @@ typedef struct moe_config {
 } moe_config;
 
 /* ---------------------------------------------------------------------------
+   Weight types of the routed experts (moe_weights.gate_type, ...): fp32, or
+   one of ggml's block formats, bit for bit as llama.cpp's GGUF files store
+   them, so a file's tensors are used as they are (docs/QUANT.md). A row of
+   n values is n / block-size blocks; the values are ids of ggml's type enum.
+     type   values/block  bytes/block  value
+     Q8_0   32            34           d * q,  d fp16, q int8
+     Q4_0   32            18           d * (q - 8),  q 4-bit
+     Q4_K   256           144          d * s_j * q - dmin * m_j,  8 sub-blocks
+                                       of 32 with 6-bit s_j, m_j; d, dmin fp16
+     MXFP4  32            17           2^(e - 127) * e2m1(q),  e 8-bit, q 4-bit */
+typedef enum moe_qtype {
+    MOE_QTYPE_F32 = 0,            /* float tensors (w.gate, ...); the default */
+    MOE_QTYPE_Q4_0 = 2,
+    MOE_QTYPE_Q8_0 = 8,
+    MOE_QTYPE_Q4_K = 12,
+    MOE_QTYPE_MXFP4 = 39
+} moe_qtype;
+
+/* ---------------------------------------------------------------------------
    moe_weights: caller-owned float tensors in PyTorch nn.Linear layout. Only
    the ones the config uses are read; the others may be NULL. Each expert is
    an FFN of its first matrix W1 = gate and second W2 = down, with W3 = up
@@ -485,6 +510,15 @@ typedef struct moe_weights {
     const float *down_bias;       /* [E][D]                                   */
     int32_t gate_up_fused;        /* 1: gate points at HF 5.x gate_up_proj
                                      [E][2F][D], gate rows then up rows       */
+    /* Quantized routed experts (forward only): a tensor whose type is not
+       MOE_QTYPE_F32 is read from its _q pointer, the same rows as the float
+       tensor in moe_qtype's blocks ([E][F] rows of D values for gate and up,
+       [E][2F] fused, [E][D] rows of F for down); its float pointer is then
+       unused. Biases, router and shared expert stay float. moe_forward and
+       moe_pack_weights read them; the backward, moe_ep_* and moe_cuda.cuh
+       refuse them (MOE_STATUS_QUANT_UNSUPPORTED).                            */
+    int32_t gate_type, up_type, down_type;   /* moe_qtype, 0 = F32           */
+    const void *gate_q, *up_q, *down_q;
     /* shared expert (cfg.shared_d_ff = Fs > 0), same activation as routed   */
     const float *shared_gate;     /* [Fs][D]  W1 (gate_proj, or fc1)          */
     const float *shared_up;       /* [Fs][D]  W3 (GLU only)                   */
@@ -625,6 +659,23 @@ MOEDEF moe_config moe_preset_glam(void);          /* GLaM: top-2 of 64 GEGLU exp
 MOEDEF moe_config moe_preset_topk_softmax(void);  /* "top-k of the logits, then softmax over
                                                      those k" (Mixtral paper): the same
                                                      weights as softmax -> top-k -> renormalise */
+
+/* Quantized weights (moe_qtype, docs/QUANT.md). moe_qtype_name gives "f32",
+   "q4_0", "q8_0", "q4_k", "mxfp4" (NULL outside the enum); block_size the
+   values per block (1 for f32, 0 outside the enum); row_bytes the bytes of a
+   row of n values (0 when n is not a multiple of the block size).
+   moe_quantize writes rows x n values of x as blocks (Q8_0, Q4_0 and MXFP4 as
+   ggml's reference quantizers; Q4_K by its own min-max fit, see
+   docs/QUANT.md), NONFINITE for a NaN or Inf in x; moe_dequantize is its
+   inverse on any blocks, as ggml's dequantizers. dst_bytes / src_bytes must
+   hold rows * moe_qtype_row_bytes(type, n); buffers must not overlap.    */
+MOEDEF const char *moe_qtype_name(moe_qtype type);
+MOEDEF int32_t moe_qtype_block_size(moe_qtype type);
+MOEDEF size_t moe_qtype_row_bytes(moe_qtype type, int64_t n);
+MOEDEF moe_status moe_quantize(moe_qtype type, const float *x, int64_t rows, int64_t n,
+                               void *dst, size_t dst_bytes);
+MOEDEF moe_status moe_dequantize(moe_qtype type, const void *src, size_t src_bytes,
+                                 int64_t rows, int64_t n, float *y);
 
 /* Packing (for the SIMD forward): moe_pack_size gives the bytes of the packed
    expert weights; moe_pack_weights writes them (routed and shared experts,
@@ -1180,6 +1231,268 @@ static void moe__sum_rows(float *bias, const float *A, int64_t n, int32_t m, siz
 typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t depth,
                               const float *A, size_t a_rs, size_t a_cs,
                               const float *B, size_t ldb, float *C, size_t ldc, int accumulate);
+
+// ----------------------------------------------------------------------------
+// Quantized weights: ggml's block formats (docs/QUANT.md). Each type has a
+// plain dequantizer (the spec, bit for bit ggml's and the gguf package's) and
+// a quantizer. The reference GEMM on blocks decodes a block, then sums as
+// moe__gemm_ref does, so the reference forward on quantized experts is the
+// fp32 reference forward on the decoded weights, bit for bit.
+
+/* IEEE half -> float (exact). */
+static float moe__f16_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, ex = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    float f;
+    if (ex == 0) {                          /* zero, subnormal: man * 2^-24 */
+        f = (float)man * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    }
+    u = sign | (ex == 0x1f ? 0x7f800000u : (ex + 112u) << 23) | man << 13;   /* Inf/NaN, normal */
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* float -> IEEE half, round to nearest even (numpy's astype(float16), ggml's
+   GGML_FP32_TO_FP16); NaN stays a quiet NaN, >= 65520 becomes Inf. */
+static uint16_t moe__f16_of(float v) {
+    uint32_t u, a, sign, m, rem, half;
+    int32_t shift;
+    memcpy(&u, &v, sizeof u);
+    sign = (u >> 16) & 0x8000u;
+    a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);
+    if (a >= 0x38800000u) {                 /* normal half: rebias, round 23 -> 10 bits */
+        a -= 112u << 23;
+        a += 0xfffu + ((a >> 13) & 1u);
+        return (uint16_t)(sign | (a >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)sign;   /* <= 2^-25: rounds to 0 */
+    /* subnormal half m * 2^-24: m = mantissa * 2^(exponent - 126), rounded */
+    shift = 126 - (int32_t)(a >> 23);        /* 14 .. 24 */
+    m = (a & 0x7fffffu) | 0x800000u;
+    rem = m & ((1u << shift) - 1u);
+    half = 1u << (shift - 1);
+    m >>= shift;
+    m += rem > half || (rem == half && (m & 1u));
+    return (uint16_t)(sign | m);
+}
+
+/* a * b rounded to float before it is added to anything: a compiler may fuse
+   a * b + c into one FMA (one rounding), which moves results off ggml's and
+   numpy's, which round the product. */
+static float moe__product(float a, float b) {
+    volatile float p = a * b;
+    return p;
+}
+
+typedef struct moe__qinfo { int32_t block; size_t bytes; } moe__qinfo;
+
+/* Values and bytes per block; {0, 0} outside moe_qtype. */
+static moe__qinfo moe__qblock(int32_t type) {
+    moe__qinfo q = {0, 0};
+    switch (type) {
+    case MOE_QTYPE_F32: q.block = 1; q.bytes = 4; break;
+    case MOE_QTYPE_Q4_0: q.block = 32; q.bytes = 18; break;
+    case MOE_QTYPE_Q8_0: q.block = 32; q.bytes = 34; break;
+    case MOE_QTYPE_Q4_K: q.block = 256; q.bytes = 144; break;
+    case MOE_QTYPE_MXFP4: q.block = 32; q.bytes = 17; break;
+    default: break;
+    }
+    return q;
+}
+
+/* MXFP4's e2m1 values, doubled (ggml's table), and its scale 2^(e - 128),
+   half of the e8m0 value 2^(e - 127) to match (ggml's e8m0_to_fp32_half). */
+static const int8_t moe__e2m1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static float moe__e8m0_half(uint8_t e) {
+    const uint32_t u = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Q4_K's 6-bit scale and min of sub-block j from its 12 packed bytes. */
+static void moe__q4k_scale_min(const unsigned char *s, int j, float *sc, float *mn) {
+    if (j < 4) {
+        *sc = (float)(s[j] & 63); *mn = (float)(s[j + 4] & 63);
+    } else {
+        *sc = (float)((s[j + 4] & 0xf) | (s[j - 4] >> 6) << 4);
+        *mn = (float)((s[j + 4] >> 4) | (s[j] >> 6) << 4);
+    }
+}
+
+static uint16_t moe__u16le(const unsigned char *b) { return (uint16_t)(b[0] | b[1] << 8); }
+static void moe__put_u16le(unsigned char *b, uint16_t v) {
+    b[0] = (unsigned char)(v & 0xff); b[1] = (unsigned char)(v >> 8);
+}
+
+/* The values of one block (moe__qblock(type).block of them) into y. */
+static void moe__dequant_block(int32_t type, const unsigned char *b, float *y) {
+    int j, l;
+    if (type == MOE_QTYPE_Q8_0) {              /* d, 32 x int8 */
+        const float d = moe__f16_float(moe__u16le(b));
+        for (j = 0; j < 32; j++) y[j] = d * (float)(b[2 + j] < 128 ? b[2 + j] : b[2 + j] - 256);
+    } else if (type == MOE_QTYPE_Q4_0) {       /* d, 16 bytes: value j low nibble, j + 16 high */
+        const float d = moe__f16_float(moe__u16le(b));
+        for (j = 0; j < 16; j++) {
+            y[j] = d * (float)((b[2 + j] & 0xf) - 8);
+            y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
+        }
+    } else if (type == MOE_QTYPE_MXFP4) {      /* e, 16 bytes as Q4_0 */
+        const float d = moe__e8m0_half(b[0]);
+        for (j = 0; j < 16; j++) {
+            y[j] = d * (float)moe__e2m1x2[b[1 + j] & 0xf];
+            y[j + 16] = d * (float)moe__e2m1x2[b[1 + j] >> 4];
+        }
+    } else {                                   /* Q4_K: d, dmin, 12 scale bytes, 128 bytes */
+        const float d = moe__f16_float(moe__u16le(b)), dmin = moe__f16_float(moe__u16le(b + 2));
+        const unsigned char *q = b + 16;
+        for (j = 0; j < 8; j += 2, q += 32) {  /* 64 values: sub-block j low, j + 1 high */
+            float sc, mn, d1, m1, d2, m2;
+            moe__q4k_scale_min(b + 4, j, &sc, &mn);
+            d1 = d * sc; m1 = dmin * mn;
+            moe__q4k_scale_min(b + 4, j + 1, &sc, &mn);
+            d2 = d * sc; m2 = dmin * mn;
+            for (l = 0; l < 32; l++) {
+                y[32 * j + l] = moe__product(d1, (float)(q[l] & 0xf)) - m1;
+                y[32 * j + 32 + l] = moe__product(d2, (float)(q[l] >> 4)) - m2;
+            }
+        }
+    }
+}
+
+/* Q4_K of 256 values: per 32-value sub-block j the range [lo_j, hi_j] (lo_j
+   <= 0) as scale_j = (hi_j - lo_j) / 15 and min_j = -lo_j, both quantized to
+   6 bits against the block's largest (d = max scale / 63, dmin = max min /
+   63), then each value to the nearest of the 16 levels its decoded scale and
+   min give. A plain min-max fit (ggml searches further; docs/QUANT.md). */
+static void moe__quant_q4k(const float *x, unsigned char *b) {
+    float scale[8], mins[8], max_scale = 0.0f, max_min = 0.0f, d, dmin;
+    unsigned char ls[8], lm[8], L[256];
+    int j, l;
+    for (j = 0; j < 8; j++) {
+        float lo = 0.0f, hi = x[32 * j];
+        for (l = 0; l < 32; l++) {
+            if (x[32 * j + l] < lo) lo = x[32 * j + l];
+            if (x[32 * j + l] > hi) hi = x[32 * j + l];
+        }
+        scale[j] = (hi - lo) / 15.0f;
+        mins[j] = -lo;
+        if (scale[j] > max_scale) max_scale = scale[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    for (j = 0; j < 8; j++) {
+        const float s = max_scale > 0.0f ? roundf(63.0f / max_scale * scale[j]) : 0.0f;
+        const float m = max_min > 0.0f ? roundf(63.0f / max_min * mins[j]) : 0.0f;
+        ls[j] = (unsigned char)(s < 63.0f ? s : 63.0f);
+        lm[j] = (unsigned char)(m < 63.0f ? m : 63.0f);
+    }
+    moe__put_u16le(b, moe__f16_of(max_scale / 63.0f));
+    moe__put_u16le(b + 2, moe__f16_of(max_min / 63.0f));
+    d = moe__f16_float(moe__u16le(b));
+    dmin = moe__f16_float(moe__u16le(b + 2));
+    for (j = 0; j < 12; j++) b[4 + j] = 0;
+    for (j = 0; j < 8; j++) {                  /* ggml's 12-byte packing of 8 x (6 + 6) bits */
+        if (j < 4) {
+            b[4 + j] = ls[j]; b[8 + j] = lm[j];
+        } else {
+            b[8 + j] = (unsigned char)((ls[j] & 0xf) | (lm[j] & 0xf) << 4);
+            b[4 + j - 4] |= (unsigned char)((ls[j] >> 4) << 6);
+            b[4 + j] |= (unsigned char)((lm[j] >> 4) << 6);
+        }
+    }
+    for (j = 0; j < 8; j++) {
+        const float dj = d * (float)ls[j], mj = dmin * (float)lm[j];
+        for (l = 0; l < 32; l++) {
+            const float q = dj > 0.0f ? roundf((x[32 * j + l] + mj) / dj) : 0.0f;
+            L[32 * j + l] = (unsigned char)(q < 0.0f ? 0.0f : q > 15.0f ? 15.0f : q);
+        }
+    }
+    for (j = 0; j < 4; j++)
+        for (l = 0; l < 32; l++)
+            b[16 + 32 * j + l] = (unsigned char)(L[64 * j + l] | L[64 * j + 32 + l] << 4);
+}
+
+/* One block of finite values x into b. Q8_0, Q4_0 and MXFP4 as ggml's
+   quantize_row_*_ref (and the gguf package): the same bytes. */
+static void moe__quant_block(int32_t type, const float *x, unsigned char *b) {
+    int j;
+    if (type == MOE_QTYPE_Q4_K) { moe__quant_q4k(x, b); return; }
+    if (type == MOE_QTYPE_MXFP4) {             /* e from the largest |x|, nearest e2m1 each */
+        float amax = 0.0f, d, e;
+        for (j = 0; j < 32; j++) if (fabsf(x[j]) > amax) amax = fabsf(x[j]);
+        e = amax > 0.0f ? floorf(log2f(amax)) - 2.0f + 127.0f : 0.0f;
+        b[0] = (unsigned char)(e < 0.0f ? 0.0f : e);      /* amax < 2^-125 */
+        d = moe__e8m0_half(b[0]);
+        for (j = 0; j < 32; j++) {
+            int i, best = 0;
+            float best_err = fabsf(x[j]);              /* level 0 */
+            for (i = 1; i < 16; i++) {
+                const float err = fabsf(d * (float)moe__e2m1x2[i] - x[j]);
+                if (err < best_err) { best = i; best_err = err; }
+            }
+            if (j < 16) b[1 + j] = (unsigned char)best;
+            else b[1 + j - 16] |= (unsigned char)(best << 4);
+        }
+    } else if (type == MOE_QTYPE_Q8_0) {       /* d = max |x| / 127 */
+        float amax = 0.0f, d, id;
+        for (j = 0; j < 32; j++) if (fabsf(x[j]) > amax) amax = fabsf(x[j]);
+        d = amax / 127.0f;
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        moe__put_u16le(b, moe__f16_of(d));
+        for (j = 0; j < 32; j++) {
+            const int q = (int)roundf(x[j] * id);
+            b[2 + j] = (unsigned char)(q < 0 ? q + 256 : q);
+        }
+    } else {                                   /* Q4_0: d = (the x of largest |x|) / -8 */
+        float amax = 0.0f, max = 0.0f, d, id;
+        for (j = 0; j < 32; j++) if (fabsf(x[j]) > amax) { amax = fabsf(x[j]); max = x[j]; }
+        d = max / -8.0f;
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        moe__put_u16le(b, moe__f16_of(d));
+        for (j = 0; j < 16; j++) {
+            const int lo = (int)(moe__product(x[j], id) + 8.5f);
+            const int hi = (int)(moe__product(x[j + 16], id) + 8.5f);
+            b[2 + j] = (unsigned char)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+        }
+    }
+}
+
+/* A quantized matrix set, as the expert FFN reads it: expert e's row o of
+   blocks starts at data + e * stride + o * row_bytes. data NULL: fp32. */
+typedef struct moe__qmat {
+    const unsigned char *data;
+    int32_t type;
+    size_t row_bytes, stride;
+} moe__qmat;
+
+/* moe__gemm_ref with W in blocks: y[i][o] = bias[o] + sum_k x[i][k] W[o][k],
+   k ascending in float, each block decoded once for all n rows: the bits of
+   moe__gemm_ref on the decoded W. */
+static void moe__gemm_q_ref(float *MOE_RESTRICT y, const float *MOE_RESTRICT x,
+                            const moe__qmat *W, size_t e, const float *MOE_RESTRICT bias,
+                            int64_t n, int32_t n_out, int32_t n_in) {
+    const moe__qinfo qi = moe__qblock(W->type);
+    float block[256];
+    int64_t i;
+    int32_t o, k0, k;
+    for (o = 0; o < n_out; o++) {
+        const unsigned char *row = W->data + e * W->stride + (size_t)o * W->row_bytes;
+        for (i = 0; i < n; i++) y[(size_t)i * (size_t)n_out + (size_t)o] = 0.0f;
+        for (k0 = 0; k0 < n_in; k0 += qi.block) {
+            moe__dequant_block(W->type, row + (size_t)(k0 / qi.block) * qi.bytes, block);
+            for (i = 0; i < n; i++) {
+                const float *xi = x + (size_t)i * (size_t)n_in + (size_t)k0;
+                float acc = y[(size_t)i * (size_t)n_out + (size_t)o];
+                for (k = 0; k < qi.block; k++) acc += xi[k] * block[k];
+                y[(size_t)i * (size_t)n_out + (size_t)o] = acc;
+            }
+        }
+        if (bias) for (i = 0; i < n; i++) y[(size_t)i * (size_t)n_out + (size_t)o] += bias[o];
+    }
+}
 
 // ----------------------------------------------------------------------------
 // ISA selection: one vector ISA per build, chosen at compile time; the fast
@@ -1868,6 +2181,7 @@ typedef struct moe__ffn {
     const float *gate, *up, *down;                 /* [F][D], [F][D], [D][F] each */
     const float *gate_bias, *up_bias, *down_bias;  /* [F], [F], [D] each or NULL  */
     size_t gate_stride, up_stride, down_stride;
+    moe__qmat gate_q, up_q, down_q;                /* blocks instead (data set)   */
     int32_t D, F;
     moe_activation act;
     const moe_config *dropout;   /* non-NULL: expert dropout on (routed experts, training) */
@@ -3012,6 +3326,7 @@ static moe__ffn moe__ffn_make(const moe_config *c, int32_t F, int fused,
                               const float *gb, const float *ub, const float *db, int shared) {
     moe__ffn f;
     const size_t D = (size_t)c->d_model;
+    memset(&f, 0, sizeof f);                            /* no blocks */
     f.D = c->d_model; f.F = F; f.act = c->activation;
     f.gate_stride = shared ? 0 : (size_t)(fused ? 2 : 1) * (size_t)F * D;
     f.up_stride = f.gate_stride;
@@ -3024,9 +3339,30 @@ static moe__ffn moe__ffn_make(const moe_config *c, int32_t F, int fused,
     f.dropout = NULL; f.row_key = NULL;
     return f;
 }
+/* Expert matrices of `rows` rows of `cols` values each, in blocks of `type`
+   at data (data NULL for fp32). */
+static moe__qmat moe__qmat_of(int32_t type, const void *data, size_t rows, size_t cols) {
+    moe__qmat q;
+    const moe__qinfo qi = moe__qblock(type);
+    q.type = type;
+    q.data = type != MOE_QTYPE_F32 ? (const unsigned char *)data : NULL;
+    q.row_bytes = q.data ? cols / (size_t)qi.block * qi.bytes : 0;
+    q.stride = rows * q.row_bytes;
+    return q;
+}
 static moe__ffn moe__routed_ffn(const moe_config *c, const moe_weights *w) {
-    return moe__ffn_make(c, c->d_ff, w->gate_up_fused, w->gate, w->up, w->down,
-                         w->gate_bias, w->up_bias, w->down_bias, 0);
+    const size_t F = (size_t)c->d_ff, D = (size_t)c->d_model;
+    const size_t gate_rows = w->gate_up_fused ? 2 * F : F;
+    moe__ffn f = moe__ffn_make(c, c->d_ff, w->gate_up_fused, w->gate, w->up, w->down,
+                               w->gate_bias, w->up_bias, w->down_bias, 0);
+    f.gate_q = moe__qmat_of(w->gate_type, w->gate_q, gate_rows, D);
+    f.up_q = moe__qmat_of(w->up_type, w->up_q, F, D);
+    if (w->gate_up_fused) {                    /* up rows follow the gate rows */
+        f.up_q = f.gate_q;
+        if (f.up_q.data) f.up_q.data += F * f.up_q.row_bytes;
+    }
+    f.down_q = moe__qmat_of(w->down_type, w->down_q, D, F);
+    return f;
 }
 /* The routed experts as a training layer sees them: with expert dropout
    keyed by the pair each row processes (Soft MoE: by the slot).           */
@@ -3152,6 +3488,15 @@ static float moe__dot_ref(const float *a, const float *b, size_t n) {
 }
 
 
+/* y = x . W_e^T + bias for expert e of a matrix set: fp32 (W, e * stride
+   elements on) or blocks (q->data set). */
+static void moe__project_ref(float *y, const float *x, const float *W, size_t stride,
+                             const moe__qmat *q, size_t e, const float *bias, int64_t n,
+                             int32_t n_out, int32_t n_in) {
+    if (q->data) moe__gemm_q_ref(y, x, q, e, bias, n, n_out, n_in);
+    else moe__gemm_ref(y, x, W + e * stride, bias, n, n_out, n_in);
+}
+
 /* Grouped expert FFN over expert-contiguous rows: rows [off[e], off[e+1]) of
    x belong to expert e. The reference (moe__gemm_ref per projection), the
    spec of moe__experts_simd; the kernel table picks one of them.
@@ -3167,15 +3512,18 @@ static void moe__experts_forward_ref(const moe__ffn *f, int32_t num_experts, con
         const int64_t r0 = off[e], n = off[e + 1] - off[e];
         const size_t h0 = (size_t)r0 * F;
         if (n == 0) continue;
-        moe__gemm_ref(hg + h0, x + (size_t)r0 * D, f->gate + (size_t)e * f->gate_stride,
-                      f->gate_bias ? f->gate_bias + (size_t)e * F : NULL, n, f->F, f->D);
+        moe__project_ref(hg + h0, x + (size_t)r0 * D, f->gate, f->gate_stride, &f->gate_q,
+                         (size_t)e, f->gate_bias ? f->gate_bias + (size_t)e * F : NULL, n, f->F,
+                         f->D);
         if (glu)
-            moe__gemm_ref(hu + h0, x + (size_t)r0 * D, f->up + (size_t)e * f->up_stride,
-                          f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F, f->D);
+            moe__project_ref(hu + h0, x + (size_t)r0 * D, f->up, f->up_stride, &f->up_q,
+                             (size_t)e, f->up_bias ? f->up_bias + (size_t)e * F : NULL, n, f->F,
+                             f->D);
         moe__activate_ref(f->act, ha + h0, hg + h0, glu ? hu + h0 : NULL, (size_t)n * F);
         moe__dropout_apply(f, ha, r0, r0 + n, 0, f->F);
-        moe__gemm_ref(out + (size_t)r0 * D, ha + h0, f->down + (size_t)e * f->down_stride,
-                      f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D, f->F);
+        moe__project_ref(out + (size_t)r0 * D, ha + h0, f->down, f->down_stride, &f->down_q,
+                         (size_t)e, f->down_bias ? f->down_bias + (size_t)e * D : NULL, n, f->D,
+                         f->F);
     }
 }
 
@@ -4482,14 +4830,65 @@ static void moe__pack_put(const moe__pack_job *J, size_t o, size_t k, size_t v, 
     else ((float *)J->dst)[o + k * MOE__NR + v] = x;
 }
 
+/* Rows [k0, k1) of column v of the panel at o: values k0.. of row `row` of
+   expert e's matrix (fp32 W, or blocks q; k0 a multiple of the block size),
+   zeros from depth on and for a column with no row. */
+static void moe__pack_column(const moe__pack_job *J, size_t o, size_t v, const float *W,
+                             size_t stride, const moe__qmat *q, int has_row, size_t row,
+                             size_t depth, size_t k0, size_t k1) {
+    const moe__qinfo qi = moe__qblock(q->type);
+    float block[256];
+    size_t k = k0, i;
+    if (has_row && q->data)
+        for (; k < k1 && k < depth; k += (size_t)qi.block) {
+            moe__dequant_block(q->type, q->data + (size_t)J->e * q->stride + row * q->row_bytes +
+                                            k / (size_t)qi.block * qi.bytes, block);
+            for (i = 0; i < (size_t)qi.block; i++) moe__pack_put(J, o, k + i, v, block[i]);
+        }
+    else if (has_row)
+        for (; k < k1 && k < depth; k++)
+            moe__pack_put(J, o, k, v, W[(size_t)J->e * stride + row * depth + k]);
+    for (; k < k1; k++) moe__pack_put(J, o, k, v, 0.0f);
+}
+
+/* A panel with quantized columns, 256 rows (a Q4_K block) at a time: each
+   block decoded once, its tile of the panel written while in cache. */
+static void moe__pack_q_panel(const moe__pack_job *J, int32_t task) {
+    const moe__ffn *f = J->f;
+    const int w13 = task < J->g->p1;
+    const size_t D = (size_t)f->D, F = (size_t)f->F, p = (size_t)(w13 ? task : task - J->g->p1);
+    const size_t rows = w13 ? J->g->k1 : J->g->k2, depth = w13 ? D : F;
+    const size_t o = w13 ? p * rows * MOE__NR : J->g->w13 + p * rows * MOE__NR;
+    size_t k0, v;
+    for (k0 = 0; k0 < rows; k0 += 256)
+        for (v = 0; v < MOE__NR; v++) {
+            const size_t k1 = k0 + 256 < rows ? k0 + 256 : rows;
+            if (w13) {
+                const size_t col = J->glu ? p * MOE__VL + v % MOE__VL : p * MOE__NR + v;
+                const int up = J->glu && v >= MOE__VL;
+                moe__pack_column(J, o, v, up ? f->up : f->gate, up ? f->up_stride : f->gate_stride,
+                                 up ? &f->up_q : &f->gate_q, col < F, col, depth, k0, k1);
+            } else {
+                const size_t col = p * MOE__NR + v;
+                moe__pack_column(J, o, v, f->down, f->down_stride, &f->down_q, col < D, col,
+                                 depth, k0, k1);
+            }
+        }
+}
+
 static void moe__pack_task(void *arg, int32_t task) {
     const moe__pack_job *J = (const moe__pack_job *)arg;
     const moe__ffn *f = J->f;
     const size_t D = (size_t)f->D, F = (size_t)f->F;
-    const float *gate = f->gate + (size_t)J->e * f->gate_stride;
-    const float *up = J->glu ? f->up + (size_t)J->e * f->up_stride : NULL;
-    const float *down = f->down + (size_t)J->e * f->down_stride;
+    const float *gate, *up, *down;
     size_t k, v;
+    if (task < J->g->p1 ? f->gate_q.data || (J->glu && f->up_q.data) : f->down_q.data != NULL) {
+        moe__pack_q_panel(J, task);
+        return;
+    }
+    gate = f->gate + (size_t)J->e * f->gate_stride;
+    up = J->glu ? f->up + (size_t)J->e * f->up_stride : NULL;
+    down = f->down + (size_t)J->e * f->down_stride;
     if (task < J->g->p1) {                       /* w13 panel: [D][NR], D even */
         const size_t p = (size_t)task, o = p * J->g->k1 * MOE__NR;
         for (k = 0; k < J->g->k1; k++)
@@ -4754,7 +5153,10 @@ static moe_grads moe__weights_as_grads(const moe_weights *w) {
     memset(&g, 0, sizeof g);
     g.router = (float *)w->router; g.router_bias = (float *)w->router_bias;
     g.router_noise = (float *)w->router_noise;
-    g.gate = (float *)w->gate; g.up = (float *)w->up; g.down = (float *)w->down;
+    /* a quantized tensor's float pointer is unused (its blocks: moe__weight_spans) */
+    g.gate = w->gate_type ? NULL : (float *)w->gate;
+    g.up = w->up_type ? NULL : (float *)w->up;
+    g.down = w->down_type ? NULL : (float *)w->down;
     g.gate_bias = (float *)w->gate_bias; g.up_bias = (float *)w->up_bias;
     g.down_bias = (float *)w->down_bias;
     g.shared_gate = (float *)w->shared_gate; g.shared_up = (float *)w->shared_up;
@@ -4772,24 +5174,62 @@ static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weig
                               int experts) {
     const moe_grads g = moe__weights_as_grads(w);
     moe__tensor_spans(S, c, &g, experts, 0);
+    if (experts) {
+        const moe__ffn f = moe__routed_ffn(c, w);
+        const size_t E = (size_t)c->num_experts;
+        moe__span(S, f.gate_q.data, E, f.gate_q.stride, 0);
+        if (moe__act_is_glu(c->activation) && !w->gate_up_fused)
+            moe__span(S, f.up_q.data, E, f.up_q.stride, 0);
+        moe__span(S, f.down_q.data, E, f.down_q.stride, 0);
+    }
     if (c->selection_bias)
         moe__span(S, w->selection_bias, (size_t)c->num_experts, sizeof(float), 0);
     if (!experts) moe__span(S, w->packed, w->packed_bytes, 1, 0);
+}
+
+/* Does the forward read quantized routed experts? (up only where used) */
+static int moe__quantized(const moe_config *c, const moe_weights *w) {
+    return w->gate_type != MOE_QTYPE_F32 || w->down_type != MOE_QTYPE_F32 ||
+           (moe__act_is_glu(c->activation) && !w->gate_up_fused && w->up_type != MOE_QTYPE_F32);
+}
+
+/* One routed expert tensor of rows of `cols` values: its type, the row
+   length its blocks allow, and the pointer that type reads. */
+static moe_status moe__check_tensor(int32_t type, const float *f32, const void *blocks,
+                                    int32_t cols, int packed) {
+    const moe__qinfo qi = moe__qblock(type);
+    if (qi.block == 0 || cols % qi.block != 0) return MOE_STATUS_BAD_QUANT;
+    if (!packed && !(type == MOE_QTYPE_F32 ? (const void *)f32 : blocks))
+        return MOE_STATUS_MISSING_WEIGHT;
+    return MOE_STATUS_OK;
+}
+
+/* The routed experts' tensors and biases (moe_forward, moe_pack_weights and
+   the expert-parallel owner). packed: the matrices come from w.packed. */
+static moe_status moe__check_experts(const moe_config *c, const moe_weights *w, int packed) {
+    const int glu = moe__act_is_glu(c->activation);
+    moe_status st;
+    if ((st = moe__check_tensor(w->gate_type, w->gate, w->gate_q, c->d_model, packed)) ||
+        (glu && !w->gate_up_fused &&
+         (st = moe__check_tensor(w->up_type, w->up, w->up_q, c->d_model, packed))) ||
+        (st = moe__check_tensor(w->down_type, w->down, w->down_q, c->d_ff, packed)))
+        return st;
+    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
+        return MOE_STATUS_MISSING_WEIGHT;
+    return MOE_STATUS_OK;
 }
 
 /* Weights the config needs. packed: the forward reads the expert matrices
    from w.packed (SIMD ISA), so w.gate/up/down may be NULL.                 */
 static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, int packed) {
     const int glu = moe__act_is_glu(c->activation);
+    moe_status st;
     if (c->routing == MOE_ROUTING_SOFT ? !w->soft_phi : !w->router)
         return MOE_STATUS_MISSING_WEIGHT;
     if ((c->router_bias && !w->router_bias) || (c->selection_bias && !w->selection_bias) ||
         (c->noise == MOE_NOISE_SHAZEER && !w->router_noise))
         return MOE_STATUS_MISSING_WEIGHT;
-    if (!packed && (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up)))
-        return MOE_STATUS_MISSING_WEIGHT;
-    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
-        return MOE_STATUS_MISSING_WEIGHT;
+    if ((st = moe__check_experts(c, w, packed)) != MOE_STATUS_OK) return st;
     if (c->shared_d_ff > 0) {
         if (!packed && (!w->shared_gate || !w->shared_down || (glu && !w->shared_up)))
             return MOE_STATUS_MISSING_WEIGHT;
@@ -5075,6 +5515,77 @@ static void moe__cache_export(moe_info *dst, const moe_config *c, int32_t T,
         memcpy(dst->cache_shared_out, ws->sh_out, (size_t)T * D * sizeof(float));
 }
 
+MOEDEF const char *moe_qtype_name(moe_qtype type) {
+    switch (type) {
+    case MOE_QTYPE_F32: return "f32";
+    case MOE_QTYPE_Q4_0: return "q4_0";
+    case MOE_QTYPE_Q8_0: return "q8_0";
+    case MOE_QTYPE_Q4_K: return "q4_k";
+    case MOE_QTYPE_MXFP4: return "mxfp4";
+    default: return NULL;
+    }
+}
+
+MOEDEF int32_t moe_qtype_block_size(moe_qtype type) { return moe__qblock(type).block; }
+
+MOEDEF size_t moe_qtype_row_bytes(moe_qtype type, int64_t n) {
+    const moe__qinfo qi = moe__qblock(type);
+    if (qi.block == 0 || n < 0 || n % qi.block != 0) return 0;
+    return moe__mul((size_t)(n / qi.block), qi.bytes);   /* SIZE_MAX: does not fit */
+}
+
+/* The checks moe_quantize and moe_dequantize share; *bytes: of the blocks. */
+static moe_status moe__quant_args(moe_qtype type, int64_t rows, int64_t n, const void *a,
+                                  const void *b, size_t have, size_t *bytes) {
+    const moe__qinfo qi = moe__qblock(type);
+    size_t row;
+    if (!a || !b) return MOE_STATUS_NULL_ARGUMENT;
+    if (rows < 0 || n < 0) return MOE_STATUS_BAD_DIMENSION;
+    if (qi.block == 0 || n % qi.block != 0) return MOE_STATUS_BAD_QUANT;
+    row = moe_qtype_row_bytes(type, n);
+    *bytes = moe__mul((size_t)rows, row);
+    if (row == (size_t)-1 || *bytes == (size_t)-1 ||
+        moe__mul((size_t)rows, moe__mul((size_t)n, sizeof(float))) == (size_t)-1)
+        return MOE_STATUS_SIZE_OVERFLOW;
+    if (have < *bytes) return MOE_STATUS_BAD_QUANT;
+    {
+        moe__spans sp;
+        sp.n = 0;
+        moe__span(&sp, a, (size_t)rows * (size_t)n, sizeof(float), 1);
+        moe__span(&sp, b, *bytes, 1, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_quantize(moe_qtype type, const float *x, int64_t rows, int64_t n,
+                               void *dst, size_t dst_bytes) {
+    const moe__qinfo qi = moe__qblock(type);
+    size_t bytes, i, count;
+    moe_status st = moe__quant_args(type, rows, n, x, dst, dst_bytes, &bytes);
+    if (st != MOE_STATUS_OK) return st;
+    count = (size_t)rows * (size_t)n;
+    for (i = 0; i < count; i++) if (!moe__isfinite(x[i])) return MOE_STATUS_NONFINITE;
+    if (type == MOE_QTYPE_F32) { if (count) memcpy(dst, x, bytes); return MOE_STATUS_OK; }
+    for (i = 0; i < count / (size_t)qi.block; i++)
+        moe__quant_block(type, x + i * (size_t)qi.block, (unsigned char *)dst + i * qi.bytes);
+    return MOE_STATUS_OK;
+}
+
+MOEDEF moe_status moe_dequantize(moe_qtype type, const void *src, size_t src_bytes,
+                                 int64_t rows, int64_t n, float *y) {
+    const moe__qinfo qi = moe__qblock(type);
+    size_t bytes, i, count;
+    moe_status st = moe__quant_args(type, rows, n, y, src, src_bytes, &bytes);
+    if (st != MOE_STATUS_OK) return st;
+    count = (size_t)rows * (size_t)n;
+    if (type == MOE_QTYPE_F32) { if (count) memcpy(y, src, bytes); return MOE_STATUS_OK; }
+    for (i = 0; i < count / (size_t)qi.block; i++)
+        moe__dequant_block(type, (const unsigned char *)src + i * qi.bytes,
+                           y + i * (size_t)qi.block);
+    return MOE_STATUS_OK;
+}
+
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes) {
     moe_config c;
     moe__pack_layout pk;
@@ -5130,6 +5641,7 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
     h.glu = (uint32_t)moe__act_is_glu(c.activation); h.bf16 = (uint32_t)(c.pack_bf16 != 0);
     h.bytes = pk.bytes;
+    memset(packed, 0, pk.experts);   /* the header's 64 bytes: no unwritten padding */
     memcpy(packed, &h, sizeof h);
     return MOE_STATUS_OK;
 }
@@ -5626,6 +6138,7 @@ static moe_status moe__backward(const moe_config *cfg, const moe_weights *w, con
     if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
     if (T > 0 && (!x || !dy)) return MOE_STATUS_NULL_ARGUMENT;
+    if (moe__quantized(&c, w)) return MOE_STATUS_QUANT_UNSUPPORTED;
     if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
     /* recompute reruns the forward's expert FFNs, from w.packed where the
        forward would: the same check as moe_forward's */
@@ -6048,16 +6561,14 @@ static void moe__ep_rows_back(const int64_t *pair_row, int32_t n, int32_t D, con
 static moe_status moe__ep_check_owner(const moe_config *c, const moe_ep_plan *pl,
                                       const moe_weights *w, const moe_ep_pair *pairs,
                                       const float *x, int32_t n) {
-    const int glu = moe__act_is_glu(c->activation);
     const int32_t per = c->num_experts / pl->num_ranks, e0 = pl->rank * per;
+    moe_status st;
     int32_t r;
     if (!w) return MOE_STATUS_NULL_ARGUMENT;
     if (n < 0) return MOE_STATUS_BAD_DIMENSION;
     if (n > 0 && (!pairs || !x)) return MOE_STATUS_NULL_ARGUMENT;
-    if (!w->gate || !w->down || (glu && !w->gate_up_fused && !w->up))
-        return MOE_STATUS_MISSING_WEIGHT;
-    if (c->expert_bias && (!w->gate_bias || !w->down_bias || (glu && !w->up_bias)))
-        return MOE_STATUS_MISSING_WEIGHT;
+    if (moe__quantized(c, w)) return MOE_STATUS_QUANT_UNSUPPORTED;
+    if ((st = moe__check_experts(c, w, 0)) != MOE_STATUS_OK) return st;
     for (r = 0; r < n; r++) {
         const moe_ep_pair *p = pairs + r;
         if (p->expert < e0 || p->expert >= e0 + per || p->slot < 0 || p->slot >= c->top_k ||

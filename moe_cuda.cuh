@@ -2041,6 +2041,7 @@ static inline int moe_cuda__weights_present(const moe_cuda__plan *p, const moe_w
 /* The weights a call reads: MISSING_WEIGHT when one is absent, BAD_PACKED
    when the tensor-core path's blob is too small or misaligned. */
 static inline moe_status moe_cuda__check_weights(const moe_cuda__plan *p, const moe_weights *w) {
+    if (w->gate_type || w->up_type || w->down_type) return MOE_STATUS_QUANT_UNSUPPORTED;
     if (!moe_cuda__weights_present(p, w, p->simt) || (!p->simt && !w->packed))
         return MOE_STATUS_MISSING_WEIGHT;
     if (!p->simt && (w->packed_bytes < moe_cuda__blob_of(p).total || (uintptr_t)w->packed % 256))
@@ -2069,6 +2070,7 @@ static inline moe_status moe_cuda_pack_weights(const moe_config *cfg, const moe_
     moe_status st;
     if (!cfg || !w || !packed) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_cuda__plan_of(cfg, 0, &p)) != MOE_STATUS_OK) return st;
+    if (w->gate_type || w->up_type || w->down_type) return MOE_STATUS_QUANT_UNSUPPORTED;
     if (!moe_cuda__weights_present(&p, w, 1)) return MOE_STATUS_MISSING_WEIGHT;
     const moe_cuda__blob b = moe_cuda__blob_of(&p);
     if (bytes < b.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;

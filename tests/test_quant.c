@@ -1,0 +1,416 @@
+/* Quantized expert weights (docs/QUANT.md): ggml's block formats against the
+   independent oracle, the PyPI package gguf (llama.cpp's numpy code). Its
+   blocks and values are in ref/quant_golden.h (tests/ref/gen_quant.py), as
+   IEEE bits, so every comparison with it is exact. Then the layer: on
+   quantized experts it must be bit for bit the fp32 layer on the decoded
+   weights, for the reference and the compiled SIMD ISA, packed or not, for 1
+   and 2 threads; and close to the layer on the unquantized weights. */
+#include "../moe.h"
+#include "moe_test.h"
+#include "ref/quant_golden.h"
+
+static float q_bits(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+static uint32_t q_u32(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+
+/* Exact value of the half h (ldexp of its fields), for finite h. */
+static double q_half(uint16_t h) {
+    const int ex = (h >> 10) & 0x1f, man = h & 0x3ff;
+    const double v = ex ? ldexp(1024.0 + man, ex - 25) : ldexp((double)man, -24);
+    return (h & 0x8000) ? -v : v;
+}
+
+/* Every half as a Q8_0 scale: d * 1 and d * -1 decode exactly to it. */
+TEST(quant, fp16_every_half) {
+    unsigned char b[34];
+    float y[32];
+    uint32_t h;
+    int bad = 0;
+    memset(b, 0, sizeof b);
+    b[2] = 1; b[3] = 0xff;                        /* q = 1, -1 */
+    for (h = 0; h < 65536; h++) {
+        b[0] = (unsigned char)(h & 0xff); b[1] = (unsigned char)(h >> 8);
+        CHECK_STATUS(moe_dequantize(MOE_QTYPE_Q8_0, b, sizeof b, 1, 32, y), MOE_STATUS_OK);
+        if (((h >> 10) & 0x1f) == 0x1f) {
+            if ((h & 0x3ff) ? !(y[0] != y[0]) : !(isinf(y[0]) && (y[0] < 0) == (h >> 15 == 1)))
+                bad++;
+        } else if ((double)y[0] != q_half((uint16_t)h) || y[1] != -y[0]) {
+            bad++;
+        }
+    }
+    CHECK_INT(bad, 0);
+}
+
+/* moe_quantize gives gguf's bytes for x; moe_dequantize gives gguf's values. */
+static void q_against_gguf(moe_qtype type, int rows, const uint32_t *xb, const uint8_t *blocks,
+                           const uint32_t *yb) {
+    const size_t n = (size_t)rows * QG_N, bytes = (size_t)rows * moe_qtype_row_bytes(type, QG_N);
+    float *x = (float *)malloc(n * sizeof(float)), *y = (float *)malloc(n * sizeof(float));
+    unsigned char *b = (unsigned char *)malloc(bytes);
+    size_t i, bad_b = 0, bad_y = 0;
+    for (i = 0; i < n; i++) x[i] = q_bits(xb[i]);
+    CHECK_STATUS(moe_quantize(type, x, rows, QG_N, b, bytes), MOE_STATUS_OK);
+    for (i = 0; i < bytes; i++) bad_b += b[i] != blocks[i];
+    CHECK_STATUS(moe_dequantize(type, blocks, bytes, rows, QG_N, y), MOE_STATUS_OK);
+    for (i = 0; i < n; i++) bad_y += q_u32(y[i]) != yb[i];
+    if (bad_b || bad_y)
+        moe_test_fail(__FILE__, __LINE__, "%s: %zu of %zu bytes, %zu of %zu values differ",
+                      moe_qtype_name(type), bad_b, bytes, bad_y, n);
+    free(x); free(y); free(b);
+}
+
+TEST(quant, blocks_match_gguf) {
+    q_against_gguf(MOE_QTYPE_Q8_0, QG_Q8_0_ROWS, qg_q8_0_x, qg_q8_0_blocks, qg_q8_0_y);
+    q_against_gguf(MOE_QTYPE_Q4_0, QG_Q4_0_ROWS, qg_q4_0_x, qg_q4_0_blocks, qg_q4_0_y);
+    q_against_gguf(MOE_QTYPE_MXFP4, QG_MXFP4_ROWS, qg_mxfp4_x, qg_mxfp4_blocks, qg_mxfp4_y);
+}
+
+/* gguf cannot quantize Q4_K: random blocks, dequantized. */
+TEST(quant, q4_k_values_match_gguf) {
+    float y[QG_Q4_K_BLOCKS * 256];
+    size_t i, bad = 0;
+    CHECK_STATUS(moe_dequantize(MOE_QTYPE_Q4_K, qg_q4_k_blocks, sizeof qg_q4_k_blocks,
+                                QG_Q4_K_BLOCKS, 256, y), MOE_STATUS_OK);
+    for (i = 0; i < QG_Q4_K_BLOCKS * 256; i++) bad += q_u32(y[i]) != qg_q4_k_y[i];
+    CHECK_INT(bad, 0);
+}
+
+/* Round trip on bell-shaped rows (sums of uniforms): relative RMS error and
+   the largest error relative to the row's largest |x|. Largest-error bounds
+   from the formats: Q8_0 half a step, amax / 254 (+ the fp16 scale's
+   rounding); Q4_0 an eighth of amax (levels -8..7: the side opposite the
+   largest |x| ends at 7/8 of it); MXFP4 a quarter (e2m1 steps of 2 between
+   4 and 6, clipping from 6 to 8 units); Q4_K, a min-max fit, 0.1 (measured
+   0.062). RMS bounds are 1.5x the measured (q8_0 0.0052, q4_0 0.083, q4_k
+   0.076, mxfp4 0.112). A quantizer that clips, picks the wrong scale or the
+   wrong nibble is far outside them. */
+static void q_round_trip(moe_qtype type, double rms_bound, double max_bound) {
+    const int rows = 16, n = 512;
+    const size_t N = (size_t)rows * n, bytes = (size_t)rows * moe_qtype_row_bytes(type, n);
+    float *x = (float *)malloc(N * sizeof(float)), *y = (float *)malloc(N * sizeof(float));
+    unsigned char *b = (unsigned char *)malloc(bytes);
+    uint64_t s = 77;
+    double se = 0.0, sx = 0.0, worst = 0.0;
+    size_t i;
+    int r;
+    for (i = 0; i < N; i++)
+        x[i] = moe_test_rand(&s) + moe_test_rand(&s) + moe_test_rand(&s) + moe_test_rand(&s);
+    for (i = 0; i < (size_t)n; i++) x[i] *= 1e-3f;            /* rows at other scales */
+    for (i = (size_t)n; i < 2 * (size_t)n; i++) x[i] *= 50.0f;
+    CHECK_STATUS(moe_quantize(type, x, rows, n, b, bytes), MOE_STATUS_OK);
+    CHECK_STATUS(moe_dequantize(type, b, bytes, rows, n, y), MOE_STATUS_OK);
+    for (r = 0; r < rows; r++) {
+        double amax = 0.0, rs = 0.0, rx = 0.0;
+        for (i = (size_t)r * n; i < (size_t)(r + 1) * n; i++) {
+            const double e = (double)y[i] - x[i];
+            if (fabs(x[i]) > amax) amax = fabs(x[i]);
+            rs += e * e; rx += (double)x[i] * x[i];
+        }
+        for (i = (size_t)r * n; i < (size_t)(r + 1) * n; i++)
+            if (fabs((double)y[i] - x[i]) / amax > worst) worst = fabs((double)y[i] - x[i]) / amax;
+        se += rs / rx; sx += 1.0;
+    }
+    se = sqrt(se / sx);
+    printf("    %s round trip: rms %.4f, max %.4f of max|x|\n", moe_qtype_name(type), se, worst);
+    if (!(se <= rms_bound && worst <= max_bound))
+        moe_test_fail(__FILE__, __LINE__, "%s: rms %.4f (bound %.4f), max %.4f (bound %.4f)",
+                      moe_qtype_name(type), se, rms_bound, worst, max_bound);
+    free(x); free(y); free(b);
+}
+
+TEST(quant, round_trip_error) {
+    q_round_trip(MOE_QTYPE_Q8_0, 0.008, 1.0 / 254 + 0.0005);
+    q_round_trip(MOE_QTYPE_Q4_0, 0.125, 0.125 + 0.001);
+    q_round_trip(MOE_QTYPE_Q4_K, 0.115, 0.1);
+    q_round_trip(MOE_QTYPE_MXFP4, 0.17, 0.25);
+}
+
+TEST(quant, api_statuses) {
+    float x[64], y[64];
+    unsigned char b[160];
+    size_t i;
+    CHECK(!strcmp(moe_qtype_name(MOE_QTYPE_Q4_K), "q4_k"));
+    CHECK(!strcmp(moe_qtype_name(MOE_QTYPE_F32), "f32"));
+    CHECK(moe_qtype_name((moe_qtype)1) == NULL);
+    CHECK_INT(moe_qtype_block_size(MOE_QTYPE_Q4_K), 256);
+    CHECK_INT(moe_qtype_block_size(MOE_QTYPE_MXFP4), 32);
+    CHECK_INT(moe_qtype_block_size((moe_qtype)99), 0);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_Q8_0, 64), 68);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_Q4_0, 64), 36);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_MXFP4, 64), 34);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_Q4_K, 512), 288);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_F32, 5), 20);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_Q8_0, 48), 0);
+    CHECK_INT(moe_qtype_row_bytes(MOE_QTYPE_Q8_0, -32), 0);
+    for (i = 0; i < 64; i++) x[i] = (float)i - 20.0f;
+    memset(b, 0xa5, sizeof b);
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, NULL, 1, 64, b, sizeof b),
+                 MOE_STATUS_NULL_ARGUMENT);
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, -1, 64, b, sizeof b), MOE_STATUS_BAD_DIMENSION);
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q4_K, x, 1, 64, b, sizeof b), MOE_STATUS_BAD_QUANT);
+    CHECK_STATUS(moe_quantize((moe_qtype)1, x, 1, 64, b, sizeof b), MOE_STATUS_BAD_QUANT);
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, 1, 64, b, 67), MOE_STATUS_BAD_QUANT);
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, 1, 64, (unsigned char *)x + 8, 68),
+                 MOE_STATUS_ALIASING);
+    x[40] = NAN;
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, 1, 64, b, sizeof b), MOE_STATUS_NONFINITE);
+    x[40] = INFINITY;
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, 1, 64, b, sizeof b), MOE_STATUS_NONFINITE);
+    for (i = 0; i < sizeof b; i++) if (b[i] != 0xa5) break;
+    CHECK_INT(i, sizeof b);                        /* nothing written */
+    x[40] = 20.0f;
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, 0, 64, b, 0), MOE_STATUS_OK);   /* no rows */
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_Q8_0, x, 2, 32, b, 68), MOE_STATUS_OK);
+    for (i = 0; i < 64; i++) y[i] = -7.0f;
+    CHECK_STATUS(moe_dequantize(MOE_QTYPE_Q8_0, b, 67, 2, 32, y), MOE_STATUS_BAD_QUANT);
+    CHECK_STATUS(moe_dequantize(MOE_QTYPE_Q8_0, b, 68, 2, 32, NULL), MOE_STATUS_NULL_ARGUMENT);
+    CHECK_STATUS(moe_dequantize(MOE_QTYPE_Q8_0, (float *)y + 1, 68, 2, 32, y),
+                 MOE_STATUS_ALIASING);
+    CHECK(y[0] == -7.0f && y[63] == -7.0f);
+    CHECK_STATUS(moe_dequantize(MOE_QTYPE_Q8_0, b, 68, 2, 32, y), MOE_STATUS_OK);
+    CHECK_NEAR(y[63], 43.0, 0.0, 0.01);            /* x[63] = 43 */
+    CHECK_STATUS(moe_quantize(MOE_QTYPE_F32, x, 1, 3, b, 12), MOE_STATUS_OK);
+    CHECK(!memcmp(b, x, 12));
+}
+
+/* ---- the layer on quantized experts ---- */
+
+typedef struct q_layer {
+    moe_config c;
+    float *x, *router, *gate, *up, *down;     /* the fp32 weights */
+    float *dgate, *dup, *ddown;               /* their quantized values, decoded */
+    void *qgate, *qup, *qdown;                /* the blocks */
+    moe_weights wq, wd, wf;                   /* on blocks, on decoded, on fp32 */
+} q_layer;
+
+static float *q_fill(uint64_t *s, size_t n, float scale) { return moe_test_fill(s, n, scale); }
+
+/* One tensor of `rows` rows of n values in type t: blocks and decoded copy
+   (fp32: the tensor itself). */
+static void q_tensor(moe_qtype t, const float *w, size_t rows, int32_t n, void **blocks,
+                     float **decoded) {
+    const size_t bytes = rows * moe_qtype_row_bytes(t, n);
+    *blocks = malloc(bytes ? bytes : 1);
+    *decoded = (float *)malloc(rows * (size_t)n * sizeof(float));
+    CHECK_STATUS(moe_quantize(t, w, (int64_t)rows, n, *blocks, bytes), MOE_STATUS_OK);
+    CHECK_STATUS(moe_dequantize(t, *blocks, bytes, (int64_t)rows, n, *decoded), MOE_STATUS_OK);
+}
+
+static void q_layer_make(q_layer *L, moe_activation act, int fused, int32_t D, int32_t F,
+                         moe_qtype tg, moe_qtype tu, moe_qtype td, int32_t T) {
+    const size_t E = 4, grows = (size_t)(fused ? 2 : 1) * (size_t)F;
+    const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU || act == MOE_ACT_GEGLU_TANH;
+    uint64_t s = 1000u + (uint64_t)D * 7u + (uint64_t)tg * 31u + (uint64_t)td;
+    memset(L, 0, sizeof *L);
+    L->c = moe_preset_mixtral();
+    L->c.num_experts = (int32_t)E; L->c.top_k = 2;
+    L->c.d_model = D; L->c.d_ff = F; L->c.activation = act;
+    L->x = q_fill(&s, (size_t)(T ? T : 1) * (size_t)D, 1.0f);
+    L->router = q_fill(&s, E * (size_t)D, 0.5f);
+    L->gate = q_fill(&s, E * grows * (size_t)D, 1.0f / sqrtf((float)D));
+    L->up = q_fill(&s, E * (size_t)F * (size_t)D, 1.0f / sqrtf((float)D));
+    L->down = q_fill(&s, E * (size_t)D * (size_t)F, 1.0f / sqrtf((float)F));
+    q_tensor(tg, L->gate, E * grows, D, &L->qgate, &L->dgate);
+    q_tensor(tu, L->up, E * (size_t)F, D, &L->qup, &L->dup);
+    q_tensor(td, L->down, E * (size_t)D, F, &L->qdown, &L->ddown);
+    L->wf.router = L->router;
+    L->wf.gate = L->gate; L->wf.up = glu && !fused ? L->up : NULL; L->wf.down = L->down;
+    L->wf.gate_up_fused = fused;
+    L->wd = L->wf;
+    L->wd.gate = L->dgate; L->wd.up = glu && !fused ? L->dup : NULL; L->wd.down = L->ddown;
+    L->wq = L->wf;
+    L->wq.gate_type = tg; L->wq.up_type = tu; L->wq.down_type = td;
+    L->wq.gate_q = L->qgate; L->wq.up_q = L->qup; L->wq.down_q = L->qdown;
+    if (tg != MOE_QTYPE_F32) L->wq.gate = NULL;   /* the blocks are what it reads */
+    if (tu != MOE_QTYPE_F32) L->wq.up = NULL;
+    if (td != MOE_QTYPE_F32) L->wq.down = NULL;
+}
+
+static void q_layer_free(q_layer *L) {
+    free(L->x); free(L->router); free(L->gate); free(L->up); free(L->down);
+    free(L->dgate); free(L->dup); free(L->ddown); free(L->qgate); free(L->qup); free(L->qdown);
+}
+
+static float *q_run(const moe_config *c, const moe_weights *w, const float *x, int32_t T) {
+    float *y = (float *)calloc((size_t)(T ? T : 1) * (size_t)c->d_model, sizeof(float));
+    CHECK_STATUS(moe_forward_alloc(c, w, x, T, y, NULL), MOE_STATUS_OK);
+    return y;
+}
+
+static int q_same(const float *a, const float *b, size_t n) {
+    return n == 0 || memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+/* A packed blob of w (NULL where packing is refused: the reference build). */
+static void *q_pack(const moe_config *c, const moe_weights *w, size_t *bytes) {
+    void *p;
+    if (moe_pack_size(c, bytes) != MOE_STATUS_OK) return NULL;
+    p = malloc(*bytes);
+    if (moe_pack_weights(c, w, p, *bytes) != MOE_STATUS_OK) { free(p); return NULL; }
+    return p;
+}
+
+/* The layer on blocks is the fp32 layer on their decoded values, bit for bit:
+   reference; the compiled SIMD ISA unpacked (1 and 2 threads); moe_pack_weights
+   from blocks (fp32 and bf16 panels) equal to packing the decoded weights. */
+static void q_bitwise(moe_activation act, int fused, int32_t D, int32_t F, moe_qtype tg,
+                      moe_qtype tu, moe_qtype td, int32_t T) {
+    q_layer L;
+    moe_config c;
+    const size_t TD = (size_t)T * (size_t)D;
+    float *yq, *yd;
+    int bf16;
+    q_layer_make(&L, act, fused, D, F, tg, tu, td, T);
+    c = L.c;
+    c.isa = MOE_ISA_REFERENCE;
+    yq = q_run(&c, &L.wq, L.x, T); yd = q_run(&c, &L.wd, L.x, T);
+    if (!q_same(yq, yd, TD))
+        moe_test_fail(__FILE__, __LINE__, "reference %s/%s/%s D%d F%d T%d: not the decoded layer",
+                      moe_qtype_name(tg), moe_qtype_name(tu), moe_qtype_name(td), D, F, T);
+    free(yq); free(yd);
+    if (moe_compiled_isa() == MOE_ISA_REFERENCE) { q_layer_free(&L); return; }
+    c.isa = MOE_ISA_AUTO;
+    for (c.num_threads = 1; c.num_threads <= 2; c.num_threads++) {
+        yq = q_run(&c, &L.wq, L.x, T); yd = q_run(&c, &L.wd, L.x, T);
+        if (!q_same(yq, yd, TD))
+            moe_test_fail(__FILE__, __LINE__, "%s %d threads %s/%s/%s D%d F%d T%d: differs",
+                          moe_isa_name(moe_compiled_isa()), c.num_threads, moe_qtype_name(tg),
+                          moe_qtype_name(tu), moe_qtype_name(td), D, F, T);
+        free(yq); free(yd);
+    }
+    for (bf16 = 0; bf16 <= 1; bf16++) {
+        size_t bq = 0, bd = 0;
+        void *pq, *pd;
+        c.pack_bf16 = bf16;
+        pq = q_pack(&c, &L.wq, &bq); pd = q_pack(&c, &L.wd, &bd);
+        CHECK(pq && pd && bq == bd && !memcmp(pq, pd, bq));
+        if (pq && bf16 == 0) {                  /* and the forward on the blob runs */
+            moe_weights wp = L.wq;
+            float *yf = q_run(&c, &L.wd, L.x, T);
+            wp.packed = pq; wp.packed_bytes = bq;
+            yq = q_run(&c, &wp, L.x, T);
+            CHECK(q_same(yq, yf, TD));         /* the same panels, the same tiles */
+            free(yq); free(yf);
+        }
+        free(pq); free(pd);
+    }
+    q_layer_free(&L);
+}
+
+TEST(quant, layer_bitwise_decoded) {
+    const int32_t Ts[3] = {1, 7, 100};
+    int i;
+    for (i = 0; i < 3; i++) {
+        q_bitwise(MOE_ACT_SWIGLU, 0, 64, 96, MOE_QTYPE_Q8_0, MOE_QTYPE_Q8_0, MOE_QTYPE_Q8_0, Ts[i]);
+        q_bitwise(MOE_ACT_GELU, 0, 96, 64, MOE_QTYPE_Q4_0, MOE_QTYPE_F32, MOE_QTYPE_Q4_0, Ts[i]);
+        q_bitwise(MOE_ACT_SWIGLU, 1, 256, 256, MOE_QTYPE_Q4_K, MOE_QTYPE_F32, MOE_QTYPE_Q4_K,
+                  Ts[i]);
+        q_bitwise(MOE_ACT_SWIGLU, 0, 64, 64, MOE_QTYPE_MXFP4, MOE_QTYPE_MXFP4, MOE_QTYPE_MXFP4,
+                  Ts[i]);
+        /* mixed: every type in one layer; fp32 and blocks in one w13 panel */
+        q_bitwise(MOE_ACT_GEGLU, 0, 64, 96, MOE_QTYPE_Q4_0, MOE_QTYPE_Q8_0, MOE_QTYPE_MXFP4,
+                  Ts[i]);
+        q_bitwise(MOE_ACT_SWIGLU, 0, 64, 32, MOE_QTYPE_F32, MOE_QTYPE_Q8_0, MOE_QTYPE_F32, Ts[i]);
+    }
+    q_bitwise(MOE_ACT_SWIGLU, 0, 256, 256, MOE_QTYPE_Q4_K, MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, 0);
+    q_bitwise(MOE_ACT_SWIGLU, 0, 256, 256, MOE_QTYPE_Q4_K, MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, 1000);
+}
+
+/* The layer on blocks against the layer on the fp32 weights they came from:
+   relative error ||y_q - y|| / ||y|| over T = 64 tokens (reference ISA), for
+   uniform weights of scale 1/sqrt(fan_in). The bounds are 1.5x the measured
+   (q8_0 0.0064, q4_0 0.114, q4_k 0.106, mxfp4 0.291: the weights' errors of
+   round_trip_error through three projections and the GLU); a layer that read
+   a wrong block or scale is off by about 1. */
+TEST(quant, layer_close_to_fp32) {
+    const moe_qtype types[4] = {MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, MOE_QTYPE_Q4_K, MOE_QTYPE_MXFP4};
+    const double bound[4] = {0.0096, 0.17, 0.16, 0.44};
+    const int32_t T = 64;
+    int i;
+    for (i = 0; i < 4; i++) {
+        q_layer L;
+        float *yq, *yf;
+        double se = 0.0, sy = 0.0, rel;
+        size_t k;
+        q_layer_make(&L, MOE_ACT_SWIGLU, 0, 256, 256, types[i], types[i], types[i], T);
+        L.c.isa = MOE_ISA_REFERENCE;
+        yq = q_run(&L.c, &L.wq, L.x, T); yf = q_run(&L.c, &L.wf, L.x, T);
+        for (k = 0; k < (size_t)T * 256; k++) {
+            se += ((double)yq[k] - yf[k]) * ((double)yq[k] - yf[k]);
+            sy += (double)yf[k] * yf[k];
+        }
+        rel = sqrt(se / sy);
+        printf("    %s layer: relative error %.4f\n", moe_qtype_name(types[i]), rel);
+        if (!(rel <= bound[i]))
+            moe_test_fail(__FILE__, __LINE__, "%s: %.4f > %.4f", moe_qtype_name(types[i]), rel,
+                          bound[i]);
+        free(yq); free(yf);
+        q_layer_free(&L);
+    }
+}
+
+/* Malformed quantized weights: a named status and y untouched. */
+TEST(quant, layer_statuses) {
+    q_layer L;
+    moe_weights w;
+    moe_grads g;
+    moe_info info;
+    const int32_t T = 3;
+    float y[3 * 64], dx[3 * 64];
+    size_t i, ib;
+    void *ibuf;
+    q_layer_make(&L, MOE_ACT_SWIGLU, 0, 64, 96, MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, MOE_QTYPE_MXFP4, T);
+    for (i = 0; i < 3 * 64; i++) y[i] = -3.0f;
+    w = L.wq; w.gate_type = 1;                         /* ggml's F16: not a moe_qtype */
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_BAD_QUANT);
+    w = L.wq; w.down_type = 99;
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_BAD_QUANT);
+    w = L.wq; w.up_type = MOE_QTYPE_Q4_K;              /* D = 64: not whole 256-blocks */
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_BAD_QUANT);
+    w = L.wq; w.down_q = NULL;
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_MISSING_WEIGHT);
+    w = L.wq;                                          /* y over the gate's blocks */
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, 1, (float *)L.qgate + 8, NULL),
+                 MOE_STATUS_ALIASING);
+    for (i = 0; i < 3 * 64; i++) if (y[i] != -3.0f) break;
+    CHECK_INT(i, 3 * 64);
+    {   /* the non-GLU layer ignores up's type, as it ignores w.up */
+        moe_config c = L.c;
+        c.activation = MOE_ACT_GELU;
+        w = L.wq; w.up_type = 99; w.up_q = NULL;
+        CHECK_STATUS(moe_forward_alloc(&c, &w, L.x, T, y, NULL), MOE_STATUS_OK);
+    }
+    /* the backward takes fp32 experts only */
+    L.c.save_for_backward = 1;
+    memset(&info, 0, sizeof info);
+    CHECK_STATUS(moe_info_size(&L.c, T, &ib), MOE_STATUS_OK);
+    ibuf = malloc(ib);
+    CHECK_STATUS(moe_info_bind(&L.c, T, &info, ibuf, ib), MOE_STATUS_OK);
+    CHECK_STATUS(moe_forward_alloc(&L.c, &L.wq, L.x, T, y, &info), MOE_STATUS_OK);
+    memset(&g, 0, sizeof g);
+    for (i = 0; i < 3 * 64; i++) dx[i] = -3.0f;
+    CHECK_STATUS(moe_backward_alloc(&L.c, &L.wq, L.x, T, &info, y, dx, &g),
+                 MOE_STATUS_QUANT_UNSUPPORTED);
+    CHECK(dx[0] == -3.0f && dx[3 * 64 - 1] == -3.0f);
+    CHECK_STATUS(moe_backward_alloc(&L.c, &L.wd, L.x, T, &info, y, dx, &g), MOE_STATUS_OK);
+    free(ibuf);
+    {   /* the expert-parallel owner too */
+        moe_ep_plan plan;
+        moe_ep_pair pair;
+        float out[64];
+        uint8_t dropped = 0;
+        size_t wb;
+        void *ws;
+        plan.num_ranks = 1; plan.rank = 0; plan.num_tokens = 1;
+        plan.token_offset = 0; plan.local_tokens = 1;
+        memset(&pair, 0, sizeof pair);
+        pair.weight = 1.0f; pair.priority = 1.0f;
+        L.c.save_for_backward = 0;
+        CHECK_STATUS(moe_ep_workspace_size(&L.c, &plan, &wb), MOE_STATUS_OK);
+        ws = malloc(wb);
+        CHECK_STATUS(moe_ep_expert_forward(&L.c, &L.wq, &plan, &pair, L.x, 1, out, &dropped,
+                                           NULL, NULL, ws, wb),
+                     MOE_STATUS_QUANT_UNSUPPORTED);
+        free(ws);
+    }
+    q_layer_free(&L);
+}
