@@ -2119,23 +2119,30 @@ static void moe__plan_backward(const moe_config *c, const moe__plan_dims *d, moe
     }
 }
 
-static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layout *lay) {
-    moe__plan_dims d;
-    size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, R, S, TR, TS, N;
-    int ok = 1;
+/* The call's shapes: router columns R, slots S, capacity C, FFN rows N. */
+static void moe__plan_shapes(const moe_config *c, int32_t T, moe__layout *lay) {
+    const size_t TS = moe__mul((size_t)T, (size_t)moe_routing_slots(c));
     memset(lay, 0, sizeof *lay);
     lay->R = c->routing == MOE_ROUTING_SOFT ? c->num_experts * c->slots_per_expert : c->num_experts;
     lay->S = moe_routing_slots(c);
     lay->C = moe__capacity_of(c, T);
+    switch (c->routing) {
+    case MOE_ROUTING_TOPK:
+    case MOE_ROUTING_DENSE:         lay->N = (int64_t)TS; break;
+    case MOE_ROUTING_EXPERT_CHOICE:
+        lay->N = (int64_t)moe__mul((size_t)c->num_experts, (size_t)lay->C); break;
+    default:                        lay->N = lay->R; break;   /* Soft MoE: one row per slot */
+    }
+}
+
+static moe_status moe__plan(const moe_config *c, int32_t T, int mode, moe__layout *lay) {
+    moe__plan_dims d;
+    size_t t = 0, nT = (size_t)T, E = (size_t)c->num_experts, R, S, TR, TS, N;
+    int ok = 1;
+    moe__plan_shapes(c, T, lay);
     R = (size_t)lay->R; S = (size_t)lay->S;
     TR = moe__mul(nT, R); TS = moe__mul(nT, S);
-    switch (c->routing) {
-    case MOE_ROUTING_TOPK:          N = TS; break;
-    case MOE_ROUTING_EXPERT_CHOICE: N = moe__mul(E, (size_t)lay->C); break;
-    case MOE_ROUTING_DENSE:         N = TS; break;
-    default:                        N = R; break;   /* Soft MoE: one row per slot */
-    }
-    lay->N = (int64_t)N;
+    N = (size_t)lay->N;
     d.nT = nT; d.E = E; d.D = (size_t)c->d_model; d.F = (size_t)c->d_ff;
     d.Fs = (size_t)c->shared_d_ff; d.R = R; d.S = S; d.TR = TR; d.TS = TS; d.N = N;
     d.big = nT > R ? nT : R;
@@ -5263,7 +5270,7 @@ static moe_status moe__info_plan(const moe_config *cfg, int32_t T, moe_config *c
     moe_status st = moe_config_resolve(cfg, c);
     if (st != MOE_STATUS_OK) return st;
     if (T < 0) return MOE_STATUS_BAD_DIMENSION;
-    if ((st = moe__plan(c, T, MOE__PLAN_ROUTE, &lay)) != MOE_STATUS_OK) return st;
+    moe__plan_shapes(c, T, &lay);   /* the arrays only: a call's workspace may not fit */
     glu = moe__act_is_glu(c->activation);
     TR = moe__mul((size_t)T, (size_t)lay.R);
     TS = moe__mul((size_t)T, (size_t)lay.S);
