@@ -962,6 +962,11 @@ MOEDEF moe_status moe_selection_bias_update(int32_t num_experts, const int32_t *
 #  define MOE_RESTRICT restrict
 #endif
 #define MOE__ALIGN 64                  /* every workspace piece starts on a cache line */
+#if defined(__GNUC__) || defined(__clang__)
+#  define MOE__TWIN __attribute__((unused)) /* a reference twin this build may not call */
+#else
+#  define MOE__TWIN
+#endif
 
 // ----------------------------------------------------------------------------
 // Private helpers
@@ -1491,6 +1496,69 @@ static void moe__gemm_q_ref(float *MOE_RESTRICT y, const float *MOE_RESTRICT x,
             }
         }
         if (bias) for (i = 0; i < n; i++) y[(size_t)i * (size_t)n_out + (size_t)o] += bias[o];
+    }
+}
+
+/* Activations for the integer dot products (small batches, docs/QUANT.md):
+   rows of k values, k a multiple of 32, as 32-value blocks of int8 q with
+   scale d = max|x| / 127, q = round(x / d) (ggml's q8 activations, with a
+   float scale), and s = d * sum q, which Q4_K's mins need.               */
+typedef struct moe__qact {
+    int8_t *q;          /* [rows][k]    */
+    float *d, *s;       /* [rows][k/32] */
+    int32_t k;
+} moe__qact;
+
+/* One weight row in blocks . activation rows r0 .. r0 + nr - 1 into out:
+   per 32 values the integer sum isum of weight codes times q, then
+   acc += (scale * d) * isum - min * s  with the block's weight scale, min:
+     Q8_0   code int8        scale d                min 0
+     Q4_0   code nibble - 8  scale d                min 0
+     MXFP4  code 2 e2m1      scale 2^(e - 128)      min 0
+     Q4_K   code nibble      scale d * s_j          min dmin * m_j
+   The spec of moe__qdot_simd (the same integer sums; its float sums run in
+   vector lanes).                                                         */
+MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const moe__qact *a,
+                                    int64_t r0, int32_t nr, float *out) {
+    const int32_t nb = a->k / 32;
+    int32_t i, b, j;
+    for (i = 0; i < nr; i++) {
+        const int64_t r = r0 + i;
+        const int8_t *q = a->q + (size_t)r * (size_t)a->k;
+        const float *d = a->d + (size_t)r * (size_t)nb, *s = a->s + (size_t)r * (size_t)nb;
+        float acc = 0.0f;
+        for (b = 0; b < nb; b++, q += 32) {
+            int32_t isum = 0;
+            float scale, mn = 0.0f;
+            if (type == MOE_QTYPE_Q8_0) {
+                const unsigned char *c = w + 34 * (size_t)b;
+                scale = moe__f16_float(moe__u16le(c));
+                for (j = 0; j < 32; j++)
+                    isum += (c[2 + j] < 128 ? c[2 + j] : c[2 + j] - 256) * q[j];
+            } else if (type == MOE_QTYPE_Q4_0) {
+                const unsigned char *c = w + 18 * (size_t)b;
+                scale = moe__f16_float(moe__u16le(c));
+                for (j = 0; j < 16; j++)
+                    isum += ((c[2 + j] & 0xf) - 8) * q[j] + ((c[2 + j] >> 4) - 8) * q[j + 16];
+            } else if (type == MOE_QTYPE_MXFP4) {
+                const unsigned char *c = w + 17 * (size_t)b;
+                scale = moe__e8m0_half(c[0]);
+                for (j = 0; j < 16; j++)
+                    isum += moe__e2m1x2[c[1 + j] & 0xf] * q[j] +
+                            moe__e2m1x2[c[1 + j] >> 4] * q[j + 16];
+            } else {                             /* Q4_K: sub-block b % 8 of block b / 8 */
+                const unsigned char *c = w + 144 * (size_t)(b / 8);
+                const unsigned char *qs = c + 16 + 32 * ((b % 8) / 2);
+                const int shift = (b & 1) * 4;
+                float sc, m;
+                moe__q4k_scale_min(c + 4, b % 8, &sc, &m);
+                scale = moe__f16_float(moe__u16le(c)) * sc;
+                mn = moe__f16_float(moe__u16le(c + 2)) * m;
+                for (j = 0; j < 32; j++) isum += ((qs[j] >> shift) & 0xf) * q[j];
+            }
+            acc += scale * d[b] * (float)isum - mn * s[b];
+        }
+        out[i] = acc;
     }
 }
 
@@ -4915,6 +4983,247 @@ static void moe__pack_task(void *arg, int32_t task) {
 }
 
 #if MOE__HAS_SIMD
+/* moe__qdot_ref's sums on vectors: one weight row against up to
+   MOE__QDOT_NR activation rows, each block's codes decoded once for all of
+   them. x86: 32 codes and 32 q per step in one 256-bit register; maddubs
+   multiplies unsigned by signed bytes, so signed codes lend q their sign
+   (|code| * q sign(code)), as ggml does; each row's float vector of 8 lanes
+   accumulates (scale * d) * isum, its mins a float beside it. Other ISAs
+   (NEON for now) run moe__qdot_ref.                                      */
+#define MOE__QDOT_NR 4
+#if defined(__AVX2__)
+static float moe__hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* 32 nibbles of 16 bytes: value j < 16 the low nibble of byte j, j + 16 its high */
+static __m256i moe__nibbles(const unsigned char *b) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(const void *)b);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                            _mm256_set1_epi8(0x0f));
+}
+/* acc[i] += (scale * d_i) * (codes . q_i) for the nr rows of block b. codes
+   unsigned (0..255) when is_signed is 0, else signed bytes. mul + add: an
+   AVX-512F build need not have FMA3's 256-bit forms. */
+static void moe__qdot_block(__m256i codes, int is_signed, float scale, const moe__qact *a,
+                            int64_t r0, int32_t nr, int32_t b, __m256 *acc) {
+    const int32_t nb = a->k / 32;
+    const __m256i u = is_signed ? _mm256_sign_epi8(codes, codes) : codes;
+    const __m256i ones = _mm256_set1_epi16(1);
+    int32_t i;
+    for (i = 0; i < nr; i++) {
+        const size_t row = (size_t)(r0 + i);
+        const __m256i q = _mm256_loadu_si256(
+            (const __m256i *)(const void *)(a->q + row * (size_t)a->k + 32 * (size_t)b));
+        const __m256i p = _mm256_maddubs_epi16(u, is_signed ? _mm256_sign_epi8(q, codes) : q);
+        const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+        acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_set1_ps(scale * a->d[row * (size_t)nb +
+                                                                                  (size_t)b]),
+                                                     isum));
+    }
+}
+static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
+                           int32_t nr, float *out) {
+    const int32_t nb = a->k / 32;
+    __m256 acc[MOE__QDOT_NR];
+    float mins[MOE__QDOT_NR];
+    int32_t b, i, j;
+    for (i = 0; i < nr; i++) { acc[i] = _mm256_setzero_ps(); mins[i] = 0.0f; }
+    if (type == MOE_QTYPE_Q8_0) {
+        for (b = 0; b < nb; b++, w += 34)
+            moe__qdot_block(_mm256_loadu_si256((const __m256i *)(const void *)(w + 2)), 1,
+                            moe__f16_float(moe__u16le(w)), a, r0, nr, b, acc);
+    } else if (type == MOE_QTYPE_Q4_0) {
+        for (b = 0; b < nb; b++, w += 18)
+            moe__qdot_block(_mm256_sub_epi8(moe__nibbles(w + 2), _mm256_set1_epi8(8)), 1,
+                            moe__f16_float(moe__u16le(w)), a, r0, nr, b, acc);
+    } else if (type == MOE_QTYPE_MXFP4) {
+        const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8,
+                                               -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4,
+                                               -6, -8, -12);
+        for (b = 0; b < nb; b++, w += 17)
+            moe__qdot_block(_mm256_shuffle_epi8(table, moe__nibbles(w + 1)), 1,
+                            moe__e8m0_half(w[0]), a, r0, nr, b, acc);
+    } else {                                     /* Q4_K: 8 sub-blocks per 144 bytes */
+        for (b = 0; b < nb; b += 8, w += 144) {
+            const float dd = moe__f16_float(moe__u16le(w)), dm = moe__f16_float(moe__u16le(w + 2));
+            for (j = 0; j < 8; j += 2) {         /* 32 bytes: sub-block j low, j + 1 high */
+                const __m256i raw = _mm256_loadu_si256(
+                    (const __m256i *)(const void *)(w + 16 + 16 * j));
+                float sc0, m0, sc1, m1;
+                moe__q4k_scale_min(w + 4, j, &sc0, &m0);
+                moe__q4k_scale_min(w + 4, j + 1, &sc1, &m1);
+                moe__qdot_block(_mm256_and_si256(raw, _mm256_set1_epi8(0x0f)), 0, dd * sc0, a,
+                                r0, nr, b + j, acc);
+                moe__qdot_block(_mm256_and_si256(_mm256_srli_epi16(raw, 4),
+                                                 _mm256_set1_epi8(0x0f)),
+                                0, dd * sc1, a, r0, nr, b + j + 1, acc);
+                for (i = 0; i < nr; i++) {
+                    const float *s = a->s + (size_t)(r0 + i) * (size_t)nb + (size_t)(b + j);
+                    mins[i] += dm * m0 * s[0];
+                    mins[i] += dm * m1 * s[1];
+                }
+            }
+        }
+    }
+    for (i = 0; i < nr; i++) out[i] = moe__hsum256(acc[i]) - mins[i];
+}
+#else
+static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
+                           int32_t nr, float *out) {
+    moe__qdot_ref(type, w, a, r0, nr, out);
+}
+#endif
+#endif
+
+#if MOE__HAS_SIMD
+/* Experts with few rows on quantized weights (decode, small batches): dots
+   straight from the blocks, with the activations quantized to int8 per 32
+   values, so each weight is read once per call at its 4.25-8.5 bits
+   instead of being decoded into fp32 panels first. A flat task list of
+   (expert, run of MOE__QDOT_UNITS output units); each task writes its own
+   units of its expert's rows, in a fixed order: the same bits for any
+   thread count. Above MOE__QDOT_ROWS rows an expert takes the panels.    */
+#define MOE__QDOT_ROWS 16
+#define MOE__QDOT_UNITS 32
+
+/* Activation row r of x as moe__qact blocks. */
+static void moe__qact_row(const moe__qact *a, int64_t r, const float *x) {
+    const int32_t nb = a->k / 32;
+    int8_t *q = a->q + (size_t)r * (size_t)a->k;
+    int32_t b, j;
+    for (b = 0; b < nb; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f, d, id;
+        int32_t sum = 0;
+        for (j = 0; j < 32; j++) if (fabsf(xb[j]) > amax) amax = fabsf(xb[j]);
+        d = amax / 127.0f;
+        id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (j = 0; j < 32; j++) {
+            q[32 * b + j] = (int8_t)roundf(xb[j] * id);
+            sum += q[32 * b + j];
+        }
+        a->d[(size_t)r * (size_t)nb + (size_t)b] = d;
+        a->s[(size_t)r * (size_t)nb + (size_t)b] = d * (float)sum;
+    }
+}
+
+typedef struct moe__qdot_job {
+    const moe__ffn *f;
+    const int64_t *off;
+    const int32_t *experts;     /* the experts this path runs */
+    int32_t n_experts, runs, stage;
+    const float *x;             /* [N][D] rows (stage 1's float operand) */
+    float *hg, *hu, *ha, *out;
+    moe__qact a;                /* the stage's activations as int8 */
+} moe__qdot_job;
+
+/* Row `row` of expert e's matrix (blocks q, or fp32 W of `depth` columns)
+   . activation rows r0 .. r0 + nr - 1 (int8 in J->a, or the floats at act)
+   into out[0 .. nr). */
+static void moe__qdot_rows(const moe__qdot_job *J, const moe__qmat *q, const float *W,
+                           size_t stride, size_t e, size_t row, const float *act, int64_t r0,
+                           int32_t nr, float *out) {
+    const size_t depth = (size_t)J->a.k;
+    int32_t i;
+    if (q->data) {
+        moe__qdot_simd(q->type, q->data + e * q->stride + row * q->row_bytes, &J->a, r0, nr, out);
+        return;
+    }
+    for (i = 0; i < nr; i++)
+        out[i] = moe__dot_simd(W + e * stride + row * depth, act + (size_t)(r0 + i) * depth, depth);
+}
+
+static void moe__qdot_act_task(void *arg, int32_t i) {   /* one expert's rows to int8 */
+    const moe__qdot_job *J = (const moe__qdot_job *)arg;
+    const int32_t e = J->experts[i];
+    const float *src = J->stage == 1 ? J->x : J->ha;
+    int64_t r;
+    for (r = J->off[e]; r < J->off[e + 1]; r++)
+        moe__qact_row(&J->a, r, src + (size_t)r * (size_t)J->a.k);
+}
+
+/* Units [u0, u1) of one expert's rows, MOE__QDOT_NR rows at a time: stage 1
+   hg, hu and ha (+ biases, activation, dropout), stage 2 out (+ bias). */
+static void moe__qdot_task(void *arg, int32_t task) {
+    const moe__qdot_job *J = (const moe__qdot_job *)arg;
+    const moe__ffn *f = J->f;
+    const size_t e = (size_t)J->experts[task / J->runs];
+    const int32_t n_units = J->stage == 1 ? f->F : f->D, u0 = task % J->runs * MOE__QDOT_UNITS;
+    const int32_t u1 = u0 + MOE__QDOT_UNITS < n_units ? u0 + MOE__QDOT_UNITS : n_units;
+    const size_t F = (size_t)f->F, D = (size_t)f->D;
+    const int glu = moe__act_is_glu(f->act);
+    float v[MOE__QDOT_NR], vu[MOE__QDOT_NR];
+    int64_t r0, r;
+    int32_t u, i, nr;
+    for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
+        nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
+        for (u = u0; u < u1; u++) {
+            if (J->stage == 1) {
+                const float bg = f->gate_bias ? f->gate_bias[e * F + (size_t)u] : 0.0f;
+                const float bu = f->up_bias ? f->up_bias[e * F + (size_t)u] : 0.0f;
+                moe__qdot_rows(J, &f->gate_q, f->gate, f->gate_stride, e, (size_t)u, J->x, r0, nr,
+                               v);
+                if (glu)
+                    moe__qdot_rows(J, &f->up_q, f->up, f->up_stride, e, (size_t)u, J->x, r0, nr,
+                                   vu);
+                for (i = 0; i < nr; i++) {
+                    J->hg[(size_t)(r0 + i) * F + (size_t)u] = v[i] + bg;
+                    if (glu) J->hu[(size_t)(r0 + i) * F + (size_t)u] = vu[i] + bu;
+                }
+            } else {
+                const float bd = f->down_bias ? f->down_bias[e * D + (size_t)u] : 0.0f;
+                moe__qdot_rows(J, &f->down_q, f->down, f->down_stride, e, (size_t)u, J->ha, r0,
+                               nr, v);
+                for (i = 0; i < nr; i++) J->out[(size_t)(r0 + i) * D + (size_t)u] = v[i] + bd;
+            }
+        }
+    }
+    if (J->stage == 1)
+        for (r = J->off[e]; r < J->off[e + 1]; r++) {
+            moe__activate_ref(f->act, J->ha + (size_t)r * F + (size_t)u0,
+                              J->hg + (size_t)r * F + (size_t)u0,
+                              glu ? J->hu + (size_t)r * F + (size_t)u0 : NULL,
+                              (size_t)(u1 - u0));
+            moe__dropout_apply(f, J->ha, r, r + 1, u0, u1);
+        }
+}
+
+/* Run the experts of a set with 1..MOE__QDOT_ROWS rows this way; returns
+   how many it ran. experts: scratch for their list ([n_sets]); act: room
+   for the int8 activations (1.25 bytes a value of N rows of max(D, F)). */
+static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t n_sets,
+                                 const int64_t *off, const float *x, float *hg, float *hu,
+                                 float *ha, float *out, int32_t *experts, float *act) {
+    const int glu = moe__act_is_glu(f->act);
+    const size_t N = (size_t)off[n_sets];
+    moe__qdot_job J;
+    int32_t e, n = 0;
+    for (e = 0; e < n_sets; e++)
+        if (off[e + 1] > off[e] && off[e + 1] - off[e] <= MOE__QDOT_ROWS) experts[n++] = e;
+    if (n == 0) return 0;
+    memset(&J, 0, sizeof J);
+    J.f = f; J.off = off; J.experts = experts; J.n_experts = n;
+    J.x = x; J.hg = hg; J.hu = hu; J.ha = ha; J.out = out;
+    for (J.stage = 1; J.stage <= 2; J.stage++) {
+        const int32_t k = J.stage == 1 ? f->D : f->F, n_units = J.stage == 1 ? f->F : f->D;
+        const size_t nb = (size_t)(k / 32);
+        J.a.k = k;
+        J.a.d = act; J.a.s = act + N * nb;
+        J.a.q = (int8_t *)(void *)(act + 2 * N * nb);
+        if (J.stage == 1 ? f->gate_q.data || (glu && f->up_q.data) : f->down_q.data != NULL)
+            moe__parallel_for(c, n, moe__qdot_act_task, &J, (double)N * (double)k);
+        J.runs = (n_units + MOE__QDOT_UNITS - 1) / MOE__QDOT_UNITS;
+        moe__parallel_for(c, n * J.runs, moe__qdot_task, &J,
+                          2.0 * (double)N * (double)f->D * (double)f->F * (glu ? 2.0 : 1.0));
+    }
+    return n;
+}
+#endif
+
+#if MOE__HAS_SIMD
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
    over its weights), then run.                                             */
@@ -4944,11 +5253,16 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     } else {
         moe__pack_job pj;
         int32_t e;
+        const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
+        /* few rows on blocks: integer dots; J's lists are free until the panels run */
+        if (quant)
+            moe__experts_qdot(c, f, n_sets, off, x, hg, hu, ha, out, ws->task_panels, ws->apack);
         pj.f = f; pj.g = &g; pj.glu = J.glu; pj.bf16 = 0; pj.dst = ws->pack;
         J.panels = (const unsigned char *)pj.dst; J.set_stride = 0; J.esize = sizeof(float);
         J.n_sets = 1; J.kind = MOE__B_F32;
         for (e = 0; e < n_sets; e++) {
             if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
+            if (quant && off[e + 1] - off[e] <= MOE__QDOT_ROWS) continue;   /* done above */
             pj.e = e;
             moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &pj, (double)(g.w13 + g.w2));
             J.off = off + e;

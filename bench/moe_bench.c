@@ -50,6 +50,14 @@
                    1024 up to max_T (max_T is then unused: give any number
                    when a json file follows)
      --shape NAME  only this shape
+     --qtype NAME  routed experts quantized with moe_quantize to q8_0, q4_0,
+                   q4_k or mxfp4 (router and shared expert stay fp32), for
+                   variants 0 (reference: decode, then fp32), 2 (packed from
+                   the blocks into fp32 panels) and 3 (unpacked: integer
+                   dots for experts of up to 16 rows, else decoded into
+                   panels per call); GB/s counts the blocks' bytes. A shape
+                   whose rows are not whole blocks is skipped (Q4_K needs
+                   multiples of 256)
    Stages (--stage): the same shapes, T values, variants, timing loop,
    ceilings and columns; one row per (stage, shape, T), JSON rows of type
    "stage" with a "stage" field. Each (variant, shape, T) first runs one
@@ -455,6 +463,30 @@ static void *pack(const moe_config *cfg, moe_weights *w) {
     return packed;
 }
 
+/* --qtype: the routed experts' tensors as blocks (-1: fp32) */
+static int qtype_opt = -1;
+/* t's routed expert tensors into blocks of qtype_opt, set in w; returns the
+   blocks (one allocation) or NULL when a row is not whole blocks. */
+static unsigned char *quantize_experts(const moe_config *cfg, const moe_grads *t, moe_weights *w) {
+    const moe_qtype q = (moe_qtype)qtype_opt;
+    const size_t E = (size_t)cfg->num_experts, D = (size_t)cfg->d_model, F = (size_t)cfg->d_ff;
+    const size_t rd = moe_qtype_row_bytes(q, (int64_t)D), rf = moe_qtype_row_bytes(q, (int64_t)F);
+    unsigned char *b;
+    if (rd == 0 || rf == 0) return NULL;
+    b = (unsigned char *)malloc(E * F * rd * 2 + E * D * rf);
+    if (!b) { fprintf(stderr, "out of memory\n"); exit(1); }
+    if (moe_quantize(q, t->gate, (int64_t)(E * F), (int64_t)D, b, E * F * rd) ||
+        moe_quantize(q, t->up, (int64_t)(E * F), (int64_t)D, b + E * F * rd, E * F * rd) ||
+        moe_quantize(q, t->down, (int64_t)(E * D), (int64_t)F, b + 2 * E * F * rd, E * D * rf)) {
+        fprintf(stderr, "moe_quantize failed\n");
+        exit(1);
+    }
+    w->gate_type = w->up_type = w->down_type = q;
+    w->gate_q = b; w->up_q = b + E * F * rd; w->down_q = b + 2 * E * F * rd;
+    w->gate = w->up = w->down = NULL;
+    return b;
+}
+
 static void run_shape(const char *name, moe_config cfg, int variant, int T, const ceilings *cl,
                       FILE *json) {
     const int D = cfg.d_model, E = cfg.num_experts, F = cfg.d_ff, Fs = cfg.shared_d_ff;
@@ -473,12 +505,24 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     blas_peer peer;
 #endif
     const int backward = variant == 1 || variant == 4;
-    const double esize = variant == 6 ? 2.0 : 4.0;
+    double esize = variant == 6 ? 2.0 : 4.0, esize_routed = esize;
     void *packed = NULL;
+    unsigned char *blocks = NULL;
     cfg.training = cfg.save_for_backward = backward;
     if (variant <= 1) cfg.isa = MOE_ISA_REFERENCE;
     layer_tensors(&cfg, &wt, 0.03f);
     weights_of(&wt, &w);
+    if (qtype_opt >= 0) {
+        if (!(blocks = quantize_experts(&cfg, &wt, &w))) {
+            printf("%-14s %5d  %d  skipped: rows of %d and %d values are not whole %s blocks\n",
+                   name, T, variant, cfg.d_model, cfg.d_ff, moe_qtype_name((moe_qtype)qtype_opt));
+            free(x); free(y); free(dy); free(dx); free_tensors(&wt);
+            return;
+        }
+        if (variant != 2)   /* packed: fp32 panels decoded from the blocks */
+            esize_routed = (double)moe_qtype_row_bytes((moe_qtype)qtype_opt, cfg.d_model) /
+                           cfg.d_model;
+    }
     if (variant == 6) cfg.pack_bf16 = 1;
     if (variant == 2 || variant == 4 || variant == 6) packed = pack(&cfg, &w);
     if (backward) {
@@ -550,7 +594,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     if (backward) flops *= 3.0;
     /* weight bytes a forward must read at least: the router, every used expert
        and the shared expert (its gate vector stays fp32) */
-    bytes_touched = 4.0 * E * D + esize * 3.0 * used * D * F;
+    bytes_touched = 4.0 * E * D + esize_routed * 3.0 * used * D * F;
     if (Fs > 0) bytes_touched += esize * 3.0 * D * Fs + (cfg.shared_expert_gated ? 4.0 * D : 0.0);
     med = times[runs / 2];
     gflops = flops / med * 1e-9;
@@ -561,15 +605,18 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     fflush(stdout);
     if (json)
         fprintf(json, "{\"type\": \"result\", \"impl\": \"%s\", \"pass\": \"%s\", "
+                      "\"qtype\": \"%s\", "
                       "\"shape\": \"%s\", \"T\": %d, \"variant\": %d, \"median_ms\": %.4f, "
                       "\"min_ms\": %.4f, \"max_ms\": %.4f, \"flop\": %.6g, \"weight_bytes\": %.6g, "
                       "\"gflops\": %.3f, \"weight_gbs\": %.3f, \"pct_peak\": %.2f, "
                       "\"pct_bw\": %.2f}\n",
-                variant_names[variant], backward ? "fwd+bwd" : "fwd", name, T, variant, 1e3 * med,
+                variant_names[variant], backward ? "fwd+bwd" : "fwd",
+                moe_qtype_name(qtype_opt >= 0 ? (moe_qtype)qtype_opt : MOE_QTYPE_F32), name, T,
+                variant, 1e3 * med,
                 1e3 * times[0], 1e3 * times[runs - 1], flops, bytes_touched, gflops, gbs,
                 100.0 * gflops / cl->peak_gflops, 100.0 * gbs / cl->read_gbs);
     free(x); free(y); free(dy); free(dx); free(fws); free(bws); free(ibuf);
-    free_tensors(&wt); free_tensors(&g); free(packed);
+    free_tensors(&wt); free_tensors(&g); free(packed); free(blocks);
 #ifdef MOE_BENCH_OPENBLAS
     if (variant == 5) {
         free(peer.logits); free(peer.xg); free(peer.hg); free(peer.hu); free(peer.out);
@@ -951,8 +998,14 @@ int main(int argc, char **argv) {
                 return 2;
             }
             opt_shape = p;
+        } else if (strcmp(a, "--qtype") == 0) {
+            static const moe_qtype qs[4] = {MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, MOE_QTYPE_Q4_K,
+                                            MOE_QTYPE_MXFP4};
+            for (s = 0; s < 4 && strcmp(p, moe_qtype_name(qs[s])) != 0; s++) {}
+            if (s == 4) { fprintf(stderr, "--qtype: q8_0, q4_0, q4_k or mxfp4\n"); return 2; }
+            qtype_opt = (int)qs[s];
         } else {
-            fprintf(stderr, "unknown option %s (--stage, --reps, --T, --shape)\n", a);
+            fprintf(stderr, "unknown option %s (--stage, --reps, --T, --shape, --qtype)\n", a);
             return 2;
         }
     }
@@ -981,6 +1034,11 @@ int main(int argc, char **argv) {
         p = *end == ',' ? end + 1 : end;
     }
     if (pos[2] && !json) { fprintf(stderr, "cannot open %s\n", pos[2]); return 2; }
+    for (i = 0; i < nv && qtype_opt >= 0; i++)
+        if (stages || (variants[i] != 0 && variants[i] != 2 && variants[i] != 3)) {
+            fprintf(stderr, "--qtype: variants 0, 2 and 3 (forward), without --stage\n");
+            return 2;
+        }
     if (n_opt_T) memcpy(Ts, opt_T, sizeof(int) * (size_t)(nT = n_opt_T));
     else
         for (k = 0; k < sizeof default_Ts / sizeof default_Ts[0] && default_Ts[k] <= max_T; k++)

@@ -1,0 +1,89 @@
+/* The integer dot kernels of quantized experts (moe.h, "Quantized weights"):
+   moe__qdot_simd against its plain twin moe__qdot_ref, and both against the
+   float64 sum of the decoded weights times the decoded int8 activations, on
+   random blocks of every type and rows of 32 to 4096 values. A file-local
+   static copy of the implementation (MOE_STATIC) reaches the kernels. */
+#define MOE_STATIC
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "moe_test.h"
+
+#if MOE__HAS_SIMD
+/* sum_j w_j * (d_b q_j) in float64, w decoded by moe_dequantize. */
+static double qi_exact(moe_qtype t, const unsigned char *w, const moe__qact *a, int32_t r,
+                       int32_t k, double *mag) {
+    float *wd = (float *)malloc((size_t)k * sizeof(float));
+    double sum = 0.0;
+    int32_t j;
+    moe_dequantize(t, w, moe_qtype_row_bytes(t, k), 1, k, wd);
+    *mag = 0.0;
+    for (j = 0; j < k; j++) {
+        const double x = (double)a->d[(size_t)r * (size_t)(k / 32) + (size_t)(j / 32)] *
+                         a->q[(size_t)r * (size_t)k + (size_t)j];
+        sum += (double)wd[j] * x;
+        *mag += fabs((double)wd[j] * x);
+    }
+    free(wd);
+    return sum;
+}
+#endif
+
+TEST(quant_internal, qdot_twins) {
+#if MOE__HAS_SIMD
+    const moe_qtype types[4] = {MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, MOE_QTYPE_MXFP4, MOE_QTYPE_Q4_K};
+    const int32_t ks[5] = {32, 96, 256, 768, 4096};
+    uint64_t s = 5;
+    int it, ik, n_checked = 0;
+    for (it = 0; it < 4; it++)
+        for (ik = 0; ik < 5; ik++) {
+            const moe_qtype t = types[it];
+            const int32_t k = ks[ik], rows = MOE__QDOT_NR;
+            const size_t bytes = moe_qtype_row_bytes(t, k);
+            unsigned char *w;
+            float *x, scale, ref[MOE__QDOT_NR], simd[MOE__QDOT_NR];
+            moe__qact a;
+            double exact, mag;
+            size_t i;
+            int32_t r, nr;
+            if (bytes == 0) continue;            /* Q4_K rows of whole 256-blocks */
+            w = (unsigned char *)malloc(bytes);
+            x = (float *)malloc((size_t)k * sizeof(float));
+            a.k = k;
+            a.q = (int8_t *)malloc((size_t)rows * (size_t)k);
+            a.d = (float *)malloc((size_t)rows * (size_t)k / 32 * sizeof(float));
+            a.s = (float *)malloc((size_t)rows * (size_t)k / 32 * sizeof(float));
+            for (i = 0; i < bytes; i++) w[i] = (unsigned char)(moe_test_rand(&s) * 128.0f + 128.0f);
+            /* sane scales (random fp16 bytes may be Inf or NaN) */
+            for (i = 0; i < bytes; i += (size_t)moe_qtype_row_bytes(t, moe_qtype_block_size(t))) {
+                if (t == MOE_QTYPE_MXFP4) { w[i] = (unsigned char)(120 + (w[i] & 7)); continue; }
+                scale = 0.01f + 0.02f * moe_test_rand(&s);
+                moe__put_u16le(w + i, moe__f16_of(scale));
+                if (t == MOE_QTYPE_Q4_K) moe__put_u16le(w + i + 2, moe__f16_of(0.5f * scale));
+            }
+            for (r = 0; r < rows; r++) {         /* rows of other sizes and signs */
+                for (i = 0; i < (size_t)k; i++)
+                    x[i] = moe_test_rand(&s) * (1.0f + (float)((i + (size_t)r) % 7)) +
+                           0.3f * (float)(r - 1);
+                moe__qact_row(&a, r, x);
+            }
+            for (nr = 1; nr <= rows; nr++) {     /* each row count from row 0 and from row 1 */
+                int32_t r0;
+                for (r0 = 0; r0 + nr <= rows && r0 <= 1; r0++) {
+                    moe__qdot_ref(t, w, &a, r0, nr, ref);
+                    moe__qdot_simd(t, w, &a, r0, nr, simd);
+                    for (r = 0; r < nr; r++) {
+                        exact = qi_exact(t, w, &a, r0 + r, k, &mag);
+                        /* fp32 sums of k / 32 block terms: a few ulp of the magnitude each */
+                        CHECK_NEAR(ref[r], exact, 1e-6 * mag, 0.0);
+                        CHECK_NEAR(simd[r], exact, 1e-6 * mag, 0.0);
+                    }
+                }
+            }
+            n_checked++;
+            free(w); free(x); free(a.q); free(a.d); free(a.s);
+        }
+    CHECK_INT(n_checked, 4 * 5 - 2);   /* Q4_K skips k = 32 and 96 */
+#else
+    SKIP("no SIMD ISA in this build: the integer dots run in SIMD builds only");
+#endif
+}
