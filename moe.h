@@ -5,7 +5,8 @@
    noisy top-k, expert choice, dense and Soft MoE), capacity and token dropping,
    counting-sort dispatch, grouped expert FFNs, deterministic combine and the
    load-balancing losses of Switch, GShard, HF/Mixtral, DeepSeek and Shazeer,
-   and the backward pass of all of it. docs/ROUTING.md specifies the semantics,
+   and the backward pass of all of it; routed experts in fp32, bf16 panels or
+   ggml's quantized blocks (docs/QUANT.md). docs/ROUTING.md specifies the semantics,
    topic by topic, with worked numbers. Every kernel has a plain scalar reference (the
    specification) and one SIMD twin chosen at compile time (AVX-512, AVX2+FMA
    or NEON), tested against it; work is cut into task lists that OpenMP or
@@ -51,19 +52,21 @@
    CONTENTS
      1. Declarations: version, status codes, enums, moe_config, moe_weights,
         moe_grads, moe_info, then the API in pipeline order:
-        config -> packing -> capacity -> routing (moe_route) -> forward ->
-        backward -> expert parallelism (moe_ep_*) -> bias update.
+        config -> quantized weights -> packing -> capacity -> routing
+        (moe_route) -> forward -> backward -> expert parallelism (moe_ep_*)
+        -> bias update.
      2. Implementation (MOE_IMPLEMENTATION), its banners in order: helpers
-        (RNG, activations, top-k, the reference GEMMs), ISA selection,
-        threads, config, capacity, workspace layout, the kernel table, then
-        the pipeline's stages as plain references, each backward below its
-        forward: routing (router logits, scores, top-k and groups,
-        capacity, gate weights, aux losses) and its backward; experts
-        (dispatch, expert FFNs, combine). Then the fast kernels (ISA
-        primitives, micro-kernel, blocked GEMM, packed weights and the
-        packed expert FFN, the kernel tables), the drivers (moe_route,
-        moe_forward, the backward driver), expert parallelism, training
-        helpers.
+        (RNG, activations, top-k, the reference GEMMs), quantized weights
+        (ggml's block formats: decode, quantize, the reference GEMM and dot
+        on blocks), ISA selection, threads, config, capacity, workspace
+        layout, the kernel table, then the pipeline's stages as plain
+        references, each backward below its forward: routing (router
+        logits, scores, top-k and groups, capacity, gate weights, aux
+        losses) and its backward; experts (dispatch, expert FFNs, combine).
+        Then the fast kernels (ISA primitives, micro-kernel, blocked GEMM,
+        packed weights and the packed expert FFN, integer dots on quantized
+        blocks, the kernel tables), the drivers (moe_route, moe_forward,
+        the backward driver), expert parallelism, training helpers.
      TOUR: docs/TOUR.md walks through all of it with worked numbers.
      3. License.
 
@@ -964,8 +967,13 @@ MOEDEF moe_status moe_selection_bias_update(int32_t num_experts, const int32_t *
 #define MOE__ALIGN 64                  /* every workspace piece starts on a cache line */
 #if defined(__GNUC__) || defined(__clang__)
 #  define MOE__TWIN __attribute__((unused)) /* a reference twin this build may not call */
+#  define MOE__INLINE static inline __attribute__((always_inline))   /* inner loops' helpers */
+#elif defined(_MSC_VER)
+#  define MOE__TWIN
+#  define MOE__INLINE static __forceinline
 #else
 #  define MOE__TWIN
+#  define MOE__INLINE static inline
 #endif
 
 // ----------------------------------------------------------------------------
@@ -1244,16 +1252,27 @@ typedef void (*moe__sgemm_fn)(int64_t m, int32_t j0, int32_t j1, int64_t depth,
 // moe__gemm_ref does, so the reference forward on quantized experts is the
 // fp32 reference forward on the decoded weights, bit for bit.
 
-/* IEEE half -> float (exact). */
-static float moe__f16_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, ex = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+/* IEEE half -> float (exact), for the halves that are not normal numbers. */
+static float moe__f16_float_rare(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, man = h & 0x3ffu;
     uint32_t u;
     float f;
-    if (ex == 0) {                          /* zero, subnormal: man * 2^-24 */
+    if ((h & 0x7c00u) == 0) {                /* zero, subnormal: man * 2^-24 */
         f = (float)man * (1.0f / 16777216.0f);
         return sign ? -f : f;
     }
-    u = sign | (ex == 0x1f ? 0x7f800000u : (ex + 112u) << 23) | man << 13;   /* Inf/NaN, normal */
+    u = sign | 0x7f800000u | man << 13;      /* Inf, NaN (payload kept) */
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+/* IEEE half -> float (exact). A normal half is its bits moved up 13 with the
+   exponent rebiased (+112): the inline path every block scale takes. */
+MOE__INLINE float moe__f16_float(uint16_t h) {
+    const uint32_t ex = h & 0x7c00u;
+    uint32_t u;
+    float f;
+    if (ex == 0 || ex == 0x7c00u) return moe__f16_float_rare(h);
+    u = (uint32_t)(h & 0x8000u) << 16 | ((uint32_t)(h & 0x7fffu) + 0x1c000u) << 13;
     memcpy(&f, &u, sizeof f);
     return f;
 }
@@ -1319,7 +1338,7 @@ static float moe__e8m0_half(uint8_t e) {
 }
 
 /* Q4_K's 6-bit scale and min of sub-block j from its 12 packed bytes. */
-static void moe__q4k_scale_min(const unsigned char *s, int j, float *sc, float *mn) {
+MOE__INLINE void moe__q4k_scale_min(const unsigned char *s, int j, float *sc, float *mn) {
     if (j < 4) {
         *sc = (float)(s[j] & 63); *mn = (float)(s[j + 4] & 63);
     } else {
@@ -3969,11 +3988,6 @@ static moe__vf moe__v_select_lt(moe__vf x, moe__vf c, moe__vf a, moe__vf b) {   
 #endif
 
 #if MOE__HAS_SIMD
-#if defined(__GNUC__) || defined(__clang__)
-#  define MOE__INLINE static inline __attribute__((always_inline))
-#else
-#  define MOE__INLINE static inline
-#endif
 /* What a micro-kernel tile reads as B (and A):
      MOE__B_F32   fp32 rows [depth][NR]
      MOE__B_BF16  bf16 row pairs [depth/2][NR][2] (moe__v_bf16_lo/hi), widened
@@ -5004,71 +5018,103 @@ static __m256i moe__nibbles(const unsigned char *b) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
                             _mm256_set1_epi8(0x0f));
 }
-/* acc[i] += (scale * d_i) * (codes . q_i) for the nr rows of block b. codes
-   unsigned (0..255) when is_signed is 0, else signed bytes. mul + add: an
-   AVX-512F build need not have FMA3's 256-bit forms. */
-static void moe__qdot_block(__m256i codes, int is_signed, float scale, const moe__qact *a,
-                            int64_t r0, int32_t nr, int32_t b, __m256 *acc) {
-    const int32_t nb = a->k / 32;
-    const __m256i u = is_signed ? _mm256_sign_epi8(codes, codes) : codes;
-    const __m256i ones = _mm256_set1_epi16(1);
-    int32_t i;
-    for (i = 0; i < nr; i++) {
-        const size_t row = (size_t)(r0 + i);
-        const __m256i q = _mm256_loadu_si256(
-            (const __m256i *)(const void *)(a->q + row * (size_t)a->k + 32 * (size_t)b));
-        const __m256i p = _mm256_maddubs_epi16(u, is_signed ? _mm256_sign_epi8(q, codes) : q);
-        const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-        acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_set1_ps(scale * a->d[row * (size_t)nb +
-                                                                                  (size_t)b]),
-                                                     isum));
-    }
+/* The 8 int32 partial sums of 32 codes (u: |codes|, or the codes when they
+   are unsigned) times 32 q (v: q with the codes' signs, or q). */
+static __m256i moe__isum32(__m256i u, __m256i v) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, v);   /* VPDPBUSD: 4 products a lane */
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, v);
+#else
+    /* pairs into int16 (|code|, |q| <= 127: no saturation), then pairs of those: the same sums */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), _mm256_set1_epi16(1));
+#endif
 }
+
+/* One block of codes against the n_rows rows: acc[i] += (scale * d_i) * isum_i.
+   mul + add: an AVX-512F build need not have FMA3's 256-bit forms. */
+#define MOE__QDOT_BLOCK(codes, is_signed, scale, b)                                            \
+    do {                                                                                       \
+        const __m256i c_ = (codes), u_ = (is_signed) ? _mm256_sign_epi8(c_, c_) : c_;          \
+        int32_t i_;                                                                            \
+        for (i_ = 0; i_ < n_rows; i_++) {                                                      \
+            const __m256i q_ = _mm256_loadu_si256((const __m256i *)(const void *)(q[i_] +      \
+                                                                                  32 * (b)));  \
+            const __m256i v_ = (is_signed) ? _mm256_sign_epi8(q_, c_) : q_;                    \
+            acc[i_] = _mm256_add_ps(acc[i_], _mm256_mul_ps(_mm256_set1_ps((scale) * d[i_][b]), \
+                                                           _mm256_cvtepi32_ps(                 \
+                                                               moe__isum32(u_, v_))));         \
+        }                                                                                      \
+    } while (0)
+
+/* The kernel for NR rows (a constant where it is expanded: its row loops
+   unroll and the accumulators stay in registers). */
+#define MOE__QDOT_KERNEL(NR)                                                                   \
+    static void moe__qdot_x86_##NR(int32_t type, const unsigned char *w, const moe__qact *a,   \
+                                   int64_t r0, float *out) {                                   \
+        const int32_t nb = a->k / 32, n_rows = NR;                                             \
+        const int8_t *q[NR];                                                                   \
+        const float *d[NR], *s[NR];                                                            \
+        __m256 acc[NR];                                                                        \
+        float mins[NR];                                                                        \
+        int32_t b, i, j;                                                                       \
+        for (i = 0; i < NR; i++) {                                                             \
+            q[i] = a->q + (size_t)(r0 + i) * (size_t)a->k;                                     \
+            d[i] = a->d + (size_t)(r0 + i) * (size_t)nb;                                       \
+            s[i] = a->s + (size_t)(r0 + i) * (size_t)nb;                                       \
+            acc[i] = _mm256_setzero_ps();                                                      \
+            mins[i] = 0.0f;                                                                    \
+        }                                                                                      \
+        if (type == MOE_QTYPE_Q8_0) {                                                          \
+            for (b = 0; b < nb; b++, w += 34)                                                  \
+                MOE__QDOT_BLOCK(_mm256_loadu_si256((const __m256i *)(const void *)(w + 2)), 1, \
+                                moe__f16_float(moe__u16le(w)), b);                             \
+        } else if (type == MOE_QTYPE_Q4_0) {                                                   \
+            for (b = 0; b < nb; b++, w += 18)                                                  \
+                MOE__QDOT_BLOCK(_mm256_sub_epi8(moe__nibbles(w + 2), _mm256_set1_epi8(8)), 1,  \
+                                moe__f16_float(moe__u16le(w)), b);                             \
+        } else if (type == MOE_QTYPE_MXFP4) {                                                  \
+            const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, \
+                                                   -6, -8, -12, 0, 1, 2, 3, 4, 6, 8, 12, 0,    \
+                                                   -1, -2, -3, -4, -6, -8, -12);               \
+            for (b = 0; b < nb; b++, w += 17)                                                  \
+                MOE__QDOT_BLOCK(_mm256_shuffle_epi8(table, moe__nibbles(w + 1)), 1,            \
+                                moe__e8m0_half(w[0]), b);                                      \
+        } else {                               /* Q4_K: 8 sub-blocks per 144 bytes */          \
+            for (b = 0; b < nb; b += 8, w += 144) {                                            \
+                const float dd = moe__f16_float(moe__u16le(w));                                \
+                const float dm = moe__f16_float(moe__u16le(w + 2));                            \
+                float sc[8], mn[8];                                                            \
+                for (j = 0; j < 8; j++) moe__q4k_scale_min(w + 4, j, &sc[j], &mn[j]);          \
+                for (j = 0; j < 8; j += 2) {   /* 32 bytes: sub-block j low, j + 1 high */     \
+                    const __m256i raw = _mm256_loadu_si256(                                    \
+                        (const __m256i *)(const void *)(w + 16 + 16 * j));                     \
+                    const __m256i lo = _mm256_set1_epi8(0x0f);                                 \
+                    MOE__QDOT_BLOCK(_mm256_and_si256(raw, lo), 0, dd * sc[j], b + j);          \
+                    MOE__QDOT_BLOCK(_mm256_and_si256(_mm256_srli_epi16(raw, 4), lo), 0,        \
+                                    dd * sc[j + 1], b + j + 1);                                \
+                }                                                                              \
+                for (i = 0; i < NR; i++)                                                       \
+                    for (j = 0; j < 8; j++) mins[i] += dm * mn[j] * s[i][b + j];               \
+            }                                                                                  \
+        }                                                                                      \
+        for (i = 0; i < NR; i++) out[i] = moe__hsum256(acc[i]) - mins[i];                      \
+    }
+MOE__QDOT_KERNEL(1)
+MOE__QDOT_KERNEL(2)
+MOE__QDOT_KERNEL(3)
+MOE__QDOT_KERNEL(4)
+#undef MOE__QDOT_KERNEL
+#undef MOE__QDOT_BLOCK
+
 static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
                            int32_t nr, float *out) {
-    const int32_t nb = a->k / 32;
-    __m256 acc[MOE__QDOT_NR];
-    float mins[MOE__QDOT_NR];
-    int32_t b, i, j;
-    for (i = 0; i < nr; i++) { acc[i] = _mm256_setzero_ps(); mins[i] = 0.0f; }
-    if (type == MOE_QTYPE_Q8_0) {
-        for (b = 0; b < nb; b++, w += 34)
-            moe__qdot_block(_mm256_loadu_si256((const __m256i *)(const void *)(w + 2)), 1,
-                            moe__f16_float(moe__u16le(w)), a, r0, nr, b, acc);
-    } else if (type == MOE_QTYPE_Q4_0) {
-        for (b = 0; b < nb; b++, w += 18)
-            moe__qdot_block(_mm256_sub_epi8(moe__nibbles(w + 2), _mm256_set1_epi8(8)), 1,
-                            moe__f16_float(moe__u16le(w)), a, r0, nr, b, acc);
-    } else if (type == MOE_QTYPE_MXFP4) {
-        const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8,
-                                               -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4,
-                                               -6, -8, -12);
-        for (b = 0; b < nb; b++, w += 17)
-            moe__qdot_block(_mm256_shuffle_epi8(table, moe__nibbles(w + 1)), 1,
-                            moe__e8m0_half(w[0]), a, r0, nr, b, acc);
-    } else {                                     /* Q4_K: 8 sub-blocks per 144 bytes */
-        for (b = 0; b < nb; b += 8, w += 144) {
-            const float dd = moe__f16_float(moe__u16le(w)), dm = moe__f16_float(moe__u16le(w + 2));
-            for (j = 0; j < 8; j += 2) {         /* 32 bytes: sub-block j low, j + 1 high */
-                const __m256i raw = _mm256_loadu_si256(
-                    (const __m256i *)(const void *)(w + 16 + 16 * j));
-                float sc0, m0, sc1, m1;
-                moe__q4k_scale_min(w + 4, j, &sc0, &m0);
-                moe__q4k_scale_min(w + 4, j + 1, &sc1, &m1);
-                moe__qdot_block(_mm256_and_si256(raw, _mm256_set1_epi8(0x0f)), 0, dd * sc0, a,
-                                r0, nr, b + j, acc);
-                moe__qdot_block(_mm256_and_si256(_mm256_srli_epi16(raw, 4),
-                                                 _mm256_set1_epi8(0x0f)),
-                                0, dd * sc1, a, r0, nr, b + j + 1, acc);
-                for (i = 0; i < nr; i++) {
-                    const float *s = a->s + (size_t)(r0 + i) * (size_t)nb + (size_t)(b + j);
-                    mins[i] += dm * m0 * s[0];
-                    mins[i] += dm * m1 * s[1];
-                }
-            }
-        }
+    switch (nr) {
+    case 1: moe__qdot_x86_1(type, w, a, r0, out); break;
+    case 2: moe__qdot_x86_2(type, w, a, r0, out); break;
+    case 3: moe__qdot_x86_3(type, w, a, r0, out); break;
+    default: moe__qdot_x86_4(type, w, a, r0, out); break;
     }
-    for (i = 0; i < nr; i++) out[i] = moe__hsum256(acc[i]) - mins[i];
 }
 #else
 static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
