@@ -1292,7 +1292,7 @@ static uint16_t moe__f16_of(float v) {
         a += 0xfffu + ((a >> 13) & 1u);
         return (uint16_t)(sign | (a >> 13));
     }
-    if (a < 0x33000000u) return (uint16_t)sign;   /* <= 2^-25: rounds to 0 */
+    if (a < 0x33000000u) return (uint16_t)sign;   /* below 2^-25: rounds to 0 */
     /* subnormal half m * 2^-24: m = mantissa * 2^(exponent - 126), rounded */
     shift = 126 - (int32_t)(a >> 23);        /* 14 .. 24 */
     m = (a & 0x7fffffu) | 0x800000u;
@@ -1348,6 +1348,8 @@ MOE__INLINE void moe__q4k_scale_min(const unsigned char *s, int j, float *sc, fl
 }
 
 static uint16_t moe__u16le(const unsigned char *b) { return (uint16_t)(b[0] | b[1] << 8); }
+/* A byte as int8, without a branch (random signs mispredict one). */
+static int moe__i8(unsigned char b) { return (int)b - ((int)(b & 0x80u) << 1); }
 static void moe__put_u16le(unsigned char *b, uint16_t v) {
     b[0] = (unsigned char)(v & 0xff); b[1] = (unsigned char)(v >> 8);
 }
@@ -1357,7 +1359,7 @@ static void moe__dequant_block(int32_t type, const unsigned char *b, float *y) {
     int j, l;
     if (type == MOE_QTYPE_Q8_0) {              /* d, 32 x int8 */
         const float d = moe__f16_float(moe__u16le(b));
-        for (j = 0; j < 32; j++) y[j] = d * (float)(b[2 + j] < 128 ? b[2 + j] : b[2 + j] - 256);
+        for (j = 0; j < 32; j++) y[j] = d * (float)moe__i8(b[2 + j]);
     } else if (type == MOE_QTYPE_Q4_0) {       /* d, 16 bytes: value j low nibble, j + 16 high */
         const float d = moe__f16_float(moe__u16le(b));
         for (j = 0; j < 16; j++) {
@@ -1552,8 +1554,7 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
             if (type == MOE_QTYPE_Q8_0) {
                 const unsigned char *c = w + 34 * (size_t)b;
                 scale = moe__f16_float(moe__u16le(c));
-                for (j = 0; j < 32; j++)
-                    isum += (c[2 + j] < 128 ? c[2 + j] : c[2 + j] - 256) * q[j];
+                for (j = 0; j < 32; j++) isum += moe__i8(c[2 + j]) * q[j];
             } else if (type == MOE_QTYPE_Q4_0) {
                 const unsigned char *c = w + 18 * (size_t)b;
                 scale = moe__f16_float(moe__u16le(c));
@@ -4932,7 +4933,12 @@ static void moe__pack_column(const moe__pack_job *J, size_t o, size_t v, const f
         for (; k < k1 && k < depth; k += (size_t)qi.block) {
             moe__dequant_block(q->type, q->data + (size_t)J->e * q->stride + row * q->row_bytes +
                                             k / (size_t)qi.block * qi.bytes, block);
-            for (i = 0; i < (size_t)qi.block; i++) moe__pack_put(J, o, k + i, v, block[i]);
+            if (J->bf16) {
+                for (i = 0; i < (size_t)qi.block; i++) moe__pack_put(J, o, k + i, v, block[i]);
+            } else {                             /* fp32 rows of NR: a strided copy */
+                float *dst = (float *)J->dst + o + k * MOE__NR + v;
+                for (i = 0; i < (size_t)qi.block; i++) dst[i * MOE__NR] = block[i];
+            }
         }
     else if (has_row)
         for (; k < k1 && k < depth; k++)

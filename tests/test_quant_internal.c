@@ -87,3 +87,26 @@ TEST(quant_internal, qdot_twins) {
     SKIP("no SIMD ISA in this build: the integer dots run in SIMD builds only");
 #endif
 }
+
+/* float -> half (the block scales moe_quantize stores): every finite half
+   comes back as itself; the midpoint of two neighbours goes to the even one,
+   and the next float above it to the upper one (round to nearest even). */
+TEST(quant_internal, f16_rounding) {
+    uint32_t h;
+    int bad = 0;
+    for (h = 0; h < 0x7c00u; h++) {
+        const float lo = moe__f16_float((uint16_t)h);
+        const float hi = h + 1 == 0x7c00u ? 65536.0f : moe__f16_float((uint16_t)(h + 1));
+        const float mid = (float)(((double)lo + (double)hi) / 2.0);   /* exact: 12 bits */
+        const uint16_t even = (uint16_t)(h & 1u ? h + 1 : h);
+        bad += moe__f16_of(lo) != h;
+        bad += moe__f16_of(-lo) != (h | 0x8000u);
+        bad += moe__f16_of(mid) != even;     /* 65520, above 65504, is Inf's tie */
+        bad += moe__f16_of(nextafterf(mid, INFINITY)) != h + 1;
+        bad += moe__f16_of(nextafterf(mid, 0.0f)) != h;
+    }
+    bad += moe__f16_of(INFINITY) != 0x7c00u;
+    bad += (moe__f16_of(NAN) & 0x7c00u) != 0x7c00u || (moe__f16_of(NAN) & 0x3ffu) == 0;
+    bad += moe__f16_of(1e-30f) != 0 || moe__f16_of(-1e-30f) != 0x8000u;
+    CHECK_INT(bad, 0);
+}
