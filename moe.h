@@ -3435,12 +3435,13 @@ static moe__ffn moe__ffn_make(const moe_config *c, int32_t F, int fused,
     return f;
 }
 /* Expert matrices of `rows` rows of `cols` values each, in blocks of `type`
-   at data (data NULL for fp32). */
+   at data (data NULL: fp32, or a type outside moe_qtype, which the checks
+   refuse before anything runs). */
 static moe__qmat moe__qmat_of(int32_t type, const void *data, size_t rows, size_t cols) {
     moe__qmat q;
     const moe__qinfo qi = moe__qblock(type);
     q.type = type;
-    q.data = type != MOE_QTYPE_F32 ? (const unsigned char *)data : NULL;
+    q.data = type != MOE_QTYPE_F32 && qi.block > 0 ? (const unsigned char *)data : NULL;
     q.row_bytes = q.data ? cols / (size_t)qi.block * qi.bytes : 0;
     q.stride = rows * q.row_bytes;
     return q;
@@ -3451,11 +3452,12 @@ static moe__ffn moe__routed_ffn(const moe_config *c, const moe_weights *w) {
     moe__ffn f = moe__ffn_make(c, c->d_ff, w->gate_up_fused, w->gate, w->up, w->down,
                                w->gate_bias, w->up_bias, w->down_bias, 0);
     f.gate_q = moe__qmat_of(w->gate_type, w->gate_q, gate_rows, D);
-    f.up_q = moe__qmat_of(w->up_type, w->up_q, F, D);
     if (w->gate_up_fused) {                    /* up rows follow the gate rows */
         f.up_q = f.gate_q;
         if (f.up_q.data) f.up_q.data += F * f.up_q.row_bytes;
-    }
+    } else if (moe__act_is_glu(c->activation)) {
+        f.up_q = moe__qmat_of(w->up_type, w->up_q, F, D);
+    }                                          /* else up is unused: no blocks */
     f.down_q = moe__qmat_of(w->down_type, w->down_q, D, F);
     return f;
 }
@@ -5278,7 +5280,8 @@ static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t
 #if MOE__HAS_SIMD
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
-   over its weights), then run.                                             */
+   over its weights), then run. Quantized experts with up to MOE__QDOT_ROWS
+   rows run as integer dots on their blocks either way.                     */
 static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
                               const float *x, float *hg, float *hu, float *ha, float *out,
@@ -5294,35 +5297,44 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     J.panels_per_task = ws->task_panels;
     J.tile_off = ws->tile_off;
     J.Ap = ws->apack;
+    moe__pack_job pj;
+    int32_t e;
+    const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
+    /* few rows on blocks: integer dots, beside a blob too (they read a quarter to a half of
+       its bytes); J's lists are free until the panels run */
+    if (quant)
+        moe__experts_qdot(c, f, n_sets, off, x, hg, hu, ha, out, ws->task_panels, ws->apack);
     if (packed_set) {
         J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
         J.kind = !c->pack_bf16 ? MOE__B_F32
                                : c->pack_bf16 == 2 && MOE__HAS_BF16_DOT ? MOE__B_DOT : MOE__B_BF16;
-        J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize;
-        J.n_sets = n_sets; J.off = off;
-        J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
-        moe__packed_ffn(&J);
+        J.set_stride = (g.w13 + g.w2) * J.esize;
+        if (!quant) {                            /* every set in one task list */
+            J.panels = packed_set; J.n_sets = n_sets; J.off = off;
+            J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
+            moe__packed_ffn(&J);
+            return;
+        }
     } else {
-        moe__pack_job pj;
-        int32_t e;
-        const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
-        /* few rows on blocks: integer dots; J's lists are free until the panels run */
-        if (quant)
-            moe__experts_qdot(c, f, n_sets, off, x, hg, hu, ha, out, ws->task_panels, ws->apack);
         pj.f = f; pj.g = &g; pj.glu = J.glu; pj.bf16 = 0; pj.dst = ws->pack;
         J.panels = (const unsigned char *)pj.dst; J.set_stride = 0; J.esize = sizeof(float);
-        J.n_sets = 1; J.kind = MOE__B_F32;
-        for (e = 0; e < n_sets; e++) {
-            if (off[e + 1] == off[e]) continue;  /* untouched experts cost nothing */
-            if (quant && off[e + 1] - off[e] <= MOE__QDOT_ROWS) continue;   /* done above */
+        J.kind = MOE__B_F32;
+    }
+    J.n_sets = 1;                                /* expert by expert */
+    for (e = 0; e < n_sets; e++) {
+        if (off[e + 1] == off[e]) continue;      /* untouched experts cost nothing */
+        if (quant && off[e + 1] - off[e] <= MOE__QDOT_ROWS) continue;   /* done above */
+        if (packed_set) {
+            J.panels = packed_set + (size_t)e * J.set_stride;
+        } else {
             pj.e = e;
             moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &pj, (double)(g.w13 + g.w2));
-            J.off = off + e;
-            J.gate_bias = f->gate_bias ? f->gate_bias + (size_t)e * (size_t)f->F : NULL;
-            J.up_bias = f->up_bias ? f->up_bias + (size_t)e * (size_t)f->F : NULL;
-            J.down_bias = f->down_bias ? f->down_bias + (size_t)e * (size_t)f->D : NULL;
-            moe__packed_ffn(&J);
         }
+        J.off = off + e;
+        J.gate_bias = f->gate_bias ? f->gate_bias + (size_t)e * (size_t)f->F : NULL;
+        J.up_bias = f->up_bias ? f->up_bias + (size_t)e * (size_t)f->F : NULL;
+        J.down_bias = f->down_bias ? f->down_bias + (size_t)e * (size_t)f->D : NULL;
+        moe__packed_ffn(&J);
     }
 }
 #endif
@@ -5547,7 +5559,7 @@ static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weig
                               int experts) {
     const moe_grads g = moe__weights_as_grads(w);
     moe__tensor_spans(S, c, &g, experts, 0);
-    if (experts) {
+    {   /* blocks: read with or without a blob */
         const moe__ffn f = moe__routed_ffn(c, w);
         const size_t E = (size_t)c->num_experts;
         moe__span(S, f.gate_q.data, E, f.gate_q.stride, 0);
@@ -5567,13 +5579,14 @@ static int moe__quantized(const moe_config *c, const moe_weights *w) {
 }
 
 /* One routed expert tensor of rows of `cols` values: its type, the row
-   length its blocks allow, and the pointer that type reads. */
+   length its blocks allow, and the pointer that type reads (packed: fp32
+   tensors are read from w.packed instead). */
 static moe_status moe__check_tensor(int32_t type, const float *f32, const void *blocks,
                                     int32_t cols, int packed) {
     const moe__qinfo qi = moe__qblock(type);
     if (qi.block == 0 || cols % qi.block != 0) return MOE_STATUS_BAD_QUANT;
-    if (!packed && !(type == MOE_QTYPE_F32 ? (const void *)f32 : blocks))
-        return MOE_STATUS_MISSING_WEIGHT;
+    /* blocks are read beside a blob too (experts with few rows) */
+    if (type == MOE_QTYPE_F32 ? !packed && !f32 : !blocks) return MOE_STATUS_MISSING_WEIGHT;
     return MOE_STATUS_OK;
 }
 

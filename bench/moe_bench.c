@@ -53,9 +53,11 @@
      --qtype NAME  routed experts quantized with moe_quantize to q8_0, q4_0,
                    q4_k or mxfp4 (router and shared expert stay fp32), for
                    variants 0 (reference: decode, then fp32), 2 (packed from
-                   the blocks into fp32 panels) and 3 (unpacked: integer
-                   dots for experts of up to 16 rows, else decoded into
-                   panels per call); GB/s counts the blocks' bytes. A shape
+                   the blocks into fp32 panels; experts of up to 16 rows
+                   still run as integer dots on the blocks) and 3 (unpacked:
+                   integer dots for experts of up to 16 rows, else decoded
+                   into panels per call); GB/s counts the blocks' bytes for
+                   variant 3, the panels' for variant 2. A shape
                    whose rows are not whole blocks is skipped (Q4_K needs
                    multiples of 256)
    Stages (--stage): the same shapes, T values, variants, timing loop,

@@ -290,7 +290,9 @@ static double q_int8_worst;
      the SIMD layer on the decoded weights, else (integer dots) within
      Q_INT8_BOUND of the reference;
    - moe_pack_weights from blocks (fp32 and bf16 panels): the same bytes as
-     from the decoded weights, and a forward on that blob runs. */
+     from the decoded weights; a forward on that blob with the blocks runs
+     small experts on the blocks (the unpacked run's bits) and the others on
+     the panels (the decoded layer's bits). */
 static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, moe_qtype tg,
                           moe_qtype tu, moe_qtype td, int32_t T) {
     q_layer L;
@@ -335,7 +337,6 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
             y1 = yq;
         }
     }
-    free(y1); free(yr);
     c.num_threads = 0;
     for (bf16 = 0; bf16 <= 1; bf16++) {
         size_t bq = 0, bd = 0;
@@ -343,16 +344,25 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
         c.pack_bf16 = bf16;
         pq = q_pack(&c, &L.wq, &bq); pd = q_pack(&c, &L.wd, &bd);
         CHECK(pq && pd && bq == bd && !memcmp(pq, pd, bq));
-        if (pq && bf16 == 0) {                  /* and the forward on the blob runs */
+        if (pq && bf16 == 0) {
+            /* the forward on the blob: experts of up to 16 rows still read the blocks (the
+               unpacked run's bits), the others the panels (the decoded layer's bits) */
             moe_weights wp = L.wq, wdp = L.wd;
             wp.packed = pq; wp.packed_bytes = bq;
             wdp.packed = pq; wdp.packed_bytes = bq;
-            yq = q_run(&c, &wp, L.x, T); yd = q_run(&c, &wdp, L.x, T);
-            CHECK(q_same(yq, yd, TD));
-            free(yq); free(yd);
+            yq = q_run(&c, &wp, L.x, T);
+            if (panels) {
+                yd = q_run(&c, &wdp, L.x, T);
+                CHECK(q_same(yq, yd, TD));
+                free(yd);
+            } else {
+                CHECK(q_same(yq, y1, TD));
+            }
+            free(yq);
         }
         free(pq); free(pd);
     }
+    free(y1); free(yr);
     q_layer_free(&L);
 }
 
@@ -434,6 +444,14 @@ TEST(quant, layer_statuses) {
     CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_BAD_QUANT);
     w = L.wq; w.down_q = NULL;
     CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_MISSING_WEIGHT);
+    if (moe_compiled_isa() != MOE_ISA_REFERENCE) {    /* a blob does not replace blocks */
+        size_t pb = 0;
+        void *blob = q_pack(&L.c, &L.wq, &pb);
+        CHECK(blob != NULL);
+        w = L.wq; w.packed = blob; w.packed_bytes = pb; w.up_q = NULL;
+        CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_MISSING_WEIGHT);
+        free(blob);
+    }
     w = L.wq;                                          /* y over the gate's blocks */
     CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, 1, (float *)L.qgate + 8, NULL),
                  MOE_STATUS_ALIASING);
