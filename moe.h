@@ -4670,6 +4670,8 @@ typedef struct moe__packed_job {
     int64_t *task_off;              /* [n_sets + 1]                          */
     int32_t *panels_per_task;       /* [n_sets]                              */
     int64_t *tile_off;              /* [n_sets + 1] first MR-row tile of each set */
+    int64_t skip_rows;              /* sets of at most this many rows are not run
+                                       (the integer dots ran them); 0: none     */
     float *Ap;                      /* the stage's A rows as k-major MR tiles */
 } moe__packed_job;
 
@@ -4858,13 +4860,19 @@ static void moe__packed_a_task(void *arg, int32_t t) {
     }
 }
 
+/* Rows of set e that the panels run. */
+static int64_t moe__packed_rows(const moe__packed_job *J, int32_t e) {
+    const int64_t n = J->off[e + 1] - J->off[e];
+    return n <= J->skip_rows ? 0 : n;
+}
+
 /* Run both stages of a packed set: tasks of about MOE__PACKED_TASK_FLOPS. */
 static void moe__packed_ffn(moe__packed_job *J) {
     int stage;
     int32_t e, grow;
     J->tile_off[0] = 0;
     for (e = 0; e < J->n_sets; e++)
-        J->tile_off[e + 1] = J->tile_off[e] + (J->off[e + 1] - J->off[e] + MOE__MR - 1) / MOE__MR;
+        J->tile_off[e + 1] = J->tile_off[e] + (moe__packed_rows(J, e) + MOE__MR - 1) / MOE__MR;
     for (stage = 1; stage <= 2; stage++) {
         const int32_t n_pan = stage == 1 ? J->g->p1 : J->g->p2;
         const double depth = stage == 1 ? J->D : J->F;
@@ -4873,7 +4881,7 @@ static void moe__packed_ffn(moe__packed_job *J) {
                           2.0 * (double)(J->off[J->n_sets] - J->off[0]) * depth * n_pan * MOE__NR);
         J->task_off[0] = 0;
         for (e = 0; e < J->n_sets; e++) {
-            const int64_t n = J->off[e + 1] - J->off[e];
+            const int64_t n = moe__packed_rows(J, e);
             const int64_t n_rb = (n + MOE__ROW_BLOCK - 1) / MOE__ROW_BLOCK;
             const double rows = n < MOE__ROW_BLOCK ? (double)n : MOE__ROW_BLOCK;
             int32_t tb = n_pan;
@@ -4895,7 +4903,7 @@ static void moe__packed_ffn(moe__packed_job *J) {
             for (e = 0; e < J->n_sets; e++) {
                 const int32_t tb =
                     J->panels_per_task[e] < n_pan / 2 ? 2 * J->panels_per_task[e] : n_pan;
-                const int64_t n_rb = moe__ceil_div(J->off[e + 1] - J->off[e], MOE__ROW_BLOCK);
+                const int64_t n_rb = moe__ceil_div(moe__packed_rows(J, e), MOE__ROW_BLOCK);
                 J->panels_per_task[e] = tb;
                 J->task_off[e + 1] = J->task_off[e] + n_rb * moe__ceil_div(n_pan, tb);
             }
@@ -5139,8 +5147,12 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    instead of being decoded into fp32 panels first. A flat task list of
    (expert, run of MOE__QDOT_UNITS output units); each task writes its own
    units of its expert's rows, in a fixed order: the same bits for any
-   thread count. Above MOE__QDOT_ROWS rows an expert takes the panels.    */
+   thread count. Above MOE__QDOT_ROWS rows an expert takes the panels,
+   above MOE__QDOT_ROWS_PACKED when w.packed holds them already (measured
+   on the AVX-512 host, bench/RESULTS.md: with the blob, 8-12 rows ran
+   0.55-0.72x the panels; 1-4 rows 1.0-2.1x).                            */
 #define MOE__QDOT_ROWS 16
+#define MOE__QDOT_ROWS_PACKED 4
 #define MOE__QDOT_UNITS 32
 
 /* Activation row r of x as moe__qact blocks. */
@@ -5245,18 +5257,18 @@ static void moe__qdot_task(void *arg, int32_t task) {
         }
 }
 
-/* Run the experts of a set with 1..MOE__QDOT_ROWS rows this way; returns
-   how many it ran. experts: scratch for their list ([n_sets]); act: room
-   for the int8 activations (1.25 bytes a value of N rows of max(D, F)). */
+/* Run the experts of a set with 1..max_rows rows this way; returns how
+   many it ran. experts: scratch for their list ([n_sets]); act: room for
+   the int8 activations (1.25 bytes a value of N rows of max(D, F)). */
 static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t n_sets,
-                                 const int64_t *off, const float *x, float *hg, float *hu,
-                                 float *ha, float *out, int32_t *experts, float *act) {
+                                 const int64_t *off, int64_t max_rows, const float *x, float *hg,
+                                 float *hu, float *ha, float *out, int32_t *experts, float *act) {
     const int glu = moe__act_is_glu(f->act);
     const size_t N = (size_t)off[n_sets];
     moe__qdot_job J;
     int32_t e, n = 0;
     for (e = 0; e < n_sets; e++)
-        if (off[e + 1] > off[e] && off[e + 1] - off[e] <= MOE__QDOT_ROWS) experts[n++] = e;
+        if (off[e + 1] > off[e] && off[e + 1] - off[e] <= max_rows) experts[n++] = e;
     if (n == 0) return 0;
     memset(&J, 0, sizeof J);
     J.f = f; J.off = off; J.experts = experts; J.n_experts = n;
@@ -5280,14 +5292,18 @@ static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t
 #if MOE__HAS_SIMD
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
-   over its weights), then run. Quantized experts with up to MOE__QDOT_ROWS
-   rows run as integer dots on their blocks either way.                     */
+   over its weights), then run. Quantized experts with few rows run as
+   integer dots on their blocks either way (moe__experts_qdot).             */
 static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
                               const float *x, float *hg, float *hu, float *ha, float *out,
                               float *tiles, const moe__ws *ws) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
+    const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
+    const int64_t qdot_rows = packed_set ? MOE__QDOT_ROWS_PACKED : MOE__QDOT_ROWS;
     moe__packed_job J;
+    moe__pack_job pj;
+    int32_t e;
     memset(&J, 0, sizeof J);
     J.c = c; J.f = f; J.g = &g; J.glu = moe__act_is_glu(c->activation);
     J.F = f->F; J.D = f->D;
@@ -5297,39 +5313,30 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     J.panels_per_task = ws->task_panels;
     J.tile_off = ws->tile_off;
     J.Ap = ws->apack;
-    moe__pack_job pj;
-    int32_t e;
-    const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
     /* few rows on blocks: integer dots, beside a blob too (they read a quarter to a half of
        its bytes); J's lists are free until the panels run */
     if (quant)
-        moe__experts_qdot(c, f, n_sets, off, x, hg, hu, ha, out, ws->task_panels, ws->apack);
-    if (packed_set) {
+        moe__experts_qdot(c, f, n_sets, off, qdot_rows, x, hg, hu, ha, out, ws->task_panels,
+                          ws->apack);
+    if (packed_set) {                            /* every other set in one task list */
         J.esize = c->pack_bf16 ? sizeof(uint16_t) : sizeof(float);
         J.kind = !c->pack_bf16 ? MOE__B_F32
                                : c->pack_bf16 == 2 && MOE__HAS_BF16_DOT ? MOE__B_DOT : MOE__B_BF16;
-        J.set_stride = (g.w13 + g.w2) * J.esize;
-        if (!quant) {                            /* every set in one task list */
-            J.panels = packed_set; J.n_sets = n_sets; J.off = off;
-            J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
-            moe__packed_ffn(&J);
-            return;
-        }
-    } else {
-        pj.f = f; pj.g = &g; pj.glu = J.glu; pj.bf16 = 0; pj.dst = ws->pack;
-        J.panels = (const unsigned char *)pj.dst; J.set_stride = 0; J.esize = sizeof(float);
-        J.kind = MOE__B_F32;
+        J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize;
+        J.n_sets = n_sets; J.off = off;
+        J.skip_rows = quant ? qdot_rows : 0;
+        J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
+        moe__packed_ffn(&J);
+        return;
     }
-    J.n_sets = 1;                                /* expert by expert */
-    for (e = 0; e < n_sets; e++) {
+    pj.f = f; pj.g = &g; pj.glu = J.glu; pj.bf16 = 0; pj.dst = ws->pack;
+    J.panels = (const unsigned char *)pj.dst; J.set_stride = 0; J.esize = sizeof(float);
+    J.n_sets = 1; J.kind = MOE__B_F32;
+    for (e = 0; e < n_sets; e++) {               /* expert by expert: pack, then run */
         if (off[e + 1] == off[e]) continue;      /* untouched experts cost nothing */
-        if (quant && off[e + 1] - off[e] <= MOE__QDOT_ROWS) continue;   /* done above */
-        if (packed_set) {
-            J.panels = packed_set + (size_t)e * J.set_stride;
-        } else {
-            pj.e = e;
-            moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &pj, (double)(g.w13 + g.w2));
-        }
+        if (quant && off[e + 1] - off[e] <= qdot_rows) continue;   /* done above */
+        pj.e = e;
+        moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &pj, (double)(g.w13 + g.w2));
         J.off = off + e;
         J.gate_bias = f->gate_bias ? f->gate_bias + (size_t)e * (size_t)f->F : NULL;
         J.up_bias = f->up_bias ? f->up_bias + (size_t)e * (size_t)f->F : NULL;
