@@ -5149,8 +5149,9 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    units of its expert's rows, in a fixed order: the same bits for any
    thread count. Above MOE__QDOT_ROWS rows an expert takes the panels,
    above MOE__QDOT_ROWS_PACKED when w.packed holds them already (measured
-   on the AVX-512 host, bench/RESULTS.md: with the blob, 8-12 rows ran
-   0.55-0.72x the panels; 1-4 rows 1.0-2.1x).                            */
+   on the 2-core AVX-512 host, bench/RESULTS.md: beside the blob, experts
+   of 8-12 rows ran 0.55-0.72x as fast on the blocks as packed fp32, of
+   1-4 rows 0.86-2.1x).                                                   */
 #define MOE__QDOT_ROWS 16
 #define MOE__QDOT_ROWS_PACKED 4
 #define MOE__QDOT_UNITS 32
