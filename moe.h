@@ -5018,8 +5018,9 @@ static void moe__pack_task(void *arg, int32_t task) {
    them. x86: 32 codes and 32 q per step in one 256-bit register; maddubs
    multiplies unsigned by signed bytes, so signed codes lend q their sign
    (|code| * q sign(code)), as ggml does; each row's float vector of 8 lanes
-   accumulates (scale * d) * isum, its mins a float beside it. Other ISAs
-   (NEON for now) run moe__qdot_ref.                                      */
+   accumulates (scale * d) * isum, its mins a float beside it. aarch64
+   with the dot-product extension: SDOT. Other builds (NEON without
+   +dotprod) run moe__qdot_ref.                                           */
 #define MOE__QDOT_NR 4
 #if defined(__AVX2__)
 static float moe__hsum256(__m256 v) {
@@ -5131,6 +5132,57 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
     case 3: moe__qdot_x86_3(type, w, a, r0, out); break;
     default: moe__qdot_x86_4(type, w, a, r0, out); break;
     }
+}
+#elif defined(__ARM_FEATURE_DOTPROD)
+/* aarch64 with the dot-product extension (-march=armv8.2-a+dotprod): SDOT
+   sums four signed int8 products per 32-bit lane, so codes need no sign
+   trick; a block is two 16-byte registers of codes. */
+static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
+                           int32_t nr, float *out) {
+    const int32_t nb = a->k / 32;
+    const int8x16_t e2m1 = vld1q_s8(moe__e2m1x2);
+    const uint8x16_t low4 = vdupq_n_u8(0x0f);
+    float32x4_t acc[MOE__QDOT_NR];
+    float mins[MOE__QDOT_NR], scale = 0.0f, mn = 0.0f;
+    int32_t b, i;
+    for (i = 0; i < nr; i++) { acc[i] = vdupq_n_f32(0.0f); mins[i] = 0.0f; }
+    for (b = 0; b < nb; b++) {
+        int8x16_t c0, c1;
+        if (type == MOE_QTYPE_Q8_0) {
+            const unsigned char *c = w + 34 * (size_t)b;
+            scale = moe__f16_float(moe__u16le(c));
+            c0 = vld1q_s8((const int8_t *)(const void *)(c + 2));
+            c1 = vld1q_s8((const int8_t *)(const void *)(c + 18));
+        } else if (type == MOE_QTYPE_Q4_0 || type == MOE_QTYPE_MXFP4) {
+            const int q4 = type == MOE_QTYPE_Q4_0;
+            const unsigned char *c = w + (q4 ? 18 : 17) * (size_t)b;
+            const uint8x16_t raw = vld1q_u8(c + (q4 ? 2 : 1));
+            const uint8x16_t lo = vandq_u8(raw, low4), hi = vshrq_n_u8(raw, 4);
+            scale = q4 ? moe__f16_float(moe__u16le(c)) : moe__e8m0_half(c[0]);
+            c0 = q4 ? vsubq_s8(vreinterpretq_s8_u8(lo), vdupq_n_s8(8)) : vqtbl1q_s8(e2m1, lo);
+            c1 = q4 ? vsubq_s8(vreinterpretq_s8_u8(hi), vdupq_n_s8(8)) : vqtbl1q_s8(e2m1, hi);
+        } else {                                 /* Q4_K: sub-block b % 8 of block b / 8 */
+            const unsigned char *c = w + 144 * (size_t)(b / 8);
+            const unsigned char *qs = c + 16 + 32 * ((b % 8) / 2);
+            const uint8x16_t r0v = vld1q_u8(qs), r1v = vld1q_u8(qs + 16);
+            float sc, m;
+            moe__q4k_scale_min(c + 4, b % 8, &sc, &m);
+            scale = moe__f16_float(moe__u16le(c)) * sc;
+            mn = moe__f16_float(moe__u16le(c + 2)) * m;
+            c0 = vreinterpretq_s8_u8(b & 1 ? vshrq_n_u8(r0v, 4) : vandq_u8(r0v, low4));
+            c1 = vreinterpretq_s8_u8(b & 1 ? vshrq_n_u8(r1v, 4) : vandq_u8(r1v, low4));
+        }
+        for (i = 0; i < nr; i++) {
+            const size_t row = (size_t)(r0 + i);
+            const int8_t *q = a->q + row * (size_t)a->k + 32 * (size_t)b;
+            const int32x4_t isum = vdotq_s32(vdotq_s32(vdupq_n_s32(0), c0, vld1q_s8(q)), c1,
+                                             vld1q_s8(q + 16));
+            acc[i] = vaddq_f32(acc[i], vmulq_n_f32(vcvtq_f32_s32(isum),
+                                                    scale * a->d[row * (size_t)nb + (size_t)b]));
+            if (type == MOE_QTYPE_Q4_K) mins[i] += mn * a->s[row * (size_t)nb + (size_t)b];
+        }
+    }
+    for (i = 0; i < nr; i++) out[i] = vaddvq_f32(acc[i]) - mins[i];
 }
 #else
 static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
