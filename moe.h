@@ -1354,38 +1354,55 @@ static void moe__put_u16le(unsigned char *b, uint16_t v) {
     b[0] = (unsigned char)(v & 0xff); b[1] = (unsigned char)(v >> 8);
 }
 
-/* The values of one block (moe__qblock(type).block of them) into y. */
+/* Sub-block sb (32 values; Q4_K has 8, the others 1) of the block at b as
+   integer codes and the scale and min its values are  scale * code - min  of:
+     Q8_0   code int8        scale d                min 0
+     Q4_0   code nibble - 8  scale d                min 0
+     MXFP4  code 2 e2m1      scale 2^(e - 128)      min 0
+     Q4_K   code nibble      scale d * s_sb         min dmin * m_sb
+   Q4_0 and MXFP4: value j < 16 is the low nibble of byte j, j + 16 its high.
+   Q4_K: 32-byte chunk sb / 2, low nibbles for even sb, high for odd.      */
+static void moe__subblock_codes(int32_t type, const unsigned char *b, int sb, int8_t *code,
+                                float *scale, float *min) {
+    int j;
+    *min = 0.0f;
+    if (type == MOE_QTYPE_Q8_0) {
+        *scale = moe__f16_float(moe__u16le(b));
+        for (j = 0; j < 32; j++) code[j] = (int8_t)moe__i8(b[2 + j]);
+    } else if (type == MOE_QTYPE_Q4_0) {
+        *scale = moe__f16_float(moe__u16le(b));
+        for (j = 0; j < 16; j++) {
+            code[j] = (int8_t)((b[2 + j] & 0xf) - 8);
+            code[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
+        }
+    } else if (type == MOE_QTYPE_MXFP4) {
+        *scale = moe__e8m0_half(b[0]);
+        for (j = 0; j < 16; j++) {
+            code[j] = moe__e2m1x2[b[1 + j] & 0xf];
+            code[j + 16] = moe__e2m1x2[b[1 + j] >> 4];
+        }
+    } else {
+        const unsigned char *q = b + 16 + 32 * (sb / 2);
+        const int shift = (sb & 1) * 4;
+        float sc, mn;
+        moe__q4k_scale_min(b + 4, sb, &sc, &mn);
+        *scale = moe__f16_float(moe__u16le(b)) * sc;
+        *min = moe__f16_float(moe__u16le(b + 2)) * mn;
+        for (j = 0; j < 32; j++) code[j] = (int8_t)((q[j] >> shift) & 0xf);
+    }
+}
+
+/* The values of one block (moe__qblock(type).block of them) into y. With a
+   min, the product is rounded before the subtraction (moe__product). */
 static void moe__dequant_block(int32_t type, const unsigned char *b, float *y) {
-    int j, l;
-    if (type == MOE_QTYPE_Q8_0) {              /* d, 32 x int8 */
-        const float d = moe__f16_float(moe__u16le(b));
-        for (j = 0; j < 32; j++) y[j] = d * (float)moe__i8(b[2 + j]);
-    } else if (type == MOE_QTYPE_Q4_0) {       /* d, 16 bytes: value j low nibble, j + 16 high */
-        const float d = moe__f16_float(moe__u16le(b));
-        for (j = 0; j < 16; j++) {
-            y[j] = d * (float)((b[2 + j] & 0xf) - 8);
-            y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
-        }
-    } else if (type == MOE_QTYPE_MXFP4) {      /* e, 16 bytes as Q4_0 */
-        const float d = moe__e8m0_half(b[0]);
-        for (j = 0; j < 16; j++) {
-            y[j] = d * (float)moe__e2m1x2[b[1 + j] & 0xf];
-            y[j + 16] = d * (float)moe__e2m1x2[b[1 + j] >> 4];
-        }
-    } else {                                   /* Q4_K: d, dmin, 12 scale bytes, 128 bytes */
-        const float d = moe__f16_float(moe__u16le(b)), dmin = moe__f16_float(moe__u16le(b + 2));
-        const unsigned char *q = b + 16;
-        for (j = 0; j < 8; j += 2, q += 32) {  /* 64 values: sub-block j low, j + 1 high */
-            float sc, mn, d1, m1, d2, m2;
-            moe__q4k_scale_min(b + 4, j, &sc, &mn);
-            d1 = d * sc; m1 = dmin * mn;
-            moe__q4k_scale_min(b + 4, j + 1, &sc, &mn);
-            d2 = d * sc; m2 = dmin * mn;
-            for (l = 0; l < 32; l++) {
-                y[32 * j + l] = moe__product(d1, (float)(q[l] & 0xf)) - m1;
-                y[32 * j + 32 + l] = moe__product(d2, (float)(q[l] >> 4)) - m2;
-            }
-        }
+    const int n_sub = moe__qblock(type).block / 32;
+    int8_t code[32];
+    float scale, mn;
+    int sb, j;
+    for (sb = 0; sb < n_sub; sb++, y += 32) {
+        moe__subblock_codes(type, b, sb, code, &scale, &mn);
+        if (mn == 0.0f) for (j = 0; j < 32; j++) y[j] = scale * (float)code[j];
+        else for (j = 0; j < 32; j++) y[j] = moe__product(scale, (float)code[j]) - mn;
     }
 }
 
@@ -1531,17 +1548,15 @@ typedef struct moe__qact {
 } moe__qact;
 
 /* One weight row in blocks . activation rows r0 .. r0 + nr - 1 into out:
-   per 32 values the integer sum isum of weight codes times q, then
-   acc += (scale * d) * isum - min * s  with the block's weight scale, min:
-     Q8_0   code int8        scale d                min 0
-     Q4_0   code nibble - 8  scale d                min 0
-     MXFP4  code 2 e2m1      scale 2^(e - 128)      min 0
-     Q4_K   code nibble      scale d * s_j          min dmin * m_j
-   The spec of moe__qdot_simd (the same integer sums; its float sums run in
-   vector lanes).                                                         */
+   per 32 values (moe__subblock_codes) the integer sum isum of the codes
+   times q, then  acc += (scale * d) * isum - min * s. The spec of
+   moe__qdot_simd (the same integer sums; its float sums run in vector
+   lanes).                                                                */
 MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const moe__qact *a,
                                     int64_t r0, int32_t nr, float *out) {
-    const int32_t nb = a->k / 32;
+    const moe__qinfo qi = moe__qblock(type);
+    const int32_t nb = a->k / 32, per = qi.block / 32;
+    int8_t code[32];
     int32_t i, b, j;
     for (i = 0; i < nr; i++) {
         const int64_t r = r0 + i;
@@ -1550,32 +1565,10 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
         float acc = 0.0f;
         for (b = 0; b < nb; b++, q += 32) {
             int32_t isum = 0;
-            float scale, mn = 0.0f;
-            if (type == MOE_QTYPE_Q8_0) {
-                const unsigned char *c = w + 34 * (size_t)b;
-                scale = moe__f16_float(moe__u16le(c));
-                for (j = 0; j < 32; j++) isum += moe__i8(c[2 + j]) * q[j];
-            } else if (type == MOE_QTYPE_Q4_0) {
-                const unsigned char *c = w + 18 * (size_t)b;
-                scale = moe__f16_float(moe__u16le(c));
-                for (j = 0; j < 16; j++)
-                    isum += ((c[2 + j] & 0xf) - 8) * q[j] + ((c[2 + j] >> 4) - 8) * q[j + 16];
-            } else if (type == MOE_QTYPE_MXFP4) {
-                const unsigned char *c = w + 17 * (size_t)b;
-                scale = moe__e8m0_half(c[0]);
-                for (j = 0; j < 16; j++)
-                    isum += moe__e2m1x2[c[1 + j] & 0xf] * q[j] +
-                            moe__e2m1x2[c[1 + j] >> 4] * q[j + 16];
-            } else {                             /* Q4_K: sub-block b % 8 of block b / 8 */
-                const unsigned char *c = w + 144 * (size_t)(b / 8);
-                const unsigned char *qs = c + 16 + 32 * ((b % 8) / 2);
-                const int shift = (b & 1) * 4;
-                float sc, m;
-                moe__q4k_scale_min(c + 4, b % 8, &sc, &m);
-                scale = moe__f16_float(moe__u16le(c)) * sc;
-                mn = moe__f16_float(moe__u16le(c + 2)) * m;
-                for (j = 0; j < 32; j++) isum += ((qs[j] >> shift) & 0xf) * q[j];
-            }
+            float scale, mn;
+            moe__subblock_codes(type, w + (size_t)(b / per) * qi.bytes, b % per, code, &scale,
+                                &mn);
+            for (j = 0; j < 32; j++) isum += code[j] * q[j];
             acc += scale * d[b] * (float)isum - mn * s[b];
         }
         out[i] = acc;
