@@ -208,7 +208,7 @@ static gg_status gg__fail(char *buf, size_t n, gg_status s, const char *fmt, ...
 void gg_close(gg_file *f) {
     uint64_t i;
     if (!f) return;
-    for (i = 0; i < f->nkv; i++) free(f->kv[i].key);
+    for (i = 0; f->kv && i < f->nkv; i++) free(f->kv[i].key);
     free(f->kv);
     free(f->tensors);
 #ifdef GG_HAVE_MMAP
@@ -341,8 +341,9 @@ static gg_status gg__check_unique(gg_file *f) {
 /* One tensor description: name, rank, ne[], type, offset. */
 static gg_status gg__tensor_info(gg_file *f, gg__cursor *c, gg_tensor *t) {
     const unsigned char *s;
-    uint64_t len, rows = 1, offset, v;
+    uint64_t len, rows = 1, offset, v, row_blocks;
     uint32_t d;
+    int zero = 0, over = 0;
     if (!gg__str(c, &s, &len)) return GG__FAIL(f, GG_ERR_TRUNCATED, "tensor name past the end");
     if (len >= GG_MAX_NAME || memchr(s, 0, (size_t)len))
         return GG__FAIL(f, GG_ERR_TENSOR_INFO, "a tensor name of %llu bytes (at most %d, no NUL)",
@@ -369,14 +370,16 @@ static gg_status gg__tensor_info(gg_file *f, gg__cursor *c, gg_tensor *t) {
                         "of %u", t->name, (long long)t->ne[0], gg__types[t->type].name,
                         (unsigned)gg__types[t->type].blck);
     /* bytes = ne0 / blck * block bytes * ne1 * ne2 * ne3, overflow checked */
-    t->nbytes = (uint64_t)(t->ne[0] / gg__types[t->type].blck) * gg__types[t->type].bytes;
+    row_blocks = (uint64_t)t->ne[0] / gg__types[t->type].blck;
     for (d = 1; d < GG_MAX_DIMS; d++) {
-        if (t->ne[d] && rows > UINT64_MAX / (uint64_t)t->ne[d]) rows = 0;
-        rows = rows ? rows * (uint64_t)t->ne[d] : 0;
-        if (!rows && t->ne[d]) break;
+        if (!t->ne[d]) zero = 1;
+        else if (rows > UINT64_MAX / (uint64_t)t->ne[d]) over = 1;
+        else rows *= (uint64_t)t->ne[d];
     }
-    if ((!rows && t->ne[1] && t->ne[2] && t->ne[3]) ||
-        (rows && t->nbytes > UINT64_MAX / rows) || t->ne[0] > (int64_t)(UINT64_MAX >> 8))
+    if (row_blocks > UINT64_MAX / gg__types[t->type].bytes) over = 1;
+    t->nbytes = over ? 0 : row_blocks * gg__types[t->type].bytes;
+    if (zero) rows = 0;
+    else if (over || (rows && t->nbytes > UINT64_MAX / rows))
         return GG__FAIL(f, GG_ERR_TENSOR_INFO, "'%s': shape overflows", t->name);
     t->nbytes *= rows;
     t->offset = offset;
