@@ -153,7 +153,7 @@ TEST(gguf, golden_deepseek2_mxfp4) {
     golden(&g);
 }
 TEST(gguf, golden_qwen3moe_q4_0_q8_0) {
-    const golden_want g = {"qwen3moe_q4_0_q8_0.gguf", "qwen3moe", 0, 8, 3, 64, 64, 0, 0, 0, 0, 1,
+    const golden_want g = {"qwen3moe_q4_0_q8_0.gguf", "qwen3moe", 1, 8, 3, 64, 64, 0, 0, 0, 0, 1,
                            0, 0, 1.0f, Q4_0_, Q4_0_, Q8_0_};
     golden(&g);
 }

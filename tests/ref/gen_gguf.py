@@ -157,7 +157,9 @@ def writer(path, arch, layer, kv):
     wr.add_uint32(arch + ".block_count", layer + 1)
     for k, v in kv.items():
         key = arch + "." + k
-        if isinstance(v, bool):
+        if isinstance(v, list):                    # one value per layer
+            wr.add_array(key, v)
+        elif isinstance(v, bool):
             wr.add_bool(key, v)
         elif isinstance(v, float):
             wr.add_float32(key, v)
@@ -264,7 +266,7 @@ def draw_x(rng, L, T, D):
 
 def quant_case(outdir, rng, arch, layer, E, K, D, F, types, Fs=0, sh_gated=False,
                groups=(1, 1), gating="softmax", norm=True, scale=1.0, bias=False,
-               router_type=QT.F32, shexp_type=QT.F32, fused=False, T=9):
+               router_type=QT.F32, shexp_type=QT.F32, fused=False, T=9, k_per_layer=False):
     L = dict(K=K, n_group=groups[0], topk_group=groups[1], gating=gating, norm=norm,
              scale=scale, bias=None)
     blocks = {}
@@ -289,6 +291,8 @@ def quant_case(outdir, rng, arch, layer, E, K, D, F, types, Fs=0, sh_gated=False
     blocks["down"] = (bl, types[2])
     kv = {"expert_count": E, "expert_used_count": K, "embedding_length": D,
           "expert_feed_forward_length": F}
+    if k_per_layer:                                # as newer llama.cpp files may
+        kv["expert_used_count"] = [E] * layer + [K]
     if Fs:
         for part, shp in (("sh_gate", (Fs, D)), ("sh_up", (Fs, D)), ("sh_down", (D, Fs))):
             v = rng.standard_normal(shp) * 0.05
@@ -335,9 +339,9 @@ def main():
     print(quant_case(outdir, rng, "deepseek2", 1, E=16, K=4, D=64, F=32,
                      types=(QT.MXFP4, QT.MXFP4, QT.MXFP4), Fs=32, groups=(4, 2),
                      gating="sigmoid", norm=True, scale=2.5, bias=True))
-    # Qwen3-MoE: Q4_0 gate/up, Q8_0 down, renormalised
-    print(quant_case(outdir, rng, "qwen3moe", 0, E=8, K=3, D=64, F=64,
-                     types=(QT.Q4_0, QT.Q4_0, QT.Q8_0), norm=True))
+    # Qwen3-MoE: Q4_0 gate/up, Q8_0 down, renormalised, K given per layer
+    print(quant_case(outdir, rng, "qwen3moe", 1, E=8, K=3, D=64, F=64,
+                     types=(QT.Q4_0, QT.Q4_0, QT.Q8_0), norm=True, k_per_layer=True))
 
 
 if __name__ == "__main__":
