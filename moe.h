@@ -517,8 +517,9 @@ typedef struct moe_weights {
        MOE_QTYPE_F32 is read from its _q pointer, the same rows as the float
        tensor in moe_qtype's blocks ([E][F] rows of D values for gate and up,
        [E][2F] fused, [E][D] rows of F for down); its float pointer is then
-       unused. Biases, router and shared expert stay float. moe_forward and
-       moe_pack_weights read them; the backward, moe_ep_* and moe_cuda.cuh
+       unused. The shared expert's three tensors take types the same way
+       (shared_*_type below); biases and the router stay float. moe_forward
+       and moe_pack_weights read them; the backward, moe_ep_* and moe_cuda.cuh
        refuse them (MOE_STATUS_QUANT_UNSUPPORTED).                            */
     int32_t gate_type, up_type, down_type;   /* moe_qtype, 0 = F32           */
     const void *gate_q, *up_q, *down_q;
@@ -531,6 +532,9 @@ typedef struct moe_weights {
     const float *shared_down_bias;/* [D]                                      */
     const float *shared_expert_gate; /* [D]   cfg.shared_expert_gated (Qwen2
                                      shared_expert_gate [1][D])               */
+    /* quantized shared expert: [Fs] rows of D (gate, up), [D] rows of Fs   */
+    int32_t shared_gate_type, shared_up_type, shared_down_type;
+    const void *shared_gate_q, *shared_up_q, *shared_down_q;
     /* Soft MoE */
     const float *soft_phi;        /* [R][D] slot parameters, R = E * p with
                                      p = slots_per_expert (row s = slot s % p
@@ -3466,8 +3470,15 @@ static moe__ffn moe__routed_ffn_train(const moe_config *c, const moe_weights *w,
     return f;
 }
 static moe__ffn moe__shared_ffn(const moe_config *c, const moe_weights *w) {
-    return moe__ffn_make(c, c->shared_d_ff, 0, w->shared_gate, w->shared_up, w->shared_down,
-                         w->shared_gate_bias, w->shared_up_bias, w->shared_down_bias, 1);
+    const size_t Fs = (size_t)c->shared_d_ff, D = (size_t)c->d_model;
+    moe__ffn f = moe__ffn_make(c, c->shared_d_ff, 0, w->shared_gate, w->shared_up,
+                               w->shared_down, w->shared_gate_bias, w->shared_up_bias,
+                               w->shared_down_bias, 1);
+    f.gate_q = moe__qmat_of(w->shared_gate_type, w->shared_gate_q, Fs, D);
+    if (moe__act_is_glu(c->activation))
+        f.up_q = moe__qmat_of(w->shared_up_type, w->shared_up_q, Fs, D);
+    f.down_q = moe__qmat_of(w->shared_down_type, w->shared_down_q, D, Fs);
+    return f;
 }
 
 /* Counting sort of the kept (token, slot) pairs into expert-contiguous rows.
@@ -5597,8 +5608,10 @@ static moe_grads moe__weights_as_grads(const moe_weights *w) {
     g.down = w->down_type ? NULL : (float *)w->down;
     g.gate_bias = (float *)w->gate_bias; g.up_bias = (float *)w->up_bias;
     g.down_bias = (float *)w->down_bias;
-    g.shared_gate = (float *)w->shared_gate; g.shared_up = (float *)w->shared_up;
-    g.shared_down = (float *)w->shared_down; g.shared_gate_bias = (float *)w->shared_gate_bias;
+    g.shared_gate = w->shared_gate_type ? NULL : (float *)w->shared_gate;
+    g.shared_up = w->shared_up_type ? NULL : (float *)w->shared_up;
+    g.shared_down = w->shared_down_type ? NULL : (float *)w->shared_down;
+    g.shared_gate_bias = (float *)w->shared_gate_bias;
     g.shared_up_bias = (float *)w->shared_up_bias;
     g.shared_down_bias = (float *)w->shared_down_bias;
     g.shared_expert_gate = (float *)w->shared_expert_gate;
@@ -5613,25 +5626,32 @@ static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weig
     const moe_grads g = moe__weights_as_grads(w);
     moe__tensor_spans(S, c, &g, experts, 0);
     {   /* blocks: read with or without a blob */
-        const moe__ffn f = moe__routed_ffn(c, w);
-        const size_t E = (size_t)c->num_experts;
+        const moe__ffn f = moe__routed_ffn(c, w), sh = moe__shared_ffn(c, w);
+        const size_t E = (size_t)c->num_experts, shared = c->shared_d_ff > 0;
         moe__span(S, f.gate_q.data, E, f.gate_q.stride, 0);
         if (moe__act_is_glu(c->activation) && !w->gate_up_fused)
             moe__span(S, f.up_q.data, E, f.up_q.stride, 0);
         moe__span(S, f.down_q.data, E, f.down_q.stride, 0);
+        moe__span(S, sh.gate_q.data, shared, sh.gate_q.stride, 0);
+        moe__span(S, sh.up_q.data, shared, sh.up_q.stride, 0);
+        moe__span(S, sh.down_q.data, shared, sh.down_q.stride, 0);
     }
     if (c->selection_bias)
         moe__span(S, w->selection_bias, (size_t)c->num_experts, sizeof(float), 0);
     if (!experts) moe__span(S, w->packed, w->packed_bytes, 1, 0);
 }
 
-/* Does the forward read quantized routed experts? (up only where used) */
+/* Does the forward read quantized experts, routed or shared? (up only where used) */
 static int moe__quantized(const moe_config *c, const moe_weights *w) {
+    const int glu = moe__act_is_glu(c->activation), shared = c->shared_d_ff > 0;
     return w->gate_type != MOE_QTYPE_F32 || w->down_type != MOE_QTYPE_F32 ||
-           (moe__act_is_glu(c->activation) && !w->gate_up_fused && w->up_type != MOE_QTYPE_F32);
+           (glu && !w->gate_up_fused && w->up_type != MOE_QTYPE_F32) ||
+           (shared && (w->shared_gate_type != MOE_QTYPE_F32 ||
+                       w->shared_down_type != MOE_QTYPE_F32 ||
+                       (glu && w->shared_up_type != MOE_QTYPE_F32)));
 }
 
-/* One routed expert tensor of rows of `cols` values: its type, the row
+/* One expert tensor of rows of `cols` values: its type, the row
    length its blocks allow, and the pointer that type reads (packed: fp32
    tensors are read from w.packed instead). */
 static moe_status moe__check_tensor(int32_t type, const float *f32, const void *blocks,
@@ -5670,8 +5690,13 @@ static moe_status moe__check_weights(const moe_config *c, const moe_weights *w, 
         return MOE_STATUS_MISSING_WEIGHT;
     if ((st = moe__check_experts(c, w, packed)) != MOE_STATUS_OK) return st;
     if (c->shared_d_ff > 0) {
-        if (!packed && (!w->shared_gate || !w->shared_down || (glu && !w->shared_up)))
-            return MOE_STATUS_MISSING_WEIGHT;
+        if ((st = moe__check_tensor(w->shared_gate_type, w->shared_gate, w->shared_gate_q,
+                                    c->d_model, packed)) ||
+            (glu && (st = moe__check_tensor(w->shared_up_type, w->shared_up, w->shared_up_q,
+                                            c->d_model, packed))) ||
+            (st = moe__check_tensor(w->shared_down_type, w->shared_down, w->shared_down_q,
+                                    c->shared_d_ff, packed)))
+            return st;
         if (c->expert_bias &&
             (!w->shared_gate_bias || !w->shared_down_bias || (glu && !w->shared_up_bias)))
             return MOE_STATUS_MISSING_WEIGHT;

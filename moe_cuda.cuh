@@ -2038,10 +2038,16 @@ static inline int moe_cuda__weights_present(const moe_cuda__plan *p, const moe_w
     return p->Fs == 0 || (w->shared_gate && w->shared_down && (!p->glu || w->shared_up));
 }
 
+/* Quantized expert tensors (routed or shared): the CUDA kernels run fp32 / bf16 only. */
+static inline int moe_cuda__quantized(const moe_weights *w) {
+    return w->gate_type || w->up_type || w->down_type || w->shared_gate_type ||
+           w->shared_up_type || w->shared_down_type;
+}
+
 /* The weights a call reads: MISSING_WEIGHT when one is absent, BAD_PACKED
    when the tensor-core path's blob is too small or misaligned. */
 static inline moe_status moe_cuda__check_weights(const moe_cuda__plan *p, const moe_weights *w) {
-    if (w->gate_type || w->up_type || w->down_type) return MOE_STATUS_QUANT_UNSUPPORTED;
+    if (moe_cuda__quantized(w)) return MOE_STATUS_QUANT_UNSUPPORTED;
     if (!moe_cuda__weights_present(p, w, p->simt) || (!p->simt && !w->packed))
         return MOE_STATUS_MISSING_WEIGHT;
     if (!p->simt && (w->packed_bytes < moe_cuda__blob_of(p).total || (uintptr_t)w->packed % 256))
@@ -2070,7 +2076,7 @@ static inline moe_status moe_cuda_pack_weights(const moe_config *cfg, const moe_
     moe_status st;
     if (!cfg || !w || !packed) return MOE_STATUS_NULL_ARGUMENT;
     if ((st = moe_cuda__plan_of(cfg, 0, &p)) != MOE_STATUS_OK) return st;
-    if (w->gate_type || w->up_type || w->down_type) return MOE_STATUS_QUANT_UNSUPPORTED;
+    if (moe_cuda__quantized(w)) return MOE_STATUS_QUANT_UNSUPPORTED;
     if (!moe_cuda__weights_present(&p, w, 1)) return MOE_STATUS_MISSING_WEIGHT;
     const moe_cuda__blob b = moe_cuda__blob_of(&p);
     if (bytes < b.total) return MOE_STATUS_WORKSPACE_TOO_SMALL;

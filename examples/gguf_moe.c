@@ -34,9 +34,9 @@
    Others are refused by name (gpt-oss's clamped SwiGLU with biases is not a
    moe.h activation), as is any tensor the arch does not use.
 
-   Types: experts in F32 (used in place), F16 / BF16 (widened to float), or
-   Q8_0 / Q4_0 / Q4_K / MXFP4 (in place); the router, selection bias and
-   shared expert are widened or decoded to float (moe.h runs them in fp32).
+   Types: routed and shared experts in F32 (used in place), F16 / BF16
+   (widened to float), or Q8_0 / Q4_0 / Q4_K / MXFP4 (in place); the router
+   and selection bias are widened or decoded to float (moe.h's router is fp32).
    Any other ggml type (Q6_K, IQ*, ...) is GG_ERR_UNSUPPORTED, by name.
 
    The input is the file's tensor "x" (ne [D, T], F32) when it has one, else T
@@ -621,6 +621,7 @@ typedef struct gg_layer {
     int fused;                 /* experts as ffn_gate_up_exps                        */
     int32_t E, D, F, Fs;       /* Fs = 0: no shared expert                           */
     uint32_t gate_type, up_type, down_type;   /* ggml type ids as in the file         */
+    uint32_t shared_type[3];                  /* the shared expert's gate, up, down   */
     moe_config cfg;            /* shape + routing, resolved                          */
     moe_weights w;             /* points into the file or into buf                  */
     float *buf[GG__NBUF];      /* float copies (widened or decoded tensors)          */
@@ -736,13 +737,14 @@ static int gg__little_endian(void) {
     return b == 1;
 }
 
-/* An expert tensor: blocks and F32 in place, F16 / BF16 widened into buf[slot]. */
+/* An expert tensor (routed: rank 3, shared: 2): blocks and F32 in place,
+   F16 / BF16 widened into buf[slot]. */
 static gg_status gg__take_experts(gg_layer *L, const gg_file *f, const char *suffix,
-                                  int64_t *want, int slot, const float **fp, const void **qp,
-                                  int32_t *qtype, uint32_t *file_type) {
+                                  uint32_t ndim, int64_t *want, int slot, const float **fp,
+                                  const void **qp, int32_t *qtype, uint32_t *file_type) {
     const gg_tensor *t;
     gg_status s;
-    if ((s = gg__tensor(L, f, suffix, 3, want, &t))) return s;
+    if ((s = gg__tensor(L, f, suffix, ndim, want, &t))) return s;
     *file_type = t->type;
     if (moe_qtype_name((moe_qtype)t->type) && t->type != GG_TYPE_F32) {
         *qtype = (int32_t)t->type;                /* ggml's ids are moe_qtype's */
@@ -756,7 +758,7 @@ static gg_status gg__take_experts(gg_layer *L, const gg_file *f, const char *suf
     if (t->type != GG_TYPE_F32 && t->type != GG_TYPE_F16 && t->type != GG_TYPE_BF16)
         return GG__LFAIL(L, GG_ERR_UNSUPPORTED, "'%s' is %s: moe.h runs experts in F32, F16, BF16, "
                          "Q8_0, Q4_0, Q4_K and MXFP4", t->name, gg_type_name(t->type));
-    if ((s = gg__take_float(L, f, suffix, 3, want, slot))) return s;
+    if ((s = gg__take_float(L, f, suffix, ndim, want, slot))) return s;
     *fp = L->buf[slot];
     return GG_OK;
 }
@@ -916,7 +918,7 @@ gg_status gg_load_layer(gg_file *f, const gg_layer_options *opt, gg_layer *L) {
     }
     shp[0] = L->D; shp[1] = 0; shp[2] = L->E;
     if ((s = gg__take_experts(L, f, L->fused ? "ffn_gate_up_exps.weight" : "ffn_gate_exps.weight",
-                              shp, GG__GATE, &L->w.gate, &L->w.gate_q, &L->w.gate_type,
+                              3, shp, GG__GATE, &L->w.gate, &L->w.gate_q, &L->w.gate_type,
                               &L->gate_type)))
         goto fail;
     if (L->fused && shp[1] % 2) {
@@ -925,12 +927,12 @@ gg_status gg_load_layer(gg_file *f, const gg_layer_options *opt, gg_layer *L) {
         goto fail;
     }
     L->F = (int32_t)(L->fused ? shp[1] / 2 : shp[1]);
-    if (!L->fused && (s = gg__take_experts(L, f, "ffn_up_exps.weight", shp, GG__UP, &L->w.up,
+    if (!L->fused && (s = gg__take_experts(L, f, "ffn_up_exps.weight", 3, shp, GG__UP, &L->w.up,
                                            &L->w.up_q, &L->w.up_type, &L->up_type)))
         goto fail;
     if (L->fused) L->up_type = L->gate_type;
     shp[0] = L->F; shp[1] = L->D; shp[2] = L->E;
-    if ((s = gg__take_experts(L, f, "ffn_down_exps.weight", shp, GG__DOWN, &L->w.down,
+    if ((s = gg__take_experts(L, f, "ffn_down_exps.weight", 3, shp, GG__DOWN, &L->w.down,
                               &L->w.down_q, &L->w.down_type, &L->down_type)) ||
         (s = gg__key_matches(L, f, "expert_feed_forward_length", L->F)))
         goto fail;
@@ -948,11 +950,20 @@ gg_status gg_load_layer(gg_file *f, const gg_layer_options *opt, gg_layer *L) {
             goto fail;
         }
         shp[0] = L->D; shp[1] = 0;
-        if ((s = gg__take_float(L, f, "ffn_gate_shexp.weight", 2, shp, GG__SH_GATE))) goto fail;
+        if ((s = gg__take_experts(L, f, "ffn_gate_shexp.weight", 2, shp, GG__SH_GATE,
+                                  &L->w.shared_gate, &L->w.shared_gate_q,
+                                  &L->w.shared_gate_type, &L->shared_type[0])))
+            goto fail;
         L->Fs = (int32_t)shp[1];
-        if ((s = gg__take_float(L, f, "ffn_up_shexp.weight", 2, shp, GG__SH_UP))) goto fail;
+        if ((s = gg__take_experts(L, f, "ffn_up_shexp.weight", 2, shp, GG__SH_UP,
+                                  &L->w.shared_up, &L->w.shared_up_q, &L->w.shared_up_type,
+                                  &L->shared_type[1])))
+            goto fail;
         shp[0] = L->Fs; shp[1] = L->D;
-        if ((s = gg__take_float(L, f, "ffn_down_shexp.weight", 2, shp, GG__SH_DOWN))) goto fail;
+        if ((s = gg__take_experts(L, f, "ffn_down_shexp.weight", 2, shp, GG__SH_DOWN,
+                                  &L->w.shared_down, &L->w.shared_down_q,
+                                  &L->w.shared_down_type, &L->shared_type[2])))
+            goto fail;
         if (!strcmp(L->arch, "deepseek2") && L->Fs % L->F) {
             s = GG__LFAIL(L, GG_ERR_SHAPE_MISMATCH, "shared expert width %d is not a multiple "
                           "of the experts' %d", (int)L->Fs, (int)L->F);
@@ -990,9 +1001,6 @@ gg_status gg_load_layer(gg_file *f, const gg_layer_options *opt, gg_layer *L) {
     L->w.router = L->buf[GG__ROUTER];
     L->w.selection_bias = L->buf[GG__BIAS];
     L->w.gate_up_fused = L->fused;
-    L->w.shared_gate = L->buf[GG__SH_GATE];
-    L->w.shared_up = L->buf[GG__SH_UP];
-    L->w.shared_down = L->buf[GG__SH_DOWN];
     L->w.shared_expert_gate = L->buf[GG__SH_EGATE];
     return GG_OK;
 fail:
@@ -1110,10 +1118,12 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (reference) L.cfg.isa = MOE_ISA_REFERENCE;
-    quantized = L.w.gate_type || L.w.up_type || L.w.down_type;
-    printf("%s: %s layer %d, E %d K %d, D %d F %d, shared %d%s\n", path, L.arch, L.layer,
+    quantized = L.w.gate_type || L.w.up_type || L.w.down_type || L.w.shared_gate_type ||
+                L.w.shared_up_type || L.w.shared_down_type;
+    printf("%s: %s layer %d, E %d K %d, D %d F %d, shared %d%s%s\n", path, L.arch, L.layer,
            (int)L.E, (int)L.cfg.top_k, (int)L.D, (int)L.F, (int)L.Fs,
-           L.cfg.shared_expert_gated ? " (gated)" : "");
+           L.Fs ? " " : "", L.Fs ? gg_type_name(L.shared_type[0]) : "");
+    if (L.cfg.shared_expert_gated) printf("  (the shared expert is sigmoid-gated)\n");
     printf("  experts: gate%s %s", L.fused ? "_up" : "", gg_type_name(L.gate_type));
     if (!L.fused) printf(", up %s", gg_type_name(L.up_type));
     printf(", down %s; %s, renormalise %s, scale %g", gg_type_name(L.down_type),

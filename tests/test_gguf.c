@@ -91,6 +91,11 @@ static void golden(const golden_want *g) {
         snprintf(n, sizeof n, "blk.%d.ffn_down_exps.weight", g->layer);
         t = gg_find(&f, n);
         CHECK(t && (g->down == GG_TYPE_F32 ? (const void *)L.w.down : L.w.down_q) == t->data);
+        snprintf(n, sizeof n, "blk.%d.ffn_up_shexp.weight", g->layer);
+        t = gg_find(&f, n);
+        CHECK(!t || (t->type == 1 ? L.w.shared_up == L.buf[GG__SH_UP]   /* F16: widened */
+                     : t->type == GG_TYPE_F32 ? (const void *)L.w.shared_up == t->data
+                     : (uint32_t)L.w.shared_up_type == t->type && L.w.shared_up_q == t->data));
     }
     x = gg_read_rows(&f, "x", L.D, &T);
     yref = gg_read_rows(&f, "y_ref", L.D, &T2);

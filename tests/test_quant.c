@@ -179,6 +179,9 @@ typedef struct q_layer {
     float *x, *router, *gate, *up, *down;     /* the fp32 weights */
     float *dgate, *dup, *ddown;               /* their quantized values, decoded */
     void *qgate, *qup, *qdown;                /* the blocks */
+    float *sh[3], *dsh[3];                    /* shared expert gate, up, down (q_layer_shared) */
+    void *qsh[3];
+    float *sh_gate_w;
     moe_weights wq, wd, wf;                   /* on blocks, on decoded, on fp32 */
 } q_layer;
 
@@ -225,9 +228,39 @@ static void q_layer_make(q_layer *L, moe_activation act, int fused, int32_t D, i
     if (td != MOE_QTYPE_F32) L->wq.down = NULL;
 }
 
+/* A gated shared expert of width Fs, its three tensors in type ts. */
+static void q_layer_shared(q_layer *L, moe_qtype ts, int32_t Fs) {
+    const size_t D = (size_t)L->c.d_model, F = (size_t)Fs;
+    const size_t rows[3] = {F, F, D};
+    const int32_t cols[3] = {(int32_t)D, (int32_t)D, Fs};
+    uint64_t s = 77u + (uint64_t)ts;
+    int k;
+    L->c.shared_d_ff = Fs;
+    L->c.shared_expert_gated = 1;
+    for (k = 0; k < 3; k++) {
+        L->sh[k] = q_fill(&s, rows[k] * (size_t)cols[k], 1.0f / sqrtf((float)cols[k]));
+        q_tensor(ts, L->sh[k], rows[k], cols[k], &L->qsh[k], &L->dsh[k]);
+    }
+    L->sh_gate_w = q_fill(&s, D, 0.3f);
+    L->wf.shared_gate = L->sh[0]; L->wf.shared_up = L->sh[1]; L->wf.shared_down = L->sh[2];
+    L->wf.shared_expert_gate = L->sh_gate_w;
+    L->wd.shared_gate = L->dsh[0]; L->wd.shared_up = L->dsh[1]; L->wd.shared_down = L->dsh[2];
+    L->wd.shared_expert_gate = L->sh_gate_w;
+    L->wq.shared_expert_gate = L->sh_gate_w;
+    L->wq.shared_gate_type = L->wq.shared_up_type = L->wq.shared_down_type = ts;
+    L->wq.shared_gate_q = L->qsh[0]; L->wq.shared_up_q = L->qsh[1];
+    L->wq.shared_down_q = L->qsh[2];
+    if (ts == MOE_QTYPE_F32) {
+        L->wq.shared_gate = L->sh[0]; L->wq.shared_up = L->sh[1]; L->wq.shared_down = L->sh[2];
+    }
+}
+
 static void q_layer_free(q_layer *L) {
+    int k;
     free(L->x); free(L->router); free(L->gate); free(L->up); free(L->down);
     free(L->dgate); free(L->dup); free(L->ddown); free(L->qgate); free(L->qup); free(L->qdown);
+    for (k = 0; k < 3; k++) { free(L->sh[k]); free(L->dsh[k]); free(L->qsh[k]); }
+    free(L->sh_gate_w);
 }
 
 static float *q_run(const moe_config *c, const moe_weights *w, const float *x, int32_t T) {
@@ -295,13 +328,14 @@ static double q_int8_worst;
      where all have more than 16 rows, the decoded layer's bits, else within
      Q_INT8_BOUND of the reference. */
 static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, moe_qtype tg,
-                          moe_qtype tu, moe_qtype td, int32_t T) {
+                          moe_qtype tu, moe_qtype td, int32_t T, int32_t Fs, moe_qtype ts) {
     q_layer L;
     moe_config c;
     const size_t TD = (size_t)T * (size_t)D;
     float *yq, *yd, *yr, *y1 = NULL;
     int bf16, panels;
     q_layer_make(&L, act, fused, D, F, tg, tu, td, T);
+    if (Fs > 0) q_layer_shared(&L, ts, Fs);
     c = L.c;
     c.isa = MOE_ISA_REFERENCE;
     yq = q_run(&c, &L.wq, L.x, T); yr = q_run(&c, &L.wd, L.x, T);
@@ -311,7 +345,7 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
     free(yq);
     if (moe_compiled_isa() == MOE_ISA_REFERENCE) { free(yr); q_layer_free(&L); return; }
     c.isa = MOE_ISA_AUTO;
-    panels = T > 0 && q_min_rows(&c, &L.wq, L.x, T) > 16;
+    panels = T > 0 && q_min_rows(&c, &L.wq, L.x, T) > 16 && (Fs == 0 || T > 16);
     for (c.num_threads = 1; c.num_threads <= 2; c.num_threads++) {
         yq = q_run(&c, &L.wq, L.x, T);
         if (panels) {
@@ -369,24 +403,24 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
 
 TEST(quant, layer_on_blocks) {
     const int32_t Ts[5] = {1, 7, 33, 100, 0};
+    const moe_qtype F32 = MOE_QTYPE_F32, Q8 = MOE_QTYPE_Q8_0, Q4 = MOE_QTYPE_Q4_0,
+                    Q4K = MOE_QTYPE_Q4_K, MX = MOE_QTYPE_MXFP4;
     int i;
     for (i = 0; i < 5; i++) {
-        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 96, MOE_QTYPE_Q8_0, MOE_QTYPE_Q8_0, MOE_QTYPE_Q8_0,
-                      Ts[i]);
-        q_layer_check(MOE_ACT_GELU, 0, 96, 64, MOE_QTYPE_Q4_0, MOE_QTYPE_F32, MOE_QTYPE_Q4_0,
-                      Ts[i]);
-        q_layer_check(MOE_ACT_SWIGLU, 1, 256, 256, MOE_QTYPE_Q4_K, MOE_QTYPE_F32, MOE_QTYPE_Q4_K,
-                      Ts[i]);
-        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 64, MOE_QTYPE_MXFP4, MOE_QTYPE_MXFP4,
-                      MOE_QTYPE_MXFP4, Ts[i]);
+        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 96, Q8, Q8, Q8, Ts[i], 0, F32);
+        q_layer_check(MOE_ACT_GELU, 0, 96, 64, Q4, F32, Q4, Ts[i], 0, F32);
+        q_layer_check(MOE_ACT_SWIGLU, 1, 256, 256, Q4K, F32, Q4K, Ts[i], 0, F32);
+        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 64, MX, MX, MX, Ts[i], 0, F32);
         /* mixed: every type in one layer; fp32 and blocks in one w13 panel */
-        q_layer_check(MOE_ACT_GEGLU, 0, 64, 96, MOE_QTYPE_Q4_0, MOE_QTYPE_Q8_0, MOE_QTYPE_MXFP4,
-                      Ts[i]);
-        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 32, MOE_QTYPE_F32, MOE_QTYPE_Q8_0, MOE_QTYPE_F32,
-                      Ts[i]);
+        q_layer_check(MOE_ACT_GEGLU, 0, 64, 96, Q4, Q8, MX, Ts[i], 0, F32);
+        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 32, F32, Q8, F32, Ts[i], 0, F32);
+        /* a gated shared expert in blocks, beside routed blocks or fp32 */
+        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 32, Q8, Q8, Q8, Ts[i], 96, Q4);
+        q_layer_check(MOE_ACT_SWIGLU, 0, 64, 32, F32, F32, F32, Ts[i], 64, MX);
+        q_layer_check(MOE_ACT_GELU, 0, 256, 64, Q4, F32, Q4, Ts[i], 256, Q4K);
     }
-    q_layer_check(MOE_ACT_SWIGLU, 0, 256, 256, MOE_QTYPE_Q4_K, MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0,
-                  1000);
+    q_layer_check(MOE_ACT_SWIGLU, 0, 256, 256, Q4K, Q8, Q4, 1000, 0, F32);
+    q_layer_check(MOE_ACT_SWIGLU, 0, 64, 64, Q8, Q8, Q8, 1000, 128, Q8);
     if (moe_compiled_isa() != MOE_ISA_REFERENCE)
         printf("    integer dots: worst relative error %.4f (bound %.3f)\n", q_int8_worst,
                Q_INT8_BOUND);
@@ -497,5 +531,51 @@ TEST(quant, layer_statuses) {
                      MOE_STATUS_QUANT_UNSUPPORTED);
         free(ws);
     }
+    q_layer_free(&L);
+}
+
+/* A quantized shared expert: its own statuses; the backward refuses it even
+   when every routed expert is fp32. */
+TEST(quant, shared_expert_statuses) {
+    q_layer L;
+    moe_weights w;
+    moe_grads g;
+    moe_info info;
+    const int32_t T = 3;
+    float y[3 * 64], dx[3 * 64];
+    size_t i, ib;
+    void *ibuf;
+    q_layer_make(&L, MOE_ACT_SWIGLU, 0, 64, 32, MOE_QTYPE_F32, MOE_QTYPE_F32, MOE_QTYPE_F32, T);
+    q_layer_shared(&L, MOE_QTYPE_Q8_0, 96);
+    for (i = 0; i < 3 * 64; i++) y[i] = -3.0f;
+    w = L.wq; w.shared_up_type = MOE_QTYPE_Q4_K;          /* D = 64: not whole 256-blocks */
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_BAD_QUANT);
+    w = L.wq; w.shared_down_type = 1;
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_BAD_QUANT);
+    w = L.wq; w.shared_down_q = NULL;
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, T, y, NULL), MOE_STATUS_MISSING_WEIGHT);
+    w = L.wq;                                          /* y over the shared gate's blocks */
+    CHECK_STATUS(moe_forward_alloc(&L.c, &w, L.x, 1, (float *)L.qsh[0] + 4, NULL),
+                 MOE_STATUS_ALIASING);
+    for (i = 0; i < 3 * 64; i++) if (y[i] != -3.0f) break;
+    CHECK_INT(i, 3 * 64);
+    {   /* without a shared expert its types are not read */
+        moe_config c = L.c;
+        c.shared_d_ff = 0; c.shared_expert_gated = 0;
+        w = L.wq; w.shared_gate_type = 99;
+        CHECK_STATUS(moe_forward_alloc(&c, &w, L.x, T, y, NULL), MOE_STATUS_OK);
+    }
+    L.c.save_for_backward = 1;
+    memset(&info, 0, sizeof info);
+    CHECK_STATUS(moe_info_size(&L.c, T, &ib), MOE_STATUS_OK);
+    ibuf = malloc(ib);
+    CHECK_STATUS(moe_info_bind(&L.c, T, &info, ibuf, ib), MOE_STATUS_OK);
+    CHECK_STATUS(moe_forward_alloc(&L.c, &L.wq, L.x, T, y, &info), MOE_STATUS_OK);
+    memset(&g, 0, sizeof g);
+    for (i = 0; i < 3 * 64; i++) dx[i] = -3.0f;
+    CHECK_STATUS(moe_backward_alloc(&L.c, &L.wq, L.x, T, &info, y, dx, &g),
+                 MOE_STATUS_QUANT_UNSUPPORTED);
+    CHECK(dx[0] == -3.0f && dx[3 * 64 - 1] == -3.0f);
+    free(ibuf);
     q_layer_free(&L);
 }

@@ -1183,6 +1183,9 @@ static void test_forward_contract(void) {
     w32.down_type = MOE_QTYPE_Q8_0; w32.down_q = w32.down;
     CHECK(moe_cuda_forward(&r, &w32, dx, L.T, dy, NULL, ws, wb) == MOE_STATUS_QUANT_UNSUPPORTED);
     CHECK(moe_cuda_pack_weights(&c, &w32, packed, pb) == MOE_STATUS_QUANT_UNSUPPORTED);
+    w32 = L.dev;   /* a quantized shared expert too */
+    w32.shared_up_type = MOE_QTYPE_Q4_0; w32.shared_up_q = w32.down;
+    CHECK(moe_cuda_forward(&r, &w32, dx, L.T, dy, NULL, ws, wb) == MOE_STATUS_QUANT_UNSUPPORTED);
 
     /* overlaps: y with the workspace, an info array with y, the blob with a weight */
     CHECK(moe_cuda_forward(&c, &w, dx, L.T, (float *)ws, NULL, ws, wb) == MOE_STATUS_ALIASING);

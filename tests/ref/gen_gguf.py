@@ -244,9 +244,12 @@ def write_layer(wr, layer, L, types):
             put(wr, name, L[part])
     if L.get("sh_gate") is not None:
         t = types.get("shexp", QT.F32)
-        put(wr, b + "ffn_gate_shexp.weight", L["sh_gate"], t)
-        put(wr, b + "ffn_up_shexp.weight", L["sh_up"], t)
-        put(wr, b + "ffn_down_shexp.weight", L["sh_down"], t)
+        for part in ("gate", "up", "down"):
+            name = b + "ffn_%s_shexp.weight" % part
+            if "sh_" + part in types:
+                put_blocks(wr, name, *types["sh_" + part])
+            else:
+                put(wr, name, L["sh_" + part], t)
     if L.get("sh_egate") is not None:
         put(wr, b + "ffn_gate_inp_shexp.weight", L["sh_egate"])
 
@@ -295,9 +298,13 @@ def quant_case(outdir, rng, arch, layer, E, K, D, F, types, Fs=0, sh_gated=False
         kv["expert_used_count"] = [E] * layer + [K]
     if Fs:
         for part, shp in (("sh_gate", (Fs, D)), ("sh_up", (Fs, D)), ("sh_down", (D, Fs))):
-            v = rng.standard_normal(shp) * 0.05
-            L[part] = rows_f16_exact(v) if shexp_type == QT.F16 else \
-                v.astype(np.float32).astype(np.float64)
+            if shexp_type in (QT.F32, QT.F16):
+                v = rng.standard_normal(shp) * 0.05
+                L[part] = rows_f16_exact(v) if shexp_type == QT.F16 else \
+                    v.astype(np.float32).astype(np.float64)
+            else:
+                bl, L[part] = quantized(rng, shp, shexp_type, 0.05)
+                blocks[part] = (bl, shexp_type)
         if sh_gated:
             L["sh_egate"] = (rng.standard_normal(D) * 0.1).astype(np.float32).astype(np.float64)
         if arch == "deepseek2":
@@ -335,10 +342,10 @@ def main():
     # Mixtral (llama arch): fused gate_up in Q4_K (rows of D = 256), down in Q4_0, BF16 router
     print(quant_case(outdir, rng, "llama", 2, E=4, K=2, D=256, F=32,
                      types=(QT.Q4_K, QT.Q4_K, QT.Q4_0), fused=True, router_type=QT.BF16))
-    # DeepSeek-V3 (deepseek2 arch): MXFP4, sigmoid, bias, groups 4 keep 2, x2.5, shared
+    # DeepSeek-V3 (deepseek2 arch): MXFP4, sigmoid, bias, groups 4 keep 2, x2.5, Q8_0 shared
     print(quant_case(outdir, rng, "deepseek2", 1, E=16, K=4, D=64, F=32,
                      types=(QT.MXFP4, QT.MXFP4, QT.MXFP4), Fs=32, groups=(4, 2),
-                     gating="sigmoid", norm=True, scale=2.5, bias=True))
+                     gating="sigmoid", norm=True, scale=2.5, bias=True, shexp_type=QT.Q8_0))
     # Qwen3-MoE: Q4_0 gate/up, Q8_0 down, renormalised, K given per layer
     print(quant_case(outdir, rng, "qwen3moe", 1, E=8, K=3, D=64, F=64,
                      types=(QT.Q4_0, QT.Q4_0, QT.Q8_0), norm=True, k_per_layer=True))
