@@ -5027,17 +5027,147 @@ static void moe__pack_task(void *arg, int32_t task) {
    +dotprod) run moe__qdot_ref.                                           */
 #define MOE__QDOT_NR 4
 #if defined(__AVX2__)
-static float moe__hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 /* 32 nibbles of 16 bytes: value j < 16 the low nibble of byte j, j + 16 its high */
 static __m256i moe__nibbles(const unsigned char *b) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)(const void *)b);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
                             _mm256_set1_epi8(0x0f));
+}
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* AVX-512 (with BW): two blocks per step in one 512-bit register, lanes 0-7
+   block b and 8-15 block b + 1 (or zeros past an odd last block). No
+   vpsignb at 512 bits: codes go in as |code|, q has its sign flipped where
+   the code is negative (a masked 0 - q).                                   */
+static __m512i moe__isum64(__m512i u, __m512i v) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, v);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), _mm512_set1_epi16(1));
+#endif
+}
+static __m512i moe__pair512(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* Two fp16 block scales as floats [s0, s1, 0, 0] (VCVTPH2PS is AVX-512F). */
+static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
+    const uint32_t bits = (uint32_t)moe__u16le(h0) | (uint32_t)moe__u16le(h1) << 16;
+    return _mm512_castps512_ps128(_mm512_cvtph_ps(_mm256_castsi128_si256(
+        _mm_cvtsi32_si128((int)bits))));
+}
+
+/* Blocks b and b + 1 (two: 0 drops the second) against the n_rows rows:
+   acc[i] += [s0 d_i[b] x8, s1 d_i[b+1] x8] * isum_i, scales = [s0, s1, ..]. */
+#define MOE__QDOT_PAIR(codes, is_signed, scales, b, two)                                       \
+    do {                                                                                       \
+        const __m512i c_ = (codes), u_ = (is_signed) ? _mm512_abs_epi8(c_) : c_;               \
+        const __mmask64 neg_ = (is_signed) ? _mm512_movepi8_mask(c_) : 0;                      \
+        const __mmask64 half_ = (two) ? ~(__mmask64)0 : 0xffffffffu;                           \
+        const __m128 sc_ = (scales);                                                           \
+        int32_t i_;                                                                            \
+        for (i_ = 0; i_ < n_rows; i_++) {                                                      \
+            const __m512i q_ = _mm512_maskz_loadu_epi8(half_, q[i_] + 32 * (b));               \
+            const __m512i v_ = _mm512_mask_sub_epi8(q_, neg_, _mm512_setzero_si512(), q_);     \
+            const __m128 d_ = (two) ? _mm_castpd_ps(_mm_load_sd((const double *)(const void *) \
+                                                                (d[i_] + (b))))                \
+                                    : _mm_load_ss(d[i_] + (b));                                \
+            acc[i_] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(moe__isum64(u_, v_)),                 \
+                                      _mm512_permutexvar_ps(two_lanes, _mm512_castps128_ps512( \
+                                          _mm_mul_ps(sc_, d_))),                               \
+                                      acc[i_]);                                                \
+        }                                                                                      \
+    } while (0)
+
+/* The kernel for NR rows (a constant where it is expanded: its row loops
+   unroll and the accumulators stay in registers). */
+#define MOE__QDOT_KERNEL(NR)                                                                   \
+    static void moe__qdot_x86_##NR(int32_t type, const unsigned char *w, const moe__qact *a,   \
+                                   int64_t r0, float *out) {                                   \
+        const int32_t nb = a->k / 32, n_rows = NR;                                             \
+        const __m512i two_lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, \
+                                                    1, 1);                                     \
+        const __m256i zero = _mm256_setzero_si256();                                           \
+        const int8_t *q[NR];                                                                   \
+        const float *d[NR], *s[NR];                                                            \
+        __m512 acc[NR];                                                                        \
+        __m256 macc[NR];                                                                       \
+        float mins[NR];                                                                        \
+        int32_t b, i, j, two;                                                                  \
+        for (i = 0; i < NR; i++) {                                                             \
+            q[i] = a->q + (size_t)(r0 + i) * (size_t)a->k;                                     \
+            d[i] = a->d + (size_t)(r0 + i) * (size_t)nb;                                       \
+            s[i] = a->s + (size_t)(r0 + i) * (size_t)nb;                                       \
+            acc[i] = _mm512_setzero_ps();                                                      \
+            macc[i] = _mm256_setzero_ps();                                                     \
+            mins[i] = 0.0f;                                                                    \
+        }                                                                                      \
+        if (type == MOE_QTYPE_Q8_0) {                                                          \
+            for (b = 0; b < nb; b += 2, w += 68) {                                             \
+                two = b + 1 < nb;                                                              \
+                MOE__QDOT_PAIR(moe__pair512(_mm256_loadu_si256((const __m256i *)(const void *)  \
+                                                               (w + 2)),                       \
+                                            two ? _mm256_loadu_si256((const __m256i *)         \
+                                                                     (const void *)(w + 36))   \
+                                                : zero),                                       \
+                               1, moe__f16x2(w, two ? w + 34 : w), b, two);                    \
+            }                                                                                  \
+        } else if (type == MOE_QTYPE_Q4_0) {                                                   \
+            const __m512i eight = _mm512_set1_epi8(8);                                         \
+            for (b = 0; b < nb; b += 2, w += 36) {                                             \
+                two = b + 1 < nb;                                                              \
+                MOE__QDOT_PAIR(_mm512_sub_epi8(moe__pair512(moe__nibbles(w + 2),               \
+                                                            two ? moe__nibbles(w + 20)         \
+                                                                : _mm256_set1_epi8(8)), eight),\
+                               1, moe__f16x2(w, two ? w + 18 : w), b, two);                    \
+            }                                                                                  \
+        } else if (type == MOE_QTYPE_MXFP4) {                                                  \
+            const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8,    \
+                                                                       12, 0, -1, -2, -3, -4,  \
+                                                                       -6, -8, -12));          \
+            for (b = 0; b < nb; b += 2, w += 34) {                                             \
+                two = b + 1 < nb;                                                              \
+                MOE__QDOT_PAIR(_mm512_shuffle_epi8(table, moe__pair512(moe__nibbles(w + 1),    \
+                                                                       two ? moe__nibbles(     \
+                                                                           w + 18) : zero)),   \
+                               1, _mm_setr_ps(moe__e8m0_half(w[0]), two ? moe__e8m0_half(w[17])\
+                                                                        : 0.0f, 0.0f, 0.0f),   \
+                               b, two);                                                        \
+            }                                                                                  \
+        } else {                               /* Q4_K: 8 sub-blocks per 144 bytes */          \
+            const __m256i lo = _mm256_set1_epi8(0x0f);                                         \
+            for (b = 0; b < nb; b += 8, w += 144) {                                            \
+                const float dd = moe__f16_float(moe__u16le(w));                                \
+                const float dm = moe__f16_float(moe__u16le(w + 2));                            \
+                float sc[8], mn[8];                                                            \
+                for (j = 0; j < 8; j++) moe__q4k_scale_min(w + 4, j, &sc[j], &mn[j]);          \
+                for (j = 0; j < 8; j += 2) {   /* 32 bytes: sub-block j low, j + 1 high */     \
+                    const __m256i raw = _mm256_loadu_si256(                                    \
+                        (const __m256i *)(const void *)(w + 16 + 16 * j));                     \
+                    MOE__QDOT_PAIR(moe__pair512(_mm256_and_si256(raw, lo),                     \
+                                                _mm256_and_si256(_mm256_srli_epi16(raw, 4),    \
+                                                                 lo)),                         \
+                                   0, _mm_setr_ps(dd * sc[j], dd * sc[j + 1], 0.0f, 0.0f), b + j, \
+                                   1);                                                         \
+                }                                                                              \
+                for (i = 0; i < NR; i++)   /* the mins in lanes: no serial chain */            \
+                    macc[i] = _mm256_add_ps(macc[i], _mm256_mul_ps(                            \
+                        _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_loadu_ps(mn)),                \
+                        _mm256_loadu_ps(s[i] + b)));                                           \
+            }                                                                                  \
+        }                                                                                      \
+        for (i = 0; i < NR; i++) {                                                             \
+            float m_[8];                                                                       \
+            _mm256_storeu_ps(m_, macc[i]);                                                     \
+            for (j = 0; j < 8; j++) mins[i] += m_[j];                                          \
+            out[i] = _mm512_reduce_add_ps(acc[i]) - mins[i];                                   \
+        }                                                                                      \
+    }
+#else
+static float moe__hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
 }
 /* The 8 int32 partial sums of 32 codes (u: |codes|, or the codes when they
    are unsigned) times 32 q (v: q with the codes' signs, or q). */
@@ -5077,14 +5207,14 @@ static __m256i moe__isum32(__m256i u, __m256i v) {
         const int8_t *q[NR];                                                                   \
         const float *d[NR], *s[NR];                                                            \
         __m256 acc[NR];                                                                        \
-        float mins[NR];                                                                        \
+        __m256 macc[NR];                                                                       \
         int32_t b, i, j;                                                                       \
         for (i = 0; i < NR; i++) {                                                             \
             q[i] = a->q + (size_t)(r0 + i) * (size_t)a->k;                                     \
             d[i] = a->d + (size_t)(r0 + i) * (size_t)nb;                                       \
             s[i] = a->s + (size_t)(r0 + i) * (size_t)nb;                                       \
             acc[i] = _mm256_setzero_ps();                                                      \
-            mins[i] = 0.0f;                                                                    \
+            macc[i] = _mm256_setzero_ps();                                                     \
         }                                                                                      \
         if (type == MOE_QTYPE_Q8_0) {                                                          \
             for (b = 0; b < nb; b++, w += 34)                                                  \
@@ -5115,18 +5245,23 @@ static __m256i moe__isum32(__m256i u, __m256i v) {
                     MOE__QDOT_BLOCK(_mm256_and_si256(_mm256_srli_epi16(raw, 4), lo), 0,        \
                                     dd * sc[j + 1], b + j + 1);                                \
                 }                                                                              \
-                for (i = 0; i < NR; i++)                                                       \
-                    for (j = 0; j < 8; j++) mins[i] += dm * mn[j] * s[i][b + j];               \
+                for (i = 0; i < NR; i++)   /* the mins in lanes: no serial chain */            \
+                    macc[i] = _mm256_add_ps(macc[i], _mm256_mul_ps(                            \
+                        _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_loadu_ps(mn)),                \
+                        _mm256_loadu_ps(s[i] + b)));                                           \
             }                                                                                  \
         }                                                                                      \
-        for (i = 0; i < NR; i++) out[i] = moe__hsum256(acc[i]) - mins[i];                      \
+        for (i = 0; i < NR; i++)                                                               \
+            out[i] = moe__hsum256(acc[i]) - moe__hsum256(macc[i]);                             \
     }
+#endif /* AVX-512 + BW, else AVX2 */
 MOE__QDOT_KERNEL(1)
 MOE__QDOT_KERNEL(2)
 MOE__QDOT_KERNEL(3)
 MOE__QDOT_KERNEL(4)
 #undef MOE__QDOT_KERNEL
 #undef MOE__QDOT_BLOCK
+#undef MOE__QDOT_PAIR
 
 static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact *a, int64_t r0,
                            int32_t nr, float *out) {
