@@ -9,7 +9,7 @@ PYTHON  ?= python3
 NVCC    ?= nvcc
 
 TEST_SRC := $(wildcard tests/test_*.c)
-TEST_HDR := moe.h tests/moe_test.h tests/ref/quant_golden.h examples/train_balance.c examples/vit_moe_digits.c
+TEST_HDR := moe.h tests/moe_test.h tests/ref/quant_golden.h examples/gguf_moe.c examples/train_balance.c examples/vit_moe_digits.c
 
 # moe.h picks its SIMD ISA at compile time. The suite is built once per ISA:
 # the reference (no -m flags), AVX2 + FMA, AVX-512 (run only where the CPU
@@ -18,6 +18,8 @@ HOST_AVX2   := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /
 HOST_AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo 1)
 AVX2_FLAGS   := -mavx2 -mfma
 AVX512_FLAGS := -mavx512f -mavx512bf16
+# the emulated Cooper Lake (make test-avx512-emu) also has AVX512_VNNI: vpdpbusd for quantized dots
+AVX512_EMU_FLAGS := $(AVX512_FLAGS) -mavx512vnni -mavx512vl
 # demos and benches use the best ISA of this machine, with OpenMP threads
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
@@ -62,11 +64,11 @@ $(BUILD)/moe_tests_neon: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
 test-neon: $(BUILD)/moe_tests_neon
 	tests/run_suites.sh "qemu-aarch64 ../$(BUILD)/moe_tests_neon"
 
-# AVX-512 + AVX512-BF16: the suite linked statically and run on an emulated
+# AVX-512 + AVX512-BF16 + AVX512-VNNI: the suite linked statically and run on an emulated
 # Cooper Lake CPU (Bochs, booting Debian's kernel): tests/emu/avx512.sh.
 # EMU_FILTER=a,b,... runs only the suites whose names contain one of those.
 $(BUILD)/moe_tests_avx512_static: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
-	$(CC) -std=c99 $(WARN) $(CFLAGS) $(AVX512_FLAGS) -fopenmp -static -o $@ $(TEST_SRC) $(LDLIBS) -pthread \
+	$(CC) -std=c99 $(WARN) $(CFLAGS) $(AVX512_EMU_FLAGS) -fopenmp -static -o $@ $(TEST_SRC) $(LDLIBS) -pthread \
 	    2> $@.log || { cat $@.log; exit 1; }
 
 test-avx512-emu:
@@ -140,6 +142,11 @@ $(BUILD)/mixtral_block: examples/mixtral_block.c moe.h | $(BUILD)
 $(BUILD)/safetensors_moe: examples/safetensors_moe.c moe.h | $(BUILD)
 	$(CC) -std=c99 $(WARN) -O2 -o $@ examples/safetensors_moe.c $(LDLIBS)
 
+# gguf_moe exits 1 if the layer misses the file's y_ref (tests/ref/gguf:
+# quantized experts; SIMD flags, so the integer dots run).
+$(BUILD)/gguf_moe: examples/gguf_moe.c moe.h | $(BUILD)
+	$(CC) -std=c99 $(WARN) -O2 $(SIMD_FLAGS) -o $@ examples/gguf_moe.c $(LDLIBS)
+
 # ViT with MoE FFN layers trained on the UCI digits (examples/data/digits.txt);
 # prints test accuracy and per-layer expert load, writes build/vit_moe_digits.svg.
 $(BUILD)/vit_moe_digits: examples/vit_moe_digits.c moe.h | $(BUILD)
@@ -160,7 +167,7 @@ doc-numbers: $(BUILD)/train_balance $(BUILD)/vit_docs
 
 EXAMPLES := $(BUILD)/mixtral_demo $(BUILD)/train_balance $(BUILD)/moe_transformer_layer \
             $(BUILD)/glam_block $(BUILD)/tour $(BUILD)/vit_moe_digits $(BUILD)/mixtral_block \
-            $(BUILD)/safetensors_moe
+            $(BUILD)/safetensors_moe $(BUILD)/gguf_moe
 examples: $(EXAMPLES)
 
 run-examples: examples
@@ -170,6 +177,8 @@ run-examples: examples
 	./$(BUILD)/mixtral_block
 	./$(BUILD)/safetensors_moe tests/ref/mixtral.safetensors
 	./$(BUILD)/safetensors_moe tests/ref/deepseek_v3.safetensors
+	./$(BUILD)/gguf_moe tests/ref/gguf/deepseek2_mxfp4.gguf
+	./$(BUILD)/gguf_moe tests/ref/gguf/llama_q4_0_q4_k.gguf
 
 # make test checks that `make examples` builds every examples/*.c but these:
 # moe_mpi.c needs mpicc and Open MPI, so make test-mpi builds (and runs) it.
@@ -252,6 +261,7 @@ golden:
 	$(PYTHON) -m pip install -q -r tests/ref/requirements.txt
 	$(PYTHON) tests/ref/gen_golden.py
 	$(PYTHON) tests/ref/gen_quant.py
+	$(PYTHON) tests/ref/gen_gguf.py
 
 clean:
 	rm -rf $(BUILD)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The AVX-512 + AVX512-BF16 test suite on an emulated CPU: `make test-avx512-emu`.
+# The AVX-512 + AVX512-BF16 + AVX512-VNNI test suite on an emulated CPU: `make test-avx512-emu`.
 #
-# Our CPUs (AMD Zen 3 VMs) have AVX2 only, and neither qemu-user nor qemu-system
+# Some of our CPUs (AMD Zen 3 VMs) have AVX2 only, and neither qemu-user nor qemu-system
 # runs AVX-512. Bochs does: it emulates every instruction in software. Bochs 3.0
 # (Debian trixie's source, checked by SHA-256) is built here with AVX-512 (EVEX)
-# support, its Skylake-X model patched to Cooper Lake (Skylake-X + AVX512_BF16,
-# tests/emu/bochs-cooperlake.patch: Bochs's Sapphire Rapids model has BF16
-# but hangs Debian's kernel early in boot, as its Tiger Lake does). It boots Debian's kernel
-# from a CD image whose initramfs holds the suite, compiled statically with
-# -mavx512f -mavx512bf16, and tests/emu/init.c, which runs it and powers off.
+# support, its Skylake-X model patched to Cooper Lake (Skylake-X + AVX512_BF16
+# + AVX512_VNNI, tests/emu/bochs-cooperlake.patch: Bochs's Sapphire Rapids model
+# has both but hangs Debian's kernel early in boot, as its Tiger Lake does). It
+# boots Debian's kernel from a CD image whose initramfs holds the suite, compiled
+# statically with -mavx512f -mavx512bf16 -mavx512vnni -mavx512vl (Makefile:
+# AVX512_EMU_FLAGS; VNNI's vpdpbusd does the int8 dots of quantized experts),
+# and tests/emu/init.c, which runs it and powers off.
 #
 # Emulation checks correctness only: Bochs is ~100x slower than the host and
 # keeps no cache or pipeline timing. The whole suite takes about 10 minutes
@@ -65,7 +67,7 @@ if [ ! -f "$EMU/vmlinuz" ]; then
     rm -rf "$EMU/kernel"
 fi
 
-# 3. The suite, static, for AVX-512 + AVX512-BF16, and its initramfs on a CD image.
+# 3. The suite, static, for AVX-512 + AVX512-BF16 + AVX512-VNNI, and its initramfs on a CD image.
 make -s -C "$ROOT" build/moe_tests_avx512_static
 rm -rf "$EMU/initrd" "$EMU/iso" && mkdir -p "$EMU/initrd/dev" "$EMU/initrd/proc" "$EMU/initrd/tests" \
     "$EMU/initrd/examples" "$EMU/iso/isolinux"

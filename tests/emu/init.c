@@ -32,7 +32,7 @@ static int has_flag(const char *flags, const char *name) {   /* whole word in th
 
 static int run_suite(void) {
     static char line[8192];
-    const char *need[] = { "avx512f", "avx512_bf16" };
+    const char *need[] = { "avx512f", "avx512_bf16", "avx512_vnni" };
     FILE *f = fopen("/proc/cpuinfo", "r");
     int found = 0, status = 0;
     size_t i;
