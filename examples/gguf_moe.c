@@ -304,7 +304,8 @@ const gg_kv *gg_find_kv(const gg_file *f, const char *key) {
 }
 const gg_tensor *gg_find(const gg_file *f, const char *name) {
     uint64_t i;
-    for (i = 0; f && i < f->ntensors; i++) if (!strcmp(f->tensors[i].name, name)) return &f->tensors[i];
+    for (i = 0; f && i < f->ntensors; i++)
+        if (!strcmp(f->tensors[i].name, name)) return &f->tensors[i];
     return NULL;
 }
 
@@ -350,13 +351,15 @@ static gg_status gg__tensor_info(gg_file *f, gg__cursor *c, gg_tensor *t) {
                         (unsigned long long)len, GG_MAX_NAME - 1);
     memcpy(t->name, s, (size_t)len);
     t->name[len] = '\0';
-    if (!gg__u32(c, &t->ndim)) return GG__FAIL(f, GG_ERR_TRUNCATED, "'%s': rank past the end", t->name);
+    if (!gg__u32(c, &t->ndim))
+        return GG__FAIL(f, GG_ERR_TRUNCATED, "'%s': rank past the end", t->name);
     if (t->ndim < 1 || t->ndim > GG_MAX_DIMS)
         return GG__FAIL(f, GG_ERR_TENSOR_INFO, "'%s': rank %u (1..4)", t->name, (unsigned)t->ndim);
     for (d = 0; d < GG_MAX_DIMS; d++) {
         t->ne[d] = 1;
         if (d >= t->ndim) continue;
-        if (!gg__u64(c, &v)) return GG__FAIL(f, GG_ERR_TRUNCATED, "'%s': shape past the end", t->name);
+        if (!gg__u64(c, &v))
+            return GG__FAIL(f, GG_ERR_TRUNCATED, "'%s': shape past the end", t->name);
         if (v > (uint64_t)INT64_MAX)
             return GG__FAIL(f, GG_ERR_TENSOR_INFO, "'%s': dimension %u is negative", t->name, d);
         t->ne[d] = (int64_t)v;
@@ -519,7 +522,10 @@ gg_status gg_open(gg_file *f, const char *path) {
             return GG__FAIL(f, GG_ERR_IO, "cannot seek in '%s'", path);
         }
         size = (size_t)n;
-        if (!(mem = malloc(size ? size : 1))) { fclose(fp); return GG__FAIL(f, GG_ERR_NO_MEMORY, "out of memory"); }
+        if (!(mem = malloc(size ? size : 1))) {
+            fclose(fp);
+            return GG__FAIL(f, GG_ERR_NO_MEMORY, "out of memory");
+        }
         if (fread(mem, 1, size, fp) != size) {
             fclose(fp); free(mem);
             return GG__FAIL(f, GG_ERR_IO, "cannot read '%s'", path);
@@ -566,11 +572,13 @@ static gg_status gg__get_uint(gg_file *f, const char *key, uint64_t index, uint6
         *out = gg__le(p, gg__vsize[t]);
         return GG_OK;
     case GG_I8: case GG_I16: case GG_I32: case GG_I64:
-        v = (int64_t)(gg__le(p, gg__vsize[t]) << (64 - 8 * gg__vsize[t])) >> (64 - 8 * gg__vsize[t]);
+        v = (int64_t)(gg__le(p, gg__vsize[t]) << (64 - 8 * gg__vsize[t]));
+        v >>= 64 - 8 * gg__vsize[t];                      /* sign-extended */
         if (v >= 0) { *out = (uint64_t)v; return GG_OK; }
         return GG__FAIL(f, GG_ERR_CONFIG, "'%s' = %lld is negative", key, (long long)v);
     default:
-        return GG__FAIL(f, GG_ERR_CONFIG, "'%s' has value type %u, not an integer", key, (unsigned)t);
+        return GG__FAIL(f, GG_ERR_CONFIG, "'%s' has value type %u, not an integer", key,
+                        (unsigned)t);
     }
 }
 
@@ -706,7 +714,7 @@ static gg_status gg__tensor(gg_layer *L, const gg_file *f, const char *suffix, u
     for (rank = GG_MAX_DIMS; rank > 1 && t->ne[rank - 1] == 1; rank--) {}
     for (d = 0; d < ndim; d++)
         if (!want[d] && t->ne[d] >= 1 && t->ne[d] <= INT32_MAX) want[d] = t->ne[d];
-    for (d = 0; d < ndim && t->ne[d] == want[d]; d++) {}
+    for (d = 0; d < ndim && want[d] && t->ne[d] == want[d]; d++) {}
     if (d < ndim || rank > ndim) {
         gg__shape_str(t->ne, t->ndim, got, sizeof got);
         gg__shape_str(want, ndim, exp, sizeof exp);
@@ -725,7 +733,8 @@ static gg_status gg__take_float(gg_layer *L, const gg_file *f, const char *suffi
     uint32_t d;
     if ((s = gg__tensor(L, f, suffix, ndim, want, &t))) return s;
     for (d = 0; d < ndim; d++) n *= (uint64_t)want[d];
-    if (n > (size_t)-1 / sizeof(float) || !(L->buf[slot] = (float *)malloc((size_t)n * sizeof(float))))
+    if (n > (size_t)-1 / sizeof(float) ||
+        !(L->buf[slot] = (float *)malloc((size_t)n * sizeof(float))))
         return GG__LFAIL(L, GG_ERR_NO_MEMORY, "out of memory for '%s'", t->name);
     return gg__to_float(L, t, L->buf[slot]);
 }
@@ -855,7 +864,8 @@ static gg_status gg__routing(gg_layer *L, gg_file *f, const gg_layer_options *o,
         return GG__LFAIL(L, GG_ERR_UNSUPPORTED, "general.architecture is %llu bytes long",
                          (unsigned long long)a->count);
     memcpy(L->arch, a->value, (size_t)a->count);
-    for (i = 0; i < sizeof gg__archs / sizeof *gg__archs && strcmp(gg__archs[i].name, L->arch); i++) {}
+    for (i = 0; i < sizeof gg__archs / sizeof *gg__archs; i++)
+        if (!strcmp(gg__archs[i].name, L->arch)) break;
     if (i == sizeof gg__archs / sizeof *gg__archs)
         return GG__LFAIL(L, GG_ERR_UNSUPPORTED, "architecture '%s': this loader runs llama "
                          "(Mixtral), qwen2moe, qwen3moe, olmoe and deepseek2%s", L->arch,
@@ -901,7 +911,8 @@ gg_status gg_load_layer(gg_file *f, const gg_layer_options *opt, gg_layer *L) {
     if (!f || !f->tensors) return GG__LFAIL(L, GG_ERR_ARGUMENT, "no open file");
     if (opt) o = *opt; else gg_layer_options_default(&o);
     L->layer = o.layer >= 0 ? o.layer : gg__first_moe_layer(f);
-    if (L->layer < 0) return GG__LFAIL(L, GG_ERR_MISSING, "no MoE layer: no blk.N.ffn_gate_inp.weight");
+    if (L->layer < 0)
+        return GG__LFAIL(L, GG_ERR_MISSING, "no MoE layer: no blk.N.ffn_gate_inp.weight");
     if ((s = gg__routing(L, f, &o, &arch)) || (s = gg__check_all_used(L, f))) goto fail;
 
     /* router ne [D, E]; the experts [D, F, E] (or [D, 2F, E]) and [F, D, E] */
@@ -1106,7 +1117,11 @@ int main(int argc, char **argv) {
             o.scale = strtod(v, &end);
             ok = end != v && !*end && o.scale > 0 && o.scale < 1e6;
         } else ok = 0;
-        if (!ok) { fprintf(stderr, "gguf_moe: bad option %s %s\n", a, v ? v : ""); usage(); return 2; }
+        if (!ok) {
+            fprintf(stderr, "gguf_moe: bad option %s %s\n", a, v ? v : "");
+            usage();
+            return 2;
+        }
         i++;
     }
     if (!path) { usage(); return 2; }

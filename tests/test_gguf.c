@@ -215,12 +215,14 @@ static void gb_put_u32(gb *g, size_t at, uint32_t v) {
 /* llama arch, E 4 K 2, D = F = 32: router F32, gate Q8_0, up F32, down Q8_0;
    keys include a string array and general.alignment = 32. */
 static void gb_build(gb *g) {
-    static const char *const names[GB_NT] = {"blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight",
-                                             "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"};
+    static const char *const names[GB_NT] = {
+        "blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight",
+        "blk.0.ffn_down_exps.weight"};
     const uint64_t ne[GB_NT][3] = {{GB_D, GB_E, 1}, {GB_D, GB_F, GB_E}, {GB_D, GB_F, GB_E},
                                    {GB_F, GB_D, GB_E}};
     const uint32_t types[GB_NT] = {0, 8, 0, 8}, ndims[GB_NT] = {2, 3, 3, 3};
-    const size_t bytes[GB_NT] = {sizeof g->router, sizeof g->gate_q, sizeof g->up, sizeof g->down_q};
+    const size_t bytes[GB_NT] = {sizeof g->router, sizeof g->gate_q, sizeof g->up,
+                                 sizeof g->down_q};
     const void *data[GB_NT];
     uint64_t state = 18;
     float *tmp = moe_test_fill(&state, GB_E * GB_F * GB_D, 0.2f);
@@ -341,7 +343,8 @@ TEST(gguf, every_truncation_fails_cleanly) {
         truncated += s == GG_ERR_TRUNCATED;
         offsets += s == GG_ERR_OFFSETS;
         if (s != GG_ERR_TRUNCATED && s != GG_ERR_OFFSETS)
-            moe_test_fail(__FILE__, __LINE__, "%zu of %zu bytes: %s", len, g.n, gg_status_string(s));
+            moe_test_fail(__FILE__, __LINE__, "%zu of %zu bytes: %s", len, g.n,
+                          gg_status_string(s));
     }
     CHECK_INT(truncated, g.data);           /* the header, to the data section */
     CHECK_INT(offsets, g.n - g.data);       /* then a tensor past the end */
@@ -397,7 +400,7 @@ TEST(gguf, broken_tensor_fields) {
     gb_put_u64(&g, g.ne[2] + 8, 1ull << 40);
     gb_put_u64(&g, g.ne[2] + 16, 1ull << 40);     BROKEN_OPEN(&g, GG_ERR_TENSOR_INFO);
     gb_put_u64(&g, g.ne[2] + 8, 1ull << 40);      BROKEN_OPEN(&g, GG_ERR_OFFSETS);
-    gb_put_u64(&g, g.ne[1], 48);                  BROKEN_OPEN(&g, GG_ERR_TENSOR_INFO); /* 1.5 blocks */
+    gb_put_u64(&g, g.ne[1], 48);                  BROKEN_OPEN(&g, GG_ERR_TENSOR_INFO); /* 1.5 */
     gb_put_u32(&g, g.type[1], 4);                 BROKEN_OPEN(&g, GG_ERR_TYPE);  /* removed Q4_2 */
     gb_put_u32(&g, g.type[1], 99);                BROKEN_OPEN(&g, GG_ERR_TYPE);
     gb_put_u64(&g, g.offset[1], 512 + 4);         BROKEN_OPEN(&g, GG_ERR_ALIGNMENT);
@@ -423,9 +426,10 @@ TEST(gguf, broken_layers) {
     gb_put_u32(&g, g.kv_type[1] + 4, GB_E + 1);            BROKEN_LOAD(&g, GG_ERR_SHAPE_MISMATCH);
     g.b[g.name[3] + 8 + 18] = 'X';                         BROKEN_LOAD(&g, GG_ERR_MISSING);
     memcpy(g.b + g.name[2] + 8 + 18, "bias__", 6);         BROKEN_LOAD(&g, GG_ERR_UNSUPPORTED);
-    gb_put_u32(&g, g.type[1], 20);                         BROKEN_LOAD(&g, GG_ERR_UNSUPPORTED); /* IQ4_NL */
+    gb_put_u32(&g, g.type[1], 20);   /* IQ4_NL */          BROKEN_LOAD(&g, GG_ERR_UNSUPPORTED);
     gb_put_u64(&g, g.ne[3] + 8, GB_D / 2);                 BROKEN_LOAD(&g, GG_ERR_SHAPE_MISMATCH);
     memcpy(g.b + g.name[0] + 8 + 4, "1", 1);               BROKEN_LOAD(&g, GG_ERR_MISSING);
+    gb_put_u64(&g, g.ne[0] + 8, 0);                        BROKEN_LOAD(&g, GG_ERR_SHAPE_MISMATCH);
     /* a float scale that is not finite */
     gb_put_u32(&g, g.kv_type[5] + 4, 0x7FC00000u);         BROKEN_LOAD(&g, GG_ERR_CONFIG);
     free(g.b);
@@ -453,7 +457,10 @@ TEST(gguf, fuzz_parser_and_loader) {
         unsigned char *base = gg_test_read(files[fi], &base_len);
         gg_file f;
         if (!base) { moe_test_fail(__FILE__, __LINE__, "cannot read %s", files[fi]); continue; }
-        if (gg_open_memory(&f, base, base_len)) { moe_test_fail(__FILE__, __LINE__, "%s", f.error); continue; }
+        if (gg_open_memory(&f, base, base_len)) {
+            moe_test_fail(__FILE__, __LINE__, "%s", f.error);
+            continue;
+        }
         head = (size_t)f.data_offset;                  /* mutations aim at the header */
         gg_close(&f);
         for (iter = 0; iter < iters; iter++) {
