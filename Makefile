@@ -24,7 +24,8 @@ AVX512_EMU_FLAGS := $(AVX512_FLAGS) -mavx512vnni -mavx512vl
 SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS),)) -fopenmp
 
 .PHONY: all test check run golden compile-checks doc-snippets doc-numbers examples examples-listed \
-        runner-check run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo
+        runner-check run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo \
+        install uninstall test-install
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -257,6 +258,36 @@ docs-check:
 	$(PYTHON) docs/check_refs.py
 
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
+# Install (issue 19): the headers, a pkg-config file and a CMake package
+# (find_package(moe) -> moe::moe). PREFIX and DESTDIR as usual; the header
+# is the whole library, so nothing is compiled. make test-install builds three
+# consumer projects against it (tests/consumers/run.sh).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+MOE_VERSION := $(shell sed -n 's/^\#define MOE_VERSION_STRING "\(.*\)"$$/\1/p' moe.h)
+MOE_MAJOR := $(word 1,$(subst ., ,$(MOE_VERSION)))
+MOE_MINOR := $(word 2,$(subst ., ,$(MOE_VERSION)))
+INSTALLED := include/moe.h include/moe_cuda.cuh share/pkgconfig/moe.pc \
+             share/cmake/moe/moeConfig.cmake share/cmake/moe/moeConfigVersion.cmake
+
+install:
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/pkgconfig \
+	    $(DESTDIR)$(PREFIX)/share/cmake/moe
+	install -m 644 moe.h moe_cuda.cuh $(DESTDIR)$(PREFIX)/include/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(MOE_VERSION)|' cmake/moe.pc.in \
+	    > $(DESTDIR)$(PREFIX)/share/pkgconfig/moe.pc
+	install -m 644 cmake/moeConfig.cmake $(DESTDIR)$(PREFIX)/share/cmake/moe/
+	sed -e 's|@VERSION@|$(MOE_VERSION)|' -e 's|@MAJOR@|$(MOE_MAJOR)|g' \
+	    -e 's|@MINOR@|$(MOE_MINOR)|g' cmake/moeConfigVersion.cmake.in \
+	    > $(DESTDIR)$(PREFIX)/share/cmake/moe/moeConfigVersion.cmake
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/,$(INSTALLED))
+	-rmdir $(DESTDIR)$(PREFIX)/share/cmake/moe 2>/dev/null
+
+test-install:
+	tests/consumers/run.sh
+
 golden:
 	$(PYTHON) -m pip install -q -r tests/ref/requirements.txt
 	$(PYTHON) tests/ref/gen_golden.py
