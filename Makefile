@@ -25,7 +25,7 @@ SIMD_FLAGS := $(if $(HOST_AVX512),$(AVX512_FLAGS),$(if $(HOST_AVX2),$(AVX2_FLAGS
 
 .PHONY: all test check run golden compile-checks doc-snippets doc-numbers examples examples-listed \
         runner-check run-examples vit-demo tour-svgs bench bench-peers clean test-neon test-avx512-emu train-demo \
-        install uninstall test-install
+        install uninstall test-install test-windows
 
 all: $(BUILD)/moe_tests $(BUILD)/moe_tests_avx2 $(BUILD)/moe_tests_avx512 examples $(BUILD)/moe_bench compile-checks
 
@@ -64,6 +64,31 @@ $(BUILD)/moe_tests_neon: $(TEST_SRC) $(TEST_HDR) | $(BUILD)
 
 test-neon: $(BUILD)/moe_tests_neon
 	tests/run_suites.sh "qemu-aarch64 ../$(BUILD)/moe_tests_neon"
+
+# Windows (issue 19): the suite cross-built with mingw-w64 (gcc's posix-thread
+# variant: OpenMP and pthreads; linked statically, so no DLLs to find) for the
+# reference, AVX2 + FMA and AVX-512 ISAs, and run under wine. The AVX2 and
+# AVX-512 suites run where this CPU has the ISA, as make test's do. Needs
+# gcc-mingw-w64-x86-64 and wine (Debian packages; .ci/run installs them).
+MINGW_CC ?= x86_64-w64-mingw32-gcc-posix
+WIN_BUILD := $(BUILD)/win
+$(WIN_BUILD)/moe_tests.exe: $(TEST_SRC) $(TEST_HDR)
+	@mkdir -p $(WIN_BUILD)
+	$(MINGW_CC) -std=c99 $(WARN) $(CFLAGS) -static -o $@ $(TEST_SRC) $(LDLIBS) -pthread
+$(WIN_BUILD)/moe_tests_avx2.exe: $(TEST_SRC) $(TEST_HDR)
+	@mkdir -p $(WIN_BUILD)
+	$(MINGW_CC) -std=c99 $(WARN) $(CFLAGS) $(AVX2_FLAGS) -fopenmp -static -o $@ $(TEST_SRC) \
+	    $(LDLIBS) -pthread
+$(WIN_BUILD)/moe_tests_avx512.exe: $(TEST_SRC) $(TEST_HDR)
+	@mkdir -p $(WIN_BUILD)
+	$(MINGW_CC) -std=c99 $(WARN) $(CFLAGS) $(AVX512_FLAGS) -fopenmp -static -o $@ $(TEST_SRC) \
+	    $(LDLIBS) -pthread
+test-windows: $(WIN_BUILD)/moe_tests.exe $(WIN_BUILD)/moe_tests_avx2.exe \
+              $(WIN_BUILD)/moe_tests_avx512.exe
+	WINEDEBUG=-all WINEPREFIX=$(abspath $(WIN_BUILD))/wineprefix tests/run_suites.sh \
+	    "wine ../$(WIN_BUILD)/moe_tests.exe" \
+	    $(if $(HOST_AVX2),"OMP_NUM_THREADS=2 wine ../$(WIN_BUILD)/moe_tests_avx2.exe",) \
+	    $(if $(HOST_AVX512),"OMP_NUM_THREADS=2 wine ../$(WIN_BUILD)/moe_tests_avx512.exe",)
 
 # AVX-512 + AVX512-BF16 + AVX512-VNNI: the suite linked statically and run on an emulated
 # Cooper Lake CPU (Bochs, booting Debian's kernel): tests/emu/avx512.sh.

@@ -1583,7 +1583,8 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
 // ISA selection: one vector ISA per build, chosen at compile time; the fast
 // kernels (the last layer of the implementation) are written on it.
 //   AVX-512 (-mavx512f): 16 floats, 12x32 register tile
-//   AVX2 + FMA (-mavx2 -mfma): 8 floats, 6x16 tile
+//   AVX2 + FMA (-mavx2 -mfma; MSVC /arch:AVX2, which has FMA but defines no
+//     __FMA__): 8 floats, 6x16 tile
 //   NEON (aarch64): 4 floats, 8x8 tile
 
 #if !defined(MOE_NO_SIMD) && defined(__AVX512F__)
@@ -1592,7 +1593,7 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
 #  define MOE__HAS_SIMD 1
 #  define MOE__VL 16
 #  define MOE__MR 12
-#elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+#elif !defined(MOE_NO_SIMD) && defined(__AVX2__) && (defined(__FMA__) || defined(_MSC_VER))
 #  include <immintrin.h>
 #  define MOE__SIMD_ISA MOE_ISA_AVX2
 #  define MOE__HAS_SIMD 1

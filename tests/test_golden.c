@@ -43,7 +43,7 @@ typedef struct golden {
 
 /* Parse "<name> <count>\n<count numbers>" records after '#' comment lines. */
 static int golden_load(golden *g, const char *path) {
-    FILE *f = fopen(path, "r");
+    FILE *f = fopen(path, "rb");   /* binary: ftell/fseek offsets are exact on Windows too */
     char line[512];
     memset(g, 0, sizeof *g);
     if (!f) return 0;
