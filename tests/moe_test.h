@@ -47,6 +47,8 @@ void moe_test_check_array(const char *file, int line, const char *what, const fl
    [-1, 1), and n such values times scale in a malloc'd array.            */
 float moe_test_rand(uint64_t *state);
 float *moe_test_fill(uint64_t *state, size_t n, float scale);
+/* A file's bytes in an exact-size heap copy (NULL when unreadable or empty). */
+unsigned char *moe_test_read_file(const char *path, size_t *len);
 
 /* Tolerances for comparisons against docs/ROUTING.md's float64 numbers, printed
    to 6 decimals: fp32 agrees to ~1e-6 absolute / 1e-5 relative ("Conventions"). */

@@ -28,20 +28,6 @@
          if (g_ != w_) moe_test_fail(__FILE__, __LINE__, "%s = %s, want %s", #got,          \
                                      gg_status_string(g_), gg_status_string(w_)); } while (0)
 
-static unsigned char *gg_test_read(const char *path, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    unsigned char *b = NULL;
-    long n;
-    *len = 0;
-    if (!fp) return NULL;
-    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) > 0 && fseek(fp, 0, SEEK_SET) == 0 &&
-        (b = (unsigned char *)malloc((size_t)n)) && fread(b, 1, (size_t)n, fp) == (size_t)n)
-        *len = (size_t)n;
-    else { free(b); b = NULL; }
-    fclose(fp);
-    return b;
-}
-
 /* max |y - ref| / max |ref| */
 static double gg_test_err(const float *y, const float *ref, size_t n) {
     double err = 0, big = 0;
@@ -454,7 +440,7 @@ TEST(gguf, fuzz_parser_and_loader) {
     gz_state = 20261206u;
     for (fi = 0; fi < 2; fi++) {
         size_t base_len, head;
-        unsigned char *base = gg_test_read(files[fi], &base_len);
+        unsigned char *base = moe_test_read_file(files[fi], &base_len);
         gg_file f;
         if (!base) { moe_test_fail(__FILE__, __LINE__, "cannot read %s", files[fi]); continue; }
         if (gg_open_memory(&f, base, base_len)) {

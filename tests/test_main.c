@@ -40,6 +40,20 @@ float *moe_test_fill(uint64_t *state, size_t n, float scale) {
     return a;
 }
 
+unsigned char *moe_test_read_file(const char *path, size_t *len) {
+    FILE *fp = fopen(path, "rb");
+    unsigned char *b = NULL;
+    long n;
+    *len = 0;
+    if (!fp) return NULL;
+    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) > 0 && fseek(fp, 0, SEEK_SET) == 0 &&
+        (b = (unsigned char *)malloc((size_t)n)) && fread(b, 1, (size_t)n, fp) == (size_t)n)
+        *len = (size_t)n;
+    else { free(b); b = NULL; }
+    fclose(fp);
+    return b;
+}
+
 void moe_test_skip(const char *why) { current_skipped = 1; printf("  skipped: %s\n", why); }
 
 void moe_test_check_array(const char *file, int line, const char *what, const float *got,

@@ -36,21 +36,6 @@
          if (g_ != w_) moe_test_fail(__FILE__, __LINE__, "%s = %s, want %s", #got,          \
                                      st_status_string(g_), st_status_string(w_)); } while (0)
 
-/* The image of a file in memory (exact-size heap copy). */
-static unsigned char *read_all(const char *path, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    unsigned char *b = NULL;
-    long n;
-    *len = 0;
-    if (!fp) return NULL;
-    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) > 0 && fseek(fp, 0, SEEK_SET) == 0 &&
-        (b = (unsigned char *)malloc((size_t)n)) && fread(b, 1, (size_t)n, fp) == (size_t)n)
-        *len = (size_t)n;
-    else { free(b); b = NULL; }
-    fclose(fp);
-    return b;
-}
-
 /* A float copy of a tensor (NULL when absent or not convertible). */
 static float *tensor_floats(const st_file *f, const char *name, uint64_t *numel) {
     const st_tensor *t = st_find(f, name);
@@ -302,7 +287,7 @@ TEST(safetensors, bad_header_length) {
     memset(img, 0, 8);                                          /* N = 0: no '{' */
     CHECK_STATUS_ST(st_open_memory(&f, img, 16), ST_ERR_JSON);
     /* a real file cut at every interesting place */
-    big = read_all("ref/qwen2_moe.safetensors", &len);
+    big = moe_test_read_file("ref/qwen2_moe.safetensors", &len);
     CHECK(big != NULL);
     if (big) {
         uint64_t n = 0;
@@ -612,7 +597,7 @@ TEST(safetensors, layer_options_and_probing) {
             uint64_t N = 0, nx = 0;
             const char *meta;
             snprintf(path, sizeof path, "ref/%s", g[i].file);
-            src = read_all(path, &n);
+            src = moe_test_read_file(path, &n);
             CHECK(src != NULL);
             if (!src) continue;
             for (k = 8; k-- > 0;) N = (N << 8) | src[k];
@@ -734,7 +719,7 @@ TEST(safetensors, fuzz_parser) {
     fz_state = 20261123u;
     for (fi = 0; fi < 2; fi++) {
         size_t base_len;
-        unsigned char *base = read_all(files[fi], &base_len);
+        unsigned char *base = moe_test_read_file(files[fi], &base_len);
         if (!base) { moe_test_fail(__FILE__, __LINE__, "cannot read %s", files[fi]); continue; }
         for (iter = 0; iter < iters; iter++) {
             size_t len = base_len;
