@@ -5047,14 +5047,28 @@ static __m512i moe__isum64(__m512i u, __m512i v) {
 #endif
 }
 static __m512i moe__pair512(__m256i lo, __m256i hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    const __m512i z = _mm512_setzero_si512();
+    return _mm512_mask_inserti64x4(z, 0xFF, _mm512_mask_inserti64x4(z, 0xFF, z, lo, 0), hi, 1);
+}
+
+/* The sum of v's 16 lanes (halves added, then quarters, then within). Here
+   and below, zero-masked forms: see moe__v_pow2i's note. */
+static float moe__hsum512(__m512 v) {
+    const __m512d vd = _mm512_castps_pd(v);
+    const __m256 lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, vd, 0));
+    const __m256 hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, vd, 1));
+    const __m256 h = _mm256_add_ps(lo, hi);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
 }
 
 /* Two fp16 block scales as floats [s0, s1, 0, 0] (VCVTPH2PS is AVX-512F). */
 static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
     const uint32_t bits = (uint32_t)moe__u16le(h0) | (uint32_t)moe__u16le(h1) << 16;
-    return _mm512_castps512_ps128(_mm512_cvtph_ps(_mm256_castsi128_si256(
-        _mm_cvtsi32_si128((int)bits))));
+    return _mm512_maskz_extractf32x4_ps(0xF, _mm512_maskz_cvtph_ps((__mmask16)0xFFFF,
+        _mm256_setr_epi32((int)bits, 0, 0, 0, 0, 0, 0, 0)), 0);
 }
 
 /* Blocks b and b + 1 (two: 0 drops the second) against the n_rows rows:
@@ -5065,6 +5079,7 @@ static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
         const __mmask64 neg_ = (is_signed) ? _mm512_movepi8_mask(c_) : 0;                      \
         const __mmask64 half_ = (two) ? ~(__mmask64)0 : 0xffffffffu;                           \
         const __m128 sc_ = (scales);                                                           \
+        const __mmask16 all_ = 0xFFFF;                                                         \
         int32_t i_;                                                                            \
         for (i_ = 0; i_ < n_rows; i_++) {                                                      \
             const __m512i q_ = _mm512_maskz_loadu_epi8(half_, q[i_] + 32 * (b));               \
@@ -5072,9 +5087,10 @@ static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
             const __m128 d_ = (two) ? _mm_castpd_ps(_mm_load_sd((const double *)(const void *) \
                                                                 (d[i_] + (b))))                \
                                     : _mm_load_ss(d[i_] + (b));                                \
-            acc[i_] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(moe__isum64(u_, v_)),                 \
-                                      _mm512_permutexvar_ps(two_lanes, _mm512_castps128_ps512( \
-                                          _mm_mul_ps(sc_, d_))),                               \
+            acc[i_] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(all_, moe__isum64(u_, v_)),     \
+                                      _mm512_maskz_permutexvar_ps(all_, two_lanes,             \
+                                          _mm512_maskz_broadcast_f32x4(all_,                   \
+                                                                       _mm_mul_ps(sc_, d_))),  \
                                       acc[i_]);                                                \
         }                                                                                      \
     } while (0)
@@ -5122,9 +5138,8 @@ static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
                                1, moe__f16x2(w, two ? w + 18 : w), b, two);                    \
             }                                                                                  \
         } else if (type == MOE_QTYPE_MXFP4) {                                                  \
-            const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8,    \
-                                                                       12, 0, -1, -2, -3, -4,  \
-                                                                       -6, -8, -12));          \
+            const __m512i table = _mm512_maskz_broadcast_i32x4(0xFFFF, _mm_setr_epi8(          \
+                0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));                     \
             for (b = 0; b < nb; b += 2, w += 34) {                                             \
                 two = b + 1 < nb;                                                              \
                 MOE__QDOT_PAIR(_mm512_shuffle_epi8(table, moe__pair512(moe__nibbles(w + 1),    \
@@ -5160,7 +5175,7 @@ static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
             float m_[8];                                                                       \
             _mm256_storeu_ps(m_, macc[i]);                                                     \
             for (j = 0; j < 8; j++) mins[i] += m_[j];                                          \
-            out[i] = _mm512_reduce_add_ps(acc[i]) - mins[i];                                   \
+            out[i] = moe__hsum512(acc[i]) - mins[i];                                           \
         }                                                                                      \
     }
 #else
