@@ -282,7 +282,7 @@ docs-check:
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
 # Install (issue 19): the headers, a pkg-config file and a CMake package
 # (find_package(moe) -> moe::moe). PREFIX and DESTDIR as usual; the header
-# is the whole library, so nothing is compiled. make test-install builds three
+# is the whole library, so nothing is compiled. make test-install builds four
 # consumer projects against it (tests/consumers/run.sh).
 PREFIX  ?= /usr/local
 DESTDIR ?=
