@@ -5155,6 +5155,7 @@ static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
                 const float dd = moe__f16_float(moe__u16le(w));                                \
                 const float dm = moe__f16_float(moe__u16le(w + 2));                            \
                 float sc[8], mn[8];                                                            \
+                __m256 mins8;                                                                  \
                 for (j = 0; j < 8; j++) moe__q4k_scale_min(w + 4, j, &sc[j], &mn[j]);          \
                 for (j = 0; j < 8; j += 2) {   /* 32 bytes: sub-block j low, j + 1 high */     \
                     const __m256i raw = _mm256_loadu_si256(                                    \
@@ -5165,10 +5166,10 @@ static __m128 moe__f16x2(const unsigned char *h0, const unsigned char *h1) {
                                    0, _mm_setr_ps(dd * sc[j], dd * sc[j + 1], 0.0f, 0.0f), b + j, \
                                    1);                                                         \
                 }                                                                              \
+                mins8 = _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_loadu_ps(mn));                \
                 for (i = 0; i < NR; i++)   /* the mins in lanes: no serial chain */            \
-                    macc[i] = _mm256_add_ps(macc[i], _mm256_mul_ps(                            \
-                        _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_loadu_ps(mn)),                \
-                        _mm256_loadu_ps(s[i] + b)));                                           \
+                    macc[i] = _mm256_add_ps(macc[i], _mm256_mul_ps(mins8,                      \
+                                                                   _mm256_loadu_ps(s[i] + b)));\
             }                                                                                  \
         }                                                                                      \
         for (i = 0; i < NR; i++) {                                                             \
@@ -5252,6 +5253,7 @@ static __m256i moe__isum32(__m256i u, __m256i v) {
                 const float dd = moe__f16_float(moe__u16le(w));                                \
                 const float dm = moe__f16_float(moe__u16le(w + 2));                            \
                 float sc[8], mn[8];                                                            \
+                __m256 mins8;                                                                  \
                 for (j = 0; j < 8; j++) moe__q4k_scale_min(w + 4, j, &sc[j], &mn[j]);          \
                 for (j = 0; j < 8; j += 2) {   /* 32 bytes: sub-block j low, j + 1 high */     \
                     const __m256i raw = _mm256_loadu_si256(                                    \
@@ -5261,10 +5263,10 @@ static __m256i moe__isum32(__m256i u, __m256i v) {
                     MOE__QDOT_BLOCK(_mm256_and_si256(_mm256_srli_epi16(raw, 4), lo), 0,        \
                                     dd * sc[j + 1], b + j + 1);                                \
                 }                                                                              \
+                mins8 = _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_loadu_ps(mn));                \
                 for (i = 0; i < NR; i++)   /* the mins in lanes: no serial chain */            \
-                    macc[i] = _mm256_add_ps(macc[i], _mm256_mul_ps(                            \
-                        _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_loadu_ps(mn)),                \
-                        _mm256_loadu_ps(s[i] + b)));                                           \
+                    macc[i] = _mm256_add_ps(macc[i], _mm256_mul_ps(mins8,                      \
+                                                                   _mm256_loadu_ps(s[i] + b)));\
             }                                                                                  \
         }                                                                                      \
         for (i = 0; i < NR; i++)                                                               \
