@@ -23,11 +23,17 @@ echo "moe $version"
     -o "$out/pkgconfig" "$root/tests/consumers/main.c" $(pkg-config --libs moe)
 "$out/pkgconfig"
 
-echo "== CMake find_package(moe) =="
-cmake -S "$root/tests/consumers/find_package" -B "$out/find_package" \
-    -DCMAKE_PREFIX_PATH="$prefix" > "$out/find_package.log"
-cmake --build "$out/find_package" >> "$out/find_package.log"
-"$out/find_package/consumer"
+# consumer NAME CMAKE-ARGS...: configure, build and run tests/consumers/NAME
+consumer() {
+    local name=$1
+    shift
+    echo "== CMake $name =="
+    cmake -S "$root/tests/consumers/$name" -B "$out/$name" "$@" > "$out/$name.log"
+    cmake --build "$out/$name" >> "$out/$name.log"
+    "$out/$name/consumer"
+}
+
+consumer find_package -DCMAKE_PREFIX_PATH="$prefix"
 # the package really is the installed one; its own version is found exactly and, before
 # 1.0, the previous minor version is refused
 grep -q "moe_DIR:PATH=$prefix/share/cmake/moe" "$out/find_package/CMakeCache.txt"
@@ -41,17 +47,8 @@ cmake -S "$out/version_check" -B "$out/version_check/build" -DCMAKE_PREFIX_PATH=
     > "$out/version_check.log"
 echo "find_package(moe $version EXACT) found; another 0.x minor version refused"
 
-echo "== CMake add_subdirectory(moe.h) =="
-cmake -S "$root/tests/consumers/add_subdirectory" -B "$out/add_subdirectory" \
-    -DMOE_DIR="$root" > "$out/add_subdirectory.log"
-cmake --build "$out/add_subdirectory" >> "$out/add_subdirectory.log"
-"$out/add_subdirectory/consumer"
-
-echo "== CMake FetchContent(moe.h) =="
-cmake -S "$root/tests/consumers/fetchcontent" -B "$out/fetchcontent" \
-    -DMOE_DIR="$root" > "$out/fetchcontent.log"
-cmake --build "$out/fetchcontent" >> "$out/fetchcontent.log"
-"$out/fetchcontent/consumer"
+consumer add_subdirectory -DMOE_DIR="$root"
+consumer fetchcontent -DMOE_DIR="$root"
 
 echo "== DESTDIR and uninstall =="
 make -s -C "$root" install PREFIX=/usr/local DESTDIR="$out/stage"
