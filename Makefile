@@ -9,7 +9,7 @@ PYTHON  ?= python3
 NVCC    ?= nvcc
 
 TEST_SRC := $(wildcard tests/test_*.c)
-TEST_HDR := moe.h tests/moe_test.h tests/ref/quant_golden.h examples/gguf_moe.c examples/train_balance.c examples/vit_moe_digits.c
+TEST_HDR := moe.h tests/moe_test.h tests/ref/quant_golden.h examples/gguf_moe.c examples/safetensors_moe.c examples/train_balance.c examples/vit_moe_digits.c
 
 # moe.h picks its SIMD ISA at compile time. The suite is built once per ISA:
 # the reference (no -m flags), AVX2 + FMA, AVX-512 (run only where the CPU
@@ -200,6 +200,7 @@ run-examples: examples
 	./$(BUILD)/mixtral_block
 	./$(BUILD)/safetensors_moe tests/ref/mixtral.safetensors
 	./$(BUILD)/safetensors_moe tests/ref/deepseek_v3.safetensors
+	./$(BUILD)/safetensors_moe tests/ref/ckpt/deepseek_v3 --input tests/ref/ckpt/deepseek_v3/io.safetensors
 	./$(BUILD)/gguf_moe tests/ref/gguf/deepseek2_mxfp4.gguf
 	./$(BUILD)/gguf_moe tests/ref/gguf/llama_q4_0_q4_k.gguf
 
@@ -315,6 +316,7 @@ golden:
 	$(PYTHON) tests/ref/gen_golden.py
 	$(PYTHON) tests/ref/gen_quant.py
 	$(PYTHON) tests/ref/gen_gguf.py
+	$(PYTHON) tests/ref/gen_checkpoints.py
 
 clean:
 	rm -rf $(BUILD)

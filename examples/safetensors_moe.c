@@ -1,45 +1,64 @@
 /* safetensors_moe.c -- run moe.h on one MoE layer of a real checkpoint.
-   A small, dependency-free safetensors reader (8-byte header length, a JSON
-   header parsed by hand, F32 / BF16 / F16 tensors widened to float) and a
-   loader that finds one MoE layer's tensors by their Hugging Face names, fills
-   a moe_config and moe_weights, and runs moe_forward. Three naming schemes
-   (those of the HF transformers modules), with prefix P = model.layers.{i}.:
+   A small, dependency-free reader of Hugging Face checkpoints: safetensors
+   files (8-byte header length, a JSON header parsed by hand, F32 / BF16 / F16
+   tensors widened to float), config.json, and the shard index
+   model.safetensors.index.json. A loader finds one MoE layer's tensors by
+   their HF names, fills a moe_config and moe_weights, and runs moe_forward.
+   Naming schemes (those of the HF transformers modules), with prefix
+   P = model.layers.{i}.:
      Mixtral      P block_sparse_moe.gate.weight [E][D],
                   P block_sparse_moe.experts.{j}.w1 / w3 / w2.weight (gate, up, down)
      Qwen2-MoE    P mlp.gate.weight, P mlp.experts.{j}.gate_proj / up_proj / down_proj.weight,
                   P mlp.shared_expert.{gate,up,down}_proj.weight, P mlp.shared_expert_gate.weight [1][D]
+     Qwen3-MoE,   P mlp.gate.weight, P mlp.experts.{j}.gate_proj / up_proj / down_proj.weight
+     OLMoE
      DeepSeek-V3  P mlp.gate.weight, P mlp.gate.e_score_correction_bias [E],
                   P mlp.experts.{j}.{gate,up,down}_proj.weight, P mlp.shared_experts.*
    and for each the transformers 5.x fused names that
    safetensors.torch.save_file(model.state_dict()) writes:
                   P mlp.experts.gate_up_proj [E][2F][D], P mlp.experts.down_proj [E][D][F]
                   (used in place through moe_weights.gate_up_fused = 1).
-   The model is taken from --model, else the file's __metadata__ "model_type",
-   else probed from the names. Dimensions come from the tensor shapes; the
-   routing fields that live in config.json (num_experts_per_tok,
-   norm_topk_prob, n_group, topk_group, routed_scaling_factor) come from the
-   command line, else the file's __metadata__ (the test checkpoints carry
-   them), else the model's moe.h preset.
 
-   The input is the file's tensor "x" ([..., D]) when it has one, else T
-   synthetic tokens. When the file also has "y_ref" (the HF module's output,
-   as in the files tests/ref/<case>.safetensors) the output is compared with it.
+   A checkpoint is a directory as save_pretrained writes it: config.json,
+   then model.safetensors, or shards listed by model.safetensors.index.json
+   (a layer may be split across shards; only the shards that hold it are
+   opened). The routing comes from config.json, read as transformers reads
+   it for the model_type: num_experts_per_tok, norm_topk_prob, n_group,
+   topk_group, routed_scaling_factor, scoring_func, topk_method, the shared
+   expert's width, and which layers are MoE (decoder_sparse_step,
+   mlp_only_layers, first_k_dense_replace); an absent key takes the
+   transformers config class's default. The shapes it gives must match the
+   tensors. A key that looks like MoE routing but is not one transformers
+   reads for that model is an error (ST_ERR_CONFIG), never a silent default;
+   --allow-key accepts it unread. Command-line flags override config.json.
+   A lone .safetensors file uses the config.json beside it when there is
+   one, else its __metadata__ (the test files tests/ref/<case>.safetensors
+   carry the routing there), else the model's moe.h preset, with a warning.
+
+   Files are mapped (mmap) on POSIX systems, so a 100 GB checkpoint costs
+   only the pages of the layer read; elsewhere they are read whole.
+
+   The input is --input FILE's tensor "x" ([..., D]), else the lone file's
+   "x", else T synthetic tokens. When that file also has "y_ref" (the HF
+   module's output, as in tests/ref) the output is compared with it.
 
    build: cc -std=c99 -O2 -o safetensors_moe examples/safetensors_moe.c -lm
-   run:   ./safetensors_moe tests/ref/mixtral.safetensors
-          ./safetensors_moe FILE [--model mixtral|qwen2_moe|deepseek_v3] [--layer N]
-              [--prefix BLOCK_PREFIX] [--top-k K] [--norm-topk-prob 0|1] [--n-group G]
-              [--topk-group G] [--scale S] [--tokens T] [--synthetic] [--out y.safetensors] [--list]
+   run:   ./safetensors_moe tests/ref/ckpt/deepseek_v3 --input tests/ref/ckpt/deepseek_v3/io.safetensors
+          ./safetensors_moe tests/ref/mixtral.safetensors
+          ./safetensors_moe CHECKPOINT [--layer N] [--prefix BLOCK_PREFIX] [--input FILE]
+              [--model NAME] [--top-k K] [--norm-topk-prob 0|1] [--n-group G] [--topk-group G]
+              [--scale S] [--allow-key K1,K2] [--tokens T] [--synthetic] [--out y.safetensors] [--list]
 
-   Every bad file -- truncated, a header length past the end, bad JSON,
-   unknown dtype, offsets past the end, holes or overlaps between tensors, a
-   missing tensor, a shape that does not fit the layer -- is an st_status
-   with a message, and exit status 1; never a crash. The file is read into
-   memory whole (a production loader would mmap it and read only the layer).
+   Every bad input -- a truncated file, a header length past the end, bad
+   JSON, unknown dtype, offsets past the end, holes or overlaps between
+   tensors, a missing tensor or shard, an index that names a shard without
+   the tensor, a config key or value it does not understand, a shape that
+   does not fit the layer or the config -- is an st_status with a message,
+   and exit status 1; never a crash.
 
    tests/test_safetensors.c includes this file with SAFETENSORS_MOE_NO_MAIN
-   defined and calls st_open_memory / st_find / st_load_layer; then main()
-   and MOE_IMPLEMENTATION are left out. */
+   defined and calls st_open_memory / st_checkpoint_init / st_load_layer /
+   st_load_checkpoint_layer; then main() and MOE_IMPLEMENTATION are left out. */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L       /* mmap and fstat under -std=c99 */
 #endif
@@ -69,7 +88,7 @@ typedef enum st_status {
     ST_ERR_IO = 1,             /* cannot open or read the file                    */
     ST_ERR_TRUNCATED = 2,      /* shorter than the 8-byte header length           */
     ST_ERR_HEADER_SIZE = 3,    /* header length > 100,000,000 or past the end     */
-    ST_ERR_JSON = 4,           /* header is not the JSON object safetensors writes */
+    ST_ERR_JSON = 4,           /* the header, config.json or the index is not the JSON expected */
     ST_ERR_DTYPE = 5,          /* unknown dtype string                            */
     ST_ERR_BAD_SHAPE = 6,      /* rank > ST_MAX_DIMS, or numel * bits overflows / is not whole bytes */
     ST_ERR_OFFSETS = 7,        /* data_offsets begin > end, or end past the data buffer */
@@ -90,7 +109,7 @@ const char *st_status_string(st_status s) {
     case ST_ERR_IO: return "cannot read the file";
     case ST_ERR_TRUNCATED: return "file shorter than the 8-byte header length";
     case ST_ERR_HEADER_SIZE: return "header length too large or past the end of the file";
-    case ST_ERR_JSON: return "malformed JSON header";
+    case ST_ERR_JSON: return "malformed JSON";
     case ST_ERR_DTYPE: return "unknown dtype";
     case ST_ERR_BAD_SHAPE: return "unsupported or overflowing shape";
     case ST_ERR_OFFSETS: return "data_offsets outside the data buffer";

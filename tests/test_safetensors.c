@@ -788,3 +788,489 @@ TEST(safetensors, fuzz_parser) {
         printf("  fuzz: %d layers loaded and run\n", loaded);
     }
 }
+
+/* ===========================================================================
+   Checkpoint directories: config.json, shards (suite "checkpoint").
+
+   Golden: tests/ref/gen_checkpoints.py wrote tiny save_pretrained directories
+   of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 (that one in two
+   shards, its MoE layer split between them), with configs whose routing is
+   not moe.h's presets (K, norm_topk_prob, groups, scale, dense layers), and
+   io.safetensors = x and the HF block's y_ref. st_checkpoint_open must read
+   the routing from config.json and match y_ref to the golden tolerance.
+   Bad configs and indexes go through st_checkpoint_init with shards held in
+   memory; each must give its status, never a default.                       */
+
+typedef struct ck_case {
+    const char *dir;
+    st_model model;
+    int layer, E, K, F, Fs, norm, n_group, topk_group;
+    double scale;
+} ck_case;
+
+static const ck_case ck_cases[] = {
+    {"mixtral", ST_MODEL_MIXTRAL, 0, 4, 2, 24, 0, 1, 1, 1, 1.0},
+    {"qwen2_moe", ST_MODEL_QWEN2_MOE, 1, 6, 3, 12, 20, 0, 1, 1, 1.0},
+    {"qwen3_moe", ST_MODEL_QWEN3_MOE, 1, 8, 3, 12, 0, 1, 1, 1, 1.0},
+    {"olmoe", ST_MODEL_OLMOE, 0, 6, 3, 12, 0, 0, 1, 1, 1.0},
+    {"deepseek_v3", ST_MODEL_DEEPSEEK_V3, 1, 16, 4, 8, 16, 1, 4, 2, 1.7},
+};
+
+/* Run L on the directory's io.safetensors x; *worst = max err / tolerance. */
+static int ck_run(const char *dir, const st_layer *L, int threads, float **y_out, double *worst) {
+    char path[160];
+    st_file io;
+    float *x, *yref, *y;
+    uint64_t nx = 0, ny = 0;
+    moe_config cfg = L->cfg;
+    size_t i;
+    int ok;
+    snprintf(path, sizeof path, "ref/ckpt/%s/io.safetensors", dir);
+    if (st_open(&io, path) != ST_OK) { moe_test_fail(__FILE__, __LINE__, "%s: %s", path, io.error); return 0; }
+    x = tensor_floats(&io, "x", &nx);
+    yref = tensor_floats(&io, "y_ref", &ny);
+    ok = x && yref && nx == ny && L->D > 0 && nx % (uint64_t)L->D == 0;
+    CHECK(ok);
+    y = (float *)malloc((size_t)ny * sizeof(float) + 1);
+    *worst = 0.0;
+    cfg.num_threads = threads;
+    if (ok) {
+        CHECK_STATUS(moe_forward_alloc(&cfg, &L->w, x, (int32_t)(nx / (uint64_t)L->D), y, NULL), MOE_STATUS_OK);
+        for (i = 0; i < (size_t)ny; i++) {
+            double e = fabs((double)y[i] - yref[i]) / (ST_ATOL + ST_RTOL * fabs((double)yref[i]));
+            if (e > *worst) *worst = e;
+        }
+    }
+    if (y_out) *y_out = y; else free(y);
+    free(x); free(yref);
+    st_close(&io);
+    return ok;
+}
+
+TEST(checkpoint, golden_directories_route_from_config_json) {
+    size_t c;
+    for (c = 0; c < sizeof ck_cases / sizeof ck_cases[0]; c++) {
+        const ck_case *g = &ck_cases[c];
+        char path[160];
+        st_checkpoint ck;
+        st_layer L;
+        float *y1 = NULL, *y2 = NULL;
+        double worst = 0.0, worst2 = 0.0;
+        snprintf(path, sizeof path, "ref/ckpt/%s", g->dir);
+        if (st_checkpoint_open(&ck, path) != ST_OK) { moe_test_fail(__FILE__, __LINE__, "%s: %s", path, ck.error); continue; }
+        CHECK(ck.has_config);
+        CHECK_INT(ck.nshards, g->model == ST_MODEL_DEEPSEEK_V3 ? 2 : 1);
+        if (st_load_checkpoint_layer(&ck, NULL, &L) != ST_OK) {
+            moe_test_fail(__FILE__, __LINE__, "%s: %s", path, L.error);
+            st_checkpoint_close(&ck);
+            continue;
+        }
+        CHECK(!strcmp(L.routing_from, "config.json"));
+        CHECK_INT(L.model, g->model);
+        CHECK_INT(L.layer, g->layer);             /* the first MoE layer, after the dense ones */
+        CHECK_INT(L.E, g->E); CHECK_INT(L.cfg.top_k, g->K); CHECK_INT(L.F, g->F); CHECK_INT(L.Fs, g->Fs);
+        CHECK_INT(L.cfg.normalize, g->norm ? MOE_NORM_SUM : MOE_NORM_NONE);
+        CHECK_INT(L.cfg.n_group, g->n_group); CHECK_INT(L.cfg.topk_group, g->topk_group);
+        CHECK_NEAR(L.cfg.routed_scale, g->scale, 0, 1e-7);
+        if (ck_run(g->dir, &L, 1, &y1, &worst) && ck_run(g->dir, &L, 2, &y2, &worst2)) {
+            if (worst > 1.0) moe_test_fail(__FILE__, __LINE__, "%s: err / tolerance %.3f", g->dir, worst);
+            CHECK(memcmp(y1, y2, (size_t)L.D * sizeof(float)) == 0);    /* 1 and 2 threads */
+        }
+        free(y1); free(y2);
+        st_layer_free(&L);
+        st_checkpoint_close(&ck);
+    }
+}
+
+/* The failures the issue found: without config.json (the lone shard, the
+   moe.h preset) Qwen3-MoE and DeepSeek-V3 miss HF; the same shard read as a
+   checkpoint matches. And the command line still overrides config.json. */
+TEST(checkpoint, config_json_is_what_makes_them_match) {
+    st_checkpoint ck;
+    st_file f;
+    st_layer L;
+    st_layer_options o;
+    double worst = 0.0;
+    /* Qwen3: the preset's renormalisation happens to be right, the shard alone
+       has no dense-layer knowledge, so force what an old loader did: K 3 from
+       the shapes is unknown, and the preset's K 8 does not fit E 8 x top-3 */
+    CHECK_STATUS_ST(st_open(&f, "ref/ckpt/qwen3_moe/model.safetensors"), ST_OK);
+    st_layer_options_default(&o);
+    o.model = ST_MODEL_QWEN3_MOE;
+    o.norm_topk_prob = 0;                         /* Qwen3MoeConfig's class default */
+    o.top_k = 3;
+    if (st_load_layer(&f, &o, &L) == ST_OK) {
+        CHECK(!strcmp(L.routing_from, "preset"));
+        if (ck_run("qwen3_moe", &L, 1, NULL, &worst)) CHECK(worst > 100.0);
+        st_layer_free(&L);
+    } else moe_test_fail(__FILE__, __LINE__, "%s", L.error);
+    st_close(&f);
+    /* DeepSeek-V3 in shards: no single file holds the layer */
+    CHECK_STATUS_ST(st_open(&f, "ref/ckpt/deepseek_v3/model-00001-of-00002.safetensors"), ST_OK);
+    CHECK_STATUS_ST(st_load_layer(&f, NULL, &L), ST_ERR_MISSING);
+    st_close(&f);
+    /* the checkpoint with the preset's groups and scale (what the old loader ran) */
+    CHECK_STATUS_ST(st_checkpoint_open(&ck, "ref/ckpt/deepseek_v3"), ST_OK);
+    st_layer_options_default(&o);
+    o.n_group = 8; o.topk_group = 4; o.routed_scaling_factor = 2.5;
+    if (st_load_checkpoint_layer(&ck, &o, &L) == ST_OK) {
+        CHECK_INT(L.cfg.n_group, 8); CHECK_INT(L.cfg.topk_group, 4);
+        if (ck_run("deepseek_v3", &L, 1, NULL, &worst)) CHECK(worst > 100.0);
+        st_layer_free(&L);
+    } else moe_test_fail(__FILE__, __LINE__, "%s", L.error);
+    st_checkpoint_close(&ck);
+    /* an override wins over config.json */
+    CHECK_STATUS_ST(st_checkpoint_open(&ck, "ref/ckpt/qwen3_moe"), ST_OK);
+    st_layer_options_default(&o);
+    o.norm_topk_prob = 0; o.top_k = 2;
+    if (st_load_checkpoint_layer(&ck, &o, &L) == ST_OK) {
+        CHECK_INT(L.cfg.top_k, 2);
+        CHECK_INT(L.cfg.normalize, MOE_NORM_NONE);
+        st_layer_free(&L);
+    } else moe_test_fail(__FILE__, __LINE__, "%s", L.error);
+    st_checkpoint_close(&ck);
+}
+
+TEST(checkpoint, files_are_mapped) {
+#ifdef ST_HAVE_MMAP
+    st_file f;
+    CHECK_STATUS_ST(st_open(&f, "ref/ckpt/olmoe/model.safetensors"), ST_OK);
+    CHECK(f.mapped != NULL && f.owned == NULL && f.data == (const unsigned char *)f.mapped + 8 + f.header_size);
+    st_close(&f);
+    CHECK(f.mapped == NULL);
+#else
+    SKIP("no mmap on this system: st_open reads the file");
+#endif
+}
+
+/* --- bad configs and indexes, with shards held in memory ------------------ */
+
+typedef struct ck_mem {
+    int n;
+    const char *names[4];
+    unsigned char *bytes[4];
+    size_t len[4];
+} ck_mem;
+
+static st_status ck_mem_open(void *user, const char *shard, st_file *out) {
+    const ck_mem *m = (const ck_mem *)user;
+    int i;
+    for (i = 0; i < m->n; i++) if (!strcmp(m->names[i], shard)) return st_open_memory(out, m->bytes[i], m->len[i]);
+    memset(out, 0, sizeof *out);
+    snprintf(out->error, sizeof out->error, "no such file");
+    return ST_ERR_IO;
+}
+
+/* A copy of config.json text with key set to value (a JSON text), added
+   after '{' when absent, or removed when value is NULL. Keys are on their
+   own lines in save_pretrained's output. */
+static char *ck_edit(const char *text, const char *key, const char *value) {
+    char pat[96], *out = (char *)malloc(strlen(text) + (value ? strlen(value) : 0) + strlen(key) + 16);
+    const char *at, *eol;
+    snprintf(pat, sizeof pat, "\n  \"%s\": ", key);
+    at = strstr(text, pat);
+    if (!at) {                                       /* insert as the first member */
+        const char *brace = strchr(text, '{');
+        size_t pre = (size_t)(brace - text) + 1;
+        memcpy(out, text, pre);
+        sprintf(out + pre, "\n  \"%s\": %s,%s", key, value ? value : "null", brace + 1);
+        return out;
+    }
+    eol = strchr(at + 1, '\n');
+    if (eol[-1] == '[' || eol[-1] == '{')                /* a list or object over several lines */
+        eol = strchr(strstr(eol, eol[-1] == '[' ? "\n  ]" : "\n  }") + 1, '\n');
+    memcpy(out, text, (size_t)(at - text));
+    if (value) {
+        int comma = eol[-1] == ',';
+        sprintf(out + (at - text), "%s%s%s%s", pat, value, comma ? "," : "", eol);
+    } else {
+        strcpy(out + (at - text), eol);
+    }
+    return out;
+}
+
+/* Load dir's first MoE layer with config text cfg_text (its own when NULL),
+   shards from memory; returns the status, the message in err, and the
+   resolved config in *cfg_out. */
+static st_status ck_load_text_cfg(const char *dir, const char *cfg_text, const char *index_text,
+                                  const st_layer_options *o, char *err, size_t errlen, moe_config *cfg_out) {
+    char path[160];
+    ck_mem m;
+    st_checkpoint ck;
+    st_layer L;
+    st_status s;
+    int i, sharded = !strcmp(dir, "deepseek_v3");
+    char *own_cfg = NULL, *own_index = NULL;
+    size_t cfg_len = cfg_text ? strlen(cfg_text) : 0, index_len = index_text ? strlen(index_text) : 0;
+    memset(&m, 0, sizeof m);
+    m.n = sharded ? 2 : 1;
+    m.names[0] = sharded ? "model-00001-of-00002.safetensors" : "model.safetensors";
+    m.names[1] = "model-00002-of-00002.safetensors";
+    for (i = 0; i < m.n; i++) {
+        snprintf(path, sizeof path, "ref/ckpt/%s/%s", dir, m.names[i]);
+        m.bytes[i] = moe_test_read_file(path, &m.len[i]);
+    }
+    if (!cfg_text) {
+        snprintf(path, sizeof path, "ref/ckpt/%s/config.json", dir);
+        cfg_text = own_cfg = (char *)moe_test_read_file(path, &cfg_len);
+    }
+    if (!index_text && sharded) {
+        snprintf(path, sizeof path, "ref/ckpt/%s/model.safetensors.index.json", dir);
+        index_text = own_index = (char *)moe_test_read_file(path, &index_len);
+    }
+    s = st_checkpoint_init(&ck, cfg_text, cfg_len, index_text, index_len, m.names[0], ck_mem_open, &m);
+    if (s == ST_OK) {
+        s = st_load_checkpoint_layer(&ck, o, &L);
+        snprintf(err, errlen, "%s", L.error);
+        if (s == ST_OK && cfg_out) *cfg_out = L.cfg;
+        if (s == ST_OK) st_layer_free(&L);
+        st_checkpoint_close(&ck);
+    } else snprintf(err, errlen, "%s", ck.error);
+    for (i = 0; i < m.n; i++) free(m.bytes[i]);
+    free(own_cfg); free(own_index);
+    return s;
+}
+static st_status ck_load_text(const char *dir, const char *cfg_text, const char *index_text,
+                              const st_layer_options *o, char *err, size_t errlen) {
+    return ck_load_text_cfg(dir, cfg_text, index_text, o, err, errlen, NULL);
+}
+
+static char *ck_config(const char *dir) {
+    char path[160];
+    size_t n;
+    char *t;
+    snprintf(path, sizeof path, "ref/ckpt/%s/config.json", dir);
+    t = (char *)moe_test_read_file(path, &n);
+    if (t) { t = (char *)realloc(t, n + 1); t[n] = '\0'; }
+    return t;
+}
+
+TEST(checkpoint, config_errors_are_named) {
+    static const struct { const char *dir, *key, *value; st_status want; const char *says; } e[] = {
+        /* keys that may change the routing and that transformers does not read for the model */
+        {"mixtral", "norm_topk_prob", "true", ST_ERR_CONFIG, "norm_topk_prob"},
+        {"qwen3_moe", "router_z_loss_coef", "0.001", ST_ERR_CONFIG, "--allow-key"},
+        {"olmoe", "moe_capacity_factor", "1.25", ST_ERR_CONFIG, "moe_capacity_factor"},
+        /* wrong types and ranges */
+        {"mixtral", "num_experts_per_tok", "\"2\"", ST_ERR_CONFIG, "integer"},
+        {"mixtral", "num_experts_per_tok", "2.5", ST_ERR_CONFIG, "integer"},
+        {"mixtral", "num_experts_per_tok", "0", ST_ERR_CONFIG, "integer"},
+        {"mixtral", "num_experts_per_tok", "5", ST_ERR_CONFIG, "top_k"},     /* K > E: moe.h */
+        {"qwen3_moe", "norm_topk_prob", "1", ST_ERR_CONFIG, "true or false"},
+        {"deepseek_v3", "routed_scaling_factor", "-1", ST_ERR_CONFIG, "positive"},
+        {"deepseek_v3", "n_group", "3", ST_ERR_CONFIG, "n_group"},           /* 16 experts in 3 groups */
+        /* the config and the tensors disagree */
+        {"mixtral", "num_local_experts", "8", ST_ERR_SHAPE_MISMATCH, "num_local_experts"},
+        {"qwen3_moe", "num_experts", "4", ST_ERR_CONFIG, "alias"},           /* beside num_local_experts 8 */
+        {"olmoe", "hidden_size", "32", ST_ERR_SHAPE_MISMATCH, "hidden_size"},
+        {"qwen2_moe", "shared_expert_intermediate_size", "24", ST_ERR_SHAPE_MISMATCH, "shared expert"},
+        {"qwen2_moe", "shared_expert_intermediate_size", NULL, ST_ERR_SHAPE_MISMATCH, "default"},
+        {"deepseek_v3", "n_shared_experts", "1", ST_ERR_SHAPE_MISMATCH, "n_shared_experts"},
+        /* what the model cannot be here */
+        {"mixtral", "hidden_act", "\"gelu\"", ST_ERR_UNSUPPORTED, "hidden_act"},
+        {"mixtral", "quantization_config", "{\"quant_method\": \"fp8\"}", ST_ERR_UNSUPPORTED, "quantiz"},
+        {"mixtral", "model_type", "\"llama4\"", ST_ERR_UNSUPPORTED, "llama4"},
+        {"mixtral", "model_type", NULL, ST_ERR_CONFIG, "model_type"},
+        {"deepseek_v3", "scoring_func", "\"softmax\"", ST_ERR_UNSUPPORTED, "sigmoid"},
+        {"deepseek_v3", "topk_method", "\"group_limited_greedy\"", ST_ERR_UNSUPPORTED, "noaux_tc"},
+        {"deepseek_v3", "moe_layer_freq", "2", ST_ERR_UNSUPPORTED, "moe_layer_freq"},
+        /* the layer is dense in this model */
+        {"qwen3_moe", "mlp_only_layers", "[0, 1]", ST_ERR_CONFIG, "mlp_only_layers"},
+        {"qwen3_moe", "mlp_only_layers", "[\"0\"]", ST_ERR_CONFIG, "list of integers"},
+        {"qwen2_moe", "decoder_sparse_step", "3", ST_ERR_CONFIG, "decoder_sparse_step"},
+        {"deepseek_v3", "first_k_dense_replace", "2", ST_ERR_CONFIG, "first_k_dense_replace"},
+        {"olmoe", "num_hidden_layers", "0", ST_ERR_CONFIG, "num_hidden_layers"},
+        /* keys that cannot change the block are read past */
+        {"olmoe", "rope_theta", "[1, {\"a\": [null, false]}]", ST_OK, ""},
+        {"qwen2_moe", "attention_dropout", "0.5e-1", ST_OK, ""},
+    };
+    size_t i;
+    for (i = 0; i < sizeof e / sizeof e[0]; i++) {
+        char *base = ck_config(e[i].dir), *text, err[ST__ERRLEN];
+        st_status s;
+        if (!base) { moe_test_fail(__FILE__, __LINE__, "no config for %s", e[i].dir); continue; }
+        text = ck_edit(base, e[i].key, e[i].value);
+        s = ck_load_text(e[i].dir, text, NULL, NULL, err, sizeof err);
+        if (s != e[i].want || !strstr(err, e[i].says))
+            moe_test_fail(__FILE__, __LINE__, "%s with %s = %s: %s (\"%s\"), want %s mentioning \"%s\"", e[i].dir,
+                          e[i].key, e[i].value ? e[i].value : "(removed)", st_status_string(s), err,
+                          st_status_string(e[i].want), e[i].says);
+        free(text); free(base);
+    }
+}
+
+TEST(checkpoint, options_against_config) {
+    st_layer_options o;
+    char err[ST__ERRLEN], *base = ck_config("qwen3_moe"), *text;
+    CHECK(base != NULL);
+    if (!base) return;
+    st_layer_options_default(&o);
+    o.model = ST_MODEL_QWEN2_MOE;                                 /* disagrees with model_type */
+    CHECK_STATUS_ST(ck_load_text("qwen3_moe", NULL, NULL, &o, err, sizeof err), ST_ERR_CONFIG);
+    CHECK(strstr(err, "--model") != NULL);
+    st_layer_options_default(&o);
+    o.n_group = 2;                                                /* a DeepSeek field */
+    CHECK_STATUS_ST(ck_load_text("qwen3_moe", NULL, NULL, &o, err, sizeof err), ST_ERR_CONFIG);
+    st_layer_options_default(&o);
+    o.layer = 0;                                                  /* dense: mlp_only_layers [0] */
+    CHECK_STATUS_ST(ck_load_text("qwen3_moe", NULL, NULL, &o, err, sizeof err), ST_ERR_MISSING);
+    /* an unknown routing key, accepted unread by name */
+    text = ck_edit(base, "router_z_loss_coef", "0.001");
+    st_layer_options_default(&o);
+    CHECK_STATUS_ST(ck_load_text("qwen3_moe", text, NULL, &o, err, sizeof err), ST_ERR_CONFIG);
+    o.allow_keys = "seq_aux,router_z_loss_coef";
+    CHECK_STATUS_ST(ck_load_text("qwen3_moe", text, NULL, &o, err, sizeof err), ST_OK);
+    o.allow_keys = "router_z_loss";                               /* whole names only */
+    CHECK_STATUS_ST(ck_load_text("qwen3_moe", text, NULL, &o, err, sizeof err), ST_ERR_CONFIG);
+    free(text); free(base);
+    /* absent keys take transformers' class defaults, not moe.h's presets */
+    {
+        static const struct { const char *dir, *key; int k, norm, ng; double scale; } d[] = {
+            {"qwen3_moe", "norm_topk_prob", 3, 0, 1, 1.0},       /* Qwen3MoeConfig: false */
+            {"qwen3_moe", "num_experts_per_tok", 8, 1, 1, 1.0},
+            {"qwen2_moe", "norm_topk_prob", 3, 0, 1, 1.0},
+            {"deepseek_v3", "n_group", 4, 1, 8, 1.7},
+            {"deepseek_v3", "norm_topk_prob", 4, 1, 4, 1.7},     /* DeepseekV3Config: true */
+            {"deepseek_v3", "routed_scaling_factor", 4, 1, 4, 2.5},
+        };
+        size_t i;
+        for (i = 0; i < sizeof d / sizeof d[0]; i++) {
+            moe_config got;
+            base = ck_config(d[i].dir);
+            text = ck_edit(base, d[i].key, NULL);
+            memset(&got, 0, sizeof got);
+            if (ck_load_text_cfg(d[i].dir, text, NULL, NULL, err, sizeof err, &got) != ST_OK) {
+                moe_test_fail(__FILE__, __LINE__, "%s without %s: %s", d[i].dir, d[i].key, err);
+            } else {
+                CHECK_INT(got.top_k, d[i].k);
+                CHECK_INT(got.normalize, d[i].norm ? MOE_NORM_SUM : MOE_NORM_NONE);
+                CHECK_INT(got.n_group, d[i].ng);
+                CHECK_NEAR(got.routed_scale, d[i].scale, 0, 1e-7);
+            }
+            free(text); free(base);
+        }
+    }
+}
+
+TEST(checkpoint, broken_json_and_indexes) {
+    static const char *const bad_json[] = {
+        "", "[]", "{", "{\"a\": 1", "{\"a\" 1}", "{\"a\": 01}", "{\"a\": -}", "{\"a\": 1.}", "{\"a\": 1e}",
+        "{\"a\": tru}", "{\"a\": nul}", "{\"a\": [1,]}", "{\"a\": {\"b\"}}", "{\"a\": 1} x", "{\"a\": 1e999}",
+        "{\"a\": \"\\x\"}", "{\"a\": 1, \"a\": 2}",
+    };
+    static const struct { const char *index; st_status want; const char *says; } bi[] = {
+        {"{\"metadata\": {}}", ST_ERR_JSON, "weight_map"},
+        {"{\"weight_map\": {}}", ST_ERR_JSON, "empty"},
+        {"{\"weight_map\": {\"a\": 1}}", ST_ERR_JSON, "file name"},
+        {"{\"weight_map\": {\"a\": \"../model.safetensors\"}}", ST_ERR_CONFIG, "plain file name"},
+        {"{\"weight_map\": {\"a\": \"x.safetensors\", \"a\": \"x.safetensors\"}}", ST_ERR_DUPLICATE, "twice"},
+        {"{\"weight_map\": {\"a\": \"x.safetensors\"}, \"weight_map\": {}}", ST_ERR_DUPLICATE, "twice"},
+    };
+    char err[ST__ERRLEN], path[160], *index, *moved;
+    size_t i, n;
+    st_checkpoint ck;
+    for (i = 0; i < sizeof bad_json / sizeof bad_json[0]; i++) {
+        st_status s = ck_load_text("olmoe", bad_json[i], NULL, NULL, err, sizeof err);
+        if (s != (i + 1 == sizeof bad_json / sizeof bad_json[0] ? ST_ERR_DUPLICATE : ST_ERR_JSON) || !err[0])
+            moe_test_fail(__FILE__, __LINE__, "config.json %s: %s (%s)", bad_json[i], st_status_string(s), err);
+    }
+    for (i = 0; i < sizeof bi / sizeof bi[0]; i++) {
+        st_status s = ck_load_text("deepseek_v3", NULL, bi[i].index, NULL, err, sizeof err);
+        if (s != bi[i].want || !strstr(err, bi[i].says))
+            moe_test_fail(__FILE__, __LINE__, "index %s: %s (%s)", bi[i].index, st_status_string(s), err);
+    }
+    /* the real index, edited: one layer tensor moved to the other shard, to a
+       shard that does not exist, or dropped */
+    snprintf(path, sizeof path, "ref/ckpt/deepseek_v3/model.safetensors.index.json");
+    index = (char *)moe_test_read_file(path, &n);
+    CHECK(index != NULL);
+    if (!index) return;
+    index = (char *)realloc(index, n + 1);
+    index[n] = '\0';
+    {
+        const char *key = "\"model.layers.1.mlp.experts.0.down_proj.weight\": \"";
+        char *at = strstr(index, key), *val;
+        const char *to[2];
+        st_status want[2] = {ST_ERR_MISSING, ST_ERR_IO};
+        size_t k;
+        CHECK(at != NULL);
+        if (!at) { free(index); return; }
+        val = at + strlen(key);
+        /* the other real shard (it lacks the tensor), then one that is not there */
+        to[0] = !strncmp(val, "model-00001", 11) ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
+        to[1] = "model-00003-of-00003.safetensors";
+        for (k = 0; k < 2; k++) {
+            st_status s;
+            moved = (char *)malloc(n + 64);
+            sprintf(moved, "%.*s%s%s", (int)(val - index), index, to[k], strchr(val, '"'));
+            s = ck_load_text("deepseek_v3", NULL, moved, NULL, err, sizeof err);
+            if (s != want[k] || !strstr(err, k ? "model-00003-of-00003" : "does not hold it"))
+                moe_test_fail(__FILE__, __LINE__, "moved to %s: %s (%s)", to[k], st_status_string(s), err);
+            free(moved);
+        }
+        moved = (char *)malloc(n + 1);                /* dropped from the index */
+        sprintf(moved, "%.*s%s", (int)(at - index), index, strchr(at, '\n') + 1);
+        {
+            st_status s = ck_load_text("deepseek_v3", NULL, moved, NULL, err, sizeof err);
+            if (s != ST_ERR_MISSING || !strstr(err, "experts.0.down_proj"))
+                moe_test_fail(__FILE__, __LINE__, "dropped: %s (%s)", st_status_string(s), err);
+        }
+        free(moved);
+    }
+    free(index);
+    /* a directory without config.json, and a lone file without one (allowed) */
+    CHECK_STATUS_ST(st_checkpoint_open(&ck, "ref"), ST_ERR_IO);
+    CHECK(strstr(ck.error, "config.json") != NULL);
+    CHECK_STATUS_ST(st_checkpoint_open(&ck, "ref/mixtral.safetensors"), ST_OK);
+    CHECK(!ck.has_config);
+    st_checkpoint_close(&ck);
+    CHECK_STATUS_ST(st_checkpoint_open(&ck, "ref/no_such.safetensors"), ST_ERR_IO);
+}
+
+/* Mutated config.json and index texts (byte flips, deletions, JSON
+   characters spliced in): each load fails with a status and a message, or
+   succeeds; never a crash (ASan + UBSan under make check). */
+TEST(checkpoint, fuzz_config_and_index) {
+    static const char junk[] = "{}[],:\"\\0123456789-+.eEtruefalsn \n";
+    const char *dirs[2] = {"qwen2_moe", "deepseek_v3"};
+    int counts[ST_ERR_ARGUMENT + 1] = {0}, which, iter, iters = 300, distinct = 0, k;
+    const char *env = getenv("ST_FUZZ_ITERS");
+    if (env && atoi(env) > 0) iters = atoi(env);
+    fz_state = 20261207u;
+    for (which = 0; which < 3; which++) {           /* qwen2 config, dsv3 config, dsv3 index */
+        char path[160], err[ST__ERRLEN];
+        size_t n;
+        char *base;
+        snprintf(path, sizeof path, which < 2 ? "ref/ckpt/%s/config.json" : "ref/ckpt/%s/model.safetensors.index.json",
+                 dirs[which ? 1 : 0]);
+        base = (char *)moe_test_read_file(path, &n);
+        if (!base) { moe_test_fail(__FILE__, __LINE__, "cannot read %s", path); continue; }
+        for (iter = 0; iter < iters; iter++) {
+            char *t = (char *)malloc(n + 8);
+            size_t len = n, pos;
+            int m, muts = 1 + (int)fz_below(3);
+            st_status s;
+            memcpy(t, base, n);
+            for (m = 0; m < muts && len > 1; m++) {
+                pos = fz_below((uint32_t)len);
+                switch (fz_below(3)) {
+                case 0: t[pos] = junk[fz_below(sizeof junk - 1)]; break;
+                case 1: memmove(t + pos, t + pos + 1, len - pos - 1); len--; break;
+                default: memmove(t + pos + 1, t + pos, len - pos); t[pos] = junk[fz_below(sizeof junk - 1)]; len++; break;
+                }
+            }
+            t[len] = '\0';                     /* texts with a NUL inside end there: a cut */
+            s = which < 2 ? ck_load_text(dirs[which], t, NULL, NULL, err, sizeof err)
+                          : ck_load_text("deepseek_v3", NULL, t, NULL, err, sizeof err);
+            if ((int)s < 0 || (int)s > ST_ERR_ARGUMENT) moe_test_fail(__FILE__, __LINE__, "status %d", (int)s);
+            else {
+                counts[s]++;
+                if (s != ST_OK && !err[0]) moe_test_fail(__FILE__, __LINE__, "%s without a message", st_status_string(s));
+            }
+            free(t);
+        }
+        free(base);
+    }
+    for (k = 0; k <= ST_ERR_ARGUMENT; k++) distinct += counts[k] > 0;
+    CHECK(counts[ST_OK] > 0 && counts[ST_ERR_JSON] > 0 && distinct >= 4);
+}
