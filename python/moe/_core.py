@@ -167,8 +167,10 @@ class Config:
     __hash__ = None
 
     def __repr__(self):
-        fields = ", ".join("%s=%r" % kv for kv in self.as_dict().items() if kv[1] not in (0, 0.0)
-                           and not (kv[0] in _ENUMS and _ENUMS[kv[0]].get(kv[1]) == 0))
+        def show(v):        # a float field as the float32 it is: 0.02, not 0.0199999995
+            return str(np.float32(v)) if isinstance(v, float) else repr(v)
+        fields = ", ".join("%s=%s" % (k, show(v)) for k, v in self.as_dict().items()
+                           if v not in (0, 0.0) and not (k in _ENUMS and _ENUMS[k].get(v) == 0))
         return "moe.Config(%s)" % fields
 
 
