@@ -15,6 +15,7 @@ chooses them:
 MOE_CFLAGS adds flags (split on spaces), MOE_OPENMP=0 builds without OpenMP
 (then threads come only from cfg.parallel_for), MOE_H names another moe.h.
 """
+import hashlib
 import os
 import platform
 import sys
@@ -128,8 +129,15 @@ def _flags():
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF + EXTRA_CDEF)
 _cflags, _ldflags = _flags()
-ffibuilder.set_source("moe._moe_cffi", SOURCE, include_dirs=[os.path.dirname(HEADER)],
-                      extra_compile_args=_cflags, extra_link_args=_ldflags, libraries=["m"])
+# setuptools rebuilds only when the generated .c is newer than the extension:
+# naming the header's hash and the flags in it makes an edited moe.h or another
+# MOE_ISA rebuild in a build directory that pip reuses (pip install ./python)
+with open(HEADER, "rb") as f:
+    _stamp = "/* moe.h sha256 %s, flags %s */\n" % (hashlib.sha256(f.read()).hexdigest(),
+                                                   " ".join(_cflags + _ldflags))
+ffibuilder.set_source("moe._moe_cffi", _stamp + SOURCE, include_dirs=[os.path.dirname(HEADER)],
+                      extra_compile_args=_cflags, extra_link_args=_ldflags, libraries=["m"],
+                      depends=[HEADER])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
