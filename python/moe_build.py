@@ -7,8 +7,8 @@ Kernels are picked by compiler flags (moe.h, moe_compiled_isa). MOE_ISA
 chooses them:
   native     (default) -march=native: the fastest kernels of the CPU that
              builds, e.g. AVX-512 (+ BF16, VNNI) here; the extension then
-             needs a CPU with the same features (import refuses one without
-             the compiled vector ISA rather than crash)
+             needs a CPU with the same features (import checks the vector
+             ISA, where the compiler's own code lets it get that far)
   avx512     -mavx512f -mavx512bw -mavx512vl  (any AVX-512 x86-64)
   avx2       -mavx2 -mfma
   reference  no ISA flags: the scalar reference kernels, runs anywhere
