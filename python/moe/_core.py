@@ -10,7 +10,8 @@ import numpy as np
 from ._moe_cffi import ffi, lib
 
 __all__ = ["MoeError", "Config", "Weights", "Info", "PRESETS", "compiled_isa", "has_openmp",
-           "weight_shapes", "forward", "backward", "route", "pack", "Layer"]
+           "weight_shapes", "forward", "backward", "route", "pack", "Layer", "Quantized",
+           "quantize", "dequantize", "QTYPES"]
 
 if not lib.moe_py_cpu_ok():
     raise ImportError("moe: this extension was built for the %s kernels, which this CPU lacks; "
@@ -222,11 +223,79 @@ def _tokens(name, x, d_model):
     return T
 
 
+# --- quantized tensors ---------------------------------------------------------
+
+QTYPES = _enum_names(ffi.typeof("moe_qtype"))      # {"f32": 0, "q4_0": 2, "q8_0": 8, ...}
+
+
+def _qtype(qtype):
+    if isinstance(qtype, str) and qtype.lower() in QTYPES:
+        return QTYPES[qtype.lower()]
+    if isinstance(qtype, (int, np.integer)) and int(qtype) in QTYPES.values():
+        return int(qtype)
+    raise ValueError("qtype: %r, expected one of %s" % (qtype, ", ".join(QTYPES)))
+
+
+class Quantized:
+    """A tensor of float shape `shape` stored as rows of ggml blocks (moe_qtype,
+    docs/QUANT.md): data is uint8, rows x moe_qtype_row_bytes(qtype, shape[-1]).
+    Weights takes one for gate, up, down and the shared expert's three
+    (moe.h's forward reads them; its backward refuses them)."""
+
+    def __init__(self, qtype, data, shape):
+        self.qtype = _qtype(qtype)
+        self.shape = tuple(int(v) for v in shape)
+        n = self.shape[-1] if self.shape else 0
+        row = lib.moe_qtype_row_bytes(self.qtype, n)
+        if row == 0 or n == 0:
+            raise ValueError("%s rows of %d values: not a multiple of its block size %d"
+                             % (self.name, n, lib.moe_qtype_block_size(self.qtype)))
+        self.rows = int(np.prod(self.shape[:-1]))
+        self.data = _check_array("data", data, (self.rows * row,), np.uint8) \
+            if getattr(data, "ndim", 1) == 1 else _check_array("data", data, (self.rows, row),
+                                                                 np.uint8)
+
+    @property
+    def name(self):
+        return ffi.string(lib.moe_qtype_name(self.qtype)).decode()
+
+    def __repr__(self):
+        return "moe.Quantized(%s, shape %s, %d bytes)" % (self.name, self.shape, self.data.nbytes)
+
+
+def quantize(x, qtype):
+    """x [..., n] float32 as rows of blocks (moe_quantize): a moe.Quantized."""
+    qtype = _qtype(qtype)
+    if not isinstance(x, np.ndarray) or x.ndim < 1:
+        raise TypeError("x: expected a float32 numpy.ndarray")
+    _check_array("x", x, x.shape)
+    n = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1]))
+    row = lib.moe_qtype_row_bytes(qtype, n)
+    data = np.empty((rows, row), np.uint8)
+    _check(lib.moe_quantize(qtype, _ptr(x), rows, n, _ptr(data, "void *"), data.nbytes),
+           "moe_quantize")
+    return Quantized(qtype, data, x.shape)
+
+
+def dequantize(q):
+    """The float32 values of a moe.Quantized (moe_dequantize)."""
+    if not isinstance(q, Quantized):
+        raise TypeError("q: expected a moe.Quantized, got %s" % type(q).__name__)
+    y = np.empty(q.shape, np.float32)
+    _check(lib.moe_dequantize(q.qtype, _ptr(q.data, "void *"), q.data.nbytes, q.rows,
+                              q.shape[-1], _ptr(y)), "moe_dequantize")
+    return y
+
+
 # --- weights -----------------------------------------------------------------
 
 _WEIGHT_FIELDS = [n for n, f in ffi.typeof("moe_weights").fields
                   if f.type.kind == "pointer" and f.type.item.cname == "float"]
 _GLU = {v for k, v in _ENUMS["activation"].items() if "glu" in k}
+# the tensors with a moe_qtype (w.gate_type, ...): the experts' matrices
+_QUANTIZABLE = tuple(n[:-len("_type")] for n, _ in ffi.typeof("moe_weights").fields
+                     if n.endswith("_type"))
 
 
 def weight_shapes(cfg, fused=False):
@@ -294,10 +363,18 @@ class Weights:
             if name not in shapes and arrays[name] is not None:
                 raise ValueError("moe.Weights: this config does not read %r%s" % (
                     name, " (fused: gate holds gate and up)" if name == "up" and fused else ""))
-        self.cfg, self.fused, self.arrays = cfg, bool(fused), {}
+        self.cfg, self.fused, self.arrays, self.quantized = cfg, bool(fused), {}, {}
         for name, shape in shapes.items():
             a = arrays.get(name)
             if a is None:
+                continue
+            if isinstance(a, Quantized):
+                if name not in _QUANTIZABLE:
+                    raise TypeError("%s: moe.h reads quantized blocks only for %s"
+                                    % (name, ", ".join(_QUANTIZABLE)))
+                if a.shape != shape:
+                    raise ValueError("%s: shape %s, expected %s" % (name, a.shape, shape))
+                self.quantized[name] = a
                 continue
             if name == "shared_expert_gate" and getattr(a, "shape", None) == (1, shape[0]):
                 shape = (1, shape[0])
@@ -306,6 +383,9 @@ class Weights:
         self._c = ffi.new("moe_weights *")
         for name, a in self.arrays.items():
             setattr(self._c, name, _ptr(a))
+        for name, q in self.quantized.items():
+            setattr(self._c, name + "_type", q.qtype)
+            setattr(self._c, name + "_q", _ptr(q.data, "void *"))
         self._c.gate_up_fused = int(self.fused)
         if packed is not None:
             self._c.packed = _ptr(packed, "void *")
@@ -317,7 +397,7 @@ class Weights:
     def check(self, cfg):
         """The shapes still fit cfg (a forward may use another config than the one made with)."""
         shapes = weight_shapes(cfg, self.fused)
-        for name, a in self.arrays.items():
+        for name, a in list(self.arrays.items()) + list(self.quantized.items()):
             want = shapes.get(name)
             if want is None:
                 raise ValueError("moe.Weights: this config does not read %r" % name)
@@ -328,8 +408,9 @@ class Weights:
         return self
 
     def __repr__(self):
-        return "moe.Weights(%s%s%s)" % (", ".join("%s%s" % (n, a.shape)
-                                                  for n, a in self.arrays.items()),
+        return "moe.Weights(%s%s%s)" % (", ".join(
+            ["%s%s" % (n, a.shape) for n, a in self.arrays.items()] +
+            ["%s%s %s" % (n, q.shape, q.name) for n, q in self.quantized.items()]),
                                         ", fused" if self.fused else "",
                                         ", packed %d bytes" % self.packed.nbytes
                                         if self.packed is not None else "")
@@ -515,7 +596,7 @@ def pack(cfg, weights):
     _check(lib.moe_pack_size(cfg._c, n), "moe_pack_size")
     blob = np.empty(max(n[0], 1), np.uint8)
     _check(lib.moe_pack_weights(cfg._c, w._c, _ptr(blob, "void *"), n[0]), "moe_pack_weights")
-    return Weights(cfg, fused=w.fused, packed=blob, **w.arrays)
+    return Weights(cfg, fused=w.fused, packed=blob, **w.arrays, **w.quantized)
 
 
 class Layer:
