@@ -1,5 +1,4 @@
 """moe.torch against PyTorch autograd of the same layer written in torch ops."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
