@@ -283,3 +283,26 @@ def test_layer_object():
     assert lay.info.expert.shape == (4, K)
     if moe.compiled_isa() != "reference":
         np.testing.assert_allclose(lay.pack()(x), y, rtol=1e-5, atol=1e-6)
+
+
+# --- every preset ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", moe.PRESETS)
+def test_every_preset_runs_forward_and_backward(preset):
+    """Each preset's routing family (top-k, groups, sigmoid, noise, expert choice,
+    dense, Soft MoE, shared experts) through forward and backward at a small shape."""
+    fields = dict(num_experts=16, d_model=32, d_ff=32)
+    if moe.Config(preset).shared_d_ff:
+        fields["shared_d_ff"] = 48
+    cfg = moe.Config(preset, **fields)
+    w = layer(cfg, seed=4)
+    x = np.random.default_rng(5).standard_normal((20, 32)).astype(np.float32)
+    y, info = moe.forward(cfg, w, x, save_for_backward=True)
+    assert y.shape == x.shape and np.isfinite(y).all()
+    S = moe.lib.moe_routing_slots(cfg._c)
+    assert info.slots == S and (info.expert is None or info.expert.shape == (20, S))
+    dx, grads = moe.backward(cfg, w, x, info, np.ones_like(y))
+    assert np.isfinite(dx).all() and all(np.isfinite(g).all() for g in grads.values())
+    assert set(grads) == set(w.arrays) - {"selection_bias"}
+    if cfg.routing == "soft":
+        assert info.dispatch.shape == (20, 16)
