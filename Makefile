@@ -280,6 +280,26 @@ bench-plot:
 docs-check:
 	$(PYTHON) docs/check_refs.py
 
+# Python package (issue 19, python/): python-cdef-check fails when python/moe/_cdef.h,
+# the cffi declarations, is not what python/gen_cdef.py derives from moe.h (stdlib only).
+# test-python makes a venv in $(PY_VENV), pip-installs ./python (the extension is moe.h
+# compiled by the machine's compiler) and runs its pytest suite; PY_TORCH=1 also installs
+# PyTorch from PyPI (~1 min, ~5 GB with its CUDA wheels) for the moe.torch tests, which
+# are skipped without it.
+PY_VENV  ?= $(BUILD)/pyvenv
+PY_TORCH ?= 0
+PY_BIN   := $(abspath $(PY_VENV))/bin
+.PHONY: python-cdef-check test-python
+python-cdef-check:
+	$(PYTHON) python/gen_cdef.py --check
+
+test-python: python-cdef-check
+	@test -x $(PY_BIN)/python || $(PYTHON) -m venv $(PY_VENV)
+	$(PY_BIN)/pip install -q --disable-pip-version-check numpy cffi pytest \
+	    $(if $(filter 1,$(PY_TORCH)),torch,)
+	$(PY_BIN)/pip install -q --disable-pip-version-check ./python
+	cd python/tests && $(PY_BIN)/python -m pytest -q -rs .
+
 # Regenerate the golden files from PyTorch / HF transformers (needs Python).
 # Install (issue 19): the headers, a pkg-config file and a CMake package
 # (find_package(moe) -> moe::moe). PREFIX and DESTDIR as usual; the header
