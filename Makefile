@@ -286,17 +286,21 @@ docs-check:
 # compiled by the machine's compiler) and runs its pytest suite; PY_TORCH=1 also installs
 # PyTorch from PyPI (~1 min, ~5 GB with its CUDA wheels) for the moe.torch tests, which
 # are skipped without it.
+# python-venv makes the venv alone (CI starts it early, beside the C steps). torch and
+# numpy at the versions of tests/ref/requirements.txt, which the tests were checked with.
 PY_VENV  ?= $(BUILD)/pyvenv
 PY_TORCH ?= 0
 PY_BIN   := $(abspath $(PY_VENV))/bin
-.PHONY: python-cdef-check test-python
+.PHONY: python-cdef-check python-venv test-python
 python-cdef-check:
 	$(PYTHON) python/gen_cdef.py --check
 
-test-python: python-cdef-check
+python-venv:
 	@test -x $(PY_BIN)/python || $(PYTHON) -m venv $(PY_VENV)
-	$(PY_BIN)/pip install -q --disable-pip-version-check numpy cffi pytest \
-	    $(if $(filter 1,$(PY_TORCH)),torch,)
+	$(PY_BIN)/pip install -q --disable-pip-version-check numpy==2.4.6 cffi pytest \
+	    $(if $(filter 1,$(PY_TORCH)),torch==2.15.0,)
+
+test-python: python-cdef-check python-venv
 	$(PY_BIN)/pip install -q --disable-pip-version-check ./python
 	cd python/tests && $(PY_BIN)/python -m pytest -q -rs .
 
