@@ -547,6 +547,10 @@ typedef struct moe_weights {
     const void *packed;
     size_t packed_bytes;          /* bytes readable at packed (>= what
                                      moe_pack_size said); required with it    */
+    /* moe_qpack_weights output: the quantized expert matrices in the decode
+       layout, beside their blocks (which stay needed). NULL: not used.      */
+    const void *qpacked;
+    size_t qpacked_bytes;
 } moe_weights;
 
 /* ---------------------------------------------------------------------------
@@ -696,6 +700,22 @@ MOEDEF moe_status moe_dequantize(moe_qtype type, const void *src, size_t src_byt
 MOEDEF moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes);
 MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
                                    void *packed, size_t bytes);
+
+/* Decode layout of quantized experts: moe_qpack_weights copies every
+   quantized expert matrix (routed and shared; fp32 ones are skipped) into
+   groups of 16 rows with their codes interleaved (docs/QUANT.md, "Decode
+   layout"), about the bytes of the blocks, which experts with few rows
+   (decode, small batches) then read with one vector of dot products for
+   16 rows at a time. Pack once after loading; set w.qpacked and
+   w.qpacked_bytes (the blocks stay needed: larger experts read them, or
+   w.packed). Builds with AVX-512 (+ BW) read it; others, and the
+   reference ISA, ignore it. moe_forward checks it against the config and
+   the weight types (MOE_STATUS_BAD_PACKED). No quantized matrix:
+   MOE_STATUS_UNSUPPORTED.                                                  */
+MOEDEF moe_status moe_qpack_size(const moe_config *cfg, const moe_weights *w,
+                                 size_t *out_bytes);
+MOEDEF moe_status moe_qpack_weights(const moe_config *cfg, const moe_weights *w,
+                                    void *qpacked, size_t bytes);
 
 /* Deterministic initialisation of a layer's tensors from a seed: every
    tensor of `params` (moe_grads names and layouts; NULL ones are skipped)
@@ -1548,6 +1568,7 @@ static void moe__gemm_q_ref(float *MOE_RESTRICT y, const float *MOE_RESTRICT x,
 typedef struct moe__qact {
     int8_t *q;          /* [rows][k]    */
     float *d, *s;       /* [rows][k/32] */
+    int32_t *qsum;      /* [rows][k/32] sum q (moe__qpdot_simd's offsets) */
     int32_t k;
 } moe__qact;
 
@@ -1576,6 +1597,144 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
             acc += scale * d[b] * (float)isum - mn * s[b];
         }
         out[i] = acc;
+    }
+}
+
+/* The decode layout (moe_qpack_weights): a quantized matrix's rows in groups
+   of 16, so one vector of int32 lanes holds 16 rows' dot products and one
+   activation broadcast serves all of them (no per-row horizontal sums; the
+   layout of ggml's repacked blocks, in our own arrangement). Per group, the
+   32-value units (blocks; Q4_K's sub-blocks) in k order:
+     codes  4-bit types: 4 chunks of 64 bytes; chunk j holds row r's codes
+              k = 4j .. 4j + 3 (low nibbles) and k = 16 + 4j .. 16 + 4j + 3
+              (high nibbles) at bytes 4r .. 4r + 3
+            Q8_0: 8 chunks; chunk j holds row r's k = 4j .. 4j + 3 as bytes
+    unsigned codes: Q8_0 q + 128, Q4_0 q (value q - 8), Q4_K q, MXFP4 the
+              e2m1 nibble (value moe__e2m1x2[q])
+    scales Q8_0, Q4_0: 16 fp16 d; MXFP4: 16 fp32 2^(e - 128); Q4_K: 16 bytes
+              s_j and 16 bytes m_j per unit, after 16 fp16 d and 16 fp16
+              dmin at the start of each 256-value super-block
+   Rows past the matrix's last are zero codes with zero scales. The bytes
+   are those of the blocks (Q8_0, Q4_0), 3 % more (Q4_K) or 18 % more
+   (MXFP4, whose scales stay exact as fp32).                                */
+#define MOE__QP_ROWS 16
+
+/* Bytes of one unit's codes and scales, and of a Q4_K super-block header. */
+static size_t moe__qp_unit_bytes(int32_t type) {
+    return type == MOE_QTYPE_Q8_0 ? 512 + 32 : type == MOE_QTYPE_MXFP4 ? 256 + 64 : 256 + 32;
+}
+static size_t moe__qp_group_bytes(int32_t type, size_t cols) {
+    const size_t units = cols / 32;
+    return units * moe__qp_unit_bytes(type) + (type == MOE_QTYPE_Q4_K ? cols / 256 * 64 : 0);
+}
+/* One matrix of `rows` rows (an expert's gate, up or down), 0 for fp32. */
+static size_t moe__qp_matrix_bytes(const moe__qmat *q, size_t rows, size_t cols) {
+    if (!q->data) return 0;
+    return moe__mul((rows + MOE__QP_ROWS - 1) / MOE__QP_ROWS, moe__qp_group_bytes(q->type, cols));
+}
+
+/* Rows row0 .. row0 + 15 of expert e's matrix q (cols values a row; rows
+   past n_rows are padding) into the group at dst. */
+static void moe__qp_pack_group(const moe__qmat *q, size_t e, size_t row0, size_t n_rows,
+                               size_t cols, unsigned char *dst) {
+    const moe__qinfo qi = moe__qblock(q->type);
+    const int32_t per = qi.block / 32, units = (int32_t)(cols / 32);
+    const size_t code_bytes = q->type == MOE_QTYPE_Q8_0 ? 512 : 256;
+    int32_t u, r, j;
+    for (u = 0; u < units; u++) {
+        if (q->type == MOE_QTYPE_Q4_K && u % 8 == 0) {      /* super-block header */
+            memset(dst, 0, 64);
+            for (r = 0; r < MOE__QP_ROWS && row0 + (size_t)r < n_rows; r++) {
+                const unsigned char *b = q->data + e * q->stride +
+                                         (row0 + (size_t)r) * q->row_bytes + (size_t)(u / 8) * 144;
+                memcpy(dst + 2 * r, b, 2);                     /* d    */
+                memcpy(dst + 32 + 2 * r, b + 2, 2);            /* dmin */
+            }
+            dst += 64;
+        }
+        memset(dst, 0, moe__qp_unit_bytes(q->type));
+        for (r = 0; r < MOE__QP_ROWS && row0 + (size_t)r < n_rows; r++) {
+            const unsigned char *b = q->data + e * q->stride + (row0 + (size_t)r) * q->row_bytes +
+                                     (size_t)(u / per) * qi.bytes;
+            unsigned char code[32];
+            if (q->type == MOE_QTYPE_Q8_0) {
+                for (j = 0; j < 32; j++) code[j] = (unsigned char)(b[2 + j] ^ 0x80u);
+                for (j = 0; j < 32; j++) dst[64 * (j / 4) + 4 * r + j % 4] = code[j];
+                memcpy(dst + code_bytes + 2 * r, b, 2);
+                continue;
+            }
+            if (q->type == MOE_QTYPE_Q4_K) {
+                const unsigned char *c4 = b + 16 + 32 * ((u % 8) / 2);
+                const int shift = (u % 8 & 1) * 4;
+                float sc, mn;
+                for (j = 0; j < 32; j++) code[j] = (unsigned char)((c4[j] >> shift) & 0xf);
+                moe__q4k_scale_min(b + 4, u % 8, &sc, &mn);
+                dst[code_bytes + r] = (unsigned char)sc;
+                dst[code_bytes + 16 + r] = (unsigned char)mn;
+            } else {                                  /* Q4_0, MXFP4: 16 bytes of nibbles */
+                const unsigned char *c4 = b + (q->type == MOE_QTYPE_Q4_0 ? 2 : 1);
+                for (j = 0; j < 16; j++) {
+                    code[j] = (unsigned char)(c4[j] & 0xf);
+                    code[j + 16] = (unsigned char)(c4[j] >> 4);
+                }
+                if (q->type == MOE_QTYPE_Q4_0) memcpy(dst + code_bytes + 2 * r, b, 2);
+                else {
+                    const float s = moe__e8m0_half(b[0]);
+                    memcpy(dst + code_bytes + 4 * r, &s, sizeof s);
+                }
+            }
+            for (j = 0; j < 16; j++)
+                dst[64 * (j / 4) + 4 * r + j % 4] = (unsigned char)(code[j] | code[j + 16] << 4);
+        }
+        dst += moe__qp_unit_bytes(q->type);
+    }
+}
+
+/* Unit u's code of row r, value k (0..31), its scale and min, read back
+   from a group: what moe__subblock_codes gives for the original block. */
+static int moe__qp_code(int32_t type, const unsigned char *unit, int32_t r, int32_t k) {
+    if (type == MOE_QTYPE_Q8_0) return (int)unit[64 * (k / 4) + 4 * r + k % 4] - 128;
+    {
+        const unsigned char byte = unit[64 * (k % 16 / 4) + 4 * r + k % 4];
+        const int nib = k < 16 ? byte & 0xf : byte >> 4;
+        return type == MOE_QTYPE_Q4_0 ? nib - 8 : type == MOE_QTYPE_MXFP4 ? moe__e2m1x2[nib] : nib;
+    }
+}
+
+/* moe__qdot_ref on a group: the 16 rows . activation rows r0 .. r0 + nr - 1
+   into out[i][16], the same integer sums and the same float steps in the
+   same order, so the same bits as moe__qdot_ref on the blocks. The spec of
+   moe__qpdot_simd.                                                        */
+MOE__TWIN static void moe__qpdot_ref(int32_t type, const unsigned char *g, const moe__qact *a,
+                                     int64_t r0, int32_t nr, float *out) {
+    const int32_t nb = a->k / 32;
+    const size_t code_bytes = type == MOE_QTYPE_Q8_0 ? 512 : 256;
+    int32_t i, r, b, k;
+    for (i = 0; i < nr; i++) {
+        const int8_t *q = a->q + (size_t)(r0 + i) * (size_t)a->k;
+        const float *d = a->d + (size_t)(r0 + i) * (size_t)nb, *s = a->s + (size_t)(r0 + i) * nb;
+        for (r = 0; r < MOE__QP_ROWS; r++) {
+            const unsigned char *unit = g, *head = g;
+            float acc = 0.0f;
+            for (b = 0; b < nb; b++) {
+                int32_t isum = 0;
+                float scale, mn = 0.0f;
+                if (type == MOE_QTYPE_Q4_K && b % 8 == 0) { head = unit; unit += 64; }
+                for (k = 0; k < 32; k++) isum += moe__qp_code(type, unit, r, k) * q[32 * b + k];
+                if (type == MOE_QTYPE_MXFP4) {
+                    memcpy(&scale, unit + code_bytes + 4 * r, sizeof scale);
+                } else if (type == MOE_QTYPE_Q4_K) {
+                    scale = moe__f16_float(moe__u16le(head + 2 * r)) * (float)unit[code_bytes + r];
+                    mn = moe__f16_float(moe__u16le(head + 32 + 2 * r)) *
+                         (float)unit[code_bytes + 16 + r];
+                } else {
+                    scale = moe__f16_float(moe__u16le(unit + code_bytes + 2 * r));
+                }
+                acc += scale * d[b] * (float)isum - mn * s[b];
+                unit += moe__qp_unit_bytes(type);
+            }
+            out[(size_t)i * MOE__QP_ROWS + (size_t)r] = acc;
+        }
     }
 }
 
@@ -1612,6 +1771,13 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
 #  define MOE__MR 1          /* no micro-kernel: workspace sizes only */
 #endif
 #define MOE__NR (2 * MOE__VL) /* register tile width: two vectors           */
+/* moe__qpdot_simd, the decode layout's kernel (w.qpacked), needs AVX-512BW's
+   byte operations; other builds do not read w.qpacked. */
+#if MOE__HAS_SIMD && defined(__AVX512F__) && defined(__AVX512BW__)
+#  define MOE__HAS_QPDOT 1
+#else
+#  define MOE__HAS_QPDOT 0
+#endif
 
 // ----------------------------------------------------------------------------
 // Threads: the library cuts work into a flat list of independent tasks and
@@ -2275,6 +2441,10 @@ typedef struct moe__ffn {
     const float *gate_bias, *up_bias, *down_bias;  /* [F], [F], [D] each or NULL  */
     size_t gate_stride, up_stride, down_stride;
     moe__qmat gate_q, up_q, down_q;                /* blocks instead (data set)   */
+    /* the same blocks in moe_qpack_weights's groups (read where the build has
+       moe__qpdot_simd), expert e's at *_qp + e * *_qps; NULL: none */
+    const unsigned char *gate_qp, *up_qp, *down_qp;
+    size_t gate_qps, up_qps, down_qps;
     int32_t D, F;
     moe_activation act;
     const moe_config *dropout;   /* non-NULL: expert dropout on (routed experts, training) */
@@ -4651,6 +4821,92 @@ static int moe__pack_check(const moe_config *c, const moe_weights *w) {
            moe__pack_plan(c, &pk) == MOE_STATUS_OK && h.bytes == pk.bytes;
 }
 
+/* The decode layout's blob (moe_qpack_weights):
+     header (64 bytes) | routed gate, up, down: each [E] matrices |
+     shared gate, up, down
+   a matrix as moe__qp_matrix_bytes (0 for fp32 or unused tensors). */
+typedef struct moe__qp_header {
+    char magic[8];                   /* "moe.qp1\0"                           */
+    uint32_t num_experts, d_model, d_ff, shared_d_ff, glu, fused, types[6];
+    uint64_t bytes;
+} moe__qp_header;
+
+typedef struct moe__qp_plan {
+    size_t off[6], per[6];           /* first byte, bytes per expert          */
+    size_t bytes;
+    int32_t types[6];
+} moe__qp_plan;
+
+/* The six matrix sets in blob order, with their rows and columns. */
+static void moe__qp_sets(const moe_config *c, const moe__ffn *f, const moe__ffn *sh,
+                         const moe__qmat **m, size_t *rows, size_t *cols, size_t *count) {
+    const size_t D = (size_t)c->d_model, F = (size_t)c->d_ff, Fs = (size_t)c->shared_d_ff;
+    const size_t E = (size_t)c->num_experts, n_sh = c->shared_d_ff > 0;
+    const int glu = moe__act_is_glu(c->activation);
+    int i;
+    m[0] = &f->gate_q; m[1] = &f->up_q; m[2] = &f->down_q;
+    m[3] = &sh->gate_q; m[4] = &sh->up_q; m[5] = &sh->down_q;
+    for (i = 0; i < 6; i++) {
+        rows[i] = i == 2 || i == 5 ? D : i < 3 ? F : Fs;
+        cols[i] = i == 2 ? F : i == 5 ? Fs : D;
+        count[i] = (i % 3 == 1 && !glu) ? 0 : i < 3 ? E : n_sh;
+    }
+}
+
+static moe_status moe__qpack_plan(const moe_config *c, const moe_weights *w, moe__qp_plan *p) {
+    const moe__ffn f = moe__routed_ffn(c, w), sh = moe__shared_ffn(c, w);
+    const moe__qmat *m[6];
+    size_t rows[6], cols[6], count[6], t = 64;
+    int i, any = 0;
+    moe__qp_sets(c, &f, &sh, m, rows, cols, count);
+    for (i = 0; i < 6; i++) {
+        p->types[i] = count[i] && m[i]->data ? m[i]->type : MOE_QTYPE_F32;
+        p->per[i] = count[i] ? moe__qp_matrix_bytes(m[i], rows[i], cols[i]) : 0;
+        p->off[i] = t;
+        t = moe__add(t, moe__mul(count[i], p->per[i]));
+        any |= p->per[i] != 0;
+    }
+    p->bytes = t;
+    if (t == (size_t)-1) return MOE_STATUS_SIZE_OVERFLOW;
+    return any ? MOE_STATUS_OK : MOE_STATUS_UNSUPPORTED;
+}
+
+/* Was w.qpacked made by moe_qpack_weights for this config and these weight
+   types, and does w.qpacked_bytes hold all of it? */
+static int moe__qpack_check(const moe_config *c, const moe_weights *w) {
+    moe__qp_header h;
+    moe__qp_plan p;
+    int i;
+    if (!w->qpacked || w->qpacked_bytes < sizeof h) return 0;
+    memcpy(&h, w->qpacked, sizeof h);
+    if (memcmp(h.magic, "moe.qp1", 8) != 0 || moe__qpack_plan(c, w, &p) != MOE_STATUS_OK ||
+        h.bytes != p.bytes || h.bytes > w->qpacked_bytes ||
+        h.num_experts != (uint32_t)c->num_experts || h.d_model != (uint32_t)c->d_model ||
+        h.d_ff != (uint32_t)c->d_ff || h.shared_d_ff != (uint32_t)c->shared_d_ff ||
+        h.glu != (uint32_t)moe__act_is_glu(c->activation) ||
+        h.fused != (uint32_t)(w->gate_up_fused != 0))
+        return 0;
+    for (i = 0; i < 6; i++) if (h.types[i] != (uint32_t)p.types[i]) return 0;
+    return 1;
+}
+
+/* Does the forward read w.qpacked? (checked by moe_forward first) */
+static int moe__reads_qpacked(const moe_config *c, const moe_weights *w) {
+    return MOE__HAS_QPDOT && w->qpacked != NULL && c->isa != MOE_ISA_REFERENCE;
+}
+
+/* Point a set's quantized matrices at their groups in w.qpacked. */
+static void moe__ffn_attach_qpack(moe__ffn *f, const moe_config *c, const moe_weights *w,
+                                  int shared) {
+    moe__qp_plan p;
+    const unsigned char *base = (const unsigned char *)w->qpacked;
+    const int o = shared ? 3 : 0;
+    if (moe__qpack_plan(c, w, &p) != MOE_STATUS_OK) return;
+    f->gate_qp = p.per[o] ? base + p.off[o] : NULL;        f->gate_qps = p.per[o];
+    f->up_qp = p.per[o + 1] ? base + p.off[o + 1] : NULL;  f->up_qps = p.per[o + 1];
+    f->down_qp = p.per[o + 2] ? base + p.off[o + 2] : NULL; f->down_qps = p.per[o + 2];
+}
+
 #if MOE__HAS_SIMD
 /* One stage of a packed expert set over expert-contiguous rows, as a flat
    task list: expert x row block x run of panels.
@@ -5290,6 +5546,153 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
     default: moe__qdot_x86_4(type, w, a, r0, out); break;
     }
 }
+#if MOE__HAS_QPDOT
+/* moe__qpdot_ref's sums on 512-bit vectors: lane r of every vector is row
+   r of the group, so a unit is 8 (Q8_0) or 4 (4-bit) loads of codes and 8
+   dpbusd per activation row, each with that row's 4 int8 q broadcast, and
+   no horizontal sum. Codes are stored unsigned (moe__qp_pack_group): the
+   products' sum has the offset's share, off * sum(q), taken back in int32.
+   Without VNNI, dpbusd is maddubs + madd, exact for codes below 16 (Q8_0's
+   bytes go in as two nibbles).                                            */
+static __m512i moe__dpbusd(__m512i acc, __m512i u, __m512i s) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s),
+                                                   _mm512_set1_epi16(1)));
+#endif
+}
+static __m512i moe__dpbusd_u8(__m512i acc, __m512i u, __m512i s) {   /* any byte u */
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    const __m512i lo = _mm512_set1_epi8(0x0f);
+    return _mm512_add_epi32(moe__dpbusd(acc, _mm512_and_si512(u, lo), s),
+                            _mm512_slli_epi32(moe__dpbusd(_mm512_setzero_si512(),
+                                _mm512_and_si512(_mm512_srli_epi16(u, 4), lo), s), 4));
+#endif
+}
+static __m512 moe__f16x16(const unsigned char *h) {
+    return _mm512_maskz_cvtph_ps((__mmask16)0xFFFF,
+                                 _mm256_loadu_si256((const __m256i *)(const void *)h));
+}
+static __m512 moe__u8x16(const unsigned char *b) {
+    return _mm512_maskz_cvtepi32_ps((__mmask16)0xFFFF, _mm512_maskz_cvtepu8_epi32(
+        (__mmask16)0xFFFF, _mm_loadu_si128((const __m128i *)(const void *)b)));
+}
+
+/* Row i's 8 dpbusd over the unit's codes c0..c7 (two chains: half the
+   latency), its offset taken back, then acc_i += isum * scale * d [- mn * s]. */
+#define MOE__QP_ROW(NR, i)                                                                     \
+    if ((NR) > (i)) {                                                                            \
+        int32_t v_[8];                                                                         \
+        __m512i s0_, s1_;                                                                      \
+        memcpy(v_, q[i] + 32 * b, sizeof v_);                                                  \
+        s0_ = MOE__QP_DP(_mm512_setzero_si512(), c0, v_[0]);                                   \
+        s1_ = MOE__QP_DP(_mm512_setzero_si512(), c1, v_[1]);                                   \
+        s0_ = MOE__QP_DP(s0_, c2, v_[2]); s1_ = MOE__QP_DP(s1_, c3, v_[3]);                    \
+        s0_ = MOE__QP_DP(s0_, c4, v_[4]); s1_ = MOE__QP_DP(s1_, c5, v_[5]);                    \
+        s0_ = MOE__QP_DP(s0_, c6, v_[6]); s1_ = MOE__QP_DP(s1_, c7, v_[7]);                    \
+        s0_ = _mm512_sub_epi32(_mm512_add_epi32(s0_, s1_), _mm512_set1_epi32(off * qs[i][b])); \
+        acc##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0_),                                      \
+                                 _mm512_mul_ps(scale, _mm512_set1_ps(d[i][b])), acc##i);       \
+        if (type == MOE_QTYPE_Q4_K)                                                            \
+            acc##i = _mm512_fnmadd_ps(mn, _mm512_set1_ps(s[i][b]), acc##i);                    \
+    }
+#define MOE__QP_DP(acc, c, v)                                                                  \
+    (wide ? moe__dpbusd_u8((acc), (c), _mm512_set1_epi32(v))                                   \
+          : moe__dpbusd((acc), (c), _mm512_set1_epi32(v)))
+
+/* The kernel for NR activation rows (a constant where it is expanded, so
+   the codes and the accumulators stay in registers). */
+#define MOE__QP_KERNEL(NR)                                                                     \
+    static void moe__qpdot_x86_##NR(int32_t type, const unsigned char *g, const moe__qact *a, \
+                                    int64_t r0, float *out) {                                  \
+        const int32_t nb = a->k / 32, wide = type == MOE_QTYPE_Q8_0;                          \
+        const int32_t off = wide ? 128 : type == MOE_QTYPE_Q4_0 ? 8                           \
+                          : type == MOE_QTYPE_MXFP4 ? 12 : 0;                                  \
+        const size_t code_bytes = wide ? 512 : 256, unit = moe__qp_unit_bytes(type);          \
+        const __m512i lo = _mm512_set1_epi8(0x0f);                                             \
+        const __m512i e2m1 = _mm512_maskz_broadcast_i32x4((__mmask16)0xFFFF, _mm_setr_epi8(    \
+            12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));  /* + 12 */         \
+        const int8_t *q[4];                                                                    \
+        const float *d[4], *s[4];                                                              \
+        const int32_t *qs[4];                                                                  \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;              \
+        __m512 dd = acc0, dm = acc0;                                                           \
+        int32_t b, i;                                                                          \
+        for (i = 0; i < NR; i++) {                                                             \
+            const size_t row = (size_t)(r0 + i);                                               \
+            q[i] = a->q + row * (size_t)a->k;                                                  \
+            d[i] = a->d + row * (size_t)nb; s[i] = a->s + row * (size_t)nb;                   \
+            qs[i] = a->qsum + row * (size_t)nb;                                                \
+        }                                                                                      \
+        for (b = 0; b < nb; b++, g += unit) {                                                  \
+            __m512i c0, c1, c2, c3, c4, c5, c6, c7;                                            \
+            __m512 scale, mn = _mm512_setzero_ps();                                            \
+            if (type == MOE_QTYPE_Q4_K && b % 8 == 0) {                                        \
+                dd = moe__f16x16(g); dm = moe__f16x16(g + 32); g += 64;                        \
+            }                                                                                  \
+            if (wide) {                                                                        \
+                c0 = _mm512_loadu_si512((const void *)g);                                      \
+                c1 = _mm512_loadu_si512((const void *)(g + 64));                               \
+                c2 = _mm512_loadu_si512((const void *)(g + 128));                              \
+                c3 = _mm512_loadu_si512((const void *)(g + 192));                              \
+                c4 = _mm512_loadu_si512((const void *)(g + 256));                              \
+                c5 = _mm512_loadu_si512((const void *)(g + 320));                              \
+                c6 = _mm512_loadu_si512((const void *)(g + 384));                              \
+                c7 = _mm512_loadu_si512((const void *)(g + 448));                              \
+            } else {           /* chunk j: low nibbles k-group j, high nibbles j + 4 */        \
+                const __m512i r0_ = _mm512_loadu_si512((const void *)g);                       \
+                const __m512i r1_ = _mm512_loadu_si512((const void *)(g + 64));                \
+                const __m512i r2_ = _mm512_loadu_si512((const void *)(g + 128));               \
+                const __m512i r3_ = _mm512_loadu_si512((const void *)(g + 192));               \
+                c0 = _mm512_and_si512(r0_, lo); c1 = _mm512_and_si512(r1_, lo);                \
+                c2 = _mm512_and_si512(r2_, lo); c3 = _mm512_and_si512(r3_, lo);                \
+                c4 = _mm512_and_si512(_mm512_srli_epi16(r0_, 4), lo);                          \
+                c5 = _mm512_and_si512(_mm512_srli_epi16(r1_, 4), lo);                          \
+                c6 = _mm512_and_si512(_mm512_srli_epi16(r2_, 4), lo);                          \
+                c7 = _mm512_and_si512(_mm512_srli_epi16(r3_, 4), lo);                          \
+                if (type == MOE_QTYPE_MXFP4) {                                                 \
+                    c0 = _mm512_shuffle_epi8(e2m1, c0); c1 = _mm512_shuffle_epi8(e2m1, c1);    \
+                    c2 = _mm512_shuffle_epi8(e2m1, c2); c3 = _mm512_shuffle_epi8(e2m1, c3);    \
+                    c4 = _mm512_shuffle_epi8(e2m1, c4); c5 = _mm512_shuffle_epi8(e2m1, c5);    \
+                    c6 = _mm512_shuffle_epi8(e2m1, c6); c7 = _mm512_shuffle_epi8(e2m1, c7);    \
+                }                                                                              \
+            }                                                                                  \
+            if (type == MOE_QTYPE_MXFP4) {                                                     \
+                scale = _mm512_loadu_ps((const float *)(const void *)(g + code_bytes));        \
+            } else if (type == MOE_QTYPE_Q4_K) {                                               \
+                scale = _mm512_mul_ps(dd, moe__u8x16(g + code_bytes));                         \
+                mn = _mm512_mul_ps(dm, moe__u8x16(g + code_bytes + 16));                       \
+            } else {                                                                           \
+                scale = moe__f16x16(g + code_bytes);                                           \
+            }                                                                                  \
+            MOE__QP_ROW(NR, 0) MOE__QP_ROW(NR, 1) MOE__QP_ROW(NR, 2) MOE__QP_ROW(NR, 3)        \
+        }                                                                                      \
+        _mm512_storeu_ps(out, acc0);                                                           \
+        if (NR > 1) _mm512_storeu_ps(out + MOE__QP_ROWS, acc1);                                \
+        if (NR > 2) _mm512_storeu_ps(out + 2 * MOE__QP_ROWS, acc2);                            \
+        if (NR > 3) _mm512_storeu_ps(out + 3 * MOE__QP_ROWS, acc3);                            \
+    }
+MOE__QP_KERNEL(1)
+MOE__QP_KERNEL(2)
+MOE__QP_KERNEL(3)
+MOE__QP_KERNEL(4)
+#undef MOE__QP_KERNEL
+#undef MOE__QP_ROW
+#undef MOE__QP_DP
+
+static void moe__qpdot_simd(int32_t type, const unsigned char *g, const moe__qact *a, int64_t r0,
+                            int32_t nr, float *out) {
+    switch (nr) {
+    case 1: moe__qpdot_x86_1(type, g, a, r0, out); break;
+    case 2: moe__qpdot_x86_2(type, g, a, r0, out); break;
+    case 3: moe__qpdot_x86_3(type, g, a, r0, out); break;
+    default: moe__qpdot_x86_4(type, g, a, r0, out); break;
+    }
+}
+#endif /* AVX-512 + BW */
 #elif defined(__ARM_FEATURE_DOTPROD)
 /* aarch64 with the dot-product extension (-march=armv8.2-a+dotprod): SDOT
    sums four signed int8 products per 32-bit lane, so codes need no sign
@@ -5356,11 +5759,14 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    instead of being decoded into fp32 panels first. A flat task list of
    (expert, run of MOE__QDOT_UNITS output units); each task writes its own
    units of its expert's rows, in a fixed order: the same bits for any
-   thread count. Above MOE__QDOT_ROWS rows an expert takes the panels,
-   above MOE__QDOT_ROWS_PACKED when w.packed holds them already (measured
-   on the 2-core AVX-512 host, bench/RESULTS.md: beside the blob, experts
-   of 8-12 rows ran 0.55-0.72x as fast on the blocks as packed fp32, of
-   1-4 rows 0.86-2.1x).                                                   */
+   thread count. With w.qpacked (AVX-512 builds) the dots read the decode
+   layout, 16 weight rows a vector. Above MOE__QDOT_ROWS rows an expert
+   takes the panels, above MOE__QDOT_ROWS_PACKED when w.packed holds them
+   already and there is no decode layout (measured on the 2-core AVX-512
+   host, bench/RESULTS.md: beside the blob, experts of 8-12 rows ran
+   0.55-0.72x as fast on the blocks as packed fp32, of 1-4 rows 0.86-2.1x;
+   on the decode layout, deepseek-mini T = 128 (about 12 rows an expert)
+   1.4x faster than the panels).                                          */
 #define MOE__QDOT_ROWS 16
 #define MOE__QDOT_ROWS_PACKED 4
 #define MOE__QDOT_UNITS 32
@@ -5383,6 +5789,7 @@ static void moe__qact_row(const moe__qact *a, int64_t r, const float *x) {
         }
         a->d[(size_t)r * (size_t)nb + (size_t)b] = d;
         a->s[(size_t)r * (size_t)nb + (size_t)b] = d * (float)sum;
+        a->qsum[(size_t)r * (size_t)nb + (size_t)b] = sum;
     }
 }
 
@@ -5434,6 +5841,49 @@ static void moe__qdot_task(void *arg, int32_t task) {
     float v[MOE__QDOT_NR], vu[MOE__QDOT_NR];
     int64_t r0, r;
     int32_t u, i, nr;
+#if MOE__HAS_QPDOT
+    const unsigned char *qp = J->stage == 1 ? f->gate_qp : f->down_qp;
+    if (qp && (J->stage == 2 || !glu || f->up_qp)) {   /* 16 units at a time */
+        float g16[MOE__QDOT_NR * MOE__QP_ROWS], u16[MOE__QDOT_NR * MOE__QP_ROWS];
+        const size_t gb = moe__qp_group_bytes(J->stage == 1 ? f->gate_q.type : f->down_q.type,
+                                              (size_t)J->a.k);
+        const size_t ub = glu && J->stage == 1 ? moe__qp_group_bytes(f->up_q.type, D) : 0;
+        int32_t g0;
+        for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
+            nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
+            for (g0 = u0; g0 < u1; g0 += MOE__QP_ROWS) {
+                const int32_t n = u1 - g0 < MOE__QP_ROWS ? u1 - g0 : MOE__QP_ROWS;
+                const size_t grp = (size_t)(g0 / MOE__QP_ROWS);
+                if (J->stage == 1) {
+                    moe__qpdot_simd(f->gate_q.type, f->gate_qp + e * f->gate_qps + grp * gb, &J->a,
+                                    r0, nr, g16);
+                    if (glu)
+                        moe__qpdot_simd(f->up_q.type, f->up_qp + e * f->up_qps + grp * ub, &J->a,
+                                        r0, nr, u16);
+                    for (i = 0; i < nr; i++)
+                        for (u = 0; u < n; u++) {
+                            const size_t h = (size_t)(r0 + i) * F + (size_t)(g0 + u);
+                            const size_t k = (size_t)i * MOE__QP_ROWS + (size_t)u;
+                            J->hg[h] = g16[k] + (f->gate_bias ? f->gate_bias[e * F + (size_t)(g0 + u)]
+                                                              : 0.0f);
+                            if (glu)
+                                J->hu[h] = u16[k] + (f->up_bias ? f->up_bias[e * F + (size_t)(g0 + u)]
+                                                                : 0.0f);
+                        }
+                } else {
+                    moe__qpdot_simd(f->down_q.type, f->down_qp + e * f->down_qps + grp * gb, &J->a,
+                                    r0, nr, g16);
+                    for (i = 0; i < nr; i++)
+                        for (u = 0; u < n; u++)
+                            J->out[(size_t)(r0 + i) * D + (size_t)(g0 + u)] =
+                                g16[(size_t)i * MOE__QP_ROWS + (size_t)u] +
+                                (f->down_bias ? f->down_bias[e * D + (size_t)(g0 + u)] : 0.0f);
+                }
+            }
+        }
+        goto activate;
+    }
+#endif
     for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
         nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
         for (u = u0; u < u1; u++) {
@@ -5457,6 +5907,9 @@ static void moe__qdot_task(void *arg, int32_t task) {
             }
         }
     }
+#if MOE__HAS_QPDOT
+activate:
+#endif
     if (J->stage == 1)
         for (r = J->off[e]; r < J->off[e + 1]; r++) {
             moe__activate_ref(f->act, J->ha + (size_t)r * F + (size_t)u0,
@@ -5469,7 +5922,7 @@ static void moe__qdot_task(void *arg, int32_t task) {
 
 /* Run the experts of a set with 1..max_rows rows this way; returns how
    many it ran. experts: scratch for their list ([n_sets]); act: room for
-   the int8 activations (1.25 bytes a value of N rows of max(D, F)). */
+   the int8 activations (1.375 bytes a value of N rows of max(D, F)). */
 static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t n_sets,
                                  const int64_t *off, int64_t max_rows, const float *x, float *hg,
                                  float *hu, float *ha, float *out, int32_t *experts, float *act) {
@@ -5488,7 +5941,8 @@ static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t
         const size_t nb = (size_t)(k / 32);
         J.a.k = k;
         J.a.d = act; J.a.s = act + N * nb;
-        J.a.q = (int8_t *)(void *)(act + 2 * N * nb);
+        J.a.qsum = (int32_t *)(void *)(act + 2 * N * nb);
+        J.a.q = (int8_t *)(void *)(act + 3 * N * nb);
         if (J.stage == 1 ? f->gate_q.data || (glu && f->up_q.data) : f->down_q.data != NULL)
             moe__parallel_for(c, n, moe__qdot_act_task, &J, (double)N * (double)k);
         J.runs = (n_units + MOE__QDOT_UNITS - 1) / MOE__QDOT_UNITS;
@@ -5510,7 +5964,10 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               float *tiles, const moe__ws *ws) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
-    const int64_t qdot_rows = packed_set ? MOE__QDOT_ROWS_PACKED : MOE__QDOT_ROWS;
+    /* the decode layout's dots beat the panels up to 16 rows, blob or not (64: no
+       better than the panels at 32 rows) */
+    const int64_t qdot_rows = packed_set && !f->gate_qp && !f->down_qp ? MOE__QDOT_ROWS_PACKED
+                                                                       : MOE__QDOT_ROWS;
     moe__packed_job J;
     moe__pack_job pj;
     int32_t e;
@@ -5792,6 +6249,7 @@ static void moe__weight_spans(moe__spans *S, const moe_config *c, const moe_weig
     if (c->selection_bias)
         moe__span(S, w->selection_bias, (size_t)c->num_experts, sizeof(float), 0);
     if (!experts) moe__span(S, w->packed, w->packed_bytes, 1, 0);
+    moe__span(S, w->qpacked, w->qpacked_bytes, 1, 0);
 }
 
 /* Does the forward read quantized experts, routed or shared? (up only where used) */
@@ -6263,6 +6721,80 @@ MOEDEF moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
     return MOE_STATUS_OK;
 }
 
+MOEDEF moe_status moe_qpack_size(const moe_config *cfg, const moe_weights *w,
+                                 size_t *out_bytes) {
+    moe_config c;
+    moe__qp_plan p;
+    moe_status st;
+    if (!cfg || !w || !out_bytes) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
+    if ((st = moe__qpack_plan(&c, w, &p)) != MOE_STATUS_OK) return st;
+    *out_bytes = p.bytes;
+    return MOE_STATUS_OK;
+}
+
+/* One task: one group of 16 rows of one matrix of one expert. */
+typedef struct moe__qpack_job {
+    const moe__qmat *m;
+    size_t rows, cols, groups, per;
+    unsigned char *dst;
+} moe__qpack_job;
+static void moe__qpack_task(void *arg, int32_t task) {
+    const moe__qpack_job *J = (const moe__qpack_job *)arg;
+    const size_t e = (size_t)task / J->groups, g = (size_t)task % J->groups;
+    const size_t gb = moe__qp_group_bytes(J->m->type, J->cols);
+    moe__qp_pack_group(J->m, e, g * MOE__QP_ROWS, J->rows, J->cols, J->dst + e * J->per + g * gb);
+}
+
+MOEDEF moe_status moe_qpack_weights(const moe_config *cfg, const moe_weights *w,
+                                    void *qpacked, size_t bytes) {
+    moe_config c;
+    moe__qp_plan p;
+    moe__qp_header h;
+    moe_status st;
+    moe__ffn f, sh;
+    const moe__qmat *m[6];
+    size_t rows[6], cols[6], count[6];
+    int i;
+    if (!cfg || !w || !qpacked) return MOE_STATUS_NULL_ARGUMENT;
+    if ((st = moe_config_resolve(cfg, &c)) != MOE_STATUS_OK) return st;
+    if ((st = moe__check_weights(&c, w, 0)) != MOE_STATUS_OK) return st;
+    if ((st = moe__qpack_plan(&c, w, &p)) != MOE_STATUS_OK) return st;
+    if (bytes < p.bytes) return MOE_STATUS_WORKSPACE_TOO_SMALL;
+    {
+        moe__spans sp;
+        moe_weights wr = *w;
+        sp.n = 0;
+        wr.qpacked = NULL;                        /* the blob being written is no input */
+        moe__span(&sp, qpacked, p.bytes, 1, 1);
+        moe__weight_spans(&sp, &c, &wr, 1);
+        if (moe__spans_overlap(&sp)) return MOE_STATUS_ALIASING;
+    }
+    f = moe__routed_ffn(&c, w);
+    sh = moe__shared_ffn(&c, w);
+    moe__qp_sets(&c, &f, &sh, m, rows, cols, count);
+    for (i = 0; i < 6; i++) {
+        moe__qpack_job J;
+        if (!p.per[i]) continue;
+        J.m = m[i]; J.rows = rows[i]; J.cols = cols[i]; J.per = p.per[i];
+        J.groups = (rows[i] + MOE__QP_ROWS - 1) / MOE__QP_ROWS;
+        J.dst = (unsigned char *)qpacked + p.off[i];
+        moe__parallel_for(&c, (int32_t)(count[i] * J.groups), moe__qpack_task, &J,
+                          (double)count[i] * (double)p.per[i]);
+    }
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, "moe.qp1", 8);
+    h.num_experts = (uint32_t)c.num_experts; h.d_model = (uint32_t)c.d_model;
+    h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
+    h.glu = (uint32_t)moe__act_is_glu(c.activation); h.fused = (uint32_t)(w->gate_up_fused != 0);
+    for (i = 0; i < 6; i++) h.types[i] = (uint32_t)p.types[i];
+    h.bytes = p.bytes;
+    memset(qpacked, 0, 64);
+    memcpy(qpacked, &h, sizeof h);
+    return MOE_STATUS_OK;
+}
+
 /* The three workspace size queries: resolve, check T, lay out, report. */
 static moe_status moe__workspace_size(const moe_config *cfg, int32_t T, int mode,
                                       size_t *out_bytes) {
@@ -6340,11 +6872,15 @@ static void moe__experts_ffn(const moe_config *c, const moe_weights *w, const fl
                              const moe__ws *ws) {
     const int glu = moe__act_is_glu(c->activation);
     const int64_t sh_off[2] = {0, (int64_t)T};
-    const moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair), sh = moe__shared_ffn(c, w);
+    moe__ffn ffn = moe__routed_ffn_train(c, w, ws->row_pair), sh = moe__shared_ffn(c, w);
     const moe__kernels *k = moe__kernels_of(c);
     const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
     moe__pack_layout pk;
     memset(&pk, 0, sizeof pk);
+    if (moe__reads_qpacked(c, w)) {
+        moe__ffn_attach_qpack(&ffn, c, w, 0);
+        moe__ffn_attach_qpack(&sh, c, w, 1);
+    }
     if (packed) moe__pack_plan(c, &pk);
     k->experts(c, &ffn, packed ? packed + pk.experts : NULL, c->num_experts, ws->offsets, ws->xg,
                ws->hg, glu ? ws->hu : NULL, ws->ha, ws->out, ws->tiles, ws);
@@ -6394,6 +6930,7 @@ MOEDEF moe_status moe_forward(const moe_config *cfg, const moe_weights *w,
     forward_packed = moe__reads_packed(&c, w);
     if (forward_packed && !moe__pack_check(&c, w)) return MOE_STATUS_BAD_PACKED;
     if ((st = moe__check_weights(&c, w, forward_packed)) != MOE_STATUS_OK) return st;
+    if (w->qpacked && !moe__qpack_check(&c, w)) return MOE_STATUS_BAD_PACKED;
     if ((st = moe__plan(&c, T, MOE__PLAN_FORWARD, &lay)) != MOE_STATUS_OK) return st;
     {   /* y may be x; nothing else written may overlap anything */
         moe__spans sp;

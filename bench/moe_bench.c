@@ -60,6 +60,9 @@
                    variant 3, the panels' for variant 2. A shape
                    whose rows are not whole blocks is skipped (Q4_K needs
                    multiples of 256)
+     --qpack 1     with --qtype: moe_qpack_weights once, w.qpacked set (the
+                   decode layout the integer dots read where the build has
+                   AVX-512 + BW), for variants 2 and 3
    Stages (--stage): the same shapes, T values, variants, timing loop,
    ceilings and columns; one row per (stage, shape, T), JSON rows of type
    "stage" with a "stage" field. Each (variant, shape, T) first runs one
@@ -465,8 +468,9 @@ static void *pack(const moe_config *cfg, moe_weights *w) {
     return packed;
 }
 
-/* --qtype: the routed experts' tensors as blocks (-1: fp32) */
-static int qtype_opt = -1;
+/* --qtype: the routed experts' tensors as blocks (-1: fp32); --qpack 1: with
+   their decode layout too */
+static int qtype_opt = -1, qpack_opt = 0;
 /* t's routed expert tensors into blocks of qtype_opt, set in w; returns the
    blocks (one allocation) or NULL when a row is not whole blocks. */
 static unsigned char *quantize_experts(const moe_config *cfg, const moe_grads *t, moe_weights *w) {
@@ -508,7 +512,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
 #endif
     const int backward = variant == 1 || variant == 4;
     double esize = variant == 6 ? 2.0 : 4.0, esize_routed = esize;
-    void *packed = NULL;
+    void *packed = NULL, *qpacked = NULL;
     unsigned char *blocks = NULL;
     cfg.training = cfg.save_for_backward = backward;
     if (variant <= 1) cfg.isa = MOE_ISA_REFERENCE;
@@ -527,6 +531,15 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
     }
     if (variant == 6) cfg.pack_bf16 = 1;
     if (variant == 2 || variant == 4 || variant == 6) packed = pack(&cfg, &w);
+    if (blocks && qpack_opt && (variant == 2 || variant == 3)) {
+        size_t qb = 0;
+        if (moe_qpack_size(&cfg, &w, &qb) != MOE_STATUS_OK || !(qpacked = malloc(qb)) ||
+            moe_qpack_weights(&cfg, &w, qpacked, qb) != MOE_STATUS_OK) {
+            fprintf(stderr, "moe_qpack_weights failed\n");
+            exit(1);
+        }
+        w.qpacked = qpacked; w.qpacked_bytes = qb;
+    }
     if (backward) {
         layer_tensors(&cfg, &g, 0.0f);
         moe_backward_workspace_size(&cfg, T, &bb);
@@ -618,7 +631,7 @@ static void run_shape(const char *name, moe_config cfg, int variant, int T, cons
                 1e3 * times[0], 1e3 * times[runs - 1], flops, bytes_touched, gflops, gbs,
                 100.0 * gflops / cl->peak_gflops, 100.0 * gbs / cl->read_gbs);
     free(x); free(y); free(dy); free(dx); free(fws); free(bws); free(ibuf);
-    free_tensors(&wt); free_tensors(&g); free(packed); free(blocks);
+    free_tensors(&wt); free_tensors(&g); free(packed); free(blocks); free(qpacked);
 #ifdef MOE_BENCH_OPENBLAS
     if (variant == 5) {
         free(peer.logits); free(peer.xg); free(peer.hg); free(peer.hu); free(peer.out);
@@ -1006,8 +1019,11 @@ int main(int argc, char **argv) {
             for (s = 0; s < 4 && strcmp(p, moe_qtype_name(qs[s])) != 0; s++) {}
             if (s == 4) { fprintf(stderr, "--qtype: q8_0, q4_0, q4_k or mxfp4\n"); return 2; }
             qtype_opt = (int)qs[s];
+        } else if (strcmp(a, "--qpack") == 0) {
+            qpack_opt = atoi(p) != 0;
         } else {
-            fprintf(stderr, "unknown option %s (--stage, --reps, --T, --shape, --qtype)\n", a);
+            fprintf(stderr, "unknown option %s (--stage, --reps, --T, --shape, --qtype, --qpack)\n",
+                    a);
             return 2;
         }
     }

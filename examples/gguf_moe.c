@@ -1094,6 +1094,7 @@ int main(int argc, char **argv) {
     gg_file f;
     gg_layer L;
     float *x, *y, *yref;
+    void *qpacked = NULL;
     moe_info info;
     moe_status ms;
     clock_t t0;
@@ -1155,6 +1156,15 @@ int main(int argc, char **argv) {
     }
     yref = gg_read_rows(&f, "y_ref", L.D, &Tref);
     if (!(y = (float *)malloc((size_t)T * (size_t)L.D * sizeof(float) + 1))) return 1;
+    if (quantized && !reference) {   /* the decode layout, as an engine packs at load time */
+        size_t qb = 0;
+        if (moe_qpack_size(&L.cfg, &L.w, &qb) == MOE_STATUS_OK && (qpacked = malloc(qb)) &&
+            moe_qpack_weights(&L.cfg, &L.w, qpacked, qb) == MOE_STATUS_OK) {
+            L.w.qpacked = qpacked;
+            L.w.qpacked_bytes = qb;
+            printf("  decode layout: %.1f MiB (moe_qpack_weights)\n", (double)qb / 1048576.0);
+        }
+    }
     memset(&info, 0, sizeof info);
     t0 = clock();
     ms = moe_forward_alloc(&L.cfg, &L.w, x, T, y, &info);
@@ -1180,7 +1190,7 @@ int main(int argc, char **argv) {
                err <= bound ? "ok" : "FAIL");
         if (err > bound) return 1;
     }
-    free(x); free(y); free(yref);
+    free(x); free(y); free(yref); free(qpacked);
     gg_layer_free(&L);
     gg_close(&f);
     return 0;

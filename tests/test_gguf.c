@@ -104,6 +104,20 @@ static void golden(const golden_want *g) {
         c.num_threads = 2;
         CHECK_STATUS(moe_forward_alloc(&c, &L.w, x, T, y2, NULL), MOE_STATUS_OK);
         CHECK(!memcmp(y, y2, n * sizeof(float)));
+        if (quantized) {   /* with the decode layout, as an engine packs it at load time */
+            moe_weights wq = L.w;
+            size_t qb = 0;
+            void *qp;
+            CHECK_STATUS(moe_qpack_size(&L.cfg, &L.w, &qb), MOE_STATUS_OK);
+            qp = malloc(qb);
+            CHECK_STATUS(moe_qpack_weights(&L.cfg, &L.w, qp, qb), MOE_STATUS_OK);
+            wq.qpacked = qp; wq.qpacked_bytes = qb;
+            CHECK_STATUS(moe_forward_alloc(&c, &wq, x, T, y, NULL), MOE_STATUS_OK);
+            if (!(gg_test_err(y, yref, n) <= 2.5e-2))
+                moe_test_fail(__FILE__, __LINE__, "%s qpacked: err %.3g", g->file,
+                              gg_test_err(y, yref, n));
+            free(qp);
+        }
         free(y); free(y2);
     }
     free(x); free(yref);

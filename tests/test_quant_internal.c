@@ -52,6 +52,7 @@ TEST(quant_internal, qdot_twins) {
             a.q = (int8_t *)malloc((size_t)rows * (size_t)k);
             a.d = (float *)malloc((size_t)rows * (size_t)k / 32 * sizeof(float));
             a.s = (float *)malloc((size_t)rows * (size_t)k / 32 * sizeof(float));
+            a.qsum = (int32_t *)malloc((size_t)rows * (size_t)k / 32 * sizeof(int32_t));
             for (i = 0; i < bytes; i++) w[i] = (unsigned char)(moe_test_rand(&s) * 128.0f + 128.0f);
             /* sane scales (random fp16 bytes may be Inf or NaN) */
             for (i = 0; i < bytes; i += (size_t)moe_qtype_row_bytes(t, moe_qtype_block_size(t))) {
@@ -80,9 +81,94 @@ TEST(quant_internal, qdot_twins) {
                 }
             }
             n_checked++;
-            free(w); free(x); free(a.q); free(a.d); free(a.s);
+            free(w); free(x); free(a.q); free(a.d); free(a.s); free(a.qsum);
         }
     CHECK_INT(n_checked, 4 * 5 - 2);   /* Q4_K skips k = 32 and 96 */
+#else
+    SKIP("no SIMD ISA in this build: the integer dots run in SIMD builds only");
+#endif
+}
+
+/* The decode layout (moe_qpack_weights): matrices of n rows (1, 15, 16,
+   17, 33: one group, a full one, one row past, three) packed into groups
+   by moe__qp_pack_group; per group, moe__qpdot_ref must give each live row
+   the bits moe__qdot_ref gives it on the blocks, and moe__qpdot_simd (where
+   the build has it) the same to a few ulp of the magnitude (its float
+   steps fuse: fma). Activation rows 1..4 from row 0 and from row 1. */
+TEST(quant_internal, qpdot_twins) {
+#if MOE__HAS_SIMD
+    const moe_qtype types[4] = {MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, MOE_QTYPE_MXFP4, MOE_QTYPE_Q4_K};
+    const int32_t ks[4] = {32, 96, 256, 768}, ns[5] = {1, 15, 16, 17, 33};
+    uint64_t s = 7;
+    int it, ik, in, n_checked = 0, bad_ref = 0, bad_simd = 0;
+    for (it = 0; it < 4; it++)
+        for (ik = 0; ik < 4; ik++)
+            for (in = 0; in < 5; in++) {
+                const moe_qtype t = types[it];
+                const int32_t k = ks[ik], n = ns[in], rows = MOE__QDOT_NR;
+                const size_t rb = moe_qtype_row_bytes(t, k), gb = moe__qp_group_bytes(t, (size_t)k);
+                const int32_t groups = (n + 15) / 16;
+                unsigned char *w, *g;
+                float *x, ref[MOE__QDOT_NR], grp_ref[MOE__QDOT_NR * 16], grp_simd[MOE__QDOT_NR * 16];
+                moe__qmat m;
+                moe__qact a;
+                size_t i;
+                int32_t r, nr, r0, gi, o;
+                if (rb == 0) continue;           /* Q4_K rows of whole 256-blocks */
+                w = (unsigned char *)malloc((size_t)n * rb);
+                g = (unsigned char *)malloc((size_t)groups * gb);
+                x = (float *)malloc((size_t)k * sizeof(float));
+                for (i = 0; i < (size_t)n * rb; i++)
+                    w[i] = (unsigned char)(moe_test_rand(&s) * 128.0f + 128.0f);
+                for (i = 0; i < (size_t)n * rb; i += moe_qtype_row_bytes(t, moe_qtype_block_size(t))) {
+                    const float scale = 0.01f + 0.02f * moe_test_rand(&s);
+                    if (t == MOE_QTYPE_MXFP4) { w[i] = (unsigned char)(120 + (w[i] & 7)); continue; }
+                    moe__put_u16le(w + i, moe__f16_of(scale));
+                    if (t == MOE_QTYPE_Q4_K) moe__put_u16le(w + i + 2, moe__f16_of(0.5f * scale));
+                }
+                m.data = w; m.type = t; m.row_bytes = rb; m.stride = (size_t)n * rb;
+                for (gi = 0; gi < groups; gi++)
+                    moe__qp_pack_group(&m, 0, (size_t)gi * 16, (size_t)n, (size_t)k, g + (size_t)gi * gb);
+                a.k = k;
+                a.q = (int8_t *)malloc((size_t)rows * (size_t)k);
+                a.d = (float *)malloc((size_t)rows * (size_t)k / 32 * sizeof(float));
+                a.s = (float *)malloc((size_t)rows * (size_t)k / 32 * sizeof(float));
+                a.qsum = (int32_t *)malloc((size_t)rows * (size_t)k / 32 * sizeof(int32_t));
+                for (r = 0; r < rows; r++) {
+                    for (i = 0; i < (size_t)k; i++)
+                        x[i] = moe_test_rand(&s) * (1.0f + (float)((i + (size_t)r) % 5)) - 0.2f * (float)r;
+                    moe__qact_row(&a, r, x);
+                }
+                for (nr = 1; nr <= rows; nr++)
+                    for (r0 = 0; r0 + nr <= rows && r0 <= 1; r0++)
+                        for (gi = 0; gi < groups; gi++) {
+                            moe__qpdot_ref(t, g + (size_t)gi * gb, &a, r0, nr, grp_ref);
+#if MOE__HAS_QPDOT
+                            moe__qpdot_simd(t, g + (size_t)gi * gb, &a, r0, nr, grp_simd);
+#else
+                            memcpy(grp_simd, grp_ref, sizeof grp_ref);
+#endif
+                            for (o = gi * 16; o < n && o < gi * 16 + 16; o++) {
+                                moe__qdot_ref(t, w + (size_t)o * rb, &a, r0, nr, ref);
+                                for (r = 0; r < nr; r++) {
+                                    const float gr = grp_ref[r * 16 + (o - gi * 16)];
+                                    const float gs = grp_simd[r * 16 + (o - gi * 16)];
+                                    double mag = 0.0;
+                                    int32_t b;
+                                    for (b = 0; b < k / 32; b++)   /* |terms| bound the rounding */
+                                        mag += fabs((double)a.s[(size_t)(r0 + r) * (size_t)(k / 32) + b]) *
+                                               0.05 * 32.0 * 16.0 + 1e-30;
+                                    bad_ref += memcmp(&gr, &ref[r], sizeof gr) != 0;
+                                    bad_simd += fabs((double)gs - (double)ref[r]) > 1e-6 * mag + 1e-6 * fabs(ref[r]);
+                                }
+                            }
+                        }
+                n_checked++;
+                free(w); free(g); free(x); free(a.q); free(a.d); free(a.s); free(a.qsum);
+            }
+    CHECK_INT(bad_ref, 0);
+    CHECK_INT(bad_simd, 0);
+    CHECK_INT(n_checked, (4 * 4 - 2) * 5);   /* Q4_K skips k = 32 and 96 */
 #else
     SKIP("no SIMD ISA in this build: the integer dots run in SIMD builds only");
 #endif

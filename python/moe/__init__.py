@@ -11,11 +11,11 @@ moe.torch (imported on its own, needs PyTorch) wraps the layer as a
 torch.autograd.Function whose backward is moe_backward.
 """
 from ._core import (PRESETS, QTYPES, VERSION, Config, Info, Layer, MoeError, Quantized, Weights,
-                    backward, compiled_isa, dequantize, forward, has_openmp, pack, quantize, route,
-                    weight_shapes)
+                    backward, compiled_isa, dequantize, forward, has_openmp, pack, qpack, quantize,
+                    route, weight_shapes)
 from ._moe_cffi import ffi, lib
 
 __version__ = VERSION
 __all__ = ["MoeError", "Config", "Weights", "Info", "Layer", "PRESETS", "VERSION",
            "compiled_isa", "has_openmp", "weight_shapes", "forward", "backward", "route", "pack",
-           "Quantized", "quantize", "dequantize", "QTYPES", "ffi", "lib"]
+           "Quantized", "quantize", "dequantize", "qpack", "QTYPES", "ffi", "lib"]

@@ -208,6 +208,9 @@ typedef struct moe_weights {
 
     const void *packed;
     size_t packed_bytes;
+
+    const void *qpacked;
+    size_t qpacked_bytes;
 } moe_weights;
 
 typedef struct moe_grads {
@@ -290,6 +293,11 @@ moe_status moe_dequantize(moe_qtype type, const void *src, size_t src_bytes,
 moe_status moe_pack_size(const moe_config *cfg, size_t *out_bytes);
 moe_status moe_pack_weights(const moe_config *cfg, const moe_weights *w,
                                    void *packed, size_t bytes);
+
+moe_status moe_qpack_size(const moe_config *cfg, const moe_weights *w,
+                                 size_t *out_bytes);
+moe_status moe_qpack_weights(const moe_config *cfg, const moe_weights *w,
+                                    void *qpacked, size_t bytes);
 
 typedef enum moe_init_scheme { MOE_INIT_XAVIER = 0, MOE_INIT_SWITCH = 1 } moe_init_scheme;
 moe_status moe_init_weights(const moe_config *cfg, moe_init_scheme scheme, uint64_t seed,

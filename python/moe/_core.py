@@ -354,7 +354,7 @@ class Weights:
     A tensor the config does not read is an error (a likely mix-up), except
     soft_scale (optional). shared_expert_gate also takes HF's [1][D]."""
 
-    def __init__(self, cfg, fused=False, packed=None, **arrays):
+    def __init__(self, cfg, fused=False, packed=None, qpacked=None, **arrays):
         shapes = weight_shapes(cfg, fused)
         for name in arrays:
             if name not in _WEIGHT_FIELDS:
@@ -379,7 +379,7 @@ class Weights:
             if name == "shared_expert_gate" and getattr(a, "shape", None) == (1, shape[0]):
                 shape = (1, shape[0])
             self.arrays[name] = _check_array(name, a, shape)
-        self.packed = packed
+        self.packed, self.qpacked = packed, qpacked
         self._c = ffi.new("moe_weights *")
         for name, a in self.arrays.items():
             setattr(self._c, name, _ptr(a))
@@ -390,6 +390,9 @@ class Weights:
         if packed is not None:
             self._c.packed = _ptr(packed, "void *")
             self._c.packed_bytes = packed.nbytes
+        if qpacked is not None:
+            self._c.qpacked = _ptr(qpacked, "void *")
+            self._c.qpacked_bytes = qpacked.nbytes
 
     def __getitem__(self, name):
         return self.arrays[name]
@@ -596,7 +599,22 @@ def pack(cfg, weights):
     _check(lib.moe_pack_size(cfg._c, n), "moe_pack_size")
     blob = np.empty(max(n[0], 1), np.uint8)
     _check(lib.moe_pack_weights(cfg._c, w._c, _ptr(blob, "void *"), n[0]), "moe_pack_weights")
-    return Weights(cfg, fused=w.fused, packed=blob, **w.arrays, **w.quantized)
+    return Weights(cfg, fused=w.fused, packed=blob, qpacked=w.qpacked, **w.arrays, **w.quantized)
+
+
+def qpack(cfg, weights):
+    """Weights with moe_qpack_weights' decode layout of its quantized experts
+    attached (w.qpacked): experts with few rows (decode, small batches) then
+    run their integer dots 16 weight rows at a time, on builds with AVX-512;
+    other builds ignore it. The blocks stay (larger experts read them).
+    MoeError UNSUPPORTED when no expert tensor is quantized."""
+    cfg = _as_config(cfg)
+    w = _as_weights(cfg, weights)
+    n = ffi.new("size_t *")
+    _check(lib.moe_qpack_size(cfg._c, w._c, n), "moe_qpack_size")
+    blob = np.empty(max(n[0], 1), np.uint8)
+    _check(lib.moe_qpack_weights(cfg._c, w._c, _ptr(blob, "void *"), n[0]), "moe_qpack_weights")
+    return Weights(cfg, fused=w.fused, packed=w.packed, qpacked=blob, **w.arrays, **w.quantized)
 
 
 class Layer:
