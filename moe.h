@@ -5553,7 +5553,8 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    no horizontal sum. Codes are stored unsigned (moe__qp_pack_group): the
    products' sum has the offset's share, off * sum(q), taken back in int32.
    Without VNNI, dpbusd is maddubs + madd, exact for codes below 16 (Q8_0's
-   bytes go in as two nibbles).                                            */
+   bytes go in as two nibbles). Zero-masked forms where GCC 12 would warn
+   (moe__v_pow2i's note).                                                  */
 static __m512i moe__dpbusd(__m512i acc, __m512i u, __m512i s) {
 #if defined(__AVX512VNNI__)
     return _mm512_dpbusd_epi32(acc, u, s);
@@ -5568,7 +5569,7 @@ static __m512i moe__dpbusd_u8(__m512i acc, __m512i u, __m512i s) {   /* any byte
 #else
     const __m512i lo = _mm512_set1_epi8(0x0f);
     return _mm512_add_epi32(moe__dpbusd(acc, _mm512_and_si512(u, lo), s),
-                            _mm512_slli_epi32(moe__dpbusd(_mm512_setzero_si512(),
+                            _mm512_maskz_slli_epi32((__mmask16)0xFFFF, moe__dpbusd(_mm512_setzero_si512(),
                                 _mm512_and_si512(_mm512_srli_epi16(u, 4), lo), s), 4));
 #endif
 }
@@ -5594,7 +5595,7 @@ static __m512 moe__u8x16(const unsigned char *b) {
         s0_ = MOE__QP_DP(s0_, c4, v_[4]); s1_ = MOE__QP_DP(s1_, c5, v_[5]);                    \
         s0_ = MOE__QP_DP(s0_, c6, v_[6]); s1_ = MOE__QP_DP(s1_, c7, v_[7]);                    \
         s0_ = _mm512_sub_epi32(_mm512_add_epi32(s0_, s1_), _mm512_set1_epi32(off * qs[i][b])); \
-        acc##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0_),                                      \
+        acc##i = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps((__mmask16)0xFFFF, s0_),                                      \
                                  _mm512_mul_ps(scale, _mm512_set1_ps(d[i][b])), acc##i);       \
         if (type == MOE_QTYPE_Q4_K)                                                            \
             acc##i = _mm512_fnmadd_ps(mn, _mm512_set1_ps(s[i][b]), acc##i);                    \
