@@ -1619,7 +1619,8 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
    (MXFP4, whose scales stay exact as fp32).                                */
 #define MOE__QP_ROWS 16
 
-/* Bytes of one unit's codes and scales, and of a Q4_K super-block header. */
+/* Bytes of one unit's codes and scales; of a group of 16 rows of cols values
+   (with Q4_K's super-block headers). */
 static size_t moe__qp_unit_bytes(int32_t type) {
     return type == MOE_QTYPE_Q8_0 ? 512 + 32 : type == MOE_QTYPE_MXFP4 ? 256 + 64 : 256 + 32;
 }
@@ -1690,8 +1691,8 @@ static void moe__qp_pack_group(const moe__qmat *q, size_t e, size_t row0, size_t
     }
 }
 
-/* Unit u's code of row r, value k (0..31), its scale and min, read back
-   from a group: what moe__subblock_codes gives for the original block. */
+/* Row r's code k (0..31) of a unit, read back from a group as the signed
+   code moe__subblock_codes gives for the original block. */
 static int moe__qp_code(int32_t type, const unsigned char *unit, int32_t r, int32_t k) {
     if (type == MOE_QTYPE_Q8_0) return (int)unit[64 * (k / 4) + 4 * r + k % 4] - 128;
     {
@@ -5568,9 +5569,10 @@ static __m512i moe__dpbusd_u8(__m512i acc, __m512i u, __m512i s) {   /* any byte
     return _mm512_dpbusd_epi32(acc, u, s);
 #else
     const __m512i lo = _mm512_set1_epi8(0x0f);
+    const __m512i hi = moe__dpbusd(_mm512_setzero_si512(),
+                                   _mm512_and_si512(_mm512_srli_epi16(u, 4), lo), s);
     return _mm512_add_epi32(moe__dpbusd(acc, _mm512_and_si512(u, lo), s),
-                            _mm512_maskz_slli_epi32((__mmask16)0xFFFF, moe__dpbusd(_mm512_setzero_si512(),
-                                _mm512_and_si512(_mm512_srli_epi16(u, 4), lo), s), 4));
+                            _mm512_maskz_slli_epi32((__mmask16)0xFFFF, hi, 4));
 #endif
 }
 static __m512 moe__f16x16(const unsigned char *h) {
@@ -5585,7 +5587,7 @@ static __m512 moe__u8x16(const unsigned char *b) {
 /* Row i's 8 dpbusd over the unit's codes c0..c7 (two chains: half the
    latency), its offset taken back, then acc_i += isum * scale * d [- mn * s]. */
 #define MOE__QP_ROW(NR, i)                                                                     \
-    if ((NR) > (i)) {                                                                            \
+    if ((NR) > (i)) {                                                                          \
         int32_t v_[8];                                                                         \
         __m512i s0_, s1_;                                                                      \
         memcpy(v_, q[i] + 32 * b, sizeof v_);                                                  \
@@ -5595,7 +5597,7 @@ static __m512 moe__u8x16(const unsigned char *b) {
         s0_ = MOE__QP_DP(s0_, c4, v_[4]); s1_ = MOE__QP_DP(s1_, c5, v_[5]);                    \
         s0_ = MOE__QP_DP(s0_, c6, v_[6]); s1_ = MOE__QP_DP(s1_, c7, v_[7]);                    \
         s0_ = _mm512_sub_epi32(_mm512_add_epi32(s0_, s1_), _mm512_set1_epi32(off * qs[i][b])); \
-        acc##i = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps((__mmask16)0xFFFF, s0_),                                      \
+        acc##i = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps((__mmask16)0xFFFF, s0_),             \
                                  _mm512_mul_ps(scale, _mm512_set1_ps(d[i][b])), acc##i);       \
         if (type == MOE_QTYPE_Q4_K)                                                            \
             acc##i = _mm512_fnmadd_ps(mn, _mm512_set1_ps(s[i][b]), acc##i);                    \
@@ -5844,42 +5846,31 @@ static void moe__qdot_task(void *arg, int32_t task) {
     int32_t u, i, nr;
 #if MOE__HAS_QPDOT
     const unsigned char *qp = J->stage == 1 ? f->gate_qp : f->down_qp;
-    if (qp && (J->stage == 2 || !glu || f->up_qp)) {   /* 16 units at a time */
+    if (qp && (J->stage == 2 || !glu || f->up_qp)) {   /* the decode layout: 16 units a call */
         float g16[MOE__QDOT_NR * MOE__QP_ROWS], u16[MOE__QDOT_NR * MOE__QP_ROWS];
-        const size_t gb = moe__qp_group_bytes(J->stage == 1 ? f->gate_q.type : f->down_q.type,
-                                              (size_t)J->a.k);
+        const moe__qmat *m = J->stage == 1 ? &f->gate_q : &f->down_q;
+        const size_t gb = moe__qp_group_bytes(m->type, (size_t)J->a.k);
         const size_t ub = glu && J->stage == 1 ? moe__qp_group_bytes(f->up_q.type, D) : 0;
+        const size_t per = J->stage == 1 ? f->gate_qps : f->down_qps, n_out = J->stage == 1 ? F : D;
+        const float *bias = J->stage == 1 ? f->gate_bias : f->down_bias;
+        float *dst = J->stage == 1 ? J->hg : J->out;
         int32_t g0;
         for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
             nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
             for (g0 = u0; g0 < u1; g0 += MOE__QP_ROWS) {
                 const int32_t n = u1 - g0 < MOE__QP_ROWS ? u1 - g0 : MOE__QP_ROWS;
                 const size_t grp = (size_t)(g0 / MOE__QP_ROWS);
-                if (J->stage == 1) {
-                    moe__qpdot_simd(f->gate_q.type, f->gate_qp + e * f->gate_qps + grp * gb, &J->a,
-                                    r0, nr, g16);
-                    if (glu)
-                        moe__qpdot_simd(f->up_q.type, f->up_qp + e * f->up_qps + grp * ub, &J->a,
-                                        r0, nr, u16);
-                    for (i = 0; i < nr; i++)
-                        for (u = 0; u < n; u++) {
-                            const size_t h = (size_t)(r0 + i) * F + (size_t)(g0 + u);
-                            const size_t k = (size_t)i * MOE__QP_ROWS + (size_t)u;
-                            J->hg[h] = g16[k] + (f->gate_bias ? f->gate_bias[e * F + (size_t)(g0 + u)]
-                                                              : 0.0f);
-                            if (glu)
-                                J->hu[h] = u16[k] + (f->up_bias ? f->up_bias[e * F + (size_t)(g0 + u)]
-                                                                : 0.0f);
-                        }
-                } else {
-                    moe__qpdot_simd(f->down_q.type, f->down_qp + e * f->down_qps + grp * gb, &J->a,
-                                    r0, nr, g16);
-                    for (i = 0; i < nr; i++)
-                        for (u = 0; u < n; u++)
-                            J->out[(size_t)(r0 + i) * D + (size_t)(g0 + u)] =
-                                g16[(size_t)i * MOE__QP_ROWS + (size_t)u] +
-                                (f->down_bias ? f->down_bias[e * D + (size_t)(g0 + u)] : 0.0f);
-                }
+                moe__qpdot_simd(m->type, qp + e * per + grp * gb, &J->a, r0, nr, g16);
+                if (ub)
+                    moe__qpdot_simd(f->up_q.type, f->up_qp + e * f->up_qps + grp * ub, &J->a, r0,
+                                    nr, u16);
+                for (i = 0; i < nr; i++)
+                    for (u = 0; u < n; u++) {
+                        const size_t o = (size_t)(g0 + u), k = (size_t)i * MOE__QP_ROWS + (size_t)u;
+                        const size_t at = (size_t)(r0 + i) * n_out + o;
+                        dst[at] = g16[k] + (bias ? bias[e * n_out + o] : 0.0f);
+                        if (ub) J->hu[at] = u16[k] + (f->up_bias ? f->up_bias[e * F + o] : 0.0f);
+                    }
             }
         }
         goto activate;
