@@ -58,7 +58,8 @@
      2. Implementation (MOE_IMPLEMENTATION), its banners in order: helpers
         (RNG, activations, top-k, the reference GEMMs), quantized weights
         (ggml's block formats: decode, quantize, the reference GEMM and dot
-        on blocks), ISA selection, threads, config, capacity, workspace
+        on blocks, the decode layout of 16 interleaved rows and its dot),
+        ISA selection, threads, config, capacity, workspace
         layout, the kernel table, then the pipeline's stages as plain
         references, each backward below its forward: routing (router
         logits, scores, top-k and groups, capacity, gate weights, aux
