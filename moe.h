@@ -4909,16 +4909,21 @@ static int moe__reads_qpacked(const moe_config *c, const moe_weights *w) {
     return MOE__HAS_QPDOT && w->qpacked != NULL && c->isa != MOE_ISA_REFERENCE;
 }
 
-/* Point a set's quantized matrices at their groups in w.qpacked. */
-static void moe__ffn_attach_qpack(moe__ffn *f, const moe_config *c, const moe_weights *w,
-                                  int shared) {
+/* Point the routed and shared sets' quantized matrices at their groups in
+   w.qpacked (one plan for both). */
+static void moe__ffn_attach_qpack(moe__ffn *routed, moe__ffn *shared, const moe_config *c,
+                                  const moe_weights *w) {
     moe__qp_plan p;
     const unsigned char *base = (const unsigned char *)w->qpacked;
-    const int o = shared ? 3 : 0;
+    int s;
     if (moe__qpack_plan(c, w, &p) != MOE_STATUS_OK) return;
-    f->gate_qp = p.per[o] ? base + p.off[o] : NULL;        f->gate_qps = p.per[o];
-    f->up_qp = p.per[o + 1] ? base + p.off[o + 1] : NULL;  f->up_qps = p.per[o + 1];
-    f->down_qp = p.per[o + 2] ? base + p.off[o + 2] : NULL; f->down_qps = p.per[o + 2];
+    for (s = 0; s < 2; s++) {
+        moe__ffn *f = s ? shared : routed;
+        const int o = 3 * s;
+        f->gate_qp = p.per[o] ? base + p.off[o] : NULL;         f->gate_qps = p.per[o];
+        f->up_qp = p.per[o + 1] ? base + p.off[o + 1] : NULL;   f->up_qps = p.per[o + 1];
+        f->down_qp = p.per[o + 2] ? base + p.off[o + 2] : NULL; f->down_qps = p.per[o + 2];
+    }
 }
 
 #if MOE__HAS_SIMD
@@ -6882,10 +6887,7 @@ static void moe__experts_ffn(const moe_config *c, const moe_weights *w, const fl
     const unsigned char *packed = moe__reads_packed(c, w) ? (const unsigned char *)w->packed : NULL;
     moe__pack_layout pk;
     memset(&pk, 0, sizeof pk);
-    if (moe__reads_qpacked(c, w)) {
-        moe__ffn_attach_qpack(&ffn, c, w, 0);
-        moe__ffn_attach_qpack(&sh, c, w, 1);
-    }
+    if (moe__reads_qpacked(c, w)) moe__ffn_attach_qpack(&ffn, &sh, c, w);
     if (packed) moe__pack_plan(c, &pk);
     k->experts(c, &ffn, packed ? packed + pk.experts : NULL, c->num_experts, ws->offsets, ws->xg,
                ws->hg, glu ? ws->hu : NULL, ws->ha, ws->out, ws->tiles, ws);
