@@ -4951,7 +4951,7 @@ typedef struct moe__packed_job {
     int32_t *panels_per_task;       /* [n_sets]                              */
     int64_t *tile_off;              /* [n_sets + 1] first MR-row tile of each set */
     int64_t skip_rows;              /* sets of at most this many rows are not run
-                                       (the integer dots ran them); 0: none     */
+                                       (moe__experts_qdot ran them); 0: none    */
     float *Ap;                      /* the stage's A rows as k-major MR tiles */
 } moe__packed_job;
 
@@ -5790,10 +5790,12 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    1.4x faster than the panels).                                          */
 #define MOE__QDOT_ROWS 16
 #define MOE__QDOT_ROWS_PACKED 4
+#define MOE__ROWDOT_ROWS 32
 #define MOE__QDOT_UNITS 32
 
-/* Activation row r of x as moe__qact blocks. */
-static void moe__qact_row(const moe__qact *a, int64_t r, const float *x) {
+/* Activation row r of x as moe__qact blocks (the spec of
+   moe__qact_row_simd). */
+MOE__TWIN static void moe__qact_row(const moe__qact *a, int64_t r, const float *x) {
     const int32_t nb = a->k / 32;
     int8_t *q = a->q + (size_t)r * (size_t)a->k;
     int32_t b, j;
@@ -5814,6 +5816,57 @@ static void moe__qact_row(const moe__qact *a, int64_t r, const float *x) {
     }
 }
 
+#if MOE__VL == 16
+/* moe__qact_row on 512-bit vectors, the same bits: max |x| and sum q by
+   reductions (NaN skipped as there), and roundf (half away from zero) as
+   the truncation plus a step of 1 where the exact fraction reaches one
+   half. No libm call: glibc's roundf is SSE code, which after kernels that
+   used zmm16-31 ran 27x slower (deepseek-mini T = 128, the quantization of
+   ha, on the AVX-512 host).                                               */
+static void moe__qact_row_simd(const moe__qact *a, int64_t r, const float *x) {
+    const int32_t nb = a->k / 32;
+    const __mmask16 all = (__mmask16)0xFFFF;
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    int8_t *q = a->q + (size_t)r * (size_t)a->k;
+    int32_t b, h;
+    for (b = 0; b < nb; b++) {
+        const float *xb = x + 32 * b;
+        __m512 v[2];
+        __m512i qi[2];
+        float lanes[16], amax = 0.0f, d, id;
+        int32_t sums[16], sum = 0, l;
+        v[0] = _mm512_loadu_ps(xb);
+        v[1] = _mm512_loadu_ps(xb + 16);
+        /* max(|x|, m) keeps m where |x| is NaN, as the scalar `>` does */
+        _mm512_storeu_ps(lanes, _mm512_maskz_max_ps(all, _mm512_abs_ps(v[1]), _mm512_maskz_max_ps(
+                                    all, _mm512_abs_ps(v[0]), _mm512_setzero_ps())));
+        for (l = 0; l < 16; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+        d = amax / 127.0f;
+        id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (h = 0; h < 2; h++) {
+            const __m512 y = _mm512_mul_ps(v[h], _mm512_set1_ps(id));
+            const __m512 t = _mm512_maskz_roundscale_ps(all, y, _MM_FROUND_TO_ZERO |
+                                                                _MM_FROUND_NO_EXC);
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), half,
+                                                    _CMP_GE_OQ);
+            const __m512 step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), sign)));
+            qi[h] = _mm512_maskz_cvttps_epi32(all, _mm512_mask_add_ps(t, up, t, step));
+            _mm_storeu_si128((__m128i *)(void *)(q + 32 * b + 16 * h),
+                             _mm512_maskz_cvtepi32_epi8(all, qi[h]));
+        }
+        _mm512_storeu_si512((void *)sums, _mm512_add_epi32(qi[0], qi[1]));
+        for (l = 0; l < 16; l++) sum += sums[l];
+        a->d[(size_t)r * (size_t)nb + (size_t)b] = d;
+        a->s[(size_t)r * (size_t)nb + (size_t)b] = d * (float)sum;
+        a->qsum[(size_t)r * (size_t)nb + (size_t)b] = sum;
+    }
+}
+#else
+#  define moe__qact_row_simd moe__qact_row
+#endif
+
 typedef struct moe__qdot_job {
     const moe__ffn *f;
     const int64_t *off;
@@ -5824,20 +5877,158 @@ typedef struct moe__qdot_job {
     moe__qact a;                /* the stage's activations as int8 */
 } moe__qdot_job;
 
-/* Row `row` of expert e's matrix (blocks q, or fp32 W of `depth` columns)
-   . activation rows r0 .. r0 + nr - 1 (int8 in J->a, or the floats at act)
-   into out[0 .. nr). */
-static void moe__qdot_rows(const moe__qdot_job *J, const moe__qmat *q, const float *W,
-                           size_t stride, size_t e, size_t row, const float *act, int64_t r0,
-                           int32_t nr, float *out) {
+/* fp32 rows as the panels sum them: rows 0 .. n - 1 (n <= 16) of W (row-
+   major, depth columns) . activation rows 0 .. NR - 1 of x (depth apart)
+   into out[i][16]. Each sum runs k ascending from 0 by FMA, as the micro-
+   kernel sums a packed panel's column, so these are the panels' bits
+   without packing the expert into the workspace first: its rows are read
+   once, where the per-call pack read them, wrote the panels and read those
+   again. MOE__ROWDOT_KC columns of the 16 rows at a time are copied k-major
+   into L1 (a vector lane a row), then one FMA per k, activation row and
+   vector.                                                                 */
+#define MOE__ROWDOT_KC 64
+#if MOE__VL == 16
+/* AVX-512: 16 columns of the 16 rows at a time, loaded (zero-masked past
+   depth and past row n) and turned k-major in registers: a 16 x 16
+   transpose in 64 shuffles (32-bit, then 64-bit interleaves within 128-bit
+   lanes, then the lanes), no trip through memory.                         */
+static __m512 moe__pd_lo(__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_maskz_unpacklo_pd((__mmask8)0xFF, _mm512_castps_pd(a),
+                                                     _mm512_castps_pd(b)));
+}
+static __m512 moe__pd_hi(__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_maskz_unpackhi_pd((__mmask8)0xFF, _mm512_castps_pd(a),
+                                                     _mm512_castps_pd(b)));
+}
+MOE__INLINE void moe__transpose16(__m512 *r) {   /* r[j] lane k -> r[k] lane j */
+    const __mmask16 all = (__mmask16)0xFFFF;    /* zero-masked forms: moe__v_pow2i's note */
+    __m512 t[16];
+    int32_t i, c;
+    for (i = 0; i < 8; i++) {          /* lane L of t[2i]: rows 2i, 2i + 1 at 4L, 4L + 1 */
+        t[2 * i] = _mm512_maskz_unpacklo_ps(all, r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_maskz_unpackhi_ps(all, r[2 * i], r[2 * i + 1]);
+    }
+    for (i = 0; i < 4; i++) {          /* lane L of r[4i + c]: rows 4i .. 4i + 3 at 4L + c */
+        r[4 * i] = moe__pd_lo(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = moe__pd_hi(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = moe__pd_lo(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = moe__pd_hi(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (c = 0; c < 4; c++) {          /* column 4L + c: lane L of r[c], r[4 + c], ... */
+        const __m512 lo = _mm512_maskz_shuffle_f32x4(all, r[c], r[4 + c], 0x44);
+        const __m512 hi = _mm512_maskz_shuffle_f32x4(all, r[c], r[4 + c], 0xEE);
+        const __m512 lo2 = _mm512_maskz_shuffle_f32x4(all, r[8 + c], r[12 + c], 0x44);
+        const __m512 hi2 = _mm512_maskz_shuffle_f32x4(all, r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_maskz_shuffle_f32x4(all, lo, lo2, 0x88);
+        t[4 + c] = _mm512_maskz_shuffle_f32x4(all, lo, lo2, 0xDD);
+        t[8 + c] = _mm512_maskz_shuffle_f32x4(all, hi, hi2, 0x88);
+        t[12 + c] = _mm512_maskz_shuffle_f32x4(all, hi, hi2, 0xDD);
+    }
+    for (i = 0; i < 16; i++) r[i] = t[i];
+}
+MOE__INLINE void moe__rowdot_body(const int32_t NR, const float *W, size_t depth, int32_t n,
+                                  const float *x, float *out) {
+    __m512 acc[MOE__QDOT_NR], col[16];
+    size_t k0, k;
+    int32_t i, j;
+    MOE__UNROLL
+    for (i = 0; i < NR; i++) acc[i] = _mm512_setzero_ps();
+    for (k0 = 0; k0 < depth; k0 += 16) {
+        const size_t kc = depth - k0 < 16 ? depth - k0 : 16;
+        const __mmask16 m = (__mmask16)(kc == 16 ? 0xFFFFu : (1u << kc) - 1u);
+        MOE__UNROLL
+        for (j = 0; j < 16; j++)
+            col[j] = j < n ? _mm512_maskz_loadu_ps(m, W + (size_t)j * depth + k0)
+                           : _mm512_setzero_ps();
+        moe__transpose16(col);
+        MOE__UNROLL
+        for (k = 0; k < 16; k++) {
+            if (k >= kc) break;
+            MOE__UNROLL
+            for (i = 0; i < NR; i++)
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[(size_t)i * depth + k0 + k]), col[k],
+                                         acc[i]);
+        }
+    }
+    MOE__UNROLL
+    for (i = 0; i < NR; i++) _mm512_storeu_ps(out + (size_t)i * MOE__QP_ROWS, acc[i]);
+}
+#else
+/* Other ISAs: MOE__ROWDOT_KC columns of the 16 rows at a time copied
+   k-major into L1 (a vector lane a row), then read back as vectors. */
+MOE__INLINE void moe__rowdot_body(const int32_t NR, const float *W, size_t depth, int32_t n,
+                                  const float *x, float *out) {
+    float t[MOE__ROWDOT_KC * MOE__QP_ROWS];
+    moe__vf acc[MOE__QDOT_NR][MOE__QP_ROWS / MOE__VL];
+    size_t k0, k;
+    int32_t i, j, v;
+    MOE__UNROLL
+    for (i = 0; i < NR; i++)
+        for (v = 0; v < MOE__QP_ROWS / MOE__VL; v++) acc[i][v] = moe__v_zero();
+    for (k0 = 0; k0 < depth; k0 += MOE__ROWDOT_KC) {
+        const size_t kc = depth - k0 < MOE__ROWDOT_KC ? depth - k0 : MOE__ROWDOT_KC;
+        for (j = 0; j < n; j++) {
+            const float *row = W + (size_t)j * depth + k0;
+            for (k = 0; k < kc; k++) t[k * MOE__QP_ROWS + (size_t)j] = row[k];
+        }
+        for (; j < MOE__QP_ROWS; j++)            /* rows past n: zeros, never stored */
+            for (k = 0; k < kc; k++) t[k * MOE__QP_ROWS + (size_t)j] = 0.0f;
+        for (k = 0; k < kc; k++) {
+            MOE__UNROLL
+            for (v = 0; v < MOE__QP_ROWS / MOE__VL; v++) {
+                const moe__vf w = moe__v_load(t + k * MOE__QP_ROWS + (size_t)v * MOE__VL);
+                MOE__UNROLL
+                for (i = 0; i < NR; i++)
+                    acc[i][v] = moe__v_fma(moe__v_set1(x[(size_t)i * depth + k0 + k]), w,
+                                           acc[i][v]);
+            }
+        }
+    }
+    MOE__UNROLL
+    for (i = 0; i < NR; i++)
+        for (v = 0; v < MOE__QP_ROWS / MOE__VL; v++)
+            moe__v_store(out + (size_t)i * MOE__QP_ROWS + (size_t)v * MOE__VL, acc[i][v]);
+}
+#endif
+static void moe__rowdot_simd(const float *W, size_t depth, int32_t n, const float *x, int32_t nr,
+                             float *out) {
+    switch (nr) {               /* MOE__QDOT_NR (4) instances: the accumulators in registers */
+    case 1: moe__rowdot_body(1, W, depth, n, x, out); break;
+    case 2: moe__rowdot_body(2, W, depth, n, x, out); break;
+    case 3: moe__rowdot_body(3, W, depth, n, x, out); break;
+    default: moe__rowdot_body(4, W, depth, n, x, out); break;
+    }
+}
+
+/* Units g0 .. g0 + n - 1 (n <= 16, g0 a multiple of 16) of expert e's
+   matrix . activation rows r0 .. r0 + nr - 1 into out[i][16]: on its decode
+   layout qp (AVX-512BW builds), on its blocks q (a unit a call), or on fp32
+   W (the panels' bits, from act's rows). */
+static void moe__qdot_group(const moe__qdot_job *J, const moe__qmat *q, const unsigned char *qp,
+                            size_t qp_stride, const float *W, size_t stride, size_t e, int32_t g0,
+                            int32_t n, const float *act, int64_t r0, int32_t nr, float *out) {
     const size_t depth = (size_t)J->a.k;
-    int32_t i;
-    if (q->data) {
-        moe__qdot_simd(q->type, q->data + e * q->stride + row * q->row_bytes, &J->a, r0, nr, out);
+    float v[MOE__QDOT_NR];
+    int32_t u, i;
+#if MOE__HAS_QPDOT
+    if (qp) {
+        moe__qpdot_simd(q->type, qp + e * qp_stride + (size_t)(g0 / MOE__QP_ROWS) *
+                                     moe__qp_group_bytes(q->type, depth), &J->a, r0, nr, out);
         return;
     }
-    for (i = 0; i < nr; i++)
-        out[i] = moe__dot_simd(W + e * stride + row * depth, act + (size_t)(r0 + i) * depth, depth);
+#else
+    (void)qp; (void)qp_stride;
+#endif
+    if (!q->data) {
+        moe__rowdot_simd(W + e * stride + (size_t)g0 * depth, depth, n, act + (size_t)r0 * depth,
+                         nr, out);
+        return;
+    }
+    for (u = 0; u < n; u++) {
+        moe__qdot_simd(q->type, q->data + e * q->stride + (size_t)(g0 + u) * q->row_bytes, &J->a,
+                       r0, nr, v);
+        for (i = 0; i < nr; i++) out[(size_t)i * MOE__QP_ROWS + (size_t)u] = v[i];
+    }
 }
 
 static void moe__qdot_act_task(void *arg, int32_t i) {   /* one expert's rows to int8 */
@@ -5846,86 +6037,66 @@ static void moe__qdot_act_task(void *arg, int32_t i) {   /* one expert's rows to
     const float *src = J->stage == 1 ? J->x : J->ha;
     int64_t r;
     for (r = J->off[e]; r < J->off[e + 1]; r++)
-        moe__qact_row(&J->a, r, src + (size_t)r * (size_t)J->a.k);
+        moe__qact_row_simd(&J->a, r, src + (size_t)r * (size_t)J->a.k);
 }
 
-/* Units [u0, u1) of one expert's rows, MOE__QDOT_NR rows at a time: stage 1
-   hg, hu and ha (+ biases, activation, dropout), stage 2 out (+ bias). */
+/* ha = act(hg) (* hu), n values, in the SIMD kernels' bits (moe__act_simd,
+   as the panels' epilogue writes it). */
+static void moe__activate_simd(moe_activation act, float *ha, const float *hg, const float *hu,
+                               size_t n) {
+    size_t i = 0;
+    if (moe__act_has_simd(act))
+        for (; i + MOE__VL <= n; i += MOE__VL) {
+            const moe__vf g = moe__v_load(hg + i);
+            const moe__vf a = moe__v_mul(g, moe__v_sigmoid(g));
+            moe__v_store(ha + i, hu ? moe__v_mul(a, moe__v_load(hu + i)) : a);
+        }
+    for (; i < n; i++) ha[i] = hu ? moe__act_simd(act, hg[i]) * hu[i] : moe__act_simd(act, hg[i]);
+}
+
+/* Units [u0, u1) of one expert's rows, 16 units and MOE__QDOT_NR rows a
+   call: stage 1 hg, hu and ha (+ biases, activation, dropout), stage 2 out
+   (+ bias). */
 static void moe__qdot_task(void *arg, int32_t task) {
     const moe__qdot_job *J = (const moe__qdot_job *)arg;
     const moe__ffn *f = J->f;
     const size_t e = (size_t)J->experts[task / J->runs];
     const int32_t n_units = J->stage == 1 ? f->F : f->D, u0 = task % J->runs * MOE__QDOT_UNITS;
     const int32_t u1 = u0 + MOE__QDOT_UNITS < n_units ? u0 + MOE__QDOT_UNITS : n_units;
-    const size_t F = (size_t)f->F, D = (size_t)f->D;
-    const int glu = moe__act_is_glu(f->act);
-    float v[MOE__QDOT_NR], vu[MOE__QDOT_NR];
+    const size_t F = (size_t)f->F, n_out = J->stage == 1 ? F : (size_t)f->D;
+    const int s1 = J->stage == 1, up = s1 && moe__act_is_glu(f->act);
+    const moe__qmat *m = s1 ? &f->gate_q : &f->down_q;
+    const unsigned char *qp = s1 ? f->gate_qp : f->down_qp;
+    const size_t qps = s1 ? f->gate_qps : f->down_qps, stride = s1 ? f->gate_stride
+                                                                   : f->down_stride;
+    const float *W = s1 ? f->gate : f->down, *act = s1 ? J->x : J->ha;
+    const float *bias = s1 ? f->gate_bias : f->down_bias;
+    float *dst = s1 ? J->hg : J->out;
+    float g16[MOE__QDOT_NR * MOE__QP_ROWS], u16[MOE__QDOT_NR * MOE__QP_ROWS];
     int64_t r0, r;
-    int32_t u, i, nr;
-#if MOE__HAS_QPDOT
-    const unsigned char *qp = J->stage == 1 ? f->gate_qp : f->down_qp;
-    if (qp && (J->stage == 2 || !glu || f->up_qp)) {   /* the decode layout: 16 units a call */
-        float g16[MOE__QDOT_NR * MOE__QP_ROWS], u16[MOE__QDOT_NR * MOE__QP_ROWS];
-        const moe__qmat *m = J->stage == 1 ? &f->gate_q : &f->down_q;
-        const size_t gb = moe__qp_group_bytes(m->type, (size_t)J->a.k);
-        const size_t ub = glu && J->stage == 1 ? moe__qp_group_bytes(f->up_q.type, D) : 0;
-        const size_t per = J->stage == 1 ? f->gate_qps : f->down_qps, n_out = J->stage == 1 ? F : D;
-        const float *bias = J->stage == 1 ? f->gate_bias : f->down_bias;
-        float *dst = J->stage == 1 ? J->hg : J->out;
-        int32_t g0;
-        for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
-            nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
-            for (g0 = u0; g0 < u1; g0 += MOE__QP_ROWS) {
-                const int32_t n = u1 - g0 < MOE__QP_ROWS ? u1 - g0 : MOE__QP_ROWS;
-                const size_t grp = (size_t)(g0 / MOE__QP_ROWS);
-                moe__qpdot_simd(m->type, qp + e * per + grp * gb, &J->a, r0, nr, g16);
-                if (ub)
-                    moe__qpdot_simd(f->up_q.type, f->up_qp + e * f->up_qps + grp * ub, &J->a, r0,
-                                    nr, u16);
-                for (i = 0; i < nr; i++)
-                    for (u = 0; u < n; u++) {
-                        const size_t o = (size_t)(g0 + u), k = (size_t)i * MOE__QP_ROWS + (size_t)u;
-                        const size_t at = (size_t)(r0 + i) * n_out + o;
-                        dst[at] = g16[k] + (bias ? bias[e * n_out + o] : 0.0f);
-                        if (ub) J->hu[at] = u16[k] + (f->up_bias ? f->up_bias[e * F + o] : 0.0f);
-                    }
-            }
-        }
-        goto activate;
-    }
-#endif
+    int32_t g0, u, i, nr;
     for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
         nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
-        for (u = u0; u < u1; u++) {
-            if (J->stage == 1) {
-                const float bg = f->gate_bias ? f->gate_bias[e * F + (size_t)u] : 0.0f;
-                const float bu = f->up_bias ? f->up_bias[e * F + (size_t)u] : 0.0f;
-                moe__qdot_rows(J, &f->gate_q, f->gate, f->gate_stride, e, (size_t)u, J->x, r0, nr,
-                               v);
-                if (glu)
-                    moe__qdot_rows(J, &f->up_q, f->up, f->up_stride, e, (size_t)u, J->x, r0, nr,
-                                   vu);
-                for (i = 0; i < nr; i++) {
-                    J->hg[(size_t)(r0 + i) * F + (size_t)u] = v[i] + bg;
-                    if (glu) J->hu[(size_t)(r0 + i) * F + (size_t)u] = vu[i] + bu;
+        for (g0 = u0; g0 < u1; g0 += MOE__QP_ROWS) {
+            const int32_t n = u1 - g0 < MOE__QP_ROWS ? u1 - g0 : MOE__QP_ROWS;
+            moe__qdot_group(J, m, qp, qps, W, stride, e, g0, n, act, r0, nr, g16);
+            if (up)
+                moe__qdot_group(J, &f->up_q, f->up_qp, f->up_qps, f->up, f->up_stride, e, g0, n,
+                                act, r0, nr, u16);
+            for (i = 0; i < nr; i++)
+                for (u = 0; u < n; u++) {
+                    const size_t o = (size_t)(g0 + u), k = (size_t)i * MOE__QP_ROWS + (size_t)u;
+                    const size_t at = (size_t)(r0 + i) * n_out + o;
+                    dst[at] = g16[k] + (bias ? bias[e * n_out + o] : 0.0f);
+                    if (up) J->hu[at] = u16[k] + (f->up_bias ? f->up_bias[e * F + o] : 0.0f);
                 }
-            } else {
-                const float bd = f->down_bias ? f->down_bias[e * D + (size_t)u] : 0.0f;
-                moe__qdot_rows(J, &f->down_q, f->down, f->down_stride, e, (size_t)u, J->ha, r0,
-                               nr, v);
-                for (i = 0; i < nr; i++) J->out[(size_t)(r0 + i) * D + (size_t)u] = v[i] + bd;
-            }
         }
     }
-#if MOE__HAS_QPDOT
-activate:
-#endif
-    if (J->stage == 1)
+    if (s1)
         for (r = J->off[e]; r < J->off[e + 1]; r++) {
-            moe__activate_ref(f->act, J->ha + (size_t)r * F + (size_t)u0,
-                              J->hg + (size_t)r * F + (size_t)u0,
-                              glu ? J->hu + (size_t)r * F + (size_t)u0 : NULL,
-                              (size_t)(u1 - u0));
+            const size_t at = (size_t)r * F + (size_t)u0;
+            moe__activate_simd(f->act, J->ha + at, J->hg + at, up ? J->hu + at : NULL,
+                               (size_t)(u1 - u0));
             moe__dropout_apply(f, J->ha, r, r + 1, u0, u1);
         }
 }
@@ -5966,8 +6137,9 @@ static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t
 #if MOE__HAS_SIMD
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
-   over its weights), then run. Quantized experts with few rows run as
-   integer dots on their blocks either way (moe__experts_qdot).             */
+   over its weights), then run. Experts with few rows run as dots
+   (moe__experts_qdot): quantized ones on their blocks either way, fp32 ones
+   on their rows when there is no blob.                                     */
 static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               const unsigned char *packed_set, int32_t n_sets, const int64_t *off,
                               const float *x, float *hg, float *hu, float *ha, float *out,
@@ -5975,8 +6147,10 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
     /* the decode layout's dots beat the panels up to 16 rows, blob or not (64: no
-       better than the panels at 32 rows) */
-    const int64_t qdot_rows = packed_set && !f->gate_qp && !f->down_qp ? MOE__QDOT_ROWS_PACKED
+       better than the panels at 32 rows); fp32 experts without a blob read their rows
+       as the panels would sum them (moe__rowdot_simd) instead of packing per call */
+    const int64_t qdot_rows = !quant ? (packed_set ? 0 : MOE__ROWDOT_ROWS)
+                            : packed_set && !f->gate_qp && !f->down_qp ? MOE__QDOT_ROWS_PACKED
                                                                        : MOE__QDOT_ROWS;
     moe__packed_job J;
     moe__pack_job pj;
@@ -5992,7 +6166,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     J.Ap = ws->apack;
     /* few rows on blocks: integer dots, beside a blob too (they read a quarter to a half of
        its bytes); J's lists are free until the panels run */
-    if (quant)
+    if (qdot_rows > 0)
         moe__experts_qdot(c, f, n_sets, off, qdot_rows, x, hg, hu, ha, out, ws->task_panels,
                           ws->apack);
     if (packed_set) {                            /* every other set in one task list */
@@ -6001,7 +6175,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                                : c->pack_bf16 == 2 && MOE__HAS_BF16_DOT ? MOE__B_DOT : MOE__B_BF16;
         J.panels = packed_set; J.set_stride = (g.w13 + g.w2) * J.esize;
         J.n_sets = n_sets; J.off = off;
-        J.skip_rows = quant ? qdot_rows : 0;
+        J.skip_rows = qdot_rows;
         J.gate_bias = f->gate_bias; J.up_bias = f->up_bias; J.down_bias = f->down_bias;
         moe__packed_ffn(&J);
         return;
@@ -6011,7 +6185,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     J.n_sets = 1; J.kind = MOE__B_F32;
     for (e = 0; e < n_sets; e++) {               /* expert by expert: pack, then run */
         if (off[e + 1] == off[e]) continue;      /* untouched experts cost nothing */
-        if (quant && off[e + 1] - off[e] <= qdot_rows) continue;   /* done above */
+        if (off[e + 1] - off[e] <= qdot_rows) continue;   /* done above */
         pj.e = e;
         moe__parallel_for(c, g.p1 + g.p2, moe__pack_task, &pj, (double)(g.w13 + g.w2));
         J.off = off + e;

@@ -382,6 +382,42 @@ TEST(isa, packed_equals_unpacked_bitwise) {
     isa_layer_free(&L);
 }
 
+/* Experts of up to 16 rows on unpacked fp32 weights read their rows
+   (moe__rowdot_simd) instead of packing per call: the same sums in the same
+   order as the panels, so y, dx and every gradient are bitwise the packed
+   run's, and close to the reference. Experts of 0, 1 and several rows, a
+   shared expert, biases, every activation; D and F are no multiple of 16
+   and D crosses the kernel's 64-column chunks with a ragged tail.         */
+TEST(isa, few_rows_unpacked_equal_packed_bitwise) {
+    static const moe_activation acts[4] = {MOE_ACT_SILU, MOE_ACT_SWIGLU, MOE_ACT_GELU,
+                                           MOE_ACT_GEGLU};
+    static const int32_t Ts[4] = {1, 3, 7, 21}, Ds[2] = {37, 131};
+    int ia, it, id, i;
+    for (ia = 0; ia < 4; ia++)
+        for (id = 0; id < 2; id++)
+            for (it = 0; it < 4; it++) {
+                moe_config c = isa_config(8, 2, Ds[id], 35, acts[ia]);
+                isa_layer L;
+                isa_run a, b;
+                const size_t n = (size_t)Ts[it] * (size_t)c.d_model;
+                c.shared_d_ff = 19; c.expert_bias = 1;
+                isa_layer_make(&L, c, Ts[it], 60u + (uint32_t)(ia * 8 + id * 4 + it));
+                isa_run_layer(&L, MOE_ISA_AUTO, 0, 0, &a);
+                isa_run_layer(&L, MOE_ISA_AUTO, 1, 0, &b);
+                CHECK_STATUS(a.st, MOE_STATUS_OK);
+                CHECK_STATUS(b.st, MOE_STATUS_OK);
+                CHECK(memcmp(a.y, b.y, n * sizeof(float)) == 0);
+                CHECK(memcmp(a.dx, b.dx, n * sizeof(float)) == 0);
+                for (i = 0; i < 7; i++) {
+                    const size_t g = isa_grad_len(&c, i);
+                    CHECK(g == 0 || memcmp(a.grads[i], b.grads[i], g * sizeof(float)) == 0);
+                }
+                isa_run_free(&a); isa_run_free(&b);
+                isa_layer_free(&L);
+                isa_compare(c, Ts[it], 90u + (uint32_t)(ia * 8 + id * 4 + it));
+            }
+}
+
 /* moe_pack_weights / moe_pack_size misuse, and a packed blob that does not
    fit the config -> BAD_PACKED (only the SIMD forward reads packed). */
 TEST(isa, pack_api_errors) {

@@ -419,9 +419,10 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
         }
         c.num_threads = 0;
         if (T > 0 && !panels) {
-            /* the groups are read for a stage whose matrices all have them */
+            /* every quantized matrix's groups are read (an fp32 one beside it reads its
+               rows) */
             const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
-            const int routed = (tg != MOE_QTYPE_F32 && (!glu || fused || tu != MOE_QTYPE_F32)) ||
+            const int routed = tg != MOE_QTYPE_F32 || (glu && tu != MOE_QTYPE_F32) ||
                                td != MOE_QTYPE_F32;
             const int reads_qp = (routed && q_small_experts(&c, &L.wq, L.x, T) > 0) ||
                                  (Fs > 0 && ts != MOE_QTYPE_F32 && T <= 16);

@@ -196,3 +196,66 @@ TEST(quant_internal, f16_rounding) {
     bad += moe__f16_of(1e-30f) != 0 || moe__f16_of(-1e-30f) != 0x8000u;
     CHECK_INT(bad, 0);
 }
+
+/* moe__qact_row_simd gives moe__qact_row's bits: codes, scales, sums, on
+   random rows, rows whose values land on halves (x * id = n + 0.5 exactly,
+   and the float just below 0.5), zero blocks and a NaN among the values. */
+TEST(quant_internal, qact_twins) {
+#if MOE__HAS_SIMD
+    const int32_t k = 256, nb = k / 32, rows = 6;
+    uint64_t s = 11;
+    float *x = (float *)malloc((size_t)rows * (size_t)k * sizeof(float));
+    moe__qact a, b;
+    int32_t r, j, bad = 0;
+    a.k = b.k = k;
+    a.q = (int8_t *)malloc((size_t)rows * (size_t)k);
+    b.q = (int8_t *)malloc((size_t)rows * (size_t)k);
+    a.d = (float *)malloc((size_t)rows * (size_t)nb * sizeof(float));
+    b.d = (float *)malloc((size_t)rows * (size_t)nb * sizeof(float));
+    a.s = (float *)malloc((size_t)rows * (size_t)nb * sizeof(float));
+    b.s = (float *)malloc((size_t)rows * (size_t)nb * sizeof(float));
+    a.qsum = (int32_t *)malloc((size_t)rows * (size_t)nb * sizeof(int32_t));
+    b.qsum = (int32_t *)malloc((size_t)rows * (size_t)nb * sizeof(int32_t));
+    for (r = 0; r < rows; r++)
+        for (j = 0; j < k; j++) {
+            float *v = x + (size_t)r * (size_t)k + (size_t)j;
+            switch (r) {
+            case 0: *v = (moe_test_rand(&s) - 0.5f) * 3.0f; break;
+            case 1: *v = (moe_test_rand(&s) - 0.5f) * 1e-3f * (float)(j % 7 + 1); break;
+            /* a block's max 127: id = 1, so x itself is rounded; halves both signs */
+            case 2: *v = j % 32 == 0 ? 127.0f : (float)(j % 32 - 16) + (j & 1 ? 0.5f : -0.5f);
+                break;
+            case 3: *v = j % 32 == 0 ? -127.0f : (j & 1 ? 0.49999997f : -0.49999997f) *
+                                                 (float)(j % 3 + 1);
+                break;
+            case 4: *v = j < 64 ? 0.0f : (moe_test_rand(&s) - 0.5f) * 1e3f; break;
+            default: *v = j == 40 ? NAN : (moe_test_rand(&s) - 0.5f); break;
+            }
+        }
+    for (r = 0; r < rows; r++) {
+        moe__qact_row(&a, r, x + (size_t)r * (size_t)k);
+        moe__qact_row_simd(&b, r, x + (size_t)r * (size_t)k);
+    }
+    for (r = 0; r < rows; r++) {
+        const size_t o = (size_t)r * (size_t)nb;
+        /* the NaN's own code is the float-to-int conversion's (undefined in C): skip it */
+        for (j = 0; j < k; j++)
+            if (!(r == 5 && j == 40)) bad += a.q[(size_t)r * (size_t)k + (size_t)j] !=
+                                             b.q[(size_t)r * (size_t)k + (size_t)j];
+        bad += memcmp(a.d + o, b.d + o, (size_t)nb * sizeof(float)) != 0;
+        if (r != 5) {
+            bad += memcmp(a.s + o, b.s + o, (size_t)nb * sizeof(float)) != 0;
+            bad += memcmp(a.qsum + o, b.qsum + o, (size_t)nb * sizeof(int32_t)) != 0;
+        }
+    }
+    CHECK_INT(bad, 0);
+    /* the halves did round away from zero: -14.5, -0.5 and 1.5 */
+    CHECK_INT(b.q[2 * k + 33], -15);
+    CHECK_INT(b.q[2 * k + 48], -1);
+    CHECK_INT(b.q[2 * k + 49], 2);
+    free(x); free(a.q); free(b.q); free(a.d); free(b.d); free(a.s); free(b.s);
+    free(a.qsum); free(b.qsum);
+#else
+    SKIP("no SIMD ISA in this build: activations are quantized in SIMD builds only");
+#endif
+}
