@@ -5787,12 +5787,14 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    host, bench/RESULTS.md: beside the blob, experts of 8-12 rows ran
    0.55-0.72x as fast on the blocks as packed fp32, of 1-4 rows 0.86-2.1x;
    on the decode layout, deepseek-mini T = 128 (about 12 rows an expert)
-   1.4x faster than the panels).                                          */
+   1.4x faster than the panels). fp32 experts without a blob take the same
+   tasks up to MOE__ROWDOT_ROWS rows, reading their rows in place in the
+   panels' summation order (moe__rowdot_simd) instead of being packed.    */
 #define MOE__QDOT_ROWS 16
 #define MOE__QDOT_ROWS_PACKED 4
 /* fp32 experts of up to this many rows (no blob) read their rows: AVX-512 T = 128 (12-32
-   rows an expert) 1.1-3x faster than packing per call at 32; AVX2 (the same host) slower
-   at 32 rows (mixtral-mini 145 against 133 ms), so 16 there */
+   rows an expert) 1.2-4.4x faster than packing per call; AVX2 (the same host) slower at 32
+   rows (mixtral-mini 145 against 133 ms), so 16 there (bench/RESULTS.md) */
 #define MOE__ROWDOT_ROWS (MOE__VL == 16 ? 32 : 16)
 #define MOE__QDOT_UNITS 32
 
@@ -5823,9 +5825,9 @@ MOE__TWIN static void moe__qact_row(const moe__qact *a, int64_t r, const float *
 /* moe__qact_row on 512-bit vectors, the same bits: max |x| and sum q by
    reductions (NaN skipped as there), and roundf (half away from zero) as
    the truncation plus a step of 1 where the exact fraction reaches one
-   half. No libm call: glibc's roundf is SSE code, which after kernels that
-   used zmm16-31 ran 27x slower (deepseek-mini T = 128, the quantization of
-   ha, on the AVX-512 host).                                               */
+   half. No libm call: glibc's roundf is SSE code, which called after the
+   AVX-512 kernels ran 27x slower (an SSE/AVX state-transition penalty;
+   deepseek-mini T = 128, the quantization of ha, on the AVX-512 host).    */
 static void moe__qact_row_simd(const moe__qact *a, int64_t r, const float *x) {
     const int32_t nb = a->k / 32;
     const __mmask16 all = (__mmask16)0xFFFF;
@@ -5886,10 +5888,9 @@ typedef struct moe__qdot_job {
    kernel sums a packed panel's column, so these are the panels' bits
    without packing the expert into the workspace first: its rows are read
    once, where the per-call pack read them, wrote the panels and read those
-   again. MOE__ROWDOT_KC columns of the 16 rows at a time are copied k-major
-   into L1 (a vector lane a row), then one FMA per k, activation row and
-   vector.                                                                 */
-#define MOE__ROWDOT_KC 64
+   again. A few columns of the 16 rows at a time are turned k-major (a
+   vector lane a row; each ISA's way below), then one FMA per k, activation
+   row and vector.                                                         */
 #if MOE__VL == 16
 /* AVX-512: 16 columns of the 16 rows at a time, loaded (zero-masked past
    depth and past row n) and turned k-major in registers: a 16 x 16
@@ -6016,7 +6017,8 @@ MOE__INLINE void moe__rowdot_body(const int32_t NR, const float *W, size_t depth
 }
 #else
 /* Other ISAs: MOE__ROWDOT_KC columns of the 16 rows at a time copied
-   k-major into L1 (a vector lane a row), then read back as vectors. */
+   k-major into L1, then read back as vectors. */
+#define MOE__ROWDOT_KC 64
 MOE__INLINE void moe__rowdot_body(const int32_t NR, const float *W, size_t depth, int32_t n,
                                   const float *x, float *out) {
     float t[MOE__ROWDOT_KC * MOE__QP_ROWS];
