@@ -5604,6 +5604,11 @@ static __m512 moe__u8x16(const unsigned char *b) {
 
 /* Row i's 8 dpbusd over the unit's codes c0..c7 (two chains: half the
    latency), its offset taken back, then acc_i += isum * scale * d [- mn * s]. */
+/* Each unit prefetches the bytes 2 KiB ahead of it: the weights stream from memory with
+   little work per byte, and at 1-4 activation rows the hardware prefetchers left the loads
+   waiting (q4_0 and q8_0, 3 rounds: T = 16 1.1-1.3x faster, T = 1 up to 1.2x; 1 KiB and
+   4 KiB no better). */
+#define MOE__QP_AHEAD 2048u
 #define MOE__QP_ROW(NR, i)                                                                     \
     if ((NR) > (i)) {                                                                          \
         int32_t v_[8];                                                                         \
@@ -5651,6 +5656,9 @@ static __m512 moe__u8x16(const unsigned char *b) {
         for (b = 0; b < nb; b++, g += unit) {                                                  \
             __m512i c0, c1, c2, c3, c4, c5, c6, c7;                                            \
             __m512 scale, mn = _mm512_setzero_ps();                                            \
+            size_t pf_;                                                                        \
+            for (pf_ = 0; pf_ < unit; pf_ += 64)   /* an address past the blob: no pointer */  \
+                MOE__PREFETCH((const void *)((uintptr_t)g + MOE__QP_AHEAD + pf_));             \
             if (type == MOE_QTYPE_Q4_K && b % 8 == 0) {                                        \
                 dd = moe__f16x16(g); dm = moe__f16x16(g + 32); g += 64;                        \
             }                                                                                  \
