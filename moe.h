@@ -1620,10 +1620,11 @@ MOE__TWIN static void moe__qdot_ref(int32_t type, const unsigned char *w, const 
    (MXFP4, whose scales stay exact as fp32).                                */
 #define MOE__QP_ROWS 16
 
-/* Bytes of one unit's codes and scales; of a group of 16 rows of cols values
-   (with Q4_K's super-block headers). */
+/* Bytes of one unit's codes; of its codes and scales; of a group of 16 rows
+   of cols values (with Q4_K's super-block headers). */
+static size_t moe__qp_code_bytes(int32_t type) { return type == MOE_QTYPE_Q8_0 ? 512 : 256; }
 static size_t moe__qp_unit_bytes(int32_t type) {
-    return type == MOE_QTYPE_Q8_0 ? 512 + 32 : type == MOE_QTYPE_MXFP4 ? 256 + 64 : 256 + 32;
+    return moe__qp_code_bytes(type) + (type == MOE_QTYPE_MXFP4 ? 64 : 32);
 }
 static size_t moe__qp_group_bytes(int32_t type, size_t cols) {
     const size_t units = cols / 32;
@@ -1641,7 +1642,7 @@ static void moe__qp_pack_group(const moe__qmat *q, size_t e, size_t row0, size_t
                                size_t cols, unsigned char *dst) {
     const moe__qinfo qi = moe__qblock(q->type);
     const int32_t per = qi.block / 32, units = (int32_t)(cols / 32);
-    const size_t code_bytes = q->type == MOE_QTYPE_Q8_0 ? 512 : 256;
+    const size_t code_bytes = moe__qp_code_bytes(q->type);
     int32_t u, r, j;
     for (u = 0; u < units; u++) {
         if (q->type == MOE_QTYPE_Q4_K && u % 8 == 0) {      /* super-block header */
@@ -1710,7 +1711,7 @@ static int moe__qp_code(int32_t type, const unsigned char *unit, int32_t r, int3
 MOE__TWIN static void moe__qpdot_ref(int32_t type, const unsigned char *g, const moe__qact *a,
                                      int64_t r0, int32_t nr, float *out) {
     const int32_t nb = a->k / 32;
-    const size_t code_bytes = type == MOE_QTYPE_Q8_0 ? 512 : 256;
+    const size_t code_bytes = moe__qp_code_bytes(type);
     int32_t i, r, b, k;
     for (i = 0; i < nr; i++) {
         const int8_t *q = a->q + (size_t)(r0 + i) * (size_t)a->k;
@@ -4885,23 +4886,30 @@ static moe_status moe__qpack_plan(const moe_config *c, const moe_weights *w, moe
     return any ? MOE_STATUS_OK : MOE_STATUS_UNSUPPORTED;
 }
 
+/* The header moe_qpack_weights writes for this config, weights and plan. */
+static void moe__qp_header_of(const moe_config *c, const moe_weights *w, const moe__qp_plan *p,
+                              moe__qp_header *h) {
+    int i;
+    memset(h, 0, sizeof *h);
+    memcpy(h->magic, "moe.qp1", 8);
+    h->num_experts = (uint32_t)c->num_experts; h->d_model = (uint32_t)c->d_model;
+    h->d_ff = (uint32_t)c->d_ff; h->shared_d_ff = (uint32_t)c->shared_d_ff;
+    h->glu = (uint32_t)moe__act_is_glu(c->activation);
+    h->fused = (uint32_t)(w->gate_up_fused != 0);
+    for (i = 0; i < 6; i++) h->types[i] = (uint32_t)p->types[i];
+    h->bytes = p->bytes;
+}
+
 /* Was w.qpacked made by moe_qpack_weights for this config and these weight
    types, and does w.qpacked_bytes hold all of it? */
 static int moe__qpack_check(const moe_config *c, const moe_weights *w) {
-    moe__qp_header h;
+    moe__qp_header h, want;
     moe__qp_plan p;
-    int i;
     if (!w->qpacked || w->qpacked_bytes < sizeof h) return 0;
+    if (moe__qpack_plan(c, w, &p) != MOE_STATUS_OK || p.bytes > w->qpacked_bytes) return 0;
     memcpy(&h, w->qpacked, sizeof h);
-    if (memcmp(h.magic, "moe.qp1", 8) != 0 || moe__qpack_plan(c, w, &p) != MOE_STATUS_OK ||
-        h.bytes != p.bytes || h.bytes > w->qpacked_bytes ||
-        h.num_experts != (uint32_t)c->num_experts || h.d_model != (uint32_t)c->d_model ||
-        h.d_ff != (uint32_t)c->d_ff || h.shared_d_ff != (uint32_t)c->shared_d_ff ||
-        h.glu != (uint32_t)moe__act_is_glu(c->activation) ||
-        h.fused != (uint32_t)(w->gate_up_fused != 0))
-        return 0;
-    for (i = 0; i < 6; i++) if (h.types[i] != (uint32_t)p.types[i]) return 0;
-    return 1;
+    moe__qp_header_of(c, w, &p, &want);
+    return memcmp(&h, &want, sizeof h) == 0;
 }
 
 /* Does the forward read w.qpacked? (checked by moe_forward first) */
@@ -5602,13 +5610,13 @@ static __m512 moe__u8x16(const unsigned char *b) {
         (__mmask16)0xFFFF, _mm_loadu_si128((const __m128i *)(const void *)b)));
 }
 
-/* Row i's 8 dpbusd over the unit's codes c0..c7 (two chains: half the
-   latency), its offset taken back, then acc_i += isum * scale * d [- mn * s]. */
 /* Each unit prefetches the bytes 2 KiB ahead of it: the weights stream from memory with
    little work per byte, and at 1-4 activation rows the hardware prefetchers left the loads
    waiting (q4_0 and q8_0, 3 rounds: T = 16 1.1-1.3x faster, T = 1 up to 1.2x; 1 KiB and
    4 KiB no better). */
 #define MOE__QP_AHEAD 2048u
+/* Row i's 8 dpbusd over the unit's codes c0..c7 (two chains: half the
+   latency), its offset taken back, then acc_i += isum * scale * d [- mn * s]. */
 #define MOE__QP_ROW(NR, i)                                                                     \
     if ((NR) > (i)) {                                                                          \
         int32_t v_[8];                                                                         \
@@ -5637,7 +5645,7 @@ static __m512 moe__u8x16(const unsigned char *b) {
         const int32_t nb = a->k / 32, wide = type == MOE_QTYPE_Q8_0;                          \
         const int32_t off = wide ? 128 : type == MOE_QTYPE_Q4_0 ? 8                           \
                           : type == MOE_QTYPE_MXFP4 ? 12 : 0;                                  \
-        const size_t code_bytes = wide ? 512 : 256, unit = moe__qp_unit_bytes(type);          \
+        const size_t code_bytes = moe__qp_code_bytes(type), unit = moe__qp_unit_bytes(type);  \
         const __m512i lo = _mm512_set1_epi8(0x0f);                                             \
         const __m512i e2m1 = _mm512_maskz_broadcast_i32x4((__mmask16)0xFFFF, _mm_setr_epi8(    \
             12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));  /* + 12 */         \
@@ -7038,13 +7046,7 @@ MOEDEF moe_status moe_qpack_weights(const moe_config *cfg, const moe_weights *w,
         moe__parallel_for(&c, (int32_t)(count[i] * J.groups), moe__qpack_task, &J,
                           (double)count[i] * (double)p.per[i]);
     }
-    memset(&h, 0, sizeof h);
-    memcpy(h.magic, "moe.qp1", 8);
-    h.num_experts = (uint32_t)c.num_experts; h.d_model = (uint32_t)c.d_model;
-    h.d_ff = (uint32_t)c.d_ff; h.shared_d_ff = (uint32_t)c.shared_d_ff;
-    h.glu = (uint32_t)moe__act_is_glu(c.activation); h.fused = (uint32_t)(w->gate_up_fused != 0);
-    for (i = 0; i < 6; i++) h.types[i] = (uint32_t)p.types[i];
-    h.bytes = p.bytes;
+    moe__qp_header_of(&c, w, &p, &h);
     memset(qpacked, 0, 64);
     memcpy(qpacked, &h, sizeof h);
     return MOE_STATUS_OK;
