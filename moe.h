@@ -5310,6 +5310,9 @@ static void moe__pack_task(void *arg, int32_t task) {
    with the dot-product extension: SDOT. Other builds (NEON without
    +dotprod) run moe__qdot_ref.                                           */
 #define MOE__QDOT_NR 4
+/* Activation rows a call of moe__qdot_group (moe__qpdot_simd's most: its 8 accumulators, 8
+   code vectors and scales fit the 32 registers) */
+#define MOE__QPDOT_NR 8
 #if defined(__AVX2__)
 /* 32 nibbles of 16 bytes: value j < 16 the low nibble of byte j, j + 16 its high */
 static __m256i moe__nibbles(const unsigned char *b) {
@@ -5649,11 +5652,11 @@ static __m512 moe__u8x16(const unsigned char *b) {
         const __m512i lo = _mm512_set1_epi8(0x0f);                                             \
         const __m512i e2m1 = _mm512_maskz_broadcast_i32x4((__mmask16)0xFFFF, _mm_setr_epi8(    \
             12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));  /* + 12 */         \
-        const int8_t *q[4];                                                                    \
-        const float *d[4], *s[4];                                                              \
-        const int32_t *qs[4];                                                                  \
+        const int8_t *q[MOE__QPDOT_NR];                                                        \
+        const float *d[MOE__QPDOT_NR], *s[MOE__QPDOT_NR];                                      \
+        const int32_t *qs[MOE__QPDOT_NR];                                                      \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;              \
-        __m512 dd = acc0, dm = acc0;                                                           \
+        __m512 acc4 = acc0, acc5 = acc0, acc6 = acc0, acc7 = acc0, dd = acc0, dm = acc0;       \
         int32_t b, i;                                                                          \
         for (i = 0; i < NR; i++) {                                                             \
             const size_t row = (size_t)(r0 + i);                                               \
@@ -5706,16 +5709,25 @@ static __m512 moe__u8x16(const unsigned char *b) {
                 scale = moe__f16x16(g + code_bytes);                                           \
             }                                                                                  \
             MOE__QP_ROW(NR, 0) MOE__QP_ROW(NR, 1) MOE__QP_ROW(NR, 2) MOE__QP_ROW(NR, 3)        \
+            MOE__QP_ROW(NR, 4) MOE__QP_ROW(NR, 5) MOE__QP_ROW(NR, 6) MOE__QP_ROW(NR, 7)        \
         }                                                                                      \
         _mm512_storeu_ps(out, acc0);                                                           \
         if (NR > 1) _mm512_storeu_ps(out + MOE__QP_ROWS, acc1);                                \
         if (NR > 2) _mm512_storeu_ps(out + 2 * MOE__QP_ROWS, acc2);                            \
         if (NR > 3) _mm512_storeu_ps(out + 3 * MOE__QP_ROWS, acc3);                            \
+        if (NR > 4) _mm512_storeu_ps(out + 4 * MOE__QP_ROWS, acc4);                            \
+        if (NR > 5) _mm512_storeu_ps(out + 5 * MOE__QP_ROWS, acc5);                            \
+        if (NR > 6) _mm512_storeu_ps(out + 6 * MOE__QP_ROWS, acc6);                            \
+        if (NR > 7) _mm512_storeu_ps(out + 7 * MOE__QP_ROWS, acc7);                            \
     }
 MOE__QP_KERNEL(1)
 MOE__QP_KERNEL(2)
 MOE__QP_KERNEL(3)
 MOE__QP_KERNEL(4)
+MOE__QP_KERNEL(5)
+MOE__QP_KERNEL(6)
+MOE__QP_KERNEL(7)
+MOE__QP_KERNEL(8)
 #undef MOE__QP_KERNEL
 #undef MOE__QP_ROW
 #undef MOE__QP_DP
@@ -5726,7 +5738,11 @@ static void moe__qpdot_simd(int32_t type, const unsigned char *g, const moe__qac
     case 1: moe__qpdot_x86_1(type, g, a, r0, out); break;
     case 2: moe__qpdot_x86_2(type, g, a, r0, out); break;
     case 3: moe__qpdot_x86_3(type, g, a, r0, out); break;
-    default: moe__qpdot_x86_4(type, g, a, r0, out); break;
+    case 4: moe__qpdot_x86_4(type, g, a, r0, out); break;
+    case 5: moe__qpdot_x86_5(type, g, a, r0, out); break;
+    case 6: moe__qpdot_x86_6(type, g, a, r0, out); break;
+    case 7: moe__qpdot_x86_7(type, g, a, r0, out); break;
+    default: moe__qpdot_x86_8(type, g, a, r0, out); break;
     }
 }
 #endif /* AVX-512 + BW */
@@ -5797,13 +5813,14 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    (expert, run of MOE__QDOT_UNITS output units); each task writes its own
    units of its expert's rows, in a fixed order: the same bits for any
    thread count. With w.qpacked (AVX-512 builds) the dots read the decode
-   layout, 16 weight rows a vector. Above MOE__QDOT_ROWS rows an expert
-   takes the panels, above MOE__QDOT_ROWS_PACKED when w.packed holds them
-   already and there is no decode layout (measured on the 2-core AVX-512
-   host, bench/RESULTS.md: beside the blob, experts of 8-12 rows ran
-   0.55-0.72x as fast on the blocks as packed fp32, of 1-4 rows 0.86-2.1x;
-   on the decode layout, deepseek-mini T = 128 (about 12 rows an expert)
-   1.4x faster than the panels). fp32 experts without a blob take the same
+   layout, 16 weight rows a vector and 8 activation rows a pass; when all
+   of an expert's matrices have it, it runs here at any number of rows (an
+   int8 GEMM, faster than the fp32 panels at T = 1024, bench/RESULTS.md).
+   Otherwise above MOE__QDOT_ROWS rows an expert takes the panels, above
+   MOE__QDOT_ROWS_PACKED when w.packed holds them already and there is no
+   decode layout (measured on the 2-core AVX-512 host: beside the blob,
+   experts of 8-12 rows ran 0.55-0.72x as fast on the blocks as packed
+   fp32, of 1-4 rows 0.86-2.1x). fp32 experts without a blob take the same
    tasks up to MOE__ROWDOT_ROWS rows, reading their rows in place in the
    panels' summation order (moe__rowdot_simd) instead of being packed.    */
 #define MOE__QDOT_ROWS 16
@@ -6080,15 +6097,16 @@ static void moe__rowdot_simd(const float *W, size_t depth, int32_t n, const floa
 }
 
 /* Units g0 .. g0 + n - 1 (n <= 16, g0 a multiple of 16) of expert e's
-   matrix . activation rows r0 .. r0 + nr - 1 into out[i][16]: on its decode
-   layout qp (AVX-512BW builds), on its blocks q (a unit a call), or on fp32
-   W (the panels' bits, from act's rows). */
+   matrix . activation rows r0 .. r0 + nr - 1 (nr <= MOE__QPDOT_NR) into
+   out[i][16]: on its decode layout qp (AVX-512BW builds), on its blocks q
+   (a unit a call), or on fp32 W (the panels' bits, from act's rows); the
+   last two MOE__QDOT_NR rows at a time. */
 static void moe__qdot_group(const moe__qdot_job *J, const moe__qmat *q, const unsigned char *qp,
                             size_t qp_stride, const float *W, size_t stride, size_t e, int32_t g0,
                             int32_t n, const float *act, int64_t r0, int32_t nr, float *out) {
     const size_t depth = (size_t)J->a.k;
     float v[MOE__QDOT_NR];
-    int32_t u, i;
+    int32_t u, i, i0, m;
 #if MOE__HAS_QPDOT
     if (qp) {
         moe__qpdot_simd(q->type, qp + e * qp_stride + (size_t)(g0 / MOE__QP_ROWS) *
@@ -6098,15 +6116,19 @@ static void moe__qdot_group(const moe__qdot_job *J, const moe__qmat *q, const un
 #else
     (void)qp; (void)qp_stride;
 #endif
-    if (!q->data) {
-        moe__rowdot_simd(W + e * stride + (size_t)g0 * depth, depth, n, act + (size_t)r0 * depth,
-                         nr, out);
-        return;
-    }
-    for (u = 0; u < n; u++) {
-        moe__qdot_simd(q->type, q->data + e * q->stride + (size_t)(g0 + u) * q->row_bytes, &J->a,
-                       r0, nr, v);
-        for (i = 0; i < nr; i++) out[(size_t)i * MOE__QP_ROWS + (size_t)u] = v[i];
+    for (i0 = 0; i0 < nr; i0 += MOE__QDOT_NR) {
+        float *o = out + (size_t)i0 * MOE__QP_ROWS;
+        m = nr - i0 < MOE__QDOT_NR ? nr - i0 : MOE__QDOT_NR;
+        if (!q->data) {
+            moe__rowdot_simd(W + e * stride + (size_t)g0 * depth, depth, n,
+                             act + (size_t)(r0 + i0) * depth, m, o);
+            continue;
+        }
+        for (u = 0; u < n; u++) {
+            moe__qdot_simd(q->type, q->data + e * q->stride + (size_t)(g0 + u) * q->row_bytes,
+                           &J->a, r0 + i0, m, v);
+            for (i = 0; i < m; i++) o[(size_t)i * MOE__QP_ROWS + (size_t)u] = v[i];
+        }
     }
 }
 
@@ -6133,7 +6155,7 @@ static void moe__activate_simd(moe_activation act, float *ha, const float *hg, c
     for (; i < n; i++) ha[i] = hu ? moe__act_simd(act, hg[i]) * hu[i] : moe__act_simd(act, hg[i]);
 }
 
-/* Units [u0, u1) of one expert's rows, 16 units and MOE__QDOT_NR rows a
+/* Units [u0, u1) of one expert's rows, 16 units and MOE__QPDOT_NR rows a
    call: stage 1 hg, hu and ha (+ biases, activation, dropout), stage 2 out
    (+ bias). */
 static void moe__qdot_task(void *arg, int32_t task) {
@@ -6151,11 +6173,11 @@ static void moe__qdot_task(void *arg, int32_t task) {
     const float *W = s1 ? f->gate : f->down, *act = s1 ? J->x : J->ha;
     const float *bias = s1 ? f->gate_bias : f->down_bias;
     float *dst = s1 ? J->hg : J->out;
-    float g16[MOE__QDOT_NR * MOE__QP_ROWS], u16[MOE__QDOT_NR * MOE__QP_ROWS];
+    float g16[MOE__QPDOT_NR * MOE__QP_ROWS], u16[MOE__QPDOT_NR * MOE__QP_ROWS];
     int64_t r0, r;
     int32_t g0, u, i, nr;
     for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
-        nr = (int32_t)(J->off[e + 1] - r0 < MOE__QDOT_NR ? J->off[e + 1] - r0 : MOE__QDOT_NR);
+        nr = (int32_t)(J->off[e + 1] - r0 < MOE__QPDOT_NR ? J->off[e + 1] - r0 : MOE__QPDOT_NR);
         for (g0 = u0; g0 < u1; g0 += MOE__QP_ROWS) {
             const int32_t n = u1 - g0 < MOE__QP_ROWS ? u1 - g0 : MOE__QP_ROWS;
             moe__qdot_group(J, m, qp, qps, W, stride, e, g0, n, act, r0, nr, g16);
@@ -6225,10 +6247,12 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               float *tiles, const moe__ws *ws) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
-    /* the decode layout's dots beat the panels up to 16 rows, blob or not (64: no
-       better than the panels at 32 rows); fp32 experts without a blob read their rows
-       as the panels would sum them (moe__rowdot_simd) instead of packing per call */
+    /* with every matrix on the decode layout its dots, 8 rows a pass, beat the panels at
+       any row count, blob or not; fp32 experts without a blob read their rows as the
+       panels would sum them (moe__rowdot_simd) instead of packing per call */
+    const int all_qp = f->gate_qp && f->down_qp && (!moe__act_is_glu(f->act) || f->up_qp);
     const int64_t qdot_rows = !quant ? (packed_set ? 0 : MOE__ROWDOT_ROWS)
+                            : all_qp ? INT64_MAX
                             : packed_set && !f->gate_qp && !f->down_qp ? MOE__QDOT_ROWS_PACKED
                                                                        : MOE__QDOT_ROWS;
     moe__packed_job J;

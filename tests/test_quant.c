@@ -398,34 +398,43 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
        code for the down projection, so within Q_INT8_BOUND of the reference,
        as the blocks' run; 1 and 2 threads alike. Alone, and beside a blob.
        Builds with AVX-512BW read it: scrambled codes there change y;
-       elsewhere it is ignored and y stays the blocks' run. */
+       elsewhere it is ignored and y stays the blocks' run. A set (routed or
+       shared) whose every matrix is quantized reads it at any number of
+       rows, so its experts of more than 16 rows leave the panels too. */
     {
         size_t qb = 0;
         void *qp;
         float *yp1 = NULL, *yp;
         moe_weights wq2 = L.wq;
+        /* a set whose every matrix is quantized runs the decode layout at any rows (fused:
+           the up half is the gate tensor's) */
+        const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
+        const int routed_all = tg != MOE_QTYPE_F32 && td != MOE_QTYPE_F32 &&
+                               (!glu || fused || tu != MOE_QTYPE_F32);
+        const int shared_q = Fs > 0 && ts != MOE_QTYPE_F32;
+        const int qp_panels = panels && !(QP_READ && (routed_all || shared_q));
         CHECK_STATUS(moe_qpack_size(&c, &L.wq, &qb), MOE_STATUS_OK);
         qp = malloc(qb);
         CHECK_STATUS(moe_qpack_weights(&c, &L.wq, qp, qb), MOE_STATUS_OK);
         wq2.qpacked = qp; wq2.qpacked_bytes = qb;
         for (c.num_threads = 1; c.num_threads <= 2; c.num_threads++) {
             yp = q_run(&c, &wq2, L.x, T);
-            if (T > 0 && !panels && !(q_rel(yp, yr, TD) <= Q_INT8_BOUND))
+            if (T > 0 && !qp_panels && !(q_rel(yp, yr, TD) <= Q_INT8_BOUND))
                 moe_test_fail(__FILE__, __LINE__, "qpacked %s/%s/%s D%d F%d T%d: %.4f off",
                               moe_qtype_name(tg), moe_qtype_name(tu), moe_qtype_name(td), D, F, T,
                               q_rel(yp, yr, TD));
-            if (panels || QP_READ == 0) CHECK(q_same(yp, y1, TD));
+            if (qp_panels || QP_READ == 0) CHECK(q_same(yp, y1, TD));
             if (yp1) { CHECK(q_same(yp, yp1, TD)); free(yp); } else yp1 = yp;
         }
         c.num_threads = 0;
-        if (T > 0 && !panels) {
+        if (T > 0 && !qp_panels) {
             /* every quantized matrix's groups are read (an fp32 one beside it reads its
                rows) */
-            const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
             const int routed = tg != MOE_QTYPE_F32 || (glu && tu != MOE_QTYPE_F32) ||
                                td != MOE_QTYPE_F32;
-            const int reads_qp = (routed && q_small_experts(&c, &L.wq, L.x, T) > 0) ||
-                                 (Fs > 0 && ts != MOE_QTYPE_F32 && T <= 16);
+            const int reads_qp = (routed && (routed_all || q_small_experts(&c, &L.wq, L.x,
+                                                                           T) > 0)) ||
+                                 shared_q;
             unsigned char *scrambled = (unsigned char *)malloc(qb);
             size_t k;
             memcpy(scrambled, qp, qb);

@@ -94,7 +94,7 @@ TEST(quant_internal, qdot_twins) {
    by moe__qp_pack_group; per group, moe__qpdot_ref must give each live row
    the bits moe__qdot_ref gives it on the blocks, and moe__qpdot_simd (where
    the build has it) the same to a few ulp of the magnitude (its float
-   steps fuse: fma). Activation rows 1..4 from row 0 and from row 1. */
+   steps fuse: fma). Activation rows 1..8 from row 0 and from row 1. */
 TEST(quant_internal, qpdot_twins) {
 #if MOE__HAS_SIMD
     const moe_qtype types[4] = {MOE_QTYPE_Q8_0, MOE_QTYPE_Q4_0, MOE_QTYPE_MXFP4, MOE_QTYPE_Q4_K};
@@ -105,11 +105,12 @@ TEST(quant_internal, qpdot_twins) {
         for (ik = 0; ik < 4; ik++)
             for (in = 0; in < 5; in++) {
                 const moe_qtype t = types[it];
-                const int32_t k = ks[ik], n = ns[in], rows = MOE__QDOT_NR;
+                const int32_t k = ks[ik], n = ns[in], rows = MOE__QPDOT_NR + 1;
                 const size_t rb = moe_qtype_row_bytes(t, k), gb = moe__qp_group_bytes(t, (size_t)k);
                 const int32_t groups = (n + 15) / 16;
                 unsigned char *w, *g;
-                float *x, ref[MOE__QDOT_NR], grp_ref[MOE__QDOT_NR * 16], grp_simd[MOE__QDOT_NR * 16];
+                float *x, ref[MOE__QPDOT_NR + 1], grp_ref[MOE__QPDOT_NR * 16];
+                float grp_simd[MOE__QPDOT_NR * 16];
                 moe__qmat m;
                 moe__qact a;
                 size_t i;
@@ -139,7 +140,7 @@ TEST(quant_internal, qpdot_twins) {
                         x[i] = moe_test_rand(&s) * (1.0f + (float)((i + (size_t)r) % 5)) - 0.2f * (float)r;
                     moe__qact_row(&a, r, x);
                 }
-                for (nr = 1; nr <= rows; nr++)
+                for (nr = 1; nr <= MOE__QPDOT_NR; nr++)
                     for (r0 = 0; r0 + nr <= rows && r0 <= 1; r0++)
                         for (gi = 0; gi < groups; gi++) {
                             moe__qpdot_ref(t, g + (size_t)gi * gb, &a, r0, nr, grp_ref);
