@@ -5604,6 +5604,9 @@ static __m512i moe__dpbusd_u8(__m512i acc, __m512i u, __m512i s) {   /* any byte
                             _mm512_maskz_slli_epi32((__mmask16)0xFFFF, hi, 4));
 #endif
 }
+static __m512i moe__q4x16(const int8_t *p) {   /* 4 bytes to every lane: a load's broadcast */
+    return _mm512_broadcastd_epi32(_mm_loadu_si32(p));
+}
 static __m512 moe__f16x16(const unsigned char *h) {
     return _mm512_maskz_cvtph_ps((__mmask16)0xFFFF,
                                  _mm256_loadu_si256((const __m256i *)(const void *)h));
@@ -5622,23 +5625,25 @@ static __m512 moe__u8x16(const unsigned char *b) {
    latency), its offset taken back, then acc_i += isum * scale * d [- mn * s]. */
 #define MOE__QP_ROW(NR, i)                                                                     \
     if ((NR) > (i)) {                                                                          \
-        int32_t v_[8];                                                                         \
+        const int8_t *v_ = q[i] + 32 * b;                                                      \
         __m512i s0_, s1_;                                                                      \
-        memcpy(v_, q[i] + 32 * b, sizeof v_);                                                  \
-        s0_ = MOE__QP_DP(_mm512_setzero_si512(), c0, v_[0]);                                   \
-        s1_ = MOE__QP_DP(_mm512_setzero_si512(), c1, v_[1]);                                   \
-        s0_ = MOE__QP_DP(s0_, c2, v_[2]); s1_ = MOE__QP_DP(s1_, c3, v_[3]);                    \
-        s0_ = MOE__QP_DP(s0_, c4, v_[4]); s1_ = MOE__QP_DP(s1_, c5, v_[5]);                    \
-        s0_ = MOE__QP_DP(s0_, c6, v_[6]); s1_ = MOE__QP_DP(s1_, c7, v_[7]);                    \
+        s0_ = MOE__QP_DP(_mm512_setzero_si512(), c0, v_);                                      \
+        s1_ = MOE__QP_DP(_mm512_setzero_si512(), c1, v_ + 4);                                  \
+        s0_ = MOE__QP_DP(s0_, c2, v_ + 8); s1_ = MOE__QP_DP(s1_, c3, v_ + 12);                 \
+        s0_ = MOE__QP_DP(s0_, c4, v_ + 16); s1_ = MOE__QP_DP(s1_, c5, v_ + 20);                \
+        s0_ = MOE__QP_DP(s0_, c6, v_ + 24); s1_ = MOE__QP_DP(s1_, c7, v_ + 28);                \
         s0_ = _mm512_sub_epi32(_mm512_add_epi32(s0_, s1_), _mm512_set1_epi32(off * qs[i][b])); \
         acc##i = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps((__mmask16)0xFFFF, s0_),             \
                                  _mm512_mul_ps(scale, _mm512_set1_ps(d[i][b])), acc##i);       \
         if (type == MOE_QTYPE_Q4_K)                                                            \
             acc##i = _mm512_fnmadd_ps(mn, _mm512_set1_ps(s[i][b]), acc##i);                    \
     }
-#define MOE__QP_DP(acc, c, v)                                                                  \
-    (wide ? moe__dpbusd_u8((acc), (c), _mm512_set1_epi32(v))                                   \
-          : moe__dpbusd((acc), (c), _mm512_set1_epi32(v)))
+#if defined(__AVX512VNNI__)
+#define MOE__QP_DP(acc, c, p) _mm512_dpbusd_epi32((acc), (c), moe__q4x16(p))
+#else
+#define MOE__QP_DP(acc, c, p)                                                                  \
+    (wide ? moe__dpbusd_u8((acc), (c), moe__q4x16(p)) : moe__dpbusd((acc), (c), moe__q4x16(p)))
+#endif
 
 /* The kernel for NR activation rows (a constant where it is expanded, so
    the codes and the accumulators stay in registers). */
