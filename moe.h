@@ -6160,6 +6160,21 @@ static void moe__activate_simd(moe_activation act, float *ha, const float *hg, c
     for (; i < n; i++) ha[i] = hu ? moe__act_simd(act, hg[i]) * hu[i] : moe__act_simd(act, hg[i]);
 }
 
+/* A group call's out[i][16] (+ bias) into rows i of dst (ld apart), units
+   0 .. n - 1; without a bias + 0.0f all the same (-0.0 becomes +0.0). */
+static void moe__qdot_put(float *dst, size_t ld, const float *out, const float *bias, int32_t nr,
+                          int32_t n) {
+    int32_t i, u;
+    for (i = 0; i < nr; i++) {
+        float *d = dst + (size_t)i * ld;
+        const float *o = out + (size_t)i * MOE__QP_ROWS;
+        for (u = 0; u + MOE__VL <= n; u += MOE__VL)
+            moe__v_store(d + u, moe__v_add(moe__v_load(o + u),
+                                           bias ? moe__v_load(bias + u) : moe__v_zero()));
+        for (; u < n; u++) d[u] = o[u] + (bias ? bias[u] : 0.0f);
+    }
+}
+
 /* Units [u0, u1) of one expert's rows, 16 units and MOE__QPDOT_NR rows a
    call: stage 1 hg, hu and ha (+ biases, activation, dropout), stage 2 out
    (+ bias). */
@@ -6180,7 +6195,7 @@ static void moe__qdot_task(void *arg, int32_t task) {
     float *dst = s1 ? J->hg : J->out;
     float g16[MOE__QPDOT_NR * MOE__QP_ROWS], u16[MOE__QPDOT_NR * MOE__QP_ROWS];
     int64_t r0, r;
-    int32_t g0, u, i, nr;
+    int32_t g0, nr;
     for (r0 = J->off[e]; r0 < J->off[e + 1]; r0 += nr) {
         nr = (int32_t)(J->off[e + 1] - r0 < MOE__QPDOT_NR ? J->off[e + 1] - r0 : MOE__QPDOT_NR);
         for (g0 = u0; g0 < u1; g0 += MOE__QP_ROWS) {
@@ -6189,13 +6204,11 @@ static void moe__qdot_task(void *arg, int32_t task) {
             if (up)
                 moe__qdot_group(J, &f->up_q, f->up_qp, f->up_qps, f->up, f->up_stride, e, g0, n,
                                 act, r0, nr, u16);
-            for (i = 0; i < nr; i++)
-                for (u = 0; u < n; u++) {
-                    const size_t o = (size_t)(g0 + u), k = (size_t)i * MOE__QP_ROWS + (size_t)u;
-                    const size_t at = (size_t)(r0 + i) * n_out + o;
-                    dst[at] = g16[k] + (bias ? bias[e * n_out + o] : 0.0f);
-                    if (up) J->hu[at] = u16[k] + (f->up_bias ? f->up_bias[e * F + o] : 0.0f);
-                }
+            moe__qdot_put(dst + (size_t)r0 * n_out + (size_t)g0, n_out, g16,
+                          bias ? bias + e * n_out + (size_t)g0 : NULL, nr, n);
+            if (up)
+                moe__qdot_put(J->hu + (size_t)r0 * F + (size_t)g0, F, u16,
+                              f->up_bias ? f->up_bias + e * F + (size_t)g0 : NULL, nr, n);
         }
     }
     if (s1)
