@@ -451,7 +451,8 @@ $(foreach o,O0 O3, \
   $(eval $(call matrix_obj,clangxx-cxx17-$(o),$(CLANGXX),-std=c++17 -$(o),$(COMPILE_X))))
 # variant name:flags (+ for a space):optimisation
 MATRIX_VARIANTS := static:-DMOE_STATIC:O0 nosimd:-DMOE_NO_SIMD:O0 avx2:-mavx2+-mfma:O3 \
-                   avx512bf16:-mavx512f+-mavx512bf16:O3
+                   avx512bf16:-mavx512f+-mavx512bf16:O3 \
+                   avx512vnni:-mavx512f+-mavx512bf16+-mavx512vnni+-mavx512vl:O3
 $(foreach v,$(MATRIX_VARIANTS), \
   $(eval mv_name := $(word 1,$(subst :, ,$(v)))) \
   $(eval mv_flags := $(subst +, ,$(word 2,$(subst :, ,$(v))))) \

@@ -5585,27 +5585,21 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    Without VNNI, dpbusd is maddubs + madd, exact for codes below 16 (Q8_0's
    bytes go in as two nibbles). Zero-masked forms where GCC 12 would warn
    (moe__v_pow2i's note).                                                  */
-static __m512i moe__dpbusd(__m512i acc, __m512i u, __m512i s) {
-#if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
+#if !defined(__AVX512VNNI__)
+static __m512i moe__dpbusd(__m512i acc, __m512i u, __m512i s) {   /* u below 128 */
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s),
                                                    _mm512_set1_epi16(1)));
-#endif
 }
 static __m512i moe__dpbusd_u8(__m512i acc, __m512i u, __m512i s) {   /* any byte u */
-#if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
     const __m512i lo = _mm512_set1_epi8(0x0f);
     const __m512i hi = moe__dpbusd(_mm512_setzero_si512(),
                                    _mm512_and_si512(_mm512_srli_epi16(u, 4), lo), s);
     return _mm512_add_epi32(moe__dpbusd(acc, _mm512_and_si512(u, lo), s),
                             _mm512_maskz_slli_epi32((__mmask16)0xFFFF, hi, 4));
-#endif
 }
+#endif
 static __m512i moe__q4x16(const int8_t *p) {   /* 4 bytes to every lane: a load's broadcast */
-    return _mm512_broadcastd_epi32(_mm_loadu_si32(p));
+    return _mm512_maskz_broadcastd_epi32((__mmask16)0xFFFF, _mm_loadu_si32(p));
 }
 static __m512 moe__f16x16(const unsigned char *h) {
     return _mm512_maskz_cvtph_ps((__mmask16)0xFFFF,
@@ -5820,8 +5814,7 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    thread count. With w.qpacked (AVX-512 builds) the dots read the decode
    layout, 16 weight rows a vector and 8 activation rows a pass; when all
    of an expert's matrices have it, it runs here at any number of rows (an
-   int8 GEMM, faster than the fp32 panels at T = 1024, bench/RESULTS.md).
-   Otherwise above MOE__QDOT_ROWS rows an expert takes the panels, above
+   int8 GEMM; moe__qp_any_rows). Otherwise above MOE__QDOT_ROWS rows an expert takes the panels, above
    MOE__QDOT_ROWS_PACKED when w.packed holds them already and there is no
    decode layout (measured on the 2-core AVX-512 host: beside the blob,
    experts of 8-12 rows ran 0.55-0.72x as fast on the blocks as packed
@@ -6254,6 +6247,22 @@ static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t
 #endif
 
 #if MOE__HAS_SIMD
+/* Do a set's experts take the decode layout's dots at any number of rows? When
+   every matrix has it: 8 rows a pass beat the panels at every T measured, blob
+   or not (bench/RESULTS.md), except Q8_0 without VNNI, whose full-byte codes
+   take two maddubs passes (mixtral-mini T = 1024: 356 against 256 ms on the
+   panels); such sets keep MOE__QDOT_ROWS. */
+static int moe__qp_any_rows(const moe__ffn *f) {
+    const int glu = moe__act_is_glu(f->act);
+    if (!f->gate_qp || !f->down_qp || (glu && !f->up_qp)) return 0;
+#if !defined(__AVX512VNNI__)
+    if (f->gate_q.type == MOE_QTYPE_Q8_0 || f->down_q.type == MOE_QTYPE_Q8_0 ||
+        (glu && f->up_q.type == MOE_QTYPE_Q8_0))
+        return 0;
+#endif
+    return 1;
+}
+
 /* Expert FFNs of a set on the SIMD kernels: from w.packed when given, else
    each expert with rows is packed into the workspace first (one extra pass
    over its weights), then run. Experts with few rows run as dots
@@ -6265,12 +6274,10 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
                               float *tiles, const moe__ws *ws) {
     const moe__pack_geom g = moe__pack_geometry(c, f->F);
     const int quant = f->gate_q.data || f->up_q.data || f->down_q.data;
-    /* with every matrix on the decode layout its dots, 8 rows a pass, beat the panels at
-       any row count, blob or not; fp32 experts without a blob read their rows as the
-       panels would sum them (moe__rowdot_simd) instead of packing per call */
-    const int all_qp = f->gate_qp && f->down_qp && (!moe__act_is_glu(f->act) || f->up_qp);
+    /* fp32 experts without a blob read their rows as the panels would sum them
+       (moe__rowdot_simd) instead of packing per call */
     const int64_t qdot_rows = !quant ? (packed_set ? 0 : MOE__ROWDOT_ROWS)
-                            : all_qp ? INT64_MAX
+                            : moe__qp_any_rows(f) ? INT64_MAX
                             : packed_set && !f->gate_qp && !f->down_qp ? MOE__QDOT_ROWS_PACKED
                                                                        : MOE__QDOT_ROWS;
     moe__packed_job J;

@@ -8,8 +8,9 @@
 #   from the blocks, the blocks beside it) built as `make` builds the bench
 #   (-mavx512f -mavx512bf16 here), variant 3 again built with VNNI
 #   (-mavx512vnni -mavx512vl, where the CPU has it: ggml's native build uses it);
-#   the same with the decode layout (--qpack 1: moe_qpack_weights once) at T <= 128, where
-#   experts have the few rows it serves: v3 and v2 with make's flags, v3 and v2 with VNNI;
+#   the same with the decode layout (--qpack 1: moe_qpack_weights once; with every expert
+#   matrix on it, experts of any number of rows run its integer dots): v3 and v2 with make's
+#   flags, v3 and v2 with VNNI;
 #   then ggml_moe_bench on all four types.
 # Raw outputs land in build/quant_bench/; bench/quant_table.py prints the table
 # (median over rounds of each round's median ms, [min-max of those]).
@@ -17,7 +18,6 @@ set -eu
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 Ts=${2:-1,16,128,1024}
-Tq=$(echo "$Ts" | tr , '\n' | awk '$1 <= 128' | paste -sd, -)   # the decode layout's T
 out=build/quant_bench
 mkdir -p "$out"
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
@@ -37,8 +37,8 @@ for r in $(seq 1 "$rounds"); do
         ./build/moe_bench --T "$Ts" --reps 5 --qtype $q 3,2 1 > "$out/r${r}_$q.txt"
         [ -z "$vnni" ] ||
             ./build/moe_bench_vnni --T "$Ts" --reps 5 --qtype $q 3 1 > "$out/r${r}_${q}_vnni.txt"
-        ./build/moe_bench --T "$Tq" --reps 5 --qtype $q --qpack 1 3,2 1 > "$out/r${r}_${q}_qp.txt"
-        [ -z "$vnni" ] || ./build/moe_bench_vnni --T "$Tq" --reps 5 --qtype $q --qpack 1 3,2 1 \
+        ./build/moe_bench --T "$Ts" --reps 5 --qtype $q --qpack 1 3,2 1 > "$out/r${r}_${q}_qp.txt"
+        [ -z "$vnni" ] || ./build/moe_bench_vnni --T "$Ts" --reps 5 --qtype $q --qpack 1 3,2 1 \
             > "$out/r${r}_${q}_qp_vnni.txt"
     done
     build/ggml/ggml_moe_bench --T "$Ts" --reps 5 > "$out/r${r}_ggml.txt"

@@ -334,6 +334,11 @@ static double q_rel(const float *a, const float *b, size_t n) {
 #else
 #define QP_READ 0
 #endif
+#if defined(__AVX512VNNI__)
+#define QP_VNNI 1
+#else
+#define QP_VNNI 0
+#endif
 static double q_int8_worst;
 
 /* The layer on blocks against the fp32 layer on their decoded values:
@@ -407,12 +412,16 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
         float *yp1 = NULL, *yp;
         moe_weights wq2 = L.wq;
         /* a set whose every matrix is quantized runs the decode layout at any rows (fused:
-           the up half is the gate tensor's) */
+           the up half is the gate tensor's), but with Q8_0 only in VNNI builds */
         const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
+        const moe_qtype tu2 = !glu ? tg : fused ? tg : tu;
         const int routed_all = tg != MOE_QTYPE_F32 && td != MOE_QTYPE_F32 &&
-                               (!glu || fused || tu != MOE_QTYPE_F32);
+                               tu2 != MOE_QTYPE_F32 &&
+                               (QP_VNNI || (tg != MOE_QTYPE_Q8_0 && tu2 != MOE_QTYPE_Q8_0 &&
+                                            td != MOE_QTYPE_Q8_0));
         const int shared_q = Fs > 0 && ts != MOE_QTYPE_F32;
-        const int qp_panels = panels && !(QP_READ && (routed_all || shared_q));
+        const int shared_all = shared_q && (QP_VNNI || ts != MOE_QTYPE_Q8_0);
+        const int qp_panels = panels && !(QP_READ && (routed_all || shared_all));
         CHECK_STATUS(moe_qpack_size(&c, &L.wq, &qb), MOE_STATUS_OK);
         qp = malloc(qb);
         CHECK_STATUS(moe_qpack_weights(&c, &L.wq, qp, qb), MOE_STATUS_OK);
@@ -434,7 +443,7 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
                                td != MOE_QTYPE_F32;
             const int reads_qp = (routed && (routed_all || q_small_experts(&c, &L.wq, L.x,
                                                                            T) > 0)) ||
-                                 shared_q;
+                                 (shared_q && (shared_all || T <= 16));
             unsigned char *scrambled = (unsigned char *)malloc(qb);
             size_t k;
             memcpy(scrambled, qp, qb);
