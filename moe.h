@@ -5813,14 +5813,15 @@ static void moe__qdot_simd(int32_t type, const unsigned char *w, const moe__qact
    units of its expert's rows, in a fixed order: the same bits for any
    thread count. With w.qpacked (AVX-512 builds) the dots read the decode
    layout, 16 weight rows a vector and 8 activation rows a pass; when all
-   of an expert's matrices have it, it runs here at any number of rows (an
-   int8 GEMM; moe__qp_any_rows). Otherwise above MOE__QDOT_ROWS rows an expert takes the panels, above
-   MOE__QDOT_ROWS_PACKED when w.packed holds them already and there is no
-   decode layout (measured on the 2-core AVX-512 host: beside the blob,
-   experts of 8-12 rows ran 0.55-0.72x as fast on the blocks as packed
-   fp32, of 1-4 rows 0.86-2.1x). fp32 experts without a blob take the same
-   tasks up to MOE__ROWDOT_ROWS rows, reading their rows in place in the
-   panels' summation order (moe__rowdot_simd) instead of being packed.    */
+   of an expert's matrices have it, it mostly runs here at any number of
+   rows (an int8 GEMM; moe__qp_any_rows). Otherwise above MOE__QDOT_ROWS
+   rows an expert takes the panels, above MOE__QDOT_ROWS_PACKED when
+   w.packed holds them already and there is no decode layout (measured on
+   the 2-core AVX-512 host: beside the blob, experts of 8-12 rows ran
+   0.55-0.72x as fast on the blocks as packed fp32, of 1-4 rows 0.86-2.1x).
+   fp32 experts without a blob take the same tasks up to MOE__ROWDOT_ROWS
+   rows, reading their rows in place in the panels' summation order
+   (moe__rowdot_simd) instead of being packed.                             */
 #define MOE__QDOT_ROWS 16
 #define MOE__QDOT_ROWS_PACKED 4
 /* fp32 experts of up to this many rows (no blob) read their rows: AVX-512 T = 128 (12-32
@@ -6248,17 +6249,21 @@ static int32_t moe__experts_qdot(const moe_config *c, const moe__ffn *f, int32_t
 
 #if MOE__HAS_SIMD
 /* Do a set's experts take the decode layout's dots at any number of rows? When
-   every matrix has it: 8 rows a pass beat the panels at every T measured, blob
-   or not (bench/RESULTS.md), except Q8_0 without VNNI, whose full-byte codes
-   take two maddubs passes (mixtral-mini T = 1024: 356 against 256 ms on the
-   panels); such sets keep MOE__QDOT_ROWS. */
-static int moe__qp_any_rows(const moe__ffn *f) {
+   every matrix has it: 8 rows a pass beat the panels at every T measured
+   (bench/RESULTS.md), except Q8_0 without VNNI beside a blob: its full-byte
+   codes take two maddubs passes, and the blob's panels ran T = 1024 faster
+   (mixtral-mini 207 against 352 ms); such sets keep MOE__QDOT_ROWS. Without
+   a blob they beat panels decoded on every call at 5 of the 6 shapes and T
+   measured (T = 128, 1024; not mixtral-mini T = 1024, 356 against 256 ms). */
+static int moe__qp_any_rows(const moe__ffn *f, const unsigned char *packed_set) {
     const int glu = moe__act_is_glu(f->act);
     if (!f->gate_qp || !f->down_qp || (glu && !f->up_qp)) return 0;
 #if !defined(__AVX512VNNI__)
-    if (f->gate_q.type == MOE_QTYPE_Q8_0 || f->down_q.type == MOE_QTYPE_Q8_0 ||
-        (glu && f->up_q.type == MOE_QTYPE_Q8_0))
+    if (packed_set && (f->gate_q.type == MOE_QTYPE_Q8_0 || f->down_q.type == MOE_QTYPE_Q8_0 ||
+                       (glu && f->up_q.type == MOE_QTYPE_Q8_0)))
         return 0;
+#else
+    (void)packed_set;
 #endif
     return 1;
 }
@@ -6277,7 +6282,7 @@ static void moe__experts_simd(const moe_config *c, const moe__ffn *f,
     /* fp32 experts without a blob read their rows as the panels would sum them
        (moe__rowdot_simd) instead of packing per call */
     const int64_t qdot_rows = !quant ? (packed_set ? 0 : MOE__ROWDOT_ROWS)
-                            : moe__qp_any_rows(f) ? INT64_MAX
+                            : moe__qp_any_rows(f, packed_set) ? INT64_MAX
                             : packed_set && !f->gate_qp && !f->down_qp ? MOE__QDOT_ROWS_PACKED
                                                                        : MOE__QDOT_ROWS;
     moe__packed_job J;

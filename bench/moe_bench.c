@@ -62,7 +62,8 @@
                    multiples of 256)
      --qpack 1     with --qtype: moe_qpack_weights once, w.qpacked set (the
                    decode layout the integer dots read where the build has
-                   AVX-512 + BW), for variants 2 and 3
+                   AVX-512 + BW: with every expert matrix on it, experts of
+                   any number of rows run its dots), for variants 2 and 3
    Stages (--stage): the same shapes, T values, variants, timing loop,
    ceilings and columns; one row per (stage, shape, T), JSON rows of type
    "stage" with a "stage" field. Each (variant, shape, T) first runs one

@@ -334,11 +334,6 @@ static double q_rel(const float *a, const float *b, size_t n) {
 #else
 #define QP_READ 0
 #endif
-#if defined(__AVX512VNNI__)
-#define QP_VNNI 1
-#else
-#define QP_VNNI 0
-#endif
 static double q_int8_worst;
 
 /* The layer on blocks against the fp32 layer on their decoded values:
@@ -405,23 +400,21 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
        Builds with AVX-512BW read it: scrambled codes there change y;
        elsewhere it is ignored and y stays the blocks' run. A set (routed or
        shared) whose every matrix is quantized reads it at any number of
-       rows, so its experts of more than 16 rows leave the panels too. */
+       rows, so its experts of more than 16 rows leave the panels too (beside
+       a blob, Q8_0 without VNNI keeps the panels there). */
     {
         size_t qb = 0;
         void *qp;
         float *yp1 = NULL, *yp;
         moe_weights wq2 = L.wq;
-        /* a set whose every matrix is quantized runs the decode layout at any rows (fused:
-           the up half is the gate tensor's), but with Q8_0 only in VNNI builds */
+        /* without a blob, a set whose every matrix is quantized runs the decode layout at
+           any rows (fused: the up half is the gate tensor's) */
         const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
         const moe_qtype tu2 = !glu ? tg : fused ? tg : tu;
         const int routed_all = tg != MOE_QTYPE_F32 && td != MOE_QTYPE_F32 &&
-                               tu2 != MOE_QTYPE_F32 &&
-                               (QP_VNNI || (tg != MOE_QTYPE_Q8_0 && tu2 != MOE_QTYPE_Q8_0 &&
-                                            td != MOE_QTYPE_Q8_0));
+                               tu2 != MOE_QTYPE_F32;
         const int shared_q = Fs > 0 && ts != MOE_QTYPE_F32;
-        const int shared_all = shared_q && (QP_VNNI || ts != MOE_QTYPE_Q8_0);
-        const int qp_panels = panels && !(QP_READ && (routed_all || shared_all));
+        const int qp_panels = panels && !(QP_READ && (routed_all || shared_q));
         CHECK_STATUS(moe_qpack_size(&c, &L.wq, &qb), MOE_STATUS_OK);
         qp = malloc(qb);
         CHECK_STATUS(moe_qpack_weights(&c, &L.wq, qp, qb), MOE_STATUS_OK);
@@ -443,7 +436,7 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
                                td != MOE_QTYPE_F32;
             const int reads_qp = (routed && (routed_all || q_small_experts(&c, &L.wq, L.x,
                                                                            T) > 0)) ||
-                                 (shared_q && (shared_all || T <= 16));
+                                 shared_q;
             unsigned char *scrambled = (unsigned char *)malloc(qb);
             size_t k;
             memcpy(scrambled, qp, qb);
