@@ -410,9 +410,8 @@ static void q_layer_check(moe_activation act, int fused, int32_t D, int32_t F, m
         /* without a blob, a set whose every matrix is quantized runs the decode layout at
            any rows (fused: the up half is the gate tensor's) */
         const int glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
-        const moe_qtype tu2 = !glu ? tg : fused ? tg : tu;
         const int routed_all = tg != MOE_QTYPE_F32 && td != MOE_QTYPE_F32 &&
-                               tu2 != MOE_QTYPE_F32;
+                               (!glu || fused || tu != MOE_QTYPE_F32);
         const int shared_q = Fs > 0 && ts != MOE_QTYPE_F32;
         const int qp_panels = panels && !(QP_READ && (routed_all || shared_q));
         CHECK_STATUS(moe_qpack_size(&c, &L.wq, &qb), MOE_STATUS_OK);
